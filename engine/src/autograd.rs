@@ -1,0 +1,236 @@
+//! Reverse-mode autodiff, define-by-run.
+//!
+//! Every op that runs while grad mode is on and sees an input that requires grad records a [`Node`] on its
+//! output: the op's backward (a struct implementing [`Op`], whose fields are what the forward saved) and the
+//! inputs. `backward` sorts the graph reachable from the output topologically, seeds the output with the
+//! cotangent and visits nodes from the output back to the leaves, each node turning the gradient of its
+//! output into gradients of its inputs (vector-Jacobian products). A tensor used twice receives the sum.
+//!
+//! Backward runs under `no_grad`: gradients are plain tensors, not graphs (no higher-order derivatives). A
+//! node's saved tensors are released once it has run, unless the graph is retained.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use crate::tensor::TensorId;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// The backward half of an op. `backward` receives dL/d(output) and returns dL/d(input) for each input in
+/// the order they were recorded (`None` where an input gets no gradient).
+pub trait Op: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn backward(&self, grad: &Tensor) -> Result<Vec<Option<Tensor>>>;
+}
+
+struct NodeState {
+    op: Box<dyn Op>,
+    inputs: Vec<Tensor>,
+}
+
+pub(crate) struct Node {
+    pub(crate) name: &'static str,
+    state: Mutex<Option<NodeState>>,
+}
+
+impl Node {
+    pub(crate) fn record<O: Op + 'static>(inputs: &[&Tensor], make_op: impl FnOnce() -> O) -> Option<Node> {
+        if !is_grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
+            return None;
+        }
+        let op = make_op();
+        Some(Node {
+            name: op.name(),
+            state: Mutex::new(Some(NodeState {
+                op: Box::new(op),
+                inputs: inputs.iter().map(|&t| t.clone()).collect(),
+            })),
+        })
+    }
+
+    fn inputs(&self) -> Result<Vec<Tensor>> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &*state {
+            Some(s) => Ok(s.inputs.clone()),
+            None => Err(Error::GraphFreed { op: self.name }),
+        }
+    }
+}
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether ops record the tape on this thread.
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+/// Turns recording off until dropped (restoring the previous mode).
+pub struct NoGradGuard {
+    prev: bool,
+}
+
+impl NoGradGuard {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        NoGradGuard { prev: GRAD_ENABLED.with(|g| g.replace(false)) }
+    }
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.prev));
+    }
+}
+
+/// Runs `f` with recording off: nothing it computes keeps a graph or saves tensors.
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    let _guard = NoGradGuard::new();
+    f()
+}
+
+/// Tensors reachable from `root` through recorded nodes, inputs before the tensors made from them.
+fn topological_order(root: &Tensor) -> Result<Vec<Tensor>> {
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    // Iterative post-order DFS (graphs can be deeper than the stack).
+    let mut stack: Vec<(Tensor, bool)> = vec![(root.clone(), false)];
+    while let Some((t, expanded)) = stack.pop() {
+        if expanded {
+            order.push(t);
+            continue;
+        }
+        if !seen.insert(t.id()) {
+            continue;
+        }
+        stack.push((t.clone(), true));
+        if let Some(node) = &t.0.node {
+            for input in node.inputs()? {
+                if input.requires_grad() && !seen.contains(&input.id()) {
+                    stack.push((input, false));
+                }
+            }
+        }
+    }
+    Ok(order)
+}
+
+fn accumulate(slot: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) -> Result<()> {
+    match slot.remove(&id) {
+        Some(prev) => slot.insert(id, prev.accumulate(&g)?),
+        None => slot.insert(id, g),
+    };
+    Ok(())
+}
+
+pub(crate) fn backward(root: &Tensor, seed: Tensor, retain_graph: bool) -> Result<()> {
+    if !root.requires_grad() {
+        return Err(Error::NoGraph);
+    }
+    if seed.shape() != root.shape() {
+        return Err(Error::ShapeMismatch { op: "backward", lhs: root.shape().to_vec(), rhs: seed.shape().to_vec() });
+    }
+    if seed.dtype() != root.dtype() {
+        return Err(Error::DTypeMismatch { op: "backward", lhs: root.dtype(), rhs: seed.dtype() });
+    }
+    if seed.device() != root.device() {
+        return Err(Error::DeviceMismatch { op: "backward", lhs: root.device(), rhs: seed.device() });
+    }
+    let order = topological_order(root)?;
+    let _guard = NoGradGuard::new();
+    let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+    grads.insert(root.id(), seed);
+    for t in order.iter().rev() {
+        let Some(g) = grads.remove(&t.id()) else { continue };
+        if t.is_leaf() || t.0.retains_grad.load(std::sync::atomic::Ordering::Relaxed) {
+            let g = g.contiguous()?;
+            let total = match t.grad() {
+                Some(prev) => prev.accumulate(&g)?,
+                None => g.clone(),
+            };
+            t.set_grad(Some(total));
+        }
+        let Some(node) = &t.0.node else { continue };
+        let state = {
+            let mut lock = node.state.lock().unwrap_or_else(|e| e.into_inner());
+            if retain_graph {
+                None
+            } else {
+                lock.take()
+            }
+        };
+        // With a retained graph the state stays in place and is borrowed under the lock.
+        let input_grads = match &state {
+            Some(s) => (s.op.backward(&g)?, s.inputs.clone()),
+            None => {
+                let lock = node.state.lock().unwrap_or_else(|e| e.into_inner());
+                let s = lock.as_ref().ok_or(Error::GraphFreed { op: node.name })?;
+                (s.op.backward(&g)?, s.inputs.clone())
+            }
+        };
+        let (gs, inputs) = input_grads;
+        if gs.len() != inputs.len() {
+            return Err(Error::Msg {
+                context: "backward",
+                msg: format!("{} returned {} gradients for {} inputs", node.name, gs.len(), inputs.len()),
+            });
+        }
+        for (input, gi) in inputs.iter().zip(gs) {
+            let Some(gi) = gi else { continue };
+            if !input.requires_grad() {
+                continue;
+            }
+            if gi.shape() != input.shape() {
+                return Err(Error::BackwardShape {
+                    op: node.name,
+                    got: gi.shape().to_vec(),
+                    expected: input.shape().to_vec(),
+                });
+            }
+            accumulate(&mut grads, input.id(), gi)?;
+        }
+        drop(state);
+    }
+    Ok(())
+}
+
+/// Backward of ops whose gradient passes through unchanged (`contiguous`).
+pub(crate) struct Identity {
+    pub(crate) name: &'static str,
+}
+
+impl Op for Identity {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn backward(&self, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.clone())])
+    }
+}
+
+pub(crate) struct Cast {
+    pub(crate) to: DType,
+}
+
+impl Op for Cast {
+    fn name(&self) -> &'static str {
+        "to_dtype"
+    }
+    fn backward(&self, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.to_dtype(self.to)?)])
+    }
+}
+
+pub(crate) struct ToDevice {
+    pub(crate) to: Device,
+}
+
+impl Op for ToDevice {
+    fn name(&self) -> &'static str {
+        "to_device"
+    }
+    fn backward(&self, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.to_device(self.to)?)])
+    }
+}

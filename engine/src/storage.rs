@@ -1,0 +1,214 @@
+//! Storage: the flat buffer behind one or more tensors (views share it). CPU storage is a `Vec` per dtype;
+//! CUDA storage is a pooled device buffer (see [`crate::cuda`]).
+//!
+//! The few storage-level routines here (strided copy, same-shape add, fill, dtype cast, device transfer) are
+//! what the engine itself needs: `contiguous`, gradient accumulation and reading values back. Everything else
+//! is an op in the `ops` crate.
+
+use crate::cuda::CudaStorage;
+use crate::{DType, Device, Error, Float, Layout, Result};
+
+#[derive(Debug, Clone)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// Calls `$body` with `$v` bound to the typed vector and `$T` to its element type.
+#[macro_export]
+macro_rules! with_cpu {
+    ($s:expr, |$v:ident : $T:ident| $body:expr) => {
+        match $s {
+            $crate::CpuStorage::F32($v) => {
+                #[allow(dead_code)]
+                type $T = f32;
+                $body
+            }
+            $crate::CpuStorage::F64($v) => {
+                #[allow(dead_code)]
+                type $T = f64;
+                $body
+            }
+        }
+    };
+}
+
+impl CpuStorage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::F64(_) => DType::F64,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        with_cpu!(self, |v: T| v.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn zeros(n: usize, dtype: DType) -> Self {
+        Self::full(n, 0.0, dtype)
+    }
+
+    pub fn full(n: usize, value: f64, dtype: DType) -> Self {
+        match dtype {
+            DType::F32 => CpuStorage::F32(vec![value as f32; n]),
+            DType::F64 => CpuStorage::F64(vec![value; n]),
+        }
+    }
+
+    pub fn from_f64(v: &[f64], dtype: DType) -> Self {
+        match dtype {
+            DType::F32 => CpuStorage::F32(v.iter().map(|&x| x as f32).collect()),
+            DType::F64 => CpuStorage::F64(v.to_vec()),
+        }
+    }
+
+    /// The elements under `layout`, gathered into a new contiguous vector.
+    pub fn gather<T: Float>(data: &[T], layout: &Layout) -> Vec<T> {
+        if layout.is_contiguous() {
+            let o = layout.offset();
+            return data[o..o + layout.numel()].to_vec();
+        }
+        let mut out = Vec::with_capacity(layout.numel());
+        layout.for_each_run(|start, len, stride| {
+            if stride == 1 {
+                out.extend_from_slice(&data[start..start + len]);
+            } else {
+                out.extend((0..len).map(|k| data[start + k * stride]));
+            }
+        });
+        out
+    }
+
+    pub fn copy_contiguous(&self, layout: &Layout) -> CpuStorage {
+        with_cpu!(self, |v: T| T::into_storage(Self::gather(v, layout)))
+    }
+
+    pub fn to_f64_vec(&self, layout: &Layout) -> Vec<f64> {
+        with_cpu!(self, |v: T| Self::gather(v, layout).into_iter().map(|x| x.to_f64()).collect())
+    }
+
+    pub fn cast(&self, layout: &Layout, dtype: DType) -> CpuStorage {
+        match (self, dtype) {
+            (CpuStorage::F32(v), DType::F64) => {
+                CpuStorage::F64(Self::gather(v, layout).into_iter().map(|x| x as f64).collect())
+            }
+            (CpuStorage::F64(v), DType::F32) => {
+                CpuStorage::F32(Self::gather(v, layout).into_iter().map(|x| x as f32).collect())
+            }
+            _ => self.copy_contiguous(layout),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+    Cuda(CudaStorage),
+}
+
+impl Storage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => s.dtype(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => Device::Cuda(s.ordinal()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(s) => s.len(),
+            Storage::Cuda(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn full(n: usize, value: f64, dtype: DType, device: Device) -> Result<Storage> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(CpuStorage::full(n, value, dtype))),
+            Device::Cuda(i) => Ok(Storage::Cuda(CudaStorage::full(i, n, value, dtype)?)),
+        }
+    }
+
+    /// Moves CPU data onto `device` (a no-op move for the CPU).
+    pub fn from_cpu(cpu: CpuStorage, device: Device) -> Result<Storage> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(cpu)),
+            Device::Cuda(i) => Ok(Storage::Cuda(CudaStorage::from_cpu(i, &cpu)?)),
+        }
+    }
+
+    pub fn as_cpu(&self, op: &'static str) -> Result<&CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Ok(s),
+            Storage::Cuda(s) => Err(Error::Unsupported { op, dtype: s.dtype(), device: Device::Cuda(s.ordinal()) }),
+        }
+    }
+
+    /// The elements under `layout` as new contiguous storage on the same device.
+    pub fn copy_contiguous(&self, layout: &Layout) -> Result<Storage> {
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.copy_contiguous(layout))),
+            Storage::Cuda(s) => Ok(Storage::Cuda(s.copy_strided(layout)?)),
+        }
+    }
+
+    /// The elements under `layout` in row-major order, converted to `dtype`, on the same device.
+    pub fn cast(&self, layout: &Layout, dtype: DType) -> Result<Storage> {
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.cast(layout, dtype))),
+            Storage::Cuda(s) => Ok(Storage::Cuda(s.cast(layout, dtype)?)),
+        }
+    }
+
+    /// The elements under `layout`, contiguous, on the host (the one place that waits for the device).
+    pub fn to_cpu(&self, layout: &Layout) -> Result<CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Ok(s.copy_contiguous(layout)),
+            Storage::Cuda(s) => s.to_cpu(layout),
+        }
+    }
+
+    /// `a + b` elementwise for two tensors of the same shape (any strides), as new contiguous storage.
+    /// Used by the tape to accumulate gradients.
+    pub fn add_same_shape(&self, la: &Layout, other: &Storage, lb: &Layout) -> Result<Storage> {
+        match (self, other) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => Ok(Storage::Cpu(cpu_add(a, la, b, lb)?)),
+            (Storage::Cuda(a), Storage::Cuda(b)) => Ok(Storage::Cuda(a.add_same_shape(la, b, lb)?)),
+            (a, b) => Err(Error::DeviceMismatch { op: "accumulate_grad", lhs: a.device(), rhs: b.device() }),
+        }
+    }
+}
+
+fn cpu_add(a: &CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout) -> Result<CpuStorage> {
+    fn f<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
+        let mut out = CpuStorage::gather(a, la);
+        let mut i = 0;
+        lb.for_each_run(|start, len, stride| {
+            for k in 0..len {
+                out[i + k] += b[start + k * stride];
+            }
+            i += len;
+        });
+        out
+    }
+    match (a, b) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => Ok(CpuStorage::F32(f(a, la, b, lb))),
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => Ok(CpuStorage::F64(f(a, la, b, lb))),
+        _ => Err(Error::DTypeMismatch { op: "accumulate_grad", lhs: a.dtype(), rhs: b.dtype() }),
+    }
+}

@@ -1,0 +1,345 @@
+//! The tensor: shared storage, a layout over it, and (when it was made by a recorded op) the node of the
+//! reverse-mode tape that made it. Cloning a `Tensor` is cheap (an `Arc`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::autograd::{self, Node, Op};
+use crate::{CpuStorage, DType, Device, Error, Float, Layout, Result, Storage};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn next() -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(1);
+        TensorId(COUNTER.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: TensorId,
+    pub(crate) storage: Arc<RwLock<Storage>>,
+    pub(crate) layout: Layout,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
+    /// The op that made this tensor, with its inputs; `None` for leaves and untracked results.
+    pub(crate) node: Option<Node>,
+    pub(crate) requires_grad: AtomicBool,
+    pub(crate) retains_grad: AtomicBool,
+    pub(crate) grad: Mutex<Option<Tensor>>,
+}
+
+#[derive(Clone)]
+pub struct Tensor(pub(crate) Arc<Inner>);
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {}, {}", self.shape(), self.dtype(), self.device())?;
+        if let Some(node) = &self.0.node {
+            write!(f, ", grad_fn={}", node.name)?;
+        } else if self.requires_grad() {
+            write!(f, ", requires_grad")?;
+        }
+        write!(f, ")")
+    }
+}
+
+impl Tensor {
+    fn build(storage: Arc<RwLock<Storage>>, layout: Layout, node: Option<Node>) -> Tensor {
+        let (dtype, device) = {
+            let s = storage.read().unwrap_or_else(|e| e.into_inner());
+            (s.dtype(), s.device())
+        };
+        let requires_grad = node.is_some();
+        Tensor(Arc::new(Inner {
+            id: TensorId::next(),
+            storage,
+            layout,
+            dtype,
+            device,
+            node,
+            requires_grad: AtomicBool::new(requires_grad),
+            retains_grad: AtomicBool::new(false),
+            grad: Mutex::new(None),
+        }))
+    }
+
+    /// A leaf (no graph) over new storage.
+    pub fn from_storage(storage: Storage, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if storage.len() != numel {
+            return Err(Error::ElementCount {
+                op: "from_storage",
+                shape: vec![storage.len()],
+                numel: storage.len(),
+                target: shape.iter().map(|&d| d as isize).collect(),
+            });
+        }
+        Ok(Self::build(Arc::new(RwLock::new(storage)), Layout::contiguous(shape), None))
+    }
+
+    /// A CPU leaf from a vector.
+    pub fn from_vec<T: Float>(data: Vec<T>, shape: &[usize]) -> Result<Tensor> {
+        Self::from_storage(Storage::Cpu(T::into_storage(data)), shape)
+    }
+
+    /// A leaf from f64 values, converted to `dtype` and placed on `device`.
+    pub fn from_f64(data: &[f64], shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if data.len() != numel {
+            return Err(Error::ElementCount {
+                op: "from_f64",
+                shape: vec![data.len()],
+                numel: data.len(),
+                target: shape.iter().map(|&d| d as isize).collect(),
+            });
+        }
+        Self::from_storage(Storage::from_cpu(CpuStorage::from_f64(data, dtype), device)?, shape)
+    }
+
+    pub fn full(shape: &[usize], value: f64, dtype: DType, device: Device) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Self::from_storage(Storage::full(n, value, dtype, device)?, shape)
+    }
+
+    pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        Self::full(shape, 0.0, dtype, device)
+    }
+
+    pub fn ones(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        Self::full(shape, 1.0, dtype, device)
+    }
+
+    /// A 0-dim tensor.
+    pub fn scalar(value: f64, dtype: DType, device: Device) -> Result<Tensor> {
+        Self::full(&[], value, dtype, device)
+    }
+
+    pub fn zeros_like(&self) -> Result<Tensor> {
+        Self::zeros(self.shape(), self.dtype(), self.device())
+    }
+
+    pub fn ones_like(&self) -> Result<Tensor> {
+        Self::ones(self.shape(), self.dtype(), self.device())
+    }
+
+    /// The result of an op over new storage. Records a tape node when grad mode is on and an input requires
+    /// grad; `make_op` is only called then, so forward passes under `no_grad` save nothing.
+    pub fn from_op<O: Op + 'static>(
+        storage: Storage,
+        shape: &[usize],
+        inputs: &[&Tensor],
+        make_op: impl FnOnce() -> O,
+    ) -> Tensor {
+        let node = Node::record(inputs, make_op);
+        Self::build(Arc::new(RwLock::new(storage)), Layout::contiguous(shape), node)
+    }
+
+    /// A view of `self`'s storage under a new layout, recorded like [`Tensor::from_op`].
+    pub fn view_from_op<O: Op + 'static>(&self, layout: Layout, make_op: impl FnOnce() -> O) -> Tensor {
+        let node = Node::record(&[self], make_op);
+        Self::build(self.0.storage.clone(), layout, node)
+    }
+
+    /// Same as [`Tensor::from_op`] for an op that returns a non-contiguous layout over new storage.
+    pub fn from_op_with_layout<O: Op + 'static>(
+        storage: Storage,
+        layout: Layout,
+        inputs: &[&Tensor],
+        make_op: impl FnOnce() -> O,
+    ) -> Tensor {
+        let node = Node::record(inputs, make_op);
+        Self::build(Arc::new(RwLock::new(storage)), layout, node)
+    }
+
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+    pub fn shape(&self) -> &[usize] {
+        self.0.layout.shape()
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.shape()
+    }
+    pub fn rank(&self) -> usize {
+        self.shape().len()
+    }
+    pub fn numel(&self) -> usize {
+        self.0.layout.numel()
+    }
+    pub fn strides(&self) -> &[usize] {
+        self.0.layout.strides()
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.0.layout
+    }
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+    pub fn device(&self) -> Device {
+        self.0.device
+    }
+    pub fn is_contiguous(&self) -> bool {
+        self.0.layout.is_contiguous()
+    }
+
+    /// Size of `dim` (negative counts from the end).
+    pub fn dim(&self, dim: isize) -> Result<usize> {
+        Ok(self.shape()[crate::layout::normalize_dim("dim", dim, self.shape())?])
+    }
+
+    /// Read access to the storage (shared by all views of it).
+    pub fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write access for in-place updates (optimizers, under `no_grad`). Views of the same storage see them.
+    pub fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when both tensors are views of the same storage.
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.0.storage, &other.0.storage)
+    }
+
+    /// The name of the op that made this tensor, if it was recorded.
+    pub fn grad_fn(&self) -> Option<&'static str> {
+        self.0.node.as_ref().map(|n| n.name)
+    }
+
+    pub fn is_leaf(&self) -> bool {
+        self.0.node.is_none()
+    }
+
+    pub fn requires_grad(&self) -> bool {
+        self.0.requires_grad.load(Ordering::Relaxed)
+    }
+
+    /// Marks a leaf as requiring grad (its gradient is kept in `grad()` after backward). Returns `self`.
+    pub fn requires_grad_(self, on: bool) -> Result<Tensor> {
+        if !self.is_leaf() && !on {
+            return Err(Error::invalid(
+                "requires_grad_",
+                "only a leaf's requires_grad can be turned off; use detach()",
+                self.shape(),
+            ));
+        }
+        self.0.requires_grad.store(on || !self.is_leaf(), Ordering::Relaxed);
+        Ok(self)
+    }
+
+    /// Asks backward to keep this intermediate tensor's gradient too.
+    pub fn retain_grad(&self) {
+        self.0.retains_grad.store(true, Ordering::Relaxed);
+    }
+
+    /// The gradient accumulated by backward, if any.
+    pub fn grad(&self) -> Option<Tensor> {
+        self.0.grad.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_grad(&self, g: Option<Tensor>) {
+        *self.0.grad.lock().unwrap_or_else(|e| e.into_inner()) = g;
+    }
+
+    pub fn zero_grad(&self) {
+        self.set_grad(None);
+    }
+
+    /// A new leaf over the same storage, cut from the graph.
+    pub fn detach(&self) -> Tensor {
+        Self::build(self.0.storage.clone(), self.0.layout.clone(), None)
+    }
+
+    /// A view over the same storage with another layout, not recorded (for ops' own bookkeeping).
+    pub fn with_layout(&self, layout: Layout) -> Tensor {
+        Self::build(self.0.storage.clone(), layout, None)
+    }
+
+    /// A copy in row-major order if the layout is not contiguous already; the gradient passes through.
+    pub fn contiguous(&self) -> Result<Tensor> {
+        if self.is_contiguous() {
+            return Ok(self.clone());
+        }
+        let storage = self.storage().copy_contiguous(self.layout())?;
+        Ok(Tensor::from_op(storage, self.shape(), &[self], || autograd::Identity { name: "contiguous" }))
+    }
+
+    /// This tensor in another dtype; the gradient is cast back.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        let storage = self.storage().cast(self.layout(), dtype)?;
+        let from = self.dtype();
+        Ok(Tensor::from_op(storage, self.shape(), &[self], || autograd::Cast { to: from }))
+    }
+
+    /// This tensor on another device; the gradient is moved back.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        let host = self.storage().to_cpu(self.layout())?;
+        let storage = Storage::from_cpu(host, device)?;
+        let from = self.device();
+        Ok(Tensor::from_op(storage, self.shape(), &[self], || autograd::ToDevice { to: from }))
+    }
+
+    /// The elements in row-major order on the host. Errs if `T` is not this tensor's dtype.
+    pub fn to_vec<T: Float>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype() {
+            return Err(Error::DTypeMismatch { op: "to_vec", lhs: self.dtype(), rhs: T::DTYPE });
+        }
+        let host = self.storage().to_cpu(self.layout())?;
+        Ok(T::slice(&host).map(|s| s.to_vec()).unwrap_or_default())
+    }
+
+    /// The elements in row-major order on the host, as f64 whatever the dtype.
+    pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        let host = self.storage().to_cpu(self.layout())?;
+        Ok(host.to_f64_vec(&Layout::contiguous(&[host.len()])))
+    }
+
+    /// The value of a one-element tensor.
+    pub fn to_scalar(&self) -> Result<f64> {
+        if self.numel() != 1 {
+            return Err(Error::invalid("to_scalar", "expected exactly one element", self.shape()));
+        }
+        Ok(self.to_vec_f64()?[0])
+    }
+
+    /// Backpropagates from a one-element tensor (cotangent 1).
+    pub fn backward(&self) -> Result<()> {
+        if self.numel() != 1 {
+            return Err(Error::NotScalar { shape: self.shape().to_vec() });
+        }
+        let seed = self.ones_like()?;
+        autograd::backward(self, seed, false)
+    }
+
+    /// Backpropagates the cotangent `grad` (same shape as `self`).
+    pub fn backward_with(&self, grad: &Tensor) -> Result<()> {
+        autograd::backward(self, grad.detach(), false)
+    }
+
+    /// Like [`Tensor::backward_with`] but keeps the graph (and its saved tensors) for another backward.
+    pub fn backward_retain(&self, grad: &Tensor) -> Result<()> {
+        autograd::backward(self, grad.detach(), true)
+    }
+
+    /// `self + other` for same-shape tensors, untracked: the tape's gradient accumulation.
+    pub fn accumulate(&self, other: &Tensor) -> Result<Tensor> {
+        if self.shape() != other.shape() {
+            return Err(Error::ShapeMismatch {
+                op: "accumulate_grad",
+                lhs: self.shape().to_vec(),
+                rhs: other.shape().to_vec(),
+            });
+        }
+        let s = self.storage().add_same_shape(self.layout(), &other.storage(), other.layout())?;
+        Tensor::from_storage(s, self.shape())
+    }
+}

@@ -1,0 +1,1 @@
+//! MILA, MLLA and Mamba on mila-rs (issues 6 and 8).

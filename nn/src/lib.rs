@@ -1,0 +1,1 @@
+//! mila-rs nn: modules, optimizers, data and the trainer (issue 7).

@@ -1,0 +1,1 @@
+//! mila-rs ops.
