@@ -136,6 +136,20 @@ impl Tensor {
         Self::build(Arc::new(RwLock::new(storage)), Layout::contiguous(shape), node)
     }
 
+    /// Like [`Tensor::from_op`] for ops whose backward needs their own output (exp, sigmoid, max, ...):
+    /// `make_op` receives an untracked tensor over the output's storage, so the node holds no cycle.
+    pub fn from_op_with_output<O: Op + 'static>(
+        storage: Storage,
+        shape: &[usize],
+        inputs: &[&Tensor],
+        make_op: impl FnOnce(Tensor) -> O,
+    ) -> Tensor {
+        let storage = Arc::new(RwLock::new(storage));
+        let layout = Layout::contiguous(shape);
+        let node = Node::record(inputs, || make_op(Self::build(storage.clone(), layout.clone(), None)));
+        Self::build(storage, layout, node)
+    }
+
     /// A view of `self`'s storage under a new layout, recorded like [`Tensor::from_op`].
     pub fn view_from_op<O: Op + 'static>(&self, layout: Layout, make_op: impl FnOnce() -> O) -> Tensor {
         let node = Node::record(&[self], make_op);

@@ -1,1 +1,16 @@
-//! mila-rs ops.
+//! mila-rs ops: the differentiable primitives, one folder per family. Each folder's `mod.rs` opens with the
+//! math (forward, derivative, shapes) and holds the op and its backward; `cpu.rs` holds the CPU kernel and,
+//! where the family has one, a `.cu` file the CUDA kernel.
+//!
+//! Derived ops (softmax, cross-entropy, mean, ...) are compositions in `derived.rs` with no backward code of
+//! their own.
+
+pub mod copy;
+pub mod reduce;
+pub mod view;
+
+mod util;
+
+pub use copy::copy_into;
+pub use reduce::{max, sum, sum_all, sum_to_shape};
+pub use view::{expand, flatten, narrow, permute, reshape, select, squeeze, t, transpose, unsqueeze};

@@ -1,0 +1,83 @@
+use engine::{gradcheck, DType, Device, Generator, Tensor};
+
+use super::*;
+use crate::view::{narrow, permute};
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(shape, 0.0, 1.0, DType::F64, Device::Cpu, &mut Generator::new(seed)).unwrap()
+}
+
+/// Slow reference: reduce a 3-D tensor over dim 1 by explicit loops.
+fn sum_dim1_ref(x: &[f64], s: [usize; 3]) -> Vec<f64> {
+    let mut out = vec![0.0; s[0] * s[2]];
+    for i in 0..s[0] {
+        for j in 0..s[1] {
+            for k in 0..s[2] {
+                out[i * s[2] + k] += x[(i * s[1] + j) * s[2] + k];
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn sum_and_max_match_loops() {
+    let x = randn(&[3, 5, 4], 1);
+    let xv = x.to_vec_f64().unwrap();
+    let s = sum(&x, &[1], false).unwrap();
+    assert_eq!(s.shape(), &[3, 4]);
+    let want = sum_dim1_ref(&xv, [3, 5, 4]);
+    for (a, b) in s.to_vec_f64().unwrap().iter().zip(&want) {
+        assert!((a - b).abs() < 1e-12);
+    }
+    let m = max(&x, &[0, -1], true).unwrap();
+    assert_eq!(m.shape(), &[1, 5, 1]);
+    let mv = m.to_vec_f64().unwrap();
+    for j in 0..5 {
+        let want =
+            (0..3).flat_map(|i| (0..4).map(move |k| (i * 5 + j) * 4 + k)).map(|o| xv[o]).fold(f64::MIN, f64::max);
+        assert_eq!(mv[j], want);
+    }
+    assert_eq!(sum_all(&x).unwrap().shape(), &[] as &[usize]);
+}
+
+#[test]
+fn f32_sums_accumulate_in_f64() {
+    let n = 1 << 20;
+    let x = Tensor::from_vec(vec![0.1f32; n], &[n]).unwrap();
+    let s = sum_all(&x).unwrap().to_scalar().unwrap();
+    let exact = 0.1f32 as f64 * n as f64;
+    assert!((s - exact).abs() / exact < 1e-7, "{s} vs {exact}");
+}
+
+#[test]
+fn reduce_gradients_match_finite_differences() {
+    let x = randn(&[3, 4, 5], 2);
+    let cases: Vec<(&str, Box<dyn Fn(&[Tensor]) -> engine::Result<Tensor>>)> = vec![
+        ("sum(1)", Box::new(|x| sum(&x[0], &[1], false))),
+        ("sum(0,2,keepdim)", Box::new(|x| sum(&x[0], &[0, -1], true))),
+        ("sum(permuted)", Box::new(|x| sum(&permute(&x[0], &[2, 0, 1])?, &[1], false))),
+        ("max(2)", Box::new(|x| max(&x[0], &[2], false))),
+        ("max(all) of a slice", Box::new(|x| max(&narrow(&x[0], 1, 1, 2)?, &[], false))),
+        ("sum_to_shape", Box::new(|x| sum_to_shape(&x[0], &[4, 1]))),
+    ];
+    for (name, f) in cases {
+        let r = gradcheck(name, std::slice::from_ref(&x), f).unwrap();
+        assert!(r.passed(), "{r}");
+    }
+}
+
+#[test]
+fn max_splits_the_gradient_between_ties() {
+    let x = Tensor::from_vec(vec![1.0f64, 3.0, 3.0, 2.0], &[4]).unwrap().requires_grad_(true).unwrap();
+    max(&x, &[0], false).unwrap().backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_vec_f64().unwrap(), vec![0.0, 0.5, 0.5, 0.0]);
+}
+
+#[test]
+fn bad_dims_are_errors() {
+    let x = randn(&[2, 3], 3);
+    assert!(sum(&x, &[2], false).is_err());
+    assert!(max(&x, &[-3], false).is_err());
+    assert!(max(&Tensor::from_vec(Vec::<f64>::new(), &[0]).unwrap(), &[], false).is_err());
+}
