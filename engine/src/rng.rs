@@ -138,7 +138,7 @@ impl Tensor {
         device: Device,
         g: &mut Generator,
     ) -> Result<Tensor> {
-        if !(a < b) || std <= 0.0 {
+        if a.partial_cmp(&b) != Some(std::cmp::Ordering::Less) || std.is_nan() || std <= 0.0 {
             return Err(crate::Error::invalid(
                 "trunc_normal",
                 format!("need a < b and std > 0, got a={a} b={b} std={std}"),
