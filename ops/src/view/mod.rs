@@ -20,20 +20,8 @@ fn infer_shape(op: &'static str, shape: &[isize], x: &Tensor) -> Result<Vec<usiz
     if holes > 1 || shape.iter().any(|&d| d < -1) {
         return Err(err());
     }
-    let out: Vec<usize> = shape
-        .iter()
-        .map(|&d| {
-            if d == -1 {
-                if known == 0 {
-                    0
-                } else {
-                    x.numel() / known
-                }
-            } else {
-                d as usize
-            }
-        })
-        .collect();
+    let out: Vec<usize> =
+        shape.iter().map(|&d| if d == -1 { x.numel().checked_div(known).unwrap_or(0) } else { d as usize }).collect();
     if out.iter().product::<usize>() != x.numel() {
         return Err(err());
     }
