@@ -14,3 +14,5 @@ mod util;
 pub use copy::copy_into;
 pub use reduce::{max, sum, sum_all, sum_to_shape};
 pub use view::{expand, flatten, narrow, permute, reshape, select, squeeze, t, transpose, unsqueeze};
+pub mod elementwise;
+pub use elementwise::*;

@@ -1,0 +1,356 @@
+//! CPU kernels of the elementwise family. Formulas are written once per op as scalar functions generic over
+//! `Float`; the kernels are the strided loops of `zip.rs` around them.
+
+use engine::{with_cpu, CpuStorage, Error, Float, Layout, Result};
+
+use super::zip::zip_runs;
+use super::{Binary, Cmp, Unary};
+
+const SQRT_2: f64 = std::f64::consts::SQRT_2;
+/// 1 / sqrt(2 pi)
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+#[inline(always)]
+fn sigmoid<T: Float>(x: T) -> T {
+    // Two branches so that e^(-x) never overflows.
+    if x >= T::ZERO {
+        T::ONE / (T::ONE + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (T::ONE + e)
+    }
+}
+
+impl Unary {
+    #[inline(always)]
+    fn f<T: Float>(self, x: T) -> T {
+        let c = |v: f64| T::from_f64(v);
+        match self {
+            Unary::Neg => -x,
+            Unary::Exp => x.exp(),
+            Unary::Log => x.ln(),
+            Unary::Sqrt => x.sqrt(),
+            Unary::Rsqrt => T::ONE / x.sqrt(),
+            Unary::Abs => x.abs(),
+            Unary::Relu => {
+                if x > T::ZERO {
+                    x
+                } else {
+                    T::ZERO
+                }
+            }
+            Unary::Gelu => c(0.5) * x * (T::ONE + (x / c(SQRT_2)).erf()),
+            Unary::Silu => x * sigmoid(x),
+            Unary::Elu(a) => {
+                if x > T::ZERO {
+                    x
+                } else {
+                    c(a) * x.exp_m1()
+                }
+            }
+            Unary::Softplus { beta, threshold } => {
+                let bx = c(beta) * x;
+                if bx > c(threshold) {
+                    x
+                } else {
+                    bx.exp().ln_1p() / c(beta)
+                }
+            }
+            Unary::Sigmoid => sigmoid(x),
+            Unary::Tanh => x.tanh(),
+            Unary::Powf(p) => x.powf(c(p)),
+            Unary::AddScalar(s) => x + c(s),
+            Unary::MulScalar(s) => x * c(s),
+            Unary::DivScalar(s) => x / c(s),
+            Unary::ClampMin(s) => {
+                if x < c(s) {
+                    c(s)
+                } else {
+                    x
+                }
+            }
+            Unary::ClampMax(s) => {
+                if x > c(s) {
+                    c(s)
+                } else {
+                    x
+                }
+            }
+        }
+    }
+
+    /// f'(x), given x and y = f(x).
+    #[inline(always)]
+    fn df<T: Float>(self, x: T, y: T) -> T {
+        let c = |v: f64| T::from_f64(v);
+        let step = |b: bool| if b { T::ONE } else { T::ZERO };
+        match self {
+            Unary::Neg => -T::ONE,
+            Unary::Exp => y,
+            Unary::Log => T::ONE / x,
+            Unary::Sqrt => c(0.5) / y,
+            Unary::Rsqrt => c(-0.5) * y * y * y,
+            Unary::Abs => {
+                if x > T::ZERO {
+                    T::ONE
+                } else if x < T::ZERO {
+                    -T::ONE
+                } else {
+                    T::ZERO
+                }
+            }
+            Unary::Relu => step(x > T::ZERO),
+            Unary::Gelu => {
+                let cdf = c(0.5) * (T::ONE + (x / c(SQRT_2)).erf());
+                cdf + x * c(INV_SQRT_2PI) * (c(-0.5) * x * x).exp()
+            }
+            Unary::Silu => {
+                let s = sigmoid(x);
+                s * (T::ONE + x * (T::ONE - s))
+            }
+            Unary::Elu(a) => {
+                if x > T::ZERO {
+                    T::ONE
+                } else {
+                    y + c(a)
+                }
+            }
+            Unary::Softplus { beta, threshold } => {
+                let bx = c(beta) * x;
+                if bx > c(threshold) {
+                    T::ONE
+                } else {
+                    sigmoid(bx)
+                }
+            }
+            Unary::Sigmoid => y * (T::ONE - y),
+            Unary::Tanh => T::ONE - y * y,
+            Unary::Powf(p) => {
+                if p == 0.0 {
+                    T::ZERO
+                } else {
+                    c(p) * x.powf(c(p - 1.0))
+                }
+            }
+            Unary::AddScalar(_) => T::ONE,
+            Unary::MulScalar(s) => c(s),
+            Unary::DivScalar(s) => T::ONE / c(s),
+            // PyTorch's clamp passes the gradient where x is inside the bound, the bound included.
+            Unary::ClampMin(s) => step(x >= c(s)),
+            Unary::ClampMax(s) => step(x <= c(s)),
+        }
+    }
+}
+
+impl Binary {
+    #[inline(always)]
+    fn f<T: Float>(self, a: T, b: T) -> T {
+        match self {
+            Binary::Add => a + b,
+            Binary::Sub => a - b,
+            Binary::Mul => a * b,
+            Binary::Div => a / b,
+            Binary::Maximum => {
+                if a.is_nan() || a > b {
+                    a
+                } else {
+                    b
+                }
+            }
+            Binary::Minimum => {
+                if a.is_nan() || a < b {
+                    a
+                } else {
+                    b
+                }
+            }
+        }
+    }
+
+    /// (g df/da, g df/db).
+    #[inline(always)]
+    fn df<T: Float>(self, a: T, b: T, g: T) -> (T, T) {
+        let half = T::from_f64(0.5);
+        let pick = |first: bool, second: bool| {
+            if first {
+                (g, T::ZERO)
+            } else if second {
+                (T::ZERO, g)
+            } else {
+                (g * half, g * half)
+            }
+        };
+        match self {
+            Binary::Add => (g, g),
+            Binary::Sub => (g, -g),
+            Binary::Mul => (g * b, g * a),
+            Binary::Div => (g / b, -g * a / (b * b)),
+            Binary::Maximum => pick(a > b, b > a),
+            Binary::Minimum => pick(a < b, b < a),
+        }
+    }
+}
+
+impl Cmp {
+    #[inline(always)]
+    fn f<T: Float>(self, a: T, b: T) -> bool {
+        match self {
+            Cmp::Eq => a == b,
+            Cmp::Ne => a != b,
+            Cmp::Lt => a < b,
+            Cmp::Le => a <= b,
+            Cmp::Gt => a > b,
+            Cmp::Ge => a >= b,
+        }
+    }
+}
+
+fn mismatch(op: &'static str, a: &CpuStorage, b: &CpuStorage) -> Error {
+    Error::DTypeMismatch { op, lhs: a.dtype(), rhs: b.dtype() }
+}
+
+/// Matches two (or three) CPU storages of one dtype, binding typed slices.
+macro_rules! same_dtype {
+    ($op:expr, ($($s:expr),+), |$($v:ident),+ ; $T:ident| $body:expr) => {
+        match ($($s),+) {
+            ($(CpuStorage::F32($v)),+) => { type $T = f32; Ok(CpuStorage::F32($body)) }
+            ($(CpuStorage::F64($v)),+) => { type $T = f64; Ok(CpuStorage::F64($body)) }
+            #[allow(unreachable_patterns)]
+            _ => Err(mismatch($op, same_dtype!(@first $($s),+), same_dtype!(@last $($s),+))),
+        }
+    };
+    (@first $a:expr $(, $rest:expr)*) => { $a };
+    (@last $a:expr) => { $a };
+    (@last $a:expr, $($rest:expr),+) => { same_dtype!(@last $($rest),+) };
+}
+
+pub(super) fn unary(op: Unary, x: &CpuStorage, lx: &Layout) -> CpuStorage {
+    fn run<T: Float>(op: Unary, x: &[T], lx: &Layout) -> Vec<T> {
+        let mut out = vec![T::ZERO; lx.numel()];
+        zip_runs(&mut out, lx.shape(), [lx], |o, [s], [t]| {
+            for (k, v) in o.iter_mut().enumerate() {
+                *v = op.f(x[s + k * t]);
+            }
+        });
+        out
+    }
+    with_cpu!(x, |v: T| T::into_storage(run(op, v, lx)))
+}
+
+pub(super) fn unary_backward(
+    op: Unary,
+    x: &CpuStorage,
+    lx: &Layout,
+    y: &CpuStorage,
+    ly: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+) -> Result<CpuStorage> {
+    fn run<T: Float>(op: Unary, x: &[T], lx: &Layout, y: &[T], ly: &Layout, g: &[T], lg: &Layout) -> Vec<T> {
+        let mut out = vec![T::ZERO; lx.numel()];
+        zip_runs(&mut out, lx.shape(), [lx, ly, lg], |o, [sx, sy, sg], [tx, ty, tg]| {
+            for (k, v) in o.iter_mut().enumerate() {
+                *v = g[sg + k * tg] * op.df(x[sx + k * tx], y[sy + k * ty]);
+            }
+        });
+        out
+    }
+    same_dtype!(op.name(), (x, y, g), |x, y, g; T| run::<T>(op, x, lx, y, ly, g, lg))
+}
+
+pub(super) fn binary(
+    op: Binary,
+    a: &CpuStorage,
+    la: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+    shape: &[usize],
+) -> Result<CpuStorage> {
+    fn run<T: Float>(op: Binary, a: &[T], la: &Layout, b: &[T], lb: &Layout, shape: &[usize]) -> Vec<T> {
+        let mut out = vec![T::ZERO; shape.iter().product()];
+        zip_runs(&mut out, shape, [la, lb], |o, [sa, sb], [ta, tb]| {
+            if ta == 1 && tb == 1 {
+                // Contiguous runs: plain slices, which the compiler vectorises.
+                let (a, b) = (&a[sa..sa + o.len()], &b[sb..sb + o.len()]);
+                for ((v, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                    *v = op.f(x, y);
+                }
+            } else {
+                for (k, v) in o.iter_mut().enumerate() {
+                    *v = op.f(a[sa + k * ta], b[sb + k * tb]);
+                }
+            }
+        });
+        out
+    }
+    same_dtype!(op.name(), (a, b), |a, b; T| run::<T>(op, a, la, b, lb, shape))
+}
+
+/// (g df/da, g df/db) over the broadcast shape of `g`.
+pub(super) fn binary_backward(
+    op: Binary,
+    a: &CpuStorage,
+    la: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, CpuStorage)> {
+    fn run<T: Float>(op: Binary, a: &[T], la: &Layout, b: &[T], lb: &Layout, g: &[T], lg: &Layout) -> Vec<T> {
+        // Interleaved (ga, gb) pairs, split after.
+        let n = lg.numel();
+        let mut out = vec![(T::ZERO, T::ZERO); n];
+        zip_runs(&mut out, lg.shape(), [la, lb, lg], |o, [sa, sb, sg], [ta, tb, tg]| {
+            for (k, v) in o.iter_mut().enumerate() {
+                *v = op.df(a[sa + k * ta], b[sb + k * tb], g[sg + k * tg]);
+            }
+        });
+        out.into_iter().flat_map(|(x, y)| [x, y]).collect()
+    }
+    let both = same_dtype!(op.name(), (a, b, g), |a, b, g; T| run::<T>(op, a, la, b, lb, g, lg))?;
+    Ok(with_cpu!(&both, |v: T| {
+        let (ga, gb): (Vec<T>, Vec<T>) = v.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+        (T::into_storage(ga), T::into_storage(gb))
+    }))
+}
+
+pub(super) fn compare(
+    op: Cmp,
+    a: &CpuStorage,
+    la: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+    shape: &[usize],
+) -> Result<CpuStorage> {
+    fn run<T: Float>(op: Cmp, a: &[T], la: &Layout, b: &[T], lb: &Layout, shape: &[usize]) -> Vec<T> {
+        let mut out = vec![T::ZERO; shape.iter().product()];
+        zip_runs(&mut out, shape, [la, lb], |o, [sa, sb], [ta, tb]| {
+            for (k, v) in o.iter_mut().enumerate() {
+                *v = if op.f(a[sa + k * ta], b[sb + k * tb]) { T::ONE } else { T::ZERO };
+            }
+        });
+        out
+    }
+    same_dtype!(op.name(), (a, b), |a, b; T| run::<T>(op, a, la, b, lb, shape))
+}
+
+pub(super) fn where_(
+    c: &CpuStorage,
+    lc: &Layout,
+    a: &CpuStorage,
+    la: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+    shape: &[usize],
+) -> Result<CpuStorage> {
+    fn run<T: Float>(c: &[T], lc: &Layout, a: &[T], la: &Layout, b: &[T], lb: &Layout, shape: &[usize]) -> Vec<T> {
+        let mut out = vec![T::ZERO; shape.iter().product()];
+        zip_runs(&mut out, shape, [lc, la, lb], |o, [sc, sa, sb], [tc, ta, tb]| {
+            for (k, v) in o.iter_mut().enumerate() {
+                *v = if c[sc + k * tc] != T::ZERO { a[sa + k * ta] } else { b[sb + k * tb] };
+            }
+        });
+        out
+    }
+    same_dtype!("where", (c, a, b), |c, a, b; T| run::<T>(c, lc, a, la, b, lb, shape))
+}

@@ -1,0 +1,380 @@
+//! Elementwise ops: unary math, binary arithmetic with NumPy broadcasting, comparisons and `where`.
+//!
+//! Unary y = f(x); backward dL/dx = g * f'(x), computed by one fused kernel from x, y and g:
+//!
+//! | op | f(x) | f'(x) |
+//! | --- | --- | --- |
+//! | neg | -x | -1 |
+//! | exp | e^x | y |
+//! | log | ln x | 1/x |
+//! | sqrt | sqrt x | 1/(2y) |
+//! | rsqrt | 1/sqrt x | -y^3/2 |
+//! | abs | abs x | sign x (0 at 0) |
+//! | relu | max(x, 0) | 1 if x > 0 else 0 |
+//! | gelu | x Phi(x) = x (1 + erf(x/sqrt 2)) / 2 | Phi(x) + x phi(x) |
+//! | silu | x sigmoid(x) | s (1 + x (1 - s)) |
+//! | elu(a) | x if x > 0 else a (e^x - 1) | 1 if x > 0 else y + a |
+//! | softplus(b, t) | ln(1 + e^(bx)) / b, x if bx > t | sigmoid(bx) (1 if bx > t) |
+//! | sigmoid | 1 / (1 + e^-x) | y (1 - y) |
+//! | tanh | tanh x | 1 - y^2 |
+//! | powf(p) | x^p | p x^(p-1) |
+//! | add_scalar(c), mul_scalar(c), div_scalar(c) | x + c, c x, x / c | 1, c, 1/c |
+//! | clamp_min(c), clamp_max(c) | max(x, c), min(x, c) | 1 where x is kept, else 0 |
+//!
+//! Binary y = f(a, b) over the broadcast shape; backward gives (g df/da, g df/db), each summed back to its
+//! input's shape:
+//!
+//! | op | f | df/da | df/db |
+//! | --- | --- | --- | --- |
+//! | add | a + b | 1 | 1 |
+//! | sub | a - b | 1 | -1 |
+//! | mul | a b | b | a |
+//! | div | a / b | 1/b | -a/b^2 |
+//! | maximum | max(a, b) | 1 if a > b, 1/2 if a = b | 1 if b > a, 1/2 if a = b |
+//! | minimum | min(a, b) | 1 if a < b, 1/2 if a = b | 1 if b < a, 1/2 if a = b |
+//!
+//! Comparisons return 1.0 / 0.0 in the inputs' dtype and carry no gradient. `where_(c, a, b)` picks a where
+//! c != 0, else b; its gradient goes to the input that was picked.
+
+mod cpu;
+pub(crate) mod zip;
+
+use engine::{broadcast_shape, Error, Op, Result, Storage, Tensor};
+
+use crate::reduce::sum_to_shape;
+use crate::util::{no_cuda, same_dtype_device};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Unary {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Abs,
+    Relu,
+    Gelu,
+    Silu,
+    Elu(f64),
+    Softplus { beta: f64, threshold: f64 },
+    Sigmoid,
+    Tanh,
+    Powf(f64),
+    AddScalar(f64),
+    MulScalar(f64),
+    DivScalar(f64),
+    ClampMin(f64),
+    ClampMax(f64),
+}
+
+impl Unary {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Unary::Neg => "neg",
+            Unary::Exp => "exp",
+            Unary::Log => "log",
+            Unary::Sqrt => "sqrt",
+            Unary::Rsqrt => "rsqrt",
+            Unary::Abs => "abs",
+            Unary::Relu => "relu",
+            Unary::Gelu => "gelu",
+            Unary::Silu => "silu",
+            Unary::Elu(_) => "elu",
+            Unary::Softplus { .. } => "softplus",
+            Unary::Sigmoid => "sigmoid",
+            Unary::Tanh => "tanh",
+            Unary::Powf(_) => "powf",
+            Unary::AddScalar(_) => "add_scalar",
+            Unary::MulScalar(_) => "mul_scalar",
+            Unary::DivScalar(_) => "div_scalar",
+            Unary::ClampMin(_) => "clamp_min",
+            Unary::ClampMax(_) => "clamp_max",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Maximum,
+    Minimum,
+}
+
+impl Binary {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Binary::Add => "add",
+            Binary::Sub => "sub",
+            Binary::Mul => "mul",
+            Binary::Div => "div",
+            Binary::Maximum => "maximum",
+            Binary::Minimum => "minimum",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Cmp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Cmp::Eq => "eq",
+            Cmp::Ne => "ne",
+            Cmp::Lt => "lt",
+            Cmp::Le => "le",
+            Cmp::Gt => "gt",
+            Cmp::Ge => "ge",
+        }
+    }
+}
+
+struct UnaryBackward {
+    op: Unary,
+    x: Tensor,
+    y: Tensor,
+}
+
+impl Op for UnaryBackward {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let storage = match (&*self.x.storage(), &*self.y.storage(), &*g.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(y), Storage::Cpu(gs)) => {
+                Storage::Cpu(cpu::unary_backward(self.op, x, self.x.layout(), y, self.y.layout(), gs, g.layout())?)
+            }
+            (s, _, _) => return Err(no_cuda(self.op.name(), s)),
+        };
+        Ok(vec![Some(Tensor::from_storage(storage, self.x.shape())?)])
+    }
+}
+
+/// Applies a unary op.
+pub fn unary(op: Unary, x: &Tensor) -> Result<Tensor> {
+    let storage = match &*x.storage() {
+        Storage::Cpu(s) => Storage::Cpu(cpu::unary(op, s, x.layout())),
+        s => return Err(no_cuda(op.name(), s)),
+    };
+    Ok(Tensor::from_op_with_output(storage, x.shape(), &[x], |y| UnaryBackward { op, x: x.detach(), y }))
+}
+
+struct BinaryBackward {
+    op: Binary,
+    a_shape: Vec<usize>,
+    b_shape: Vec<usize>,
+    /// The inputs, for the ops whose derivative depends on them (not add and sub).
+    saved: Option<(Tensor, Tensor)>,
+}
+
+impl Op for BinaryBackward {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (ga, gb) = match (&self.saved, self.op) {
+            (None, Binary::Add) => (g.clone(), g.clone()),
+            (None, Binary::Sub) => (g.clone(), crate::elementwise::neg(g)?),
+            (None, op) => return Err(Error::BackwardNotSupported { op: op.name() }),
+            (Some((a, b)), op) => {
+                let la = a.layout().broadcast_as(g.shape())?;
+                let lb = b.layout().broadcast_as(g.shape())?;
+                let (ga, gb) = match (&*a.storage(), &*b.storage(), &*g.storage()) {
+                    (Storage::Cpu(sa), Storage::Cpu(sb), Storage::Cpu(sg)) => {
+                        let (ga, gb) = cpu::binary_backward(op, sa, &la, sb, &lb, sg, g.layout())?;
+                        (Storage::Cpu(ga), Storage::Cpu(gb))
+                    }
+                    (s, _, _) => return Err(no_cuda(op.name(), s)),
+                };
+                (Tensor::from_storage(ga, g.shape())?, Tensor::from_storage(gb, g.shape())?)
+            }
+        };
+        Ok(vec![Some(sum_to_shape(&ga, &self.a_shape)?), Some(sum_to_shape(&gb, &self.b_shape)?)])
+    }
+}
+
+/// Applies a binary op with NumPy broadcasting.
+pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    same_dtype_device(op.name(), a, b)?;
+    let shape = broadcast_shape(op.name(), a.shape(), b.shape())?;
+    let la = a.layout().broadcast_as(&shape)?;
+    let lb = b.layout().broadcast_as(&shape)?;
+    let storage = match (&*a.storage(), &*b.storage()) {
+        (Storage::Cpu(sa), Storage::Cpu(sb)) => Storage::Cpu(cpu::binary(op, sa, &la, sb, &lb, &shape)?),
+        (s, _) => return Err(no_cuda(op.name(), s)),
+    };
+    Ok(Tensor::from_op(storage, &shape, &[a, b], || BinaryBackward {
+        op,
+        a_shape: a.shape().to_vec(),
+        b_shape: b.shape().to_vec(),
+        saved: match op {
+            Binary::Add | Binary::Sub => None,
+            _ => Some((a.detach(), b.detach())),
+        },
+    }))
+}
+
+/// Compares elementwise with broadcasting; 1.0 where true, 0.0 elsewhere; no gradient.
+pub fn compare(op: Cmp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    same_dtype_device(op.name(), a, b)?;
+    let shape = broadcast_shape(op.name(), a.shape(), b.shape())?;
+    let la = a.layout().broadcast_as(&shape)?;
+    let lb = b.layout().broadcast_as(&shape)?;
+    let storage = match (&*a.storage(), &*b.storage()) {
+        (Storage::Cpu(sa), Storage::Cpu(sb)) => Storage::Cpu(cpu::compare(op, sa, &la, sb, &lb, &shape)?),
+        (s, _) => return Err(no_cuda(op.name(), s)),
+    };
+    Tensor::from_storage(storage, &shape)
+}
+
+/// Compares with a scalar.
+pub fn compare_scalar(op: Cmp, a: &Tensor, value: f64) -> Result<Tensor> {
+    compare(op, a, &Tensor::scalar(value, a.dtype(), a.device())?)
+}
+
+struct WhereBackward {
+    cond: Tensor,
+    a_shape: Vec<usize>,
+    b_shape: Vec<usize>,
+}
+
+impl Op for WhereBackward {
+    fn name(&self) -> &'static str {
+        "where"
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let zero = Tensor::scalar(0.0, g.dtype(), g.device())?;
+        let ga = where_untracked(&self.cond, g, &zero)?;
+        let gb = where_untracked(&self.cond, &zero, g)?;
+        Ok(vec![None, Some(sum_to_shape(&ga, &self.a_shape)?), Some(sum_to_shape(&gb, &self.b_shape)?)])
+    }
+}
+
+fn where_storage(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Storage, Vec<usize>)> {
+    same_dtype_device("where", a, b)?;
+    same_dtype_device("where", cond, a)?;
+    let shape = broadcast_shape("where", &broadcast_shape("where", cond.shape(), a.shape())?, b.shape())?;
+    let lc = cond.layout().broadcast_as(&shape)?;
+    let la = a.layout().broadcast_as(&shape)?;
+    let lb = b.layout().broadcast_as(&shape)?;
+    let storage = match (&*cond.storage(), &*a.storage(), &*b.storage()) {
+        (Storage::Cpu(c), Storage::Cpu(sa), Storage::Cpu(sb)) => {
+            Storage::Cpu(cpu::where_(c, &lc, sa, &la, sb, &lb, &shape)?)
+        }
+        (s, _, _) => return Err(no_cuda("where", s)),
+    };
+    Ok((storage, shape))
+}
+
+fn where_untracked(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (storage, shape) = where_storage(cond, a, b)?;
+    Tensor::from_storage(storage, &shape)
+}
+
+/// `a` where `cond` is non-zero, else `b`, all three broadcast together. `cond` gets no gradient.
+pub fn where_(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (storage, shape) = where_storage(cond, a, b)?;
+    Ok(Tensor::from_op(storage, &shape, &[cond, a, b], || WhereBackward {
+        cond: cond.detach(),
+        a_shape: a.shape().to_vec(),
+        b_shape: b.shape().to_vec(),
+    }))
+}
+
+macro_rules! unary_fns {
+    ($($fn_name:ident => $op:expr, $doc:literal;)*) => {$(
+        #[doc = $doc]
+        pub fn $fn_name(x: &Tensor) -> Result<Tensor> {
+            unary($op, x)
+        }
+    )*};
+}
+
+unary_fns! {
+    neg => Unary::Neg, "-x";
+    exp => Unary::Exp, "e^x";
+    log => Unary::Log, "natural logarithm";
+    sqrt => Unary::Sqrt, "square root";
+    rsqrt => Unary::Rsqrt, "1 / sqrt(x)";
+    abs => Unary::Abs, "|x|";
+    relu => Unary::Relu, "max(x, 0)";
+    gelu => Unary::Gelu, "x * Phi(x), the exact (erf) GELU";
+    silu => Unary::Silu, "x * sigmoid(x)";
+    sigmoid => Unary::Sigmoid, "1 / (1 + e^-x)";
+    tanh => Unary::Tanh, "hyperbolic tangent";
+}
+
+/// ELU with slope `alpha` for negative inputs.
+pub fn elu(x: &Tensor, alpha: f64) -> Result<Tensor> {
+    unary(Unary::Elu(alpha), x)
+}
+
+/// ln(1 + e^(beta x)) / beta, linear above `threshold` (PyTorch defaults: beta 1, threshold 20).
+pub fn softplus(x: &Tensor, beta: f64, threshold: f64) -> Result<Tensor> {
+    if beta == 0.0 {
+        return Err(Error::invalid("softplus", "beta must be non-zero", x.shape()));
+    }
+    unary(Unary::Softplus { beta, threshold }, x)
+}
+
+pub fn powf(x: &Tensor, p: f64) -> Result<Tensor> {
+    unary(Unary::Powf(p), x)
+}
+
+pub fn add_scalar(x: &Tensor, c: f64) -> Result<Tensor> {
+    unary(Unary::AddScalar(c), x)
+}
+
+pub fn sub_scalar(x: &Tensor, c: f64) -> Result<Tensor> {
+    unary(Unary::AddScalar(-c), x)
+}
+
+pub fn mul_scalar(x: &Tensor, c: f64) -> Result<Tensor> {
+    unary(Unary::MulScalar(c), x)
+}
+
+pub fn div_scalar(x: &Tensor, c: f64) -> Result<Tensor> {
+    unary(Unary::DivScalar(c), x)
+}
+
+/// max(x, c) elementwise.
+pub fn maximum_scalar(x: &Tensor, c: f64) -> Result<Tensor> {
+    unary(Unary::ClampMin(c), x)
+}
+
+/// min(x, c) elementwise.
+pub fn minimum_scalar(x: &Tensor, c: f64) -> Result<Tensor> {
+    unary(Unary::ClampMax(c), x)
+}
+
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(Binary::Add, a, b)
+}
+pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(Binary::Sub, a, b)
+}
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(Binary::Mul, a, b)
+}
+pub fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(Binary::Div, a, b)
+}
+pub fn maximum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(Binary::Maximum, a, b)
+}
+pub fn minimum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(Binary::Minimum, a, b)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,178 @@
+use engine::{gradcheck, DType, Device, Generator, Tensor};
+
+use super::*;
+use crate::view::{narrow, permute};
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(shape, 0.0, 1.0, DType::F64, Device::Cpu, &mut Generator::new(seed)).unwrap()
+}
+
+fn rand(shape: &[usize], lo: f64, hi: f64, seed: u64) -> Tensor {
+    Tensor::rand(shape, lo, hi, DType::F64, Device::Cpu, &mut Generator::new(seed)).unwrap()
+}
+
+fn all_unary() -> Vec<Unary> {
+    vec![
+        Unary::Neg,
+        Unary::Exp,
+        Unary::Log,
+        Unary::Sqrt,
+        Unary::Rsqrt,
+        Unary::Abs,
+        Unary::Relu,
+        Unary::Gelu,
+        Unary::Silu,
+        Unary::Elu(0.7),
+        Unary::Softplus { beta: 1.5, threshold: 2.0 },
+        Unary::Sigmoid,
+        Unary::Tanh,
+        Unary::Powf(2.5),
+        Unary::AddScalar(0.3),
+        Unary::MulScalar(-1.7),
+        Unary::DivScalar(3.0),
+        Unary::ClampMin(0.1),
+        Unary::ClampMax(-0.2),
+    ]
+}
+
+/// Ops defined only for positive inputs get inputs in [0.2, 2].
+fn input_for(op: Unary, shape: &[usize], seed: u64) -> Tensor {
+    match op {
+        Unary::Log | Unary::Sqrt | Unary::Rsqrt | Unary::Powf(_) => rand(shape, 0.2, 2.0, seed),
+        _ => rand(shape, -3.0, 3.0, seed),
+    }
+}
+
+#[test]
+fn unary_values_match_scalar_formulas() {
+    let x = input_for(Unary::Gelu, &[50], 1);
+    let xv = x.to_vec_f64().unwrap();
+    let check = |op: Unary, f: &dyn Fn(f64) -> f64| {
+        let y = unary(op, &x).unwrap().to_vec_f64().unwrap();
+        for (a, &v) in y.iter().zip(&xv) {
+            assert!((a - f(v)).abs() <= 1e-15 * f(v).abs().max(1.0), "{op:?}({v}) = {a}, want {}", f(v));
+        }
+    };
+    check(Unary::Gelu, &|v| 0.5 * v * (1.0 + engine::Float::erf(v / 2f64.sqrt())));
+    check(Unary::Silu, &|v| v / (1.0 + (-v).exp()));
+    check(Unary::Elu(0.7), &|v| if v > 0.0 { v } else { 0.7 * (v.exp() - 1.0) });
+    check(Unary::Softplus { beta: 1.5, threshold: 2.0 }, &|v| {
+        if 1.5 * v > 2.0 {
+            v
+        } else {
+            (1.5 * v).exp().ln_1p() / 1.5
+        }
+    });
+    check(Unary::Tanh, &f64::tanh);
+    // Known values: GELU(1) = 0.8413447460685429 (PyTorch), sigmoid of extremes stays finite.
+    let one = Tensor::from_vec(vec![1.0f64, -800.0, 800.0], &[3]).unwrap();
+    assert!((gelu(&one).unwrap().to_vec_f64().unwrap()[0] - 0.8413447460685429).abs() < 1e-15);
+    assert_eq!(sigmoid(&one).unwrap().to_vec_f64().unwrap()[1..], [0.0, 1.0]);
+}
+
+#[test]
+fn unary_gradients_match_finite_differences() {
+    for op in all_unary() {
+        let x = input_for(op, &[3, 4], 2);
+        // Also through a transposed view, so the kernel walks non-unit strides.
+        for transposed in [false, true] {
+            let r = gradcheck(op.name(), std::slice::from_ref(&x), |x| {
+                let x = if transposed { permute(&x[0], &[1, 0])? } else { x[0].clone() };
+                unary(op, &x)
+            })
+            .unwrap();
+            assert!(r.passed(), "{r}");
+        }
+    }
+}
+
+#[test]
+fn binary_gradients_with_broadcast_and_views() {
+    let a = randn(&[3, 1, 5], 3);
+    let b = add_scalar(&abs(&randn(&[4, 1], 4)).unwrap(), 0.5).unwrap(); // away from 0 for div
+    let wide = randn(&[4, 6], 5);
+    for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div, Binary::Maximum, Binary::Minimum] {
+        let r = gradcheck(op.name(), &[a.clone(), b.clone()], |x| binary(op, &x[0], &x[1])).unwrap();
+        assert!(r.passed(), "{r}");
+        // Non-contiguous: a permuted (5, 3) against a column slice of a wider tensor.
+        let r = gradcheck(op.name(), &[a.clone(), wide.clone()], |x| {
+            let a = permute(&narrow(&x[0], 0, 0, 3)?, &[1, 2, 0])?; // (1, 5, 3)
+            let b = add_scalar(&abs(&narrow(&x[1], 1, 1, 3)?)?, 0.5)?; // (4, 3), strided rows
+            binary(op, &a, &crate::view::unsqueeze(&b, 1)?)
+        })
+        .unwrap();
+        assert!(r.passed(), "{r}");
+    }
+}
+
+#[test]
+fn broadcast_matches_explicit_loops() {
+    let a = randn(&[2, 3, 1], 6);
+    let b = randn(&[4], 7);
+    let y = mul(&a, &b).unwrap();
+    assert_eq!(y.shape(), &[2, 3, 4]);
+    let (av, bv, yv) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap(), y.to_vec_f64().unwrap());
+    for i in 0..6 {
+        for j in 0..4 {
+            assert_eq!(yv[i * 4 + j], av[i] * bv[j]);
+        }
+    }
+}
+
+#[test]
+fn large_tensors_take_the_parallel_path_and_agree() {
+    // 2^17 elements, permuted: both the parallel strided walk and the contiguous walk.
+    let a = randn(&[256, 512], 8);
+    let b = randn(&[512, 256], 9);
+    let bt = permute(&b, &[1, 0]).unwrap();
+    let y = add(&a, &bt).unwrap().to_vec_f64().unwrap();
+    let (av, bv) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+    for i in (0..256).step_by(17) {
+        for j in (0..512).step_by(13) {
+            assert_eq!(y[i * 512 + j], av[i * 512 + j] + bv[j * 256 + i]);
+        }
+    }
+}
+
+#[test]
+fn max_min_share_ties_and_where_routes_gradients() {
+    let a = Tensor::from_vec(vec![1.0f64, 2.0, 3.0], &[3]).unwrap().requires_grad_(true).unwrap();
+    let b = Tensor::from_vec(vec![2.0f64, 2.0, 1.0], &[3]).unwrap().requires_grad_(true).unwrap();
+    crate::reduce::sum_all(&maximum(&a, &b).unwrap()).unwrap().backward().unwrap();
+    assert_eq!(a.grad().unwrap().to_vec_f64().unwrap(), vec![0.0, 0.5, 1.0]);
+    assert_eq!(b.grad().unwrap().to_vec_f64().unwrap(), vec![1.0, 0.5, 0.0]);
+
+    let c = compare(Cmp::Gt, &a.detach(), &b.detach()).unwrap();
+    assert_eq!(c.to_vec_f64().unwrap(), vec![0.0, 0.0, 1.0]);
+    let x = randn(&[2, 3], 10);
+    let y = randn(&[3], 11);
+    let cond = compare_scalar(Cmp::Gt, &randn(&[2, 3], 12), 0.0).unwrap();
+    let r = gradcheck("where", &[x, y], |v| where_(&cond, &v[0], &v[1])).unwrap();
+    assert!(r.passed(), "{r}");
+}
+
+#[test]
+fn comparisons_cover_every_relation() {
+    let a = Tensor::from_vec(vec![1.0f32, 2.0, 3.0], &[3]).unwrap();
+    let b = Tensor::scalar(2.0, DType::F32, Device::Cpu).unwrap();
+    let got = |op| compare(op, &a, &b).unwrap().to_vec::<f32>().unwrap();
+    assert_eq!(got(Cmp::Eq), [0.0, 1.0, 0.0]);
+    assert_eq!(got(Cmp::Ne), [1.0, 0.0, 1.0]);
+    assert_eq!(got(Cmp::Lt), [1.0, 0.0, 0.0]);
+    assert_eq!(got(Cmp::Le), [1.0, 1.0, 0.0]);
+    assert_eq!(got(Cmp::Gt), [0.0, 0.0, 1.0]);
+    assert_eq!(got(Cmp::Ge), [0.0, 1.0, 1.0]);
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let a = randn(&[2, 3], 13);
+    let b = randn(&[4], 14);
+    let f = Tensor::from_vec(vec![1.0f32; 6], &[2, 3]).unwrap();
+    assert!(matches!(add(&a, &b), Err(engine::Error::Broadcast { op: "add", .. })));
+    assert!(matches!(mul(&a, &f), Err(engine::Error::DTypeMismatch { op: "mul", .. })));
+    assert!(where_(&f, &a, &a).is_err());
+    assert!(softplus(&a, 0.0, 20.0).is_err());
+    let msg = add(&a, &b).unwrap_err().to_string();
+    assert!(msg.contains("[2, 3]") && msg.contains("[4]"), "{msg}");
+}
