@@ -57,9 +57,9 @@ impl<const N: usize> Merged<N> {
             rem /= self.dims[d];
         }
         let mut pos = self.offsets;
-        for d in 0..r {
-            for (i, p) in pos.iter_mut().enumerate() {
-                *p += idx[d] * self.strides[d][i];
+        for (&i_d, s_d) in idx.iter().zip(&self.strides) {
+            for (p, &s) in pos.iter_mut().zip(s_d) {
+                *p += i_d * s;
             }
         }
         let mut done = 0;
