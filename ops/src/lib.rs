@@ -16,3 +16,5 @@ pub use reduce::{max, sum, sum_all, sum_to_shape};
 pub use view::{expand, flatten, narrow, permute, reshape, select, squeeze, t, transpose, unsqueeze};
 pub mod elementwise;
 pub use elementwise::*;
+#[cfg(test)]
+mod testing;

@@ -1,15 +1,9 @@
-use engine::{gradcheck, DType, Device, Generator, Tensor};
+use engine::{gradcheck, DType, Device, Tensor};
+
+use crate::testing::*;
 
 use super::*;
 use crate::view::{narrow, permute};
-
-fn randn(shape: &[usize], seed: u64) -> Tensor {
-    Tensor::randn(shape, 0.0, 1.0, DType::F64, Device::Cpu, &mut Generator::new(seed)).unwrap()
-}
-
-fn rand(shape: &[usize], lo: f64, hi: f64, seed: u64) -> Tensor {
-    Tensor::rand(shape, lo, hi, DType::F64, Device::Cpu, &mut Generator::new(seed)).unwrap()
-}
 
 fn all_unary() -> Vec<Unary> {
     vec![

@@ -1,11 +1,9 @@
-use engine::{gradcheck, DType, Device, Generator, Tensor};
+use engine::{gradcheck, Tensor};
+
+use crate::testing::*;
 
 use super::*;
 use crate::view::{narrow, permute};
-
-fn randn(shape: &[usize], seed: u64) -> Tensor {
-    Tensor::randn(shape, 0.0, 1.0, DType::F64, Device::Cpu, &mut Generator::new(seed)).unwrap()
-}
 
 /// Slow reference: reduce a 3-D tensor over dim 1 by explicit loops.
 fn sum_dim1_ref(x: &[f64], s: [usize; 3]) -> Vec<f64> {
@@ -33,10 +31,10 @@ fn sum_and_max_match_loops() {
     let m = max(&x, &[0, -1], true).unwrap();
     assert_eq!(m.shape(), &[1, 5, 1]);
     let mv = m.to_vec_f64().unwrap();
-    for j in 0..5 {
+    for (j, &got) in mv.iter().enumerate() {
         let want =
             (0..3).flat_map(|i| (0..4).map(move |k| (i * 5 + j) * 4 + k)).map(|o| xv[o]).fold(f64::MIN, f64::max);
-        assert_eq!(mv[j], want);
+        assert_eq!(got, want);
     }
     assert_eq!(sum_all(&x).unwrap().shape(), &[] as &[usize]);
 }
@@ -53,7 +51,7 @@ fn f32_sums_accumulate_in_f64() {
 #[test]
 fn reduce_gradients_match_finite_differences() {
     let x = randn(&[3, 4, 5], 2);
-    let cases: Vec<(&str, Box<dyn Fn(&[Tensor]) -> engine::Result<Tensor>>)> = vec![
+    let cases: Vec<Case> = vec![
         ("sum(1)", Box::new(|x| sum(&x[0], &[1], false))),
         ("sum(0,2,keepdim)", Box::new(|x| sum(&x[0], &[0, -1], true))),
         ("sum(permuted)", Box::new(|x| sum(&permute(&x[0], &[2, 0, 1])?, &[1], false))),

@@ -1,10 +1,8 @@
-use engine::{gradcheck, DType, Device, Generator, Tensor};
+use engine::gradcheck;
+
+use crate::testing::*;
 
 use super::*;
-
-fn randn(shape: &[usize], seed: u64) -> Tensor {
-    Tensor::randn(shape, 0.0, 1.0, DType::F64, Device::Cpu, &mut Generator::new(seed)).unwrap()
-}
 
 #[test]
 fn views_share_storage_and_copy_only_when_needed() {
@@ -44,7 +42,7 @@ fn bad_views_are_errors() {
 #[test]
 fn view_gradients_match_finite_differences() {
     let x = randn(&[3, 4, 2], 4);
-    let cases: Vec<(&str, Box<dyn Fn(&[Tensor]) -> engine::Result<Tensor>>)> = vec![
+    let cases: Vec<Case> = vec![
         ("reshape", Box::new(|x| reshape(&x[0], &[4, -1]))),
         ("permute+reshape", Box::new(|x| reshape(&permute(&x[0], &[1, 2, 0])?, &[-1]))),
         ("narrow", Box::new(|x| narrow(&narrow(&x[0], 1, 1, 2)?, 0, 1, 2))),
