@@ -16,5 +16,7 @@ pub use reduce::{max, sum, sum_all, sum_to_shape};
 pub use view::{expand, flatten, narrow, permute, reshape, select, squeeze, t, transpose, unsqueeze};
 pub mod elementwise;
 pub use elementwise::*;
+pub mod derived;
 #[cfg(test)]
 mod testing;
+pub use derived::{cross_entropy, log_softmax, mean, min, softmax, var};
