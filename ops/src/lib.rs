@@ -20,3 +20,6 @@ pub mod derived;
 #[cfg(test)]
 mod testing;
 pub use derived::{cross_entropy, log_softmax, mean, min, softmax, var};
+pub mod ext;
+pub mod suite;
+pub use ext::TensorOps;

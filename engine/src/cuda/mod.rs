@@ -45,3 +45,8 @@ impl CudaStorage {
         Err(unavailable(self.ordinal))
     }
 }
+
+/// Whether a CUDA device can be used.
+pub fn is_available() -> bool {
+    false
+}

@@ -1,0 +1,3 @@
+//! Integration tests of the ops crate, one binary (faster to build, smaller to carry to the GPU).
+
+mod autograd;
