@@ -1,3 +1,4 @@
 //! Integration tests of the ops crate, one binary (faster to build, smaller to carry to the GPU).
 
 mod autograd;
+mod random_shapes;

@@ -1,0 +1,15 @@
+// dst[view ld][i] = src[view ls][i] for i over the common shape in row-major order.
+
+template <typename T>
+__device__ void copy_impl(const T* src, Strided ls, T* dst, Strided ld, long long n) {
+    GRID_STRIDE(i, n) { dst[offset_of(ld, i)] = src[offset_of(ls, i)]; }
+}
+
+extern "C" __global__ void copy_strided_f32(const float* src, Strided ls, float* dst, Strided ld, long long n) {
+    copy_impl<float>(src, ls, dst, ld, n);
+}
+
+extern "C" __global__ void copy_strided_f64(const double* src, Strided ls, double* dst, Strided ld,
+                                            long long n) {
+    copy_impl<double>(src, ls, dst, ld, n);
+}
