@@ -23,3 +23,4 @@ pub use derived::{cross_entropy, log_softmax, mean, min, softmax, var};
 pub mod ext;
 pub mod suite;
 pub use ext::TensorOps;
+pub mod optim;
