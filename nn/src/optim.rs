@@ -158,11 +158,13 @@ impl Optimizer for AdamW {
             for group in &self.groups {
                 for p in &group.params {
                     let Some(g) = p.grad() else { continue };
-                    if !self.state.contains_key(&p.id()) {
-                        let vmax = zeros_like(p)?;
-                        self.state.insert(p.id(), AdamState { step: 0, m: zeros_like(p)?, v: zeros_like(p)?, vmax });
-                    }
-                    let st = self.state.get_mut(&p.id()).expect("inserted above");
+                    let st = match self.state.entry(p.id()) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            let (m, v, vmax) = (zeros_like(p)?, zeros_like(p)?, zeros_like(p)?);
+                            e.insert(AdamState { step: 0, m, v, vmax })
+                        }
+                    };
                     st.step += 1;
                     let h = AdamWStep {
                         lr: self.cfg.lr,
