@@ -132,7 +132,8 @@ pub struct AdamState {
     pub step: u64,
     pub m: Tensor,
     pub v: Tensor,
-    pub vmax: Tensor,
+    /// Only with amsgrad.
+    pub vmax: Option<Tensor>,
 }
 
 pub struct AdamW {
@@ -161,7 +162,8 @@ impl Optimizer for AdamW {
                     let st = match self.state.entry(p.id()) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
-                            let (m, v, vmax) = (zeros_like(p)?, zeros_like(p)?, zeros_like(p)?);
+                            let vmax = if self.cfg.amsgrad { Some(zeros_like(p)?) } else { None };
+                            let (m, v) = (zeros_like(p)?, zeros_like(p)?);
                             e.insert(AdamState { step: 0, m, v, vmax })
                         }
                     };
@@ -175,7 +177,7 @@ impl Optimizer for AdamW {
                         amsgrad: self.cfg.amsgrad,
                         step: st.step,
                     };
-                    adamw_step(p, &g, &st.m, &st.v, &st.vmax, h)?;
+                    adamw_step(p, &g, &st.m, &st.v, st.vmax.as_ref(), h)?;
                 }
             }
             Ok(())

@@ -33,10 +33,10 @@ pub(super) fn adamw(
     g: &CpuStorage,
     m: &mut CpuStorage,
     v: &mut CpuStorage,
-    vmax: &mut CpuStorage,
+    vmax: Option<&mut CpuStorage>,
     h: AdamWStep,
 ) -> Result<()> {
-    fn run<T: Float>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], vmax: &mut [T], h: AdamWStep) {
+    fn run<T: Float>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], mut vmax: Option<&mut [T]>, h: AdamWStep) {
         let c = T::from_f64;
         let bc1 = 1.0 - h.beta1.powi(h.step as i32);
         let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
@@ -47,21 +47,28 @@ pub(super) fn adamw(
             p[i] *= decay;
             m[i] = c(h.beta1) * m[i] + c(1.0 - h.beta1) * gi;
             v[i] = c(h.beta2) * v[i] + c(1.0 - h.beta2) * gi * gi;
-            let vhat = if h.amsgrad {
-                vmax[i] = vmax[i].max(v[i]);
-                vmax[i]
-            } else {
-                v[i]
+            let vhat = match vmax.as_deref_mut() {
+                Some(x) => {
+                    x[i] = x[i].max(v[i]);
+                    x[i]
+                }
+                None => v[i],
             };
             p[i] -= step_size * m[i] / (vhat.sqrt() / c(bc2_sqrt) + c(h.eps));
         }
     }
     match (p, g, m, v, vmax) {
-        (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v), CpuStorage::F32(x)) => {
-            run(p, g, m, v, x, h)
+        (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v), None) => {
+            run(p, g, m, v, None, h)
         }
-        (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v), CpuStorage::F64(x)) => {
-            run(p, g, m, v, x, h)
+        (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v), Some(CpuStorage::F32(x))) => {
+            run(p, g, m, v, Some(x), h)
+        }
+        (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v), None) => {
+            run(p, g, m, v, None, h)
+        }
+        (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v), Some(CpuStorage::F64(x))) => {
+            run(p, g, m, v, Some(x), h)
         }
         (p, g, ..) => return Err(mismatch("adamw_step", p, g)),
     }

@@ -72,20 +72,43 @@ pub fn sgd_step(p: &Tensor, grad: &Tensor, buf: &Tensor, h: SgdStep) -> Result<(
     }
 }
 
-/// One AdamW step on `p` in place; `vmax` is only read and written with amsgrad.
-pub fn adamw_step(p: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor, vmax: &Tensor, h: AdamWStep) -> Result<()> {
-    check("adamw_step", p, &[grad, m, v, vmax])?;
+/// One AdamW step on `p` in place; `vmax` (the running max of v) is required with amsgrad, unused without.
+pub fn adamw_step(
+    p: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    vmax: Option<&Tensor>,
+    h: AdamWStep,
+) -> Result<()> {
+    check("adamw_step", p, &[grad, m, v])?;
     if h.step == 0 {
         return Err(Error::invalid("adamw_step", "steps count from 1", p.shape()));
     }
+    // Without amsgrad the kernel never touches vmax: pass v in its place to keep one code path.
+    let vmax = match (h.amsgrad, vmax) {
+        (true, Some(x)) => {
+            check("adamw_step", p, &[x])?;
+            x
+        }
+        (true, None) => return Err(Error::invalid("adamw_step", "amsgrad needs a vmax buffer", p.shape())),
+        (false, _) => v,
+    };
     let g = grad.storage();
     let mut ps = p.storage_mut();
     let mut ms = m.storage_mut();
+    if vmax.same_storage(v) {
+        let mut vs = v.storage_mut();
+        return match (&mut *ps, &*g, &mut *ms, &mut *vs) {
+            (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v)) => cpu::adamw(p, g, m, v, None, h),
+            (s, ..) => Err(no_cuda("adamw_step", s)),
+        };
+    }
     let mut vs = v.storage_mut();
     let mut xs = vmax.storage_mut();
     match (&mut *ps, &*g, &mut *ms, &mut *vs, &mut *xs) {
         (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v), Storage::Cpu(x)) => {
-            cpu::adamw(p, g, m, v, x, h)
+            cpu::adamw(p, g, m, v, Some(x), h)
         }
         (s, ..) => Err(no_cuda("adamw_step", s)),
     }
