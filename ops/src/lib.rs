@@ -6,12 +6,14 @@
 //! their own.
 
 pub mod copy;
+pub mod matmul;
 pub mod reduce;
 pub mod view;
 
 mod util;
 
 pub use copy::copy_into;
+pub use matmul::{matmul, matmul_ref};
 pub use reduce::{max, sum, sum_all, sum_to_shape};
 pub use view::{expand, flatten, narrow, permute, reshape, select, squeeze, t, transpose, unsqueeze};
 pub mod elementwise;
