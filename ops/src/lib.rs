@@ -6,13 +6,17 @@
 //! their own.
 
 pub mod copy;
+pub mod matmul;
 pub mod reduce;
+pub mod shape;
 pub mod view;
 
 mod util;
 
 pub use copy::copy_into;
+pub use matmul::{matmul, matmul_ref};
 pub use reduce::{max, sum, sum_all, sum_to_shape};
+pub use shape::{chunk, concat, index_select, pad, split, stack};
 pub use view::{expand, flatten, narrow, permute, reshape, select, squeeze, t, transpose, unsqueeze};
 pub mod elementwise;
 pub use elementwise::*;
