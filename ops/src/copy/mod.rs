@@ -19,6 +19,9 @@ pub fn copy_into(dst: &Tensor, dst_layout: &Layout, src: &Tensor) -> Result<()> 
     if dst.same_storage(src) {
         return Err(Error::invalid("copy_into", "source and destination share storage", src.shape()));
     }
+    if dst_layout.numel() == 0 {
+        return Ok(());
+    }
     if dst_layout.storage_span().end > dst.storage().len() {
         return Err(Error::invalid("copy_into", "destination view exceeds its storage", dst_layout.shape()));
     }
@@ -39,7 +42,7 @@ pub fn copy_into(dst: &Tensor, dst_layout: &Layout, src: &Tensor) -> Result<()> 
             match (d, s) {
                 (engine::CpuStorage::F32(d), engine::CpuStorage::F32(s)) => f(d, dst_layout, s, src.layout()),
                 (engine::CpuStorage::F64(d), engine::CpuStorage::F64(s)) => f(d, dst_layout, s, src.layout()),
-                _ => unreachable!("dtypes checked above"),
+                (d, s) => return Err(Error::DTypeMismatch { op: "copy_into", lhs: d.dtype(), rhs: s.dtype() }),
             }
             Ok(())
         }
