@@ -26,15 +26,20 @@
 //! allocate the output from the pool, launch on the device's stream with a `// SAFETY:` note:
 //!
 //! ```ignore
-//! const SRC: &str = concat!(include_str!("prelude.cuh"), include_str!("scale.cu"));
-//! fn scale<T: Float>(x: &CudaStorage, n: usize, a: f64) -> Result<CudaStorage> {
+//! // scale.cu: `extern "C" __global__ void scale_f32(const float* x, Strided lx, float* out, long long n,
+//! // double a)` and its f64 twin, one template body; the engine's PRELUDE goes in front of it.
+//! static SRC: LazyLock<String> = LazyLock::new(|| format!("{PRELUDE}\n{}", include_str!("scale.cu")));
+//!
+//! fn scale<T: Float>(x: &CudaStorage, layout: &Layout, a: f64) -> Result<CudaStorage> {
 //!     let dev = x.device();
-//!     let f = dev.function("scale", SRC, &kernel_name::<T>("scale"))?;
-//!     let out = dev.alloc::<T>(n)?;
-//!     let n64 = n as i64;
+//!     let f = dev.function("ops_scale", &SRC, &kernel_name::<T>("scale"))?;
+//!     let n = layout.numel();
+//!     let out = dev.alloc::<T>(n)?; // uninitialised, from the pool
+//!     let (lx, n64) = (x.strided("scale", layout)?, n as i64); // bounds-checked against x's buffer
 //!     let mut launch = dev.stream().launch_builder(&f);
-//!     launch.arg(x.slice::<T>()?).arg(out.as_slice()).arg(&n64).arg(&a);
-//!     // SAFETY: scale_<T>(const T* x, T* out, long long n, double a) reads x[0..n), writes out[0..n).
+//!     launch.arg(x.slice::<T>()?).arg(&lx).arg(out.as_slice()).arg(&n64).arg(&a);
+//!     // SAFETY: scale_<T>(const T* x, Strided lx, T* out, long long n, double a) reads x at offset_of(lx, i)
+//!     // for i < n, inside x's buffer (checked by `strided`), and writes out[0..n), which holds n elements.
 //!     unsafe { launch.launch(dev.launch_config(n)) }.map_err(|e| Error::Cuda { op: "scale", msg: format!("{e:?}") })?;
 //!     CudaStorage::from_slice(dev, out)
 //! }
@@ -60,8 +65,13 @@ pub use storage::{CudaBuffer, CudaStorage, Strided, MAX_DIMS};
 /// cudarc itself, and the types ops need to launch kernels, so that they need not name cudarc's paths.
 pub use cudarc;
 pub use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
+
+/// The CUDA C++ every kernel module starts with: `struct Strided` (the mirror of [`Strided`]), `offset_of`
+/// and the `GRID_STRIDE` loop. Prepend it to a module's source before [`CudaDevice::function`].
+pub const PRELUDE: &str = include_str!("prelude.cuh");
 
 use crate::{Error, Float, Result};
 

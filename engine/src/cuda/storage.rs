@@ -271,6 +271,13 @@ impl CudaStorage {
         })
     }
 
+    /// The kernel-side view of `layout` over this buffer, after checking that every element it reaches lies
+    /// inside the buffer (kernels do not bounds-check).
+    pub fn strided(&self, op: &'static str, layout: &Layout) -> Result<Strided> {
+        check_span(op, layout, self.len())?;
+        Strided::new(layout)
+    }
+
     pub fn full(ordinal: usize, n: usize, value: f64, dtype: DType) -> Result<Self> {
         let mut s = Self::alloc(&device::device(ordinal)?, n, dtype)?;
         s.fill(value)?;

@@ -304,7 +304,7 @@ extern "C" __global__ void axpb_f64(const double* x, Strided lx, double* y, long
         let f = dev.function("test_axpb", SRC, &kernel_name::<T>("axpb"))?;
         let n = layout.numel();
         let out = dev.alloc::<T>(n)?;
-        let (lx, n64) = (Strided::new(layout)?, n as i64);
+        let (lx, n64) = (x.strided("axpb", layout)?, n as i64);
         let mut launch = dev.stream().launch_builder(&f);
         launch.arg(x.slice::<T>()?).arg(&lx).arg(out.as_slice()).arg(&n64).arg(&a).arg(&b);
         // SAFETY: axpb_<T>(const T* x, Strided lx, T* y, long long n, double a, double b) reads x inside the
@@ -442,4 +442,77 @@ fn tensors_move_between_host_and_device() {
     let twice = xd.accumulate(&xd).unwrap().to_vec::<f32>().unwrap();
     assert_eq!(twice, x.to_vec::<f32>().unwrap().iter().map(|v| v + v).collect::<Vec<_>>());
     assert_eq!(Tensor::ones(&[2, 2], DType::F64, Device::Cuda(0)).unwrap().to_vec::<f64>().unwrap(), vec![1.0; 4]);
+}
+
+/// Ops enqueue and return: with a slow kernel at the head of the stream, a run of storage ops, pool reuse
+/// and a matrix product must come back long before the device gets to them.
+#[test]
+fn ops_do_not_wait_for_the_device() {
+    let Some((_g, dev)) = gpu("ops_do_not_wait_for_the_device") else { return };
+    const SPIN: &str = r#"extern "C" __global__ void spin(long long cycles) {
+        long long start = clock64();
+        while (clock64() - start < cycles) {}
+    }"#;
+    let spin = dev.function("test_spin", SPIN, "spin").unwrap();
+    let mut g = Generator::new(18);
+    let x = CudaStorage::from_cpu(0, &random(&mut g, 4096, DType::F32)).unwrap();
+    let view = Layout::contiguous(&[64, 64]).permute(&[1, 0]).unwrap();
+    let cfg = GemmConfig::contiguous(1, 64, 64, 64, false, true);
+    let run_ops = || {
+        for _ in 0..20 {
+            let y = x.copy_strided(&view).unwrap();
+            let z = y.cast(&view, DType::F64).unwrap();
+            let mut w = x.add_same_shape(&view, &y, &view).unwrap();
+            w.fill(0.5).unwrap();
+            let mut c = dev.alloc::<f32>(4096).unwrap();
+            dev.gemm_strided_batched::<f32>(
+                &cfg,
+                x.slice::<f32>().unwrap(),
+                w.slice::<f32>().unwrap(),
+                &mut c.view_mut(),
+            )
+            .unwrap();
+            drop((z, c));
+        }
+    };
+    run_ops(); // compiles the kernels, creates the cuBLAS handle and fills the pool
+    dev.synchronize().unwrap();
+
+    let cycles: i64 = 2_000_000_000; // about a second at H100 clocks
+    let start = std::time::Instant::now();
+    let mut launch = dev.stream().launch_builder(&spin);
+    launch.arg(&cycles);
+    // SAFETY: spin(long long cycles) touches no memory.
+    unsafe { launch.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 }) }.unwrap();
+    run_ops();
+    let enqueued = start.elapsed();
+    dev.synchronize().unwrap();
+    let finished = start.elapsed();
+    assert!(finished.as_secs_f64() > 0.3, "the spin kernel ran ({finished:?})");
+    assert!(enqueued < finished / 4, "ops waited for the device: enqueued in {enqueued:?}, finished in {finished:?}");
+}
+
+#[test]
+fn device_is_usable_from_several_threads() {
+    let Some((_g, _dev)) = gpu("device_is_usable_from_several_threads") else { return };
+    let handles: Vec<_> = (0..4u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut g = Generator::new(100 + t);
+                for _ in 0..20 {
+                    let cpu = random(&mut g, 777, DType::F64);
+                    let s = CudaStorage::from_cpu(0, &cpu).unwrap();
+                    let l = Layout::contiguous(&[7, 111]).permute(&[1, 0]).unwrap();
+                    let got = s.copy_strided(&l).unwrap().to_cpu(&Layout::contiguous(&[777])).unwrap();
+                    assert_eq!(
+                        got.to_f64_vec(&Layout::contiguous(&[777])),
+                        cpu.copy_contiguous(&l).to_f64_vec(&Layout::contiguous(&[777]))
+                    );
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
 }
