@@ -20,7 +20,9 @@
 //!   [`Strided`] parameter structs.
 //!
 //! Nothing but `to_cpu` (and [`CudaDevice::synchronize`], for timing) waits for the device: ops enqueue and
-//! return. Errors of asynchronous work therefore surface at the next synchronising call.
+//! return. Errors of asynchronous work therefore surface at the next synchronising call. One caveat: an
+//! upload from pageable host memory (`from_cpu`) is staged through pinned memory by the driver, which may
+//! wait for the stream to do so; uploads happen at data loading, not per op.
 //!
 //! Writing a kernel for an op: put the source beside the op, get the function from the input's device,
 //! allocate the output from the pool, launch on the device's stream with a `// SAFETY:` note:

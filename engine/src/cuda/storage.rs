@@ -5,7 +5,7 @@ use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaViewMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaViewMut, DeviceRepr, DriverError, PushKernelArg};
 
 use super::{device, kernel_name, CudaDevice, OrCuda, PooledSlice};
 use crate::{CpuStorage, DType, Device, Error, Float, Layout, Result};
@@ -350,19 +350,24 @@ impl CudaStorage {
 
 // ---- the kernels' launches ---------------------------------------------------------------------------
 
+/// A launch's outcome as our error, naming the op and the kernel.
+fn launched<E>(op: &'static str, kernel: &str, r: std::result::Result<E, DriverError>) -> Result<()> {
+    r.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("launching {kernel}: {e:?}") })
+}
+
 fn fill<T: Float>(dev: &CudaDevice, out: &mut PooledSlice<T>, value: f64) -> Result<()> {
     let n = out.len();
     if n == 0 {
         return Ok(());
     }
-    let f = dev.function(MODULE, SOURCE, &kernel_name::<T>("fill"))?;
+    let name = kernel_name::<T>("fill");
+    let f = dev.function(MODULE, SOURCE, &name)?;
     let n64 = n as i64;
     let mut out = out.view_mut();
     let mut launch = dev.stream().launch_builder(&f);
     launch.arg(&mut out).arg(&n64).arg(&value);
     // SAFETY: fill_<T>(T* out, long long n, double value) writes out[0..n), and `out` holds n elements of T.
-    unsafe { launch.launch(dev.launch_config(n)) }.or_cuda("fill")?;
-    Ok(())
+    launched("fill", &name, unsafe { launch.launch(dev.launch_config(n)) })
 }
 
 /// `src` under `layout`, contiguous: a device-to-device copy when the view is one range already, else the
@@ -382,13 +387,14 @@ fn gather<T: Float>(dev: &CudaDevice, src: &PooledSlice<T>, layout: &Layout) -> 
         return Ok(out);
     }
     let ls = Strided::new(layout)?;
-    let f = dev.function(MODULE, SOURCE, &kernel_name::<T>("gather"))?;
+    let name = kernel_name::<T>("gather");
+    let f = dev.function(MODULE, SOURCE, &name)?;
     let n64 = n as i64;
     let mut launch = dev.stream().launch_builder(&f);
     launch.arg(src.as_slice()).arg(&ls).arg(out.as_slice()).arg(&n64);
     // SAFETY: gather_<T>(const T* src, Strided ls, T* out, long long n) reads src at offset_of(ls, i) for
     // i < n, all inside `src` (check_span), and writes out[0..n), which holds n elements of T.
-    unsafe { launch.launch(dev.launch_config(n)) }.or_cuda(OP)?;
+    launched(OP, &name, unsafe { launch.launch(dev.launch_config(n)) })?;
     Ok(out)
 }
 
@@ -401,13 +407,14 @@ fn cast<S: Float, D: Float>(dev: &CudaDevice, src: &PooledSlice<S>, layout: &Lay
         return Ok(out);
     }
     let ls = Strided::new(layout)?;
-    let f = dev.function(MODULE, SOURCE, &format!("cast_{}_to_{}", S::DTYPE, D::DTYPE))?;
+    let name = format!("cast_{}_to_{}", S::DTYPE, D::DTYPE);
+    let f = dev.function(MODULE, SOURCE, &name)?;
     let n64 = n as i64;
     let mut launch = dev.stream().launch_builder(&f);
     launch.arg(src.as_slice()).arg(&ls).arg(out.as_slice()).arg(&n64);
     // SAFETY: cast_<S>_to_<D>(const S* src, Strided ls, D* out, long long n) reads src at offset_of(ls, i) for
     // i < n, inside `src` (check_span), and writes out[0..n), which holds n elements of D.
-    unsafe { launch.launch(dev.launch_config(n)) }.or_cuda(OP)?;
+    launched(OP, &name, unsafe { launch.launch(dev.launch_config(n)) })?;
     Ok(out)
 }
 
@@ -427,14 +434,15 @@ fn add<T: Float>(
         return Ok(out);
     }
     let (sa, sb) = (Strided::new(la)?, Strided::new(lb)?);
-    let f = dev.function(MODULE, SOURCE, &kernel_name::<T>("add_strided"))?;
+    let name = kernel_name::<T>("add_strided");
+    let f = dev.function(MODULE, SOURCE, &name)?;
     let n64 = n as i64;
     let mut launch = dev.stream().launch_builder(&f);
     launch.arg(a.as_slice()).arg(&sa).arg(b.as_slice()).arg(&sb).arg(out.as_slice()).arg(&n64);
     // SAFETY: add_strided_<T>(const T* a, Strided la, const T* b, Strided lb, T* out, long long n) reads a and
     // b at offset_of(l, i) for i < n, inside each buffer (check_span; both layouts have n elements), and writes
     // out[0..n), which holds n elements of T.
-    unsafe { launch.launch(dev.launch_config(n)) }.or_cuda(OP)?;
+    launched(OP, &name, unsafe { launch.launch(dev.launch_config(n)) })?;
     Ok(out)
 }
 
