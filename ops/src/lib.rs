@@ -6,6 +6,7 @@
 //! their own. `suite.rs` lists every op for the gradient checker; `ext.rs` gives them method syntax.
 
 pub mod copy;
+mod cuda;
 pub mod derived;
 pub mod elementwise;
 pub mod ext;

@@ -78,15 +78,27 @@ pub fn cases() -> Vec<Case> {
     v
 }
 
-/// Runs one case with fresh random inputs from `seed`.
-pub fn run(case: &Case, seed: u64, opts: GradcheckOptions) -> Result<GradcheckReport> {
+/// Fresh random inputs of `case` from `seed`, in `dtype` on `device`.
+pub fn inputs(case: &Case, seed: u64, dtype: DType, device: Device) -> Result<Vec<Tensor>> {
     let mut g = Generator::new(seed);
-    let inputs = case
-        .inputs
-        .iter()
-        .map(|(shape, lo, hi)| Tensor::rand(shape, *lo, *hi, DType::F64, Device::Cpu, &mut g))
-        .collect::<Result<Vec<_>>>()?;
+    case.inputs.iter().map(|(shape, lo, hi)| Tensor::rand(shape, *lo, *hi, dtype, device, &mut g)).collect()
+}
+
+/// Runs one case's gradient check with fresh random inputs from `seed`.
+pub fn run(case: &Case, seed: u64, opts: GradcheckOptions) -> Result<GradcheckReport> {
+    let inputs = inputs(case, seed, DType::F64, Device::Cpu)?;
     gradcheck_with(case.name, &inputs, opts, &case.f)
+}
+
+/// The output of `case` on `inputs` and the gradient of every input for the cotangent drawn from `seed`.
+pub fn forward_backward(case: &Case, inputs: &[Tensor], seed: u64) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    let leaves = inputs.iter().map(|t| t.detach().requires_grad_(true)).collect::<Result<Vec<_>>>()?;
+    let y = (case.f)(&leaves)?;
+    let cot = Tensor::rand(y.shape(), -1.0, 1.0, y.dtype(), y.device(), &mut Generator::new(seed))?;
+    if y.requires_grad() {
+        y.backward_with(&cot)?;
+    }
+    Ok((y, leaves.iter().map(|t| t.grad()).collect()))
 }
 
 #[cfg(test)]

@@ -22,12 +22,22 @@ use std::collections::HashMap;
 use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{result, sys, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError};
 
 use super::OrCuda;
 use crate::{Error, Result};
+
+/// When on, every allocation is filled with 0xFF bytes (NaN) before it is handed out: tests turn it on so
+/// that an output element a kernel failed to write cannot pass for a correct value.
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Turns poisoning of new allocations on or off (process-wide; for tests).
+pub fn set_poison(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
 
 /// Requests up to this size are rounded to [`SMALL_ROUND`], larger ones to [`LARGE_ROUND`].
 const SMALL_LIMIT: usize = 1 << 20;
@@ -118,6 +128,15 @@ impl Allocator {
         // `PooledSlice::drop` returns it. Event tracking is off on our contexts, so `upgrade_device_ptr` creates
         // no events (its only fallible, and panicking, step).
         let slice = unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) };
+        if POISON.load(Ordering::Relaxed) && class > 0 {
+            // All bytes 0xFF: a NaN in f32 and f64, so an element a kernel forgot to write shows in any result.
+            self.stream.context().bind_to_thread().map_err(|e| Error::Cuda { op: "poison", msg: format!("{e:?}") })?;
+            // SAFETY: `ptr` is a live block of `class` bytes owned by the slice made above; the memset is
+            // enqueued on the stream every user of the block runs on, so it lands before any later kernel.
+            unsafe { sys::cuMemsetD8Async(ptr, 0xFF, class, self.stream.cu_stream()) }
+                .result()
+                .map_err(|e| Error::Cuda { op: "poison", msg: format!("{e:?}") })?;
+        }
         Ok(PooledSlice { slice: ManuallyDrop::new(slice), class, pool: self.clone() })
     }
 

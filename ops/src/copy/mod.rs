@@ -6,6 +6,8 @@
 
 use engine::{Error, Float, Layout, Result, Storage, Tensor};
 
+mod cuda;
+
 /// Copies `src` into the view `dst_layout` of `dst`'s storage. `dst` must not share storage with `src`.
 pub fn copy_into(dst: &Tensor, dst_layout: &Layout, src: &Tensor) -> Result<()> {
     if dst_layout.shape() != src.shape() {
@@ -46,6 +48,7 @@ pub fn copy_into(dst: &Tensor, dst_layout: &Layout, src: &Tensor) -> Result<()> 
             }
             Ok(())
         }
+        (Storage::Cuda(d), Storage::Cuda(s)) => cuda::copy_into(d, dst_layout, s, src.layout()),
         (d, _) => Err(crate::util::no_cuda("copy_into", d)),
     }
 }

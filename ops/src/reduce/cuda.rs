@@ -121,11 +121,25 @@ pub(super) fn max_backward(
     g: &CudaStorage,
     plan: &Plan,
 ) -> Result<CudaStorage> {
-    fn run<T: Float>(x: &CudaStorage, layout: &Layout, y: &CudaStorage, g: &CudaStorage, plan: &Plan) -> Result<CudaStorage> {
+    fn run<T: Float>(
+        x: &CudaStorage,
+        layout: &Layout,
+        y: &CudaStorage,
+        g: &CudaStorage,
+        plan: &Plan,
+    ) -> Result<CudaStorage> {
         let dev = x.device();
         let n = layout.numel();
         let lx = layout.permute(&plan.perm)?;
-        let count = reduce_into::<T>(dev, Kernel::CountEq, x.slice::<T>()?, &lx, Some(y.slice::<T>()?), rows(plan), plan.group)?;
+        let count = reduce_into::<T>(
+            dev,
+            Kernel::CountEq,
+            x.slice::<T>()?,
+            &lx,
+            Some(y.slice::<T>()?),
+            rows(plan),
+            plan.group,
+        )?;
         let dx = dev.alloc::<T>(n)?;
         if n > 0 {
             let f = function::<T>(dev, &MODULE, "max_bwd")?;
