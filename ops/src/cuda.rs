@@ -18,7 +18,7 @@ pub(crate) struct Module {
 const MATH_PRELUDE: &str = include_str!("prelude.cuh");
 
 /// The full source of `m`, assembled once per process (NVRTC compiles it once per device).
-fn source(m: &Module) -> &'static str {
+pub(crate) fn source(m: &Module) -> &'static str {
     static SOURCES: OnceLock<Mutex<HashMap<&'static str, &'static str>>> = OnceLock::new();
     let mut sources = SOURCES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     sources.entry(m.name).or_insert_with(|| {
@@ -41,4 +41,27 @@ pub(crate) fn function<T: Float>(dev: &CudaDevice, m: &Module, base: &str) -> Re
 pub(crate) unsafe fn launch(op: &'static str, dev: &CudaDevice, mut args: LaunchArgs<'_>, n: usize) -> Result<()> {
     // SAFETY: forwarded to the caller.
     unsafe { args.launch(dev.launch_config(n)) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family's kernels compile with NVRTC for the H100 (sm_90). Needs libnvrtc, not a GPU: with
+    /// `LD_LIBRARY_PATH` pointing at an NVRTC (e.g. from the `nvidia-cuda-nvrtc` wheel) this runs anywhere.
+    #[test]
+    fn every_module_compiles_for_sm_90() {
+        if !engine::cuda::nvrtc_available() {
+            if engine::cuda::require_cuda() {
+                panic!("MILA_REQUIRE_CUDA=1 but libnvrtc cannot be loaded");
+            }
+            eprintln!("skipping every_module_compiles_for_sm_90: libnvrtc not found");
+            return;
+        }
+        for m in [&crate::elementwise::cuda::MODULE, &crate::reduce::cuda::MODULE, &crate::copy::cuda::MODULE] {
+            if let Err(e) = engine::cuda::compile(m.name, source(m), "sm_90") {
+                panic!("{e}");
+            }
+        }
+    }
 }

@@ -35,3 +35,8 @@ template <typename T> __device__ __forceinline__ T m_sigmoid(T x) {
     T e = m_exp(x);
     return e / (T(1) + e);
 }
+
+// -infinity (NVRTC has no INFINITY macro without the standard headers).
+template <typename T> __device__ __forceinline__ T m_neg_inf();
+template <> __device__ __forceinline__ float m_neg_inf<float>() { return -__int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double m_neg_inf<double>() { return -__longlong_as_double(0x7ff0000000000000LL); }

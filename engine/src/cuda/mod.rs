@@ -62,6 +62,7 @@ pub use blas::{set_tf32, tf32_enabled, GemmConfig};
 pub use device::{
     device, device_count, driver_version, is_available, library_report, unavailable_reason, CudaDevice, LibraryStatus,
 };
+pub use nvrtc::{compile, nvrtc_available};
 pub use storage::{CudaBuffer, CudaStorage, Strided, MAX_DIMS};
 
 /// cudarc itself, and the types ops need to launch kernels, so that they need not name cudarc's paths.

@@ -14,8 +14,13 @@ use cudarc::nvrtc::{result, sys};
 use super::device::{catch_panics, library_present, Library};
 use crate::{Error, Result};
 
-/// Compiles `source` for `arch` (e.g. `sm_90`) and returns the CUBIN image.
-pub(crate) fn compile(module: &'static str, source: &str, arch: &str) -> Result<Vec<u8>> {
+/// Whether libnvrtc can be loaded (it needs no GPU: kernels can be compiled, and so checked, anywhere).
+pub fn nvrtc_available() -> bool {
+    library_present(Library::Nvrtc)
+}
+
+/// Compiles `source` for `arch` (e.g. `sm_90`) and returns the CUBIN image. Needs libnvrtc, not a device.
+pub fn compile(module: &'static str, source: &str, arch: &str) -> Result<Vec<u8>> {
     let fail = |log: String| Error::Nvrtc { module, log };
     if !library_present(Library::Nvrtc) {
         return Err(fail(format!(

@@ -5,7 +5,7 @@ use engine::{DType, Float, Layout, Result};
 
 use crate::cuda::{function, launch, Module};
 
-const MODULE: Module = Module { name: "ops_copy", body: include_str!("copy.cu") };
+pub(crate) const MODULE: Module = Module { name: "ops_copy", body: include_str!("copy.cu") };
 
 pub(super) fn copy_into(dst: &mut CudaStorage, ld: &Layout, src: &CudaStorage, ls: &Layout) -> Result<()> {
     fn run<T: Float>(dst: &mut CudaStorage, ld: &Layout, src: &CudaStorage, ls: &Layout) -> Result<()> {

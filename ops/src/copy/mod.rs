@@ -6,7 +6,7 @@
 
 use engine::{Error, Float, Layout, Result, Storage, Tensor};
 
-mod cuda;
+pub(crate) mod cuda;
 
 /// Copies `src` into the view `dst_layout` of `dst`'s storage. `dst` must not share storage with `src`.
 pub fn copy_into(dst: &Tensor, dst_layout: &Layout, src: &Tensor) -> Result<()> {

@@ -7,7 +7,7 @@ use engine::{DType, Float, Layout, Result};
 use super::{Binary, Cmp, Unary};
 use crate::cuda::{function, launch, Module};
 
-const MODULE: Module = Module { name: "ops_elementwise", body: include_str!("elementwise.cu") };
+pub(crate) const MODULE: Module = Module { name: "ops_elementwise", body: include_str!("elementwise.cu") };
 
 impl Unary {
     /// The op's scalar parameters as the kernels take them (a, b).

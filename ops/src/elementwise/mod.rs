@@ -37,7 +37,7 @@
 //! c != 0, else b; its gradient goes to the input that was picked.
 
 mod cpu;
-mod cuda;
+pub(crate) mod cuda;
 pub(crate) mod zip;
 
 use engine::{broadcast_shape, Error, Op, Result, Storage, Tensor};

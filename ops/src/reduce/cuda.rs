@@ -8,7 +8,7 @@ use engine::{DType, Float, Layout, Result};
 use super::{Plan, ReduceKind};
 use crate::cuda::{function, launch, Module};
 
-const MODULE: Module = Module { name: "ops_reduce", body: include_str!("reduce.cu") };
+pub(crate) const MODULE: Module = Module { name: "ops_reduce", body: include_str!("reduce.cu") };
 
 /// Elements one warp reduces before a row is split into slices.
 const SLICE: usize = 4096;

@@ -10,7 +10,7 @@
 //! sums accumulate in f64 whatever the dtype.
 
 mod cpu;
-mod cuda;
+pub(crate) mod cuda;
 
 use engine::{Op, Result, Storage, Tensor};
 

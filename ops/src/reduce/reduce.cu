@@ -7,7 +7,7 @@
 #define WARPS_PER_BLOCK 8
 
 template <typename T, int OP> __device__ __forceinline__ T identity() {
-    return OP == 1 ? -INFINITY : T(0);
+    return OP == 1 ? m_neg_inf<T>() : T(0);
 }
 
 template <typename T, int OP> __device__ __forceinline__ T combine(T a, T b) {
