@@ -6,10 +6,29 @@ use engine::{GradcheckOptions, Result};
 
 /// `mila info`.
 pub fn info() -> Result<ExitCode> {
+    use engine::cuda;
     println!("mila-rs {}", env!("CARGO_PKG_VERSION"));
     println!("cpu threads: {}", rayon::current_num_threads());
     println!("dtypes: f32, f64");
-    println!("devices: cpu");
+    println!("CUDA libraries (loaded at run time; none is needed to build):");
+    for lib in cuda::library_report() {
+        println!("  {lib}");
+    }
+    match cuda::unavailable_reason() {
+        None => {
+            if let Some((major, minor)) = cuda::driver_version() {
+                println!("CUDA driver: supports CUDA {major}.{minor}");
+            }
+            for ordinal in 0..cuda::device_count() {
+                match cuda::device(ordinal) {
+                    Ok(dev) => println!("device cuda:{ordinal}: {dev:?}"),
+                    Err(e) => println!("device cuda:{ordinal}: {e}"),
+                }
+            }
+        }
+        Some(reason) => println!("devices: cpu only ({reason})"),
+    }
+    println!("TF32 matmul: {}", if cuda::tf32_enabled() { "on" } else { "off" });
     Ok(ExitCode::SUCCESS)
 }
 
