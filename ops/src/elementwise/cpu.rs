@@ -224,15 +224,122 @@ macro_rules! same_dtype {
     (@last $a:expr, $($rest:expr),+) => { same_dtype!(@last $($rest),+) };
 }
 
+/// Expands `$m!(K)` once per op, K being the op as an expression whose variant the compiler sees (its
+/// parameters are plain captured values). Each op so gets its own loop with its formula inlined, instead of
+/// one loop that matches on the op for every element, which also keeps the loops vectorisable.
+macro_rules! specialize_unary {
+    ($op:expr, $m:ident) => {
+        match $op {
+            Unary::Neg => $m!(Unary::Neg),
+            Unary::Exp => $m!(Unary::Exp),
+            Unary::Log => $m!(Unary::Log),
+            Unary::Sqrt => $m!(Unary::Sqrt),
+            Unary::Rsqrt => $m!(Unary::Rsqrt),
+            Unary::Abs => $m!(Unary::Abs),
+            Unary::Relu => $m!(Unary::Relu),
+            Unary::Gelu => $m!(Unary::Gelu),
+            Unary::Silu => $m!(Unary::Silu),
+            Unary::Elu(a) => $m!(Unary::Elu(a)),
+            Unary::Softplus { beta, threshold } => $m!(Unary::Softplus { beta, threshold }),
+            Unary::Sigmoid => $m!(Unary::Sigmoid),
+            Unary::Tanh => $m!(Unary::Tanh),
+            Unary::Powf(p) => $m!(Unary::Powf(p)),
+            Unary::AddScalar(c) => $m!(Unary::AddScalar(c)),
+            Unary::MulScalar(c) => $m!(Unary::MulScalar(c)),
+            Unary::DivScalar(c) => $m!(Unary::DivScalar(c)),
+            Unary::ClampMin(c) => $m!(Unary::ClampMin(c)),
+            Unary::ClampMax(c) => $m!(Unary::ClampMax(c)),
+        }
+    };
+}
+
+/// As [`specialize_unary`], for binary ops.
+macro_rules! specialize_binary {
+    ($op:expr, $m:ident) => {
+        match $op {
+            Binary::Add => $m!(Binary::Add),
+            Binary::Sub => $m!(Binary::Sub),
+            Binary::Mul => $m!(Binary::Mul),
+            Binary::Div => $m!(Binary::Div),
+            Binary::Maximum => $m!(Binary::Maximum),
+            Binary::Minimum => $m!(Binary::Minimum),
+        }
+    };
+}
+
+/// out[i] = f(x[i]) over one strided input.
+fn map1<T: Float>(x: &[T], lx: &Layout, f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::ZERO; lx.numel()];
+    zip_runs(&mut out, lx.shape(), [lx], |o, [s], [t]| {
+        if t == 1 {
+            let x = &x[s..s + o.len()];
+            for (v, &xv) in o.iter_mut().zip(x) {
+                *v = f(xv);
+            }
+        } else {
+            for (k, v) in o.iter_mut().enumerate() {
+                *v = f(x[s + k * t]);
+            }
+        }
+    });
+    out
+}
+
+/// out[i] = f(a[i], b[i]) over two strided inputs of `shape`.
+fn map2<T: Float, U: Copy + Default + Send>(
+    a: &[T],
+    la: &Layout,
+    b: &[T],
+    lb: &Layout,
+    shape: &[usize],
+    f: impl Fn(T, T) -> U + Sync,
+) -> Vec<U> {
+    let mut out = vec![U::default(); shape.iter().product()];
+    zip_runs(&mut out, shape, [la, lb], |o, [sa, sb], [ta, tb]| {
+        if ta == 1 && tb == 1 {
+            // Contiguous runs: plain slices, which the compiler vectorises.
+            let (a, b) = (&a[sa..sa + o.len()], &b[sb..sb + o.len()]);
+            for ((v, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                *v = f(x, y);
+            }
+        } else {
+            for (k, v) in o.iter_mut().enumerate() {
+                *v = f(a[sa + k * ta], b[sb + k * tb]);
+            }
+        }
+    });
+    out
+}
+
+/// out[i] = f(a[i], b[i], c[i]) over three strided inputs of `shape`.
+#[allow(clippy::too_many_arguments)]
+fn map3<T: Float, U: Copy + Default + Send>(
+    a: &[T],
+    la: &Layout,
+    b: &[T],
+    lb: &Layout,
+    c: &[T],
+    lc: &Layout,
+    shape: &[usize],
+    f: impl Fn(T, T, T) -> U + Sync,
+) -> Vec<U> {
+    let mut out = vec![U::default(); shape.iter().product()];
+    zip_runs(&mut out, shape, [la, lb, lc], |o, [sa, sb, sc], [ta, tb, tc]| {
+        for (k, v) in o.iter_mut().enumerate() {
+            *v = f(a[sa + k * ta], b[sb + k * tb], c[sc + k * tc]);
+        }
+    });
+    out
+}
+
 pub(super) fn unary(op: Unary, x: &CpuStorage, lx: &Layout) -> CpuStorage {
     fn run<T: Float>(op: Unary, x: &[T], lx: &Layout) -> Vec<T> {
-        let mut out = vec![T::ZERO; lx.numel()];
-        zip_runs(&mut out, lx.shape(), [lx], |o, [s], [t]| {
-            for (k, v) in o.iter_mut().enumerate() {
-                *v = op.f(x[s + k * t]);
-            }
-        });
-        out
+        macro_rules! go {
+            ($k:expr) => {
+                map1(x, lx, move |v| $k.f(v))
+            };
+        }
+        specialize_unary!(op, go)
     }
     with_cpu!(x, |v: T| T::into_storage(run(op, v, lx)))
 }
@@ -247,13 +354,12 @@ pub(super) fn unary_backward(
     lg: &Layout,
 ) -> Result<CpuStorage> {
     fn run<T: Float>(op: Unary, x: &[T], lx: &Layout, y: &[T], ly: &Layout, g: &[T], lg: &Layout) -> Vec<T> {
-        let mut out = vec![T::ZERO; lx.numel()];
-        zip_runs(&mut out, lx.shape(), [lx, ly, lg], |o, [sx, sy, sg], [tx, ty, tg]| {
-            for (k, v) in o.iter_mut().enumerate() {
-                *v = g[sg + k * tg] * op.df(x[sx + k * tx], y[sy + k * ty]);
-            }
-        });
-        out
+        macro_rules! go {
+            ($k:expr) => {
+                map3(x, lx, y, ly, g, lg, lx.shape(), move |xv, yv, gv| gv * $k.df(xv, yv))
+            };
+        }
+        specialize_unary!(op, go)
     }
     same_dtype!(op.name(), (x, y, g), |x, y, g; T| run::<T>(op, x, lx, y, ly, g, lg))
 }
@@ -267,21 +373,12 @@ pub(super) fn binary(
     shape: &[usize],
 ) -> Result<CpuStorage> {
     fn run<T: Float>(op: Binary, a: &[T], la: &Layout, b: &[T], lb: &Layout, shape: &[usize]) -> Vec<T> {
-        let mut out = vec![T::ZERO; shape.iter().product()];
-        zip_runs(&mut out, shape, [la, lb], |o, [sa, sb], [ta, tb]| {
-            if ta == 1 && tb == 1 {
-                // Contiguous runs: plain slices, which the compiler vectorises.
-                let (a, b) = (&a[sa..sa + o.len()], &b[sb..sb + o.len()]);
-                for ((v, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                    *v = op.f(x, y);
-                }
-            } else {
-                for (k, v) in o.iter_mut().enumerate() {
-                    *v = op.f(a[sa + k * ta], b[sb + k * tb]);
-                }
-            }
-        });
-        out
+        macro_rules! go {
+            ($k:expr) => {
+                map2(a, la, b, lb, shape, move |x, y| $k.f(x, y))
+            };
+        }
+        specialize_binary!(op, go)
     }
     same_dtype!(op.name(), (a, b), |a, b; T| run::<T>(op, a, la, b, lb, shape))
 }
@@ -296,22 +393,27 @@ pub(super) fn binary_backward(
     g: &CpuStorage,
     lg: &Layout,
 ) -> Result<(CpuStorage, CpuStorage)> {
-    fn run<T: Float>(op: Binary, a: &[T], la: &Layout, b: &[T], lb: &Layout, g: &[T], lg: &Layout) -> Vec<T> {
-        // Interleaved (ga, gb) pairs, split after.
-        let n = lg.numel();
-        let mut out = vec![(T::ZERO, T::ZERO); n];
-        zip_runs(&mut out, lg.shape(), [la, lb, lg], |o, [sa, sb, sg], [ta, tb, tg]| {
-            for (k, v) in o.iter_mut().enumerate() {
-                *v = op.df(a[sa + k * ta], b[sb + k * tb], g[sg + k * tg]);
-            }
-        });
-        out.into_iter().flat_map(|(x, y)| [x, y]).collect()
+    fn run<T: Float>(op: Binary, a: &[T], la: &Layout, b: &[T], lb: &Layout, g: &[T], lg: &Layout) -> (Vec<T>, Vec<T>) {
+        // (ga, gb) pairs, split after.
+        macro_rules! go {
+            ($k:expr) => {
+                map3(a, la, b, lb, g, lg, lg.shape(), move |x, y, gv| $k.df(x, y, gv))
+            };
+        }
+        let pairs: Vec<(T, T)> = specialize_binary!(op, go);
+        pairs.into_iter().unzip()
     }
-    let both = same_dtype!(op.name(), (a, b, g), |a, b, g; T| run::<T>(op, a, la, b, lb, g, lg))?;
-    Ok(with_cpu!(&both, |v: T| {
-        let (ga, gb): (Vec<T>, Vec<T>) = v.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
-        (T::into_storage(ga), T::into_storage(gb))
-    }))
+    match (a, b, g) {
+        (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(g)) => {
+            let (ga, gb) = run(op, a, la, b, lb, g, lg);
+            Ok((CpuStorage::F32(ga), CpuStorage::F32(gb)))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(g)) => {
+            let (ga, gb) = run(op, a, la, b, lb, g, lg);
+            Ok((CpuStorage::F64(ga), CpuStorage::F64(gb)))
+        }
+        (a, _, g) => Err(mismatch(op.name(), a, g)),
+    }
 }
 
 pub(super) fn compare(
@@ -323,13 +425,15 @@ pub(super) fn compare(
     shape: &[usize],
 ) -> Result<CpuStorage> {
     fn run<T: Float>(op: Cmp, a: &[T], la: &Layout, b: &[T], lb: &Layout, shape: &[usize]) -> Vec<T> {
-        let mut out = vec![T::ZERO; shape.iter().product()];
-        zip_runs(&mut out, shape, [la, lb], |o, [sa, sb], [ta, tb]| {
-            for (k, v) in o.iter_mut().enumerate() {
-                *v = if op.f(a[sa + k * ta], b[sb + k * tb]) { T::ONE } else { T::ZERO };
-            }
-        });
-        out
+        let one_if = |c: bool| if c { T::ONE } else { T::ZERO };
+        match op {
+            Cmp::Eq => map2(a, la, b, lb, shape, |x, y| one_if(Cmp::Eq.f(x, y))),
+            Cmp::Ne => map2(a, la, b, lb, shape, |x, y| one_if(Cmp::Ne.f(x, y))),
+            Cmp::Lt => map2(a, la, b, lb, shape, |x, y| one_if(Cmp::Lt.f(x, y))),
+            Cmp::Le => map2(a, la, b, lb, shape, |x, y| one_if(Cmp::Le.f(x, y))),
+            Cmp::Gt => map2(a, la, b, lb, shape, |x, y| one_if(Cmp::Gt.f(x, y))),
+            Cmp::Ge => map2(a, la, b, lb, shape, |x, y| one_if(Cmp::Ge.f(x, y))),
+        }
     }
     same_dtype!(op.name(), (a, b), |a, b; T| run::<T>(op, a, la, b, lb, shape))
 }
@@ -344,13 +448,7 @@ pub(super) fn where_(
     shape: &[usize],
 ) -> Result<CpuStorage> {
     fn run<T: Float>(c: &[T], lc: &Layout, a: &[T], la: &Layout, b: &[T], lb: &Layout, shape: &[usize]) -> Vec<T> {
-        let mut out = vec![T::ZERO; shape.iter().product()];
-        zip_runs(&mut out, shape, [lc, la, lb], |o, [sc, sa, sb], [tc, ta, tb]| {
-            for (k, v) in o.iter_mut().enumerate() {
-                *v = if c[sc + k * tc] != T::ZERO { a[sa + k * ta] } else { b[sb + k * tb] };
-            }
-        });
-        out
+        map3(c, lc, a, la, b, lb, shape, |cv, x, y| if cv != T::ZERO { x } else { y })
     }
     same_dtype!("where", (c, a, b), |c, a, b; T| run::<T>(c, lc, a, la, b, lb, shape))
 }
