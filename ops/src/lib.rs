@@ -5,12 +5,14 @@
 //! Derived ops (softmax, cross-entropy, mean, ...) are compositions in `derived.rs` with no backward code of
 //! their own.
 
+pub mod conv;
 pub mod copy;
 pub mod reduce;
 pub mod view;
 
 mod util;
 
+pub use conv::{causal_conv1d, conv2d, conv2d_ref};
 pub use copy::copy_into;
 pub use reduce::{max, sum, sum_all, sum_to_shape};
 pub use view::{expand, flatten, narrow, permute, reshape, select, squeeze, t, transpose, unsqueeze};

@@ -1,6 +1,7 @@
-//! Checks shared by the ops: inputs must agree on dtype and device before any kernel runs.
+//! Checks and helpers shared by the ops: inputs must agree on dtype and device before any kernel runs; fused
+//! kernels read their (contiguous) inputs as typed slices.
 
-use engine::{Error, Result, Storage, Tensor};
+use engine::{CpuStorage, Error, Float, Layout, Result, Storage, Tensor};
 
 pub(crate) fn same_dtype_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.dtype() != b.dtype() {
@@ -27,3 +28,58 @@ pub(crate) fn resolve_dims(op: &'static str, dims: &[isize], shape: &[usize]) ->
     out.dedup();
     Ok(out)
 }
+
+/// The elements of a contiguous CPU view as a typed slice (from the view's offset, `numel` long). Kernels of
+/// the fused families make their inputs contiguous at op entry and read them through this.
+pub(crate) fn contiguous_slice<'a, T: Float>(op: &'static str, s: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let v = T::slice(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: s.dtype() })?;
+    if !layout.is_contiguous() {
+        return Err(Error::invalid(op, "internal: kernel input is not contiguous", layout.shape()));
+    }
+    v.get(layout.offset()..layout.offset() + layout.numel())
+        .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))
+}
+
+/// The elements of any CPU view, gathered in row-major order (for small operands such as biases).
+pub(crate) fn gathered<T: Float>(op: &'static str, s: &CpuStorage, layout: &Layout) -> Result<Vec<T>> {
+    let v = T::slice(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: s.dtype() })?;
+    if layout.storage_span().end > v.len() {
+        return Err(Error::invalid(op, "internal: view exceeds its storage", layout.shape()));
+    }
+    Ok(CpuStorage::gather(v, layout))
+}
+
+/// `t`, detached and in row-major order: what a fused kernel saves for its backward. Copies only when `t` is
+/// not contiguous already; records nothing.
+pub(crate) fn saved_contiguous(t: &Tensor) -> Result<Tensor> {
+    t.detach().contiguous()
+}
+
+/// Checks that an optional per-channel operand (weight, bias, running statistic) is a vector of `len`
+/// elements with `x`'s dtype and device.
+pub(crate) fn check_vector(op: &'static str, what: &str, v: Option<&Tensor>, x: &Tensor, len: usize) -> Result<()> {
+    let Some(v) = v else { return Ok(()) };
+    same_dtype_device(op, x, v)?;
+    if v.shape() != [len] {
+        return Err(Error::invalid(op, format!("{what} must have shape [{len}], got {:?}", v.shape()), x.shape()));
+    }
+    Ok(())
+}
+
+/// The one dtype `match` of a kernel whose operands are read with [`contiguous_slice`]: runs `$body` with
+/// `$T` bound to the element type of `$dtype`.
+macro_rules! with_dtype {
+    ($dtype:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            engine::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            engine::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_dtype;
