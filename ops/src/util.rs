@@ -29,6 +29,9 @@ pub(crate) fn resolve_dims(op: &'static str, dims: &[isize], shape: &[usize]) ->
     Ok(out)
 }
 
+/// A CPU tensor's storage with its layout: how fused kernels receive their operands.
+pub(crate) type Operand<'a> = (&'a CpuStorage, &'a Layout);
+
 /// The elements of a contiguous CPU view as a typed slice (from the view's offset, `numel` long). Kernels of
 /// the fused families make their inputs contiguous at op entry and read them through this.
 pub(crate) fn contiguous_slice<'a, T: Float>(op: &'static str, s: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
@@ -83,3 +86,53 @@ macro_rules! with_dtype {
     };
 }
 pub(crate) use with_dtype;
+
+/// Which of an op's (input, weight, bias) need a gradient, as recorded, so that backward computes no more.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Needs {
+    pub x: bool,
+    pub w: bool,
+    pub bias: bool,
+}
+
+impl Needs {
+    pub(crate) fn of(x: &Tensor, w: Option<&Tensor>, bias: Option<&Tensor>) -> Self {
+        let wants = |t: Option<&Tensor>| t.is_some_and(|t| t.requires_grad());
+        Needs { x: x.requires_grad(), w: wants(w), bias: wants(bias) }
+    }
+}
+
+/// Gradients from a fused backward kernel for (input, weight, bias), each present only where it was needed.
+pub(crate) struct Grads<S> {
+    pub x: Option<S>,
+    pub w: Option<S>,
+    pub bias: Option<S>,
+}
+
+impl<T: Float> Grads<Vec<T>> {
+    pub(crate) fn into_storage(self) -> Grads<Storage> {
+        let s = |v: Option<Vec<T>>| v.map(|v| Storage::Cpu(T::into_storage(v)));
+        Grads { x: s(self.x), w: s(self.w), bias: s(self.bias) }
+    }
+}
+
+impl Grads<Storage> {
+    /// The gradients as tensors in the recorded input order: x, then the weight and the bias where the op was
+    /// given them (`None` shapes for operands it was not given).
+    pub(crate) fn into_tensors(
+        self,
+        x: &[usize],
+        w: Option<&[usize]>,
+        bias: Option<&[usize]>,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let t = |s: Option<Storage>, shape: &[usize]| s.map(|s| Tensor::from_storage(s, shape)).transpose();
+        let mut out = vec![t(self.x, x)?];
+        if let Some(w) = w {
+            out.push(t(self.w, w)?);
+        }
+        if let Some(b) = bias {
+            out.push(t(self.bias, b)?);
+        }
+        Ok(out)
+    }
+}

@@ -2,15 +2,12 @@
 //! and grouped conv2d, and the causal depthwise conv1d. Inputs arrive contiguous; work is split over samples
 //! or (sample, channel) planes with rayon.
 
-use engine::{CpuStorage, Error, Float, Layout, Result};
+use engine::{CpuStorage, Error, Float, Result, Storage};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{Conv1dGeom, Conv2dGeom, Grads, Needs};
-use crate::util::{contiguous_slice, gathered, with_dtype};
-
-/// A CPU tensor's storage with its layout.
-pub(crate) type Operand<'a> = (&'a CpuStorage, &'a Layout);
+use super::{Conv1dGeom, Conv2dGeom};
+use crate::util::{contiguous_slice, gathered, with_dtype, Grads, Needs, Operand};
 
 /// Output positions `lo..hi` along one axis whose input index `o * stride + off` lies in `0..len`.
 fn valid_range(out_len: usize, len: usize, stride: usize, off: isize) -> (usize, usize) {
@@ -289,7 +286,7 @@ pub(super) fn conv2d_backward(
     gy: Operand,
     g: &Conv2dGeom,
     needs: Needs,
-) -> Result<Grads<CpuStorage>> {
+) -> Result<Grads<Storage>> {
     fn run<T: Float>(x: &[T], w: &[T], gy: &[T], g: &Conv2dGeom, needs: Needs) -> Result<Grads<Vec<T>>> {
         let (plane, p) = g.planes();
         let bias = needs.bias.then(|| {
@@ -390,11 +387,7 @@ pub(super) fn conv2d_backward(
             g,
             needs,
         )?;
-        Ok(Grads {
-            x: grads.x.map(T::into_storage),
-            w: grads.w.map(T::into_storage),
-            bias: grads.bias.map(T::into_storage),
-        })
+        Ok(grads.into_storage())
     })
 }
 
@@ -430,7 +423,7 @@ pub(super) fn causal_conv1d_backward(
     gy: Operand,
     g: &Conv1dGeom,
     needs: Needs,
-) -> Result<Grads<CpuStorage>> {
+) -> Result<Grads<Storage>> {
     fn run<T: Float>(x: &[T], w: &[T], gy: &[T], g: &Conv1dGeom, needs: Needs) -> Grads<Vec<T>> {
         let l = g.l.max(1);
         let dx = needs.x.then(|| {
@@ -485,10 +478,6 @@ pub(super) fn causal_conv1d_backward(
             g,
             needs,
         );
-        Ok(Grads {
-            x: grads.x.map(T::into_storage),
-            w: grads.w.map(T::into_storage),
-            bias: grads.bias.map(T::into_storage),
-        })
+        Ok(grads.into_storage())
     })
 }

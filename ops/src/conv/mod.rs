@@ -36,7 +36,7 @@ pub use reference::conv2d_ref;
 
 use engine::{Error, Op, Result, Storage, Tensor};
 
-use crate::util::{check_vector, no_cuda, same_dtype_device, saved_contiguous};
+use crate::util::{check_vector, no_cuda, same_dtype_device, saved_contiguous, Needs};
 
 /// Sizes of one conv2d call, checked once at op entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,45 +141,6 @@ fn conv2d_geom(
     Ok(geom)
 }
 
-/// What each of (x, weight, bias) needs from backward, as recorded.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Needs {
-    pub x: bool,
-    pub w: bool,
-    pub bias: bool,
-}
-
-impl Needs {
-    fn of(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Self {
-        Needs { x: x.requires_grad(), w: w.requires_grad(), bias: bias.is_some_and(|b| b.requires_grad()) }
-    }
-}
-
-/// Gradients from a backward kernel, each present only where it was needed.
-pub(crate) struct Grads<S> {
-    pub x: Option<S>,
-    pub w: Option<S>,
-    pub bias: Option<S>,
-}
-
-impl Grads<Storage> {
-    /// The gradients as tensors in the recorded input order (x, w, then bias if there was one).
-    fn into_tensors(self, x: &[usize], w: &[usize], bias: Option<usize>) -> Result<Vec<Option<Tensor>>> {
-        let t = |s: Option<Storage>, shape: &[usize]| s.map(|s| Tensor::from_storage(s, shape)).transpose();
-        let mut out = vec![t(self.x, x)?, t(self.w, w)?];
-        if let Some(len) = bias {
-            out.push(t(self.bias, &[len])?);
-        }
-        Ok(out)
-    }
-}
-
-impl Grads<engine::CpuStorage> {
-    fn on_cpu(self) -> Grads<Storage> {
-        Grads { x: self.x.map(Storage::Cpu), w: self.w.map(Storage::Cpu), bias: self.bias.map(Storage::Cpu) }
-    }
-}
-
 struct Conv2d {
     /// Input and weight, contiguous and detached.
     x: Tensor,
@@ -202,11 +163,10 @@ impl Op for Conv2d {
                 (gs, g.layout()),
                 &self.geom,
                 self.needs,
-            )?
-            .on_cpu(),
+            )?,
             (s, _, _) => return Err(no_cuda("conv2d_backward", s)),
         };
-        grads.into_tensors(self.x.shape(), self.w.shape(), self.has_bias.then_some(self.geom.o))
+        grads.into_tensors(self.x.shape(), Some(self.w.shape()), self.has_bias.then_some(&[self.geom.o]))
     }
 }
 
@@ -234,7 +194,7 @@ pub fn conv2d(
     };
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
-    let needs = Needs::of(x, weight, bias);
+    let needs = Needs::of(x, Some(weight), bias);
     Ok(Tensor::from_op(storage, &geom.out_shape(), &inputs, || Conv2d {
         x: xc.clone(),
         w: wc.clone(),
@@ -274,11 +234,10 @@ impl Op for CausalConv1d {
                 (gs, g.layout()),
                 &self.geom,
                 self.needs,
-            )?
-            .on_cpu(),
+            )?,
             (s, _, _) => return Err(no_cuda("causal_conv1d_backward", s)),
         };
-        grads.into_tensors(self.x.shape(), self.w.shape(), self.has_bias.then_some(self.geom.c))
+        grads.into_tensors(self.x.shape(), Some(self.w.shape()), self.has_bias.then_some(&[self.geom.c]))
     }
 }
 
@@ -306,7 +265,7 @@ pub fn causal_conv1d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     };
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
-    let needs = Needs::of(x, weight, bias);
+    let needs = Needs::of(x, Some(weight), bias);
     Ok(Tensor::from_op(storage, x.shape(), &inputs, || CausalConv1d {
         x: xc.clone(),
         w: wc.clone(),
