@@ -9,6 +9,7 @@ pub mod conv;
 pub mod copy;
 pub mod norm;
 pub mod reduce;
+pub mod regularize;
 pub mod rope;
 pub mod view;
 
@@ -18,6 +19,7 @@ pub use conv::{causal_conv1d, conv2d, conv2d_ref};
 pub use copy::copy_into;
 pub use norm::{batch_norm2d, layer_norm};
 pub use reduce::{max, sum, sum_all, sum_to_shape};
+pub use regularize::{drop_path, dropout};
 pub use rope::rope2d;
 pub use view::{expand, flatten, narrow, permute, reshape, select, squeeze, t, transpose, unsqueeze};
 pub mod elementwise;
