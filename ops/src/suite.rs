@@ -12,6 +12,10 @@ pub struct Case {
     /// Input shapes, and the range inputs are drawn from (uniform).
     pub inputs: Vec<(Vec<usize>, f64, f64)>,
     pub f: Func,
+    /// A finite-difference step replacing the run's. The default 1e-6 lets the roundoff of L(x +- h), about
+    /// 1e-16 |L| / h, exceed the tolerance on small gradients when the loss sums many large terms (a conv, a
+    /// batch norm); see [`Case::linear`] and [`Case::smooth`].
+    pub step: Option<f64>,
 }
 
 fn case(
@@ -19,7 +23,21 @@ fn case(
     inputs: &[(&[usize], f64, f64)],
     f: impl Fn(&[Tensor]) -> Result<Tensor> + 'static,
 ) -> Case {
-    Case { name, inputs: inputs.iter().map(|&(s, lo, hi)| (s.to_vec(), lo, hi)).collect(), f: Box::new(f) }
+    Case { name, inputs: inputs.iter().map(|&(s, lo, hi)| (s.to_vec(), lo, hi)).collect(), f: Box::new(f), step: None }
+}
+
+impl Case {
+    /// For ops linear in each input separately (convolutions, RoPE, masks): central differences are exact for
+    /// any step, so a large one leaves only a tiny roundoff.
+    fn linear(self) -> Case {
+        Case { step: Some(1e-3), ..self }
+    }
+
+    /// For smooth nonlinear ops summing many terms (the norms): the step near cbrt(f64 epsilon) that balances
+    /// the truncation error (h^2) against the roundoff (1 / h).
+    fn smooth(self) -> Case {
+        Case { step: Some(1e-5), ..self }
+    }
 }
 
 const N: f64 = 3.0; // inputs in [-N, N] unless an op needs positive ones
@@ -65,7 +83,61 @@ pub fn cases() -> Vec<Case> {
     v.push(case("cross_entropy", &[(&[4, 5], -N, N)], |x| cross_entropy(&x[0], &[1, 0, 4, 4], 0.1)));
     v.push(case("reshape", &[(&[3, 4], -N, N)], |x| reshape(&permute(&x[0], &[1, 0])?, &[2, -1])));
     v.push(case("expand", &[(&[3, 1], -N, N)], |x| expand(&x[0], &[2, 3, 4])));
+    vision_cases(&mut v);
     v
+}
+
+/// The vision and mixer primitives: convolutions, norms, RoPE and the stochastic regularisers (their masks
+/// come from a generator seeded inside `f`, so every evaluation sees the same one).
+fn vision_cases(v: &mut Vec<Case>) {
+    let nchw = |x: &Tensor| permute(x, &[0, 3, 1, 2]); // inputs stored channels-last
+    v.push(
+        case("conv2d", &[(&[2, 6, 5, 3], -N, N), (&[4, 3, 3, 3], -N, N), (&[4], -N, N)], move |x| {
+            conv2d(&nchw(&x[0])?, &x[1], Some(&x[2]), (2, 2), (1, 1), (1, 1), 1)
+        })
+        .linear(),
+    );
+    v.push(
+        case("conv2d(groups 2, dilation 2)", &[(&[1, 4, 7, 6], -N, N), (&[6, 2, 3, 2], -N, N)], |x| {
+            conv2d(&x[0], &x[1], None, (1, 2), (2, 1), (2, 2), 2)
+        })
+        .linear(),
+    );
+    v.push(
+        case("conv2d(depthwise)", &[(&[2, 3, 5, 4], -N, N), (&[3, 1, 3, 3], -N, N), (&[3], -N, N)], |x| {
+            conv2d(&x[0], &x[1], Some(&x[2]), (1, 1), (1, 1), (1, 1), 3)
+        })
+        .linear(),
+    );
+    v.push(
+        case("causal_conv1d", &[(&[2, 5, 3], -N, N), (&[3, 1, 4], -N, N), (&[3], -N, N)], |x| {
+            causal_conv1d(&transpose(&x[0], 1, 2)?, &x[1], Some(&x[2]))
+        })
+        .linear(),
+    );
+    v.push(
+        case("layer_norm", &[(&[2, 5, 3], -N, N), (&[5], -N, N), (&[5], -N, N)], |x| {
+            layer_norm(&transpose(&x[0], 1, 2)?, Some(&x[1]), Some(&x[2]), 1e-5)
+        })
+        .smooth(),
+    );
+    v.push(
+        case("batch_norm2d(training)", &[(&[2, 3, 4, 3], -N, N), (&[3], -N, N), (&[3], -N, N)], move |x| {
+            batch_norm2d(&nchw(&x[0])?, Some(&x[1]), Some(&x[2]), None, None, true, 0.1, 1e-5)
+        })
+        .smooth(),
+    );
+    v.push(
+        case("batch_norm2d(eval)", &[(&[2, 3, 4, 3], -N, N), (&[3], -N, N), (&[3], -N, N)], |x| {
+            let mean = Tensor::from_f64(&[0.5, -1.0, 0.0], &[3], DType::F64, x[0].device())?;
+            let var = Tensor::from_f64(&[0.7, 2.0, 1.3], &[3], DType::F64, x[0].device())?;
+            batch_norm2d(&x[0], Some(&x[1]), Some(&x[2]), Some(&mean), Some(&var), false, 0.1, 1e-5)
+        })
+        .linear(),
+    );
+    v.push(case("rope2d", &[(&[1, 8, 6], -N, N)], |x| rope2d(&transpose(&x[0], 1, 2)?, 2, 3, 10000.0)).linear());
+    v.push(case("dropout", &[(&[4, 5], -N, N)], |x| dropout(&x[0], 0.5, true, &mut Generator::new(7))).linear());
+    v.push(case("drop_path", &[(&[4, 3, 2], -N, N)], |x| drop_path(&x[0], 0.5, true, &mut Generator::new(8))).linear());
 }
 
 /// Runs one case with fresh random inputs from `seed`.
@@ -76,6 +148,7 @@ pub fn run(case: &Case, seed: u64, opts: GradcheckOptions) -> Result<GradcheckRe
         .iter()
         .map(|(shape, lo, hi)| Tensor::rand(shape, *lo, *hi, DType::F64, Device::Cpu, &mut g))
         .collect::<Result<Vec<_>>>()?;
+    let opts = GradcheckOptions { eps: case.step.unwrap_or(opts.eps), ..opts };
     gradcheck_with(case.name, &inputs, opts, &case.f)
 }
 
