@@ -1,4 +1,5 @@
 //! Integration tests of the ops crate, one binary (faster to build, smaller to carry to the GPU).
 
 mod autograd;
+mod parity;
 mod random_shapes;
