@@ -17,7 +17,81 @@ fn valid_range(out_len: usize, len: usize, stride: usize, off: isize) -> (usize,
     (lo.min(hi), hi)
 }
 
+/// One kernel tap along a row: outputs `lo..hi` read input column `o * stride + off`, from `start` on.
+/// Stride 1, the common case, walks plain slices that the compiler vectorises.
+#[derive(Debug, Clone, Copy)]
+struct Cols {
+    lo: usize,
+    hi: usize,
+    stride: usize,
+    start: usize,
+}
+
+impl Cols {
+    fn new(out_len: usize, len: usize, stride: usize, off: isize) -> Cols {
+        let (lo, hi) = valid_range(out_len, len, stride, off);
+        let start = if lo < hi { ((lo * stride) as isize + off) as usize } else { 0 };
+        Cols { lo, hi, stride, start }
+    }
+
+    /// f(out[o], input[o * stride + off]) for the valid outputs o.
+    #[inline(always)]
+    fn gather<T: Float>(&self, input: &[T], out: &mut [T], f: impl Fn(&mut T, T)) {
+        let (out, n) = (&mut out[self.lo..self.hi], self.hi - self.lo);
+        if self.stride == 1 {
+            for (o, &v) in out.iter_mut().zip(&input[self.start..self.start + n]) {
+                f(o, v);
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(input[self.start..].iter().step_by(self.stride)) {
+                f(o, v);
+            }
+        }
+    }
+
+    /// f(input[o * stride + off], out[o]) for the valid outputs o: the transpose of `gather`.
+    #[inline(always)]
+    fn scatter<T: Float>(&self, out: &[T], input: &mut [T], f: impl Fn(&mut T, T)) {
+        let out = &out[self.lo..self.hi];
+        if self.stride == 1 {
+            for (d, &v) in input[self.start..self.start + out.len()].iter_mut().zip(out) {
+                f(d, v);
+            }
+        } else {
+            for (d, &v) in input[self.start..].iter_mut().step_by(self.stride).zip(out) {
+                f(d, v);
+            }
+        }
+    }
+
+    /// sum over the valid outputs o of out[o] input[o * stride + off].
+    #[inline(always)]
+    fn dot<T: Float>(&self, out: &[T], input: &[T]) -> T {
+        let out = &out[self.lo..self.hi];
+        if self.stride == 1 {
+            // Eight running sums, so that the loop vectorises (one sum would chain every addition).
+            let input = &input[self.start..self.start + out.len()];
+            let mut acc = [T::ZERO; 8];
+            let (oc, ic) = (out.chunks_exact(8), input.chunks_exact(8));
+            let tail: T = oc.remainder().iter().zip(ic.remainder()).map(|(&a, &b)| a * b).sum();
+            for (o8, i8) in oc.zip(ic) {
+                for k in 0..8 {
+                    acc[k] += o8[k] * i8[k];
+                }
+            }
+            acc.iter().copied().sum::<T>() + tail
+        } else {
+            out.iter().zip(input[self.start..].iter().step_by(self.stride)).map(|(&a, &b)| a * b).sum()
+        }
+    }
+}
+
 impl Conv2dGeom {
+    /// The columns of tap j along a row.
+    fn cols(&self, j: usize) -> Cols {
+        Cols::new(self.ow, self.w, self.stride.1, self.tap_offset(0, j).1)
+    }
+
     /// Input offset of kernel tap (i, j) relative to the output position scaled by the stride.
     fn tap_offset(&self, i: usize, j: usize) -> (isize, isize) {
         (
@@ -128,20 +202,14 @@ fn im2col<T: Float>(x: &[T], g: &Conv2dGeom, cols: &mut [T]) {
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let Some(row) = rows.next() else { return };
-                let (di, dj) = g.tap_offset(i, j);
+                let di = g.tap_offset(i, j).0;
                 let (a_lo, a_hi) = valid_range(g.oh, g.h, g.stride.0, di);
-                let (b_lo, b_hi) = valid_range(g.ow, g.w, g.stride.1, dj);
+                let cols = g.cols(j);
                 for (a, out) in row.chunks_exact_mut(g.ow).enumerate() {
-                    if a < a_lo || a >= a_hi || b_lo == b_hi {
-                        out.fill(T::ZERO);
-                        continue;
-                    }
-                    let ih = (a * g.stride.0) as isize + di;
-                    let src = &xc[ih as usize * g.w..][..g.w];
-                    out[..b_lo].fill(T::ZERO);
-                    out[b_hi..].fill(T::ZERO);
-                    for (b, v) in out.iter_mut().enumerate().take(b_hi).skip(b_lo) {
-                        *v = src[((b * g.stride.1) as isize + dj) as usize];
+                    out.fill(T::ZERO);
+                    if (a_lo..a_hi).contains(&a) {
+                        let ih = ((a * g.stride.0) as isize + di) as usize;
+                        cols.gather(&xc[ih * g.w..][..g.w], out, |o, v| *o = v);
                     }
                 }
             }
@@ -157,16 +225,12 @@ fn col2im<T: Float>(cols: &[T], g: &Conv2dGeom, dx: &mut [T]) {
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let Some(row) = rows.next() else { return };
-                let (di, dj) = g.tap_offset(i, j);
+                let di = g.tap_offset(i, j).0;
                 let (a_lo, a_hi) = valid_range(g.oh, g.h, g.stride.0, di);
-                let (b_lo, b_hi) = valid_range(g.ow, g.w, g.stride.1, dj);
+                let cols = g.cols(j);
                 for a in a_lo..a_hi {
-                    let ih = (a * g.stride.0) as isize + di;
-                    let dst = &mut dxc[ih as usize * g.w..][..g.w];
-                    let src = &row[a * g.ow..][..g.ow];
-                    for (b, &v) in src.iter().enumerate().take(b_hi).skip(b_lo) {
-                        dst[((b * g.stride.1) as isize + dj) as usize] += v;
-                    }
+                    let ih = ((a * g.stride.0) as isize + di) as usize;
+                    cols.scatter(&row[a * g.ow..][..g.ow], &mut dxc[ih * g.w..][..g.w], |d, v| *d += v);
                 }
             }
         }
@@ -178,16 +242,12 @@ fn depthwise_plane<T: Float>(x: &[T], k: &[T], g: &Conv2dGeom, y: &mut [T]) {
     for i in 0..g.kh {
         for j in 0..g.kw {
             let wv = k[i * g.kw + j];
-            let (di, dj) = g.tap_offset(i, j);
+            let di = g.tap_offset(i, j).0;
             let (a_lo, a_hi) = valid_range(g.oh, g.h, g.stride.0, di);
-            let (b_lo, b_hi) = valid_range(g.ow, g.w, g.stride.1, dj);
+            let cols = g.cols(j);
             for a in a_lo..a_hi {
                 let ih = ((a * g.stride.0) as isize + di) as usize;
-                let src = &x[ih * g.w..][..g.w];
-                let dst = &mut y[a * g.ow..][..g.ow];
-                for (b, v) in dst.iter_mut().enumerate().take(b_hi).skip(b_lo) {
-                    *v += wv * src[((b * g.stride.1) as isize + dj) as usize];
-                }
+                cols.gather(&x[ih * g.w..][..g.w], &mut y[a * g.ow..][..g.ow], |o, v| *o += wv * v);
             }
         }
     }
@@ -198,16 +258,12 @@ fn depthwise_plane_backward<T: Float>(gy: &[T], k: &[T], g: &Conv2dGeom, dx: &mu
     for i in 0..g.kh {
         for j in 0..g.kw {
             let wv = k[i * g.kw + j];
-            let (di, dj) = g.tap_offset(i, j);
+            let di = g.tap_offset(i, j).0;
             let (a_lo, a_hi) = valid_range(g.oh, g.h, g.stride.0, di);
-            let (b_lo, b_hi) = valid_range(g.ow, g.w, g.stride.1, dj);
+            let cols = g.cols(j);
             for a in a_lo..a_hi {
                 let ih = ((a * g.stride.0) as isize + di) as usize;
-                let dst = &mut dx[ih * g.w..][..g.w];
-                let src = &gy[a * g.ow..][..g.ow];
-                for (b, &v) in src.iter().enumerate().take(b_hi).skip(b_lo) {
-                    dst[((b * g.stride.1) as isize + dj) as usize] += wv * v;
-                }
+                cols.scatter(&gy[a * g.ow..][..g.ow], &mut dx[ih * g.w..][..g.w], |d, v| *d += wv * v);
             }
         }
     }
@@ -217,17 +273,13 @@ fn depthwise_plane_backward<T: Float>(gy: &[T], k: &[T], g: &Conv2dGeom, dx: &mu
 fn depthwise_plane_weight_grad<T: Float>(x: &[T], gy: &[T], g: &Conv2dGeom, dk: &mut [T]) {
     for i in 0..g.kh {
         for j in 0..g.kw {
-            let (di, dj) = g.tap_offset(i, j);
+            let di = g.tap_offset(i, j).0;
             let (a_lo, a_hi) = valid_range(g.oh, g.h, g.stride.0, di);
-            let (b_lo, b_hi) = valid_range(g.ow, g.w, g.stride.1, dj);
+            let cols = g.cols(j);
             let mut acc = T::ZERO;
             for a in a_lo..a_hi {
                 let ih = ((a * g.stride.0) as isize + di) as usize;
-                let src = &x[ih * g.w..][..g.w];
-                let grow = &gy[a * g.ow..][..g.ow];
-                for (b, &v) in grow.iter().enumerate().take(b_hi).skip(b_lo) {
-                    acc += v * src[((b * g.stride.1) as isize + dj) as usize];
-                }
+                acc += cols.dot(&gy[a * g.ow..][..g.ow], &x[ih * g.w..][..g.w]);
             }
             dk[i * g.kw + j] += acc;
         }
