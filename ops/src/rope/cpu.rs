@@ -19,14 +19,22 @@ pub(super) fn table(dtype: DType, h: usize, w: usize, c: usize, base: f64) -> Cp
         let theta: Vec<T> = (0..k_max)
             .map(|m| T::ONE / T::from_f64(base).powf(T::from_f64(m as f64) / T::from_f64(k_max as f64)))
             .collect();
+        // (cos, sin) of pos theta_m for pos < len: the rows' and the columns' halves of the table, so that the
+        // trigonometry runs (H + W) k_max times rather than H W 2 k_max.
+        let half = |len: usize| -> Vec<T> {
+            (0..len)
+                .flat_map(|pos| theta.iter().map(move |&th| T::from_f64(pos as f64) * th))
+                .flat_map(|a| [a.cos(), a.sin()])
+                .collect()
+        };
+        let (rows, cols) = (half(h), half(w));
+        let k2 = 2 * k_max;
         let mut out = Vec::with_capacity(h * w * c);
         for r in 0..h {
             for col in 0..w {
                 // Pairs 0..k_max follow the row, pairs k_max..2 k_max the column.
-                for (pos, th) in theta.iter().map(|&t| (r, t)).chain(theta.iter().map(|&t| (col, t))) {
-                    let a = T::from_f64(pos as f64) * th;
-                    out.extend([a.cos(), a.sin()]);
-                }
+                out.extend_from_slice(&rows[r * k2..][..k2]);
+                out.extend_from_slice(&cols[col * k2..][..k2]);
             }
         }
         out
