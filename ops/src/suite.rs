@@ -129,8 +129,8 @@ fn vision_cases(v: &mut Vec<Case>) {
     );
     v.push(
         case("batch_norm2d(eval)", &[(&[2, 3, 4, 3], -N, N), (&[3], -N, N), (&[3], -N, N)], |x| {
-            let mean = Tensor::from_f64(&[0.5, -1.0, 0.0], &[3], DType::F64, x[0].device())?;
-            let var = Tensor::from_f64(&[0.7, 2.0, 1.3], &[3], DType::F64, x[0].device())?;
+            let mean = Tensor::from_f64(&[0.5, -1.0, 0.0], &[3], x[0].dtype(), x[0].device())?;
+            let var = Tensor::from_f64(&[0.7, 2.0, 1.3], &[3], x[0].dtype(), x[0].device())?;
             batch_norm2d(&x[0], Some(&x[1]), Some(&x[2]), Some(&mean), Some(&var), false, 0.1, 1e-5)
         })
         .linear(),
