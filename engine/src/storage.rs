@@ -159,6 +159,22 @@ impl Storage {
         }
     }
 
+    /// The CUDA storage behind a tensor, for an op's CUDA path (`Unsupported` on the CPU).
+    pub fn as_cuda(&self, op: &'static str) -> Result<&CudaStorage> {
+        match self {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Cpu(s) => Err(Error::Unsupported { op, dtype: s.dtype(), device: Device::Cpu }),
+        }
+    }
+
+    /// Mutable CUDA storage, for in-place updates (optimizers, under `no_grad`).
+    pub fn as_cuda_mut(&mut self, op: &'static str) -> Result<&mut CudaStorage> {
+        match self {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Cpu(s) => Err(Error::Unsupported { op, dtype: s.dtype(), device: Device::Cpu }),
+        }
+    }
+
     /// The elements under `layout` as new contiguous storage on the same device.
     pub fn copy_contiguous(&self, layout: &Layout) -> Result<Storage> {
         match self {

@@ -73,6 +73,9 @@ tensor_ops! {
     var(dims: &[isize], correction: usize, keepdim: bool) => crate::derived::var;
     softmax(dim: isize) => crate::derived::softmax;
     log_softmax(dim: isize) => crate::derived::log_softmax;
+    matmul(other: &Tensor) => crate::matmul::matmul;
+    index_select(dim: isize, indices: &[usize]) => crate::shape::index_select;
+    pad(pads: &[(usize, usize)], value: f64) => crate::shape::pad;
     conv2d(
         weight: &Tensor,
         bias: Option<&Tensor>,

@@ -1,29 +1,5 @@
-// Shared by every ops kernel (prepended to each family's .cu before NVRTC compiles it).
-//
-// `Strided` mirrors `ops::cuda::Strided` (#[repr(C)]): a view's shape, strides and offset in elements. A
-// kernel walks its output in row-major order with index i and finds each input's element with
-// `offset_of`, which is a plain `offset + i` when the view is contiguous.
-
-#define MAX_DIMS 8
-
-struct Strided {
-    long long shape[MAX_DIMS];
-    long long strides[MAX_DIMS];
-    long long offset;
-    int rank;
-    int contiguous;
-};
-
-__device__ __forceinline__ long long offset_of(const Strided& l, long long i) {
-    if (l.contiguous) return l.offset + i;
-    long long o = l.offset;
-    for (int d = l.rank - 1; d >= 0; --d) {
-        long long s = l.shape[d];
-        o += (i % s) * l.strides[d];
-        i /= s;
-    }
-    return o;
-}
+// Math helpers shared by every ops kernel. A family's source is the engine's prelude (`Strided`,
+// `offset_of`, `GRID_STRIDE`), this file, then the family's .cu (see ops/src/cuda.rs).
 
 // Overloads so templates can call one name for float and double.
 __device__ __forceinline__ float m_exp(float x) { return expf(x); }
@@ -59,8 +35,3 @@ template <typename T> __device__ __forceinline__ T m_sigmoid(T x) {
     T e = m_exp(x);
     return e / (T(1) + e);
 }
-
-// Grid-stride loop over n elements.
-#define GRID_STRIDE(i, n) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
-         i += (long long)blockDim.x * gridDim.x)

@@ -83,6 +83,16 @@ pub fn cases() -> Vec<Case> {
     v.push(case("cross_entropy", &[(&[4, 5], -N, N)], |x| cross_entropy(&x[0], &[1, 0, 4, 4], 0.1)));
     v.push(case("reshape", &[(&[3, 4], -N, N)], |x| reshape(&permute(&x[0], &[1, 0])?, &[2, -1])));
     v.push(case("expand", &[(&[3, 1], -N, N)], |x| expand(&x[0], &[2, 3, 4])));
+    v.push(case("matmul", &[(&[3, 4], -N, N), (&[5, 4], -N, N)], |x| matmul(&x[0], &t(&x[1])?)));
+    v.push(case("matmul (batched, broadcast)", &[(&[2, 1, 3, 4], -N, N), (&[3, 4, 2], -N, N)], |x| {
+        matmul(&x[0], &narrow(&x[1], 2, 0, 2)?)
+    }));
+    v.push(case("concat", &[(&[2, 3], -N, N), (&[3, 4], -N, N)], |x| concat(&[x[0].clone(), t(&x[1])?], 0)));
+    v.push(case("stack", &[(&[2, 3], -N, N), (&[3, 2], -N, N)], |x| stack(&[x[0].clone(), t(&x[1])?], 1)));
+    v.push(case("split", &[(&[5, 3], -N, N)], |x| Ok(split(&x[0], &[2, 3], 0)?.remove(1))));
+    v.push(case("chunk", &[(&[4, 5], -N, N)], |x| Ok(chunk(&x[0], 2, 1)?.remove(0))));
+    v.push(case("index_select", &[(&[4, 3], -N, N)], |x| index_select(&x[0], 0, &[3, 0, 3, 1])));
+    v.push(case("pad", &[(&[2, 3], -N, N)], |x| pad(&t(&x[0])?, &[(1, 2), (0, 1)], 0.5)));
     vision_cases(&mut v);
     v
 }
@@ -140,16 +150,28 @@ fn vision_cases(v: &mut Vec<Case>) {
     v.push(case("drop_path", &[(&[4, 3, 2], -N, N)], |x| drop_path(&x[0], 0.5, true, &mut Generator::new(8))).linear());
 }
 
-/// Runs one case with fresh random inputs from `seed`.
-pub fn run(case: &Case, seed: u64, opts: GradcheckOptions) -> Result<GradcheckReport> {
+/// Fresh random inputs of `case` from `seed`, in `dtype` on `device`.
+pub fn inputs(case: &Case, seed: u64, dtype: DType, device: Device) -> Result<Vec<Tensor>> {
     let mut g = Generator::new(seed);
-    let inputs = case
-        .inputs
-        .iter()
-        .map(|(shape, lo, hi)| Tensor::rand(shape, *lo, *hi, DType::F64, Device::Cpu, &mut g))
-        .collect::<Result<Vec<_>>>()?;
+    case.inputs.iter().map(|(shape, lo, hi)| Tensor::rand(shape, *lo, *hi, dtype, device, &mut g)).collect()
+}
+
+/// Runs one case's gradient check with fresh random inputs from `seed`.
+pub fn run(case: &Case, seed: u64, opts: GradcheckOptions) -> Result<GradcheckReport> {
+    let inputs = inputs(case, seed, DType::F64, Device::Cpu)?;
     let opts = GradcheckOptions { eps: case.step.unwrap_or(opts.eps), ..opts };
     gradcheck_with(case.name, &inputs, opts, &case.f)
+}
+
+/// The output of `case` on `inputs` and the gradient of every input for the cotangent drawn from `seed`.
+pub fn forward_backward(case: &Case, inputs: &[Tensor], seed: u64) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    let leaves = inputs.iter().map(|t| t.detach().requires_grad_(true)).collect::<Result<Vec<_>>>()?;
+    let y = (case.f)(&leaves)?;
+    let cot = Tensor::rand(y.shape(), -1.0, 1.0, y.dtype(), y.device(), &mut Generator::new(seed))?;
+    if y.requires_grad() {
+        y.backward_with(&cot)?;
+    }
+    Ok((y, leaves.iter().map(|t| t.grad()).collect()))
 }
 
 #[cfg(test)]

@@ -29,6 +29,24 @@ pub(crate) fn resolve_dims(op: &'static str, dims: &[isize], shape: &[usize]) ->
     Ok(out)
 }
 
+/// Errs unless every CUDA storage has the first one's dtype and device.
+pub(crate) fn same_cuda_dtypes(op: &'static str, xs: &[&engine::cuda::CudaStorage]) -> Result<()> {
+    let Some(first) = xs.first() else { return Ok(()) };
+    for x in &xs[1..] {
+        if x.dtype() != first.dtype() {
+            return Err(Error::DTypeMismatch { op, lhs: first.dtype(), rhs: x.dtype() });
+        }
+        if x.ordinal() != first.ordinal() {
+            return Err(Error::DeviceMismatch {
+                op,
+                lhs: engine::Device::Cuda(first.ordinal()),
+                rhs: engine::Device::Cuda(x.ordinal()),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A CPU tensor's storage with its layout: how fused kernels receive their operands.
 pub(crate) type Operand<'a> = (&'a CpuStorage, &'a Layout);
 

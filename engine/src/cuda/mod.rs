@@ -1,52 +1,122 @@
-//! The CUDA backend (issue 4 fills this in). Until then every entry point returns `CudaUnavailable`.
+//! The CUDA backend, on cudarc with dynamic loading (nothing CUDA is needed to build; see device.rs).
+//!
+//! How the pieces fit:
+//!
+//! - [`CudaDevice`] (device.rs): one per ordinal, opened by [`device`] on first use and shared for the life
+//!   of the process. It holds the cudarc context, ONE stream that every op of the device enqueues its work on
+//!   (kernels, copies, cuBLAS), the caching allocator, the cuBLAS handle bound to that stream, and the
+//!   NVRTC module cache. Without a driver or a device, [`device`] returns `Error::CudaUnavailable`.
+//! - The caching allocator (alloc.rs): buffers are [`PooledSlice`]s whose blocks go back to a per-device pool
+//!   on drop and are reused by size class; the driver allocates only on a pool miss. Because all work of a
+//!   device is ordered on its one stream, a block can be reused at once without events. See
+//!   [`CudaDevice::memory_stats`].
+//! - NVRTC (nvrtc.rs): [`CudaDevice::function`] compiles a module's CUDA C++ source once per device for the
+//!   device's architecture (`sm_90` on an H100), caches it by module name and returns the kernel. Kernels are
+//!   `extern "C"` templates instantiated as `<op>_f32` / `<op>_f64`; [`kernel_name`] builds the name.
+//! - cuBLAS (blas.rs): [`CudaDevice::gemm_strided_batched`] for row-major operands, with opt-in TF32
+//!   ([`set_tf32`]).
+//! - [`CudaStorage`] (storage.rs): a tensor's buffer, [`CudaBuffer`] (one pooled slice per dtype), and the
+//!   engine's own kernels (storage.cu): fill, strided gather, cast, same-shape add. Kernels take views as
+//!   [`Strided`] parameter structs.
+//!
+//! Nothing but `to_cpu` (and [`CudaDevice::synchronize`], for timing) waits for the device: ops enqueue and
+//! return. Errors of asynchronous work therefore surface at the next synchronising call. One caveat: an
+//! upload from pageable host memory (`from_cpu`) is staged through pinned memory by the driver, which may
+//! wait for the stream to do so; uploads happen at data loading, not per op.
+//!
+//! Writing a kernel for an op: put the source beside the op, get the function from the input's device,
+//! allocate the output from the pool, launch on the device's stream with a `// SAFETY:` note:
+//!
+//! ```ignore
+//! // scale.cu: `extern "C" __global__ void scale_f32(const float* x, Strided lx, float* out, long long n,
+//! // double a)` and its f64 twin, one template body; the engine's PRELUDE goes in front of it.
+//! static SRC: LazyLock<String> = LazyLock::new(|| format!("{PRELUDE}\n{}", include_str!("scale.cu")));
+//!
+//! fn scale<T: Float>(x: &CudaStorage, layout: &Layout, a: f64) -> Result<CudaStorage> {
+//!     let dev = x.device();
+//!     let f = dev.function("ops_scale", &SRC, &kernel_name::<T>("scale"))?;
+//!     let n = layout.numel();
+//!     let out = dev.alloc::<T>(n)?; // uninitialised, from the pool
+//!     let (lx, n64) = (x.strided("scale", layout)?, n as i64); // bounds-checked against x's buffer
+//!     let mut launch = dev.stream().launch_builder(&f);
+//!     launch.arg(x.slice::<T>()?).arg(&lx).arg(out.as_slice()).arg(&n64).arg(&a);
+//!     // SAFETY: scale_<T>(const T* x, Strided lx, T* out, long long n, double a) reads x at offset_of(lx, i)
+//!     // for i < n, inside x's buffer (checked by `strided`), and writes out[0..n), which holds n elements.
+//!     unsafe { launch.launch(dev.launch_config(n)) }.map_err(|e| Error::Cuda { op: "scale", msg: format!("{e:?}") })?;
+//!     CudaStorage::from_slice(dev, out)
+//! }
+//! ```
 
-use crate::{CpuStorage, DType, Error, Layout, Result};
+mod alloc;
+mod blas;
+mod device;
+mod nvrtc;
+mod storage;
+#[cfg(test)]
+mod tests;
 
-#[derive(Debug)]
-pub struct CudaStorage {
-    ordinal: usize,
-    dtype: DType,
-    len: usize,
+use std::sync::Arc;
+
+pub use alloc::{set_poison, MemoryStats, PooledSlice};
+pub use blas::{set_tf32, tf32_enabled, GemmConfig};
+pub use device::{
+    device, device_count, driver_version, is_available, library_report, unavailable_reason, CudaDevice, LibraryStatus,
+};
+pub use storage::{CudaBuffer, CudaStorage, Strided, MAX_DIMS};
+
+/// cudarc itself, and the types ops need to launch kernels, so that they need not name cudarc's paths.
+pub use cudarc;
+pub use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
+
+/// The CUDA C++ every kernel module starts with: `struct Strided` (the mirror of [`Strided`]), `offset_of`
+/// and the `GRID_STRIDE` loop. Prepend it to a module's source before [`CudaDevice::function`].
+pub const PRELUDE: &str = include_str!("prelude.cuh");
+
+use crate::{Error, Float, Result};
+
+/// The symbol of a kernel instantiated for `T`: `kernel_name::<f32>("gather")` is `gather_f32`.
+pub fn kernel_name<T: Float>(base: &str) -> String {
+    format!("{base}_{}", T::DTYPE.as_str())
 }
 
-fn unavailable(ordinal: usize) -> Error {
-    Error::CudaUnavailable { ordinal, reason: "the CUDA backend is not built yet".into() }
+/// Maps cudarc driver errors to [`Error::Cuda`] naming the op.
+pub(crate) trait OrCuda<T> {
+    fn or_cuda(self, op: &'static str) -> Result<T>;
 }
 
-impl CudaStorage {
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-    pub fn ordinal(&self) -> usize {
-        self.ordinal
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn full(ordinal: usize, _n: usize, _value: f64, _dtype: DType) -> Result<Self> {
-        Err(unavailable(ordinal))
-    }
-    pub fn from_cpu(ordinal: usize, _cpu: &CpuStorage) -> Result<Self> {
-        Err(unavailable(ordinal))
-    }
-    pub fn copy_strided(&self, _layout: &Layout) -> Result<Self> {
-        Err(unavailable(self.ordinal))
-    }
-    pub fn cast(&self, _layout: &Layout, _dtype: DType) -> Result<Self> {
-        Err(unavailable(self.ordinal))
-    }
-    pub fn to_cpu(&self, _layout: &Layout) -> Result<CpuStorage> {
-        Err(unavailable(self.ordinal))
-    }
-    pub fn add_same_shape(&self, _la: &Layout, _other: &Self, _lb: &Layout) -> Result<Self> {
-        Err(unavailable(self.ordinal))
+impl<T> OrCuda<T> for std::result::Result<T, cudarc::driver::DriverError> {
+    fn or_cuda(self, op: &'static str) -> Result<T> {
+        self.map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
     }
 }
 
-/// Whether a CUDA device can be used.
-pub fn is_available() -> bool {
-    false
+/// True when the environment says CUDA must be there (`MILA_REQUIRE_CUDA=1`), so that a GPU run of the test
+/// suite fails instead of silently skipping the CUDA tests.
+pub fn require_cuda() -> bool {
+    std::env::var("MILA_REQUIRE_CUDA").is_ok_and(|v| v.trim() == "1")
+}
+
+/// For tests only: device 0, or `None` after printing `skipping <test>: no CUDA device (<reason>)`.
+///
+/// # Panics
+/// When there is no device and `MILA_REQUIRE_CUDA=1`: on a GPU machine a skipped CUDA test is a failure.
+/// Library code must never call this.
+pub fn test_device_or_skip(test: &str) -> Option<Arc<CudaDevice>> {
+    match device(0) {
+        Ok(dev) => Some(dev),
+        Err(e) => {
+            let reason = match &e {
+                Error::CudaUnavailable { reason, .. } => reason.clone(),
+                other => other.to_string(),
+            };
+            if require_cuda() {
+                panic!("{test}: MILA_REQUIRE_CUDA=1 but no CUDA device is usable: {reason}");
+            }
+            eprintln!("skipping {test}: no CUDA device ({reason})");
+            None
+        }
+    }
 }

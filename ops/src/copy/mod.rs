@@ -6,6 +6,8 @@
 
 use engine::{Error, Float, Layout, Result, Storage, Tensor};
 
+mod cuda;
+
 /// Copies `src` into the view `dst_layout` of `dst`'s storage. `dst` must not share storage with `src`.
 pub fn copy_into(dst: &Tensor, dst_layout: &Layout, src: &Tensor) -> Result<()> {
     if dst_layout.shape() != src.shape() {
@@ -18,6 +20,9 @@ pub fn copy_into(dst: &Tensor, dst_layout: &Layout, src: &Tensor) -> Result<()> 
     crate::util::same_dtype_device("copy_into", dst, src)?;
     if dst.same_storage(src) {
         return Err(Error::invalid("copy_into", "source and destination share storage", src.shape()));
+    }
+    if dst_layout.numel() == 0 {
+        return Ok(());
     }
     if dst_layout.storage_span().end > dst.storage().len() {
         return Err(Error::invalid("copy_into", "destination view exceeds its storage", dst_layout.shape()));
@@ -39,10 +44,11 @@ pub fn copy_into(dst: &Tensor, dst_layout: &Layout, src: &Tensor) -> Result<()> 
             match (d, s) {
                 (engine::CpuStorage::F32(d), engine::CpuStorage::F32(s)) => f(d, dst_layout, s, src.layout()),
                 (engine::CpuStorage::F64(d), engine::CpuStorage::F64(s)) => f(d, dst_layout, s, src.layout()),
-                _ => unreachable!("dtypes checked above"),
+                (d, s) => return Err(Error::DTypeMismatch { op: "copy_into", lhs: d.dtype(), rhs: s.dtype() }),
             }
             Ok(())
         }
+        (Storage::Cuda(d), Storage::Cuda(s)) => cuda::copy_into(d, dst_layout, s, src.layout()),
         (d, _) => Err(crate::util::no_cuda("copy_into", d)),
     }
 }

@@ -37,6 +37,7 @@
 //! c != 0, else b; its gradient goes to the input that was picked.
 
 mod cpu;
+mod cuda;
 pub(crate) mod zip;
 
 use engine::{broadcast_shape, Error, Op, Result, Storage, Tensor};
@@ -154,6 +155,12 @@ impl Op for UnaryBackward {
             (Storage::Cpu(x), Storage::Cpu(y), Storage::Cpu(gs)) => {
                 Storage::Cpu(cpu::unary_backward(self.op, x, self.x.layout(), y, self.y.layout(), gs, g.layout())?)
             }
+            (Storage::Cuda(x), Storage::Cuda(y), Storage::Cuda(gs)) => Storage::Cuda(cuda::unary_backward(
+                self.op,
+                (x, self.x.layout()),
+                (y, self.y.layout()),
+                (gs, g.layout()),
+            )?),
             (s, _, _) => return Err(no_cuda(self.op.name(), s)),
         };
         Ok(vec![Some(Tensor::from_storage(storage, self.x.shape())?)])
@@ -164,7 +171,7 @@ impl Op for UnaryBackward {
 pub fn unary(op: Unary, x: &Tensor) -> Result<Tensor> {
     let storage = match &*x.storage() {
         Storage::Cpu(s) => Storage::Cpu(cpu::unary(op, s, x.layout())),
-        s => return Err(no_cuda(op.name(), s)),
+        Storage::Cuda(s) => Storage::Cuda(cuda::unary(op, s, x.layout())?),
     };
     Ok(Tensor::from_op_with_output(storage, x.shape(), &[x], |y| UnaryBackward { op, x: x.detach(), y }))
 }
@@ -194,6 +201,10 @@ impl Op for BinaryBackward {
                         let (ga, gb) = cpu::binary_backward(op, sa, &la, sb, &lb, sg, g.layout())?;
                         (Storage::Cpu(ga), Storage::Cpu(gb))
                     }
+                    (Storage::Cuda(sa), Storage::Cuda(sb), Storage::Cuda(sg)) => {
+                        let (ga, gb) = cuda::binary_backward(op, (sa, &la), (sb, &lb), (sg, g.layout()))?;
+                        (Storage::Cuda(ga), Storage::Cuda(gb))
+                    }
                     (s, _, _) => return Err(no_cuda(op.name(), s)),
                 };
                 (Tensor::from_storage(ga, g.shape())?, Tensor::from_storage(gb, g.shape())?)
@@ -211,6 +222,7 @@ pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let lb = b.layout().broadcast_as(&shape)?;
     let storage = match (&*a.storage(), &*b.storage()) {
         (Storage::Cpu(sa), Storage::Cpu(sb)) => Storage::Cpu(cpu::binary(op, sa, &la, sb, &lb, &shape)?),
+        (Storage::Cuda(sa), Storage::Cuda(sb)) => Storage::Cuda(cuda::binary(op, sa, &la, sb, &lb)?),
         (s, _) => return Err(no_cuda(op.name(), s)),
     };
     Ok(Tensor::from_op(storage, &shape, &[a, b], || BinaryBackward {
@@ -232,6 +244,7 @@ pub fn compare(op: Cmp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let lb = b.layout().broadcast_as(&shape)?;
     let storage = match (&*a.storage(), &*b.storage()) {
         (Storage::Cpu(sa), Storage::Cpu(sb)) => Storage::Cpu(cpu::compare(op, sa, &la, sb, &lb, &shape)?),
+        (Storage::Cuda(sa), Storage::Cuda(sb)) => Storage::Cuda(cuda::compare(op, sa, &la, sb, &lb)?),
         (s, _) => return Err(no_cuda(op.name(), s)),
     };
     Tensor::from_storage(storage, &shape)
@@ -270,6 +283,9 @@ fn where_storage(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Storage, Vec<
     let storage = match (&*cond.storage(), &*a.storage(), &*b.storage()) {
         (Storage::Cpu(c), Storage::Cpu(sa), Storage::Cpu(sb)) => {
             Storage::Cpu(cpu::where_(c, &lc, sa, &la, sb, &lb, &shape)?)
+        }
+        (Storage::Cuda(c), Storage::Cuda(sa), Storage::Cuda(sb)) => {
+            Storage::Cuda(cuda::where_((c, &lc), (sa, &la), (sb, &lb))?)
         }
         (s, _, _) => return Err(no_cuda("where", s)),
     };

@@ -10,6 +10,7 @@
 //! sums accumulate in f64 whatever the dtype.
 
 mod cpu;
+mod cuda;
 
 use engine::{Op, Result, Storage, Tensor};
 
@@ -77,6 +78,9 @@ impl Op for Max {
             (Storage::Cpu(x), Storage::Cpu(y), Storage::Cpu(g)) => {
                 Storage::Cpu(cpu::max_backward(x, self.x.layout(), y, g, &self.plan)?)
             }
+            (Storage::Cuda(x), Storage::Cuda(y), Storage::Cuda(g)) => {
+                Storage::Cuda(cuda::max_backward(x, self.x.layout(), y, g, &self.plan)?)
+            }
             (s, _, _) => return Err(no_cuda("max_backward", s)),
         };
         Ok(vec![Some(Tensor::from_storage(storage, self.x.shape())?)])
@@ -90,7 +94,7 @@ fn reduce(op: &'static str, kind: ReduceKind, x: &Tensor, dims: &[isize], keepdi
     }
     let storage = match &*x.storage() {
         Storage::Cpu(s) => Storage::Cpu(cpu::reduce(s, x.layout(), &plan, kind)?),
-        s => return Err(no_cuda(op, s)),
+        Storage::Cuda(s) => Storage::Cuda(cuda::reduce(s, x.layout(), &plan, kind)?),
     };
     Ok((storage, plan))
 }

@@ -1,0 +1,309 @@
+//! The caching device allocator, after PyTorch's: a freed block goes back to a per-device pool instead of to
+//! the driver, and the next request of the same size class takes it from there. `cuMemAlloc` runs only on a
+//! pool miss; `cuMemFree` only in [`Allocator::empty_cache`] (also run once when an allocation fails, before
+//! the one retry).
+//!
+//! Size classes: a request is rounded up to a multiple of 512 bytes up to 1 MiB, and to a multiple of 2 MiB
+//! above that; a block is reused only for its exact class. Activations and gradients repeat the same shapes
+//! step after step, so exact classes hit almost always, and the rounding bounds the waste per block.
+//!
+//! Why reuse needs no events: every kernel, copy and cuBLAS call of a device is enqueued on the device's one
+//! stream. A block returns to the pool when its owner is dropped on the host, possibly while kernels that use
+//! it are still queued. Whoever takes it next can only use it through work enqueued later on the same stream,
+//! which the GPU runs after the earlier work has finished, so the stream order alone keeps the old and new
+//! uses apart. The host never touches device memory directly (reads go through `to_cpu`, which is stream
+//! ordered and then waits), and handing a block back to the driver is preceded by a stream synchronisation.
+//!
+//! cudarc's own per-slice event tracking is switched off on our contexts ([`super::CudaDevice`]): with it on,
+//! each slice would create two CUDA events, and with several streams each launch would record and wait on
+//! them. With one stream they can only cost time.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::mem::ManuallyDrop;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::driver::{result, sys, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError};
+
+use super::OrCuda;
+use crate::{Error, Result};
+
+/// When on, every allocation is filled with 0xFF bytes (NaN) before it is handed out: tests turn it on so
+/// that an output element a kernel failed to write cannot pass for a correct value.
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Turns poisoning of new allocations on or off (process-wide; for tests).
+pub fn set_poison(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
+
+/// Requests up to this size are rounded to [`SMALL_ROUND`], larger ones to [`LARGE_ROUND`].
+const SMALL_LIMIT: usize = 1 << 20;
+const SMALL_ROUND: usize = 512;
+const LARGE_ROUND: usize = 2 << 20;
+
+/// The block size a request of `bytes` gets (at least one small block, so that even an empty buffer has a
+/// valid device pointer). `None` if rounding overflows.
+pub(crate) fn size_class(bytes: usize) -> Option<usize> {
+    let bytes = bytes.max(1);
+    let round = if bytes <= SMALL_LIMIT { SMALL_ROUND } else { LARGE_ROUND };
+    bytes.checked_next_multiple_of(round)
+}
+
+/// What a device's allocator holds. Sizes are block sizes (requests rounded up to their class).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes in blocks owned by live buffers.
+    pub in_use_bytes: usize,
+    /// The most `in_use_bytes` has been since the device was opened or [`super::CudaDevice::reset_peak`].
+    pub peak_bytes: usize,
+    /// Bytes obtained from the driver and not yet given back: in use plus cached.
+    pub reserved_bytes: usize,
+    /// Driver allocations (`cuMemAlloc`) so far.
+    pub num_allocs: u64,
+    /// Requests served from the pool so far.
+    pub num_cache_hits: u64,
+}
+
+impl fmt::Display for MemoryStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MIB: f64 = (1 << 20) as f64;
+        write!(
+            f,
+            "in use {:.1} MiB (peak {:.1} MiB), reserved {:.1} MiB, {} driver allocations, {} cache hits",
+            self.in_use_bytes as f64 / MIB,
+            self.peak_bytes as f64 / MIB,
+            self.reserved_bytes as f64 / MIB,
+            self.num_allocs,
+            self.num_cache_hits
+        )
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    /// Cached blocks by size class.
+    free: HashMap<usize, Vec<sys::CUdeviceptr>>,
+    stats: MemoryStats,
+}
+
+impl Pool {
+    fn hand_out(&mut self, class: usize) {
+        self.stats.in_use_bytes += class;
+        self.stats.peak_bytes = self.stats.peak_bytes.max(self.stats.in_use_bytes);
+    }
+}
+
+pub(crate) struct Allocator {
+    stream: Arc<CudaStream>,
+    pool: Mutex<Pool>,
+}
+
+impl Allocator {
+    pub(crate) fn new(stream: Arc<CudaStream>) -> Self {
+        Allocator { stream, pool: Mutex::new(Pool::default()) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        // The pool's invariants hold between statements, so a panic elsewhere cannot leave it half-updated.
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn stats(&self) -> MemoryStats {
+        self.lock().stats
+    }
+
+    pub(crate) fn reset_peak(&self) {
+        let mut pool = self.lock();
+        pool.stats.peak_bytes = pool.stats.in_use_bytes;
+    }
+
+    /// A buffer of `len` elements of `T`, uninitialised (it may hold whatever its last owner wrote).
+    pub(crate) fn alloc<T>(self: &Arc<Self>, len: usize) -> Result<PooledSlice<T>> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| too_large(len))?;
+        let (ptr, class) = self.alloc_block(bytes)?;
+        // SAFETY: `ptr` is a live block of `class >= len * size_of::<T>()` bytes that nothing else owns until
+        // `PooledSlice::drop` returns it. Event tracking is off on our contexts, so `upgrade_device_ptr` creates
+        // no events (its only fallible, and panicking, step).
+        let slice = unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) };
+        if POISON.load(Ordering::Relaxed) && class > 0 {
+            // All bytes 0xFF: a NaN in f32 and f64, so an element a kernel forgot to write shows in any result.
+            self.stream.context().bind_to_thread().map_err(|e| Error::Cuda { op: "poison", msg: format!("{e:?}") })?;
+            // SAFETY: `ptr` is a live block of `class` bytes owned by the slice made above; the memset is
+            // enqueued on the stream every user of the block runs on, so it lands before any later kernel.
+            unsafe { sys::cuMemsetD8Async(ptr, 0xFF, class, self.stream.cu_stream()) }
+                .result()
+                .map_err(|e| Error::Cuda { op: "poison", msg: format!("{e:?}") })?;
+        }
+        Ok(PooledSlice { slice: ManuallyDrop::new(slice), class, pool: self.clone() })
+    }
+
+    fn alloc_block(&self, bytes: usize) -> Result<(sys::CUdeviceptr, usize)> {
+        let class = size_class(bytes).ok_or_else(|| too_large(bytes))?;
+        {
+            let mut pool = self.lock();
+            if let Some(ptr) = pool.free.get_mut(&class).and_then(Vec::pop) {
+                pool.stats.num_cache_hits += 1;
+                pool.hand_out(class);
+                return Ok((ptr, class));
+            }
+        }
+        let ptr = match self.driver_alloc(class) {
+            Ok(ptr) => ptr,
+            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
+                // Cached blocks of other classes may be what fills the device: give them back and retry once.
+                self.empty_cache()?;
+                self.driver_alloc(class).map_err(|e| {
+                    let stats = self.stats();
+                    Error::Cuda {
+                        op: "alloc",
+                        msg: format!(
+                            "out of memory allocating {class} bytes after emptying the cache ({stats}): {e:?}"
+                        ),
+                    }
+                })?
+            }
+            Err(e) => return Err(Error::Cuda { op: "alloc", msg: format!("cuMemAlloc of {class} bytes: {e:?}") }),
+        };
+        let mut pool = self.lock();
+        pool.stats.num_allocs += 1;
+        pool.stats.reserved_bytes += class;
+        pool.hand_out(class);
+        Ok((ptr, class))
+    }
+
+    fn driver_alloc(&self, bytes: usize) -> std::result::Result<sys::CUdeviceptr, DriverError> {
+        self.stream.context().bind_to_thread()?;
+        // SAFETY: the device's context is current on this thread; the memory is handed out uninitialised, which
+        // every caller of `alloc` accounts for (outputs are written before they are read).
+        unsafe { result::malloc_sync(bytes) }
+    }
+
+    /// Takes a block back from a dropped [`PooledSlice`].
+    fn release(&self, ptr: sys::CUdeviceptr, class: usize) {
+        let mut pool = self.lock();
+        pool.stats.in_use_bytes -= class;
+        pool.free.entry(class).or_default().push(ptr);
+    }
+
+    /// Gives every cached block back to the driver. Waits for the stream first: a cached block may still be
+    /// read or written by work that was queued before its owner was dropped.
+    pub(crate) fn empty_cache(&self) -> Result<()> {
+        let blocks: Vec<(sys::CUdeviceptr, usize)> = {
+            let mut pool = self.lock();
+            pool.free.drain().flat_map(|(class, ptrs)| ptrs.into_iter().map(move |p| (p, class))).collect()
+        };
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.stream.synchronize() {
+            // The blocks may still be in use: keep them cached rather than free them under running work.
+            let mut pool = self.lock();
+            for (ptr, class) in blocks {
+                pool.free.entry(class).or_default().push(ptr);
+            }
+            return Err(Error::Cuda { op: "empty_cache", msg: format!("synchronising before freeing: {e:?}") });
+        }
+        self.stream.context().bind_to_thread().or_cuda("empty_cache")?;
+        let mut first_error = None;
+        for (ptr, class) in blocks {
+            // SAFETY: `ptr` came from `malloc_sync` in this context, is owned by no buffer (it was in the free
+            // list, which we drained), and the stream has finished all work that could touch it.
+            match unsafe { result::free_sync(ptr) } {
+                Ok(()) => self.lock().stats.reserved_bytes -= class,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(e) => Err(Error::Cuda { op: "empty_cache", msg: format!("cuMemFree: {e:?}") }),
+        }
+    }
+}
+
+fn too_large(what: usize) -> Error {
+    Error::Cuda { op: "alloc", msg: format!("a buffer of {what} elements or bytes overflows the address space") }
+}
+
+/// A typed device buffer whose block returns to its device's pool when dropped.
+///
+/// It derefs to cudarc's [`CudaSlice`], so it can be passed to a launch builder as `.arg(&*buf)` or through
+/// [`PooledSlice::as_slice`]. Mutable access is only through a view ([`PooledSlice::view_mut`]): handing out
+/// `&mut CudaSlice` would let the slice inside be swapped for one of another size or owner, which would put
+/// the wrong block back in the pool.
+pub struct PooledSlice<T> {
+    slice: ManuallyDrop<CudaSlice<T>>,
+    class: usize,
+    pool: Arc<Allocator>,
+}
+
+impl<T> PooledSlice<T> {
+    pub fn len(&self) -> usize {
+        self.slice.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slice.is_empty()
+    }
+
+    /// The size of the pooled block behind this buffer, in bytes (the request rounded up to its class).
+    pub fn block_bytes(&self) -> usize {
+        self.class
+    }
+
+    pub fn as_slice(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+
+    pub fn view(&self) -> CudaView<'_, T> {
+        self.slice.as_view()
+    }
+
+    pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.slice.as_view_mut()
+    }
+}
+
+impl<T> Deref for PooledSlice<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
+impl<T> Drop for PooledSlice<T> {
+    fn drop(&mut self) {
+        // SAFETY: `slice` is not touched again; `drop` runs once.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        // `leak` gives up ownership without freeing; with event tracking off it neither waits nor records.
+        let ptr = slice.leak();
+        self.pool.release(ptr, self.class);
+    }
+}
+
+impl<T> fmt::Debug for PooledSlice<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PooledSlice<{}>(len {}, block {} bytes)", std::any::type_name::<T>(), self.len(), self.class)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_classes_round_up_small_and_large() {
+        assert_eq!(size_class(0), Some(512));
+        assert_eq!(size_class(1), Some(512));
+        assert_eq!(size_class(512), Some(512));
+        assert_eq!(size_class(513), Some(1024));
+        assert_eq!(size_class(1 << 20), Some(1 << 20));
+        assert_eq!(size_class((1 << 20) + 1), Some(2 << 20));
+        assert_eq!(size_class((2 << 20) + 1), Some(4 << 20));
+        assert_eq!(size_class(usize::MAX), None);
+    }
+}

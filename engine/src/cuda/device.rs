@@ -1,0 +1,426 @@
+//! `CudaDevice`: one per ordinal, opened on first use and kept for the life of the process.
+//!
+//! cudarc is built with `dynamic-loading`: nothing CUDA is needed to build, and `libcuda`, `libcublas` and
+//! `libnvrtc` are `dlopen`ed the first time a function of theirs is called. cudarc's loader *panics* when a
+//! library is missing, and when a loaded library lacks a symbol the bindings expect (a driver older than
+//! CUDA 13). So before touching a library we ask cudarc whether it can be loaded at all (`is_culib_present`),
+//! and the set-up calls (driver probe, context, cuBLAS handle, NVRTC) run under [`catch_panics`] as a last
+//! resort for the missing-symbol case. Either way the caller gets `Error::CudaUnavailable` (or `Nvrtc` /
+//! `Cublas`), never a panic. The default panic hook may still print cudarc's message to stderr once.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{
+    result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::alloc::{Allocator, MemoryStats, PooledSlice};
+use super::blas::Blas;
+use super::{nvrtc, OrCuda};
+use crate::{Error, Result};
+
+// ---- libraries ---------------------------------------------------------------------------------------
+
+/// The CUDA libraries mila-rs loads at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Library {
+    Driver,
+    Cublas,
+    Nvrtc,
+}
+
+impl Library {
+    const ALL: [Library; 3] = [Library::Driver, Library::Cublas, Library::Nvrtc];
+
+    fn name(self) -> &'static str {
+        match self {
+            Library::Driver => "libcuda",
+            Library::Cublas => "libcublas",
+            Library::Nvrtc => "libnvrtc",
+        }
+    }
+
+    fn purpose(self) -> &'static str {
+        match self {
+            Library::Driver => "driver API: devices, memory, copies, kernel launches (required)",
+            Library::Cublas => "matrix products (loads libcublasLt itself)",
+            Library::Nvrtc => "compiles the CUDA kernels at run time",
+        }
+    }
+
+    /// The file names cudarc tries, in order.
+    pub(crate) fn candidates(self) -> Vec<String> {
+        let stems: &[&str] = match self {
+            Library::Driver => &["cuda", "nvcuda"],
+            Library::Cublas => &["cublas"],
+            Library::Nvrtc => &["nvrtc"],
+        };
+        stems.iter().flat_map(|s| cudarc::get_lib_name_candidates(s)).collect()
+    }
+
+    fn probe(self) -> bool {
+        // SAFETY: each `is_culib_present` only `dlopen`s candidate names and drops the handles again.
+        unsafe {
+            match self {
+                Library::Driver => cudarc::driver::sys::is_culib_present(),
+                Library::Cublas => cudarc::cublas::sys::is_culib_present(),
+                Library::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
+            }
+        }
+    }
+}
+
+/// Whether `lib` can be loaded (probed once per process).
+pub(crate) fn library_present(lib: Library) -> bool {
+    static PRESENT: [OnceLock<bool>; Library::ALL.len()] = [const { OnceLock::new() }; Library::ALL.len()];
+    *PRESENT[lib as usize].get_or_init(|| lib.probe())
+}
+
+/// One line of [`library_report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibraryStatus {
+    /// e.g. `libcublas`.
+    pub name: &'static str,
+    pub purpose: &'static str,
+    /// The file names searched, in the order cudarc tries them (through the dynamic loader's search path).
+    pub candidates: Vec<String>,
+    pub found: bool,
+}
+
+impl fmt::Display for LibraryStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = if self.found { "found" } else { "NOT FOUND" };
+        write!(f, "{:<10} {:<9} {} (searched {})", self.name, state, self.purpose, self.candidates.join(", "))
+    }
+}
+
+/// Each CUDA library mila-rs loads, the names it looks for and whether one was found (for `mila info`).
+pub fn library_report() -> Vec<LibraryStatus> {
+    Library::ALL
+        .iter()
+        .map(|&lib| LibraryStatus {
+            name: lib.name(),
+            purpose: lib.purpose(),
+            candidates: lib.candidates(),
+            found: library_present(lib),
+        })
+        .collect()
+}
+
+/// Runs `f`, turning a panic into `Err`. cudarc resolves each CUDA symbol on its first call and panics when
+/// the loaded library lacks it; on the set-up paths that must become an error the caller can report.
+pub(crate) fn catch_panics<T>(
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(format!("{what}: the CUDA bindings panicked: {msg}"))
+        }
+    }
+}
+
+// ---- the driver ----------------------------------------------------------------------------------------
+
+struct Driver {
+    device_count: usize,
+    /// e.g. 13000 for CUDA 13.0.
+    version: i32,
+}
+
+/// Loads libcuda and runs `cuInit` once per process; the outcome (or why it failed) is kept.
+fn driver() -> std::result::Result<&'static Driver, String> {
+    static DRIVER: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
+    DRIVER.get_or_init(probe_driver).as_ref().map_err(|e| e.clone())
+}
+
+fn probe_driver() -> std::result::Result<Driver, String> {
+    if !library_present(Library::Driver) {
+        return Err("the CUDA driver library libcuda could not be loaded (no NVIDIA driver installed?); \
+                    `mila info` lists the names searched"
+            .into());
+    }
+    catch_panics("cuInit", || {
+        result::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
+        let count = result::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))?;
+        let mut version = 0;
+        // SAFETY: writes one int.
+        unsafe { sys::cuDriverGetVersion(&mut version) }
+            .result()
+            .map_err(|e| format!("cuDriverGetVersion failed: {e:?}"))?;
+        Ok(Driver { device_count: count.max(0) as usize, version })
+    })
+}
+
+/// The number of CUDA devices (0 when there is no driver or no device).
+pub fn device_count() -> usize {
+    driver().map(|d| d.device_count).unwrap_or(0)
+}
+
+/// Whether at least one CUDA device can be used.
+pub fn is_available() -> bool {
+    device_count() > 0
+}
+
+/// The CUDA version the driver supports, as (major, minor), when a driver is loaded.
+pub fn driver_version() -> Option<(u32, u32)> {
+    let v = driver().ok()?.version.max(0) as u32;
+    Some((v / 1000, (v % 1000) / 10))
+}
+
+/// Why CUDA is unavailable, when it is (`None` when at least one device is present).
+pub fn unavailable_reason() -> Option<String> {
+    match driver() {
+        Err(reason) => Some(reason),
+        Ok(d) if d.device_count == 0 => Some("the driver reports no CUDA device".into()),
+        Ok(_) => None,
+    }
+}
+
+// ---- the device ----------------------------------------------------------------------------------------
+
+/// A loaded NVRTC module and the functions taken from it so far.
+struct LoadedModule {
+    source: &'static str,
+    module: Arc<CudaModule>,
+    functions: HashMap<String, CudaFunction>,
+}
+
+/// One CUDA device: its context, the one stream all of its work goes to, the caching allocator, the cuBLAS
+/// handle (made on first use) and the NVRTC module cache. Get it with [`device`].
+pub struct CudaDevice {
+    ordinal: usize,
+    name: String,
+    compute_capability: (u32, u32),
+    multiprocessors: u32,
+    total_memory: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pool: Arc<Allocator>,
+    blas: OnceLock<std::result::Result<Mutex<Blas>, String>>,
+    modules: Mutex<HashMap<&'static str, LoadedModule>>,
+}
+
+/// Opened devices; never dropped, so each ordinal is opened once per process.
+static DEVICES: Mutex<Vec<Arc<CudaDevice>>> = Mutex::new(Vec::new());
+
+/// The device `ordinal`, opened on first use and shared afterwards. `Error::CudaUnavailable` (never a panic)
+/// when libcuda is missing, there is no device, or the ordinal is out of range.
+pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
+    let unavailable = |reason: String| Error::CudaUnavailable { ordinal, reason };
+    let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(d) = devices.iter().find(|d| d.ordinal == ordinal) {
+        return Ok(d.clone());
+    }
+    let count = driver().map_err(unavailable)?.device_count;
+    if ordinal >= count {
+        return Err(unavailable(match count {
+            0 => "the driver reports no CUDA device".into(),
+            n => format!("only {n} CUDA device(s), numbered from 0"),
+        }));
+    }
+    let dev = Arc::new(catch_panics("opening the device", || CudaDevice::open(ordinal)).map_err(unavailable)?);
+    devices.push(dev.clone());
+    Ok(dev)
+}
+
+impl CudaDevice {
+    fn open(ordinal: usize) -> std::result::Result<CudaDevice, String> {
+        let ctx = CudaContext::new(ordinal).map_err(|e| format!("creating the context: {e:?}"))?;
+        // SAFETY: no slice exists on this context yet, and all of its work goes to the one stream below, so
+        // cudarc's cross-stream event tracking has nothing to order (see alloc.rs).
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of our own rather than the legacy default stream, which would synchronise with every other
+        // blocking stream in the process (other libraries' included).
+        let stream = ctx.new_stream().map_err(|e| format!("creating the stream: {e:?}"))?;
+        let attr = |a: sys::CUdevice_attribute| {
+            ctx.attribute(a).map(|v| v.max(0) as u32).map_err(|e| format!("reading {a:?}: {e:?}"))
+        };
+        let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let multiprocessors = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1);
+        let name = ctx.name().map_err(|e| format!("reading the name: {e:?}"))?;
+        let total_memory = ctx.total_mem().map_err(|e| format!("reading the memory size: {e:?}"))?;
+        Ok(CudaDevice {
+            ordinal,
+            name,
+            compute_capability: (major, minor),
+            multiprocessors,
+            total_memory,
+            pool: Arc::new(Allocator::new(stream.clone())),
+            ctx,
+            stream,
+            blas: OnceLock::new(),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// (major, minor), e.g. (9, 0) for an H100.
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.compute_capability
+    }
+
+    /// The NVRTC target for this device, e.g. `sm_90`.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.compute_capability.0, self.compute_capability.1)
+    }
+
+    pub fn multiprocessor_count(&self) -> u32 {
+        self.multiprocessors
+    }
+
+    pub fn total_memory(&self) -> usize {
+        self.total_memory
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every op on this device enqueues its work on. Launch kernels here, nowhere else: the
+    /// allocator's block reuse relies on it (see alloc.rs).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits until all work queued on this device has finished (for benches and timing; ops never need it).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().or_cuda("synchronize")
+    }
+
+    pub(crate) fn blas(&self) -> Result<&Mutex<Blas>> {
+        self.blas
+            .get_or_init(|| Blas::new(&self.stream))
+            .as_ref()
+            .map_err(|msg| Error::Cublas { op: "create", msg: msg.clone() })
+    }
+
+    // ---- memory ----
+
+    /// An uninitialised buffer of `len` elements from the pool. Every element must be written before it is
+    /// read (a reused block holds whatever its last owner left there).
+    pub fn alloc<T>(&self, len: usize) -> Result<PooledSlice<T>> {
+        self.pool.alloc(len)
+    }
+
+    /// A device copy of `host` (enqueued; the host slice may be dropped as soon as this returns).
+    pub fn htod<T: DeviceRepr>(&self, host: &[T]) -> Result<PooledSlice<T>> {
+        let mut out = self.alloc::<T>(host.len())?;
+        if !host.is_empty() {
+            self.stream.memcpy_htod(host, &mut out.view_mut()).or_cuda("htod")?;
+        }
+        Ok(out)
+    }
+
+    /// The elements of `src` on the host. Waits for the stream: the only synchronising copy.
+    pub fn dtoh<T: DeviceRepr + Default + Clone, S: DevicePtr<T>>(&self, src: &S) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); src.len()];
+        if !host.is_empty() {
+            self.stream.memcpy_dtoh(src, &mut host).or_cuda("dtoh")?;
+        }
+        // A copy into pageable memory has already completed when the call returns, but waiting explicitly does
+        // not rely on that, and surfaces errors of earlier asynchronous work here.
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    /// What the caching allocator holds on this device.
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.pool.stats()
+    }
+
+    /// Restarts the peak from what is in use now.
+    pub fn reset_peak(&self) {
+        self.pool.reset_peak()
+    }
+
+    /// Gives every cached (free) block back to the driver. Waits for the stream first.
+    pub fn empty_cache(&self) -> Result<()> {
+        self.pool.empty_cache()
+    }
+
+    // ---- kernels ----
+
+    /// A launch configuration for a grid-stride kernel over `n` elements: 256 threads a block, and no more
+    /// blocks than fill the device (8 per multiprocessor); each thread then loops over several elements.
+    pub fn launch_config(&self, n: usize) -> LaunchConfig {
+        const THREADS: u32 = 256;
+        const BLOCKS_PER_SM: usize = 8;
+        let max_blocks = self.multiprocessors as usize * BLOCKS_PER_SM;
+        let blocks = n.div_ceil(THREADS as usize).clamp(1, max_blocks);
+        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// The kernel `name` of `module`. The first call for a module on this device compiles `source` with NVRTC
+    /// for this device's architecture and loads it; later calls return the cached function. Module names are
+    /// process-wide: one name, one source. A compile failure is `Error::Nvrtc` carrying NVRTC's full log.
+    pub fn function(&self, module: &'static str, source: &'static str, name: &str) -> Result<CudaFunction> {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        let loaded = match modules.entry(module) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert(self.load_module(module, source)?),
+        };
+        // Pointer equality first: the same `include_str!` every time is the normal case.
+        if !std::ptr::eq(loaded.source, source) && loaded.source != source {
+            return Err(Error::Cuda {
+                op: "function",
+                msg: format!("module '{module}' was already loaded from a different source"),
+            });
+        }
+        if let Some(f) = loaded.functions.get(name) {
+            return Ok(f.clone());
+        }
+        let missing =
+            |why: String| Error::Cuda { op: "function", msg: format!("module '{module}': kernel '{name}': {why}") };
+        if name.contains('\0') {
+            return Err(missing("the name contains a NUL byte".into()));
+        }
+        let f = loaded.module.load_function(name).map_err(|e| missing(format!("{e:?}")))?;
+        loaded.functions.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    fn load_module(&self, module: &'static str, source: &'static str) -> Result<LoadedModule> {
+        let cubin = nvrtc::compile(module, source, &self.arch())?;
+        let loaded = self
+            .ctx
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(|e| Error::Cuda { op: "load_module", msg: format!("module '{module}': {e:?}") })?;
+        Ok(LoadedModule { source, module: loaded, functions: HashMap::new() })
+    }
+}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CudaDevice(cuda:{}, {}, sm_{}{}, {} SMs, {:.1} GiB)",
+            self.ordinal,
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.multiprocessors,
+            self.total_memory as f64 / (1u64 << 30) as f64
+        )
+    }
+}

@@ -1,0 +1,215 @@
+//! Optimizers with PyTorch's update rules (the kernels and formulas are in `ops::optim`), parameter groups,
+//! gradient clipping by global norm.
+
+use std::collections::HashMap;
+
+use engine::{no_grad, Error, Result, Tensor, TensorId};
+use ops::optim::{adamw_step, scale_, sgd_step, sum_squares, AdamWStep, SgdStep};
+
+/// Parameters sharing hyper-parameters (here: the weight decay).
+#[derive(Clone)]
+pub struct ParamGroup {
+    pub params: Vec<Tensor>,
+    pub weight_decay: f64,
+}
+
+/// Splits named parameters into a decayed group and a no-decay group (biases, norms and every 1-D
+/// parameter), as timm and the official MLLA code do.
+pub fn param_groups(named: &[(String, Tensor)], weight_decay: f64, no_decay: &[&str]) -> Vec<ParamGroup> {
+    let (mut decay, mut keep) = (Vec::new(), Vec::new());
+    for (name, p) in named {
+        let skip = p.rank() <= 1 || name.ends_with(".bias") || no_decay.iter().any(|k| name.contains(k));
+        if skip {
+            keep.push(p.clone());
+        } else {
+            decay.push(p.clone());
+        }
+    }
+    vec![ParamGroup { params: decay, weight_decay }, ParamGroup { params: keep, weight_decay: 0.0 }]
+}
+
+pub trait Optimizer {
+    /// Applies one update to every parameter that has a gradient.
+    fn step(&mut self) -> Result<()>;
+    fn lr(&self) -> f64;
+    fn set_lr(&mut self, lr: f64);
+    fn groups(&self) -> &[ParamGroup];
+
+    /// Drops every parameter's gradient.
+    fn zero_grad(&self) {
+        for p in self.groups().iter().flat_map(|g| &g.params) {
+            p.zero_grad();
+        }
+    }
+}
+
+fn zeros_like(p: &Tensor) -> Result<Tensor> {
+    Tensor::zeros(p.shape(), p.dtype(), p.device())
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SgdConfig {
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+}
+
+pub struct Sgd {
+    groups: Vec<ParamGroup>,
+    cfg: SgdConfig,
+    /// Momentum buffers, made on a parameter's first step.
+    buffers: HashMap<TensorId, Tensor>,
+}
+
+impl Sgd {
+    pub fn new(groups: Vec<ParamGroup>, cfg: SgdConfig) -> Result<Self> {
+        if cfg.nesterov && (cfg.momentum <= 0.0 || cfg.dampening != 0.0) {
+            return Err(Error::Msg { context: "sgd", msg: "nesterov needs momentum > 0 and dampening 0".into() });
+        }
+        Ok(Sgd { groups, cfg, buffers: HashMap::new() })
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self) -> Result<()> {
+        no_grad(|| {
+            for group in &self.groups {
+                for p in &group.params {
+                    let Some(g) = p.grad() else { continue };
+                    let first = !self.buffers.contains_key(&p.id());
+                    let buf = match self.buffers.get(&p.id()) {
+                        Some(b) => b.clone(),
+                        None => {
+                            let b = zeros_like(p)?;
+                            self.buffers.insert(p.id(), b.clone());
+                            b
+                        }
+                    };
+                    let h = SgdStep {
+                        lr: self.cfg.lr,
+                        momentum: self.cfg.momentum,
+                        dampening: self.cfg.dampening,
+                        nesterov: self.cfg.nesterov,
+                        weight_decay: group.weight_decay,
+                        first,
+                    };
+                    sgd_step(p, &g, &buf, h)?;
+                }
+            }
+            Ok(())
+        })
+    }
+    fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+    fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub amsgrad: bool,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults.
+    fn default() -> Self {
+        AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, amsgrad: false }
+    }
+}
+
+/// Per-parameter AdamW state: step count, first and second moments, and the running max for amsgrad.
+pub struct AdamState {
+    pub step: u64,
+    pub m: Tensor,
+    pub v: Tensor,
+    /// Only with amsgrad.
+    pub vmax: Option<Tensor>,
+}
+
+pub struct AdamW {
+    groups: Vec<ParamGroup>,
+    cfg: AdamWConfig,
+    state: HashMap<TensorId, AdamState>,
+}
+
+impl AdamW {
+    pub fn new(groups: Vec<ParamGroup>, cfg: AdamWConfig) -> Self {
+        AdamW { groups, cfg, state: HashMap::new() }
+    }
+
+    /// The state of one parameter, if it has taken a step.
+    pub fn state(&self, p: &Tensor) -> Option<&AdamState> {
+        self.state.get(&p.id())
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self) -> Result<()> {
+        no_grad(|| {
+            for group in &self.groups {
+                for p in &group.params {
+                    let Some(g) = p.grad() else { continue };
+                    let st = match self.state.entry(p.id()) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            let vmax = if self.cfg.amsgrad { Some(zeros_like(p)?) } else { None };
+                            let (m, v) = (zeros_like(p)?, zeros_like(p)?);
+                            e.insert(AdamState { step: 0, m, v, vmax })
+                        }
+                    };
+                    st.step += 1;
+                    let h = AdamWStep {
+                        lr: self.cfg.lr,
+                        beta1: self.cfg.beta1,
+                        beta2: self.cfg.beta2,
+                        eps: self.cfg.eps,
+                        weight_decay: group.weight_decay,
+                        amsgrad: self.cfg.amsgrad,
+                        step: st.step,
+                    };
+                    adamw_step(p, &g, &st.m, &st.v, st.vmax.as_ref(), h)?;
+                }
+            }
+            Ok(())
+        })
+    }
+    fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+    fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`: factor max_norm / (norm + 1e-6), applied only when below 1). Returns the norm before.
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64> {
+    no_grad(|| {
+        let grads: Vec<Tensor> = params.iter().filter_map(|p| p.grad()).collect();
+        let mut total = 0.0;
+        for g in &grads {
+            total += sum_squares(g)?;
+        }
+        let norm = total.sqrt();
+        let factor = max_norm / (norm + 1e-6);
+        if factor < 1.0 {
+            for g in &grads {
+                scale_(g, factor)?;
+            }
+        }
+        Ok(norm)
+    })
+}

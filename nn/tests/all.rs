@@ -1,0 +1,3 @@
+//! Integration tests of nn, one binary.
+
+mod optim;

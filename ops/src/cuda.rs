@@ -1,0 +1,44 @@
+//! What the families' CUDA paths share: the kernel sources (engine prelude + math prelude + the family's
+//! .cu), a typed function lookup, and the error mapping of launches.
+//!
+//! Every op enqueues on its device's one stream and returns; nothing here waits for the device.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use engine::cuda::{kernel_name, CudaDevice, CudaFunction, LaunchArgs};
+use engine::{Error, Float, Result};
+
+/// A family's kernels: a module name (unique in the process) and its .cu body.
+pub(crate) struct Module {
+    pub name: &'static str,
+    pub body: &'static str,
+}
+
+const MATH_PRELUDE: &str = include_str!("prelude.cuh");
+
+/// The full source of `m`, assembled once per process (NVRTC compiles it once per device).
+fn source(m: &Module) -> &'static str {
+    static SOURCES: OnceLock<Mutex<HashMap<&'static str, &'static str>>> = OnceLock::new();
+    let mut sources = SOURCES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    sources.entry(m.name).or_insert_with(|| {
+        // Leaked once per module: the device's module cache holds `&'static str` sources.
+        Box::leak(format!("{}\n{}\n{}", engine::cuda::PRELUDE, MATH_PRELUDE, m.body).into_boxed_str())
+    })
+}
+
+/// The kernel `<base>_<dtype of T>` of module `m` on `dev`.
+pub(crate) fn function<T: Float>(dev: &CudaDevice, m: &Module, base: &str) -> Result<CudaFunction> {
+    dev.function(m.name, source(m), &kernel_name::<T>(base))
+}
+
+/// Launches `args` over a grid-stride configuration for `n` elements.
+///
+/// # Safety
+/// The kernel's parameter list must match the arguments pushed, and every index it computes from `n` and
+/// the `Strided` views must lie inside the buffers passed (true for views of valid layouts, which ops
+/// build only through the engine's checked layout methods).
+pub(crate) unsafe fn launch(op: &'static str, dev: &CudaDevice, mut args: LaunchArgs<'_>, n: usize) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe { args.launch(dev.launch_config(n)) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+}

@@ -1,0 +1,105 @@
+//! CPU matmul through the `gemm` crate, which takes any row and column strides: transposed, sliced and
+//! broadcast (stride-0) operands go in as they are. The output is contiguous (..c, m, n).
+
+use engine::{CpuStorage, Error, Float, Layout, Result};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::Plan;
+
+/// Products with fewer multiply-adds than this run on one thread: below it the cost of waking the pool
+/// outweighs the work.
+const PARALLEL_MIN: usize = 64 * 64 * 64;
+
+/// Storage offset of each batch's matrix, in row-major batch order (stride 0 on broadcast dims).
+fn batch_offsets(layout: &Layout, batch: &[usize]) -> Vec<usize> {
+    let r = batch.len();
+    Layout::new(batch.to_vec(), layout.strides()[..r].to_vec(), layout.offset()).offsets()
+}
+
+/// The last two strides of a layout, as gemm's (row, column) strides.
+fn matrix_strides(layout: &Layout) -> (isize, isize) {
+    let s = layout.strides();
+    let r = s.len();
+    (s[r - 2] as isize, s[r - 1] as isize)
+}
+
+/// C = A B for one matrix of each; `c` is row-major (m, n).
+///
+/// # Safety
+/// Every element `a_off + i * a_rs + p * a_cs` (i < m, p < k) must lie in `a`, likewise for `b`, and `c`
+/// must hold m * n elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_one<T: Float>(
+    plan: &Plan,
+    c: &mut [T],
+    a: &[T],
+    a_off: usize,
+    (a_rs, a_cs): (isize, isize),
+    b: &[T],
+    b_off: usize,
+    (b_rs, b_cs): (isize, isize),
+    parallelism: Parallelism,
+) {
+    gemm::gemm(
+        plan.m,
+        plan.n,
+        plan.k,
+        c.as_mut_ptr(),
+        1,
+        plan.n as isize,
+        false,
+        a.as_ptr().add(a_off),
+        a_cs,
+        a_rs,
+        b.as_ptr().add(b_off),
+        b_cs,
+        b_rs,
+        T::ZERO, // scales the old dst, which is not read
+        T::ONE,  // scales A B
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
+fn matmul_typed<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout, plan: &Plan) -> Result<Vec<T>> {
+    let (m, k, n) = (plan.m, plan.k, plan.n);
+    let batches: usize = plan.batch.iter().product();
+    let mut c = vec![T::ZERO; batches * m * n];
+    // With k = 0 every entry is an empty sum: the zeros above are the answer.
+    if c.is_empty() || k == 0 {
+        return Ok(c);
+    }
+    // gemm reads through raw pointers: check here that both views stay inside their buffers.
+    if la.storage_span().end > a.len() || lb.storage_span().end > b.len() {
+        return Err(Error::invalid("matmul", "operand view exceeds its storage", la.shape()));
+    }
+    let (a_offs, b_offs) = (batch_offsets(la, &plan.batch), batch_offsets(lb, &plan.batch));
+    let (a_st, b_st) = (matrix_strides(la), matrix_strides(lb));
+    let per_matrix = m * n * k;
+    // SAFETY (both calls below): offsets and strides come from `la` and `lb`, whose spans were checked
+    // against `a` and `b` above, and each chunk of `c` holds exactly m * n elements.
+    if per_matrix < PARALLEL_MIN && batches > 1 && batches * per_matrix >= PARALLEL_MIN {
+        // Many small products: one thread per matrix beats splitting each tiny matrix.
+        c.par_chunks_mut(m * n)
+            .zip(a_offs.par_iter().zip(&b_offs))
+            .for_each(|(c, (&ao, &bo))| unsafe { gemm_one(plan, c, a, ao, a_st, b, bo, b_st, Parallelism::None) });
+    } else {
+        let par = if per_matrix >= PARALLEL_MIN { Parallelism::Rayon(0) } else { Parallelism::None };
+        for ((c, &ao), &bo) in c.chunks_mut(m * n).zip(&a_offs).zip(&b_offs) {
+            unsafe { gemm_one(plan, c, a, ao, a_st, b, bo, b_st, par) };
+        }
+    }
+    Ok(c)
+}
+
+/// The dtype dispatch of the CPU matmul.
+pub(super) fn matmul(a: &CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout, plan: &Plan) -> Result<CpuStorage> {
+    match (a, b) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => Ok(CpuStorage::F32(matmul_typed(a, la, b, lb, plan)?)),
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => Ok(CpuStorage::F64(matmul_typed(a, la, b, lb, plan)?)),
+        _ => Err(Error::DTypeMismatch { op: "matmul", lhs: a.dtype(), rhs: b.dtype() }),
+    }
+}

@@ -1,0 +1,289 @@
+use engine::{gradcheck, DType, Device, Error, Generator, Tensor};
+use proptest::prelude::*;
+
+use crate::testing::*;
+use crate::view::{expand, narrow, permute, t};
+
+use super::*;
+
+/// Asserts `got` and `want` have the same shape and agree within `tol` everywhere.
+fn assert_close(got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.shape(), want.shape());
+    assert_eq!(got.dtype(), want.dtype());
+    for (i, (x, y)) in got.to_vec_f64().unwrap().iter().zip(want.to_vec_f64().unwrap()).enumerate() {
+        assert!((x - y).abs() <= tol, "element {i}: {x} vs {y} (tol {tol})");
+    }
+}
+
+/// f64 products of N(0, 1) entries with k <= 100: gemm and the loop differ only by summation order.
+const F64_TOL: f64 = 1e-12;
+
+#[test]
+fn matches_reference_for_plain_transposed_and_broadcast_batches() {
+    let a = randn(&[5, 7], 1);
+    let b = randn(&[7, 3], 2);
+    assert_close(&matmul(&a, &b).unwrap(), &matmul_ref(&a, &b).unwrap(), F64_TOL);
+    // Transposed and sliced operands go to gemm with their own strides.
+    let at = t(&randn(&[7, 5], 3)).unwrap();
+    let bs = narrow(&randn(&[7, 6], 4), 1, 2, 3).unwrap(); // (7, 3) with row stride 6
+    assert!(!at.is_contiguous() && !bs.is_contiguous());
+    assert_close(&matmul(&at, &bs).unwrap(), &matmul_ref(&at, &bs).unwrap(), F64_TOL);
+    // (2, 1, 4, 3) @ (5, 3, 6) -> (2, 5, 4, 6): both operands broadcast along a batch dim.
+    let a = randn(&[2, 1, 4, 3], 5);
+    let b = randn(&[5, 3, 6], 6);
+    let c = matmul(&a, &b).unwrap();
+    assert_eq!(c.shape(), &[2, 5, 4, 6]);
+    assert_close(&c, &matmul_ref(&a, &b).unwrap(), F64_TOL);
+    // Batch dims permuted into place, matrices transposed.
+    let a = permute(&randn(&[3, 4, 2], 7), &[2, 1, 0]).unwrap(); // (2, 4, 3)
+    let b = permute(&randn(&[5, 2, 3], 8), &[1, 2, 0]).unwrap(); // (2, 3, 5)
+    assert_close(&matmul(&a, &b).unwrap(), &matmul_ref(&a, &b).unwrap(), F64_TOL);
+}
+
+#[test]
+fn reference_is_a_plain_triple_loop() {
+    // Hand-computed, so the reference itself is checked: [[1, 2], [3, 4]] @ [[5], [6]] = [[17], [39]].
+    let a = Tensor::from_vec(vec![1.0f64, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
+    let b = Tensor::from_vec(vec![5.0f64, 6.0], &[2, 1]).unwrap();
+    assert_eq!(matmul_ref(&a, &b).unwrap().to_vec_f64().unwrap(), vec![17.0, 39.0]);
+    assert_eq!(matmul(&a, &b).unwrap().to_vec_f64().unwrap(), vec![17.0, 39.0]);
+}
+
+#[test]
+fn f32_matches_reference_within_the_summation_error_bound() {
+    let mut g = Generator::new(9);
+    let a = Tensor::randn(&[3, 33, 70], 0.0, 1.0, DType::F32, Device::Cpu, &mut g).unwrap();
+    let b = Tensor::randn(&[70, 21], 0.0, 1.0, DType::F32, Device::Cpu, &mut g).unwrap();
+    let (got, want) = (matmul(&a, &b).unwrap(), matmul_ref(&a, &b).unwrap());
+    assert_eq!(got.dtype(), DType::F32);
+    // Any order of k f32 additions is within k * eps * sum_p |a_ip b_pj| of the exact sum; the reference
+    // is exact to f64 precision on the same f32 inputs, then rounded once to f32.
+    let abs = |x: &Tensor| {
+        Tensor::from_f64(
+            &x.to_vec_f64().unwrap().iter().map(|v| v.abs()).collect::<Vec<_>>(),
+            x.shape(),
+            DType::F64,
+            Device::Cpu,
+        )
+        .unwrap()
+    };
+    let bound = matmul_ref(&abs(&a), &abs(&b)).unwrap().to_vec_f64().unwrap();
+    let (got, want) = (got.to_vec_f64().unwrap(), want.to_vec_f64().unwrap());
+    for ((x, y), s) in got.iter().zip(&want).zip(&bound) {
+        let tol = 71.0 * f32::EPSILON as f64 * s;
+        assert!((x - y).abs() <= tol, "{x} vs {y} (tol {tol})");
+    }
+}
+
+#[test]
+fn threaded_paths_match_reference() {
+    // One product above the threading threshold (70 * 80 * 90 multiply-adds), split by gemm.
+    let a = randn(&[70, 90], 10);
+    let b = t(&randn(&[80, 90], 11)).unwrap();
+    assert_close(&matmul(&a, &b).unwrap(), &matmul_ref(&a, &b).unwrap(), F64_TOL);
+    // Many small products, one per thread, with the right operand broadcast over the batch.
+    let a = randn(&[600, 8, 8], 12);
+    let b = randn(&[8, 8], 13);
+    assert_close(&matmul(&a, &b).unwrap(), &matmul_ref(&a, &b).unwrap(), F64_TOL);
+}
+
+#[test]
+fn vectors_follow_torch_shapes() {
+    let v = randn(&[4], 14);
+    let m = randn(&[2, 4, 3], 15);
+    let w = randn(&[3], 16);
+    let cases = [
+        (v.clone(), randn(&[4], 17), vec![]),     // dot
+        (v.clone(), m.clone(), vec![2, 3]),       // vector @ batched matrix
+        (m.clone(), w.clone(), vec![2, 4]),       // batched matrix @ vector
+        (randn(&[5, 4], 18), v.clone(), vec![5]), // matrix @ vector
+    ];
+    for (a, b, shape) in cases {
+        let c = matmul(&a, &b).unwrap();
+        assert_eq!(c.shape(), shape.as_slice());
+        assert_close(&c, &matmul_ref(&a, &b).unwrap(), F64_TOL);
+    }
+}
+
+#[test]
+fn empty_sizes_give_empty_or_zero_results() {
+    // k = 0: every entry is an empty sum.
+    let c = matmul(&randn(&[3, 0], 19), &randn(&[0, 2], 20)).unwrap();
+    assert_eq!(c.shape(), &[3, 2]);
+    assert_eq!(c.to_vec_f64().unwrap(), vec![0.0; 6]);
+    assert_eq!(matmul(&randn(&[0, 4], 21), &randn(&[4, 2], 22)).unwrap().shape(), &[0, 2]);
+    assert_eq!(matmul(&randn(&[0, 3, 4], 23), &randn(&[4, 2], 24)).unwrap().shape(), &[0, 3, 2]);
+    assert_eq!(matmul(&randn(&[2, 1, 3, 4], 25), &randn(&[0, 4, 2], 26)).unwrap().shape(), &[2, 0, 3, 2]);
+    assert_eq!(matmul(&randn(&[0], 27), &randn(&[0], 28)).unwrap().to_vec_f64().unwrap(), vec![0.0]);
+    // The backward of a k = 0 product has the inputs' (empty) shapes.
+    let a = randn(&[3, 0], 29).requires_grad_(true).unwrap();
+    let b = randn(&[0, 2], 30).requires_grad_(true).unwrap();
+    matmul(&a, &b).unwrap().backward_with(&randn(&[3, 2], 31)).unwrap();
+    assert_eq!(a.grad().unwrap().shape(), &[3, 0]);
+    assert_eq!(b.grad().unwrap().shape(), &[0, 2]);
+}
+
+#[test]
+fn stride_zero_operands_are_read_in_place() {
+    // Rows repeated by expand: every row of A is the same, so every row of C is too.
+    let row = randn(&[1, 5], 32);
+    let a = expand(&row, &[4, 5]).unwrap();
+    assert_eq!(a.strides(), &[0, 1]);
+    let b = randn(&[5, 3], 33);
+    let c = matmul(&a, &b).unwrap();
+    assert_close(&c, &matmul_ref(&a, &b).unwrap(), F64_TOL);
+    let cv = c.to_vec_f64().unwrap();
+    assert!(cv.chunks(3).all(|r| r == &cv[..3]));
+}
+
+#[test]
+fn matmul_gradients_match_finite_differences() {
+    let cases: Vec<(&str, Vec<Tensor>, Case)> = vec![
+        ("2-D", vec![randn(&[3, 4], 40), randn(&[4, 5], 41)], ("mm", Box::new(|x| matmul(&x[0], &x[1])))),
+        (
+            "batched broadcast",
+            vec![randn(&[2, 1, 3, 4], 42), randn(&[3, 4, 2], 43)],
+            ("bmm", Box::new(|x| matmul(&x[0], &x[1]))),
+        ),
+        (
+            "left operand shared over the batch",
+            vec![randn(&[3, 4], 44), randn(&[2, 4, 2], 45)],
+            ("bmm", Box::new(|x| matmul(&x[0], &x[1]))),
+        ),
+        (
+            "permuted and sliced",
+            vec![randn(&[4, 2, 3], 46), randn(&[2, 6, 5], 47)],
+            // (2, 3, 4) @ (2, 4, 5), the first a permutation, the second a slice of rows 1..5.
+            ("bmm", Box::new(|x| matmul(&permute(&x[0], &[1, 2, 0])?, &narrow(&x[1], 1, 1, 4)?))),
+        ),
+        (
+            "transposed",
+            vec![randn(&[4, 3], 48), randn(&[5, 4], 49)],
+            ("mm", Box::new(|x| matmul(&t(&x[0])?, &t(&x[1])?))),
+        ),
+        ("vector @ matrix", vec![randn(&[4], 50), randn(&[2, 4, 3], 51)], ("vm", Box::new(|x| matmul(&x[0], &x[1])))),
+        ("matrix @ vector", vec![randn(&[3, 4], 52), randn(&[4], 53)], ("mv", Box::new(|x| matmul(&x[0], &x[1])))),
+        ("dot", vec![randn(&[5], 54), randn(&[5], 55)], ("dot", Box::new(|x| matmul(&x[0], &x[1])))),
+    ];
+    for (what, inputs, (name, f)) in cases {
+        let r = gradcheck(name, &inputs, f).unwrap();
+        assert!(r.passed(), "{what}: {r}");
+        assert!(r.max_abs_grad > 0.1, "{what}: {r}");
+    }
+}
+
+#[test]
+fn only_inputs_that_require_grad_get_one() {
+    let a = randn(&[3, 4], 56).requires_grad_(true).unwrap();
+    let b = randn(&[4, 2], 57);
+    let g = randn(&[3, 2], 58);
+    matmul(&a, &b).unwrap().backward_with(&g).unwrap();
+    assert!(b.grad().is_none());
+    // dA = g B^T, computed by the reference.
+    assert_close(&a.grad().unwrap(), &matmul_ref(&g, &t(&b).unwrap()).unwrap(), F64_TOL);
+}
+
+#[test]
+fn bad_operands_are_errors_naming_both_shapes() {
+    let shape_err = |a: &[usize], b: &[usize]| matmul(&randn(a, 60), &randn(b, 61)).unwrap_err();
+    match shape_err(&[2, 3], &[4, 5]) {
+        Error::ShapeMismatch { op: "matmul", lhs, rhs } => assert_eq!((lhs, rhs), (vec![2, 3], vec![4, 5])),
+        e => panic!("unexpected {e}"),
+    }
+    // The shapes in the message are the caller's, not the promoted ones.
+    match shape_err(&[3], &[4, 5]) {
+        Error::ShapeMismatch { lhs, rhs, .. } => assert_eq!((lhs, rhs), (vec![3], vec![4, 5])),
+        e => panic!("unexpected {e}"),
+    }
+    match shape_err(&[2, 3, 4], &[3, 4, 5]) {
+        Error::Broadcast { op: "matmul", lhs, rhs } => assert_eq!((lhs, rhs), (vec![2, 3, 4], vec![3, 4, 5])),
+        e => panic!("unexpected {e}"),
+    }
+    assert!(matches!(shape_err(&[], &[3]), Error::InvalidArgument { op: "matmul", .. }));
+    assert!(matches!(shape_err(&[3], &[]), Error::InvalidArgument { op: "matmul", .. }));
+    let f32s = Tensor::zeros(&[3, 3], DType::F32, Device::Cpu).unwrap();
+    assert!(matches!(matmul(&f32s, &randn(&[3, 3], 62)), Err(Error::DTypeMismatch { .. })));
+    assert!(matmul_ref(&randn(&[2, 3], 63), &randn(&[2, 3], 64)).is_err());
+}
+
+/// A random product: operand shapes with broadcast batch dims, possibly vectors, possibly transposed.
+#[derive(Debug, Clone)]
+struct Product {
+    batch: Vec<usize>,
+    m: usize,
+    k: usize,
+    n: usize,
+    /// Per batch dim and operand: set that operand's dim to 1.
+    ones: Vec<(bool, bool)>,
+    /// Leading batch dims each operand leaves out.
+    drop: (usize, usize),
+    /// 0: matrix @ matrix, 1: vector @ matrix, 2: matrix @ vector, 3: vector @ vector.
+    vectors: u8,
+    transpose: (bool, bool),
+    seed: u64,
+}
+
+fn product() -> impl Strategy<Value = Product> {
+    (prop::collection::vec(0usize..4, 0..3), 0usize..6, 0usize..6, 0usize..6).prop_flat_map(|(batch, m, k, n)| {
+        let r = batch.len();
+        (
+            prop::collection::vec((any::<bool>(), any::<bool>()), r),
+            (0..=r, 0..=r),
+            prop_oneof![6 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)],
+            (any::<bool>(), any::<bool>()),
+            any::<u64>(),
+        )
+            .prop_map(move |(ones, drop, vectors, transpose, seed)| Product {
+                batch: batch.clone(),
+                m,
+                k,
+                n,
+                ones,
+                drop,
+                vectors,
+                transpose,
+                seed,
+            })
+    })
+}
+
+impl Product {
+    /// Operand `which` (0: A, 1: B) of shape (..batch, rows, cols), or a vector of `rows`.
+    fn operand(&self, which: usize, rows: usize, cols: usize, vector: bool) -> Tensor {
+        let seed = self.seed.wrapping_add(which as u64);
+        if vector {
+            return randn(&[rows], seed);
+        }
+        let drop = if which == 0 { self.drop.0 } else { self.drop.1 };
+        let mut shape: Vec<usize> = self.batch[drop..]
+            .iter()
+            .zip(&self.ones[drop..])
+            .map(|(&d, &(oa, ob))| if (which == 0 && oa) || (which == 1 && ob) { 1 } else { d })
+            .collect();
+        let transposed = if which == 0 { self.transpose.0 } else { self.transpose.1 };
+        if transposed {
+            // Stored as (.., cols, rows) and viewed back as (.., rows, cols).
+            shape.extend([cols, rows]);
+            t(&randn(&shape, seed)).unwrap()
+        } else {
+            shape.extend([rows, cols]);
+            randn(&shape, seed)
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn matmul_matches_the_triple_loop_on_random_shapes(p in product()) {
+        let a = p.operand(0, if p.vectors & 1 == 1 { p.k } else { p.m }, p.k, p.vectors & 1 == 1);
+        let b = p.operand(1, p.k, p.n, p.vectors & 2 == 2);
+        let c = matmul(&a, &b).unwrap();
+        let want = matmul_ref(&a, &b).unwrap();
+        prop_assert_eq!(c.shape(), want.shape());
+        for (x, y) in c.to_vec_f64().unwrap().iter().zip(want.to_vec_f64().unwrap()) {
+            prop_assert!((x - y).abs() <= F64_TOL, "{:?} @ {:?}: {} vs {}", a.shape(), b.shape(), x, y);
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! In-place optimizer updates, one fused kernel per rule (not differentiable, run under `no_grad`). The
+//! rules are PyTorch's (`torch.optim.SGD`, `torch.optim.AdamW`), element by element:
+//!
+//! SGD, with g = grad + weight_decay * p:
+//!     buf = g on the first step, else momentum * buf + (1 - dampening) * g     (when momentum != 0)
+//!     d   = g + momentum * buf if nesterov else buf                           (g when momentum == 0)
+//!     p  -= lr * d
+//!
+//! AdamW at step t (from 1), with decoupled weight decay:
+//!     p  *= 1 - lr * weight_decay
+//!     m   = beta1 * m + (1 - beta1) * g
+//!     v   = beta2 * v + (1 - beta2) * g^2
+//!     vhat = max(vmax, v) (stored back in vmax) if amsgrad else v
+//!     p  -= lr / (1 - beta1^t) * m / (sqrt(vhat) / sqrt(1 - beta2^t) + eps)
+//!
+//! Parameters, gradients and state are contiguous tensors of one shape, dtype and device.
+
+mod cpu;
+
+use engine::{Error, Result, Storage, Tensor};
+
+use crate::util::{no_cuda, same_dtype_device};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdStep {
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// The momentum buffer is initialised from g (PyTorch's first step) rather than updated.
+    pub first: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+    /// 1-based step count, for the bias corrections.
+    pub step: u64,
+}
+
+fn check(op: &'static str, p: &Tensor, others: &[&Tensor]) -> Result<()> {
+    if !p.is_contiguous() {
+        return Err(Error::invalid(op, "parameters must be contiguous", p.shape()));
+    }
+    for t in others {
+        same_dtype_device(op, p, t)?;
+        if t.shape() != p.shape() {
+            return Err(Error::ShapeMismatch { op, lhs: p.shape().to_vec(), rhs: t.shape().to_vec() });
+        }
+        if !t.is_contiguous() {
+            return Err(Error::invalid(op, "gradients and state must be contiguous", t.shape()));
+        }
+    }
+    Ok(())
+}
+
+/// One SGD step on `p` in place; `buf` is the momentum buffer (ignored when momentum is 0).
+pub fn sgd_step(p: &Tensor, grad: &Tensor, buf: &Tensor, h: SgdStep) -> Result<()> {
+    check("sgd_step", p, &[grad, buf])?;
+    let g = grad.storage();
+    let mut ps = p.storage_mut();
+    let mut bs = buf.storage_mut();
+    match (&mut *ps, &*g, &mut *bs) {
+        (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(b)) => cpu::sgd(p, g, b, h),
+        (s, _, _) => Err(no_cuda("sgd_step", s)),
+    }
+}
+
+/// One AdamW step on `p` in place; `vmax` (the running max of v) is required with amsgrad, unused without.
+pub fn adamw_step(
+    p: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    vmax: Option<&Tensor>,
+    h: AdamWStep,
+) -> Result<()> {
+    check("adamw_step", p, &[grad, m, v])?;
+    if h.step == 0 {
+        return Err(Error::invalid("adamw_step", "steps count from 1", p.shape()));
+    }
+    // Without amsgrad the kernel never touches vmax: pass v in its place to keep one code path.
+    let vmax = match (h.amsgrad, vmax) {
+        (true, Some(x)) => {
+            check("adamw_step", p, &[x])?;
+            x
+        }
+        (true, None) => return Err(Error::invalid("adamw_step", "amsgrad needs a vmax buffer", p.shape())),
+        (false, _) => v,
+    };
+    let g = grad.storage();
+    let mut ps = p.storage_mut();
+    let mut ms = m.storage_mut();
+    if vmax.same_storage(v) {
+        let mut vs = v.storage_mut();
+        return match (&mut *ps, &*g, &mut *ms, &mut *vs) {
+            (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v)) => cpu::adamw(p, g, m, v, None, h),
+            (s, ..) => Err(no_cuda("adamw_step", s)),
+        };
+    }
+    let mut vs = v.storage_mut();
+    let mut xs = vmax.storage_mut();
+    match (&mut *ps, &*g, &mut *ms, &mut *vs, &mut *xs) {
+        (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v), Storage::Cpu(x)) => {
+            cpu::adamw(p, g, m, v, Some(x), h)
+        }
+        (s, ..) => Err(no_cuda("adamw_step", s)),
+    }
+}
+
+/// Multiplies every tensor in place by `factor` (gradient clipping).
+pub fn scale_(t: &Tensor, factor: f64) -> Result<()> {
+    check("scale_", t, &[])?;
+    let mut s = t.storage_mut();
+    match &mut *s {
+        Storage::Cpu(c) => {
+            cpu::scale(c, factor);
+            Ok(())
+        }
+        s => Err(no_cuda("scale_", s)),
+    }
+}
+
+/// Sum of squares of every element, accumulated in f64 (for the global gradient norm).
+pub fn sum_squares(t: &Tensor) -> Result<f64> {
+    let y = crate::reduce::sum_all(&crate::elementwise::mul(t, t)?)?;
+    y.to_scalar()
+}
