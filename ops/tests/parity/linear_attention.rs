@@ -1,8 +1,5 @@
 //! MILA's LinearAttention (docs/MILA.md, section 2) composed from the ops, against
 //! `fixtures/linear_attention.safetensors`: the output and the gradients of the input and of every parameter.
-//!
-//! The ops crate has no matmul on this branch, so the products are a local helper: a broadcast multiply and a
-//! sum over the shared dim, which the tape differentiates like any composition.
 
 use std::collections::HashMap;
 
@@ -26,11 +23,6 @@ fn load(path: &str) -> (HashMap<String, Tensor>, String) {
     (out, config)
 }
 
-/// a @ b over the last two dims, leading dims broadcast: (..., m, k) x (..., k, n) -> (..., m, n).
-fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.unsqueeze(-1)?.mul(&b.unsqueeze(-3)?)?.sum(&[-2], false)
-}
-
 struct Params {
     qk_weight: Tensor,
     qk_bias: Tensor,
@@ -42,7 +34,7 @@ struct Params {
 fn linear_attention(x: &Tensor, p: &Params, (h, w): (usize, usize), heads: usize) -> Result<Tensor> {
     let (b, n, c) = (x.dim(0)?, x.dim(1)?, x.dim(2)?);
     let d = c / heads;
-    let qk = matmul(x, &p.qk_weight.t()?)?.add(&p.qk_bias)?; // (B, N, 2C)
+    let qk = x.matmul(&p.qk_weight.t()?)?.add(&p.qk_bias)?; // (B, N, 2C)
     let q = qk.narrow(2, 0, c)?.elu(1.0)?.add_scalar(1.0)?;
     let k = qk.narrow(2, c, c)?.elu(1.0)?.add_scalar(1.0)?;
     let (q_rope, k_rope) = (q.rope2d(h, w, 10000.0)?, k.rope2d(h, w, 10000.0)?);
@@ -50,10 +42,10 @@ fn linear_attention(x: &Tensor, p: &Params, (h, w): (usize, usize), heads: usize
     let split = |t: &Tensor| t.reshape(&[b as isize, n as isize, heads as isize, d as isize])?.permute(&[0, 2, 1, 3]);
     let (q, k, v, q_rope, k_rope) = (split(&q)?, split(&k)?, split(x)?, split(&q_rope)?, split(&k_rope)?);
     // z = 1 / (q . mean_tokens(k) + 1e-6), per token and head: (B, heads, N, 1)
-    let z = q.mul(&k.mean(&[-2], true)?)?.sum(&[-1], true)?.add_scalar(1e-6)?.powf(-1.0)?;
+    let z = q.matmul(&k.mean(&[-2], true)?.transpose(-2, -1)?)?.add_scalar(1e-6)?.powf(-1.0)?;
     let scale = (n as f64).powf(-0.5);
-    let kv = matmul(&k_rope.transpose(-2, -1)?.mul_scalar(scale)?, &v.mul_scalar(scale)?)?; // (B, heads, d, d)
-    let out = matmul(&q_rope, &kv)?.mul(&z)?.transpose(1, 2)?.reshape(&[b as isize, n as isize, c as isize])?;
+    let kv = k_rope.transpose(-2, -1)?.mul_scalar(scale)?.matmul(&v.mul_scalar(scale)?)?; // (B, heads, d, d)
+    let out = q_rope.matmul(&kv)?.mul(&z)?.transpose(1, 2)?.reshape(&[b as isize, n as isize, c as isize])?;
     // LePE: the depthwise 3x3 conv of v seen as a (B, C, H, W) image.
     let image = x.reshape(&[b as isize, h as isize, w as isize, c as isize])?.permute(&[0, 3, 1, 2])?;
     let lepe = image.conv2d(&p.lepe_weight, Some(&p.lepe_bias), (1, 1), (1, 1), (1, 1), c)?;
