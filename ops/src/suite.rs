@@ -96,10 +96,13 @@ pub fn cases() -> Vec<Case> {
     v.push(case("cross_entropy", &[(&[4, 5], -N, N)], |x| cross_entropy(&x[0], &[1, 0, 4, 4], 0.1)));
     v.push(case("reshape", &[(&[3, 4], -N, N)], |x| reshape(&permute(&x[0], &[1, 0])?, &[2, -1])));
     v.push(case("expand", &[(&[3, 1], -N, N)], |x| expand(&x[0], &[2, 3, 4])));
-    v.push(case("matmul", &[(&[3, 4], -N, N), (&[5, 4], -N, N)], |x| matmul(&x[0], &t(&x[1])?)));
-    v.push(case("matmul (batched, broadcast)", &[(&[2, 1, 3, 4], -N, N), (&[3, 4, 2], -N, N)], |x| {
-        matmul(&x[0], &narrow(&x[1], 2, 0, 2)?)
-    }));
+    v.push(case("matmul", &[(&[3, 4], -N, N), (&[5, 4], -N, N)], |x| matmul(&x[0], &t(&x[1])?)).linear());
+    v.push(
+        case("matmul (batched, broadcast)", &[(&[2, 1, 3, 4], -N, N), (&[3, 4, 2], -N, N)], |x| {
+            matmul(&x[0], &narrow(&x[1], 2, 0, 2)?)
+        })
+        .linear(),
+    );
     v.push(case("concat", &[(&[2, 3], -N, N), (&[3, 4], -N, N)], |x| concat(&[x[0].clone(), t(&x[1])?], 0)));
     v.push(case("stack", &[(&[2, 3], -N, N), (&[3, 2], -N, N)], |x| stack(&[x[0].clone(), t(&x[1])?], 1)));
     v.push(case("split", &[(&[5, 3], -N, N)], |x| Ok(split(&x[0], &[2, 3], 0)?.remove(1))));
