@@ -1,7 +1,7 @@
 //! Method syntax: `use ops::TensorOps;` then `x.matmul(&w)?.add(&b)?.relu()?`. Each method is the free
 //! function of the same name.
 
-use engine::{Result, Tensor};
+use engine::{Generator, Result, Tensor};
 
 use crate::elementwise::{self as ew, Cmp};
 
@@ -76,6 +76,19 @@ tensor_ops! {
     matmul(other: &Tensor) => crate::matmul::matmul;
     index_select(dim: isize, indices: &[usize]) => crate::shape::index_select;
     pad(pads: &[(usize, usize)], value: f64) => crate::shape::pad;
+    conv2d(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+        groups: usize
+    ) => crate::conv::conv2d;
+    causal_conv1d(weight: &Tensor, bias: Option<&Tensor>) => crate::conv::causal_conv1d;
+    layer_norm(weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) => crate::norm::layer_norm;
+    rope2d(h: usize, w: usize, base: f64) => crate::rope::rope2d;
+    dropout(p: f64, training: bool, g: &mut Generator) => crate::regularize::dropout;
+    drop_path(p: f64, training: bool, g: &mut Generator) => crate::regularize::drop_path;
     eq(other: &Tensor) => eq;
     lt(other: &Tensor) => lt;
     gt(other: &Tensor) => gt;

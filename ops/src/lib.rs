@@ -5,14 +5,18 @@
 //! Derived ops (softmax, cross-entropy, mean, ...) are compositions in `derived.rs` with no backward code of
 //! their own. `suite.rs` lists every op for the gradient checker; `ext.rs` gives them method syntax.
 
+pub mod conv;
 pub mod copy;
 mod cuda;
 pub mod derived;
 pub mod elementwise;
 pub mod ext;
 pub mod matmul;
+pub mod norm;
 pub mod optim;
 pub mod reduce;
+pub mod regularize;
+pub mod rope;
 pub mod shape;
 pub mod suite;
 pub mod view;
@@ -21,11 +25,15 @@ pub mod view;
 mod testing;
 mod util;
 
+pub use conv::{causal_conv1d, conv2d, conv2d_ref};
 pub use copy::copy_into;
 pub use derived::{cross_entropy, log_softmax, mean, min, softmax, var};
 pub use elementwise::*;
 pub use ext::TensorOps;
 pub use matmul::{matmul, matmul_ref};
+pub use norm::{batch_norm2d, layer_norm};
 pub use reduce::{max, sum, sum_all, sum_to_shape};
+pub use regularize::{drop_path, dropout};
+pub use rope::rope2d;
 pub use shape::{chunk, concat, index_select, pad, split, stack};
 pub use view::{expand, flatten, narrow, permute, reshape, select, squeeze, t, transpose, unsqueeze};

@@ -12,6 +12,12 @@ pub struct Case {
     /// Input shapes, and the range inputs are drawn from (uniform).
     pub inputs: Vec<(Vec<usize>, f64, f64)>,
     pub f: Func,
+    /// A finite-difference step replacing the run's. The default 1e-6 lets the roundoff of L(x +- h), about
+    /// 1e-16 |L| / h, exceed the tolerance on small gradients when the loss sums many large terms (a conv, a
+    /// batch norm); see [`Case::linear`] and [`Case::smooth`].
+    pub step: Option<f64>,
+    /// Whether the op has a CUDA path; the CUDA-vs-CPU test expects `Error::Unsupported` from those without.
+    pub cuda: bool,
 }
 
 fn case(
@@ -19,7 +25,32 @@ fn case(
     inputs: &[(&[usize], f64, f64)],
     f: impl Fn(&[Tensor]) -> Result<Tensor> + 'static,
 ) -> Case {
-    Case { name, inputs: inputs.iter().map(|&(s, lo, hi)| (s.to_vec(), lo, hi)).collect(), f: Box::new(f) }
+    Case {
+        name,
+        inputs: inputs.iter().map(|&(s, lo, hi)| (s.to_vec(), lo, hi)).collect(),
+        f: Box::new(f),
+        step: None,
+        cuda: true,
+    }
+}
+
+impl Case {
+    /// For ops linear in each input separately (convolutions, RoPE, masks): central differences are exact for
+    /// any step, so a large one leaves only a tiny roundoff.
+    fn linear(self) -> Case {
+        Case { step: Some(1e-3), ..self }
+    }
+
+    /// For smooth nonlinear ops summing many terms (the norms): the step near cbrt(f64 epsilon) that balances
+    /// the truncation error (h^2) against the roundoff (1 / h).
+    fn smooth(self) -> Case {
+        Case { step: Some(1e-5), ..self }
+    }
+
+    /// For ops whose CUDA kernels are still to come.
+    fn cpu_only(self) -> Case {
+        Case { cuda: false, ..self }
+    }
 }
 
 const N: f64 = 3.0; // inputs in [-N, N] unless an op needs positive ones
@@ -65,17 +96,89 @@ pub fn cases() -> Vec<Case> {
     v.push(case("cross_entropy", &[(&[4, 5], -N, N)], |x| cross_entropy(&x[0], &[1, 0, 4, 4], 0.1)));
     v.push(case("reshape", &[(&[3, 4], -N, N)], |x| reshape(&permute(&x[0], &[1, 0])?, &[2, -1])));
     v.push(case("expand", &[(&[3, 1], -N, N)], |x| expand(&x[0], &[2, 3, 4])));
-    v.push(case("matmul", &[(&[3, 4], -N, N), (&[5, 4], -N, N)], |x| matmul(&x[0], &t(&x[1])?)));
-    v.push(case("matmul (batched, broadcast)", &[(&[2, 1, 3, 4], -N, N), (&[3, 4, 2], -N, N)], |x| {
-        matmul(&x[0], &narrow(&x[1], 2, 0, 2)?)
-    }));
+    v.push(case("matmul", &[(&[3, 4], -N, N), (&[5, 4], -N, N)], |x| matmul(&x[0], &t(&x[1])?)).linear());
+    v.push(
+        case("matmul (batched, broadcast)", &[(&[2, 1, 3, 4], -N, N), (&[3, 4, 2], -N, N)], |x| {
+            matmul(&x[0], &narrow(&x[1], 2, 0, 2)?)
+        })
+        .linear(),
+    );
     v.push(case("concat", &[(&[2, 3], -N, N), (&[3, 4], -N, N)], |x| concat(&[x[0].clone(), t(&x[1])?], 0)));
     v.push(case("stack", &[(&[2, 3], -N, N), (&[3, 2], -N, N)], |x| stack(&[x[0].clone(), t(&x[1])?], 1)));
     v.push(case("split", &[(&[5, 3], -N, N)], |x| Ok(split(&x[0], &[2, 3], 0)?.remove(1))));
     v.push(case("chunk", &[(&[4, 5], -N, N)], |x| Ok(chunk(&x[0], 2, 1)?.remove(0))));
     v.push(case("index_select", &[(&[4, 3], -N, N)], |x| index_select(&x[0], 0, &[3, 0, 3, 1])));
     v.push(case("pad", &[(&[2, 3], -N, N)], |x| pad(&t(&x[0])?, &[(1, 2), (0, 1)], 0.5)));
+    vision_cases(&mut v);
     v
+}
+
+/// The vision and mixer primitives: convolutions, norms, RoPE and the stochastic regularisers (their masks
+/// come from a generator seeded inside `f`, so every evaluation sees the same one). CPU only for now.
+fn vision_cases(v: &mut Vec<Case>) {
+    let nchw = |x: &Tensor| permute(x, &[0, 3, 1, 2]); // inputs stored channels-last
+    v.push(
+        case("conv2d", &[(&[2, 6, 5, 3], -N, N), (&[4, 3, 3, 3], -N, N), (&[4], -N, N)], move |x| {
+            conv2d(&nchw(&x[0])?, &x[1], Some(&x[2]), (2, 2), (1, 1), (1, 1), 1)
+        })
+        .linear()
+        .cpu_only(),
+    );
+    v.push(
+        case("conv2d(groups 2, dilation 2)", &[(&[1, 4, 7, 6], -N, N), (&[6, 2, 3, 2], -N, N)], |x| {
+            conv2d(&x[0], &x[1], None, (1, 2), (2, 1), (2, 2), 2)
+        })
+        .linear()
+        .cpu_only(),
+    );
+    v.push(
+        case("conv2d(depthwise)", &[(&[2, 3, 5, 4], -N, N), (&[3, 1, 3, 3], -N, N), (&[3], -N, N)], |x| {
+            conv2d(&x[0], &x[1], Some(&x[2]), (1, 1), (1, 1), (1, 1), 3)
+        })
+        .linear()
+        .cpu_only(),
+    );
+    v.push(
+        case("causal_conv1d", &[(&[2, 5, 3], -N, N), (&[3, 1, 4], -N, N), (&[3], -N, N)], |x| {
+            causal_conv1d(&transpose(&x[0], 1, 2)?, &x[1], Some(&x[2]))
+        })
+        .linear()
+        .cpu_only(),
+    );
+    v.push(
+        case("layer_norm", &[(&[2, 5, 3], -N, N), (&[5], -N, N), (&[5], -N, N)], |x| {
+            layer_norm(&transpose(&x[0], 1, 2)?, Some(&x[1]), Some(&x[2]), 1e-5)
+        })
+        .smooth()
+        .cpu_only(),
+    );
+    v.push(
+        case("batch_norm2d(training)", &[(&[2, 3, 4, 3], -N, N), (&[3], -N, N), (&[3], -N, N)], move |x| {
+            batch_norm2d(&nchw(&x[0])?, Some(&x[1]), Some(&x[2]), None, None, true, 0.1, 1e-5)
+        })
+        .smooth()
+        .cpu_only(),
+    );
+    v.push(
+        case("batch_norm2d(eval)", &[(&[2, 3, 4, 3], -N, N), (&[3], -N, N), (&[3], -N, N)], |x| {
+            let mean = Tensor::from_f64(&[0.5, -1.0, 0.0], &[3], x[0].dtype(), x[0].device())?;
+            let var = Tensor::from_f64(&[0.7, 2.0, 1.3], &[3], x[0].dtype(), x[0].device())?;
+            batch_norm2d(&x[0], Some(&x[1]), Some(&x[2]), Some(&mean), Some(&var), false, 0.1, 1e-5)
+        })
+        .linear()
+        .cpu_only(),
+    );
+    v.push(
+        case("rope2d", &[(&[1, 8, 6], -N, N)], |x| rope2d(&transpose(&x[0], 1, 2)?, 2, 3, 10000.0)).linear().cpu_only(),
+    );
+    v.push(
+        case("dropout", &[(&[4, 5], -N, N)], |x| dropout(&x[0], 0.5, true, &mut Generator::new(7))).linear().cpu_only(),
+    );
+    v.push(
+        case("drop_path", &[(&[4, 3, 2], -N, N)], |x| drop_path(&x[0], 0.5, true, &mut Generator::new(8)))
+            .linear()
+            .cpu_only(),
+    );
 }
 
 /// Fresh random inputs of `case` from `seed`, in `dtype` on `device`.
@@ -87,6 +190,7 @@ pub fn inputs(case: &Case, seed: u64, dtype: DType, device: Device) -> Result<Ve
 /// Runs one case's gradient check with fresh random inputs from `seed`.
 pub fn run(case: &Case, seed: u64, opts: GradcheckOptions) -> Result<GradcheckReport> {
     let inputs = inputs(case, seed, DType::F64, Device::Cpu)?;
+    let opts = GradcheckOptions { eps: case.step.unwrap_or(opts.eps), ..opts };
     gradcheck_with(case.name, &inputs, opts, &case.f)
 }
 

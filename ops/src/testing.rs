@@ -12,3 +12,18 @@ pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
 pub(crate) fn rand(shape: &[usize], lo: f64, hi: f64, seed: u64) -> Tensor {
     Tensor::rand(shape, lo, hi, DType::F64, Device::Cpu, &mut Generator::new(seed)).unwrap()
 }
+
+/// Normal(0, 1) values in `dtype`.
+pub(crate) fn randn_as(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
+    Tensor::randn(shape, 0.0, 1.0, dtype, Device::Cpu, &mut Generator::new(seed)).unwrap()
+}
+
+/// Asserts |got - want| <= tol * max(1, max |want|) elementwise: a tolerance relative to the tensor's scale,
+/// so that one small element does not need an absurd relative precision.
+pub(crate) fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() <= tol * scale, "{what}: element {i}: got {a}, want {b} (tol {tol} x {scale})");
+    }
+}

@@ -2,4 +2,5 @@
 
 mod autograd;
 mod cuda;
+mod parity;
 mod random_shapes;

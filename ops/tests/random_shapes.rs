@@ -1,7 +1,10 @@
-//! Gradient checks on random shapes: broadcast pairs, permuted inputs, random reduction dims.
+//! Gradient checks on random shapes: broadcast pairs, permuted inputs, random reduction dims, random conv2d
+//! configurations against the reference.
 
-use engine::{gradcheck, DType, Device, Generator, Tensor};
-use ops::{binary, sum, unary, Binary, TensorOps, Unary};
+use engine::{gradcheck, gradcheck_with, DType, Device, Generator, GradcheckOptions, Tensor};
+use ops::{
+    batch_norm2d, binary, causal_conv1d, conv2d, conv2d_ref, layer_norm, rope2d, sum, unary, Binary, TensorOps, Unary,
+};
 use proptest::prelude::*;
 
 fn shape_strategy() -> impl Strategy<Value = Vec<usize>> {
@@ -81,5 +84,84 @@ proptest! {
         let _ = x.reshape(&b.iter().map(|&d| d as isize).collect::<Vec<_>>());
         let _ = x.expand(&b);
         let _ = x.unsqueeze(dim);
+    }
+}
+
+/// A conv2d configuration: (N, C/G, G, O/G, H, W, kh, kw), stride, padding, dilation, bias.
+type ConvArgs = ([usize; 8], (usize, usize), (usize, usize), (usize, usize), bool);
+
+fn conv_strategy() -> impl Strategy<Value = ConvArgs> {
+    (
+        prop::array::uniform8(1usize..4),
+        (1usize..4, 1usize..4),
+        (0usize..3, 0usize..3),
+        (1usize..3, 1usize..3),
+        any::<bool>(),
+    )
+        .prop_map(|(mut d, s, p, dl, b)| {
+            d[0] -= 1; // batch 0..3
+            d[4] += 3; // H, W in 4..7
+            d[5] += 3;
+            (d, s, p, dl, b)
+        })
+}
+
+fn conv_inputs(&([n, cg, g, og, h, w, kh, kw], .., bias): &ConvArgs, seed: u64) -> Vec<Tensor> {
+    let mut t = vec![tensor(&[n, cg * g, h, w], seed), tensor(&[og * g, cg, kh, kw], seed ^ 1)];
+    if bias {
+        t.push(tensor(&[og * g], seed ^ 2));
+    }
+    t
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn conv2d_random_configs_match_the_reference(args in conv_strategy(), seed in any::<u64>()) {
+        let (d, stride, padding, dilation, _) = args;
+        let t = conv_inputs(&args, seed);
+        let got = conv2d(&t[0], &t[1], t.get(2), stride, padding, dilation, d[2]);
+        let want = conv2d_ref(&t[0], &t[1], t.get(2), stride, padding, dilation, d[2]);
+        match (got, want) {
+            (Ok(y), Ok(r)) => {
+                prop_assert_eq!(y.shape(), r.shape());
+                for (a, b) in y.to_vec_f64().unwrap().iter().zip(r.to_vec_f64().unwrap()) {
+                    prop_assert!((a - b).abs() < 1e-12, "{:?}: {} vs {}", args, a, b);
+                }
+            }
+            // Both refuse the same (too large) kernels.
+            (Err(_), Err(_)) => {}
+            (got, want) => prop_assert!(false, "{:?}: {:?} vs {:?}", args, got.err(), want.err()),
+        }
+    }
+
+    #[test]
+    fn conv2d_random_configs_pass_gradcheck(args in conv_strategy(), seed in any::<u64>()) {
+        let (d, stride, padding, dilation, _) = args;
+        let t = conv_inputs(&args, seed);
+        prop_assume!(conv2d(&t[0], &t[1], None, stride, padding, dilation, d[2]).is_ok());
+        // conv2d is linear in each input: exact central differences for any step (see ops::suite).
+        let opts = GradcheckOptions { eps: 1e-3, ..Default::default() };
+        let r = gradcheck_with("conv2d", &t, opts, |x| conv2d(&x[0], &x[1], x.get(2), stride, padding, dilation, d[2]))
+            .unwrap();
+        prop_assert!(r.passed(), "{:?}: {}", args, r);
+    }
+
+    #[test]
+    fn vision_ops_never_panic_on_bad_arguments(a in prop::collection::vec(0usize..4, 0..5),
+                                               b in prop::collection::vec(0usize..4, 0..5),
+                                               k in prop::array::uniform4(0usize..3), seed in any::<u64>()) {
+        let x = tensor(&a, seed);
+        let w = tensor(&b, seed ^ 1);
+        let v = tensor(&b[..b.len().min(1)], seed ^ 2);
+        // Each may fail, but must fail with an Err.
+        let _ = conv2d(&x, &w, Some(&v), (k[0], k[1]), (k[2], k[3]), (k[1], k[0]), k[2]);
+        let _ = causal_conv1d(&x, &w, Some(&v));
+        let _ = layer_norm(&x, Some(&v), None, 1e-5);
+        let _ = batch_norm2d(&x, Some(&v), None, Some(&v), Some(&v.abs().unwrap()), k[0] == 0, 0.1, 1e-5);
+        let _ = rope2d(&x, k[0], k[1], 10000.0);
+        let _ = x.dropout(0.5, true, &mut Generator::new(seed));
+        let _ = x.drop_path(0.5, true, &mut Generator::new(seed));
     }
 }

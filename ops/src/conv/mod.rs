@@ -1,0 +1,279 @@
+//! Convolutions: `conv2d` with stride, padding, dilation and groups (PyTorch's `F.conv2d`), and the causal
+//! depthwise `causal_conv1d` of the Mamba mixer.
+//!
+//! conv2d: x (N, C, H, W), w (O, C/G, kh, kw), bias (O), G groups. Group q maps input channels
+//! q C/G .. (q+1) C/G to output channels q O/G .. (q+1) O/G; c0(o) is the first input channel of o's group.
+//! Writing ih = a sh - ph + i dh and iw = b sw - pw + j dw (x is 0 outside the image):
+//!
+//! | | formula |
+//! | --- | --- |
+//! | shape | OH = (H + 2 ph - dh (kh - 1) - 1) / sh + 1 (floor), OW likewise; y is (N, O, OH, OW) |
+//! | forward | y[n,o,a,b] = bias[o] + sum_{c,i,j} w[o,c,i,j] x[n, c0(o) + c, ih, iw] |
+//! | dL/dx | dx[n, c0(o) + c, ih, iw] += g[n,o,a,b] w[o,c,i,j] (the transposed convolution) |
+//! | dL/dw | dw[o,c,i,j] = sum_{n,a,b} g[n,o,a,b] x[n, c0(o) + c, ih, iw] |
+//! | dL/dbias | db[o] = sum_{n,a,b} g[n,o,a,b] |
+//!
+//! Two CPU kernels. Depthwise (G = C = O, the MILA block's 3x3 convs): direct loops, one (n, c) plane per
+//! task. Everything else: per sample and group, im2col gathers the patches into cols (C/G kh kw, OH OW) so that
+//! y_q = W_q cols is one GEMM (W_q is (O/G, C/G kh kw)); backward is dW_q += G_q cols^T and
+//! dx = col2im(W_q^T G_q). A 1x1 conv with stride 1 and no padding uses x itself as cols.
+//!
+//! causal_conv1d: x (B, C, L), w (C, 1, k), bias (C); k - 1 zeros on the left, so the output keeps length L
+//! and y[t] sees x[t - k + 1 ..= t] only (PyTorch's Conv1d(C, C, k, groups=C, padding=k-1) cut to its first L
+//! outputs). With x = 0 at negative times:
+//!
+//! | | formula |
+//! | --- | --- |
+//! | forward | y[b,c,t] = bias[c] + sum_j w[c,0,j] x[b,c,t + j - (k-1)] |
+//! | dL/dx | dx[b,c,s] = sum_j g[b,c,s - j + (k-1)] w[c,0,j] (terms with s - j + k - 1 < L) |
+//! | dL/dw | dw[c,0,j] = sum_{b,t} g[b,c,t] x[b,c,t + j - (k-1)] |
+//! | dL/dbias | db[c] = sum_{b,t} g[b,c,t] |
+
+mod cpu;
+mod reference;
+
+pub use reference::conv2d_ref;
+
+use engine::{Error, Op, Result, Storage, Tensor};
+
+use crate::util::{check_vector, no_cuda, same_dtype_device, saved_contiguous, Needs};
+
+/// Sizes of one conv2d call, checked once at op entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Conv2dGeom {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub dilation: (usize, usize),
+    pub groups: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Conv2dGeom {
+    pub(crate) fn new(
+        x: &[usize],
+        w: &[usize],
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+        groups: usize,
+    ) -> Result<Self> {
+        const OP: &str = "conv2d";
+        let (&[n, c, h, wd], &[o, cg, kh, kw]) = (x, w) else {
+            return Err(Error::invalid(
+                OP,
+                format!("expected x (N, C, H, W) and weight (O, C/groups, kh, kw), got weight {w:?}"),
+                x,
+            ));
+        };
+        if groups == 0 || c % groups != 0 || o % groups != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("groups {groups} must divide the input channels {c} and the output channels {o}"),
+                x,
+            ));
+        }
+        if cg != c / groups {
+            return Err(Error::ShapeMismatch { op: OP, lhs: x.to_vec(), rhs: w.to_vec() });
+        }
+        if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 || kh == 0 || kw == 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("stride {stride:?}, dilation {dilation:?} and kernel {kh}x{kw} must be positive"),
+                x,
+            ));
+        }
+        // Output size along one axis, or None when the dilated kernel is larger than the padded input.
+        let out = |len: usize, k: usize, s: usize, p: usize, d: usize| {
+            let span = d.checked_mul(k - 1)?.checked_add(1)?;
+            len.checked_add(p.checked_mul(2)?)?.checked_sub(span).map(|r| r / s + 1)
+        };
+        match (out(h, kh, stride.0, padding.0, dilation.0), out(wd, kw, stride.1, padding.1, dilation.1)) {
+            (Some(oh), Some(ow)) => {
+                Ok(Conv2dGeom { n, c, h, w: wd, o, kh, kw, stride, padding, dilation, groups, oh, ow })
+            }
+            _ => Err(Error::invalid(
+                OP,
+                format!(
+                    "kernel {kh}x{kw} with dilation {dilation:?} does not fit the input padded by {padding:?}; \
+                     weight {w:?}"
+                ),
+                x,
+            )),
+        }
+    }
+
+    pub(crate) fn out_shape(&self) -> [usize; 4] {
+        [self.n, self.o, self.oh, self.ow]
+    }
+
+    /// Depthwise: every channel convolved with its own single filter.
+    pub(crate) fn is_depthwise(&self) -> bool {
+        self.groups == self.c && self.o == self.c
+    }
+
+    /// A 1x1 conv reading every pixel once: im2col would be a copy of x.
+    pub(crate) fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == (1, 1) && self.padding == (0, 0)
+    }
+}
+
+/// The checks shared by `conv2d` and `conv2d_ref`.
+fn conv2d_geom(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    groups: usize,
+) -> Result<Conv2dGeom> {
+    same_dtype_device("conv2d", x, w)?;
+    let geom = Conv2dGeom::new(x.shape(), w.shape(), stride, padding, dilation, groups)?;
+    check_vector("conv2d", "bias", bias, x, geom.o)?;
+    Ok(geom)
+}
+
+struct Conv2d {
+    /// Input and weight, contiguous and detached.
+    x: Tensor,
+    w: Tensor,
+    has_bias: bool,
+    geom: Conv2dGeom,
+    needs: Needs,
+}
+
+impl Op for Conv2d {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = g.contiguous()?;
+        let grads = match (&*self.x.storage(), &*self.w.storage(), &*g.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(gs)) => cpu::conv2d_backward(
+                (x, self.x.layout()),
+                (w, self.w.layout()),
+                (gs, g.layout()),
+                &self.geom,
+                self.needs,
+            )?,
+            (s, _, _) => return Err(no_cuda("conv2d_backward", s)),
+        };
+        grads.into_tensors(self.x.shape(), Some(self.w.shape()), self.has_bias.then_some(&[self.geom.o]))
+    }
+}
+
+/// 2-D convolution (cross-correlation, as PyTorch): x (N, C, H, W), weight (O, C/groups, kh, kw), optional
+/// bias (O); stride, padding (zeros on both sides) and dilation as (height, width). Returns (N, O, OH, OW).
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    groups: usize,
+) -> Result<Tensor> {
+    let geom = conv2d_geom(x, weight, bias, stride, padding, dilation, groups)?;
+    let (xc, wc) = (saved_contiguous(x)?, saved_contiguous(weight)?);
+    let bias_storage = bias.map(|b| b.storage());
+    let storage = match (&*xc.storage(), &*wc.storage()) {
+        (Storage::Cpu(xs), Storage::Cpu(ws)) => {
+            // The bias is on x's device (checked above), so on the CPU too.
+            let b = bias.zip(bias_storage.as_deref()).map(|(b, s)| Ok::<_, Error>((s.as_cpu("conv2d")?, b.layout())));
+            Storage::Cpu(cpu::conv2d((xs, xc.layout()), (ws, wc.layout()), b.transpose()?, &geom)?)
+        }
+        (s, _) => return Err(no_cuda("conv2d", s)),
+    };
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    let needs = Needs::of(x, Some(weight), bias);
+    Ok(Tensor::from_op(storage, &geom.out_shape(), &inputs, || Conv2d {
+        x: xc.clone(),
+        w: wc.clone(),
+        has_bias: bias.is_some(),
+        geom,
+        needs,
+    }))
+}
+
+/// Sizes of one causal_conv1d call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Conv1dGeom {
+    pub b: usize,
+    pub c: usize,
+    pub l: usize,
+    pub k: usize,
+}
+
+struct CausalConv1d {
+    x: Tensor,
+    w: Tensor,
+    has_bias: bool,
+    geom: Conv1dGeom,
+    needs: Needs,
+}
+
+impl Op for CausalConv1d {
+    fn name(&self) -> &'static str {
+        "causal_conv1d"
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = g.contiguous()?;
+        let grads = match (&*self.x.storage(), &*self.w.storage(), &*g.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(gs)) => cpu::causal_conv1d_backward(
+                (x, self.x.layout()),
+                (w, self.w.layout()),
+                (gs, g.layout()),
+                &self.geom,
+                self.needs,
+            )?,
+            (s, _, _) => return Err(no_cuda("causal_conv1d_backward", s)),
+        };
+        grads.into_tensors(self.x.shape(), Some(self.w.shape()), self.has_bias.then_some(&[self.geom.c]))
+    }
+}
+
+/// Causal depthwise 1-D convolution: x (B, C, L), weight (C, 1, k), optional bias (C). Output (B, C, L), where
+/// time t sees inputs t - k + 1 ..= t (k - 1 zeros padded on the left), as the Mamba mixer's `conv1d`.
+pub fn causal_conv1d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "causal_conv1d";
+    same_dtype_device(OP, x, weight)?;
+    let geom = match (x.shape(), weight.shape()) {
+        (&[b, c, l], &[wc, 1, k]) if wc == c && k > 0 => Conv1dGeom { b, c, l, k },
+        (&[_, _, _], _) => {
+            return Err(Error::ShapeMismatch { op: OP, lhs: x.shape().to_vec(), rhs: weight.shape().to_vec() })
+        }
+        (s, _) => return Err(Error::invalid(OP, "expected x (B, C, L)", s)),
+    };
+    check_vector(OP, "bias", bias, x, geom.c)?;
+    let (xc, wc) = (saved_contiguous(x)?, saved_contiguous(weight)?);
+    let bias_storage = bias.map(|b| b.storage());
+    let storage = match (&*xc.storage(), &*wc.storage()) {
+        (Storage::Cpu(xs), Storage::Cpu(ws)) => {
+            let b = bias.zip(bias_storage.as_deref()).map(|(b, s)| Ok::<_, Error>((s.as_cpu(OP)?, b.layout())));
+            Storage::Cpu(cpu::causal_conv1d((xs, xc.layout()), (ws, wc.layout()), b.transpose()?, &geom)?)
+        }
+        (s, _) => return Err(no_cuda(OP, s)),
+    };
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    let needs = Needs::of(x, Some(weight), bias);
+    Ok(Tensor::from_op(storage, x.shape(), &inputs, || CausalConv1d {
+        x: xc.clone(),
+        w: wc.clone(),
+        has_bias: bias.is_some(),
+        geom,
+        needs,
+    }))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,401 @@
+use engine::{gradcheck, DType, Error, Tensor};
+
+use super::*;
+use crate::testing::*;
+use crate::view::{narrow, permute, reshape};
+
+/// One conv2d configuration: x (N, C, H, W), O outputs, kernel, stride, padding, dilation, groups, bias, and
+/// whether x reaches the op as a permuted (non-contiguous) view.
+#[derive(Clone, Copy)]
+struct Cfg {
+    name: &'static str,
+    x: [usize; 4],
+    o: usize,
+    k: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    groups: usize,
+    bias: bool,
+    permuted: bool,
+}
+
+const BASE: Cfg = Cfg {
+    name: "",
+    x: [2, 3, 7, 6],
+    o: 4,
+    k: (3, 3),
+    stride: (1, 1),
+    padding: (0, 0),
+    dilation: (1, 1),
+    groups: 1,
+    bias: true,
+    permuted: false,
+};
+
+fn configs() -> Vec<Cfg> {
+    vec![
+        Cfg { name: "dense stride 2 pad 1", stride: (2, 2), padding: (1, 1), ..BASE },
+        Cfg { name: "dense dilation, no bias", stride: (1, 2), padding: (2, 0), dilation: (2, 1), bias: false, ..BASE },
+        Cfg { name: "dense permuted input", k: (2, 3), padding: (1, 2), permuted: true, ..BASE },
+        Cfg { name: "groups 2", x: [2, 4, 5, 7], o: 6, k: (3, 2), stride: (2, 1), padding: (1, 1), groups: 2, ..BASE },
+        Cfg {
+            name: "groups 2 dilated permuted",
+            x: [1, 4, 7, 5],
+            o: 2,
+            dilation: (2, 2),
+            padding: (2, 1),
+            groups: 2,
+            permuted: true,
+            ..BASE
+        },
+        Cfg { name: "depthwise 3x3 pad 1", x: [2, 3, 5, 6], o: 3, padding: (1, 1), groups: 3, ..BASE },
+        Cfg {
+            name: "depthwise stride 2 no bias",
+            x: [3, 5, 7, 5],
+            o: 5,
+            stride: (2, 2),
+            padding: (1, 1),
+            groups: 5,
+            bias: false,
+            ..BASE
+        },
+        Cfg {
+            name: "depthwise dilated permuted",
+            x: [2, 3, 6, 7],
+            o: 3,
+            dilation: (2, 3),
+            padding: (1, 3),
+            groups: 3,
+            permuted: true,
+            ..BASE
+        },
+        Cfg { name: "channel multiplier", x: [2, 2, 5, 5], o: 4, padding: (1, 1), groups: 2, ..BASE },
+        Cfg { name: "pointwise 1x1", o: 5, k: (1, 1), ..BASE },
+        Cfg {
+            name: "pointwise permuted, no bias",
+            x: [3, 4, 3, 5],
+            o: 2,
+            k: (1, 1),
+            bias: false,
+            permuted: true,
+            ..BASE
+        },
+        Cfg { name: "1x1 stride 2", o: 2, k: (1, 1), stride: (2, 2), ..BASE },
+    ]
+}
+
+impl Cfg {
+    fn w_shape(&self) -> [usize; 4] {
+        [self.o, self.x[1] / self.groups, self.k.0, self.k.1]
+    }
+
+    /// The stored input: (N, H, W, C) when the op is to see a permuted view of it.
+    fn x_stored(&self) -> [usize; 4] {
+        let [n, c, h, w] = self.x;
+        if self.permuted {
+            [n, h, w, c]
+        } else {
+            self.x
+        }
+    }
+
+    fn inputs(&self, dtype: DType, seed: u64) -> Vec<Tensor> {
+        let mut v = vec![randn_as(&self.x_stored(), dtype, seed), randn_as(&self.w_shape(), dtype, seed + 1)];
+        if self.bias {
+            v.push(randn_as(&[self.o], dtype, seed + 2));
+        }
+        v
+    }
+
+    /// The (N, C, H, W) view the op sees.
+    fn x_view(&self, stored: &Tensor) -> Result<Tensor> {
+        if self.permuted {
+            permute(stored, &[0, 3, 1, 2])
+        } else {
+            Ok(stored.clone())
+        }
+    }
+
+    fn run(&self, t: &[Tensor]) -> Result<Tensor> {
+        conv2d(&self.x_view(&t[0])?, &t[1], t.get(2), self.stride, self.padding, self.dilation, self.groups)
+    }
+
+    fn run_ref(&self, t: &[Tensor]) -> Result<Tensor> {
+        conv2d_ref(&self.x_view(&t[0])?, &t[1], t.get(2), self.stride, self.padding, self.dilation, self.groups)
+    }
+
+    fn geom(&self) -> Conv2dGeom {
+        Conv2dGeom::new(&self.x, &self.w_shape(), self.stride, self.padding, self.dilation, self.groups).unwrap()
+    }
+}
+
+/// Gradients of sum(g * conv2d(x, w, b)) by the definition's loops, scattered instead of gathered: (dx, dw, db)
+/// with dx in (N, C, H, W) order.
+fn conv2d_grads_ref(x: &[f64], w: &[f64], gy: &[f64], g: &Conv2dGeom) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (cg, og) = (g.c / g.groups, g.o / g.groups);
+    let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; g.o]);
+    for n in 0..g.n {
+        for o in 0..g.o {
+            for a in 0..g.oh {
+                for b in 0..g.ow {
+                    let gv = gy[((n * g.o + o) * g.oh + a) * g.ow + b];
+                    db[o] += gv;
+                    for c in 0..cg {
+                        for i in 0..g.kh {
+                            for j in 0..g.kw {
+                                let ih = (a * g.stride.0 + i * g.dilation.0) as isize - g.padding.0 as isize;
+                                let iw = (b * g.stride.1 + j * g.dilation.1) as isize - g.padding.1 as isize;
+                                if ih < 0 || iw < 0 || ih as usize >= g.h || iw as usize >= g.w {
+                                    continue;
+                                }
+                                let xi = ((n * g.c + o / og * cg + c) * g.h + ih as usize) * g.w + iw as usize;
+                                let wi = ((o * cg + c) * g.kh + i) * g.kw + j;
+                                dx[xi] += gv * w[wi];
+                                dw[wi] += gv * x[xi];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (dx, dw, db)
+}
+
+/// Tolerance of a kernel against the f64 references: f64 rounding, or f32 rounding over sums of tens of terms.
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2e-5,
+        DType::F64 => 1e-12,
+    }
+}
+
+#[test]
+fn conv2d_matches_the_seven_loop_reference() {
+    for dtype in [DType::F32, DType::F64] {
+        for (k, cfg) in configs().into_iter().enumerate() {
+            let t = cfg.inputs(dtype, 10 * k as u64);
+            let y = cfg.run(&t).unwrap();
+            assert_eq!(y.shape(), cfg.geom().out_shape(), "{}", cfg.name);
+            assert_eq!(y.dtype(), dtype);
+            // The reference reads the same (rounded) values, in f64.
+            let t64: Vec<Tensor> = t.iter().map(|v| v.to_dtype(DType::F64).unwrap()).collect();
+            let want = cfg.run_ref(&t64).unwrap().to_vec_f64().unwrap();
+            assert_close(&y.to_vec_f64().unwrap(), &want, tol(dtype), &format!("{} {dtype}", cfg.name));
+        }
+    }
+}
+
+#[test]
+fn known_values_of_a_small_conv() {
+    // x = 1..16 as a 4x4 image, w = [[1, 0], [0, -1]], stride 2: each output is x[i][j] - x[i+1][j+1] = -5.
+    let x = Tensor::from_vec((1..=16).map(|v| v as f64).collect(), &[1, 1, 4, 4]).unwrap();
+    let w = Tensor::from_vec(vec![1.0, 0.0, 0.0, -1.0], &[1, 1, 2, 2]).unwrap();
+    let b = Tensor::from_vec(vec![0.5], &[1]).unwrap();
+    let y = conv2d(&x, &w, Some(&b), (2, 2), (0, 0), (1, 1), 1).unwrap();
+    assert_eq!(y.shape(), &[1, 1, 2, 2]);
+    assert_eq!(y.to_vec_f64().unwrap(), vec![-4.5; 4]);
+    // Padding 1, stride 3 on a 4x4 input: OH = (4 + 2 - 2) / 3 + 1 = 2; the corner sees only -x[0][0].
+    let y = conv2d(&x, &w, None, (3, 3), (1, 1), (1, 1), 1).unwrap();
+    assert_eq!(y.to_vec_f64().unwrap(), vec![-1.0, -4.0 + 0.0, -13.0, 11.0 - 16.0]);
+}
+
+#[test]
+fn conv2d_gradients_match_the_loop_reference() {
+    for dtype in [DType::F32, DType::F64] {
+        for (k, cfg) in configs().into_iter().enumerate() {
+            let t: Vec<Tensor> =
+                cfg.inputs(dtype, 100 + 10 * k as u64).into_iter().map(|v| v.requires_grad_(true).unwrap()).collect();
+            let y = cfg.run(&t).unwrap();
+            let gy = randn_as(y.shape(), dtype, 7 + k as u64);
+            y.backward_with(&gy).unwrap();
+            let x_nchw = cfg.x_view(&t[0]).unwrap().to_vec_f64().unwrap();
+            let (dx, dw, db) =
+                conv2d_grads_ref(&x_nchw, &t[1].to_vec_f64().unwrap(), &gy.to_vec_f64().unwrap(), &cfg.geom());
+            let what = |p: &str| format!("{} {dtype} d{p}", cfg.name);
+            // x's gradient has the stored shape: read it through the same view to compare in NCHW order.
+            let gx = cfg.x_view(&t[0].grad().unwrap()).unwrap().to_vec_f64().unwrap();
+            assert_close(&gx, &dx, tol(dtype), &what("x"));
+            assert_close(&t[1].grad().unwrap().to_vec_f64().unwrap(), &dw, tol(dtype), &what("w"));
+            if cfg.bias {
+                assert_close(&t[2].grad().unwrap().to_vec_f64().unwrap(), &db, tol(dtype), &what("bias"));
+            }
+        }
+    }
+}
+
+#[test]
+fn conv2d_gradients_match_finite_differences() {
+    for (k, cfg) in configs().into_iter().enumerate() {
+        let r = gradcheck(cfg.name, &cfg.inputs(DType::F64, 1000 + k as u64), |t| cfg.run(t)).unwrap();
+        assert!(r.passed(), "{r}");
+        assert!(r.max_abs_grad > 0.1, "{r}");
+    }
+}
+
+#[test]
+fn only_the_needed_gradients_are_computed() {
+    // A frozen input (the stem's image) gets no gradient; the weight still does.
+    let cfg = configs()[0];
+    let t = cfg.inputs(DType::F64, 3);
+    let w = t[1].clone().requires_grad_(true).unwrap();
+    let y = conv2d(&t[0], &w, None, cfg.stride, cfg.padding, cfg.dilation, cfg.groups).unwrap();
+    crate::sum_all(&y).unwrap().backward().unwrap();
+    assert!(t[0].grad().is_none());
+    assert_eq!(w.grad().unwrap().shape(), w.shape());
+}
+
+#[test]
+fn conv2d_bad_arguments_are_errors_naming_the_op_and_shapes() {
+    let x = randn(&[2, 3, 5, 5], 1);
+    let w = randn(&[4, 3, 3, 3], 2);
+    let msg = |r: Result<Tensor>| {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("conv2d"), "{e}");
+        e
+    };
+    let e = msg(conv2d(&x, &randn(&[4, 1, 3, 3], 3), None, (1, 1), (0, 0), (1, 1), 2));
+    assert!(e.contains("groups 2") && e.contains("[2, 3, 5, 5]"), "{e}");
+    assert!(matches!(
+        conv2d(&x, &randn(&[4, 2, 3, 3], 3), None, (1, 1), (0, 0), (1, 1), 1),
+        Err(Error::ShapeMismatch { op: "conv2d", .. })
+    ));
+    let e = msg(conv2d(&randn(&[2, 4, 5, 5], 3), &randn(&[3, 2, 3, 3], 3), None, (1, 1), (0, 0), (1, 1), 2));
+    assert!(e.contains("output channels 3") && e.contains("[2, 4, 5, 5]"), "{e}");
+    let e = msg(conv2d(&randn(&[3, 5, 5], 4), &w, None, (1, 1), (0, 0), (1, 1), 1));
+    assert!(e.contains("[3, 5, 5]"), "{e}");
+    let e = msg(conv2d(&x, &randn(&[4, 3, 7, 3], 5), None, (1, 1), (0, 0), (1, 1), 1));
+    assert!(e.contains("does not fit") && e.contains("[4, 3, 7, 3]"), "{e}");
+    msg(conv2d(&x, &w, None, (0, 1), (0, 0), (1, 1), 1));
+    msg(conv2d(&x, &w, None, (1, 1), (0, 0), (1, 0), 1));
+    msg(conv2d(&x, &w, None, (1, 1), (0, 0), (1, 1), 0));
+    msg(conv2d(&x, &randn(&[4, 3, 0, 3], 6), None, (1, 1), (0, 0), (1, 1), 1));
+    msg(conv2d(&x, &w, Some(&randn(&[3], 7)), (1, 1), (0, 0), (1, 1), 1));
+    let w32 = randn_as(&[4, 3, 3, 3], DType::F32, 8);
+    assert!(matches!(conv2d(&x, &w32, None, (1, 1), (0, 0), (1, 1), 1), Err(Error::DTypeMismatch { .. })));
+    // A dilated kernel exactly as large as the padded input still fits (one output).
+    let y = conv2d(&x, &w, None, (1, 1), (1, 1), (3, 3), 1).unwrap();
+    assert_eq!(y.shape(), &[2, 4, 1, 1]);
+}
+
+#[test]
+fn empty_batches_give_empty_outputs_and_gradients() {
+    for groups in [1, 3] {
+        let x = randn(&[0, 3, 4, 4], 1).requires_grad_(true).unwrap();
+        let w = randn(&[3, 3 / groups, 3, 3], 2).requires_grad_(true).unwrap();
+        let y = conv2d(&x, &w, None, (1, 1), (1, 1), (1, 1), groups).unwrap();
+        assert_eq!(y.shape(), &[0, 3, 4, 4]);
+        crate::sum_all(&y).unwrap().backward().unwrap();
+        assert_eq!(w.grad().unwrap().to_vec_f64().unwrap(), vec![0.0; w.numel()]);
+    }
+}
+
+/// Causal conv1d by PyTorch's recipe: Conv1d with k - 1 zeros on both sides, then the first L outputs.
+fn causal_conv1d_ref(x: &[f64], w: &[f64], b: Option<&[f64]>, [bs, c, l, k]: [usize; 4]) -> Vec<f64> {
+    let mut y = vec![0.0; bs * c * l];
+    for n in 0..bs {
+        for ch in 0..c {
+            let mut padded = vec![0.0; k - 1];
+            padded.extend_from_slice(&x[(n * c + ch) * l..][..l]);
+            padded.extend(std::iter::repeat_n(0.0, k - 1));
+            let full: Vec<f64> = (0..l + k - 1)
+                .map(|t| b.map_or(0.0, |b| b[ch]) + (0..k).map(|j| w[ch * k + j] * padded[t + j]).sum::<f64>())
+                .collect();
+            y[(n * c + ch) * l..][..l].copy_from_slice(&full[..l]);
+        }
+    }
+    y
+}
+
+#[test]
+fn causal_conv1d_matches_the_padded_conv_reference() {
+    for dtype in [DType::F32, DType::F64] {
+        for (l, k, bias) in [(5, 4, true), (1, 4, true), (7, 3, false), (2, 1, true), (3, 5, true)] {
+            let (bs, c) = (2, 3);
+            let x = randn_as(&[bs, c, l], dtype, l as u64);
+            let w = randn_as(&[c, 1, k], dtype, 20 + k as u64);
+            let b = randn_as(&[c], dtype, 30);
+            let y = causal_conv1d(&x, &w, bias.then_some(&b)).unwrap();
+            assert_eq!(y.shape(), &[bs, c, l]);
+            let bv = b.to_vec_f64().unwrap();
+            let want = causal_conv1d_ref(
+                &x.to_vec_f64().unwrap(),
+                &w.to_vec_f64().unwrap(),
+                bias.then_some(&bv[..]),
+                [bs, c, l, k],
+            );
+            assert_close(&y.to_vec_f64().unwrap(), &want, tol(dtype), &format!("L {l} k {k} {dtype}"));
+        }
+    }
+}
+
+#[test]
+fn causal_conv1d_is_a_depthwise_conv2d_with_left_padding() {
+    // Conv2d over a (B, C, 1, L) image with k - 1 zeros on each side, cut to the first L columns.
+    let (x, w, b) = (randn(&[2, 3, 6], 1), randn(&[3, 1, 4], 2), randn(&[3], 3));
+    let y = causal_conv1d(&x, &w, Some(&b)).unwrap();
+    let x4 = reshape(&x, &[2, 3, 1, 6]).unwrap();
+    let w4 = reshape(&w, &[3, 1, 1, 4]).unwrap();
+    let y4 = conv2d(&x4, &w4, Some(&b), (1, 1), (0, 3), (1, 1), 3).unwrap();
+    let want = reshape(&narrow(&y4, 3, 0, 6).unwrap(), &[2, 3, 6]).unwrap();
+    assert_close(&y.to_vec_f64().unwrap(), &want.to_vec_f64().unwrap(), 1e-14, "conv1d vs conv2d");
+}
+
+#[test]
+fn causal_conv1d_gradients_match_the_reference_and_finite_differences() {
+    for dtype in [DType::F32, DType::F64] {
+        for l in [1, 5] {
+            let (bs, c, k) = (2, 3, 4);
+            let x = randn_as(&[bs, c, l], dtype, 40 + l as u64).requires_grad_(true).unwrap();
+            let w = randn_as(&[c, 1, k], dtype, 41).requires_grad_(true).unwrap();
+            let b = randn_as(&[c], dtype, 42).requires_grad_(true).unwrap();
+            let y = causal_conv1d(&x, &w, Some(&b)).unwrap();
+            let gy = randn_as(y.shape(), dtype, 43);
+            y.backward_with(&gy).unwrap();
+            // The reference gradients by the scatter form of the definition.
+            let (xv, wv, gv) = (x.to_vec_f64().unwrap(), w.to_vec_f64().unwrap(), gy.to_vec_f64().unwrap());
+            let (mut dx, mut dw, mut db) = (vec![0.0; xv.len()], vec![0.0; wv.len()], vec![0.0; c]);
+            for n in 0..bs {
+                for ch in 0..c {
+                    for t in 0..l {
+                        let row = (n * c + ch) * l;
+                        db[ch] += gv[row + t];
+                        for j in 0..k {
+                            if t + j + 1 >= k {
+                                let s = t + j + 1 - k;
+                                dx[row + s] += gv[row + t] * wv[ch * k + j];
+                                dw[ch * k + j] += gv[row + t] * xv[row + s];
+                            }
+                        }
+                    }
+                }
+            }
+            let what = |p: &str| format!("L {l} {dtype} d{p}");
+            assert_close(&x.grad().unwrap().to_vec_f64().unwrap(), &dx, tol(dtype), &what("x"));
+            assert_close(&w.grad().unwrap().to_vec_f64().unwrap(), &dw, tol(dtype), &what("w"));
+            assert_close(&b.grad().unwrap().to_vec_f64().unwrap(), &db, tol(dtype), &what("bias"));
+        }
+    }
+    for l in [1, 5] {
+        // Also on a (B, L, C) tensor viewed as (B, C, L), as the mixer holds its tokens.
+        let t = [randn(&[2, l, 3], 50), randn(&[3, 1, 4], 51), randn(&[3], 52)];
+        let r = gradcheck("causal_conv1d", &t, |t| causal_conv1d(&permute(&t[0], &[0, 2, 1])?, &t[1], Some(&t[2])))
+            .unwrap();
+        assert!(r.passed(), "{r}");
+        let r = gradcheck("causal_conv1d no bias", &t[..2], |t| causal_conv1d(&crate::view::t(&t[0])?, &t[1], None))
+            .unwrap();
+        assert!(r.passed(), "{r}");
+    }
+}
+
+#[test]
+fn causal_conv1d_bad_shapes_are_errors() {
+    let x = randn(&[2, 3, 5], 1);
+    for w in [randn(&[3, 2, 4], 2), randn(&[4, 1, 4], 3), randn(&[3, 1, 0], 4), randn(&[3, 4], 5)] {
+        let e = causal_conv1d(&x, &w, None).unwrap_err().to_string();
+        assert!(e.contains("causal_conv1d") && e.contains("[2, 3, 5]"), "{e}");
+    }
+    assert!(causal_conv1d(&randn(&[3, 5], 6), &randn(&[3, 1, 4], 7), None).is_err());
+    assert!(causal_conv1d(&x, &randn(&[3, 1, 4], 8), Some(&randn(&[2], 9))).is_err());
+}

@@ -1,0 +1,243 @@
+//! Normalisation as fused ops: `layer_norm` over the last dim and `batch_norm2d` over (N, H, W) per channel.
+//! Each is one forward kernel that saves mean and rstd = 1 / sqrt(var + eps), and one backward kernel for
+//! (dx, dweight, dbias). Statistics accumulate in f64 whatever the dtype (PyTorch's CPU kernels do the same).
+//!
+//! Over a group of M elements (a row of D for layer_norm; the N H W elements of a channel for batch_norm2d),
+//! with xhat = (x - mean) rstd, var the biased variance, w and b the weight and bias (1 and 0 when absent):
+//!
+//! | | formula |
+//! | --- | --- |
+//! | forward | y = xhat w + b |
+//! | dL/dx, statistics of the batch | rstd w (g - mean(g) - xhat mean(g xhat)) (means over the group) |
+//! | dL/dx, fixed statistics (batch norm in eval) | rstd w g |
+//! | dL/dw | sum over the group(s) of g xhat |
+//! | dL/db | sum over the group(s) of g |
+//!
+//! (layer_norm's w is per element of the row, so its "w" in the dL/dx row goes inside the means:
+//! dx = rstd (gy - mean(gy) - xhat mean(gy xhat)) with gy = g w.)
+//!
+//! batch_norm2d in training normalises with the batch mean and biased variance and, when given running
+//! buffers, updates them in place as PyTorch does: running = (1 - momentum) running + momentum stat, where the
+//! variance stat is the unbiased one (M / (M - 1) var). PyTorch's momentum=None (a cumulative average) is the
+//! caller's: pass momentum = 1 / num_batches_tracked. In eval it uses the running statistics, and backward is
+//! the affine map above.
+
+mod cpu;
+
+use engine::{Error, Op, Result, Storage, Tensor};
+
+use crate::util::{check_vector, no_cuda, saved_contiguous, Needs, Operand};
+
+/// Where the statistics of a batch norm come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stats {
+    Batch,
+    Running,
+}
+
+struct LayerNorm {
+    /// Input (contiguous, detached) and weight, with the per-row mean and rstd of the forward.
+    x: Tensor,
+    w: Option<Tensor>,
+    mean: Tensor,
+    rstd: Tensor,
+    has_bias: bool,
+    needs: Needs,
+}
+
+impl Op for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer_norm"
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = g.contiguous()?;
+        let w_storage = self.w.as_ref().map(|w| w.storage());
+        let grads = match (&*self.x.storage(), &*self.mean.storage(), &*self.rstd.storage(), &*g.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(mean), Storage::Cpu(rstd), Storage::Cpu(gs)) => {
+                let w = cpu_operand(self.w.as_ref(), w_storage.as_deref(), "layer_norm_backward")?;
+                cpu::layer_norm_backward(
+                    (x, self.x.layout()),
+                    w,
+                    (mean, self.mean.layout()),
+                    (rstd, self.rstd.layout()),
+                    (gs, g.layout()),
+                    self.needs,
+                )?
+            }
+            (s, ..) => return Err(no_cuda("layer_norm_backward", s)),
+        };
+        let d = &self.x.shape()[self.x.rank() - 1..];
+        grads.into_tensors(self.x.shape(), self.w.as_ref().map(|_| d), self.has_bias.then_some(d))
+    }
+}
+
+/// The storage and layout of an optional operand on the CPU (its device was checked against x's).
+fn cpu_operand<'a>(t: Option<&'a Tensor>, s: Option<&'a Storage>, op: &'static str) -> Result<Option<Operand<'a>>> {
+    t.zip(s).map(|(t, s)| Ok((s.as_cpu(op)?, t.layout()))).transpose()
+}
+
+/// Layer normalisation over the last dim of x (any leading shape), with optional elementwise weight and bias
+/// of that dim's size, as `F.layer_norm(x, (D,), weight, bias, eps)`.
+pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    const OP: &str = "layer_norm";
+    let d = match x.shape().last() {
+        Some(&d) if d > 0 => d,
+        _ => return Err(Error::invalid(OP, "needs at least one dim, with a non-empty last dim", x.shape())),
+    };
+    check_vector(OP, "weight", weight, x, d)?;
+    check_vector(OP, "bias", bias, x, d)?;
+    let xc = saved_contiguous(x)?;
+    let (ws, bs) = (weight.map(|w| w.storage()), bias.map(|b| b.storage()));
+    let (y, mean, rstd) = match &*xc.storage() {
+        Storage::Cpu(s) => cpu::layer_norm(
+            (s, xc.layout()),
+            cpu_operand(weight, ws.as_deref(), OP)?,
+            cpu_operand(bias, bs.as_deref(), OP)?,
+            eps,
+        )?,
+        s => return Err(no_cuda(OP, s)),
+    };
+    let rows = [x.numel() / d];
+    let (mean, rstd) = (Tensor::from_storage(mean, &rows)?, Tensor::from_storage(rstd, &rows)?);
+    let mut inputs = vec![x];
+    inputs.extend(weight);
+    inputs.extend(bias);
+    let needs = Needs::of(x, weight, bias);
+    Ok(Tensor::from_op(y, x.shape(), &inputs, || LayerNorm {
+        x: xc.clone(),
+        w: weight.map(Tensor::detach),
+        mean,
+        rstd,
+        has_bias: bias.is_some(),
+        needs,
+    }))
+}
+
+struct BatchNorm2d {
+    x: Tensor,
+    w: Option<Tensor>,
+    /// Per-channel mean and rstd used by the forward (the batch's or the running ones).
+    mean: Tensor,
+    rstd: Tensor,
+    stats: Stats,
+    has_bias: bool,
+    needs: Needs,
+}
+
+impl Op for BatchNorm2d {
+    fn name(&self) -> &'static str {
+        "batch_norm2d"
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = g.contiguous()?;
+        let w_storage = self.w.as_ref().map(|w| w.storage());
+        let grads = match (&*self.x.storage(), &*self.mean.storage(), &*self.rstd.storage(), &*g.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(mean), Storage::Cpu(rstd), Storage::Cpu(gs)) => {
+                let w = cpu_operand(self.w.as_ref(), w_storage.as_deref(), "batch_norm2d_backward")?;
+                cpu::batch_norm_backward(
+                    (x, self.x.layout()),
+                    w,
+                    (mean, self.mean.layout()),
+                    (rstd, self.rstd.layout()),
+                    (gs, g.layout()),
+                    self.stats,
+                    self.needs,
+                )?
+            }
+            (s, ..) => return Err(no_cuda("batch_norm2d_backward", s)),
+        };
+        let c = &self.x.shape()[1..2];
+        grads.into_tensors(self.x.shape(), self.w.as_ref().map(|_| c), self.has_bias.then_some(c))
+    }
+}
+
+/// Batch normalisation of x (N, C, H, W) per channel, as `F.batch_norm(x, running_mean, running_var, weight,
+/// bias, training, momentum, eps)`. Training uses the batch statistics and, when the running buffers (C) are
+/// given, updates them in place (unbiased variance, see the module notes); eval needs them and uses them.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm2d(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    running_mean: Option<&Tensor>,
+    running_var: Option<&Tensor>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+) -> Result<Tensor> {
+    const OP: &str = "batch_norm2d";
+    let &[n, c, h, w] = x.shape() else {
+        return Err(Error::invalid(OP, "expected x (N, C, H, W)", x.shape()));
+    };
+    for (what, v) in [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)]
+    {
+        check_vector(OP, what, v, x, c)?;
+    }
+    let running = match (running_mean, running_var) {
+        (Some(m), Some(v)) => Some((m, v)),
+        (None, None) => None,
+        _ => return Err(Error::invalid(OP, "give both running_mean and running_var, or neither", x.shape())),
+    };
+    let stats = if training { Stats::Batch } else { Stats::Running };
+    if training && n * h * w <= 1 {
+        return Err(Error::invalid(OP, "training needs more than one value per channel", x.shape()));
+    }
+    if !training && running.is_none() {
+        return Err(Error::invalid(OP, "eval mode needs running_mean and running_var", x.shape()));
+    }
+    if training && !(0.0..=1.0).contains(&momentum) {
+        return Err(Error::invalid(OP, format!("momentum {momentum} is not in [0, 1]"), x.shape()));
+    }
+    let xc = saved_contiguous(x)?;
+    let out = {
+        let (ws, bs) = (weight.map(|w| w.storage()), bias.map(|b| b.storage()));
+        // Fixed statistics in eval; None asks the kernel for the batch's.
+        let fixed = running.filter(|_| stats == Stats::Running);
+        let (rm, rv) = (fixed.map(|(m, _)| m.storage()), fixed.map(|(_, v)| v.storage()));
+        match &*xc.storage() {
+            Storage::Cpu(s) => cpu::batch_norm(
+                (s, xc.layout()),
+                cpu_operand(weight, ws.as_deref(), OP)?,
+                cpu_operand(bias, bs.as_deref(), OP)?,
+                cpu_operand(running_mean, rm.as_deref(), OP)?.zip(cpu_operand(running_var, rv.as_deref(), OP)?),
+                eps,
+            )?,
+            s => return Err(no_cuda(OP, s)),
+        }
+    };
+    // Every read guard is released: the buffers may now be written, even if they share storage with an input.
+    if let (Stats::Batch, Some((rm, rv))) = (stats, running) {
+        let m = n * h * w;
+        let unbias = m as f64 / (m - 1) as f64;
+        update_running(OP, rm, &out.mean, momentum, 1.0)?;
+        update_running(OP, rv, &out.var, momentum, unbias)?;
+    }
+    let (mean, rstd) = (Tensor::from_storage(out.mean, &[c])?, Tensor::from_storage(out.rstd, &[c])?);
+    let mut inputs = vec![x];
+    inputs.extend(weight);
+    inputs.extend(bias);
+    let needs = Needs::of(x, weight, bias);
+    Ok(Tensor::from_op(out.y, x.shape(), &inputs, || BatchNorm2d {
+        x: xc.clone(),
+        w: weight.map(Tensor::detach),
+        mean,
+        rstd,
+        stats,
+        has_bias: bias.is_some(),
+        needs,
+    }))
+}
+
+/// running = (1 - momentum) running + momentum scale stat, written in place into the buffer's storage (seen by
+/// every view of it). Not recorded: buffers are state, not part of the graph.
+fn update_running(op: &'static str, running: &Tensor, stat: &Storage, momentum: f64, scale: f64) -> Result<()> {
+    let layout = running.layout().clone();
+    let mut guard = running.storage_mut();
+    match (&mut *guard, stat) {
+        (Storage::Cpu(r), Storage::Cpu(s)) => cpu::blend_into(op, r, &layout, s, momentum, scale),
+        (s, _) => Err(no_cuda(op, s)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,268 @@
+use engine::{gradcheck, no_grad, DType, Tensor};
+
+use super::*;
+use crate::testing::*;
+use crate::view::{narrow, permute, reshape};
+use crate::{add, add_scalar, mean, mul, rsqrt, sub, var};
+
+/// layer_norm composed from the primitives (its gradient is the tape's chain rule, not the fused kernel).
+fn layer_norm_composed(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let centered = sub(x, &mean(x, &[-1], true)?)?;
+    let mut y = mul(&centered, &rsqrt(&add_scalar(&var(x, &[-1], 0, true)?, eps)?)?)?;
+    if let Some(w) = w {
+        y = mul(&y, w)?;
+    }
+    if let Some(b) = b {
+        y = add(&y, b)?;
+    }
+    Ok(y)
+}
+
+/// batch_norm2d composed from the primitives, with the batch's statistics or given (constant) ones.
+fn batch_norm_composed(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    b: Option<&Tensor>,
+    stats: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> Result<Tensor> {
+    let c = x.shape()[1] as isize;
+    let per_channel = |t: &Tensor| reshape(t, &[1, c, 1, 1]);
+    let (m, v) = match stats {
+        Some((m, v)) => (per_channel(m)?, per_channel(v)?),
+        None => (mean(x, &[0, 2, 3], true)?, var(x, &[0, 2, 3], 0, true)?),
+    };
+    let mut y = mul(&sub(x, &m)?, &rsqrt(&add_scalar(&v, eps)?)?)?;
+    if let Some(w) = w {
+        y = mul(&y, &per_channel(w)?)?;
+    }
+    if let Some(b) = b {
+        y = add(&y, &per_channel(b)?)?;
+    }
+    Ok(y)
+}
+
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F64 => 1e-12,
+    }
+}
+
+/// Runs `fused` and `composed` on the same leaves and compares outputs and every gradient.
+fn compare_with_composed(
+    what: &str,
+    leaves: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    composed: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
+    let dtype = leaves[0].dtype();
+    let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+        let t: Vec<Tensor> = leaves.iter().map(|l| l.detach().requires_grad_(true).unwrap()).collect();
+        let y = f(&t).unwrap();
+        y.backward_with(&randn_as(y.shape(), dtype, 99)).unwrap();
+        let grads: Vec<Vec<f64>> = t.iter().map(|l| l.grad().unwrap().to_vec_f64().unwrap()).collect();
+        (y.to_vec_f64().unwrap(), grads)
+    };
+    let (y, grads) = run(&fused);
+    let (y_ref, grads_ref) = run(&composed);
+    assert_close(&y, &y_ref, tol(dtype), &format!("{what} {dtype} output"));
+    for (i, (g, r)) in grads.iter().zip(&grads_ref).enumerate() {
+        assert_close(g, r, 10.0 * tol(dtype), &format!("{what} {dtype} grad of input {i}"));
+    }
+}
+
+#[test]
+fn layer_norm_matches_a_row_loop() {
+    let x = randn(&[3, 5], 1);
+    let (w, b) = (randn(&[5], 2), randn(&[5], 3));
+    let y = layer_norm(&x, Some(&w), Some(&b), 1e-5).unwrap().to_vec_f64().unwrap();
+    let (xv, wv, bv) = (x.to_vec_f64().unwrap(), w.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+    for r in 0..3 {
+        let row = &xv[r * 5..][..5];
+        let m = row.iter().sum::<f64>() / 5.0;
+        let v = row.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / 5.0;
+        for k in 0..5 {
+            let want = (row[k] - m) / (v + 1e-5).sqrt() * wv[k] + bv[k];
+            assert!((y[r * 5 + k] - want).abs() < 1e-14, "row {r} col {k}: {} vs {want}", y[r * 5 + k]);
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_its_composition_in_both_dtypes() {
+    for dtype in [DType::F32, DType::F64] {
+        // (B, N, C) = (2, 3, 7) stored as (C, B, N): the op sees a permuted view.
+        let leaves = [randn_as(&[7, 2, 3], dtype, 4), randn_as(&[7], dtype, 5), randn_as(&[7], dtype, 6)];
+        let view = |t: &[Tensor]| permute(&t[0], &[1, 2, 0]);
+        compare_with_composed(
+            "layer_norm affine permuted",
+            &leaves,
+            |t| layer_norm(&view(t)?, Some(&t[1]), Some(&t[2]), 1e-5),
+            |t| layer_norm_composed(&view(t)?, Some(&t[1]), Some(&t[2]), 1e-5),
+        );
+        compare_with_composed(
+            "layer_norm plain",
+            &leaves[..1],
+            |t| layer_norm(&view(t)?, None, None, 1e-6),
+            |t| layer_norm_composed(&view(t)?, None, None, 1e-6),
+        );
+        compare_with_composed(
+            "layer_norm bias only",
+            &[leaves[0].clone(), leaves[2].clone()],
+            |t| layer_norm(&view(t)?, None, Some(&t[1]), 1e-5),
+            |t| layer_norm_composed(&view(t)?, None, Some(&t[1]), 1e-5),
+        );
+    }
+}
+
+#[test]
+fn layer_norm_gradients_match_finite_differences() {
+    let (x, w, b) = (randn(&[5, 2, 3], 7), randn(&[5], 8), randn(&[5], 9));
+    let view = |t: &Tensor| permute(t, &[1, 2, 0]);
+    let r = gradcheck("layer_norm", &[x.clone(), w, b], |t| layer_norm(&view(&t[0])?, Some(&t[1]), Some(&t[2]), 1e-5))
+        .unwrap();
+    assert!(r.passed(), "{r}");
+    let r = gradcheck("layer_norm no affine", &[x], |t| layer_norm(&view(&t[0])?, None, None, 1e-5)).unwrap();
+    assert!(r.passed(), "{r}");
+    assert!(r.max_abs_grad > 0.1, "{r}");
+}
+
+#[test]
+fn layer_norm_bad_arguments_are_errors() {
+    let x = randn(&[2, 4], 1);
+    for (w, b) in [(Some(randn(&[3], 2)), None), (None, Some(randn(&[2, 4], 3))), (Some(randn(&[4, 1], 4)), None)] {
+        let e = layer_norm(&x, w.as_ref(), b.as_ref(), 1e-5).unwrap_err().to_string();
+        assert!(e.contains("layer_norm") && e.contains("[2, 4]"), "{e}");
+    }
+    assert!(layer_norm(&Tensor::scalar(1.0, DType::F64, engine::Device::Cpu).unwrap(), None, None, 1e-5).is_err());
+    assert!(layer_norm(&randn(&[3, 0], 5), None, None, 1e-5).is_err());
+    assert!(layer_norm(&x, Some(&randn_as(&[4], DType::F32, 6)), None, 1e-5).is_err());
+}
+
+#[test]
+fn batch_norm_training_matches_its_composition_and_updates_running_stats() {
+    for dtype in [DType::F32, DType::F64] {
+        // (N, C, H, W) = (3, 4, 2, 5) stored as (N, H, W, C), the channels-last order of a token tensor.
+        let leaves = [randn_as(&[3, 2, 5, 4], dtype, 10), randn_as(&[4], dtype, 11), randn_as(&[4], dtype, 12)];
+        let view = |t: &Tensor| permute(t, &[0, 3, 1, 2]);
+        compare_with_composed(
+            "batch_norm2d training",
+            &leaves,
+            |t| batch_norm2d(&view(&t[0])?, Some(&t[1]), Some(&t[2]), None, None, true, 0.1, 1e-5),
+            |t| batch_norm_composed(&view(&t[0])?, Some(&t[1]), Some(&t[2]), None, 1e-5),
+        );
+        compare_with_composed(
+            "batch_norm2d training, no affine",
+            &leaves[..1],
+            |t| batch_norm2d(&view(&t[0])?, None, None, None, None, true, 0.1, 1e-5),
+            |t| batch_norm_composed(&view(&t[0])?, None, None, None, 1e-5),
+        );
+
+        // The running buffers, updated by PyTorch's rule with the unbiased variance, computed by loops.
+        let x = view(&leaves[0]).unwrap();
+        let rm0 = randn_as(&[4], dtype, 13);
+        let rv0 = Tensor::rand(&[4], 0.5, 2.0, dtype, engine::Device::Cpu, &mut engine::Generator::new(14)).unwrap();
+        let (rm, rv) = (rm0.to_vec_f64().unwrap(), rv0.to_vec_f64().unwrap());
+        batch_norm2d(&x, None, None, Some(&rm0), Some(&rv0), true, 0.1, 1e-5).unwrap();
+        let xv = x.to_vec_f64().unwrap();
+        let (n, c, hw) = (3, 4, 10);
+        for ch in 0..c {
+            let vals: Vec<f64> = (0..n).flat_map(|s| xv[(s * c + ch) * hw..][..hw].to_vec()).collect();
+            let m = vals.iter().sum::<f64>() / 30.0;
+            let unbiased = vals.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / 29.0;
+            let want_m = 0.9 * rm[ch] + 0.1 * m;
+            let want_v = 0.9 * rv[ch] + 0.1 * unbiased;
+            let (got_m, got_v) = (rm0.to_vec_f64().unwrap()[ch], rv0.to_vec_f64().unwrap()[ch]);
+            assert!((got_m - want_m).abs() <= tol(dtype), "{dtype} running_mean[{ch}] {got_m} vs {want_m}");
+            assert!((got_v - want_v).abs() <= tol(dtype), "{dtype} running_var[{ch}] {got_v} vs {want_v}");
+        }
+    }
+}
+
+#[test]
+fn batch_norm_eval_uses_the_running_stats_and_leaves_them_alone() {
+    for dtype in [DType::F32, DType::F64] {
+        let leaves = [randn_as(&[2, 3, 4, 3], dtype, 20), randn_as(&[3], dtype, 21), randn_as(&[3], dtype, 22)];
+        let rm = randn_as(&[3], dtype, 23);
+        let rv = Tensor::rand(&[3], 0.5, 2.0, dtype, engine::Device::Cpu, &mut engine::Generator::new(24)).unwrap();
+        let before = (rm.to_vec_f64().unwrap(), rv.to_vec_f64().unwrap());
+        compare_with_composed(
+            "batch_norm2d eval",
+            &leaves,
+            |t| batch_norm2d(&t[0], Some(&t[1]), Some(&t[2]), Some(&rm), Some(&rv), false, 0.1, 1e-5),
+            |t| batch_norm_composed(&t[0], Some(&t[1]), Some(&t[2]), Some((&rm, &rv)), 1e-5),
+        );
+        assert_eq!((rm.to_vec_f64().unwrap(), rv.to_vec_f64().unwrap()), before);
+        // By the formula, elementwise.
+        let y = batch_norm2d(&leaves[0], None, None, Some(&rm), Some(&rv), false, 0.1, 1e-3).unwrap();
+        let (xv, yv) = (leaves[0].to_vec_f64().unwrap(), y.to_vec_f64().unwrap());
+        for (i, (&xe, &ye)) in xv.iter().zip(&yv).enumerate() {
+            let ch = i / 12 % 3;
+            let want = (xe - before.0[ch]) / (before.1[ch] + 1e-3).sqrt();
+            assert!((ye - want).abs() <= tol(dtype) * want.abs().max(1.0), "{dtype} {i}: {ye} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn running_buffers_may_be_views() {
+    // Buffers that are strided views of a larger tensor are updated where the views point, nowhere else.
+    let store = Tensor::zeros(&[2, 3], DType::F64, engine::Device::Cpu).unwrap();
+    let col = |k: usize| crate::view::select(&store, 1, k).unwrap();
+    let x = randn(&[4, 2, 3, 3], 30);
+    no_grad(|| batch_norm2d(&x, None, None, Some(&col(0)), Some(&col(2)), true, 0.5, 1e-5)).unwrap();
+    let s = store.to_vec_f64().unwrap();
+    assert_eq!((s[1], s[4]), (0.0, 0.0));
+    let means = crate::mean(&x, &[0, 2, 3], false).unwrap().to_vec_f64().unwrap();
+    let vars = var(&x, &[0, 2, 3], 1, false).unwrap().to_vec_f64().unwrap();
+    for ch in 0..2 {
+        assert!((s[ch * 3] - 0.5 * means[ch]).abs() < 1e-14);
+        assert!((s[ch * 3 + 2] - 0.5 * vars[ch]).abs() < 1e-14);
+    }
+}
+
+#[test]
+fn batch_norm_gradients_match_finite_differences() {
+    let (x, w, b) = (randn(&[3, 2, 3, 4], 40), randn(&[4], 41), randn(&[4], 42));
+    let view = |t: &Tensor| permute(t, &[0, 3, 1, 2]);
+    let r = gradcheck("batch_norm2d training", &[x.clone(), w.clone(), b.clone()], |t| {
+        batch_norm2d(&view(&t[0])?, Some(&t[1]), Some(&t[2]), None, None, true, 0.1, 1e-5)
+    })
+    .unwrap();
+    assert!(r.passed(), "{r}");
+    let r = gradcheck("batch_norm2d training no affine", std::slice::from_ref(&x), |t| {
+        batch_norm2d(&narrow(&view(&t[0])?, 3, 1, 2)?, None, None, None, None, true, 0.1, 1e-5)
+    })
+    .unwrap();
+    assert!(r.passed(), "{r}");
+    let (rm, rv) = (randn(&[4], 43), rand(&[4], 0.5, 2.0, 44));
+    let r = gradcheck("batch_norm2d eval", &[x, w, b], |t| {
+        batch_norm2d(&view(&t[0])?, Some(&t[1]), Some(&t[2]), Some(&rm), Some(&rv), false, 0.1, 1e-5)
+    })
+    .unwrap();
+    assert!(r.passed(), "{r}");
+}
+
+#[test]
+fn batch_norm_bad_arguments_are_errors() {
+    let x = randn(&[2, 3, 2, 2], 1);
+    let (v3, v4) = (randn(&[3], 2), randn(&[4], 3));
+    let cases: Vec<Result<Tensor>> = vec![
+        batch_norm2d(&randn(&[2, 3, 4], 4), None, None, None, None, true, 0.1, 1e-5),
+        batch_norm2d(&x, Some(&v4), None, None, None, true, 0.1, 1e-5),
+        batch_norm2d(&x, None, Some(&v4), None, None, true, 0.1, 1e-5),
+        batch_norm2d(&x, None, None, Some(&v3), None, true, 0.1, 1e-5),
+        batch_norm2d(&x, None, None, Some(&v3), Some(&v4), true, 0.1, 1e-5),
+        batch_norm2d(&x, None, None, None, None, false, 0.1, 1e-5),
+        batch_norm2d(&randn(&[1, 3, 1, 1], 5), None, None, None, None, true, 0.1, 1e-5),
+        batch_norm2d(&x, None, None, Some(&v3), Some(&v3.detach()), true, 1.5, 1e-5),
+    ];
+    for r in cases {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("batch_norm2d"), "{e}");
+    }
+    // One value per channel is fine in eval.
+    let one = randn(&[1, 3, 1, 1], 6);
+    assert!(batch_norm2d(&one, None, None, Some(&v3), Some(&rand(&[3], 0.5, 1.0, 7)), false, 0.1, 1e-5).is_ok());
+}

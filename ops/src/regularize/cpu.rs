@@ -1,0 +1,30 @@
+//! CPU kernel of the stochastic regularisers: scale consecutive blocks of a tensor by a mask.
+
+use engine::{Error, Float, Result, Storage};
+use rayon::prelude::*;
+
+use crate::util::{contiguous_slice, with_dtype, Operand};
+
+/// y[i] = x[i] mask[i / block] with block = len(x) / len(mask); x contiguous.
+pub(super) fn scale_blocks(op: &'static str, x: Operand, mask: Operand) -> Result<Storage> {
+    fn run<T: Float>(x: &[T], mask: &[T]) -> Vec<T> {
+        let mut y = vec![T::ZERO; x.len()];
+        let block = (x.len() / mask.len().max(1)).max(1);
+        y.par_chunks_mut(block).zip(x.par_chunks(block)).zip(mask).with_min_len((4096 / block).max(1)).for_each(
+            |((yb, xb), &m)| {
+                for (yv, &xv) in yb.iter_mut().zip(xb) {
+                    *yv = xv * m;
+                }
+            },
+        );
+        y
+    }
+    let (n, blocks) = (x.1.numel(), mask.1.numel());
+    if blocks == 0 && n > 0 || blocks > 0 && n % blocks != 0 {
+        return Err(Error::invalid(op, format!("internal: {blocks} mask entries for {n} elements"), x.1.shape()));
+    }
+    with_dtype!(x.0.dtype(), |T| Ok(Storage::Cpu(T::into_storage(run::<T>(
+        contiguous_slice(op, x.0, x.1)?,
+        contiguous_slice(op, mask.0, mask.1)?
+    )))))
+}
