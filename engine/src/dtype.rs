@@ -89,10 +89,12 @@ pub trait Float:
     /// The slice behind CPU storage of this dtype, if it is this dtype.
     fn slice(s: &crate::CpuStorage) -> Option<&[Self]>;
     fn slice_mut(s: &mut crate::CpuStorage) -> Option<&mut [Self]>;
+    /// A cached buffer of exactly `n` elements, if the CPU pool holds one (see [`crate::storage::pool`]).
+    fn take_pooled(n: usize) -> Option<Vec<Self>>;
 }
 
 macro_rules! impl_float {
-    ($t:ty, $dtype:ident, $erf:path) => {
+    ($t:ty, $dtype:ident, $erf:path, $take:path) => {
         impl Float for $t {
             const DTYPE: DType = DType::$dtype;
             const ZERO: Self = 0.0;
@@ -179,9 +181,12 @@ macro_rules! impl_float {
                     _ => None,
                 }
             }
+            fn take_pooled(n: usize) -> Option<Vec<Self>> {
+                $take(n)
+            }
         }
     };
 }
 
-impl_float!(f32, F32, libm::erff);
-impl_float!(f64, F64, libm::erf);
+impl_float!(f32, F32, libm::erff, crate::storage::take_f32);
+impl_float!(f64, F64, libm::erf, crate::storage::take_f64);

@@ -269,7 +269,7 @@ macro_rules! specialize_binary {
 
 /// out[i] = f(x[i]) over one strided input.
 fn map1<T: Float>(x: &[T], lx: &Layout, f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::ZERO; lx.numel()];
+    let mut out = engine::cpu_buffer(lx.numel());
     zip_runs(&mut out, lx.shape(), [lx], |o, [s], [t]| {
         if t == 1 {
             let x = &x[s..s + o.len()];
@@ -286,15 +286,8 @@ fn map1<T: Float>(x: &[T], lx: &Layout, f: impl Fn(T) -> T + Sync) -> Vec<T> {
 }
 
 /// out[i] = f(a[i], b[i]) over two strided inputs of `shape`.
-fn map2<T: Float, U: Copy + Default + Send>(
-    a: &[T],
-    la: &Layout,
-    b: &[T],
-    lb: &Layout,
-    shape: &[usize],
-    f: impl Fn(T, T) -> U + Sync,
-) -> Vec<U> {
-    let mut out = vec![U::default(); shape.iter().product()];
+fn map2<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout, shape: &[usize], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut out = engine::cpu_buffer(shape.iter().product());
     zip_runs(&mut out, shape, [la, lb], |o, [sa, sb], [ta, tb]| {
         if ta == 1 && tb == 1 {
             // Contiguous runs: plain slices, which the compiler vectorises.
@@ -311,9 +304,11 @@ fn map2<T: Float, U: Copy + Default + Send>(
     out
 }
 
-/// out[i] = f(a[i], b[i], c[i]) over three strided inputs of `shape`.
+/// out[i] = f(a[i], b[i], c[i]) over three strided inputs of `shape`; `out` holds numel(shape) elements, all
+/// of which are written.
 #[allow(clippy::too_many_arguments)]
-fn map3<T: Float, U: Copy + Default + Send>(
+fn map3<T: Float, U: Copy + Send>(
+    mut out: Vec<U>,
     a: &[T],
     la: &Layout,
     b: &[T],
@@ -323,7 +318,6 @@ fn map3<T: Float, U: Copy + Default + Send>(
     shape: &[usize],
     f: impl Fn(T, T, T) -> U + Sync,
 ) -> Vec<U> {
-    let mut out = vec![U::default(); shape.iter().product()];
     zip_runs(&mut out, shape, [la, lb, lc], |o, [sa, sb, sc], [ta, tb, tc]| {
         for (k, v) in o.iter_mut().enumerate() {
             *v = f(a[sa + k * ta], b[sb + k * tb], c[sc + k * tc]);
@@ -356,7 +350,9 @@ pub(super) fn unary_backward(
     fn run<T: Float>(op: Unary, x: &[T], lx: &Layout, y: &[T], ly: &Layout, g: &[T], lg: &Layout) -> Vec<T> {
         macro_rules! go {
             ($k:expr) => {
-                map3(x, lx, y, ly, g, lg, lx.shape(), move |xv, yv, gv| gv * $k.df(xv, yv))
+                map3(engine::cpu_buffer(lx.numel()), x, lx, y, ly, g, lg, lx.shape(), move |xv, yv, gv| {
+                    gv * $k.df(xv, yv)
+                })
             };
         }
         specialize_unary!(op, go)
@@ -397,7 +393,9 @@ pub(super) fn binary_backward(
         // (ga, gb) pairs, split after.
         macro_rules! go {
             ($k:expr) => {
-                map3(a, la, b, lb, g, lg, lg.shape(), move |x, y, gv| $k.df(x, y, gv))
+                map3(vec![(T::ZERO, T::ZERO); lg.numel()], a, la, b, lb, g, lg, lg.shape(), move |x, y, gv| {
+                    $k.df(x, y, gv)
+                })
             };
         }
         let pairs: Vec<(T, T)> = specialize_binary!(op, go);
@@ -448,7 +446,17 @@ pub(super) fn where_(
     shape: &[usize],
 ) -> Result<CpuStorage> {
     fn run<T: Float>(c: &[T], lc: &Layout, a: &[T], la: &Layout, b: &[T], lb: &Layout, shape: &[usize]) -> Vec<T> {
-        map3(c, lc, a, la, b, lb, shape, |cv, x, y| if cv != T::ZERO { x } else { y })
+        map3(
+            engine::cpu_buffer(shape.iter().product()),
+            c,
+            lc,
+            a,
+            la,
+            b,
+            lb,
+            shape,
+            |cv, x, y| if cv != T::ZERO { x } else { y },
+        )
     }
     same_dtype!("where", (c, a, b), |c, a, b; T| run::<T>(c, lc, a, la, b, lb, shape))
 }

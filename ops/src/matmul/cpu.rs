@@ -67,8 +67,9 @@ unsafe fn gemm_one<T: Float>(
 fn matmul_typed<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout, plan: &Plan) -> Result<Vec<T>> {
     let (m, k, n) = (plan.m, plan.k, plan.n);
     let batches: usize = plan.batch.iter().product();
-    let mut c = vec![T::ZERO; batches * m * n];
-    // With k = 0 every entry is an empty sum: the zeros above are the answer.
+    // gemm overwrites every element without reading it (read_dst false), so a reused buffer is fine; with
+    // k = 0 every entry is an empty sum and the zeros are the answer.
+    let mut c = if k == 0 { vec![T::ZERO; batches * m * n] } else { engine::cpu_buffer(batches * m * n) };
     if c.is_empty() || k == 0 {
         return Ok(c);
     }
