@@ -1,7 +1,15 @@
-//! mila-rs nn: optimizers and schedules now; modules, data, checkpoints and the trainer come with issue 7.
+//! mila-rs nn: modules with PyTorch parameter names, init, optimizers and schedules; data, checkpoints and
+//! the trainer come with issue 7.
 
+pub mod init;
+pub mod layers;
+pub mod module;
 pub mod optim;
 pub mod schedule;
+
+pub use init::Init;
+pub use layers::{BatchNorm2d, Conv2d, DropPath, LayerNorm, Linear, Mlp};
+pub use module::{Entry, Module};
 
 pub use optim::{clip_grad_norm, param_groups, AdamW, AdamWConfig, Optimizer, ParamGroup, Sgd, SgdConfig};
 pub use schedule::{CosineWarmup, StepLr};

@@ -1,3 +1,4 @@
 //! Integration tests of nn, one binary.
 
+mod modules;
 mod optim;

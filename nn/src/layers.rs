@@ -1,0 +1,230 @@
+//! The layers the models are built from, with PyTorch's parameter names, layouts and default init.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use engine::{Generator, Result, Tensor};
+use ops::TensorOps;
+
+use crate::init::Init;
+use crate::module::{visit_child, Entry, Module};
+
+/// y = x W^T + b; W is (out, in) as in PyTorch.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// PyTorch's default init (kaiming uniform weight and bias).
+    pub fn new(init: &mut Init, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = init.kaiming_uniform(&[out_features, in_features], in_features)?;
+        let bias = if bias { Some(init.kaiming_uniform(&[out_features], in_features)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// timm/MLLA init: weight trunc_normal(std 0.02), bias 0.
+    pub fn new_trunc_normal(init: &mut Init, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = init.trunc_normal(&[out_features, in_features], 0.02)?;
+        let bias = if bias { Some(init.constant(&[out_features], 0.0)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// x (..., in) -> (..., out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn visit(&self, f: &mut dyn FnMut(&str, Entry<'_>)) {
+        f("weight", Entry::Param { tensor: &self.weight, no_decay: false });
+        if let Some(b) = &self.bias {
+            f("bias", Entry::Param { tensor: b, no_decay: true });
+        }
+    }
+    fn set_training(&mut self, _: bool) {}
+}
+
+/// 2-D convolution, weight (out, in / groups, kh, kw).
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub dilation: (usize, usize),
+    pub groups: usize,
+}
+
+impl Conv2d {
+    /// PyTorch's default init. `kernel` is (kh, kw).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        init: &mut Init,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: (usize, usize),
+        stride: usize,
+        padding: usize,
+        groups: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+            return Err(engine::Error::invalid(
+                "Conv2d",
+                format!("groups {groups} must divide in {in_channels} and out {out_channels} channels"),
+                &[out_channels, in_channels, kernel.0, kernel.1],
+            ));
+        }
+        let fan_in = in_channels / groups * kernel.0 * kernel.1;
+        let weight = init.kaiming_uniform(&[out_channels, in_channels / groups, kernel.0, kernel.1], fan_in)?;
+        let bias = if bias { Some(init.kaiming_uniform(&[out_channels], fan_in)?) } else { None };
+        Ok(Conv2d { weight, bias, stride: (stride, stride), padding: (padding, padding), dilation: (1, 1), groups })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding, self.dilation, self.groups)
+    }
+}
+
+impl Module for Conv2d {
+    fn visit(&self, f: &mut dyn FnMut(&str, Entry<'_>)) {
+        f("weight", Entry::Param { tensor: &self.weight, no_decay: false });
+        if let Some(b) = &self.bias {
+            f("bias", Entry::Param { tensor: b, no_decay: true });
+        }
+    }
+    fn set_training(&mut self, _: bool) {}
+}
+
+/// LayerNorm over the last dim: weight 1, bias 0.
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(init: &mut Init, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { weight: init.constant(&[dim], 1.0)?, bias: init.constant(&[dim], 0.0)?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, Some(&self.weight), Some(&self.bias), self.eps)
+    }
+}
+
+impl Module for LayerNorm {
+    fn visit(&self, f: &mut dyn FnMut(&str, Entry<'_>)) {
+        f("weight", Entry::Param { tensor: &self.weight, no_decay: true });
+        f("bias", Entry::Param { tensor: &self.bias, no_decay: true });
+    }
+    fn set_training(&mut self, _: bool) {}
+}
+
+/// BatchNorm2d with running statistics (momentum 0.1, eps 1e-5 by default) and `num_batches_tracked`.
+pub struct BatchNorm2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub num_batches_tracked: AtomicU64,
+    pub momentum: f64,
+    pub eps: f64,
+    pub training: bool,
+}
+
+impl BatchNorm2d {
+    pub fn new(init: &mut Init, channels: usize) -> Result<Self> {
+        Ok(BatchNorm2d {
+            weight: init.constant(&[channels], 1.0)?,
+            bias: init.constant(&[channels], 0.0)?,
+            running_mean: init.buffer(&[channels], 0.0)?,
+            running_var: init.buffer(&[channels], 1.0)?,
+            num_batches_tracked: AtomicU64::new(0),
+            momentum: 0.1,
+            eps: 1e-5,
+            training: true,
+        })
+    }
+
+    /// x (N, C, H, W). In training, uses batch statistics and updates the running ones.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.training {
+            self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+        }
+        ops::batch_norm2d(
+            x,
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            self.training,
+            self.momentum,
+            self.eps,
+        )
+    }
+}
+
+impl Module for BatchNorm2d {
+    fn visit(&self, f: &mut dyn FnMut(&str, Entry<'_>)) {
+        f("weight", Entry::Param { tensor: &self.weight, no_decay: true });
+        f("bias", Entry::Param { tensor: &self.bias, no_decay: true });
+        f("running_mean", Entry::Buffer(&self.running_mean));
+        f("running_var", Entry::Buffer(&self.running_var));
+        f("num_batches_tracked", Entry::Counter(&self.num_batches_tracked));
+    }
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+}
+
+/// fc1 -> GELU (erf) -> fc2, as timm's `Mlp` (dropout 0).
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    /// MLLA's init: trunc_normal(0.02) weights, zero biases.
+    pub fn new(init: &mut Init, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Mlp {
+            fc1: Linear::new_trunc_normal(init, dim, hidden, true)?,
+            fc2: Linear::new_trunc_normal(init, hidden, dim, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+    }
+}
+
+impl Module for Mlp {
+    fn visit(&self, f: &mut dyn FnMut(&str, Entry<'_>)) {
+        visit_child(&self.fc1, "fc1", f);
+        visit_child(&self.fc2, "fc2", f);
+    }
+    fn set_training(&mut self, _: bool) {}
+}
+
+/// Stochastic depth: drops whole samples with probability `p` in training (timm's `DropPath`).
+pub struct DropPath {
+    pub p: f64,
+    pub training: bool,
+}
+
+impl DropPath {
+    pub fn forward(&self, x: &Tensor, rng: &mut Generator) -> Result<Tensor> {
+        ops::drop_path(x, self.p, self.training, rng)
+    }
+}
+
+impl Module for DropPath {
+    fn visit(&self, _: &mut dyn FnMut(&str, Entry<'_>)) {}
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+}
