@@ -72,7 +72,7 @@ impl Conv2d {
         groups: usize,
         bias: bool,
     ) -> Result<Self> {
-        if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+        if groups == 0 || !in_channels.is_multiple_of(groups) || !out_channels.is_multiple_of(groups) {
             return Err(engine::Error::invalid(
                 "Conv2d",
                 format!("groups {groups} must divide in {in_channels} and out {out_channels} channels"),
