@@ -1,6 +1,7 @@
 //! mila-rs nn: modules with PyTorch parameter names, init, optimizers and schedules; data, checkpoints and
 //! the trainer come with issue 7.
 
+pub mod checkpoint;
 pub mod init;
 pub mod layers;
 pub mod module;

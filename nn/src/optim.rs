@@ -35,6 +35,18 @@ pub trait Optimizer {
     fn set_lr(&mut self, lr: f64);
     fn groups(&self) -> &[ParamGroup];
 
+    /// The optimizer's state as named tensors and counters, named after the parameters
+    /// (`optim.<param>.<state>`), for checkpoints.
+    fn export_state(&self, named: &[(String, Tensor)]) -> (Vec<(String, Tensor)>, Vec<(String, u64)>);
+
+    /// Restores what [`Optimizer::export_state`] wrote (copies, on the parameters' devices).
+    fn import_state(
+        &mut self,
+        named: &[(String, Tensor)],
+        tensors: &HashMap<String, Tensor>,
+        counters: &HashMap<String, u64>,
+    ) -> Result<()>;
+
     /// Drops every parameter's gradient.
     fn zero_grad(&self) {
         for p in self.groups().iter().flat_map(|g| &g.params) {
@@ -109,6 +121,39 @@ impl Optimizer for Sgd {
     fn groups(&self) -> &[ParamGroup] {
         &self.groups
     }
+    fn export_state(&self, named: &[(String, Tensor)]) -> (Vec<(String, Tensor)>, Vec<(String, u64)>) {
+        let tensors = named
+            .iter()
+            .filter_map(|(n, p)| self.buffers.get(&p.id()).map(|b| (format!("optim.{n}.momentum_buffer"), b.clone())))
+            .collect();
+        (tensors, Vec::new())
+    }
+    fn import_state(
+        &mut self,
+        named: &[(String, Tensor)],
+        tensors: &HashMap<String, Tensor>,
+        _: &HashMap<String, u64>,
+    ) -> Result<()> {
+        for (n, p) in named {
+            if let Some(b) = tensors.get(&format!("optim.{n}.momentum_buffer")) {
+                self.buffers.insert(p.id(), state_copy(b, p)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fresh copy of saved state `t`, in `like`'s dtype and on its device, with `like`'s shape checked.
+fn state_copy(t: &Tensor, like: &Tensor) -> Result<Tensor> {
+    if t.shape() != like.shape() {
+        return Err(Error::ShapeMismatch { op: "import_state", lhs: like.shape().to_vec(), rhs: t.shape().to_vec() });
+    }
+    no_grad(|| {
+        let out = zeros_like(like)?;
+        let src = t.to_dtype(like.dtype())?.to_device(like.device())?;
+        ops::copy_into(&out, &out.layout().clone(), &src)?;
+        Ok(out)
+    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -191,6 +236,44 @@ impl Optimizer for AdamW {
     }
     fn groups(&self) -> &[ParamGroup] {
         &self.groups
+    }
+    fn export_state(&self, named: &[(String, Tensor)]) -> (Vec<(String, Tensor)>, Vec<(String, u64)>) {
+        let (mut tensors, mut counters) = (Vec::new(), Vec::new());
+        for (n, p) in named {
+            let Some(st) = self.state.get(&p.id()) else { continue };
+            tensors.push((format!("optim.{n}.exp_avg"), st.m.clone()));
+            tensors.push((format!("optim.{n}.exp_avg_sq"), st.v.clone()));
+            if let Some(x) = &st.vmax {
+                tensors.push((format!("optim.{n}.max_exp_avg_sq"), x.clone()));
+            }
+            counters.push((format!("optim.{n}.step"), st.step));
+        }
+        (tensors, counters)
+    }
+    fn import_state(
+        &mut self,
+        named: &[(String, Tensor)],
+        tensors: &HashMap<String, Tensor>,
+        counters: &HashMap<String, u64>,
+    ) -> Result<()> {
+        for (n, p) in named {
+            let Some(&step) = counters.get(&format!("optim.{n}.step")) else { continue };
+            let get = |k: &str| {
+                tensors.get(&format!("optim.{n}.{k}")).ok_or_else(|| Error::Msg {
+                    context: "import_state",
+                    msg: format!("optimizer state 'optim.{n}.{k}' is missing"),
+                })
+            };
+            let vmax = match (self.cfg.amsgrad, tensors.get(&format!("optim.{n}.max_exp_avg_sq"))) {
+                (true, Some(x)) => Some(state_copy(x, p)?),
+                (true, None) => Some(zeros_like(p)?),
+                (false, _) => None,
+            };
+            let st =
+                AdamState { step, m: state_copy(get("exp_avg")?, p)?, v: state_copy(get("exp_avg_sq")?, p)?, vmax };
+            self.state.insert(p.id(), st);
+        }
+        Ok(())
     }
 }
 

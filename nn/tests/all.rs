@@ -1,4 +1,5 @@
 //! Integration tests of nn, one binary.
 
+mod checkpoint;
 mod modules;
 mod optim;
