@@ -28,6 +28,9 @@ pub fn param_groups(named: &[(String, Tensor)], weight_decay: f64, no_decay: &[&
     vec![ParamGroup { params: decay, weight_decay }, ParamGroup { params: keep, weight_decay: 0.0 }]
 }
 
+/// Named state tensors and named counters (see [`Optimizer::export_state`]).
+pub type NamedState = (Vec<(String, Tensor)>, Vec<(String, u64)>);
+
 pub trait Optimizer {
     /// Applies one update to every parameter that has a gradient.
     fn step(&mut self) -> Result<()>;
@@ -37,7 +40,7 @@ pub trait Optimizer {
 
     /// The optimizer's state as named tensors and counters, named after the parameters
     /// (`optim.<param>.<state>`), for checkpoints.
-    fn export_state(&self, named: &[(String, Tensor)]) -> (Vec<(String, Tensor)>, Vec<(String, u64)>);
+    fn export_state(&self, named: &[(String, Tensor)]) -> NamedState;
 
     /// Restores what [`Optimizer::export_state`] wrote (copies, on the parameters' devices).
     fn import_state(
@@ -121,7 +124,7 @@ impl Optimizer for Sgd {
     fn groups(&self) -> &[ParamGroup] {
         &self.groups
     }
-    fn export_state(&self, named: &[(String, Tensor)]) -> (Vec<(String, Tensor)>, Vec<(String, u64)>) {
+    fn export_state(&self, named: &[(String, Tensor)]) -> NamedState {
         let tensors = named
             .iter()
             .filter_map(|(n, p)| self.buffers.get(&p.id()).map(|b| (format!("optim.{n}.momentum_buffer"), b.clone())))
@@ -237,7 +240,7 @@ impl Optimizer for AdamW {
     fn groups(&self) -> &[ParamGroup] {
         &self.groups
     }
-    fn export_state(&self, named: &[(String, Tensor)]) -> (Vec<(String, Tensor)>, Vec<(String, u64)>) {
+    fn export_state(&self, named: &[(String, Tensor)]) -> NamedState {
         let (mut tensors, mut counters) = (Vec::new(), Vec::new());
         for (n, p) in named {
             let Some(st) = self.state.get(&p.id()) else { continue };
