@@ -2,6 +2,7 @@
 //! the trainer come with issue 7.
 
 pub mod checkpoint;
+pub mod data;
 pub mod init;
 pub mod layers;
 pub mod module;

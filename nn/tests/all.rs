@@ -1,5 +1,6 @@
 //! Integration tests of nn, one binary.
 
 mod checkpoint;
+mod data;
 mod modules;
 mod optim;
