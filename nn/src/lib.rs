@@ -8,6 +8,7 @@ pub mod layers;
 pub mod module;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
 
 pub use init::Init;
 pub use layers::{BatchNorm2d, Conv2d, DropPath, LayerNorm, Linear, Mlp};

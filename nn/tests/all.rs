@@ -4,3 +4,4 @@ mod checkpoint;
 mod data;
 mod modules;
 mod optim;
+mod trainer;

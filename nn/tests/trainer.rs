@@ -1,0 +1,109 @@
+//! The trainer: it learns, a resumed run repeats the uninterrupted losses exactly, a non-finite loss stops
+//! the run with the step named and the last good checkpoint kept.
+
+use std::sync::Arc;
+
+use engine::{DType, Device, Generator, Result, Tensor};
+use nn::data::Dataset;
+use nn::module::{visit_child, Entry};
+use nn::trainer::{checkpoint_path, train, Classifier, OptimizerKind, TrainConfig};
+use nn::{Init, Linear, Module};
+use ops::TensorOps;
+
+/// Flatten + one hidden layer.
+struct Tiny {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Module for Tiny {
+    fn visit(&self, f: &mut dyn FnMut(&str, Entry<'_>)) {
+        visit_child(&self.fc1, "fc1", f);
+        visit_child(&self.fc2, "fc2", f);
+    }
+    fn set_training(&mut self, _: bool) {}
+}
+
+impl Classifier for Tiny {
+    fn logits(&self, x: &Tensor, _: &mut Generator) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(&x.flatten(1, -1)?)?.relu()?)
+    }
+}
+
+fn tiny(seed: u64) -> Tiny {
+    let mut rng = Generator::new(seed);
+    let mut i = Init { dtype: DType::F32, device: Device::Cpu, rng: &mut rng };
+    Tiny { fc1: Linear::new(&mut i, 32 * 32, 32, true).unwrap(), fc2: Linear::new(&mut i, 32, 10, true).unwrap() }
+}
+
+fn subset(d: &Dataset, n: usize) -> Arc<Dataset> {
+    Arc::new(Dataset { images: d.images[..n * 784].to_vec(), labels: d.labels[..n].to_vec(), n, ..d.clone() })
+}
+
+fn config(dir: &str, epochs: usize, lr: f64) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size: 50,
+        lr,
+        min_lr: 0.0,
+        weight_decay: 0.05,
+        optimizer: OptimizerKind::AdamW,
+        momentum: 0.9,
+        warmup_frac: 0.1,
+        label_smoothing: 0.1,
+        clip_grad: None,
+        seed: 7,
+        device: Device::Cpu,
+        dtype: DType::F32,
+        random_shift: 2,
+        pad: 2,
+        mean: vec![0.1307],
+        std: vec![0.3081],
+        out_dir: std::env::temp_dir().join(format!("mila-trainer-{}-{dir}", std::process::id())),
+        progress: false,
+        stop_after: None,
+    }
+}
+
+#[test]
+fn learns_and_resumes_exactly() {
+    let (train_all, test_all) = Dataset::mnist10k().unwrap();
+    let (tr, te) = (subset(&train_all, 600), subset(&test_all, 200));
+
+    let cfg = config("straight", 3, 3e-3);
+    let mut a = tiny(1);
+    let straight = train(&mut a, tr.clone(), te.clone(), &cfg, false).unwrap();
+    assert!(straight.last().unwrap().test_acc > 0.6, "{:?}", straight.last().unwrap().test_acc);
+    assert!(straight[2].train_loss < straight[0].train_loss);
+
+    // The same run interrupted after its first epoch, then resumed into a model with other weights:
+    // everything (weights, optimizer, step, generator) must come from the checkpoint.
+    let cfg2 = TrainConfig { stop_after: Some(1), ..config("resumed", 3, 3e-3) };
+    let mut b = tiny(1);
+    let first = train(&mut b, tr.clone(), te.clone(), &cfg2, false).unwrap();
+    assert_eq!(first.len(), 1);
+    let mut c = tiny(99);
+    let rest = train(&mut c, tr.clone(), te.clone(), &TrainConfig { stop_after: None, ..cfg2.clone() }, true).unwrap();
+    assert_eq!(rest.iter().map(|m| m.epoch).collect::<Vec<_>>(), [2, 3]);
+    let losses = |ms: &[nn::trainer::EpochMetrics]| ms.iter().flat_map(|m| m.step_losses.clone()).collect::<Vec<_>>();
+    assert_eq!([losses(&first), losses(&rest)].concat(), losses(&straight), "resumed losses differ");
+    assert_eq!(rest[1].test_acc, straight[2].test_acc);
+    let _ = std::fs::remove_dir_all(&cfg.out_dir);
+    let _ = std::fs::remove_dir_all(&cfg2.out_dir);
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_checkpoint() {
+    let (train_all, test_all) = Dataset::mnist10k().unwrap();
+    let (tr, te) = (subset(&train_all, 100), subset(&test_all, 50));
+    let mut cfg = config("nan", 1, 1e-3);
+    let mut m = tiny(3);
+    train(&mut m, tr.clone(), te.clone(), &cfg, false).unwrap();
+    let saved = std::fs::read(checkpoint_path(&cfg.out_dir)).unwrap();
+    cfg.epochs = 2;
+    cfg.lr = 1e38; // the second epoch explodes
+    let err = train(&mut m, tr, te, &cfg, true).unwrap_err().to_string();
+    assert!(err.contains("at step"), "{err}");
+    assert_eq!(std::fs::read(checkpoint_path(&cfg.out_dir)).unwrap(), saved, "the last good checkpoint is kept");
+    let _ = std::fs::remove_dir_all(&cfg.out_dir);
+}
