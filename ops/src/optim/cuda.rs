@@ -8,7 +8,7 @@ use engine::{DType, Error, Float, Layout, Result};
 use super::{AdamWStep, SgdStep};
 use crate::cuda::{function, launch, Module};
 
-const MODULE: Module = Module { name: "ops_optim", body: include_str!("optim.cu") };
+pub(crate) const MODULE: Module = Module { name: "ops_optim", body: include_str!("optim.cu") };
 
 /// `struct SgdParams` of optim.cu, field for field.
 #[repr(C)]

@@ -13,10 +13,11 @@
 //!     vhat = max(vmax, v) (stored back in vmax) if amsgrad else v
 //!     p  -= lr / (1 - beta1^t) * m / (sqrt(vhat) / sqrt(1 - beta2^t) + eps)
 //!
-//! Parameters, gradients and state are contiguous tensors of one shape, dtype and device.
+//! Parameters, gradients and state are contiguous tensors of one shape, dtype and device. Each may be a view
+//! into a larger buffer (a concat's input gradients are): only its own elements are read and written.
 
 mod cpu;
-mod cuda;
+pub(crate) mod cuda;
 
 use engine::{Error, Result, Storage, Tensor};
 
@@ -73,7 +74,9 @@ pub fn sgd_step(p: &Tensor, grad: &Tensor, buf: &Tensor, h: SgdStep) -> Result<(
     let mut ps = p.storage_mut();
     let mut bs = buf.storage_mut();
     match (&mut *ps, &*g, &mut *bs) {
-        (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(b)) => cpu::sgd(p, g, b, h),
+        (Storage::Cpu(ps), Storage::Cpu(gs), Storage::Cpu(bs)) => {
+            cpu::sgd((ps, p.layout()), (gs, grad.layout()), (bs, buf.layout()), h)
+        }
         (Storage::Cuda(ps), Storage::Cuda(gs), Storage::Cuda(bs)) => {
             cuda::sgd((ps, p.layout()), (gs, grad.layout()), (bs, buf.layout()), h)
         }
@@ -109,7 +112,9 @@ pub fn adamw_step(
     if vmax.same_storage(v) {
         let mut vs = v.storage_mut();
         return match (&mut *ps, &*g, &mut *ms, &mut *vs) {
-            (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v)) => cpu::adamw(p, g, m, v, None, h),
+            (Storage::Cpu(ps), Storage::Cpu(gs), Storage::Cpu(ms), Storage::Cpu(vs)) => {
+                cpu::adamw((ps, p.layout()), (gs, grad.layout()), (ms, m.layout()), (vs, v.layout()), None, h)
+            }
             (Storage::Cuda(ps), Storage::Cuda(gs), Storage::Cuda(ms), Storage::Cuda(vs)) => {
                 cuda::adamw((ps, p.layout()), (gs, grad.layout()), (ms, m.layout()), (vs, v.layout()), None, h)
             }
@@ -119,9 +124,14 @@ pub fn adamw_step(
     let mut vs = v.storage_mut();
     let mut xs = vmax.storage_mut();
     match (&mut *ps, &*g, &mut *ms, &mut *vs, &mut *xs) {
-        (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v), Storage::Cpu(x)) => {
-            cpu::adamw(p, g, m, v, Some(x), h)
-        }
+        (Storage::Cpu(ps), Storage::Cpu(gs), Storage::Cpu(ms), Storage::Cpu(vs), Storage::Cpu(xs)) => cpu::adamw(
+            (ps, p.layout()),
+            (gs, grad.layout()),
+            (ms, m.layout()),
+            (vs, v.layout()),
+            Some((xs, vmax.layout())),
+            h,
+        ),
         (Storage::Cuda(ps), Storage::Cuda(gs), Storage::Cuda(ms), Storage::Cuda(vs), Storage::Cuda(xs)) => cuda::adamw(
             (ps, p.layout()),
             (gs, grad.layout()),
@@ -139,10 +149,7 @@ pub fn scale_(t: &Tensor, factor: f64) -> Result<()> {
     check("scale_", t, &[])?;
     let mut s = t.storage_mut();
     match &mut *s {
-        Storage::Cpu(c) => {
-            cpu::scale(c, factor);
-            Ok(())
-        }
+        Storage::Cpu(c) => cpu::scale((c, t.layout()), factor),
         Storage::Cuda(c) => cuda::scale(c, t.layout(), factor),
     }
 }

@@ -100,3 +100,62 @@ fn cuda_scale_and_sum_squares_match_cpu() {
         assert!((gpu - cpu).abs() <= cuda_tol(dtype) * cpu, "sum_squares ({dtype}): {gpu} vs {cpu}");
     }
 }
+
+/// Fresh copy of `x` in its own storage on `device`.
+fn copy_to(x: &Tensor, device: Device) -> Tensor {
+    Tensor::from_f64(&x.to_vec_f64().unwrap(), x.shape(), x.dtype(), device).unwrap()
+}
+
+/// Two parameters that are rows 0..2 and 2..5 of one buffer, with gradients that are the same rows of
+/// another (as a concat's backward hands them out), updated on `device`: each step must change its own
+/// rows only, exactly as it changes separate CPU copies of them.
+fn views_update_their_own_elements(device: Device) {
+    let mut g = Generator::new(7);
+    let w = Tensor::rand(&[5, 4], -1.0, 1.0, DType::F64, Device::Cpu, &mut g).unwrap();
+    let gw = Tensor::rand(&[5, 4], -1.0, 1.0, DType::F64, Device::Cpu, &mut g).unwrap();
+    let (w_dev, gw_dev) = (copy_to(&w, device), copy_to(&gw, device));
+    let rows = [(0, 2), (2, 3)];
+    let view = |x: &Tensor, (start, len): (usize, usize)| crate::view::narrow(x, 0, start, len).unwrap();
+    let tol = if device == Device::Cpu { 0.0 } else { cuda_tol(DType::F64) };
+    // The same steps on separate CPU copies of each piece.
+    let mut want = Vec::new();
+    for &r in &rows {
+        let (p, gr) = (copy_to(&view(&w, r), Device::Cpu), copy_to(&view(&gw, r), Device::Cpu));
+        let (buf, m, v) = (p.zeros_like().unwrap(), p.zeros_like().unwrap(), p.zeros_like().unwrap());
+        let h = SgdStep { lr: 0.1, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 0.01, first: true };
+        sgd_step(&p, &gr, &buf, h).unwrap();
+        let h = AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, amsgrad: false, step: 1 };
+        adamw_step(&p, &gr, &m, &v, None, h).unwrap();
+        scale_(&gr, 0.5).unwrap();
+        want.push((p.to_vec_f64().unwrap(), gr.to_vec_f64().unwrap()));
+    }
+    for (&r, (p_want, g_want)) in rows.iter().zip(&want) {
+        let (p, gr) = (view(&w_dev, r), view(&gw_dev, r));
+        assert!(p.is_contiguous() && gr.is_contiguous());
+        let zeros = || Tensor::zeros(p.shape(), DType::F64, device).unwrap();
+        let (buf, m, v) = (zeros(), zeros(), zeros());
+        let h = SgdStep { lr: 0.1, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 0.01, first: true };
+        sgd_step(&p, &gr, &buf, h).unwrap();
+        let h = AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, amsgrad: false, step: 1 };
+        adamw_step(&p, &gr, &m, &v, None, h).unwrap();
+        scale_(&gr, 0.5).unwrap();
+        for (got, want, what) in [(&p, p_want, "parameter"), (&gr, g_want, "gradient")] {
+            for (x, y) in got.to_vec_f64().unwrap().iter().zip(want) {
+                assert!((x - y).abs() <= tol * y.abs().max(1.0), "{device} rows {r:?} {what}: {x} vs {y}");
+            }
+        }
+    }
+}
+
+#[test]
+fn views_with_an_offset_update_their_own_elements() {
+    views_update_their_own_elements(Device::Cpu);
+}
+
+#[test]
+fn cuda_views_with_an_offset_update_their_own_elements() {
+    if test_device_or_skip("cuda_views_with_an_offset_update_their_own_elements").is_none() {
+        return;
+    }
+    views_update_their_own_elements(Device::Cuda(0));
+}

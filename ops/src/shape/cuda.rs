@@ -8,7 +8,7 @@ use engine::{DType, Float, Layout, Result};
 use super::cpu::split_at_dim;
 use crate::cuda::{function, launch, Module};
 
-const MODULE: Module = Module { name: "ops_shape", body: include_str!("shape.cu") };
+pub(crate) const MODULE: Module = Module { name: "ops_shape", body: include_str!("shape.cu") };
 
 /// The indices on the device as the kernels read them (`long long`). Every index is below its dim's size,
 /// which fits in an i64, so the casts are exact.

@@ -12,7 +12,7 @@
 //! any device `copy_into` supports; only index_select has kernels of its own (`cpu.rs`, `cuda.rs`).
 
 mod cpu;
-mod cuda;
+pub(crate) mod cuda;
 
 use engine::{Error, Op, Result, Storage, Tensor};
 
