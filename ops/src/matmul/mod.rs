@@ -9,10 +9,13 @@
 //! | dot | (k) @ (k) -> () | sum_p A[p] B[p] | through the views |
 //!
 //! Broadcast batch dims are stride-0 views and transposed or sliced inputs are passed to the kernel with their
-//! own strides: the forward never copies an input. The backward is two more matmuls over transposed views
-//! (`t`) followed by `sum_to_shape`; each runs only for an input that requires grad.
+//! own strides: on the CPU the forward never copies an input. cuBLAS (cuda.rs) needs a unit stride in one of
+//! the two matrix dims and batch dims it can step through with one stride, and copies an operand only when
+//! it has neither. The backward is two more matmuls over transposed views (`t`) followed by `sum_to_shape`;
+//! each runs only for an input that requires grad.
 
 mod cpu;
+mod cuda;
 mod reference;
 
 pub use reference::matmul_ref;
@@ -20,7 +23,7 @@ pub use reference::matmul_ref;
 use engine::{Error, Layout, Op, Result, Storage, Tensor};
 
 use crate::reduce::sum_to_shape;
-use crate::util::{no_cuda, same_dtype_device};
+use crate::util::same_dtype_device;
 use crate::view::{reshape_usize, t, unsqueeze};
 
 /// Sizes of a batched product of rank-2+ operands, after broadcasting.
@@ -102,7 +105,8 @@ fn matmul_checked(a: &Tensor, b: &Tensor, lhs: &[usize], rhs: &[usize]) -> Resul
     let lb = plan.expand(b, plan.k, plan.n)?;
     let storage = match (&*a.storage(), &*b.storage()) {
         (Storage::Cpu(sa), Storage::Cpu(sb)) => Storage::Cpu(cpu::matmul(sa, &la, sb, &lb, &plan)?),
-        (s, _) => return Err(no_cuda("matmul", s)),
+        (Storage::Cuda(sa), Storage::Cuda(sb)) => Storage::Cuda(cuda::matmul(sa, &la, sb, &lb, &plan)?),
+        (sa, sb) => return Err(Error::DeviceMismatch { op: "matmul", lhs: sa.device(), rhs: sb.device() }),
     };
     Ok(Tensor::from_op(storage, &plan.out_shape(), &[a, b], || Matmul {
         a: b.requires_grad().then(|| a.detach()),
@@ -139,4 +143,4 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

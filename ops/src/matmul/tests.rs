@@ -287,3 +287,132 @@ proptest! {
         }
     }
 }
+
+// ---- CUDA against the CPU (skipped without a device) -------------------------------------------------------
+//
+// The helpers are shared with the shape and optim families' CUDA tests.
+
+pub(crate) fn to_cuda(t: &Tensor) -> Tensor {
+    t.to_device(Device::Cuda(0)).unwrap()
+}
+
+/// ||got - want|| / ||want|| over all elements (0 when both are zero).
+pub(crate) fn rel_error(got: &Tensor, want: &Tensor) -> f64 {
+    let (g, w) = (got.to_vec_f64().unwrap(), want.to_vec_f64().unwrap());
+    assert_eq!(g.len(), w.len());
+    let diff = g.iter().zip(&w).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let norm = w.iter().map(|y| y * y).sum::<f64>().sqrt();
+    if diff == 0.0 {
+        0.0
+    } else {
+        diff / norm
+    }
+}
+
+/// cuBLAS and gemm add the k products in different orders: a few ulps apart.
+pub(crate) fn cuda_tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F64 => 1e-12,
+    }
+}
+
+/// Runs `f` on the same fresh N(0, 1) inputs of `shapes` on the CPU and on CUDA (views are taken inside `f`,
+/// on each device, so CUDA sees the strided layouts), backpropagates the same random cotangent, and compares
+/// the outputs and every input's gradient, in f32 and f64.
+pub(crate) fn assert_cuda_matches_cpu(
+    what: &str,
+    shapes: &[&[usize]],
+    f: impl Fn(&[Tensor]) -> engine::Result<Tensor>,
+) {
+    for (seed, dtype) in [(1, DType::F32), (2, DType::F64)] {
+        let mut g = Generator::new(seed);
+        let base: Vec<Tensor> =
+            shapes.iter().map(|s| Tensor::randn(s, 0.0, 1.0, dtype, Device::Cpu, &mut g).unwrap()).collect();
+        let cpu: Vec<Tensor> = base.iter().map(|x| x.detach().requires_grad_(true).unwrap()).collect();
+        let gpu: Vec<Tensor> = base.iter().map(|x| to_cuda(x).requires_grad_(true).unwrap()).collect();
+        let y_cpu = f(&cpu).unwrap();
+        let y_gpu = f(&gpu).unwrap_or_else(|e| panic!("{what} ({dtype}) on CUDA: {e}"));
+        assert_eq!(y_gpu.device(), Device::Cuda(0), "{what}");
+        assert_eq!(y_gpu.shape(), y_cpu.shape(), "{what}");
+        let tol = cuda_tol(dtype);
+        let err = rel_error(&y_gpu, &y_cpu);
+        assert!(err <= tol, "{what} ({dtype}): output relative error {err:e}");
+        let cot = Tensor::randn(y_cpu.shape(), 0.0, 1.0, dtype, Device::Cpu, &mut g).unwrap();
+        y_cpu.backward_with(&cot).unwrap();
+        y_gpu.backward_with(&to_cuda(&cot)).unwrap_or_else(|e| panic!("{what} ({dtype}) backward on CUDA: {e}"));
+        for (i, (c, d)) in cpu.iter().zip(&gpu).enumerate() {
+            let (gc, gd) = (c.grad().unwrap(), d.grad().unwrap());
+            assert_eq!(gd.device(), Device::Cuda(0), "{what}: gradient {i}");
+            let err = rel_error(&gd, &gc);
+            assert!(err <= tol, "{what} ({dtype}): gradient {i} relative error {err:e}");
+        }
+    }
+}
+
+#[test]
+fn cuda_matmul_matches_cpu_on_plain_transposed_and_sliced_operands() {
+    if engine::cuda::test_device_or_skip("cuda_matmul_matches_cpu_on_plain_transposed_and_sliced_operands").is_none() {
+        return;
+    }
+    assert_cuda_matches_cpu("2-D", &[&[5, 7], &[7, 3]], |x| matmul(&x[0], &x[1]));
+    assert_cuda_matches_cpu("both transposed", &[&[7, 5], &[3, 7]], |x| matmul(&t(&x[0])?, &t(&x[1])?));
+    // Row stride 9 with an offset; rows 2..9 of B, then columns 1..6 of those.
+    assert_cuda_matches_cpu("sliced", &[&[6, 9], &[9, 8]], |x| {
+        matmul(&narrow(&x[0], 1, 2, 7)?, &narrow(&narrow(&x[1], 0, 2, 7)?, 1, 1, 5)?)
+    });
+    // Transposed slices: unit row stride, leading dim 6 (A) and 8 (B).
+    assert_cuda_matches_cpu("sliced then transposed", &[&[9, 6], &[5, 8]], |x| {
+        matmul(&t(&narrow(&x[0], 0, 1, 7)?)?, &t(&narrow(&x[1], 1, 0, 7)?)?)
+    });
+    assert_cuda_matches_cpu("one row times one column", &[&[1, 6], &[6, 1]], |x| matmul(&x[0], &x[1]));
+    // Stride-0 rows (A) and columns (B): copied before cuBLAS.
+    assert_cuda_matches_cpu("expanded rows and columns", &[&[1, 5], &[5, 1]], |x| {
+        matmul(&expand(&x[0], &[4, 5])?, &expand(&x[1], &[5, 3])?)
+    });
+}
+
+#[test]
+fn cuda_matmul_matches_cpu_on_batches_that_collapse_or_not() {
+    if engine::cuda::test_device_or_skip("cuda_matmul_matches_cpu_on_batches_that_collapse_or_not").is_none() {
+        return;
+    }
+    assert_cuda_matches_cpu("contiguous batch", &[&[3, 4, 5], &[3, 5, 2]], |x| matmul(&x[0], &x[1]));
+    // One weight for the whole batch (stride 0), transposed as a Linear layer's.
+    assert_cuda_matches_cpu("shared transposed weight", &[&[2, 3, 4, 5], &[6, 5]], |x| matmul(&x[0], &t(&x[1])?));
+    // Rows sliced out of a wider tensor, one weight: still one tall product.
+    assert_cuda_matches_cpu("row-sliced batch, shared weight", &[&[2, 4, 7], &[5, 3]], |x| {
+        matmul(&narrow(&x[0], 2, 1, 5)?, &x[1])
+    });
+    // (2, 1) against (1, 3) batch dims: no single stride, one call per leading index.
+    assert_cuda_matches_cpu("broadcast both ways", &[&[2, 1, 4, 3], &[3, 3, 6]], |x| matmul(&x[0], &x[1]));
+    // Attention heads out of (B, T, H, D): q (B, H, T, D) @ k^T (B, H, D, T). B = 3 loops over B ...
+    let attention = |x: &[Tensor]| matmul(&permute(&x[0], &[0, 2, 1, 3])?, &permute(&x[1], &[0, 2, 3, 1])?);
+    assert_cuda_matches_cpu("heads, looped", &[&[3, 5, 2, 4], &[3, 6, 2, 4]], attention);
+    // ... B = 12 would take more calls than copying q and k does.
+    assert_cuda_matches_cpu("heads, copied", &[&[12, 5, 2, 4], &[12, 6, 2, 4]], attention);
+    // Batch dims permuted into place, as in the CPU tests.
+    assert_cuda_matches_cpu("permuted batch", &[&[3, 4, 2], &[5, 2, 3]], |x| {
+        matmul(&permute(&x[0], &[2, 1, 0])?, &permute(&x[1], &[1, 2, 0])?)
+    });
+}
+
+#[test]
+fn cuda_matmul_keeps_torch_vector_shapes_and_empty_sizes() {
+    if engine::cuda::test_device_or_skip("cuda_matmul_keeps_torch_vector_shapes_and_empty_sizes").is_none() {
+        return;
+    }
+    assert_cuda_matches_cpu("vector @ batched matrix", &[&[4], &[2, 4, 3]], |x| matmul(&x[0], &x[1]));
+    assert_cuda_matches_cpu("batched matrix @ vector", &[&[2, 4, 3], &[3]], |x| matmul(&x[0], &x[1]));
+    assert_cuda_matches_cpu("dot", &[&[5], &[5]], |x| matmul(&x[0], &x[1]));
+    // Strided vectors: a column (stride 3) on the left, a column of a transposed matrix on the right.
+    assert_cuda_matches_cpu("strided vectors", &[&[4, 3], &[4, 5], &[2, 5]], |x| {
+        let v = crate::view::select(&x[0], 1, 1)?;
+        let w = crate::view::select(&t(&x[2])?, 1, 0)?;
+        matmul(&matmul(&v, &x[1])?, &w)
+    });
+    // k = 0 is a fill with zeros; empty outputs launch nothing.
+    assert_cuda_matches_cpu("k = 0", &[&[3, 0], &[0, 2]], |x| matmul(&x[0], &x[1]));
+    assert_cuda_matches_cpu("empty batch", &[&[0, 3, 4], &[4, 2]], |x| matmul(&x[0], &x[1]));
+    assert_cuda_matches_cpu("m = 0", &[&[0, 4], &[4, 2]], |x| matmul(&x[0], &x[1]));
+}

@@ -1,14 +1,31 @@
 //! CPU optimizer kernels: one pass over the parameter, gradient and state slices.
+//!
+//! Each tensor is read as its own elements, `offset..offset + numel` of its storage (the views are
+//! contiguous, checked in mod.rs). A parameter or gradient may be a view into a larger buffer (the gradients
+//! of a concat's inputs are narrow views of one tensor), and the rest of that buffer is not its to update.
 
-use engine::{CpuStorage, Error, Float, Result};
+use engine::{CpuStorage, Error, Float, Layout, Result};
 
 use super::{AdamWStep, SgdStep};
 
-fn mismatch(op: &'static str, a: &CpuStorage, b: &CpuStorage) -> Error {
-    Error::DTypeMismatch { op, lhs: a.dtype(), rhs: b.dtype() }
+type Mut<'a> = (&'a mut CpuStorage, &'a Layout);
+type Ref<'a> = (&'a CpuStorage, &'a Layout);
+
+/// The elements of a contiguous view as a typed slice.
+fn elements<'a, T: Float>(op: &'static str, (s, layout): Ref<'a>) -> Result<&'a [T]> {
+    let range = layout.offset()..layout.offset() + layout.numel();
+    let v = T::slice(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: s.dtype() })?;
+    v.get(range).ok_or_else(|| Error::invalid(op, "the view exceeds its storage", layout.shape()))
 }
 
-pub(super) fn sgd(p: &mut CpuStorage, g: &CpuStorage, buf: &mut CpuStorage, h: SgdStep) -> Result<()> {
+fn elements_mut<'a, T: Float>(op: &'static str, (s, layout): Mut<'a>) -> Result<&'a mut [T]> {
+    let range = layout.offset()..layout.offset() + layout.numel();
+    let dtype = s.dtype();
+    let v = T::slice_mut(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: dtype })?;
+    v.get_mut(range).ok_or_else(|| Error::invalid(op, "the view exceeds its storage", layout.shape()))
+}
+
+pub(super) fn sgd(p: Mut, g: Ref, buf: Mut, h: SgdStep) -> Result<()> {
     fn run<T: Float>(p: &mut [T], g: &[T], buf: &mut [T], h: SgdStep) {
         let c = T::from_f64;
         for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
@@ -20,22 +37,18 @@ pub(super) fn sgd(p: &mut CpuStorage, g: &CpuStorage, buf: &mut CpuStorage, h: S
             *p -= c(h.lr) * d;
         }
     }
-    match (p, g, buf) {
-        (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(b)) => run(p, g, b, h),
-        (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(b)) => run(p, g, b, h),
-        (p, g, _) => return Err(mismatch("sgd_step", p, g)),
+    fn typed<T: Float>(p: Mut, g: Ref, buf: Mut, h: SgdStep) -> Result<()> {
+        const OP: &str = "sgd_step";
+        run::<T>(elements_mut(OP, p)?, elements(OP, g)?, elements_mut(OP, buf)?, h);
+        Ok(())
     }
-    Ok(())
+    match g.0.dtype() {
+        engine::DType::F32 => typed::<f32>(p, g, buf, h),
+        engine::DType::F64 => typed::<f64>(p, g, buf, h),
+    }
 }
 
-pub(super) fn adamw(
-    p: &mut CpuStorage,
-    g: &CpuStorage,
-    m: &mut CpuStorage,
-    v: &mut CpuStorage,
-    vmax: Option<&mut CpuStorage>,
-    h: AdamWStep,
-) -> Result<()> {
+pub(super) fn adamw(p: Mut, g: Ref, m: Mut, v: Mut, vmax: Option<Mut>, h: AdamWStep) -> Result<()> {
     fn run<T: Float>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], mut vmax: Option<&mut [T]>, h: AdamWStep) {
         let c = T::from_f64;
         let bc1 = 1.0 - h.beta1.powi(h.step as i32);
@@ -57,24 +70,25 @@ pub(super) fn adamw(
             p[i] -= step_size * m[i] / (vhat.sqrt() / c(bc2_sqrt) + c(h.eps));
         }
     }
-    match (p, g, m, v, vmax) {
-        (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v), None) => {
-            run(p, g, m, v, None, h)
-        }
-        (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v), Some(CpuStorage::F32(x))) => {
-            run(p, g, m, v, Some(x), h)
-        }
-        (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v), None) => {
-            run(p, g, m, v, None, h)
-        }
-        (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v), Some(CpuStorage::F64(x))) => {
-            run(p, g, m, v, Some(x), h)
-        }
-        (p, g, ..) => return Err(mismatch("adamw_step", p, g)),
+    fn typed<T: Float>(p: Mut, g: Ref, m: Mut, v: Mut, vmax: Option<Mut>, h: AdamWStep) -> Result<()> {
+        const OP: &str = "adamw_step";
+        let vmax = vmax.map(|x| elements_mut::<T>(OP, x)).transpose()?;
+        run::<T>(elements_mut(OP, p)?, elements(OP, g)?, elements_mut(OP, m)?, elements_mut(OP, v)?, vmax, h);
+        Ok(())
     }
-    Ok(())
+    match g.0.dtype() {
+        engine::DType::F32 => typed::<f32>(p, g, m, v, vmax, h),
+        engine::DType::F64 => typed::<f64>(p, g, m, v, vmax, h),
+    }
 }
 
-pub(super) fn scale(t: &mut CpuStorage, factor: f64) {
-    engine::with_cpu!(t, |v: T| v.iter_mut().for_each(|x| *x *= T::from_f64(factor)))
+pub(super) fn scale(x: Mut, factor: f64) -> Result<()> {
+    fn typed<T: Float>(x: Mut, factor: f64) -> Result<()> {
+        elements_mut::<T>("scale_", x)?.iter_mut().for_each(|v| *v *= T::from_f64(factor));
+        Ok(())
+    }
+    match x.0.dtype() {
+        engine::DType::F32 => typed::<f32>(x, factor),
+        engine::DType::F64 => typed::<f64>(x, factor),
+    }
 }

@@ -13,13 +13,15 @@
 //!     vhat = max(vmax, v) (stored back in vmax) if amsgrad else v
 //!     p  -= lr / (1 - beta1^t) * m / (sqrt(vhat) / sqrt(1 - beta2^t) + eps)
 //!
-//! Parameters, gradients and state are contiguous tensors of one shape, dtype and device.
+//! Parameters, gradients and state are contiguous tensors of one shape, dtype and device. Each may be a view
+//! into a larger buffer (a concat's input gradients are): only its own elements are read and written.
 
 mod cpu;
+pub(crate) mod cuda;
 
 use engine::{Error, Result, Storage, Tensor};
 
-use crate::util::{no_cuda, same_dtype_device};
+use crate::util::same_dtype_device;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SgdStep {
@@ -60,6 +62,11 @@ fn check(op: &'static str, p: &Tensor, others: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
+/// For the arms of a dispatch that mix devices, which `check` has already refused.
+fn mixed(op: &'static str, p: &Tensor, s: &Storage) -> Error {
+    Error::DeviceMismatch { op, lhs: p.device(), rhs: s.device() }
+}
+
 /// One SGD step on `p` in place; `buf` is the momentum buffer (ignored when momentum is 0).
 pub fn sgd_step(p: &Tensor, grad: &Tensor, buf: &Tensor, h: SgdStep) -> Result<()> {
     check("sgd_step", p, &[grad, buf])?;
@@ -67,8 +74,13 @@ pub fn sgd_step(p: &Tensor, grad: &Tensor, buf: &Tensor, h: SgdStep) -> Result<(
     let mut ps = p.storage_mut();
     let mut bs = buf.storage_mut();
     match (&mut *ps, &*g, &mut *bs) {
-        (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(b)) => cpu::sgd(p, g, b, h),
-        (s, _, _) => Err(no_cuda("sgd_step", s)),
+        (Storage::Cpu(ps), Storage::Cpu(gs), Storage::Cpu(bs)) => {
+            cpu::sgd((ps, p.layout()), (gs, grad.layout()), (bs, buf.layout()), h)
+        }
+        (Storage::Cuda(ps), Storage::Cuda(gs), Storage::Cuda(bs)) => {
+            cuda::sgd((ps, p.layout()), (gs, grad.layout()), (bs, buf.layout()), h)
+        }
+        (_, gs, _) => Err(mixed("sgd_step", p, gs)),
     }
 }
 
@@ -100,17 +112,35 @@ pub fn adamw_step(
     if vmax.same_storage(v) {
         let mut vs = v.storage_mut();
         return match (&mut *ps, &*g, &mut *ms, &mut *vs) {
-            (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v)) => cpu::adamw(p, g, m, v, None, h),
-            (s, ..) => Err(no_cuda("adamw_step", s)),
+            (Storage::Cpu(ps), Storage::Cpu(gs), Storage::Cpu(ms), Storage::Cpu(vs)) => {
+                cpu::adamw((ps, p.layout()), (gs, grad.layout()), (ms, m.layout()), (vs, v.layout()), None, h)
+            }
+            (Storage::Cuda(ps), Storage::Cuda(gs), Storage::Cuda(ms), Storage::Cuda(vs)) => {
+                cuda::adamw((ps, p.layout()), (gs, grad.layout()), (ms, m.layout()), (vs, v.layout()), None, h)
+            }
+            (_, gs, ..) => Err(mixed("adamw_step", p, gs)),
         };
     }
     let mut vs = v.storage_mut();
     let mut xs = vmax.storage_mut();
     match (&mut *ps, &*g, &mut *ms, &mut *vs, &mut *xs) {
-        (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v), Storage::Cpu(x)) => {
-            cpu::adamw(p, g, m, v, Some(x), h)
-        }
-        (s, ..) => Err(no_cuda("adamw_step", s)),
+        (Storage::Cpu(ps), Storage::Cpu(gs), Storage::Cpu(ms), Storage::Cpu(vs), Storage::Cpu(xs)) => cpu::adamw(
+            (ps, p.layout()),
+            (gs, grad.layout()),
+            (ms, m.layout()),
+            (vs, v.layout()),
+            Some((xs, vmax.layout())),
+            h,
+        ),
+        (Storage::Cuda(ps), Storage::Cuda(gs), Storage::Cuda(ms), Storage::Cuda(vs), Storage::Cuda(xs)) => cuda::adamw(
+            (ps, p.layout()),
+            (gs, grad.layout()),
+            (ms, m.layout()),
+            (vs, v.layout()),
+            Some((xs, vmax.layout())),
+            h,
+        ),
+        (_, gs, ..) => Err(mixed("adamw_step", p, gs)),
     }
 }
 
@@ -119,11 +149,8 @@ pub fn scale_(t: &Tensor, factor: f64) -> Result<()> {
     check("scale_", t, &[])?;
     let mut s = t.storage_mut();
     match &mut *s {
-        Storage::Cpu(c) => {
-            cpu::scale(c, factor);
-            Ok(())
-        }
-        s => Err(no_cuda("scale_", s)),
+        Storage::Cpu(c) => cpu::scale((c, t.layout()), factor),
+        Storage::Cuda(c) => cuda::scale(c, t.layout(), factor),
     }
 }
 
@@ -132,3 +159,6 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
     let y = crate::reduce::sum_all(&crate::elementwise::mul(t, t)?)?;
     y.to_scalar()
 }
+
+#[cfg(test)]
+mod tests;

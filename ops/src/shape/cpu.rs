@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use engine::{with_cpu, CpuStorage, Float, Layout};
 
 /// (outer, size, inner): the sizes before, at and after `dim`.
-fn split_at_dim(shape: &[usize], dim: usize) -> (usize, usize, usize) {
+pub(super) fn split_at_dim(shape: &[usize], dim: usize) -> (usize, usize, usize) {
     (shape[..dim].iter().product(), shape[dim], shape[dim + 1..].iter().product())
 }
 

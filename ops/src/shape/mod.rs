@@ -9,14 +9,15 @@
 //! | pad(x, p, v) | v around x: y[.., lo + i, ..] = x[.., i, ..] on each padded dim | g without the border, a view |
 //!
 //! concat and pad allocate their output and fill it with `copy_into` through narrow views of it, so they run on
-//! any device `copy_into` supports; only index_select has kernels of its own (`cpu.rs`).
+//! any device `copy_into` supports; only index_select has kernels of its own (`cpu.rs`, `cuda.rs`).
 
 mod cpu;
+pub(crate) mod cuda;
 
 use engine::{Error, Op, Result, Storage, Tensor};
 
 use crate::copy::copy_into;
-use crate::util::{no_cuda, same_dtype_device};
+use crate::util::same_dtype_device;
 use crate::view::{narrow, unsqueeze};
 
 /// The product of `shape`, or an error if it does not fit in a `usize`.
@@ -147,7 +148,9 @@ impl Op for IndexSelect {
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let storage = match &*g.storage() {
             Storage::Cpu(s) => Storage::Cpu(cpu::index_add(s, g.layout(), &self.input_shape, self.dim, &self.indices)),
-            s => return Err(no_cuda("index_select_backward", s)),
+            Storage::Cuda(s) => {
+                Storage::Cuda(cuda::index_add(s, g.layout(), &self.input_shape, self.dim, &self.indices)?)
+            }
         };
         Ok(vec![Some(Tensor::from_storage(storage, &self.input_shape)?)])
     }
@@ -166,7 +169,7 @@ pub fn index_select(x: &Tensor, dim: isize, indices: &[usize]) -> Result<Tensor>
     checked_numel("index_select", &shape)?;
     let storage = match &*x.storage() {
         Storage::Cpu(s) => Storage::Cpu(cpu::index_select(s, x.layout(), d, indices)),
-        s => return Err(no_cuda("index_select", s)),
+        Storage::Cuda(s) => Storage::Cuda(cuda::index_select(s, x.layout(), d, indices)?),
     };
     Ok(Tensor::from_op(storage, &shape, &[x], || IndexSelect {
         input_shape: x.shape().to_vec(),

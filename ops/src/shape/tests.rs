@@ -354,3 +354,55 @@ proptest! {
         }
     }
 }
+
+// ---- CUDA against the CPU (skipped without a device) -------------------------------------------------------
+
+use crate::matmul::tests::assert_cuda_matches_cpu;
+
+#[test]
+fn cuda_index_select_matches_cpu_and_adds_repeated_indices() {
+    if engine::cuda::test_device_or_skip("cuda_index_select_matches_cpu_and_adds_repeated_indices").is_none() {
+        return;
+    }
+    // Non-contiguous input, unsorted indices with 4 picked three times: its gradient row is a sum of three.
+    assert_cuda_matches_cpu("middle dim of a permutation", &[&[5, 2, 3]], |x| {
+        index_select(&permute(&x[0], &[1, 0, 2])?, 1, &[4, 0, 4, 2, 4])
+    });
+    assert_cuda_matches_cpu("first dim", &[&[4, 6]], |x| index_select(&x[0], 0, &[3, 3, 1, 0, 3, 2, 1]));
+    // Last dim of a slice (offset and row stride), one index many times.
+    assert_cuda_matches_cpu("last dim of a slice", &[&[3, 8]], |x| {
+        index_select(&narrow(&x[0], 1, 2, 5)?, -1, &[4, 4, 4, 0])
+    });
+    // Large enough for many blocks to add into one row at once.
+    let many: Vec<usize> = (0..3000).map(|i| (i * 7) % 5).collect();
+    assert_cuda_matches_cpu("thousands of repeats", &[&[5, 64]], |x| index_select(&x[0], 0, &many));
+    // No indices: an empty result, and a zero gradient.
+    assert_cuda_matches_cpu("no indices", &[&[3, 4]], |x| index_select(&x[0], 1, &[]));
+}
+
+#[test]
+fn cuda_joins_splits_and_pads_match_cpu() {
+    if engine::cuda::test_device_or_skip("cuda_joins_splits_and_pads_match_cpu").is_none() {
+        return;
+    }
+    // The gradient-check compositions above, on CUDA: Storage::full, copy_into and narrow's backward.
+    assert_cuda_matches_cpu("concat", &[&[2, 3], &[4, 2], &[2, 5]], |x| {
+        concat(&[x[0].clone(), t(&x[1])?, narrow(&x[2], 1, 1, 2)?], 1)
+    });
+    assert_cuda_matches_cpu("concat of one input twice", &[&[3, 2], &[3, 2]], |x| {
+        concat(&[x[0].clone(), x[1].clone(), x[0].clone()], 0)
+    });
+    assert_cuda_matches_cpu("concat with an empty piece", &[&[2, 3], &[2, 0]], |x| {
+        concat(&[x[1].clone(), x[0].clone()], 1)
+    });
+    assert_cuda_matches_cpu("stack", &[&[2, 3], &[3, 2]], |x| stack(&[x[0].clone(), t(&x[1])?], 1));
+    assert_cuda_matches_cpu("split", &[&[4, 5]], |x| {
+        let p = split(&t(&x[0])?, &[2, 1, 2], 0)?;
+        concat(&[p[2].clone(), p[0].clone()], 0)
+    });
+    assert_cuda_matches_cpu("chunk", &[&[3, 7]], |x| {
+        let p = chunk(&x[0], 3, -1)?;
+        concat(&[p[2].clone(), p[1].clone(), p[0].clone()], 1)
+    });
+    assert_cuda_matches_cpu("pad", &[&[3, 4]], |x| pad(&t(&x[0])?, &[(2, 1), (1, 0)], 0.5));
+}
