@@ -294,7 +294,24 @@ pub fn train<M: Classifier>(
         save_checkpoint(model, opt.as_ref(), &state, &ck_path)?;
         all.push(m);
     }
+    // The curves of the whole run, earlier sessions of a resumed one included.
+    let history = read_metrics(&metrics_path)?;
+    if !history.is_empty() {
+        crate::plot::plot_metrics(&cfg.out_dir.join("curves.png"), &history)?;
+    }
     Ok(all)
+}
+
+/// Every epoch recorded in a `metrics.jsonl`.
+pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
+    let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::Msg { context: "metrics", msg: format!("{}: {e}", path.display()) })
+        })
+        .collect()
 }
 
 /// The config stored in a checkpoint written by [`train`].

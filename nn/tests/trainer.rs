@@ -88,6 +88,13 @@ fn learns_and_resumes_exactly() {
     let losses = |ms: &[nn::trainer::EpochMetrics]| ms.iter().flat_map(|m| m.step_losses.clone()).collect::<Vec<_>>();
     assert_eq!([losses(&first), losses(&rest)].concat(), losses(&straight), "resumed losses differ");
     assert_eq!(rest[1].test_acc, straight[2].test_acc);
+    // The resumed run's files cover the whole run: three metric lines and the curves.
+    assert_eq!(nn::trainer::read_metrics(&cfg2.out_dir.join("metrics.jsonl")).unwrap().len(), 3);
+    let png = std::fs::read(cfg2.out_dir.join("curves.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    if let Ok(keep) = std::env::var("MILA_KEEP_PLOT") {
+        std::fs::write(keep, png).unwrap();
+    }
     let _ = std::fs::remove_dir_all(&cfg.out_dir);
     let _ = std::fs::remove_dir_all(&cfg2.out_dir);
 }
