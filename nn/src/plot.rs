@@ -9,6 +9,9 @@ use plotters::prelude::*;
 
 use crate::trainer::EpochMetrics;
 
+/// One curve: its legend and its (epoch, value) points.
+type Curve = (&'static str, Vec<(f64, f64)>);
+
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
 fn register_font() -> Result<()> {
@@ -36,8 +39,8 @@ pub fn plot_metrics(path: &Path, metrics: &[EpochMetrics]) -> Result<()> {
     let (left, right) = root.split_horizontally(600);
     let epochs = metrics.last().map_or(1, |m| m.epoch).max(2) as f64;
     let series = |f: fn(&EpochMetrics) -> f64| metrics.iter().map(move |m| (m.epoch as f64, f(m))).collect::<Vec<_>>();
-    let panels: [(&DrawingArea<_, _>, &str, [(&str, Vec<(f64, f64)>); 2]); 2] = [
-        (&left, "loss", [("train", series(|m| m.train_loss)), ("test", series(|m| m.test_loss))]),
+    let panels = [
+        (&left, "loss", [("train", series(|m| m.train_loss)), ("test", series(|m| m.test_loss))] as [Curve; 2]),
         (&right, "accuracy", [("train", series(|m| m.train_acc)), ("test", series(|m| m.test_acc))]),
     ];
     for (area, title, lines) in panels {
