@@ -38,7 +38,7 @@ fn assert_close(got: &[f64], want: &[f64]) {
 
 fn sgd_reference(lr: f64, momentum: f64, dampening: f64, nesterov: bool, wd: f64) -> Vec<f64> {
     let mut p = P0.to_vec();
-    let mut buf = vec![0.0; 4];
+    let mut buf = [0.0; 4];
     for step in 0..5 {
         for i in 0..4 {
             let mut g = C[i] * p[i] + D[i] + wd * p[i];

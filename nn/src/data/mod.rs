@@ -1,20 +1,30 @@
 //! Datasets and batching: IDX (MNIST, Fashion-MNIST) and CIFAR-10 binary loaders, the embedded MNIST-10k
-//! subset, seeded shuffling, padding, random-shift augmentation, normalisation, and a loader thread that
-//! prepares the next batches while the current one trains.
+//! subset checked against its sha256 digests, seeded shuffling, zero padding, random shifts, normalisation,
+//! and a loader thread that prepares the next batches while the current one trains.
+//!
+//! Everything here is host-side bytes and `f32`s; the trainer turns a [`Batch`] into a tensor on its device.
 
+mod cifar;
 mod idx;
 mod loader;
 
+use std::ops::Range;
 use std::path::Path;
 
 use engine::{Error, Result};
 use sha2::{Digest, Sha256};
 
-pub use idx::{parse_idx_images, parse_idx_labels};
-pub use loader::{Augment, Batch, Loader, LoaderConfig};
+pub use idx::{parse_idx_images, parse_idx_labels, read_idx};
+pub use loader::{Augment, Batch, Loader, LoaderConfig, Prefetch};
 
-/// Images as bytes (N, C, H, W) and labels.
-#[derive(Debug, Clone)]
+/// The per-channel mean and std of the MNIST training pixels scaled to [0, 1] (the usual
+/// `transforms.Normalize((0.1307,), (0.3081,))`).
+pub const MNIST_MEAN: f32 = 0.1307;
+pub const MNIST_STD: f32 = 0.3081;
+
+/// Images as bytes and their labels. Image `i` is `images[i * C*H*W..(i + 1) * C*H*W]`, laid out (C, H, W)
+/// (CIFAR-10's own order; MNIST has C = 1), so the whole buffer is (N, C, H, W).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dataset {
     pub images: Vec<u8>,
     pub labels: Vec<u8>,
@@ -22,131 +32,150 @@ pub struct Dataset {
     pub channels: usize,
     pub height: usize,
     pub width: usize,
+    /// Labels lie in `0..classes`.
     pub classes: usize,
 }
 
 impl Dataset {
-    fn new(images: Vec<u8>, labels: Vec<u8>, channels: usize, height: usize, width: usize, what: &str) -> Result<Self> {
-        let n = labels.len();
-        if images.len() != n * channels * height * width {
-            return Err(data_err(format!(
-                "{what}: {} image bytes for {n} labels of {channels}x{height}x{width}",
-                images.len()
-            )));
+    /// Checks that the buffers agree with the sizes; `n` is `labels.len()`.
+    pub fn new(
+        images: Vec<u8>,
+        labels: Vec<u8>,
+        channels: usize,
+        height: usize,
+        width: usize,
+        classes: usize,
+    ) -> Result<Self> {
+        let d = Dataset { n: labels.len(), images, labels, channels, height, width, classes };
+        d.validate()?;
+        Ok(d)
+    }
+
+    /// Errs unless the fields are consistent. They are public (a subset is a struct update away), so the
+    /// loader checks again before it indexes with them.
+    pub fn validate(&self) -> Result<()> {
+        let [c, h, w] = [self.channels, self.height, self.width];
+        if c == 0 || h == 0 || w == 0 {
+            return Err(data_err(format!("images of {c}x{h}x{w}: every dimension must be at least 1")));
         }
-        let classes = labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
-        Ok(Dataset { images, labels, n, channels, height, width, classes })
+        if self.labels.len() != self.n {
+            return Err(data_err(format!("{} labels for n = {}", self.labels.len(), self.n)));
+        }
+        let expected = self.image_size().checked_mul(self.n);
+        if expected != Some(self.images.len()) {
+            return Err(data_err(format!("{} image bytes for {} images of {c}x{h}x{w}", self.images.len(), self.n)));
+        }
+        if let Some((i, &l)) = self.labels.iter().enumerate().find(|&(_, &l)| l as usize >= self.classes) {
+            return Err(data_err(format!("label {l} of sample {i} is not below classes = {}", self.classes)));
+        }
+        Ok(())
     }
 
-    /// The pixels of image `i` (C, H, W).
-    pub fn image(&self, i: usize) -> &[u8] {
-        let size = self.channels * self.height * self.width;
-        &self.images[i * size..(i + 1) * size]
+    /// Bytes per image, C * H * W.
+    pub fn image_size(&self) -> usize {
+        self.channels * self.height * self.width
     }
 
-    /// MNIST-style IDX files in `dir`: `train-images-idx3-ubyte[.gz]` / `train-labels-idx1-ubyte[.gz]` and the
-    /// test files under either `test-*` (MNIST-10k) or `t10k-*` (full MNIST, Fashion-MNIST) names.
+    /// The pixels of image `i` (C, H, W), `None` past the end.
+    pub fn image(&self, i: usize) -> Option<&[u8]> {
+        let size = self.image_size();
+        self.images.get(i.checked_mul(size)?..i.checked_add(1)?.checked_mul(size)?)
+    }
+
+    /// Samples `range` as a dataset of their own (a quick run on part of the data, a validation split).
+    pub fn subset(&self, range: Range<usize>) -> Result<Dataset> {
+        if range.start > range.end || range.end > self.n {
+            return Err(data_err(format!("subset {range:?} of a dataset of {} samples", self.n)));
+        }
+        let size = self.image_size();
+        Dataset::new(
+            self.images[range.start * size..range.end * size].to_vec(),
+            self.labels[range].to_vec(),
+            self.channels,
+            self.height,
+            self.width,
+            self.classes,
+        )
+    }
+
+    /// MNIST or Fashion-MNIST IDX files in `dir`, raw or gzipped: `train-images-idx3-ubyte[.gz]`,
+    /// `train-labels-idx1-ubyte[.gz]`, and the test pair under its MNIST-10k name (`test-*`) or its full
+    /// MNIST / Fashion-MNIST name (`t10k-*`). Returns (train, test).
     pub fn mnist(dir: &Path) -> Result<(Dataset, Dataset)> {
-        let find = |stems: &[&str]| -> Result<std::path::PathBuf> {
-            for stem in stems {
-                for ext in ["", ".gz"] {
-                    let p = dir.join(format!("{stem}{ext}"));
-                    if p.exists() {
-                        return Ok(p);
-                    }
-                }
-            }
-            Err(data_err(format!("{}: none of {stems:?} (raw or .gz) found", dir.display())))
-        };
-        let read = |p: &Path| std::fs::read(p).map_err(|e| Error::Io { path: p.display().to_string(), source: e });
-        let load = |img: &[&str], lab: &[&str]| -> Result<Dataset> {
-            let (ip, lp) = (find(img)?, find(lab)?);
-            let (images, h, w) = parse_idx_images(&read(&ip)?, &ip.display().to_string())?;
-            let labels = parse_idx_labels(&read(&lp)?, &lp.display().to_string())?;
-            Dataset::new(images, labels, 1, h, w, &ip.display().to_string())
-        };
-        let train = load(&["train-images-idx3-ubyte"], &["train-labels-idx1-ubyte"])?;
-        let test = load(
+        let train = idx::load_pair(dir, &["train-images-idx3-ubyte"], &["train-labels-idx1-ubyte"])?;
+        let test = idx::load_pair(
+            dir,
             &["test-images-idx3-ubyte", "t10k-images-idx3-ubyte"],
             &["test-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"],
         )?;
         Ok((train, test))
     }
 
-    /// The embedded MNIST-10k subset (8,000 train / 2,000 test; `data/mnist-10k`), checked against its
-    /// sha256 digests.
+    /// The MNIST-10k subset compiled into the binary (8,000 train / 2,000 test; `data/mnist-10k`), checked
+    /// against its sha256 digests, so a default run needs no files and no download.
     pub fn mnist10k() -> Result<(Dataset, Dataset)> {
-        let file = |name: &str, bytes: &[u8], digest: &str| -> Result<Vec<u8>> {
-            check_sha256(name, bytes, digest)?;
-            Ok(bytes.to_vec())
-        };
-        let ti = file("train-images-idx3-ubyte.gz", MNIST10K[0], MNIST10K_SHA256[0])?;
-        let tl = file("train-labels-idx1-ubyte.gz", MNIST10K[1], MNIST10K_SHA256[1])?;
-        let si = file("test-images-idx3-ubyte.gz", MNIST10K[2], MNIST10K_SHA256[2])?;
-        let sl = file("test-labels-idx1-ubyte.gz", MNIST10K[3], MNIST10K_SHA256[3])?;
-        let (images, h, w) = parse_idx_images(&ti, "mnist-10k train images")?;
-        let train = Dataset::new(images, parse_idx_labels(&tl, "mnist-10k train labels")?, 1, h, w, "mnist-10k train")?;
-        let (images, h, w) = parse_idx_images(&si, "mnist-10k test images")?;
-        let test = Dataset::new(images, parse_idx_labels(&sl, "mnist-10k test labels")?, 1, h, w, "mnist-10k test")?;
-        Ok((train, test))
+        let [ti, tl, si, sl] = MNIST10K.map(|(name, bytes, digest)| {
+            let what = format!("embedded data/mnist-10k/{name}");
+            check_sha256(&what, bytes, digest).map(|()| (bytes.to_vec(), what))
+        });
+        Ok((idx::from_bytes(ti?, tl?)?, idx::from_bytes(si?, sl?)?))
     }
 
-    /// CIFAR-10 binary batches in `dir`: `data_batch_1.bin` .. `data_batch_5.bin` and `test_batch.bin`, each
-    /// record one label byte and 3072 bytes of CHW pixels.
+    /// The MNIST-10k files read from `dir` (a copy of `data/mnist-10k`), each checked against the digest the
+    /// embedded copy has, so a damaged or substituted file is an error naming it.
+    pub fn mnist10k_from(dir: &Path) -> Result<(Dataset, Dataset)> {
+        let [ti, tl, si, sl] = MNIST10K.map(|(name, _, digest)| {
+            let path = dir.join(name);
+            let bytes = std::fs::read(&path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+            let what = path.display().to_string();
+            check_sha256(&what, &bytes, digest).map(|()| (bytes, what))
+        });
+        Ok((idx::from_bytes(ti?, tl?)?, idx::from_bytes(si?, sl?)?))
+    }
+
+    /// CIFAR-10 binary batches in `dir` (the `cifar-10-batches-bin` folder): `data_batch_1.bin` ..
+    /// `data_batch_5.bin` for training and `test_batch.bin`. Returns (train, test), images 3x32x32.
     pub fn cifar10(dir: &Path) -> Result<(Dataset, Dataset)> {
-        let read = |name: String| -> Result<(Vec<u8>, Vec<u8>)> {
-            let p = dir.join(&name);
-            let bytes = std::fs::read(&p).map_err(|e| Error::Io { path: p.display().to_string(), source: e })?;
-            if bytes.is_empty() || bytes.len() % 3073 != 0 {
-                return Err(data_err(format!(
-                    "{}: {} bytes is not a whole number of 3073-byte records",
-                    p.display(),
-                    bytes.len()
-                )));
-            }
-            let (mut images, mut labels) = (Vec::with_capacity(bytes.len()), Vec::new());
-            for rec in bytes.chunks_exact(3073) {
-                if rec[0] > 9 {
-                    return Err(data_err(format!("{}: label {} out of range", p.display(), rec[0])));
-                }
-                labels.push(rec[0]);
-                images.extend_from_slice(&rec[1..]);
-            }
-            Ok((images, labels))
-        };
-        let (mut images, mut labels) = (Vec::new(), Vec::new());
-        for i in 1..=5 {
-            let (im, la) = read(format!("data_batch_{i}.bin"))?;
-            images.extend(im);
-            labels.extend(la);
-        }
-        let train = Dataset::new(images, labels, 3, 32, 32, "cifar-10 train")?;
-        let (im, la) = read("test_batch.bin".into())?;
-        Ok((train, Dataset::new(im, la, 3, 32, 32, "cifar-10 test")?))
+        cifar::load(dir)
     }
 }
 
-const MNIST10K: [&[u8]; 4] = [
-    include_bytes!("../../../data/mnist-10k/train-images-idx3-ubyte.gz"),
-    include_bytes!("../../../data/mnist-10k/train-labels-idx1-ubyte.gz"),
-    include_bytes!("../../../data/mnist-10k/test-images-idx3-ubyte.gz"),
-    include_bytes!("../../../data/mnist-10k/test-labels-idx1-ubyte.gz"),
+/// The embedded MNIST-10k files: (name, bytes, sha256 from data/mnist-10k/README.md), in the order train
+/// images, train labels, test images, test labels.
+const MNIST10K: [(&str, &[u8], &str); 4] = [
+    (
+        "train-images-idx3-ubyte.gz",
+        include_bytes!("../../../data/mnist-10k/train-images-idx3-ubyte.gz"),
+        "64c5b81c3e106f13061bbaa16624a3c4d5250e0d8c68ebf0ad3625970804fe5e",
+    ),
+    (
+        "train-labels-idx1-ubyte.gz",
+        include_bytes!("../../../data/mnist-10k/train-labels-idx1-ubyte.gz"),
+        "fc8f76c84a4c81503ca6696ae11778632d2d93cc770751cbee947ee80898da9d",
+    ),
+    (
+        "test-images-idx3-ubyte.gz",
+        include_bytes!("../../../data/mnist-10k/test-images-idx3-ubyte.gz"),
+        "41c0953fe6bd5ed96e73f12e6c8d044aef44ec35bd5fb40649b2ffe08e669a5a",
+    ),
+    (
+        "test-labels-idx1-ubyte.gz",
+        include_bytes!("../../../data/mnist-10k/test-labels-idx1-ubyte.gz"),
+        "a86c1be573ffff28b4bae6e75c1061e93393382f574cfcf92cfecc58550e3091",
+    ),
 ];
 
-/// From data/mnist-10k/README.md.
-const MNIST10K_SHA256: [&str; 4] = [
-    "64c5b81c3e106f13061bbaa16624a3c4d5250e0d8c68ebf0ad3625970804fe5e",
-    "fc8f76c84a4c81503ca6696ae11778632d2d93cc770751cbee947ee80898da9d",
-    "41c0953fe6bd5ed96e73f12e6c8d044aef44ec35bd5fb40649b2ffe08e669a5a",
-    "a86c1be573ffff28b4bae6e75c1061e93393382f574cfcf92cfecc58550e3091",
-];
+/// The sha256 of `bytes` as 64 lowercase hex digits.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
 
-/// Errs unless `bytes` hash to `expected` (hex sha256).
+/// Errs unless `bytes` hash to `expected` (hex sha256); the error names `name` and both digests.
 pub fn check_sha256(name: &str, bytes: &[u8], expected: &str) -> Result<()> {
-    let got: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-    if got != expected {
+    let actual = sha256_hex(bytes);
+    if !actual.eq_ignore_ascii_case(expected) {
         return Err(data_err(format!(
-            "{name}: sha256 {got}, expected {expected} (the file is damaged or not the right one)"
+            "{name}: sha256 mismatch, expected {expected}, actual {actual} (the file is damaged or not the right one)"
         )));
     }
     Ok(())
