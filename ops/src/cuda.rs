@@ -58,7 +58,12 @@ mod tests {
             eprintln!("skipping every_module_compiles_for_sm_90: libnvrtc not found");
             return;
         }
-        for m in [&crate::elementwise::cuda::MODULE, &crate::reduce::cuda::MODULE, &crate::copy::cuda::MODULE] {
+        for m in [
+            &crate::elementwise::cuda::MODULE,
+            &crate::reduce::cuda::MODULE,
+            &crate::copy::cuda::MODULE,
+            &crate::scan::cuda::MODULE,
+        ] {
             if let Err(e) = engine::cuda::compile(m.name, source(m), "sm_90") {
                 panic!("{e}");
             }
