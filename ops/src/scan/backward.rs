@@ -38,7 +38,7 @@ struct Rows<'a, T> {
 }
 
 /// Splits `buf` into consecutive pieces of the given lengths.
-fn split_lengths<'a, T>(mut buf: &'a mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&'a mut [T]> {
+fn split_lengths<T>(mut buf: &mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     let mut out = Vec::new();
     for n in lengths {
         let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);
@@ -158,7 +158,8 @@ pub(super) fn backward(
                 delta_bias: x.delta_bias.map(|_| z(channels)),
             };
         }
-        let per = channels.div_ceil(channels.min(CHANNEL_GROUPS).max(1)).max(1);
+        // Channels per task (C >= 1 here): at most CHANNEL_GROUPS groups.
+        let per = channels.div_ceil(CHANNEL_GROUPS);
         let groups = channels.div_ceil(per);
         let bcl = batch * channels * l;
         let (mut du, mut ddelta) = (cpu_buffer::<T>(bcl), cpu_buffer::<T>(bcl));
