@@ -1,8 +1,9 @@
 //! CUDA paths of the scan (scan.cu).
 //!
 //! Design: one block of 128 threads per (batch, group of channels). A channel gets `lanes` threads of one warp,
-//! the next power of two >= S capped at 32, and each thread holds `states_per_thread` = ceil(S / lanes) of its
-//! states in registers (S = 16, Mamba's default: 16 lanes, one state each, 8 channels a block). Time is
+//! the next power of two >= S capped at 32, and each thread holds `states_per_thread` = ceil(S / lanes), rounded
+//! up to 1, 2, 4 or 8 (one kernel instantiation each, so the states stay in registers and S <= 32 pays for one),
+//! of its states (S = 16, Mamba's default: 16 lanes, one state each, 8 channels a block). Time is
 //! sequential within a thread; the parallelism is B x C x min(S, 32) threads, which fills an H100 at Mamba's
 //! sizes (B 8, C 1536: 196k threads). The readout sum over states is a warp shuffle.
 //!
@@ -312,5 +313,41 @@ pub(super) fn backward(
     match x.u.dtype() {
         DType::F32 => run::<f32>(x, states, g, dims, delta_softplus, chunk),
         DType::F64 => run::<f64>(x, states, g, dims, delta_softplus, chunk),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::DEFAULT_CHUNK;
+
+    #[test]
+    fn lanes_and_instantiations_cover_every_state_count() {
+        assert_eq!(lanes(1), (1, 1));
+        assert_eq!(lanes(3), (4, 1));
+        assert_eq!(lanes(16), (16, 1));
+        assert_eq!(lanes(33), (32, 2));
+        assert_eq!(lanes(40), (32, 2));
+        assert_eq!(lanes(65), (32, 4));
+        assert_eq!(lanes(256), (32, 8));
+        for s in 1..=256 {
+            let (lanes, spt) = lanes(s);
+            assert!(lanes * spt >= s && THREADS.is_multiple_of(lanes) && [1, 2, 4, 8].contains(&spt), "S = {s}");
+            assert_eq!(kernel("scan_bwd", s), format!("scan_bwd_s{spt}"));
+        }
+    }
+
+    #[test]
+    fn chunks_fit_the_shared_memory() {
+        assert_eq!(cuda_chunk(64, 16, DType::F32), 64);
+        assert_eq!(cuda_chunk(64, 16, DType::F64), 32);
+        assert_eq!(cuda_chunk(3, 16, DType::F64), 3);
+        for dtype in [DType::F32, DType::F64] {
+            for s in 1..=256 {
+                let chunk = cuda_chunk(DEFAULT_CHUNK, s, dtype);
+                assert!((1..=DEFAULT_CHUNK).contains(&chunk), "{dtype} S = {s}");
+                assert!(shared_bytes(chunk, s, dtype.size_in_bytes()) <= MAX_SHARED_BYTES, "{dtype} S = {s}");
+            }
+        }
     }
 }
