@@ -64,6 +64,7 @@ mod tests {
             &crate::copy::cuda::MODULE,
             &crate::shape::cuda::MODULE,
             &crate::optim::cuda::MODULE,
+            &crate::scan::cuda::MODULE,
         ] {
             if let Err(e) = engine::cuda::compile(m.name, source(m), "sm_90") {
                 panic!("{e}");

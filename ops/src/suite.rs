@@ -110,6 +110,7 @@ pub fn cases() -> Vec<Case> {
     v.push(case("index_select", &[(&[4, 3], -N, N)], |x| index_select(&x[0], 0, &[3, 0, 3, 1])));
     v.push(case("pad", &[(&[2, 3], -N, N)], |x| pad(&t(&x[0])?, &[(1, 2), (0, 1)], 0.5)));
     vision_cases(&mut v);
+    scan_cases(&mut v);
     v
 }
 
@@ -178,6 +179,47 @@ fn vision_cases(v: &mut Vec<Case>) {
         case("drop_path", &[(&[4, 3, 2], -N, N)], |x| drop_path(&x[0], 0.5, true, &mut Generator::new(8)))
             .linear()
             .cpu_only(),
+    );
+}
+
+/// The selective scan. All options on, with u and z stored (B, L, C) and B stored (B, L, S) as a mixer makes
+/// them and handed over transposed, and a chunk of 3 so that the backward crosses chunk boundaries (A < 0,
+/// delta around softplus' bend); then every option off (dt = delta itself, kept positive).
+fn scan_cases(v: &mut Vec<Case>) {
+    let from_blc = |x: &Tensor| transpose(x, 1, 2);
+    v.push(
+        case(
+            "selective_scan",
+            &[
+                (&[2, 7, 3], -N, N),
+                (&[2, 3, 7], -2.0, 1.0),
+                (&[3, 4], -2.0, -0.1),
+                (&[2, 7, 4], -1.5, 1.5),
+                (&[2, 4, 7], -1.5, 1.5),
+                (&[3], -1.0, 1.0),
+                (&[2, 7, 3], -N, N),
+                (&[3], -0.5, 0.5),
+            ],
+            move |x| {
+                let (u, b, z) = (from_blc(&x[0])?, from_blc(&x[3])?, from_blc(&x[6])?);
+                scan::selective_scan_chunked(&u, &x[1], &x[2], &b, &x[4], Some(&x[5]), Some(&z), Some(&x[7]), true, 3)
+            },
+        )
+        .smooth(),
+    );
+    v.push(
+        case(
+            "selective_scan(no D, z, delta_bias, softplus)",
+            &[
+                (&[1, 2, 5], -N, N),
+                (&[1, 2, 5], 0.05, 1.0),
+                (&[2, 3], -2.0, -0.1),
+                (&[1, 3, 5], -1.5, 1.5),
+                (&[1, 3, 5], -1.5, 1.5),
+            ],
+            |x| selective_scan(&x[0], &x[1], &x[2], &x[3], &x[4], None, None, None, false),
+        )
+        .smooth(),
     );
 }
 

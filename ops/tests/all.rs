@@ -4,3 +4,4 @@ mod autograd;
 mod cuda;
 mod parity;
 mod random_shapes;
+mod scan;
