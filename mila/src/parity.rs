@@ -165,11 +165,11 @@ struct AttentionConfig {
     dim: usize,
     input_resolution: (usize, usize),
     num_heads: usize,
-    #[serde(default = "yes")]
+    #[serde(default = "default_true")]
     qkv_bias: bool,
 }
 
-fn yes() -> bool {
+fn default_true() -> bool {
     true
 }
 
