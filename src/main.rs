@@ -1,8 +1,10 @@
 //! `mila`: the command line of mila-rs.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use engine::{DType, Device};
 
 #[derive(Parser)]
 #[command(name = "mila", version, about = "mila-rs: an autodiff tensor engine with MILA and Mamba on it")]
@@ -27,6 +29,26 @@ enum Command {
         #[arg(long, default_value_t = 1e-6)]
         rtol: f64,
     },
+    /// Checks a module against a PyTorch parity fixture (fixtures/*.safetensors): output, every gradient and,
+    /// for MLLA, eval output and BatchNorm buffers. Kinds: LinearAttention, MLLABlock, MLLA.
+    Parity {
+        /// The fixture file.
+        file: PathBuf,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: Device,
+        /// f64 (tolerance 1e-9) or f32 (1e-5 outputs, 1e-4 gradients).
+        #[arg(long, default_value = "f64", value_parser = parse_dtype)]
+        dtype: DType,
+    },
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    Device::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    DType::parse(s).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -34,6 +56,7 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Info) {
         Command::Info => mila_rs::info(),
         Command::Gradcheck { op, seed, rtol } => mila_rs::gradcheck(op.as_deref(), seed, rtol),
+        Command::Parity { file, device, dtype } => mila_rs::parity(&file, device, dtype),
     };
     match result {
         Ok(code) => code,

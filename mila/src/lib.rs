@@ -1,1 +1,20 @@
 //! MILA, MLLA and Mamba on mila-rs (issues 6 and 8).
+//!
+//! - [`LinearAttention`]: MILA's ELU+1 linear attention with RoPE-2D and LePE (`docs/MILA.md` section 2).
+//! - [`MilaBlock`]: the MILA block, official `MLLABlock` (section 3).
+//! - [`Mlla`]: the network with its [`Stem`], [`BasicLayer`] stages and [`PatchMerging`] (section 4), built
+//!   from an [`MllaConfig`] (`tiny`, `small`, `base`, `mnist`).
+//! - [`parity`]: the comparison against the PyTorch fixtures in `fixtures/`.
+//!
+//! Every module implements [`nn::Module`] under the official `state_dict` names and counts its
+//! multiply-adds per sample with `macs()`.
+
+pub mod attention;
+pub mod block;
+pub mod mlla;
+pub mod parity;
+mod util;
+
+pub use attention::LinearAttention;
+pub use block::{BlockConfig, MilaBlock};
+pub use mlla::{BasicLayer, ConvLayer, Mlla, MllaConfig, PatchMerging, Stem};

@@ -1,0 +1,6 @@
+//! Integration tests of the MILA models, one binary.
+
+mod gradcheck;
+mod modules;
+mod parity;
+mod size;
