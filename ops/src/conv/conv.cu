@@ -3,8 +3,9 @@
 // an output adds its taps (i, j) in row-major order onto the bias; dx adds its taps in the same order.
 //
 // Tensors are contiguous and row-major: x (N, C, H, W), weight (O, C/G, kh, kw), y and g (N, O, OH, OW); a
-// bias is any vector view, read through its `Strided`. Reductions (weight and bias gradients) run one block
-// per output value, accumulate in double and combine in a fixed order: the results do not depend on timing.
+// bias is any vector view, read through its `Strided`. Reductions (weight and bias gradients) run a block per
+// output value or per (output, chunk) followed by an ordered sum of the chunks, accumulate in double and
+// combine in a fixed order: the results do not depend on timing.
 //
 // Kernel names: <kernel>_<dtype>; the depthwise forward also has a 3x3 instance (dw_fwd_3x3_<dtype>) whose
 // tap loops the compiler unrolls.
@@ -26,8 +27,6 @@ struct Conv1dParams {
 };
 
 static_assert(sizeof(Conv1dParams) == 32, "Conv1dParams must match conv/cuda.rs");
-
-#define CONV_THREADS 256
 
 // Sum of v over the block (blockDim.x a multiple of 32, at most 1024), returned to every thread. The order of
 // the additions is fixed by the thread layout, so a launch of the same shape always gives the same bits.
@@ -98,24 +97,29 @@ __device__ void dw_bwd_dx_impl(const T* g, const T* wt, T* dx, Conv2dParams p) {
     }
 }
 
-// dw[c, i, j] = sum_{n, a, b} g[n, c, a, b] x[n, c, a sh - ph + i dh, b sw - pw + j dw]: one block per (channel,
-// tap), blockIdx.x the channel and blockIdx.y the tap, each looping when the grid is smaller.
+// dw[c, i, j] = sum_{n, a, b} g[n, c, a, b] x[n, c, a sh - ph + i dh, b sw - pw + j dw], first pass: block
+// (blockIdx.x, blockIdx.y) = (channel, chunk of `spc` samples) writes its chunk's sum for every tap to
+// part[chunk][channel][tap] (sum_partials adds the chunks in order). The block walks its chunk once per tap:
+// the chunk is small (a few thousand positions), so the walks after the first are served from cache, and the
+// grid has channels x chunks blocks however few channels there are.
 template <typename T>
-__device__ void dw_bwd_w_impl(const T* x, const T* g, T* dwt, Conv2dParams p) {
-    const long long taps = p.kh * p.kw, per = p.n * p.oh * p.ow;
+__device__ void dw_bwd_w_impl(const T* x, const T* g, T* part, Conv2dParams p, long long spc, long long chunks) {
+    const long long taps = p.kh * p.kw, per = p.oh * p.ow;
     for (long long ch = blockIdx.x; ch < p.c; ch += gridDim.x) {
-        for (long long tap = blockIdx.y; tap < taps; tap += gridDim.y) {
-            const long long i = tap / p.kw, j = tap % p.kw;
-            double acc = 0.0;
-            for (long long e = threadIdx.x; e < per; e += blockDim.x) {
-                const long long b = e % p.ow, a = (e / p.ow) % p.oh, s = e / (p.ow * p.oh);
-                const long long ih = a * p.sh - p.ph + i * p.dh, iw = b * p.sw - p.pw + j * p.dw;
-                if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) continue;
-                const long long plane = s * p.c + ch;
-                acc += (double)(g[(plane * p.oh + a) * p.ow + b] * x[(plane * p.h + ih) * p.w + iw]);
+        for (long long k = blockIdx.y; k < chunks; k += gridDim.y) {
+            const long long s0 = k * spc, count = (min(p.n, s0 + spc) - s0) * per;
+            for (long long tap = 0; tap < taps; ++tap) {
+                const long long i = tap / p.kw, j = tap % p.kw;
+                double acc = 0.0;
+                for (long long e = threadIdx.x; e < count; e += blockDim.x) {
+                    const long long b = e % p.ow, a = (e / p.ow) % p.oh, plane = (s0 + e / per) * p.c + ch;
+                    const long long ih = a * p.sh - p.ph + i * p.dh, iw = b * p.sw - p.pw + j * p.dw;
+                    if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) continue;
+                    acc += (double)(g[(plane * p.oh + a) * p.ow + b] * x[(plane * p.h + ih) * p.w + iw]);
+                }
+                acc = conv_block_sum(acc);
+                if (threadIdx.x == 0) part[(k * p.c + ch) * taps + tap] = (T)acc;
             }
-            acc = conv_block_sum(acc);
-            if (threadIdx.x == 0) dwt[ch * taps + tap] = (T)acc;
         }
     }
 }
@@ -258,8 +262,9 @@ __device__ void cc1d_bwd_w_impl(const T* x, const T* g, T* dwt, Conv1dParams p) 
     extern "C" __global__ void dw_bwd_dx_##SUFFIX(const T* g, const T* w, T* dx, Conv2dParams p) {            \
         dw_bwd_dx_impl<T>(g, w, dx, p);                                                                        \
     }                                                                                                          \
-    extern "C" __global__ void dw_bwd_w_##SUFFIX(const T* x, const T* g, T* dw, Conv2dParams p) {             \
-        dw_bwd_w_impl<T>(x, g, dw, p);                                                                         \
+    extern "C" __global__ void dw_bwd_w_##SUFFIX(const T* x, const T* g, T* part, Conv2dParams p,             \
+                                                 long long spc, long long chunks) {                           \
+        dw_bwd_w_impl<T>(x, g, part, p, spc, chunks);                                                          \
     }                                                                                                          \
     extern "C" __global__ void channel_sum_##SUFFIX(const T* g, T* db, long long samples, long long channels, \
                                                     long long per) {                                          \

@@ -3,7 +3,8 @@
 //!
 //! Depthwise conv2d (G = C = O): three direct kernels. The forward and dx run one thread per output (input)
 //! pixel, dx as a gather over the taps that read the pixel (the transposed conv, no atomics); the weight
-//! gradient runs one block per (channel, tap), reducing over (N, OH, OW) in double.
+//! gradient runs one block per (channel, chunk of samples), which sums every tap over its chunk in double, then
+//! adds the chunks in order (deterministic, and parallel however few channels there are).
 //!
 //! Dense and grouped conv2d: im2col + cuBLAS, per chunk of samples small enough for the column buffer
 //! ([`COLS_BUDGET`]). cols is (nb, C kh kw, OH OW); for sample s and group q, rows q K .. (q+1) K with
@@ -42,6 +43,9 @@ const COLS_BUDGET: usize = 1 << 26;
 
 /// Threads of the block-per-output reductions.
 const BLOCK: u32 = 256;
+
+/// Output positions one block of the depthwise weight gradient reduces (see `dw_bwd_w_impl`).
+const DW_CHUNK: usize = 1 << 14;
 
 /// `struct Conv2dParams` of conv.cu, field for field.
 #[repr(C)]
@@ -278,16 +282,31 @@ fn depthwise_backward<T: Float>(
         None
     };
     let dw = if needs.w {
-        let taps = g.kh * g.kw;
-        let dw = dev.alloc::<T>(g.c * taps)?;
-        if g.c * taps > 0 {
+        let len = g.c * g.kh * g.kw;
+        let dw = dev.alloc::<T>(len)?;
+        if len > 0 {
+            // Chunks of about DW_CHUNK output positions: enough work per block, and few enough elements that a
+            // block's walks over its chunk, one per tap, after the first come from cache.
+            let spc = DW_CHUNK.div_ceil((g.oh * g.ow).max(1)).clamp(1, g.n.max(1));
+            let chunks = g.n.div_ceil(spc).max(1);
+            let part = dev.alloc::<T>(chunks * len)?;
             let f = function::<T>(dev, &MODULE, "dw_bwd_w")?;
+            let [spc64, chunks64] = to_i64(OP, &[g.n], [spc, chunks])?;
             let mut args = dev.stream().launch_builder(&f);
-            args.arg(&xv).arg(&gv).arg(dw.as_slice()).arg(&p);
-            // SAFETY: dw_bwd_w_<T>(const T* x, const T* g, T* dw, Conv2dParams p) reads x[0..N C H W) and
-            // g[0..N C OH OW), the views' lengths, and writes dw[0..C kh kw), which `dw` holds; blocks past
-            // (C, kh kw) are never launched and the kernel loops over those past the grid.
-            unsafe { launch_blocks(OP, args, (g.c, taps))? };
+            args.arg(&xv).arg(&gv).arg(part.as_slice()).arg(&p).arg(&spc64).arg(&chunks64);
+            // SAFETY: dw_bwd_w_<T>(const T* x, const T* g, T* part, Conv2dParams p, long long spc,
+            // long long chunks) reads x[0..N C H W) and g[0..N C OH OW), the views' lengths (samples below
+            // min(N, (k + 1) spc) only), and writes part[0..chunks C kh kw), which `part` holds; the kernel
+            // loops over the channels and chunks past the grid.
+            unsafe { launch_blocks(OP, args, (g.c, chunks))? };
+            let sum = function::<T>(dev, &MODULE, "sum_partials")?;
+            // One pass over all chunks: nothing earlier to accumulate onto.
+            let (len64, accumulate) = (len as i64, 0i32);
+            let mut args = dev.stream().launch_builder(&sum);
+            args.arg(part.as_slice()).arg(dw.as_slice()).arg(&len64).arg(&chunks64).arg(&accumulate);
+            // SAFETY: sum_partials_<T>(const T* part, T* out, long long len, long long nb, int accumulate)
+            // reads part[0..chunks len), written above, and writes out[0..len), which `dw` holds.
+            unsafe { launch(OP, dev, args, len)? };
         }
         Some(CudaStorage::from_slice(dev, dw)?)
     } else {

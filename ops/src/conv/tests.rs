@@ -460,11 +460,14 @@ pub(crate) fn assert_cuda_matches_cpu(
 }
 
 /// The CUDA tests' configs: `configs()`, plus larger ones whose block reductions span several warps and loop
-/// over their elements, a 5x5 depthwise kernel (the generic instance, not the 3x3 one), and more groups than
-/// samples (the GEMMs then loop over the samples). Chunks of samples are covered on the host, in cuda.rs.
+/// over their elements (and, for the depthwise weight gradient, span two chunks of samples), a 5x5 depthwise
+/// kernel (the generic instance, not the 3x3 one), and more groups than samples (the GEMMs then loop over the
+/// samples). The dense path's chunks of samples are covered on the host, in cuda.rs.
 fn cuda_configs() -> Vec<Cfg> {
     let mut v = configs();
     v.push(Cfg { name: "depthwise 3x3 large", x: [4, 8, 17, 19], o: 8, padding: (1, 1), groups: 8, ..BASE });
+    // 64x64 planes: the weight gradient's chunks of samples (4 here) split the batch of 6 in two.
+    v.push(Cfg { name: "depthwise 3x3 two chunks", x: [6, 2, 64, 64], o: 2, padding: (1, 1), groups: 2, ..BASE });
     v.push(Cfg {
         name: "depthwise 5x5 stride 2",
         x: [2, 4, 11, 9],
