@@ -65,6 +65,10 @@ mod tests {
             &crate::shape::cuda::MODULE,
             &crate::optim::cuda::MODULE,
             &crate::scan::cuda::MODULE,
+            &crate::conv::cuda::MODULE,
+            &crate::norm::cuda::MODULE,
+            &crate::rope::cuda::MODULE,
+            &crate::regularize::cuda::MODULE,
         ] {
             if let Err(e) = engine::cuda::compile(m.name, source(m), "sm_90") {
                 panic!("{e}");

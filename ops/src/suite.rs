@@ -46,11 +46,6 @@ impl Case {
     fn smooth(self) -> Case {
         Case { step: Some(1e-5), ..self }
     }
-
-    /// For ops whose CUDA kernels are still to come.
-    fn cpu_only(self) -> Case {
-        Case { cuda: false, ..self }
-    }
 }
 
 const N: f64 = 3.0; // inputs in [-N, N] unless an op needs positive ones
@@ -115,50 +110,44 @@ pub fn cases() -> Vec<Case> {
 }
 
 /// The vision and mixer primitives: convolutions, norms, RoPE and the stochastic regularisers (their masks
-/// come from a generator seeded inside `f`, so every evaluation sees the same one). CPU only for now.
+/// come from a generator seeded inside `f`, so every evaluation sees the same one).
 fn vision_cases(v: &mut Vec<Case>) {
     let nchw = |x: &Tensor| permute(x, &[0, 3, 1, 2]); // inputs stored channels-last
     v.push(
         case("conv2d", &[(&[2, 6, 5, 3], -N, N), (&[4, 3, 3, 3], -N, N), (&[4], -N, N)], move |x| {
             conv2d(&nchw(&x[0])?, &x[1], Some(&x[2]), (2, 2), (1, 1), (1, 1), 1)
         })
-        .linear()
-        .cpu_only(),
+        .linear(),
     );
     v.push(
         case("conv2d(groups 2, dilation 2)", &[(&[1, 4, 7, 6], -N, N), (&[6, 2, 3, 2], -N, N)], |x| {
             conv2d(&x[0], &x[1], None, (1, 2), (2, 1), (2, 2), 2)
         })
-        .linear()
-        .cpu_only(),
+        .linear(),
     );
     v.push(
         case("conv2d(depthwise)", &[(&[2, 3, 5, 4], -N, N), (&[3, 1, 3, 3], -N, N), (&[3], -N, N)], |x| {
             conv2d(&x[0], &x[1], Some(&x[2]), (1, 1), (1, 1), (1, 1), 3)
         })
-        .linear()
-        .cpu_only(),
+        .linear(),
     );
     v.push(
         case("causal_conv1d", &[(&[2, 5, 3], -N, N), (&[3, 1, 4], -N, N), (&[3], -N, N)], |x| {
             causal_conv1d(&transpose(&x[0], 1, 2)?, &x[1], Some(&x[2]))
         })
-        .linear()
-        .cpu_only(),
+        .linear(),
     );
     v.push(
         case("layer_norm", &[(&[2, 5, 3], -N, N), (&[5], -N, N), (&[5], -N, N)], |x| {
             layer_norm(&transpose(&x[0], 1, 2)?, Some(&x[1]), Some(&x[2]), 1e-5)
         })
-        .smooth()
-        .cpu_only(),
+        .smooth(),
     );
     v.push(
         case("batch_norm2d(training)", &[(&[2, 3, 4, 3], -N, N), (&[3], -N, N), (&[3], -N, N)], move |x| {
             batch_norm2d(&nchw(&x[0])?, Some(&x[1]), Some(&x[2]), None, None, true, 0.1, 1e-5)
         })
-        .smooth()
-        .cpu_only(),
+        .smooth(),
     );
     v.push(
         case("batch_norm2d(eval)", &[(&[2, 3, 4, 3], -N, N), (&[3], -N, N), (&[3], -N, N)], |x| {
@@ -166,20 +155,11 @@ fn vision_cases(v: &mut Vec<Case>) {
             let var = Tensor::from_f64(&[0.7, 2.0, 1.3], &[3], x[0].dtype(), x[0].device())?;
             batch_norm2d(&x[0], Some(&x[1]), Some(&x[2]), Some(&mean), Some(&var), false, 0.1, 1e-5)
         })
-        .linear()
-        .cpu_only(),
+        .linear(),
     );
-    v.push(
-        case("rope2d", &[(&[1, 8, 6], -N, N)], |x| rope2d(&transpose(&x[0], 1, 2)?, 2, 3, 10000.0)).linear().cpu_only(),
-    );
-    v.push(
-        case("dropout", &[(&[4, 5], -N, N)], |x| dropout(&x[0], 0.5, true, &mut Generator::new(7))).linear().cpu_only(),
-    );
-    v.push(
-        case("drop_path", &[(&[4, 3, 2], -N, N)], |x| drop_path(&x[0], 0.5, true, &mut Generator::new(8)))
-            .linear()
-            .cpu_only(),
-    );
+    v.push(case("rope2d", &[(&[1, 8, 6], -N, N)], |x| rope2d(&transpose(&x[0], 1, 2)?, 2, 3, 10000.0)).linear());
+    v.push(case("dropout", &[(&[4, 5], -N, N)], |x| dropout(&x[0], 0.5, true, &mut Generator::new(7))).linear());
+    v.push(case("drop_path", &[(&[4, 3, 2], -N, N)], |x| drop_path(&x[0], 0.5, true, &mut Generator::new(8))).linear());
 }
 
 /// The selective scan. All options on, with u and z stored (B, L, C) and B stored (B, L, S) as a mixer makes

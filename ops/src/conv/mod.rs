@@ -16,7 +16,8 @@
 //! Two CPU kernels. Depthwise (G = C = O, the MILA block's 3x3 convs): direct loops, one (n, c) plane per
 //! task. Everything else: per sample and group, im2col gathers the patches into cols (C/G kh kw, OH OW) so that
 //! y_q = W_q cols is one GEMM (W_q is (O/G, C/G kh kw)); backward is dW_q += G_q cols^T and
-//! dx = col2im(W_q^T G_q). A 1x1 conv with stride 1 and no padding uses x itself as cols.
+//! dx = col2im(W_q^T G_q). A 1x1 conv with stride 1 and no padding uses x itself as cols. The CUDA path
+//! (cuda.rs, conv.cu) has the same split: direct depthwise kernels, and im2col + cuBLAS for the rest.
 //!
 //! causal_conv1d: x (B, C, L), w (C, 1, k), bias (C); k - 1 zeros on the left, so the output keeps length L
 //! and y[t] sees x[t - k + 1 ..= t] only (PyTorch's Conv1d(C, C, k, groups=C, padding=k-1) cut to its first L
@@ -30,6 +31,7 @@
 //! | dL/dbias | db[c] = sum_{b,t} g[b,c,t] |
 
 mod cpu;
+pub(crate) mod cuda;
 mod reference;
 
 pub use reference::conv2d_ref;
@@ -37,6 +39,16 @@ pub use reference::conv2d_ref;
 use engine::{Error, Op, Result, Storage, Tensor};
 
 use crate::util::{check_vector, no_cuda, same_dtype_device, saved_contiguous, Needs};
+
+/// The storage and layout of an optional operand (a bias), on the device of the match arm it is used in (its
+/// device was checked against x's at op entry).
+fn operand<'a, S>(
+    t: Option<&'a Tensor>,
+    s: Option<&'a Storage>,
+    get: impl Fn(&'a Storage) -> Result<&'a S>,
+) -> Result<Option<(&'a S, &'a engine::Layout)>> {
+    t.zip(s).map(|(t, s)| Ok((get(s)?, t.layout()))).transpose()
+}
 
 /// Sizes of one conv2d call, checked once at op entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +176,13 @@ impl Op for Conv2d {
                 &self.geom,
                 self.needs,
             )?,
+            (Storage::Cuda(x), Storage::Cuda(w), Storage::Cuda(gs)) => cuda::conv2d_backward(
+                (x, self.x.layout()),
+                (w, self.w.layout()),
+                (gs, g.layout()),
+                &self.geom,
+                self.needs,
+            )?,
             (s, _, _) => return Err(no_cuda("conv2d_backward", s)),
         };
         grads.into_tensors(self.x.shape(), Some(self.w.shape()), self.has_bias.then_some(&[self.geom.o]))
@@ -187,8 +206,12 @@ pub fn conv2d(
     let storage = match (&*xc.storage(), &*wc.storage()) {
         (Storage::Cpu(xs), Storage::Cpu(ws)) => {
             // The bias is on x's device (checked above), so on the CPU too.
-            let b = bias.zip(bias_storage.as_deref()).map(|(b, s)| Ok::<_, Error>((s.as_cpu("conv2d")?, b.layout())));
-            Storage::Cpu(cpu::conv2d((xs, xc.layout()), (ws, wc.layout()), b.transpose()?, &geom)?)
+            let b = operand(bias, bias_storage.as_deref(), |s| s.as_cpu("conv2d"))?;
+            Storage::Cpu(cpu::conv2d((xs, xc.layout()), (ws, wc.layout()), b, &geom)?)
+        }
+        (Storage::Cuda(xs), Storage::Cuda(ws)) => {
+            let b = operand(bias, bias_storage.as_deref(), |s| s.as_cuda("conv2d"))?;
+            Storage::Cuda(cuda::conv2d((xs, xc.layout()), (ws, wc.layout()), b, &geom)?)
         }
         (s, _) => return Err(no_cuda("conv2d", s)),
     };
@@ -235,6 +258,13 @@ impl Op for CausalConv1d {
                 &self.geom,
                 self.needs,
             )?,
+            (Storage::Cuda(x), Storage::Cuda(w), Storage::Cuda(gs)) => cuda::causal_conv1d_backward(
+                (x, self.x.layout()),
+                (w, self.w.layout()),
+                (gs, g.layout()),
+                &self.geom,
+                self.needs,
+            )?,
             (s, _, _) => return Err(no_cuda("causal_conv1d_backward", s)),
         };
         grads.into_tensors(self.x.shape(), Some(self.w.shape()), self.has_bias.then_some(&[self.geom.c]))
@@ -258,8 +288,12 @@ pub fn causal_conv1d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     let bias_storage = bias.map(|b| b.storage());
     let storage = match (&*xc.storage(), &*wc.storage()) {
         (Storage::Cpu(xs), Storage::Cpu(ws)) => {
-            let b = bias.zip(bias_storage.as_deref()).map(|(b, s)| Ok::<_, Error>((s.as_cpu(OP)?, b.layout())));
-            Storage::Cpu(cpu::causal_conv1d((xs, xc.layout()), (ws, wc.layout()), b.transpose()?, &geom)?)
+            let b = operand(bias, bias_storage.as_deref(), |s| s.as_cpu(OP))?;
+            Storage::Cpu(cpu::causal_conv1d((xs, xc.layout()), (ws, wc.layout()), b, &geom)?)
+        }
+        (Storage::Cuda(xs), Storage::Cuda(ws)) => {
+            let b = operand(bias, bias_storage.as_deref(), |s| s.as_cuda(OP))?;
+            Storage::Cuda(cuda::causal_conv1d((xs, xc.layout()), (ws, wc.layout()), b, &geom)?)
         }
         (s, _) => return Err(no_cuda(OP, s)),
     };
@@ -276,4 +310,4 @@ pub fn causal_conv1d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,4 +1,4 @@
-use engine::{gradcheck, DType, Error, Tensor};
+use engine::{gradcheck, DType, Device, Error, Tensor};
 
 use super::*;
 use crate::testing::*;
@@ -398,4 +398,142 @@ fn causal_conv1d_bad_shapes_are_errors() {
     }
     assert!(causal_conv1d(&randn(&[3, 5], 6), &randn(&[3, 1, 4], 7), None).is_err());
     assert!(causal_conv1d(&x, &randn(&[3, 1, 4], 8), Some(&randn(&[2], 9))).is_err());
+}
+
+// ---- CUDA against the CPU ------------------------------------------------------------------------------
+
+/// ||a - b|| / ||b|| over all elements (0 when they are equal).
+fn rel_error(a: &[f64], b: &[f64]) -> f64 {
+    let num = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let den = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    if num == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+/// Runs `f` on `leaves` on the CPU and on copies of them on CUDA device 0, with one random cotangent: the
+/// output and the gradient of every leaf marked in `grads` must agree within 1e-5 (f32) or 1e-12 (f64) of
+/// their norm, and the other leaves must get no gradient on either device. New device buffers are poisoned
+/// with NaN, so an element a kernel leaves unwritten fails. Shared by the vision families' CUDA tests.
+pub(crate) fn assert_cuda_matches_cpu(
+    what: &str,
+    leaves: &[Tensor],
+    grads: &[bool],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
+    let dtype = leaves[0].dtype();
+    let tol = match dtype {
+        DType::F32 => 1e-5,
+        DType::F64 => 1e-12,
+    };
+    let run = |device: Device| {
+        let t: Vec<Tensor> = leaves
+            .iter()
+            .zip(grads)
+            .map(|(l, &g)| l.to_device(device).unwrap().detach().requires_grad_(g).unwrap())
+            .collect();
+        let y = f(&t).unwrap_or_else(|e| panic!("{what} on {device}: {e}"));
+        assert_eq!(y.device(), device, "{what}");
+        let cot = randn_as(y.shape(), dtype, 77).to_device(device).unwrap();
+        y.backward_with(&cot).unwrap_or_else(|e| panic!("{what} backward on {device}: {e}"));
+        let mut out = vec![Some(y.to_vec_f64().unwrap())];
+        out.extend(t.iter().map(|l| l.grad().map(|g| g.to_vec_f64().unwrap())));
+        out
+    };
+    engine::cuda::set_poison(true);
+    let gpu = run(Device::Cuda(0));
+    engine::cuda::set_poison(false);
+    let cpu = run(Device::Cpu);
+    for (i, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
+        let part = if i == 0 { "output".to_string() } else { format!("grad of input {}", i - 1) };
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                let e = rel_error(a, b);
+                assert!(e <= tol, "{what} {dtype}: {part}: relative error {e:.3e} > {tol:e}");
+            }
+            (None, None) => {}
+            _ => panic!("{what} {dtype}: {part} exists on one device only"),
+        }
+    }
+}
+
+/// The CUDA tests' configs: `configs()`, plus larger ones whose block reductions span several warps and loop
+/// over their elements (and, for the depthwise weight gradient, span two chunks of samples), a 5x5 depthwise
+/// kernel (the generic instance, not the 3x3 one), and more groups than samples (the GEMMs then loop over the
+/// samples). The dense path's chunks of samples are covered on the host, in cuda.rs.
+fn cuda_configs() -> Vec<Cfg> {
+    let mut v = configs();
+    v.push(Cfg { name: "depthwise 3x3 large", x: [4, 8, 17, 19], o: 8, padding: (1, 1), groups: 8, ..BASE });
+    // 64x64 planes: the weight gradient's chunks of samples (4 here) split the batch of 6 in two.
+    v.push(Cfg { name: "depthwise 3x3 two chunks", x: [6, 2, 64, 64], o: 2, padding: (1, 1), groups: 2, ..BASE });
+    v.push(Cfg {
+        name: "depthwise 5x5 stride 2",
+        x: [2, 4, 11, 9],
+        o: 4,
+        k: (5, 5),
+        stride: (2, 2),
+        padding: (2, 2),
+        groups: 4,
+        ..BASE
+    });
+    v.push(Cfg { name: "dense large", x: [3, 6, 15, 13], o: 10, stride: (2, 1), padding: (1, 2), ..BASE });
+    v.push(Cfg {
+        name: "groups 3 (more groups than samples)",
+        x: [2, 6, 6, 6],
+        o: 9,
+        groups: 3,
+        padding: (1, 1),
+        ..BASE
+    });
+    v
+}
+
+#[test]
+fn conv2d_on_cuda_matches_the_cpu() {
+    if engine::cuda::test_device_or_skip("conv2d_on_cuda_matches_the_cpu").is_none() {
+        return;
+    }
+    for dtype in [DType::F32, DType::F64] {
+        for (k, cfg) in cuda_configs().into_iter().enumerate() {
+            let t = cfg.inputs(dtype, 500 + 10 * k as u64);
+            assert_cuda_matches_cpu(cfg.name, &t, &vec![true; t.len()], |t| cfg.run(t));
+            // A frozen input (the stem's image): only the weight and bias gradients are computed.
+            let mut grads = vec![true; t.len()];
+            grads[0] = false;
+            assert_cuda_matches_cpu(&format!("{} frozen x", cfg.name), &t, &grads, |t| cfg.run(t));
+        }
+    }
+}
+
+#[test]
+fn conv2d_on_cuda_handles_empty_batches() {
+    if engine::cuda::test_device_or_skip("conv2d_on_cuda_handles_empty_batches").is_none() {
+        return;
+    }
+    for groups in [1, 3] {
+        let t = [randn(&[0, 3, 4, 4], 1), randn(&[3, 3 / groups, 3, 3], 2), randn(&[3], 3)];
+        assert_cuda_matches_cpu("empty batch", &t, &[true; 3], |t| {
+            conv2d(&t[0], &t[1], Some(&t[2]), (1, 1), (1, 1), (1, 1), groups)
+        });
+    }
+}
+
+#[test]
+fn causal_conv1d_on_cuda_matches_the_cpu() {
+    if engine::cuda::test_device_or_skip("causal_conv1d_on_cuda_matches_the_cpu").is_none() {
+        return;
+    }
+    for dtype in [DType::F32, DType::F64] {
+        for (l, k, bias) in [(5, 4, true), (1, 4, true), (7, 3, false), (2, 1, true), (3, 5, true), (300, 4, true)] {
+            let (bs, c) = (3, 5);
+            // x stored (B, L, C) as a mixer holds its tokens, seen as (B, C, L).
+            let t = [randn_as(&[bs, l, c], dtype, l as u64), randn_as(&[c, 1, k], dtype, 7), randn_as(&[c], dtype, 8)];
+            let n = if bias { 3 } else { 2 };
+            assert_cuda_matches_cpu(&format!("causal_conv1d L {l} k {k}"), &t[..n], &vec![true; n], |t| {
+                causal_conv1d(&permute(&t[0], &[0, 2, 1])?, &t[1], t.get(2))
+            });
+        }
+    }
 }

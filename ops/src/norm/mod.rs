@@ -21,10 +21,16 @@
 //! variance stat is the unbiased one (M / (M - 1) var). PyTorch's momentum=None (a cumulative average) is the
 //! caller's: pass momentum = 1 / num_batches_tracked. In eval it uses the running statistics, and backward is
 //! the affine map above.
+//!
+//! The CUDA kernels (cuda.rs, norm.cu) follow the same plan: one fused forward and one fused backward kernel
+//! per op (layer_norm's backward adds a small kernel that sums its blocks' dweight/dbias partials), and the
+//! running buffers are blended in place by a kernel on the device's stream.
 
 mod cpu;
+pub(crate) mod cuda;
 
-use engine::{Error, Op, Result, Storage, Tensor};
+use engine::cuda::CudaStorage;
+use engine::{Error, Layout, Op, Result, Storage, Tensor};
 
 use crate::util::{check_vector, no_cuda, saved_contiguous, Needs, Operand};
 
@@ -64,6 +70,17 @@ impl Op for LayerNorm {
                     self.needs,
                 )?
             }
+            (Storage::Cuda(x), Storage::Cuda(mean), Storage::Cuda(rstd), Storage::Cuda(gs)) => {
+                let w = cuda_operand(self.w.as_ref(), w_storage.as_deref(), "layer_norm_backward")?;
+                cuda::layer_norm_backward(
+                    (x, self.x.layout()),
+                    w,
+                    (mean, self.mean.layout()),
+                    (rstd, self.rstd.layout()),
+                    (gs, g.layout()),
+                    self.needs,
+                )?
+            }
             (s, ..) => return Err(no_cuda("layer_norm_backward", s)),
         };
         let d = &self.x.shape()[self.x.rank() - 1..];
@@ -74,6 +91,15 @@ impl Op for LayerNorm {
 /// The storage and layout of an optional operand on the CPU (its device was checked against x's).
 fn cpu_operand<'a>(t: Option<&'a Tensor>, s: Option<&'a Storage>, op: &'static str) -> Result<Option<Operand<'a>>> {
     t.zip(s).map(|(t, s)| Ok((s.as_cpu(op)?, t.layout()))).transpose()
+}
+
+/// The same on CUDA.
+fn cuda_operand<'a>(
+    t: Option<&'a Tensor>,
+    s: Option<&'a Storage>,
+    op: &'static str,
+) -> Result<Option<(&'a CudaStorage, &'a Layout)>> {
+    t.zip(s).map(|(t, s)| Ok((s.as_cuda(op)?, t.layout()))).transpose()
 }
 
 /// Layer normalisation over the last dim of x (any leading shape), with optional elementwise weight and bias
@@ -95,7 +121,12 @@ pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, ep
             cpu_operand(bias, bs.as_deref(), OP)?,
             eps,
         )?,
-        s => return Err(no_cuda(OP, s)),
+        Storage::Cuda(s) => cuda::layer_norm(
+            (s, xc.layout()),
+            cuda_operand(weight, ws.as_deref(), OP)?,
+            cuda_operand(bias, bs.as_deref(), OP)?,
+            eps,
+        )?,
     };
     let rows = [x.numel() / d];
     let (mean, rstd) = (Tensor::from_storage(mean, &rows)?, Tensor::from_storage(rstd, &rows)?);
@@ -135,6 +166,18 @@ impl Op for BatchNorm2d {
             (Storage::Cpu(x), Storage::Cpu(mean), Storage::Cpu(rstd), Storage::Cpu(gs)) => {
                 let w = cpu_operand(self.w.as_ref(), w_storage.as_deref(), "batch_norm2d_backward")?;
                 cpu::batch_norm_backward(
+                    (x, self.x.layout()),
+                    w,
+                    (mean, self.mean.layout()),
+                    (rstd, self.rstd.layout()),
+                    (gs, g.layout()),
+                    self.stats,
+                    self.needs,
+                )?
+            }
+            (Storage::Cuda(x), Storage::Cuda(mean), Storage::Cuda(rstd), Storage::Cuda(gs)) => {
+                let w = cuda_operand(self.w.as_ref(), w_storage.as_deref(), "batch_norm2d_backward")?;
+                cuda::batch_norm_backward(
                     (x, self.x.layout()),
                     w,
                     (mean, self.mean.layout()),
@@ -202,7 +245,13 @@ pub fn batch_norm2d(
                 cpu_operand(running_mean, rm.as_deref(), OP)?.zip(cpu_operand(running_var, rv.as_deref(), OP)?),
                 eps,
             )?,
-            s => return Err(no_cuda(OP, s)),
+            Storage::Cuda(s) => cuda::batch_norm(
+                (s, xc.layout()),
+                cuda_operand(weight, ws.as_deref(), OP)?,
+                cuda_operand(bias, bs.as_deref(), OP)?,
+                cuda_operand(running_mean, rm.as_deref(), OP)?.zip(cuda_operand(running_var, rv.as_deref(), OP)?),
+                eps,
+            )?,
         }
     };
     // Every read guard is released: the buffers may now be written, even if they share storage with an input.
@@ -235,6 +284,7 @@ fn update_running(op: &'static str, running: &Tensor, stat: &Storage, momentum: 
     let mut guard = running.storage_mut();
     match (&mut *guard, stat) {
         (Storage::Cpu(r), Storage::Cpu(s)) => cpu::blend_into(op, r, &layout, s, momentum, scale),
+        (Storage::Cuda(r), Storage::Cuda(s)) => cuda::blend_into(op, r, &layout, s, momentum, scale),
         (s, _) => Err(no_cuda(op, s)),
     }
 }

@@ -1,6 +1,7 @@
-use engine::{gradcheck, no_grad, DType, Tensor};
+use engine::{gradcheck, no_grad, DType, Device, Tensor};
 
 use super::*;
+use crate::conv::tests::assert_cuda_matches_cpu;
 use crate::testing::*;
 use crate::view::{narrow, permute, reshape};
 use crate::{add, add_scalar, mean, mul, rsqrt, sub, var};
@@ -265,4 +266,110 @@ fn batch_norm_bad_arguments_are_errors() {
     // One value per channel is fine in eval.
     let one = randn(&[1, 3, 1, 1], 6);
     assert!(batch_norm2d(&one, None, None, Some(&v3), Some(&rand(&[3], 0.5, 1.0, 7)), false, 0.1, 1e-5).is_ok());
+}
+
+// ---- CUDA against the CPU ------------------------------------------------------------------------------
+
+#[test]
+fn layer_norm_on_cuda_matches_the_cpu() {
+    if engine::cuda::test_device_or_skip("layer_norm_on_cuda_matches_the_cpu").is_none() {
+        return;
+    }
+    let view = |t: &Tensor| permute(t, &[1, 2, 0]);
+    for dtype in [DType::F32, DType::F64] {
+        // (B, N, C) = (2, 3, 7) stored as (C, B, N), as the CPU tests.
+        let t = [randn_as(&[7, 2, 3], dtype, 50), randn_as(&[7], dtype, 51), randn_as(&[7], dtype, 52)];
+        assert_cuda_matches_cpu("layer_norm affine permuted", &t, &[true; 3], |t| {
+            layer_norm(&view(&t[0])?, Some(&t[1]), Some(&t[2]), 1e-5)
+        });
+        assert_cuda_matches_cpu("layer_norm plain", &t[..1], &[true], |t| layer_norm(&view(&t[0])?, None, None, 1e-6));
+        assert_cuda_matches_cpu("layer_norm bias only", &[t[0].clone(), t[2].clone()], &[true; 2], |t| {
+            layer_norm(&view(&t[0])?, None, Some(&t[1]), 1e-5)
+        });
+        // Only some gradients: the weight and bias of a frozen input, and the input alone.
+        assert_cuda_matches_cpu("layer_norm frozen x", &t, &[false, true, true], |t| {
+            layer_norm(&view(&t[0])?, Some(&t[1]), Some(&t[2]), 1e-5)
+        });
+        assert_cuda_matches_cpu("layer_norm frozen affine", &t, &[true, false, false], |t| {
+            layer_norm(&view(&t[0])?, Some(&t[1]), Some(&t[2]), 1e-5)
+        });
+        // The weight as a strided view (column 0 of a (C, 2) tensor).
+        let w2 = randn_as(&[7, 2], dtype, 53);
+        assert_cuda_matches_cpu("layer_norm strided weight", &[t[0].clone(), w2], &[true; 2], |t| {
+            layer_norm(&view(&t[0])?, Some(&crate::view::select(&t[1], 1, 0)?), None, 1e-5)
+        });
+        // Enough rows that every block of the backward walks several tiles, the last one partial.
+        let t = [randn_as(&[2, 2201, 16], dtype, 54), randn_as(&[16], dtype, 55), randn_as(&[16], dtype, 56)];
+        assert_cuda_matches_cpu("layer_norm many rows", &t, &[true; 3], |t| {
+            layer_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5)
+        });
+        // Rows too long for the dweight/dbias accumulators in shared memory: they go to global memory.
+        let t = [randn_as(&[5, 3100], dtype, 57), randn_as(&[3100], dtype, 58), randn_as(&[3100], dtype, 59)];
+        assert_cuda_matches_cpu("layer_norm long rows", &t, &[true; 3], |t| {
+            layer_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5)
+        });
+    }
+}
+
+#[test]
+fn batch_norm_on_cuda_matches_the_cpu() {
+    if engine::cuda::test_device_or_skip("batch_norm_on_cuda_matches_the_cpu").is_none() {
+        return;
+    }
+    let view = |t: &Tensor| permute(t, &[0, 3, 1, 2]);
+    for dtype in [DType::F32, DType::F64] {
+        // (N, C, H, W) = (3, 4, 2, 5) stored channels-last, as the CPU tests.
+        let t = [randn_as(&[3, 2, 5, 4], dtype, 60), randn_as(&[4], dtype, 61), randn_as(&[4], dtype, 62)];
+        let train = |t: &[Tensor]| batch_norm2d(&view(&t[0])?, t.get(1), t.get(2), None, None, true, 0.1, 1e-5);
+        assert_cuda_matches_cpu("batch_norm2d training", &t, &[true; 3], train);
+        assert_cuda_matches_cpu("batch_norm2d training no affine", &t[..1], &[true], train);
+        assert_cuda_matches_cpu("batch_norm2d training frozen x", &t, &[false, true, true], train);
+        assert_cuda_matches_cpu("batch_norm2d training frozen affine", &t, &[true, false, false], train);
+        // Channels of 3200 elements: each block loops over its channel several times.
+        let big = [randn_as(&[8, 3, 20, 20], dtype, 63), randn_as(&[3], dtype, 64), randn_as(&[3], dtype, 65)];
+        assert_cuda_matches_cpu("batch_norm2d training large", &big, &[true; 3], |t| {
+            batch_norm2d(&t[0], Some(&t[1]), Some(&t[2]), None, None, true, 0.1, 1e-5)
+        });
+        // Eval: the running statistics, read as given (the variance as a strided view).
+        let rm = randn_as(&[4], dtype, 66);
+        let rv_store = Tensor::rand(&[4, 2], 0.5, 2.0, dtype, Device::Cpu, &mut engine::Generator::new(67)).unwrap();
+        let eval = |t: &[Tensor]| {
+            let (rm, rv) = (rm.to_device(t[0].device())?, rv_store.to_device(t[0].device())?);
+            let rv = crate::view::select(&rv, 1, 1)?;
+            batch_norm2d(&view(&t[0])?, t.get(1), t.get(2), Some(&rm), Some(&rv), false, 0.1, 1e-3)
+        };
+        assert_cuda_matches_cpu("batch_norm2d eval", &t, &[true; 3], eval);
+        assert_cuda_matches_cpu("batch_norm2d eval no affine", &t[..1], &[true], eval);
+        assert_cuda_matches_cpu("batch_norm2d eval frozen x", &t, &[false, true, true], eval);
+    }
+}
+
+#[test]
+fn batch_norm_on_cuda_updates_the_running_stats_as_the_cpu() {
+    if engine::cuda::test_device_or_skip("batch_norm_on_cuda_updates_the_running_stats_as_the_cpu").is_none() {
+        return;
+    }
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::F64, 1e-14)] {
+        let x = randn_as(&[4, 3, 5, 2], dtype, 70);
+        let rm = randn_as(&[3], dtype, 71);
+        let rv = Tensor::rand(&[3], 0.5, 2.0, dtype, Device::Cpu, &mut engine::Generator::new(72)).unwrap();
+        let store = randn_as(&[3, 4], dtype, 73);
+        let run = |device: Device| {
+            // Contiguous buffers, and buffers that are strided views of one tensor (columns 0 and 2).
+            let (x, rm, rv, store) = (
+                x.to_device(device).unwrap(),
+                rm.to_device(device).unwrap(),
+                rv.to_device(device).unwrap(),
+                store.to_device(device).unwrap(),
+            );
+            let col = |k: usize| crate::view::select(&store, 1, k).unwrap();
+            no_grad(|| batch_norm2d(&x, None, None, Some(&rm), Some(&rv), true, 0.1, 1e-5)).unwrap();
+            no_grad(|| batch_norm2d(&x, None, None, Some(&col(0)), Some(&col(2)), true, 0.3, 1e-5)).unwrap();
+            [rm.to_vec_f64().unwrap(), rv.to_vec_f64().unwrap(), store.to_vec_f64().unwrap()]
+        };
+        let (gpu, cpu) = (run(Device::Cuda(0)), run(Device::Cpu));
+        for (what, (a, b)) in ["running_mean", "running_var", "view buffers"].iter().zip(gpu.iter().zip(&cpu)) {
+            assert_close(a, b, tol, &format!("{dtype} {what}"));
+        }
+    }
 }

@@ -10,11 +10,14 @@
 //! | dL/dx | g m / keep: the same mask |
 //!
 //! Draws come from the caller's [`Generator`] in row-major order, one uniform u per element or sample, kept
-//! when u < keep; so a run is reproduced by its seed.
+//! when u < keep; so a run is reproduced by its seed. The mask is drawn on the host on every device and
+//! uploaded with the tensor (one value per sample for drop_path, per element for dropout): a CUDA run drops
+//! exactly the elements a CPU run of the same seed drops.
 
 mod cpu;
+pub(crate) mod cuda;
 
-use engine::{Error, Generator, Op, Result, Storage, Tensor};
+use engine::{Device, Error, Generator, Op, Result, Storage, Tensor};
 
 use crate::util::{no_cuda, saved_contiguous};
 
@@ -35,9 +38,13 @@ impl Op for Masked {
 
 /// x scaled block by block by `mask`, as new contiguous storage.
 fn scaled(op: &'static str, x: &Tensor, mask: &Tensor) -> Result<Storage> {
-    let xc = saved_contiguous(x)?;
+    // The CPU kernel walks contiguous slices; the CUDA kernel reads any view, so x is copied for the CPU only.
+    let xc = if x.device() == Device::Cpu { saved_contiguous(x)? } else { x.clone() };
     let storage = match (&*xc.storage(), &*mask.storage()) {
         (Storage::Cpu(s), Storage::Cpu(m)) => cpu::scale_blocks(op, (s, xc.layout()), (m, mask.layout()))?,
+        (Storage::Cuda(s), Storage::Cuda(m)) => {
+            Storage::Cuda(cuda::scale_blocks(op, s, xc.layout(), m, mask.layout())?)
+        }
         (s, _) => return Err(no_cuda(op, s)),
     };
     Ok(storage)

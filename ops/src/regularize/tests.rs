@@ -1,6 +1,7 @@
 use engine::{gradcheck, DType, Generator, Tensor};
 
 use super::*;
+use crate::conv::tests::assert_cuda_matches_cpu;
 use crate::testing::*;
 use crate::view::permute;
 
@@ -129,4 +130,25 @@ fn bad_probabilities_are_errors() {
     assert!(drop_path(&scalar, 0.5, true, &mut Generator::new(0)).is_err());
     assert_eq!(dropout(&scalar, 0.5, true, &mut Generator::new(0)).unwrap().shape(), &[] as &[usize]);
     assert_eq!(drop_path(&randn(&[0, 3], 2), 0.5, true, &mut Generator::new(0)).unwrap().shape(), &[0, 3]);
+}
+
+#[test]
+fn masks_on_cuda_match_the_cpu_for_one_seed() {
+    if engine::cuda::test_device_or_skip("masks_on_cuda_match_the_cpu_for_one_seed").is_none() {
+        return;
+    }
+    for dtype in [DType::F32, DType::F64] {
+        // A permuted view, read in place on CUDA: the mask follows the view's row-major order on both devices.
+        let stored = randn_as(&[5, 4, 3], dtype, 21);
+        for p in [0.3, 0.5, 0.9, 1.0] {
+            for (op, f) in [
+                ("dropout", dropout as fn(&Tensor, f64, bool, &mut Generator) -> Result<Tensor>),
+                ("drop_path", drop_path),
+            ] {
+                assert_cuda_matches_cpu(&format!("{op} p {p}"), std::slice::from_ref(&stored), &[true], |t| {
+                    f(&permute(&t[0], &[2, 0, 1])?, p, true, &mut Generator::new(22))
+                });
+            }
+        }
+    }
 }

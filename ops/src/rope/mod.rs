@@ -11,17 +11,50 @@
 //! | shapes | y has x's shape; C must be a multiple of 4 |
 //!
 //! The cos/sin table is built per call in the working dtype, following the official code's float32 order of
-//! operations (theta = 1 / base^(m / k_max), a = r theta, then cos and sin), so f64 runs are exact to f64.
+//! operations (theta = 1 / base^(m / k_max), a = r theta, then cos and sin), so f64 runs are exact to f64. It
+//! holds one row of C/4 angles per token row and per token column, (H + W, C/4, 2); on CUDA it is built on the
+//! host the same way and uploaded (small: (H + W) C/2 values), so both devices use the same rounded angles.
 
 mod cpu;
+pub(crate) mod cuda;
 
-use engine::{Error, Op, Result, Storage, Tensor};
+use engine::{Device, Error, Op, Result, Storage, Tensor};
 
 use crate::util::{no_cuda, saved_contiguous};
 
+/// Which way to rotate: by +angle (forward) or by -angle (backward, the transpose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Forward,
+    Backward,
+}
+
+/// The token grid (H, W) and the channels C of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Grid {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
 struct Rope2d {
-    /// The (N, C/2, 2) table of (cos a, sin a) of the forward.
+    /// The (H + W, C/4, 2) table of (cos a, sin a) of the forward, on x's device.
     table: Tensor,
+    grid: Grid,
+}
+
+/// x rotated by the table, as new contiguous storage. The CPU kernel walks contiguous rows, so x is made
+/// contiguous there; the CUDA kernel reads any view.
+fn rotate(x: &Tensor, table: &Tensor, grid: Grid, dir: Direction) -> Result<Storage> {
+    let xc = if x.device() == Device::Cpu { saved_contiguous(x)? } else { x.clone() };
+    let storage = match (&*xc.storage(), &*table.storage()) {
+        (Storage::Cpu(s), Storage::Cpu(t)) => cpu::rotate((s, xc.layout()), (t, table.layout()), grid, dir)?,
+        (Storage::Cuda(s), Storage::Cuda(t)) => {
+            Storage::Cuda(cuda::rotate(s, xc.layout(), t, table.layout(), grid, dir)?)
+        }
+        (s, _) => return Err(no_cuda("rope2d", s)),
+    };
+    Ok(storage)
 }
 
 impl Op for Rope2d {
@@ -29,13 +62,7 @@ impl Op for Rope2d {
         "rope2d"
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let g = g.contiguous()?;
-        let storage = match (&*g.storage(), &*self.table.storage()) {
-            (Storage::Cpu(gs), Storage::Cpu(t)) => {
-                cpu::rotate((gs, g.layout()), (t, self.table.layout()), cpu::Direction::Backward)?
-            }
-            (s, _) => return Err(no_cuda("rope2d_backward", s)),
-        };
+        let storage = rotate(g, &self.table, self.grid, Direction::Backward)?;
         Ok(vec![Some(Tensor::from_storage(storage, g.shape())?)])
     }
 }
@@ -57,16 +84,12 @@ pub fn rope2d(x: &Tensor, h: usize, w: usize, base: f64) -> Result<Tensor> {
     if !(base.is_finite() && base > 0.0) {
         return Err(Error::invalid(OP, format!("base {base} must be positive and finite"), x.shape()));
     }
-    let xc = saved_contiguous(x)?;
-    let table = Tensor::from_storage(Storage::Cpu(cpu::table(x.dtype(), h, w, c, base)), &[n, c / 2, 2])?
-        .to_device(x.device())?;
-    let storage = match (&*xc.storage(), &*table.storage()) {
-        (Storage::Cpu(s), Storage::Cpu(t)) => {
-            cpu::rotate((s, xc.layout()), (t, table.layout()), cpu::Direction::Forward)?
-        }
-        (s, _) => return Err(no_cuda(OP, s)),
-    };
-    Ok(Tensor::from_op(storage, x.shape(), &[x], || Rope2d { table: table.clone() }))
+    // No tokens, no angles: an empty grid also keeps a degenerate one (0 x usize::MAX) from sizing the table.
+    let grid = if n == 0 { Grid { h: 0, w: 0, c } } else { Grid { h, w, c } };
+    let table = Storage::from_cpu(cpu::table(x.dtype(), grid, base), x.device())?;
+    let table = Tensor::from_storage(table, &[grid.h + grid.w, c / 4, 2])?;
+    let storage = rotate(x, &table, grid, Direction::Forward)?;
+    Ok(Tensor::from_op(storage, x.shape(), &[x], || Rope2d { table: table.clone(), grid }))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 use engine::{gradcheck_with, DType, GradcheckOptions, Tensor};
 
 use super::*;
+use crate::conv::tests::assert_cuda_matches_cpu;
 use crate::testing::*;
 use crate::view::permute;
 
@@ -102,4 +103,20 @@ fn rope_bad_arguments_are_errors() {
         rope2d(&Tensor::zeros(&[1, 0, 4], DType::F64, engine::Device::Cpu).unwrap(), 0, 5, 10.0).unwrap().numel(),
         0
     );
+}
+
+#[test]
+fn rope_on_cuda_matches_the_cpu() {
+    if engine::cuda::test_device_or_skip("rope_on_cuda_matches_the_cpu").is_none() {
+        return;
+    }
+    for dtype in [DType::F32, DType::F64] {
+        for (b, h, w, c) in [(2, 3, 5, 8), (1, 4, 4, 16), (3, 1, 7, 4), (1, 6, 2, 12), (2, 14, 14, 64)] {
+            // x stored (B, C, N), seen as (B, N, C): a non-contiguous input, read in place on CUDA.
+            let x = randn_as(&[b, c, h * w], dtype, (h * 10 + w) as u64);
+            assert_cuda_matches_cpu(&format!("rope {b}x{h}x{w}x{c}"), &[x], &[true], |t| {
+                rope2d(&permute(&t[0], &[0, 2, 1])?, h, w, 10000.0)
+            });
+        }
+    }
 }

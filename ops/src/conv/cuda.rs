@@ -1,0 +1,821 @@
+//! CUDA paths of the convolution family (conv.cu). Inputs arrive contiguous (the op saves them so); outputs
+//! and gradients are new contiguous buffers. Everything is enqueued on the device's stream; nothing waits.
+//!
+//! Depthwise conv2d (G = C = O): three direct kernels. The forward and dx run one thread per output (input)
+//! pixel, dx as a gather over the taps that read the pixel (the transposed conv, no atomics); the weight
+//! gradient runs one block per (channel, chunk of samples), which sums every tap over its chunk in double, then
+//! adds the chunks in order (deterministic, and parallel however few channels there are).
+//!
+//! Dense and grouped conv2d: im2col + cuBLAS, per chunk of samples small enough for the column buffer
+//! ([`COLS_BUDGET`]). cols is (nb, C kh kw, OH OW); for sample s and group q, rows q K .. (q+1) K with
+//! K = C/G kh kw are the group's patch matrix cols_sq (K, P), P = OH OW. Then
+//!
+//! | | product, per sample s and group q | then |
+//! | --- | --- | --- |
+//! | forward | y_sq (O/G, P) = W_q (O/G, K) cols_sq (+ y_sq, which holds the bias) | |
+//! | dx | dcols_sq (K, P) = W_q^T g_sq | col2im (a gather: one writer per dx element) |
+//! | dW | part_s,q (O/G, K) = g_sq cols_sq^T | sum over s in sample order |
+//!
+//! Each product over all (s, q) is a few strided-batched calls ([`grid_calls`]): one per group batched over
+//! the chunk's samples, or one per sample batched over the groups, whichever loop is shorter. A 1x1 conv with
+//! stride 1 and no padding reads x (and writes dx) in place of cols. The bias gradient is a block-per-channel
+//! reduction of g, shared with the causal conv1d.
+//!
+//! Causal conv1d: one thread per output for the forward and dx, one block per (channel, tap) for the weight.
+
+use std::sync::Arc;
+
+use engine::cuda::{
+    CudaDevice, CudaStorage, CudaView, CudaViewMut, DeviceRepr, GemmConfig, LaunchArgs, LaunchConfig, PushKernelArg,
+    Strided,
+};
+use engine::{DType, Error, Float, Layout, Result, Storage};
+
+use super::{Conv1dGeom, Conv2dGeom};
+use crate::cuda::{function, launch, Module};
+use crate::util::{Grads, Needs};
+
+pub(crate) const MODULE: Module = Module { name: "ops_conv", body: include_str!("conv.cu") };
+
+/// Most elements of the im2col buffer (and of its gradient) one chunk of samples may take: 256 MiB in f32.
+/// Larger batches run in chunks, each a few cuBLAS calls, so memory stays bounded whatever N is.
+const COLS_BUDGET: usize = 1 << 26;
+
+/// Threads of the block-per-output reductions.
+const BLOCK: u32 = 256;
+
+/// Output positions one block of the depthwise weight gradient reduces (see `dw_bwd_w_impl`).
+const DW_CHUNK: usize = 1 << 14;
+
+/// `struct Conv2dParams` of conv.cu, field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Conv2dParams {
+    n: i64,
+    c: i64,
+    h: i64,
+    w: i64,
+    o: i64,
+    kh: i64,
+    kw: i64,
+    sh: i64,
+    sw: i64,
+    ph: i64,
+    pw: i64,
+    dh: i64,
+    dw: i64,
+    groups: i64,
+    oh: i64,
+    ow: i64,
+}
+
+/// `struct Conv1dParams` of conv.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Conv1dParams {
+    b: i64,
+    c: i64,
+    l: i64,
+    k: i64,
+}
+
+// The .cu side checks the same sizes with static_asserts.
+const _: () = assert!(std::mem::size_of::<Conv2dParams>() == 128);
+const _: () = assert!(std::mem::size_of::<Conv1dParams>() == 32);
+
+// SAFETY: plain i64 fields in C layout with no padding, the layout of `struct Conv2dParams` in conv.cu.
+unsafe impl DeviceRepr for Conv2dParams {}
+// SAFETY: as above, for `struct Conv1dParams`.
+unsafe impl DeviceRepr for Conv1dParams {}
+
+/// `vals` as the i64s the kernels take. Sizes of tensors always fit; a user's stride, padding or dilation
+/// might not, and is refused rather than wrapped.
+fn to_i64<const N: usize>(op: &'static str, shape: &[usize], vals: [usize; N]) -> Result<[i64; N]> {
+    let mut out = [0i64; N];
+    for (o, v) in out.iter_mut().zip(vals) {
+        *o = i64::try_from(v).map_err(|_| Error::invalid(op, format!("{v} does not fit in an i64"), shape))?;
+    }
+    Ok(out)
+}
+
+impl Conv2dParams {
+    fn new(op: &'static str, g: &Conv2dGeom) -> Result<Self> {
+        let [n, c, h, w, o, kh, kw, sh, sw, ph, pw, dh, dw, groups, oh, ow] = to_i64(
+            op,
+            &[g.n, g.c, g.h, g.w],
+            [
+                g.n,
+                g.c,
+                g.h,
+                g.w,
+                g.o,
+                g.kh,
+                g.kw,
+                g.stride.0,
+                g.stride.1,
+                g.padding.0,
+                g.padding.1,
+                g.dilation.0,
+                g.dilation.1,
+                g.groups,
+                g.oh,
+                g.ow,
+            ],
+        )?;
+        Ok(Conv2dParams { n, c, h, w, o, kh, kw, sh, sw, ph, pw, dh, dw, groups, oh, ow })
+    }
+}
+
+impl Conv1dParams {
+    fn new(op: &'static str, g: &Conv1dGeom) -> Result<Self> {
+        let [b, c, l, k] = to_i64(op, &[g.b, g.c, g.l], [g.b, g.c, g.l, g.k])?;
+        Ok(Conv1dParams { b, c, l, k })
+    }
+}
+
+type View<'a> = (&'a CudaStorage, &'a Layout);
+
+/// A contiguous view's elements as a range of its buffer, so that kernels index them from 0.
+fn elements<'a, T: Float>(op: &'static str, v: View<'a>) -> Result<CudaView<'a, T>> {
+    let (s, layout) = v;
+    if !layout.is_contiguous() {
+        return Err(Error::invalid(op, "internal: kernel input is not contiguous", layout.shape()));
+    }
+    let (start, n) = (layout.offset(), layout.numel());
+    s.slice::<T>()?
+        .try_slice(start..start + n)
+        .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))
+}
+
+/// The (pointer, view, flag) a kernel takes for an optional bias: the bias's whole buffer and its checked
+/// `Strided`, or `fallback` with an empty view and flag 0, in which case the kernel never reads it.
+fn bias_args<'a, T: Float>(
+    op: &'static str,
+    bias: Option<View<'a>>,
+    fallback: &CudaView<'a, T>,
+) -> Result<(CudaView<'a, T>, Strided, i32)> {
+    match bias {
+        Some((s, l)) => Ok((s.slice::<T>()?.as_view(), s.strided(op, l)?, 1)),
+        None => Ok((fallback.slice(..), Strided::new(&Layout::contiguous(&[0]))?, 0)),
+    }
+}
+
+/// Launches `args` on a grid of (x, y) blocks of [`BLOCK`] threads, for the reductions with one block per
+/// output. The kernels loop when the grid is capped below the number of outputs.
+///
+/// # Safety
+/// As [`crate::cuda::launch`]: the arguments must match the kernel's parameters, and its indices stay inside
+/// the buffers.
+unsafe fn launch_blocks(op: &'static str, mut args: LaunchArgs<'_>, (x, y): (usize, usize)) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (x.clamp(1, 1 << 16) as u32, y.clamp(1, 1 << 10) as u32, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: forwarded to the caller.
+    unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+}
+
+/// db[ch] = sum of g[s, ch, ..] over s < samples and the `per` elements of each (samples, channels, per) row.
+fn channel_sum<T: Float>(
+    op: &'static str,
+    dev: &Arc<CudaDevice>,
+    g: &CudaView<T>,
+    [samples, channels, per]: [usize; 3],
+) -> Result<CudaStorage> {
+    let db = dev.alloc::<T>(channels)?;
+    if channels > 0 {
+        let f = function::<T>(dev, &MODULE, "channel_sum")?;
+        let [s64, c64, p64] = to_i64(op, &[samples, channels, per], [samples, channels, per])?;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(g).arg(db.as_slice()).arg(&s64).arg(&c64).arg(&p64);
+        // SAFETY: channel_sum_<T>(const T* g, T* db, long long samples, long long channels, long long per)
+        // reads g[0..samples channels per), the length of `g` (the gradient of a (samples, channels, per)
+        // output), and writes db[0..channels), which `db` holds.
+        unsafe { launch_blocks(op, args, (channels, 1))? };
+    }
+    CudaStorage::from_slice(dev, db)
+}
+
+/// Runs `$f::<f32>` or `$f::<f64>` by the dtype.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+        }
+    };
+}
+
+// ---- conv2d ----------------------------------------------------------------------------------------------
+
+pub(super) fn conv2d(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
+    let mut all = vec![x.0, w.0];
+    all.extend(bias.map(|b| b.0));
+    crate::util::same_cuda_dtypes("conv2d", &all)?;
+    if g.is_depthwise() {
+        by_dtype!(x.0.dtype(), depthwise_forward(x, w, bias, g))
+    } else {
+        by_dtype!(x.0.dtype(), dense_forward(x, w, bias, g))
+    }
+}
+
+pub(super) fn conv2d_backward(x: View, w: View, gy: View, g: &Conv2dGeom, needs: Needs) -> Result<Grads<Storage>> {
+    crate::util::same_cuda_dtypes("conv2d_backward", &[x.0, w.0, gy.0])?;
+    let grads = if g.is_depthwise() {
+        by_dtype!(x.0.dtype(), depthwise_backward(x, w, gy, g, needs))
+    } else {
+        by_dtype!(x.0.dtype(), dense_backward(x, w, gy, g, needs))
+    }?;
+    let s = |v: Option<CudaStorage>| v.map(Storage::Cuda);
+    Ok(Grads { x: s(grads.x), w: s(grads.w), bias: s(grads.bias) })
+}
+
+fn depthwise_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
+    const OP: &str = "conv2d";
+    let dev = x.0.device();
+    let n = g.n * g.c * g.oh * g.ow;
+    let y = dev.alloc::<T>(n)?;
+    if n > 0 {
+        let (xv, wv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?);
+        let (bv, lb, has_bias) = bias_args(OP, bias, &xv)?;
+        // The 3x3 instance has its tap loops unrolled: the MILA blocks' convs (cpe, dwc, downsample).
+        let name = if (g.kh, g.kw) == (3, 3) { "dw_fwd_3x3" } else { "dw_fwd" };
+        let f = function::<T>(dev, &MODULE, name)?;
+        let p = Conv2dParams::new(OP, g)?;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.as_slice()).arg(&p);
+        // SAFETY: dw_fwd_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
+        // Conv2dParams p) reads x[0..N C H W) and w[0..C kh kw), the lengths of the contiguous views (the op
+        // checked the shapes against p), bias through lb (checked against its buffer by `strided`, read only
+        // when has_bias), and writes y[0..N C OH OW), which `y` holds.
+        unsafe { launch(OP, dev, args, n)? };
+    }
+    CudaStorage::from_slice(dev, y)
+}
+
+/// The gradients of a depthwise conv2d, each only where needed.
+fn depthwise_backward<T: Float>(
+    x: View,
+    w: View,
+    gy: View,
+    g: &Conv2dGeom,
+    needs: Needs,
+) -> Result<Grads<CudaStorage>> {
+    const OP: &str = "conv2d_backward";
+    let dev = x.0.device();
+    let (xv, wv, gv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?, elements::<T>(OP, gy)?);
+    let p = Conv2dParams::new(OP, g)?;
+    let dx = if needs.x {
+        let n = g.n * g.c * g.h * g.w;
+        let dx = dev.alloc::<T>(n)?;
+        if n > 0 {
+            let f = function::<T>(dev, &MODULE, "dw_bwd_dx")?;
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&gv).arg(&wv).arg(dx.as_slice()).arg(&p);
+            // SAFETY: dw_bwd_dx_<T>(const T* g, const T* w, T* dx, Conv2dParams p) reads g[0..N C OH OW) and
+            // w[0..C kh kw), the views' lengths, and writes dx[0..N C H W), which `dx` holds.
+            unsafe { launch(OP, dev, args, n)? };
+        }
+        Some(CudaStorage::from_slice(dev, dx)?)
+    } else {
+        None
+    };
+    let dw = if needs.w {
+        let len = g.c * g.kh * g.kw;
+        let dw = dev.alloc::<T>(len)?;
+        if len > 0 {
+            // Chunks of about DW_CHUNK output positions: enough work per block, and few enough elements that a
+            // block's walks over its chunk, one per tap, after the first come from cache.
+            let spc = DW_CHUNK.div_ceil((g.oh * g.ow).max(1)).clamp(1, g.n.max(1));
+            let chunks = g.n.div_ceil(spc).max(1);
+            let part = dev.alloc::<T>(chunks * len)?;
+            let f = function::<T>(dev, &MODULE, "dw_bwd_w")?;
+            let [spc64, chunks64] = to_i64(OP, &[g.n], [spc, chunks])?;
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv).arg(&gv).arg(part.as_slice()).arg(&p).arg(&spc64).arg(&chunks64);
+            // SAFETY: dw_bwd_w_<T>(const T* x, const T* g, T* part, Conv2dParams p, long long spc,
+            // long long chunks) reads x[0..N C H W) and g[0..N C OH OW), the views' lengths (samples below
+            // min(N, (k + 1) spc) only), and writes part[0..chunks C kh kw), which `part` holds; the kernel
+            // loops over the channels and chunks past the grid.
+            unsafe { launch_blocks(OP, args, (g.c, chunks))? };
+            let sum = function::<T>(dev, &MODULE, "sum_partials")?;
+            // One pass over all chunks: nothing earlier to accumulate onto.
+            let (len64, accumulate) = (len as i64, 0i32);
+            let mut args = dev.stream().launch_builder(&sum);
+            args.arg(part.as_slice()).arg(dw.as_slice()).arg(&len64).arg(&chunks64).arg(&accumulate);
+            // SAFETY: sum_partials_<T>(const T* part, T* out, long long len, long long nb, int accumulate)
+            // reads part[0..chunks len), written above, and writes out[0..len), which `dw` holds.
+            unsafe { launch(OP, dev, args, len)? };
+        }
+        Some(CudaStorage::from_slice(dev, dw)?)
+    } else {
+        None
+    };
+    let bias = needs.bias.then(|| channel_sum(OP, dev, &gv, [g.n, g.o, g.oh * g.ow])).transpose()?;
+    Ok(Grads { x: dx, w: dw, bias })
+}
+
+impl Conv2dGeom {
+    /// (C/G, O/G, K = C/G kh kw, P = OH OW): the sizes of the per-group products.
+    fn gemm_dims(&self) -> (usize, usize, usize, usize) {
+        let cg = self.c / self.groups;
+        (cg, self.o / self.groups, cg * self.kh * self.kw, self.oh * self.ow)
+    }
+
+    /// Samples per chunk: as many as keep the column buffer within [`COLS_BUDGET`], at least one.
+    fn chunk(&self) -> usize {
+        let per_sample = self.c * self.kh * self.kw * self.oh * self.ow;
+        (COLS_BUDGET / per_sample.max(1)).clamp(1, self.n.max(1))
+    }
+}
+
+/// Where matrix (s, q) of a product's operand starts: `base + s per_sample + q per_group` elements into its
+/// buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Place {
+    base: usize,
+    per_sample: usize,
+    per_group: usize,
+}
+
+/// One cuBLAS call: the config and where its first A, B and C matrices start in their buffers.
+#[derive(Debug, Clone, PartialEq)]
+struct GemmCall {
+    cfg: GemmConfig,
+    a: usize,
+    b: usize,
+    c: usize,
+}
+
+/// The calls computing `C_sq = alpha op(A_sq) op(B_sq) + beta C_sq` for s < samples, q < groups, with
+/// `shape` giving m, n, k, the transposes, leading dimensions, alpha and beta. One strided-batched call per
+/// group batched over the samples, or per sample batched over the groups, whichever makes fewer calls.
+fn grid_calls(shape: GemmConfig, [a, b, c]: [Place; 3], samples: usize, groups: usize) -> Vec<GemmCall> {
+    let by_group = groups <= samples;
+    let (outer, batch) = if by_group { (groups, samples) } else { (samples, groups) };
+    // (first matrix, stride between the batch's matrices) of an operand in call i.
+    let at = |p: Place, i: usize| {
+        if by_group {
+            (p.base + i * p.per_group, p.per_sample)
+        } else {
+            (p.base + i * p.per_sample, p.per_group)
+        }
+    };
+    (0..if batch == 0 { 0 } else { outer })
+        .map(|i| {
+            let ((a0, sa), (b0, sb), (c0, sc)) = (at(a, i), at(b, i), at(c, i));
+            let cfg = GemmConfig { batch, stride_a: sa, stride_b: sb, stride_c: sc, ..shape };
+            GemmCall { cfg, a: a0, b: b0, c: c0 }
+        })
+        .collect()
+}
+
+/// The three products of the dense path (see the module notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Product {
+    /// y = W cols (onto the bias when beta is 1).
+    Forward,
+    /// dcols = W^T g (dx itself for a pointwise conv).
+    InputGrad,
+    /// part = g cols^T, one (O, K) partial per sample of the chunk.
+    WeightGrad,
+}
+
+/// The calls of `product` for samples n0 .. n0 + nb. Operands: the weight (O, K) from 0; cols and dcols
+/// (nb, C kh kw, P) from 0, or for a pointwise conv x and dx (N, C, P) at sample n0; y and g (N, O, P) at
+/// sample n0; the partials (nb, O, K) from 0. Returned in (A, B, C) order as the product names them.
+fn conv_calls(g: &Conv2dGeom, product: Product, n0: usize, nb: usize, beta: f64) -> Vec<GemmCall> {
+    let (cg, og, k, p) = g.gemm_dims();
+    let weight = Place { base: 0, per_sample: 0, per_group: og * k };
+    let cols = if g.is_pointwise() {
+        Place { base: n0 * g.c * p, per_sample: g.c * p, per_group: cg * p }
+    } else {
+        Place { base: 0, per_sample: g.c * g.kh * g.kw * p, per_group: k * p }
+    };
+    let out = Place { base: n0 * g.o * p, per_sample: g.o * p, per_group: og * p };
+    let (shape, places) = match product {
+        Product::Forward => (GemmConfig::contiguous(1, og, p, k, false, false), [weight, cols, out]),
+        Product::InputGrad => (GemmConfig::contiguous(1, k, p, og, true, false), [weight, out, cols]),
+        Product::WeightGrad => {
+            let part = Place { base: 0, per_sample: g.o * k, per_group: og * k };
+            (GemmConfig::contiguous(1, og, k, p, false, true), [out, cols, part])
+        }
+    };
+    grid_calls(GemmConfig { beta, ..shape }, places, nb, g.groups)
+}
+
+/// Enqueues `calls` over the buffers a, b, c (each call's operands start at its offsets).
+fn run_calls<T: Float>(
+    dev: &CudaDevice,
+    calls: &[GemmCall],
+    a: &CudaView<T>,
+    b: &CudaView<T>,
+    c: &mut CudaViewMut<T>,
+) -> Result<()> {
+    let outside = |what: &str, at: usize| Error::Cuda {
+        op: "conv2d",
+        msg: format!("internal: GEMM operand {what} starts at {at}, outside its buffer"),
+    };
+    for call in calls {
+        // gemm_strided_batched bounds-checks every matrix of the call against these views.
+        let av = a.try_slice(call.a..).ok_or_else(|| outside("A", call.a))?;
+        let bv = b.try_slice(call.b..).ok_or_else(|| outside("B", call.b))?;
+        let mut cv = c.try_slice_mut(call.c..).ok_or_else(|| outside("C", call.c))?;
+        dev.gemm_strided_batched::<T>(&call.cfg, &av, &bv, &mut cv)?;
+    }
+    Ok(())
+}
+
+/// cols (nb, C kh kw, OH OW) of samples n0 .. n0 + nb of x.
+fn im2col<T: Float>(
+    dev: &CudaDevice,
+    x: &CudaView<T>,
+    cols: &CudaView<T>,
+    p: &Conv2dParams,
+    n0: usize,
+    nb: usize,
+) -> Result<()> {
+    const OP: &str = "conv2d_im2col";
+    let n = nb * (p.c * p.kh * p.kw * p.oh * p.ow) as usize;
+    let f = function::<T>(dev, &MODULE, "im2col")?;
+    let [n0_64, nb64] = to_i64(OP, &[nb], [n0, nb])?;
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(x).arg(cols).arg(p).arg(&n0_64).arg(&nb64);
+    // SAFETY: im2col_<T>(const T* x, T* cols, Conv2dParams p, long long n0, long long nb) reads x at samples
+    // n0 .. n0 + nb <= N of the contiguous (N, C, H, W) view, only at in-range (ih, iw), and writes
+    // cols[0..nb C kh kw OH OW), which the chunk's buffer holds (sized for the largest chunk).
+    unsafe { launch(OP, dev, args, n) }
+}
+
+fn dense_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
+    const OP: &str = "conv2d";
+    let dev = x.0.device();
+    let (_, _, k, p) = g.gemm_dims();
+    let n_out = g.n * g.o * p;
+    let mut y = CudaStorage::alloc(dev, n_out, T::DTYPE)?;
+    if n_out == 0 {
+        return Ok(y);
+    }
+    let (xv, wv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?);
+    if let Some((bs, bl)) = bias {
+        // y starts at the bias and the products add onto it (beta = 1), as the CPU's accumulating GEMM.
+        let lb = bs.strided(OP, bl)?;
+        let f = function::<T>(dev, &MODULE, "bias_fill")?;
+        let [n64, o64, p64] = to_i64(OP, &[g.n, g.o, p], [n_out, g.o, p])?;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(bs.slice::<T>()?).arg(&lb).arg(y.slice::<T>()?).arg(&n64).arg(&o64).arg(&p64);
+        // SAFETY: bias_fill_<T>(const T* bias, Strided lb, T* y, long long total, long long o, long long per)
+        // reads bias at lb-offsets of indices below o (checked against its buffer by `strided`; the bias has o
+        // elements) and writes y[0..total), which `y` holds.
+        unsafe { launch(OP, dev, args, n_out)? };
+    } else if k == 0 || g.n == 0 {
+        // No input channels: every output is an empty sum.
+        y.fill(0.0)?;
+    }
+    if k == 0 || g.n == 0 {
+        return Ok(y);
+    }
+    let params = Conv2dParams::new(OP, g)?;
+    let nb = g.chunk();
+    let cols = if g.is_pointwise() { None } else { Some(dev.alloc::<T>(nb * g.c * g.kh * g.kw * p)?) };
+    let beta = if bias.is_some() { 1.0 } else { 0.0 };
+    let mut yv = y.slice_mut::<T>()?;
+    for n0 in (0..g.n).step_by(nb) {
+        let nbc = nb.min(g.n - n0);
+        let source = match &cols {
+            Some(c) => {
+                im2col(dev, &xv, &c.view(), &params, n0, nbc)?;
+                c.view()
+            }
+            None => xv.slice(..),
+        };
+        run_calls(dev, &conv_calls(g, Product::Forward, n0, nbc, beta), &wv, &source, &mut yv)?;
+    }
+    Ok(y)
+}
+
+/// The gradients of a dense or grouped conv2d, each only where needed.
+fn dense_backward<T: Float>(x: View, w: View, gy: View, g: &Conv2dGeom, needs: Needs) -> Result<Grads<CudaStorage>> {
+    const OP: &str = "conv2d_backward";
+    let dev = x.0.device();
+    let (xv, wv, gv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?, elements::<T>(OP, gy)?);
+    let (_, _, k, p) = g.gemm_dims();
+    let params = Conv2dParams::new(OP, g)?;
+    let nb = g.chunk();
+    let cols_len = nb * g.c * g.kh * g.kw * p;
+    // Nothing to multiply: no samples or no input channels (the gradients are then all zeros or empty).
+    let empty = g.n == 0 || k == 0;
+
+    let dx = if needs.x {
+        let mut dx = CudaStorage::alloc(dev, g.n * g.c * g.h * g.w, T::DTYPE)?;
+        if !empty && g.is_pointwise() {
+            let mut dxv = dx.slice_mut::<T>()?;
+            for n0 in (0..g.n).step_by(nb) {
+                let nbc = nb.min(g.n - n0);
+                run_calls(dev, &conv_calls(g, Product::InputGrad, n0, nbc, 0.0), &wv, &gv, &mut dxv)?;
+            }
+        } else if !empty {
+            let mut dcols = dev.alloc::<T>(cols_len)?;
+            let col2im = function::<T>(dev, &MODULE, "col2im")?;
+            for n0 in (0..g.n).step_by(nb) {
+                let nbc = nb.min(g.n - n0);
+                run_calls(dev, &conv_calls(g, Product::InputGrad, n0, nbc, 0.0), &wv, &gv, &mut dcols.view_mut())?;
+                let n = nbc * g.c * g.h * g.w;
+                let [n0_64, nb64] = to_i64(OP, &[nbc], [n0, nbc])?;
+                let mut args = dev.stream().launch_builder(&col2im);
+                args.arg(dcols.as_slice()).arg(dx.slice::<T>()?).arg(&params).arg(&n0_64).arg(&nb64);
+                // SAFETY: col2im_<T>(const T* dcols, T* dx, Conv2dParams p, long long n0, long long nb) reads
+                // dcols[0..nb C kh kw OH OW) (the buffer holds the largest chunk) and writes dx at samples
+                // n0 .. n0 + nb <= N of the (N, C, H, W) buffer `dx`.
+                unsafe { launch(OP, dev, args, n)? };
+            }
+        }
+        Some(dx)
+    } else {
+        None
+    };
+
+    let dw = if needs.w {
+        let len = g.o * k;
+        let mut dw = CudaStorage::alloc(dev, len, T::DTYPE)?;
+        if empty {
+            dw.fill(0.0)?;
+        } else {
+            let mut part = dev.alloc::<T>(nb * len)?;
+            let cols = if g.is_pointwise() { None } else { Some(dev.alloc::<T>(cols_len)?) };
+            let sum = function::<T>(dev, &MODULE, "sum_partials")?;
+            for n0 in (0..g.n).step_by(nb) {
+                let nbc = nb.min(g.n - n0);
+                let source = match &cols {
+                    Some(c) => {
+                        im2col(dev, &xv, &c.view(), &params, n0, nbc)?;
+                        c.view()
+                    }
+                    None => xv.slice(..),
+                };
+                run_calls(dev, &conv_calls(g, Product::WeightGrad, n0, nbc, 0.0), &gv, &source, &mut part.view_mut())?;
+                let [len64, nb64] = to_i64(OP, &[len], [len, nbc])?;
+                let accumulate = i32::from(n0 > 0);
+                let mut args = dev.stream().launch_builder(&sum);
+                args.arg(part.as_slice()).arg(dw.slice::<T>()?).arg(&len64).arg(&nb64).arg(&accumulate);
+                // SAFETY: sum_partials_<T>(const T* part, T* out, long long len, long long nb, int accumulate)
+                // reads part[0..nb len) (the buffer holds the largest chunk's partials) and reads and writes
+                // out[0..len), which `dw` holds.
+                unsafe { launch(OP, dev, args, len)? };
+            }
+        }
+        Some(dw)
+    } else {
+        None
+    };
+    let bias = needs.bias.then(|| channel_sum(OP, dev, &gv, [g.n, g.o, p])).transpose()?;
+    Ok(Grads { x: dx, w: dw, bias })
+}
+
+// ---- causal conv1d -----------------------------------------------------------------------------------------
+
+pub(super) fn causal_conv1d(x: View, w: View, bias: Option<View>, g: &Conv1dGeom) -> Result<CudaStorage> {
+    fn run<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv1dGeom) -> Result<CudaStorage> {
+        const OP: &str = "causal_conv1d";
+        let dev = x.0.device();
+        let n = g.b * g.c * g.l;
+        let y = dev.alloc::<T>(n)?;
+        if n > 0 {
+            let (xv, wv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?);
+            let (bv, lb, has_bias) = bias_args(OP, bias, &xv)?;
+            let f = function::<T>(dev, &MODULE, "cc1d_fwd")?;
+            let p = Conv1dParams::new(OP, g)?;
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.as_slice()).arg(&p);
+            // SAFETY: cc1d_fwd_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
+            // Conv1dParams p) reads x[0..B C L) and w[0..C k), the views' lengths, bias through lb (checked by
+            // `strided`, read only when has_bias), and writes y[0..B C L), which `y` holds.
+            unsafe { launch(OP, dev, args, n)? };
+        }
+        CudaStorage::from_slice(dev, y)
+    }
+    let mut all = vec![x.0, w.0];
+    all.extend(bias.map(|b| b.0));
+    crate::util::same_cuda_dtypes("causal_conv1d", &all)?;
+    by_dtype!(x.0.dtype(), run(x, w, bias, g))
+}
+
+pub(super) fn causal_conv1d_backward(
+    x: View,
+    w: View,
+    gy: View,
+    g: &Conv1dGeom,
+    needs: Needs,
+) -> Result<Grads<Storage>> {
+    fn run<T: Float>(x: View, w: View, gy: View, g: &Conv1dGeom, needs: Needs) -> Result<Grads<Storage>> {
+        const OP: &str = "causal_conv1d_backward";
+        let dev = x.0.device();
+        let (xv, wv, gv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?, elements::<T>(OP, gy)?);
+        let p = Conv1dParams::new(OP, g)?;
+        let n = g.b * g.c * g.l;
+        let dx = if needs.x {
+            let dx = dev.alloc::<T>(n)?;
+            if n > 0 {
+                let f = function::<T>(dev, &MODULE, "cc1d_bwd_dx")?;
+                let mut args = dev.stream().launch_builder(&f);
+                args.arg(&gv).arg(&wv).arg(dx.as_slice()).arg(&p);
+                // SAFETY: cc1d_bwd_dx_<T>(const T* g, const T* w, T* dx, Conv1dParams p) reads g[0..B C L) and
+                // w[0..C k), the views' lengths, and writes dx[0..B C L), which `dx` holds.
+                unsafe { launch(OP, dev, args, n)? };
+            }
+            Some(Storage::Cuda(CudaStorage::from_slice(dev, dx)?))
+        } else {
+            None
+        };
+        let dw = if needs.w {
+            let dw = dev.alloc::<T>(g.c * g.k)?;
+            if g.c * g.k > 0 {
+                let f = function::<T>(dev, &MODULE, "cc1d_bwd_w")?;
+                let mut args = dev.stream().launch_builder(&f);
+                args.arg(&xv).arg(&gv).arg(dw.as_slice()).arg(&p);
+                // SAFETY: cc1d_bwd_w_<T>(const T* x, const T* g, T* dw, Conv1dParams p) reads x and g at
+                // [0..B C L), the views' lengths, and writes dw[0..C k), which `dw` holds.
+                unsafe { launch_blocks(OP, args, (g.c, g.k))? };
+            }
+            Some(Storage::Cuda(CudaStorage::from_slice(dev, dw)?))
+        } else {
+            None
+        };
+        let bias = needs.bias.then(|| channel_sum(OP, dev, &gv, [g.b, g.c, g.l])).transpose()?.map(Storage::Cuda);
+        Ok(Grads { x: dx, w: dw, bias })
+    }
+    crate::util::same_cuda_dtypes("causal_conv1d_backward", &[x.0, w.0, gy.0])?;
+    by_dtype!(x.0.dtype(), run(x, w, gy, g, needs))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The dense path's products on the host: a loop with the semantics [`GemmConfig`] documents stands in for
+    //! cuBLAS, and im2col / col2im / the partial sums are the definitions conv.cu implements, so every call's
+    //! offsets, strides and transposes are checked against the CPU conv without a GPU.
+
+    use engine::{DType, Tensor};
+
+    use super::*;
+    use crate::testing::{assert_close, randn};
+
+    /// `C_b = alpha op(A_b) op(B_b) + beta C_b` as GemmConfig defines it, A, B, C read from their offsets on;
+    /// panics (failing the test) on any access outside the buffers, on a leading dimension cuBLAS would refuse
+    /// and on output matrices that overlap.
+    fn host_gemm(call: &GemmCall, a: &[f64], b: &[f64], c: &mut [f64]) {
+        let cfg = &call.cfg;
+        let stored_cols_a = if cfg.trans_a { cfg.m } else { cfg.k };
+        let stored_cols_b = if cfg.trans_b { cfg.k } else { cfg.n };
+        assert!(cfg.lda >= stored_cols_a && cfg.ldb >= stored_cols_b && cfg.ldc >= cfg.n, "{cfg:?}");
+        assert!(cfg.batch <= 1 || cfg.stride_c >= (cfg.m - 1) * cfg.ldc + cfg.n, "overlapping outputs: {cfg:?}");
+        for batch in 0..cfg.batch {
+            for i in 0..cfg.m {
+                for j in 0..cfg.n {
+                    let mut acc = 0.0;
+                    for p in 0..cfg.k {
+                        let ai = if cfg.trans_a { p * cfg.lda + i } else { i * cfg.lda + p };
+                        let bi = if cfg.trans_b { j * cfg.ldb + p } else { p * cfg.ldb + j };
+                        acc += a[call.a + batch * cfg.stride_a + ai] * b[call.b + batch * cfg.stride_b + bi];
+                    }
+                    let ci = call.c + batch * cfg.stride_c + i * cfg.ldc + j;
+                    c[ci] = cfg.alpha * acc + if cfg.beta == 0.0 { 0.0 } else { cfg.beta * c[ci] };
+                }
+            }
+        }
+    }
+
+    /// im2col_impl of conv.cu: cols (nb, C, kh, kw, OH OW) of samples n0 .. n0 + nb.
+    fn host_im2col(x: &[f64], g: &Conv2dGeom, n0: usize, nb: usize) -> Vec<f64> {
+        let p = g.oh * g.ow;
+        let mut cols = vec![0.0; nb * g.c * g.kh * g.kw * p];
+        for (e, v) in cols.iter_mut().enumerate() {
+            let (q, t) = (e % p, e / p);
+            let (j, i, plane) = (t % g.kw, t / g.kw % g.kh, t / g.kw / g.kh);
+            let ih = ((q / g.ow) * g.stride.0 + i * g.dilation.0) as isize - g.padding.0 as isize;
+            let iw = ((q % g.ow) * g.stride.1 + j * g.dilation.1) as isize - g.padding.1 as isize;
+            if ih >= 0 && iw >= 0 && (ih as usize) < g.h && (iw as usize) < g.w {
+                *v = x[((n0 * g.c + plane) * g.h + ih as usize) * g.w + iw as usize];
+            }
+        }
+        cols
+    }
+
+    /// col2im of conv.cu (as a scatter, its adjoint's definition): dx at samples n0 .. n0 + nb += dcols.
+    fn host_col2im(dcols: &[f64], g: &Conv2dGeom, n0: usize, nb: usize, dx: &mut [f64]) {
+        let p = g.oh * g.ow;
+        for (e, &v) in dcols.iter().enumerate().take(nb * g.c * g.kh * g.kw * p) {
+            let (q, t) = (e % p, e / p);
+            let (j, i, plane) = (t % g.kw, t / g.kw % g.kh, t / g.kw / g.kh);
+            let ih = ((q / g.ow) * g.stride.0 + i * g.dilation.0) as isize - g.padding.0 as isize;
+            let iw = ((q % g.ow) * g.stride.1 + j * g.dilation.1) as isize - g.padding.1 as isize;
+            if ih >= 0 && iw >= 0 && (ih as usize) < g.h && (iw as usize) < g.w {
+                dx[((n0 * g.c + plane) * g.h + ih as usize) * g.w + iw as usize] += v;
+            }
+        }
+    }
+
+    /// (y, dx, dw) of the dense path run on the host in chunks of `nb` samples, y onto the bias.
+    fn run_dense(x: &[f64], w: &[f64], b: &[f64], gy: &[f64], g: &Conv2dGeom, nb: usize) -> [Vec<f64>; 3] {
+        let (_, _, k, p) = g.gemm_dims();
+        let mut y: Vec<f64> = (0..g.n * g.o * p).map(|e| b[e / p % g.o]).collect();
+        let mut dx = vec![0.0; x.len()];
+        let mut dw = vec![f64::NAN; g.o * k];
+        for n0 in (0..g.n).step_by(nb) {
+            let nbc = nb.min(g.n - n0);
+            let cols = if g.is_pointwise() { x.to_vec() } else { host_im2col(x, g, n0, nbc) };
+            for call in conv_calls(g, Product::Forward, n0, nbc, 1.0) {
+                host_gemm(&call, w, &cols, &mut y);
+            }
+            if g.is_pointwise() {
+                for call in conv_calls(g, Product::InputGrad, n0, nbc, 0.0) {
+                    host_gemm(&call, w, gy, &mut dx);
+                }
+            } else {
+                let mut dcols = vec![f64::NAN; cols.len()];
+                for call in conv_calls(g, Product::InputGrad, n0, nbc, 0.0) {
+                    host_gemm(&call, w, gy, &mut dcols);
+                }
+                host_col2im(&dcols, g, n0, nbc, &mut dx);
+            }
+            let mut part = vec![f64::NAN; nbc * g.o * k];
+            for call in conv_calls(g, Product::WeightGrad, n0, nbc, 0.0) {
+                host_gemm(&call, gy, &cols, &mut part);
+            }
+            // sum_partials_impl: the chunk's samples in order, onto the earlier chunks' total.
+            for (e, d) in dw.iter_mut().enumerate() {
+                let prev = if n0 > 0 { *d } else { 0.0 };
+                *d = prev + (0..nbc).map(|s| part[s * g.o * k + e]).sum::<f64>();
+            }
+        }
+        [y, dx, dw]
+    }
+
+    #[test]
+    fn the_dense_products_match_the_cpu_conv_in_any_chunking() {
+        // (x, O, kernel, stride, padding, dilation, groups): grouped with more groups than samples and fewer,
+        // pointwise with groups, stride and dilation, and a channel multiplier (G = C, O = 2C).
+        type Cfg = ([usize; 4], usize, (usize, usize), (usize, usize), (usize, usize), (usize, usize), usize);
+        let cfgs: [Cfg; 7] = [
+            ([3, 3, 7, 6], 4, (3, 3), (2, 2), (1, 1), (1, 1), 1),
+            ([2, 4, 5, 7], 6, (3, 2), (2, 1), (1, 1), (1, 1), 2),
+            ([3, 6, 5, 4], 3, (2, 2), (1, 1), (2, 0), (2, 1), 3),
+            ([1, 4, 7, 5], 2, (3, 3), (1, 1), (2, 1), (2, 2), 2),
+            ([3, 4, 3, 5], 6, (1, 1), (1, 1), (0, 0), (1, 1), 2),
+            ([2, 3, 4, 4], 5, (1, 1), (2, 2), (0, 0), (1, 1), 1),
+            ([2, 3, 5, 5], 6, (3, 3), (1, 1), (1, 1), (1, 1), 3),
+        ];
+        for (i, (xs, o, k, stride, padding, dilation, groups)) in cfgs.into_iter().enumerate() {
+            let seed = 10 * i as u64;
+            let x = randn(&xs, seed).requires_grad_(true).unwrap();
+            let w = randn(&[o, xs[1] / groups, k.0, k.1], seed + 1).requires_grad_(true).unwrap();
+            let b = randn(&[o], seed + 2).requires_grad_(true).unwrap();
+            let y = crate::conv2d(&x, &w, Some(&b), stride, padding, dilation, groups).unwrap();
+            let gy = randn(y.shape(), seed + 3);
+            y.backward_with(&gy).unwrap();
+            let g = Conv2dGeom::new(&xs, w.shape(), stride, padding, dilation, groups).unwrap();
+            let v = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec_f64().unwrap();
+            let want = [v(&y), v(&x.grad().unwrap()), v(&w.grad().unwrap())];
+            for nb in 1..=xs[0] {
+                let got = run_dense(&v(&x), &v(&w), &v(&b), &v(&gy), &g, nb);
+                for (what, (got, want)) in ["y", "dx", "dw"].iter().zip(got.iter().zip(&want)) {
+                    assert_close(got, want, 1e-12, &format!("config {i} chunk {nb} {what}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grid_calls_loop_over_the_shorter_of_samples_and_groups() {
+        let shape = GemmConfig::contiguous(1, 2, 3, 4, false, false);
+        let a = Place { base: 5, per_sample: 0, per_group: 8 };
+        let b = Place { base: 0, per_sample: 100, per_group: 12 };
+        let c = Place { base: 7, per_sample: 50, per_group: 6 };
+        // 2 groups, 4 samples: a call per group, batched over the samples.
+        let calls = grid_calls(shape, [a, b, c], 4, 2);
+        assert_eq!(calls.len(), 2);
+        assert_eq!((calls[1].a, calls[1].b, calls[1].c), (13, 12, 13));
+        assert_eq!(
+            (calls[1].cfg.batch, calls[1].cfg.stride_a, calls[1].cfg.stride_b, calls[1].cfg.stride_c),
+            (4, 0, 100, 50)
+        );
+        // 3 groups, 2 samples: a call per sample, batched over the groups.
+        let calls = grid_calls(shape, [a, b, c], 2, 3);
+        assert_eq!(calls.len(), 2);
+        assert_eq!((calls[1].a, calls[1].b, calls[1].c), (5, 100, 57));
+        assert_eq!(
+            (calls[1].cfg.batch, calls[1].cfg.stride_a, calls[1].cfg.stride_b, calls[1].cfg.stride_c),
+            (3, 8, 12, 6)
+        );
+        assert!(grid_calls(shape, [a, b, c], 0, 3).is_empty());
+    }
+
+    #[test]
+    fn chunks_keep_the_column_buffer_within_budget() {
+        let g = Conv2dGeom::new(&[256, 64, 56, 56], &[64, 64, 3, 3], (1, 1), (1, 1), (1, 1), 1).unwrap();
+        let nb = g.chunk();
+        assert!(nb >= 1 && nb * 64 * 9 * 56 * 56 <= COLS_BUDGET, "{nb}");
+        let small = Conv2dGeom::new(&[8, 3, 8, 8], &[4, 3, 3, 3], (1, 1), (1, 1), (1, 1), 1).unwrap();
+        assert_eq!(small.chunk(), 8);
+    }
+}

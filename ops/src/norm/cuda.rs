@@ -1,0 +1,393 @@
+//! CUDA paths of the normalisation family (norm.cu). Inputs arrive contiguous (the ops save them so); the
+//! optional weight, bias and running statistics are read through their views. Nothing here waits for the
+//! device.
+//!
+//! - layer_norm forward: one kernel, one warp per row; it saves mean and rstd per row.
+//! - layer_norm backward: one kernel for dx and the dweight/dbias partial sums (each block owns a range of
+//!   rows; see `ln_bwd_impl`), then a small kernel that adds the blocks' partials column by column.
+//! - batch_norm2d forward: training, one block per channel (statistics, then y, in one kernel); eval, one
+//!   block per (sample, channel) plane with the running statistics.
+//! - batch_norm2d backward: one kernel, one block per channel (the sums, then dx).
+//! - the running statistics: an in-place blend kernel, launched by the op after the forward has released its
+//!   read locks (a running buffer may share storage with an input or with the other buffer).
+
+use engine::cuda::{CudaDevice, CudaStorage, CudaView, LaunchArgs, LaunchConfig, PushKernelArg, Strided};
+use engine::{DType, Error, Float, Layout, Result, Storage};
+
+use super::cpu::BatchNormOut;
+use super::Stats;
+use crate::cuda::{function, launch, Module};
+use crate::util::{Grads, Needs};
+
+pub(crate) const MODULE: Module = Module { name: "ops_norm", body: include_str!("norm.cu") };
+
+/// Threads of the layer_norm backward's blocks: 8 warps, so a tile is 8 rows.
+const LN_THREADS: u32 = 256;
+
+/// Threads of batch_norm's block-per-channel kernels: a channel holds N H W elements, often many thousands.
+const BN_THREADS: u32 = 512;
+
+/// Shared memory a kernel may take without the opt-in attribute (the same on every GPU since Volta).
+const SHARED_DEFAULT: usize = 48 << 10;
+
+type View<'a> = (&'a CudaStorage, &'a Layout);
+
+/// A contiguous view's elements as a range of its buffer, so that kernels index them from 0.
+fn elements<'a, T: Float>(op: &'static str, v: View<'a>) -> Result<CudaView<'a, T>> {
+    let (s, layout) = v;
+    if !layout.is_contiguous() {
+        return Err(Error::invalid(op, "internal: kernel input is not contiguous", layout.shape()));
+    }
+    let (start, n) = (layout.offset(), layout.numel());
+    s.slice::<T>()?
+        .try_slice(start..start + n)
+        .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))
+}
+
+/// The (pointer, view, flag) a kernel takes for an optional per-channel operand: its whole buffer and checked
+/// `Strided`, or `fallback` with an empty view and flag 0, in which case the kernel never reads it.
+fn optional<'a, T: Float>(
+    op: &'static str,
+    v: Option<View<'a>>,
+    fallback: &CudaView<'a, T>,
+) -> Result<(CudaView<'a, T>, Strided, i32)> {
+    match v {
+        Some((s, l)) => Ok((s.slice::<T>()?.as_view(), s.strided(op, l)?, 1)),
+        None => Ok((fallback.slice(..), Strided::new(&Layout::contiguous(&[0]))?, 0)),
+    }
+}
+
+/// Launches `args` on `blocks` blocks of `threads` threads with `shared` bytes of dynamic shared memory.
+///
+/// # Safety
+/// As [`crate::cuda::launch`]: the arguments must match the kernel's parameters, and its indices stay inside
+/// the buffers.
+unsafe fn launch_blocks(
+    op: &'static str,
+    mut args: LaunchArgs<'_>,
+    blocks: usize,
+    threads: u32,
+    shared: usize,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (blocks.clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    // SAFETY: forwarded to the caller.
+    unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+}
+
+/// Runs `$f::<f32>` or `$f::<f64>` by the dtype.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+        }
+    };
+}
+
+/// Errs unless the CUDA storages of `xs` (the given ones) share one dtype and device.
+fn same_dtypes(op: &'static str, xs: &[Option<&CudaStorage>]) -> Result<()> {
+    let all: Vec<&CudaStorage> = xs.iter().flatten().copied().collect();
+    crate::util::same_cuda_dtypes(op, &all)
+}
+
+fn cuda_storage(dev: &std::sync::Arc<CudaDevice>, s: engine::cuda::PooledSlice<impl Float>) -> Result<Storage> {
+    Ok(Storage::Cuda(CudaStorage::from_slice(dev, s)?))
+}
+
+// ---- layer_norm ----------------------------------------------------------------------------------------
+
+/// Forward: (y, mean, rstd) with one mean and rstd per row of the last dim.
+pub(super) fn layer_norm(x: View, w: Option<View>, b: Option<View>, eps: f64) -> Result<(Storage, Storage, Storage)> {
+    fn run<T: Float>(x: View, w: Option<View>, b: Option<View>, eps: f64) -> Result<(Storage, Storage, Storage)> {
+        const OP: &str = "layer_norm";
+        let dev = x.0.device();
+        let d = x.1.shape().last().copied().unwrap_or(1).max(1);
+        let rows = x.1.numel() / d;
+        let (y, mean, rstd) = (dev.alloc::<T>(rows * d)?, dev.alloc::<T>(rows)?, dev.alloc::<T>(rows)?);
+        if rows > 0 {
+            let xv = elements::<T>(OP, x)?;
+            let (wv, lw, has_w) = optional(OP, w, &xv)?;
+            let (bv, lb, has_b) = optional(OP, b, &xv)?;
+            let f = function::<T>(dev, &MODULE, "ln_fwd")?;
+            let (rows64, d64) = (rows as i64, d as i64);
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&bv).arg(&lb).arg(&has_b);
+            args.arg(y.as_slice()).arg(mean.as_slice()).arg(rstd.as_slice()).arg(&rows64).arg(&d64).arg(&eps);
+            // SAFETY: ln_fwd_<T>(const T* x, const T* w, Strided lw, int has_w, const T* b, Strided lb,
+            // int has_b, T* y, T* mean, T* rstd, long long rows, long long d, double eps) reads x[0..rows d),
+            // the contiguous view's length, w and b through their views at indices below d (checked against
+            // their buffers by `strided`; vectors of d elements, checked by the op; read only when flagged),
+            // and writes y[0..rows d), mean[0..rows) and rstd[0..rows), which the buffers hold. One warp per
+            // row: 32 threads for each row.
+            unsafe { launch(OP, dev, args, rows * 32)? };
+        }
+        Ok((cuda_storage(dev, y)?, cuda_storage(dev, mean)?, cuda_storage(dev, rstd)?))
+    }
+    same_dtypes("layer_norm", &[Some(x.0), w.map(|v| v.0), b.map(|v| v.0)])?;
+    by_dtype!(x.0.dtype(), run(x, w, b, eps))
+}
+
+pub(super) fn layer_norm_backward(
+    x: View,
+    w: Option<View>,
+    mean: View,
+    rstd: View,
+    g: View,
+    needs: Needs,
+) -> Result<Grads<Storage>> {
+    fn run<T: Float>(
+        x: View,
+        w: Option<View>,
+        mean: View,
+        rstd: View,
+        g: View,
+        needs: Needs,
+    ) -> Result<Grads<Storage>> {
+        const OP: &str = "layer_norm_backward";
+        let dev = x.0.device();
+        let d = x.1.shape().last().copied().unwrap_or(1).max(1);
+        let rows = x.1.numel() / d;
+        let need_sums = needs.w || needs.bias;
+        let dx = dev.alloc::<T>(if needs.x { rows * d } else { 0 })?;
+        let (dw, db) = (dev.alloc::<T>(d)?, dev.alloc::<T>(d)?);
+        if rows == 0 {
+            // No rows: dx is empty and the sums are empty sums.
+            let zeros = || {
+                let mut z = CudaStorage::alloc(dev, d, T::DTYPE)?;
+                z.fill(0.0)?;
+                Ok::<_, Error>(Storage::Cuda(z))
+            };
+            let dx = needs.x.then(|| cuda_storage(dev, dx)).transpose()?;
+            return Ok(Grads { x: dx, w: needs.w.then(zeros).transpose()?, bias: needs.bias.then(zeros).transpose()? });
+        }
+        let (xv, gv) = (elements::<T>(OP, x)?, elements::<T>(OP, g)?);
+        let (mv, rv) = (elements::<T>(OP, mean)?, elements::<T>(OP, rstd)?);
+        let (wv, lw, has_w) = optional(OP, w, &xv)?;
+        // Blocks: up to 4 a multiprocessor, each owning `chunk` consecutive rows (at least one tile of 8).
+        let warps = (LN_THREADS / 32) as usize;
+        let max_blocks = dev.multiprocessor_count() as usize * 4;
+        let chunk = rows.div_ceil(rows.div_ceil(warps).clamp(1, max_blocks));
+        let blocks = rows.div_ceil(chunk);
+        // Two accumulators (g xhat, g) per column, in shared memory when they fit, else in `partial` itself.
+        let shared = 2 * d * std::mem::size_of::<f64>();
+        let use_shared = shared <= SHARED_DEFAULT;
+        let partial = dev.alloc::<f64>(if need_sums { blocks * 2 * d } else { 1 })?;
+        let f = function::<T>(dev, &MODULE, "ln_bwd")?;
+        let [rows64, d64, chunk64] = [rows as i64, d as i64, chunk as i64];
+        let flags = [i32::from(needs.x), i32::from(need_sums), i32::from(use_shared)];
+        // Without a dx to write, g's buffer stands in for the pointer (the kernel never writes it then).
+        let dx_arg = if needs.x { dx.as_slice().as_view() } else { gv.slice(..) };
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(&dx_arg).arg(partial.as_slice());
+        args.arg(&rows64).arg(&d64).arg(&chunk64).arg(&flags[0]).arg(&flags[1]).arg(&flags[2]);
+        // SAFETY: ln_bwd_<T>(const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd,
+        // const T* g, T* dx, double* partial, long long rows, long long d, long long chunk, int need_dx,
+        // int need_sums, int use_shared) reads x and g at [0..rows d), mean and rstd at [0..rows) (the views'
+        // lengths), w through lw below d (checked by `strided`, read only when has_w); it writes dx[0..rows d)
+        // only when need_dx (then `dx` holds rows d elements) and partial[0..blocks 2 d) only when need_sums
+        // (then `partial` holds that many); blocks * chunk >= rows, and block b touches rows of its own chunk.
+        // The dynamic shared memory is 2 d doubles when use_shared, as the kernel indexes it.
+        unsafe { launch_blocks(OP, args, blocks, LN_THREADS, if use_shared { shared } else { 0 })? };
+        if need_sums {
+            let f = function::<T>(dev, &MODULE, "ln_bwd_reduce")?;
+            let (blocks64, need_w, need_b) = (blocks as i64, i32::from(needs.w), i32::from(needs.bias));
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(partial.as_slice()).arg(dw.as_slice()).arg(db.as_slice()).arg(&d64).arg(&blocks64);
+            args.arg(&need_w).arg(&need_b);
+            // SAFETY: ln_bwd_reduce_<T>(const double* partial, T* dw, T* db, long long d, long long blocks,
+            // int need_w, int need_b) reads partial[0..blocks 2 d), which the forward launch filled, and writes
+            // dw[0..d) and db[0..d), which both buffers hold.
+            unsafe { launch(OP, dev, args, d)? };
+        }
+        Ok(Grads {
+            x: needs.x.then(|| cuda_storage(dev, dx)).transpose()?,
+            w: needs.w.then(|| cuda_storage(dev, dw)).transpose()?,
+            bias: needs.bias.then(|| cuda_storage(dev, db)).transpose()?,
+        })
+    }
+    same_dtypes("layer_norm_backward", &[Some(x.0), w.map(|v| v.0), Some(mean.0), Some(rstd.0), Some(g.0)])?;
+    by_dtype!(x.0.dtype(), run(x, w, mean, rstd, g, needs))
+}
+
+// ---- batch_norm2d --------------------------------------------------------------------------------------
+
+/// (N, C, H W) of an NCHW layout.
+fn nchw(layout: &Layout) -> (usize, usize, usize) {
+    match layout.shape() {
+        &[n, c, h, w] => (n, c, h * w),
+        _ => (0, 0, 0),
+    }
+}
+
+/// Forward with the batch statistics, or with `fixed` (running mean, running var) when given.
+pub(super) fn batch_norm(
+    x: View,
+    w: Option<View>,
+    b: Option<View>,
+    fixed: Option<(View, View)>,
+    eps: f64,
+) -> Result<BatchNormOut> {
+    fn run<T: Float>(
+        x: View,
+        w: Option<View>,
+        b: Option<View>,
+        fixed: Option<(View, View)>,
+        eps: f64,
+    ) -> Result<BatchNormOut> {
+        const OP: &str = "batch_norm2d";
+        let dev = x.0.device();
+        let (n, c, hw) = nchw(x.1);
+        let y = dev.alloc::<T>(n * c * hw)?;
+        let (mean, var, rstd) = (dev.alloc::<T>(c)?, dev.alloc::<T>(c)?, dev.alloc::<T>(c)?);
+        if c > 0 {
+            let xv = elements::<T>(OP, x)?;
+            let (wv, lw, has_w) = optional(OP, w, &xv)?;
+            let (bv, lb, has_b) = optional(OP, b, &xv)?;
+            let [n64, c64, hw64] = [n as i64, c as i64, hw as i64];
+            match fixed {
+                None => {
+                    let f = function::<T>(dev, &MODULE, "bn_fwd_train")?;
+                    let mut args = dev.stream().launch_builder(&f);
+                    args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&bv).arg(&lb).arg(&has_b).arg(y.as_slice());
+                    args.arg(mean.as_slice()).arg(var.as_slice()).arg(rstd.as_slice());
+                    args.arg(&n64).arg(&c64).arg(&hw64).arg(&eps);
+                    // SAFETY: bn_fwd_train_<T>(const T* x, const T* w, Strided lw, int has_w, const T* b,
+                    // Strided lb, int has_b, T* y, T* mean, T* var, T* rstd, long long n, long long c,
+                    // long long hw, double eps) reads x[0..n c hw), the contiguous view's length, w and b
+                    // through their views below c (checked by `strided`, read only when flagged), and writes
+                    // y[0..n c hw) and mean, var, rstd [0..c), which the buffers hold.
+                    unsafe { launch_blocks(OP, args, c, BN_THREADS, 0)? };
+                }
+                Some((rm, rv)) => {
+                    let (rmv, lrm) = (rm.0.slice::<T>()?, rm.0.strided(OP, rm.1)?);
+                    let (rvv, lrv) = (rv.0.slice::<T>()?, rv.0.strided(OP, rv.1)?);
+                    // One block per plane, no wider than a plane (7x7 planes would leave most of 256 idle).
+                    let threads = hw.next_multiple_of(32).clamp(32, 256) as u32;
+                    let f = function::<T>(dev, &MODULE, "bn_fwd_eval")?;
+                    let mut args = dev.stream().launch_builder(&f);
+                    args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&bv).arg(&lb).arg(&has_b);
+                    args.arg(rmv).arg(&lrm).arg(rvv).arg(&lrv).arg(y.as_slice());
+                    args.arg(mean.as_slice()).arg(var.as_slice()).arg(rstd.as_slice());
+                    args.arg(&n64).arg(&c64).arg(&hw64).arg(&eps);
+                    // SAFETY: bn_fwd_eval_<T>(x, w, lw, has_w, b, lb, has_b, const T* rm, Strided lrm,
+                    // const T* rv, Strided lrv, T* y, T* mean, T* var, T* rstd, n, c, hw, eps) reads
+                    // x[0..n c hw), the view's length, the per-channel operands through their views below c
+                    // (checked by `strided`; vectors of c elements, checked by the op), and writes
+                    // y[0..n c hw) and mean, var, rstd [0..c), which the buffers hold.
+                    unsafe { launch_blocks(OP, args, n * c, threads, 0)? };
+                }
+            }
+        }
+        Ok(BatchNormOut {
+            y: cuda_storage(dev, y)?,
+            mean: cuda_storage(dev, mean)?,
+            var: cuda_storage(dev, var)?,
+            rstd: cuda_storage(dev, rstd)?,
+        })
+    }
+    let (rm, rv) = (fixed.map(|f| f.0 .0), fixed.map(|f| f.1 .0));
+    same_dtypes("batch_norm2d", &[Some(x.0), w.map(|v| v.0), b.map(|v| v.0), rm, rv])?;
+    by_dtype!(x.0.dtype(), run(x, w, b, fixed, eps))
+}
+
+pub(super) fn batch_norm_backward(
+    x: View,
+    w: Option<View>,
+    mean: View,
+    rstd: View,
+    g: View,
+    stats: Stats,
+    needs: Needs,
+) -> Result<Grads<Storage>> {
+    fn run<T: Float>(
+        x: View,
+        w: Option<View>,
+        mean: View,
+        rstd: View,
+        g: View,
+        stats: Stats,
+        needs: Needs,
+    ) -> Result<Grads<Storage>> {
+        const OP: &str = "batch_norm2d_backward";
+        let dev = x.0.device();
+        let (n, c, hw) = nchw(x.1);
+        let dx = dev.alloc::<T>(if needs.x { n * c * hw } else { 0 })?;
+        let (dw, db) = (dev.alloc::<T>(c)?, dev.alloc::<T>(c)?);
+        if c > 0 {
+            let (xv, gv) = (elements::<T>(OP, x)?, elements::<T>(OP, g)?);
+            let (mv, rv) = (elements::<T>(OP, mean)?, elements::<T>(OP, rstd)?);
+            let (wv, lw, has_w) = optional(OP, w, &xv)?;
+            let [n64, c64, hw64] = [n as i64, c as i64, hw as i64];
+            let flags =
+                [i32::from(stats == Stats::Batch), i32::from(needs.x), i32::from(needs.w), i32::from(needs.bias)];
+            // Without a dx to write, g's buffer stands in for the pointer (the kernel never writes it then).
+            let dx_arg = if needs.x { dx.as_slice().as_view() } else { gv.slice(..) };
+            let f = function::<T>(dev, &MODULE, "bn_bwd")?;
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(&dx_arg);
+            args.arg(dw.as_slice()).arg(db.as_slice()).arg(&n64).arg(&c64).arg(&hw64);
+            args.arg(&flags[0]).arg(&flags[1]).arg(&flags[2]).arg(&flags[3]);
+            // SAFETY: bn_bwd_<T>(const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd,
+            // const T* g, T* dx, T* dw, T* db, long long n, long long c, long long hw, int batch_stats,
+            // int need_dx, int need_w, int need_b) reads x and g at [0..n c hw) and mean, rstd at [0..c) (the
+            // views' lengths), w through lw below c (checked by `strided`, read only when has_w), writes
+            // dx[0..n c hw) only when need_dx (then `dx` holds that many) and dw, db [0..c), which both hold.
+            unsafe { launch_blocks(OP, args, c, BN_THREADS, 0)? };
+        }
+        Ok(Grads {
+            x: needs.x.then(|| cuda_storage(dev, dx)).transpose()?,
+            w: needs.w.then(|| cuda_storage(dev, dw)).transpose()?,
+            bias: needs.bias.then(|| cuda_storage(dev, db)).transpose()?,
+        })
+    }
+    same_dtypes("batch_norm2d_backward", &[Some(x.0), w.map(|v| v.0), Some(mean.0), Some(rstd.0), Some(g.0)])?;
+    by_dtype!(x.0.dtype(), run(x, w, mean, rstd, g, stats, needs))
+}
+
+/// running[i] = (1 - momentum) running[i] + momentum scale stat[i], in place through `layout`, in f64.
+pub(super) fn blend_into(
+    op: &'static str,
+    running: &mut CudaStorage,
+    layout: &Layout,
+    stat: &CudaStorage,
+    momentum: f64,
+    scale: f64,
+) -> Result<()> {
+    fn run<T: Float>(
+        op: &'static str,
+        running: &mut CudaStorage,
+        layout: &Layout,
+        stat: &CudaStorage,
+        momentum: f64,
+        scale: f64,
+    ) -> Result<()> {
+        let c = layout.numel();
+        if c == 0 {
+            return Ok(());
+        }
+        let dev = running.device().clone();
+        let lr = running.strided(op, layout)?;
+        let ls = Layout::contiguous(&[c]);
+        let sv = elements::<T>(op, (stat, &ls))?;
+        let f = function::<T>(&dev, &MODULE, "bn_blend")?;
+        let c64 = c as i64;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(running.slice::<T>()?).arg(&lr).arg(&sv).arg(&c64).arg(&momentum).arg(&scale);
+        // SAFETY: bn_blend_<T>(T* running, Strided lr, const T* stat, long long c, double momentum, double
+        // scale) reads and writes running through lr at indices below c (checked against its buffer by
+        // `strided`; no element is reached twice, checked by the caller) and reads stat[0..c), the view's
+        // length. The caller's write lock keeps anything else from touching the buffer.
+        unsafe { launch(op, &dev, args, c) }
+    }
+    // Two threads writing one element through a broadcast view would race; the CPU's sequential loop would
+    // blend it repeatedly. Neither is a running statistic, so such a view is refused.
+    if layout.shape().iter().zip(layout.strides()).any(|(&n, &s)| n > 1 && s == 0) {
+        return Err(Error::invalid(op, "a running buffer must not be a broadcast view", layout.shape()));
+    }
+    crate::util::same_cuda_dtypes(op, &[running, stat])?;
+    by_dtype!(running.dtype(), run(op, running, layout, stat, momentum, scale))
+}

@@ -1,0 +1,19 @@
+// The stochastic regularisers' one kernel: y[i] = x[i] mask[i / block], the mask drawn on the host (see
+// regularize/mod.rs) so that a seed gives the same mask on every device. x and the mask are read through their
+// views (x need not be contiguous: i is its row-major index); y is contiguous.
+
+template <typename T>
+__device__ void scale_blocks_impl(const T* x, Strided lx, const T* mask, Strided lm, T* y, long long n,
+                                  long long block) {
+    GRID_STRIDE(i, n) { y[i] = x[offset_of(lx, i)] * mask[offset_of(lm, i / block)]; }
+}
+
+extern "C" __global__ void scale_blocks_f32(const float* x, Strided lx, const float* mask, Strided lm, float* y,
+                                            long long n, long long block) {
+    scale_blocks_impl<float>(x, lx, mask, lm, y, n, block);
+}
+
+extern "C" __global__ void scale_blocks_f64(const double* x, Strided lx, const double* mask, Strided lm,
+                                            double* y, long long n, long long block) {
+    scale_blocks_impl<double>(x, lx, mask, lm, y, n, block);
+}
