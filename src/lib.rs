@@ -126,3 +126,178 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// `mila train`: the model config, recipe, device and output directory.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Model: mnist (MLLA, embed 16, depths 1,1,1,1; ~0.44M parameters), tiny, small or base.
+    #[arg(long, default_value = "mnist")]
+    pub model: String,
+    /// Dataset: mnist10k (embedded), mnist or fashion-mnist (IDX files in --data-dir), cifar10.
+    #[arg(long, default_value = "mnist10k")]
+    pub dataset: String,
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// adamw or sgd.
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f64,
+    #[arg(long, default_value = "cpu", value_parser = |s: &str| Device::parse(s).map_err(|e| e.to_string()))]
+    pub device: Device,
+    #[arg(long, default_value = "f32", value_parser = |s: &str| DType::parse(s).map_err(|e| e.to_string()))]
+    pub dtype: DType,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "runs/mila")]
+    pub out: std::path::PathBuf,
+    /// Continue the run whose checkpoint is in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many epochs of this invocation (resume later with --resume).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+}
+
+fn datasets(name: &str, dir: Option<&Path>) -> Result<(nn::data::Dataset, nn::data::Dataset)> {
+    let need_dir = || {
+        dir.ok_or_else(|| engine::Error::Msg { context: "train", msg: format!("--dataset {name} needs --data-dir") })
+    };
+    match name {
+        "mnist10k" => nn::data::Dataset::mnist10k(),
+        "mnist" | "fashion-mnist" => nn::data::Dataset::mnist(need_dir()?),
+        "cifar10" => nn::data::Dataset::cifar10(need_dir()?),
+        other => Err(engine::Error::Msg {
+            context: "train",
+            msg: format!("unknown dataset '{other}' (mnist10k, mnist, fashion-mnist, cifar10)"),
+        }),
+    }
+}
+
+fn model_config(name: &str, data: &nn::data::Dataset) -> Result<mila::MllaConfig> {
+    let mut cfg = match name {
+        "mnist" => mila::MllaConfig::mnist(),
+        "tiny" => mila::MllaConfig::tiny(),
+        "small" => mila::MllaConfig::small(),
+        "base" => mila::MllaConfig::base(),
+        other => {
+            return Err(engine::Error::Msg {
+                context: "train",
+                msg: format!("unknown model '{other}' (mnist, tiny, small, base)"),
+            })
+        }
+    };
+    // The input side must be a multiple of 32: pad the images up to it.
+    cfg.img_size = data.height.max(data.width).div_ceil(32) * 32;
+    cfg.in_chans = data.channels;
+    cfg.num_classes = data.classes.max(2);
+    Ok(cfg)
+}
+
+/// `mila train`.
+pub fn train(args: &TrainArgs) -> Result<ExitCode> {
+    use std::sync::Arc;
+    let (train_set, test_set) = datasets(&args.dataset, args.data_dir.as_deref())?;
+    let model_cfg = model_config(&args.model, &train_set)?;
+    let pad = (model_cfg.img_size - train_set.height) / 2;
+    let optimizer = match args.optimizer.as_str() {
+        "adamw" => nn::trainer::OptimizerKind::AdamW,
+        "sgd" => nn::trainer::OptimizerKind::Sgd,
+        o => return Err(engine::Error::Msg { context: "train", msg: format!("unknown optimizer '{o}' (adamw, sgd)") }),
+    };
+    let (mean, std) = if train_set.channels == 1 {
+        (vec![0.1307], vec![0.3081])
+    } else {
+        (vec![0.4914, 0.4822, 0.4465], vec![0.2470, 0.2435, 0.2616])
+    };
+    let cfg = nn::trainer::TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        min_lr: 0.0,
+        weight_decay: args.weight_decay,
+        optimizer,
+        momentum: 0.9,
+        warmup_frac: 0.05,
+        label_smoothing: args.label_smoothing,
+        clip_grad: None,
+        seed: args.seed,
+        device: args.device,
+        dtype: args.dtype,
+        random_shift: 2,
+        pad,
+        mean,
+        std,
+        out_dir: args.out.clone(),
+        progress: true,
+        stop_after: args.stop_after,
+    };
+    let mut rng = engine::Generator::new(args.seed);
+    let mut init = nn::Init { dtype: args.dtype, device: args.device, rng: &mut rng };
+    let mut model = mila::Mlla::new(&mut init, &model_cfg)?;
+    println!(
+        "training MLLA '{}' ({} parameters) on {} ({} train / {} test) on {} in {}",
+        args.model,
+        nn::Module::num_params(&model),
+        args.dataset,
+        train_set.n,
+        test_set.n,
+        args.device,
+        args.dtype
+    );
+    let started = std::time::Instant::now();
+    let metrics = nn::trainer::train(&mut model, Arc::new(train_set), Arc::new(test_set), &cfg, args.resume)?;
+    println!("\n| epoch | train loss | train acc | test loss | test acc | img/s | s |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for m in &metrics {
+        println!(
+            "| {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.0} | {:.1} |",
+            m.epoch, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.images_per_s, m.seconds
+        );
+    }
+    if let Some(last) = metrics.last() {
+        println!(
+            "done: test accuracy {:.2}% after {} epochs, {:.1} s in all; {} holds metrics.jsonl, curves.png and last.safetensors",
+            100.0 * last.test_acc,
+            last.epoch,
+            started.elapsed().as_secs_f64(),
+            args.out.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mila eval CHECKPOINT`: rebuilds the run's model from the checkpoint's config and reports test accuracy.
+pub fn eval(path: &Path) -> Result<ExitCode> {
+    let ck = nn::checkpoint::load(path)?;
+    let cfg = nn::trainer::checkpoint_config(&ck)?;
+    let (_, test_set) = datasets("mnist10k", None)?;
+    let model_cfg = model_config("mnist", &test_set)?;
+    let mut rng = engine::Generator::new(0);
+    let mut init = nn::Init { dtype: cfg.dtype, device: cfg.device, rng: &mut rng };
+    let mut model = mila::Mlla::new(&mut init, &model_cfg)?;
+    ck.load_into(&model, "", false)?;
+    let loader = nn::data::Loader::new(
+        std::sync::Arc::new(test_set),
+        nn::data::LoaderConfig {
+            batch_size: cfg.batch_size,
+            shuffle: false,
+            drop_last: false,
+            seed: 0,
+            mean: cfg.mean.clone(),
+            std: cfg.std.clone(),
+            augment: nn::data::Augment { pad: cfg.pad, random_shift: 0 },
+        },
+    )?;
+    let (loss, acc) = nn::trainer::evaluate(&mut model, &loader, &cfg)?;
+    println!("{}: test loss {loss:.4}, test accuracy {:.2}%", path.display(), 100.0 * acc);
+    Ok(ExitCode::SUCCESS)
+}

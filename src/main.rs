@@ -41,6 +41,13 @@ enum Command {
         #[arg(long, default_value = "f64", value_parser = parse_dtype)]
         dtype: DType,
     },
+    /// Trains an MLLA on an image dataset (default: the small MLLA on the embedded MNIST-10k, on the CPU).
+    Train(mila_rs::TrainArgs),
+    /// Evaluates a checkpoint written by `train` on its dataset's test split.
+    Eval {
+        /// The checkpoint (`<out>/last.safetensors`).
+        checkpoint: PathBuf,
+    },
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -57,6 +64,8 @@ fn main() -> ExitCode {
         Command::Info => mila_rs::info(),
         Command::Gradcheck { op, seed, rtol } => mila_rs::gradcheck(op.as_deref(), seed, rtol),
         Command::Parity { file, device, dtype } => mila_rs::parity(&file, device, dtype),
+        Command::Train(args) => mila_rs::train(&args),
+        Command::Eval { checkpoint } => mila_rs::eval(&checkpoint),
     };
     match result {
         Ok(code) => code,
