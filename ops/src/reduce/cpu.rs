@@ -33,17 +33,70 @@ fn reduce_run<T: Float>(run: &[T], kind: ReduceKind) -> T {
     }
 }
 
+/// Column reduction of a contiguous (rows, cols) block: out[c] reduces x[r * cols + c] over r. Used when the
+/// reduced dims are the leading ones (a bias gradient summed over batch and tokens), where gathering the
+/// transposed view would walk memory with a stride of `cols`.
+fn reduce_columns<T: Float>(x: &[T], rows: usize, cols: usize, kind: ReduceKind) -> Vec<T> {
+    let column_block = |c0: usize, out: &mut [T]| match kind {
+        ReduceKind::Sum => {
+            let mut acc = vec![0f64; out.len()];
+            for r in 0..rows {
+                let row = &x[r * cols + c0..r * cols + c0 + out.len()];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v.to_f64();
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = T::from_f64(a);
+            }
+        }
+        ReduceKind::Max => {
+            out.fill(T::NEG_INFINITY);
+            for r in 0..rows {
+                let row = &x[r * cols + c0..r * cols + c0 + out.len()];
+                for (o, &v) in out.iter_mut().zip(row) {
+                    if v.is_nan() || *o < v {
+                        *o = if o.is_nan() { *o } else { v };
+                    }
+                }
+            }
+        }
+    };
+    let mut out = engine::cpu_buffer(cols);
+    let block = 256;
+    if rows * cols >= PARALLEL_MIN && cols > block {
+        out.par_chunks_mut(block).enumerate().for_each(|(i, o)| column_block(i * block, o));
+    } else {
+        column_block(0, &mut out);
+    }
+    out
+}
+
 pub(super) fn reduce(x: &CpuStorage, layout: &Layout, plan: &Plan, kind: ReduceKind) -> Result<CpuStorage> {
     with_cpu!(x, |v: T| {
-        let xs = grouped(v, layout, plan)?;
         let out_len: usize = plan.out_shape.iter().product();
         let group = plan.group;
+        let permuted = layout.permute(&plan.perm)?;
+        let rank = plan.perm.len();
+        let leading_reduced = plan.perm[..plan.kept].iter().copied().eq(rank - plan.kept..rank);
+        let reduce_runs = |xs: &[T]| -> Vec<T> {
+            if xs.len() >= PARALLEL_MIN {
+                xs.par_chunks(group).map(|run| reduce_run(run, kind)).collect()
+            } else {
+                xs.chunks(group).map(|run| reduce_run(run, kind)).collect()
+            }
+        };
         let out: Vec<T> = if group == 0 {
             vec![T::ZERO; out_len]
-        } else if xs.len() >= PARALLEL_MIN {
-            xs.par_chunks(group).map(|run| reduce_run(run, kind)).collect()
+        } else if permuted.is_contiguous() {
+            // The reduced dims are already innermost: reduce the runs in place, no copy.
+            let o = permuted.offset();
+            reduce_runs(&v[o..o + layout.numel()])
+        } else if layout.is_contiguous() && leading_reduced {
+            let o = layout.offset();
+            reduce_columns(&v[o..o + layout.numel()], group, out_len, kind)
         } else {
-            xs.chunks(group).map(|run| reduce_run(run, kind)).collect()
+            reduce_runs(&grouped(v, layout, plan)?)
         };
         Ok(T::into_storage(out))
     })

@@ -26,6 +26,8 @@ pub(crate) enum ReduceKind {
 /// The reduction plan: permutation putting kept dims first, and the output shapes.
 pub(crate) struct Plan {
     pub perm: Vec<usize>,
+    /// How many of `perm`'s dims are kept (the rest are reduced).
+    pub kept: usize,
     /// Elements reduced into each output element.
     pub group: usize,
     pub keep_shape: Vec<usize>,
@@ -40,6 +42,7 @@ impl Plan {
             shape.iter().enumerate().map(|(d, &s)| if reduced.contains(&d) { 1 } else { s }).collect();
         let out_shape = if keepdim { keep_shape.clone() } else { kept.iter().map(|&d| shape[d]).collect() };
         Ok(Plan {
+            kept: kept.len(),
             group: reduced.iter().map(|&d| shape[d]).product(),
             perm: kept.into_iter().chain(reduced).collect(),
             keep_shape,

@@ -79,3 +79,31 @@ fn bad_dims_are_errors() {
     assert!(max(&x, &[-3], false).is_err());
     assert!(max(&Tensor::from_vec(Vec::<f64>::new(), &[0]).unwrap(), &[], false).is_err());
 }
+
+#[test]
+fn leading_dims_reduce_by_columns() {
+    // (6, 4, 300) contiguous, reduced over the two leading dims: the column path, large enough to go parallel.
+    let x = randn(&[6, 4, 300], 11);
+    let xv = x.to_vec_f64().unwrap();
+    let s = sum(&x, &[0, 1], false).unwrap().to_vec_f64().unwrap();
+    let m = max(&x, &[0, 1], true).unwrap();
+    assert_eq!(m.shape(), &[1, 1, 300]);
+    let m = m.to_vec_f64().unwrap();
+    for c in 0..300 {
+        let col: Vec<f64> = (0..24).map(|r| xv[r * 300 + c]).collect();
+        assert!((s[c] - col.iter().sum::<f64>()).abs() < 1e-12);
+        assert_eq!(m[c], col.iter().cloned().fold(f64::MIN, f64::max));
+    }
+    let small = randn(&[3, 4], 12);
+    for (name, keep) in [("sum(0)", false), ("max(0)", true)] {
+        let r = gradcheck(name, std::slice::from_ref(&small), |x| {
+            if keep {
+                max(&x[0], &[0], true)
+            } else {
+                sum(&x[0], &[0], false)
+            }
+        })
+        .unwrap();
+        assert!(r.passed(), "{r}");
+    }
+}
