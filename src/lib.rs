@@ -128,7 +128,7 @@ mod tests {
 }
 
 /// `mila train`: the model config, recipe, device and output directory.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Parser)]
 pub struct TrainArgs {
     /// Model: mnist (MLLA, embed 16, depths 1,1,1,1; ~0.44M parameters), tiny, small or base.
     #[arg(long, default_value = "mnist")]

@@ -60,7 +60,9 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Info) {
+    // The main job: with no command, train the default model on the embedded MNIST-10k.
+    let command = cli.command.unwrap_or_else(|| Command::Train(mila_rs::TrainArgs::parse_from(["train"])));
+    let result = match command {
         Command::Info => mila_rs::info(),
         Command::Gradcheck { op, seed, rtol } => mila_rs::gradcheck(op.as_deref(), seed, rtol),
         Command::Parity { file, device, dtype } => mila_rs::parity(&file, device, dtype),
