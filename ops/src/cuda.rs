@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use engine::cuda::{kernel_name, CudaDevice, CudaFunction, LaunchArgs};
-use engine::{Error, Float, Result};
+use engine::cuda::{kernel_name, CudaDevice, CudaFunction, CudaStorage, CudaView, LaunchArgs, Strided};
+use engine::{Error, Float, Layout, Result};
 
 /// A family's kernels: a module name (unique in the process) and its .cu body.
 pub(crate) struct Module {
@@ -30,6 +30,34 @@ pub(crate) fn source(m: &Module) -> &'static str {
 /// The kernel `<base>_<dtype of T>` of module `m` on `dev`.
 pub(crate) fn function<T: Float>(dev: &CudaDevice, m: &Module, base: &str) -> Result<CudaFunction> {
     dev.function(m.name, source(m), &kernel_name::<T>(base))
+}
+
+/// A CUDA tensor as kernels see it: its storage and its layout.
+pub(crate) type View<'a> = (&'a CudaStorage, &'a Layout);
+
+/// A contiguous view's elements as a range of its buffer, so that kernels index them from 0.
+pub(crate) fn elements<'a, T: Float>(op: &'static str, (s, layout): View<'a>) -> Result<CudaView<'a, T>> {
+    if !layout.is_contiguous() {
+        return Err(Error::invalid(op, "internal: kernel input is not contiguous", layout.shape()));
+    }
+    let (start, n) = (layout.offset(), layout.numel());
+    s.slice::<T>()?
+        .try_slice(start..start + n)
+        .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))
+}
+
+/// The (pointer, view, flag) a kernel takes for an optional operand (a bias, a norm's weight): its whole
+/// buffer and checked `Strided`, or `fallback` with an empty view and flag 0, in which case the kernel never
+/// reads it.
+pub(crate) fn optional<'a, T: Float>(
+    op: &'static str,
+    v: Option<View<'a>>,
+    fallback: &CudaView<'a, T>,
+) -> Result<(CudaView<'a, T>, Strided, i32)> {
+    match v {
+        Some((s, l)) => Ok((s.slice::<T>()?.as_view(), s.strided(op, l)?, 1)),
+        None => Ok((fallback.slice(..), Strided::new(&Layout::contiguous(&[0]))?, 0)),
+    }
 }
 
 /// Launches `args` over a grid-stride configuration for `n` elements.

@@ -27,12 +27,11 @@ use std::sync::Arc;
 
 use engine::cuda::{
     CudaDevice, CudaStorage, CudaView, CudaViewMut, DeviceRepr, GemmConfig, LaunchArgs, LaunchConfig, PushKernelArg,
-    Strided,
 };
-use engine::{DType, Error, Float, Layout, Result, Storage};
+use engine::{DType, Error, Float, Result, Storage};
 
 use super::{Conv1dGeom, Conv2dGeom};
-use crate::cuda::{function, launch, Module};
+use crate::cuda::{elements, function, launch, optional, Module, View};
 use crate::util::{Grads, Needs};
 
 pub(crate) const MODULE: Module = Module { name: "ops_conv", body: include_str!("conv.cu") };
@@ -133,33 +132,6 @@ impl Conv1dParams {
     }
 }
 
-type View<'a> = (&'a CudaStorage, &'a Layout);
-
-/// A contiguous view's elements as a range of its buffer, so that kernels index them from 0.
-fn elements<'a, T: Float>(op: &'static str, v: View<'a>) -> Result<CudaView<'a, T>> {
-    let (s, layout) = v;
-    if !layout.is_contiguous() {
-        return Err(Error::invalid(op, "internal: kernel input is not contiguous", layout.shape()));
-    }
-    let (start, n) = (layout.offset(), layout.numel());
-    s.slice::<T>()?
-        .try_slice(start..start + n)
-        .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))
-}
-
-/// The (pointer, view, flag) a kernel takes for an optional bias: the bias's whole buffer and its checked
-/// `Strided`, or `fallback` with an empty view and flag 0, in which case the kernel never reads it.
-fn bias_args<'a, T: Float>(
-    op: &'static str,
-    bias: Option<View<'a>>,
-    fallback: &CudaView<'a, T>,
-) -> Result<(CudaView<'a, T>, Strided, i32)> {
-    match bias {
-        Some((s, l)) => Ok((s.slice::<T>()?.as_view(), s.strided(op, l)?, 1)),
-        None => Ok((fallback.slice(..), Strided::new(&Layout::contiguous(&[0]))?, 0)),
-    }
-}
-
 /// Launches `args` on a grid of (x, y) blocks of [`BLOCK`] threads, for the reductions with one block per
 /// output. The kernels loop when the grid is capped below the number of outputs.
 ///
@@ -238,7 +210,7 @@ fn depthwise_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dG
     let y = dev.alloc::<T>(n)?;
     if n > 0 {
         let (xv, wv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?);
-        let (bv, lb, has_bias) = bias_args(OP, bias, &xv)?;
+        let (bv, lb, has_bias) = optional(OP, bias, &xv)?;
         // The 3x3 instance has its tap loops unrolled: the MILA blocks' convs (cpe, dwc, downsample).
         let name = if (g.kh, g.kw) == (3, 3) { "dw_fwd_3x3" } else { "dw_fwd" };
         let f = function::<T>(dev, &MODULE, name)?;
@@ -583,7 +555,7 @@ pub(super) fn causal_conv1d(x: View, w: View, bias: Option<View>, g: &Conv1dGeom
         let y = dev.alloc::<T>(n)?;
         if n > 0 {
             let (xv, wv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?);
-            let (bv, lb, has_bias) = bias_args(OP, bias, &xv)?;
+            let (bv, lb, has_bias) = optional(OP, bias, &xv)?;
             let f = function::<T>(dev, &MODULE, "cc1d_fwd")?;
             let p = Conv1dParams::new(OP, g)?;
             let mut args = dev.stream().launch_builder(&f);

@@ -11,12 +11,12 @@
 //! - the running statistics: an in-place blend kernel, launched by the op after the forward has released its
 //!   read locks (a running buffer may share storage with an input or with the other buffer).
 
-use engine::cuda::{CudaDevice, CudaStorage, CudaView, LaunchArgs, LaunchConfig, PushKernelArg, Strided};
+use engine::cuda::{CudaDevice, CudaStorage, LaunchArgs, LaunchConfig, PushKernelArg};
 use engine::{DType, Error, Float, Layout, Result, Storage};
 
 use super::cpu::BatchNormOut;
 use super::Stats;
-use crate::cuda::{function, launch, Module};
+use crate::cuda::{elements, function, launch, optional, Module, View};
 use crate::util::{Grads, Needs};
 
 pub(crate) const MODULE: Module = Module { name: "ops_norm", body: include_str!("norm.cu") };
@@ -29,33 +29,6 @@ const BN_THREADS: u32 = 512;
 
 /// Shared memory a kernel may take without the opt-in attribute (the same on every GPU since Volta).
 const SHARED_DEFAULT: usize = 48 << 10;
-
-type View<'a> = (&'a CudaStorage, &'a Layout);
-
-/// A contiguous view's elements as a range of its buffer, so that kernels index them from 0.
-fn elements<'a, T: Float>(op: &'static str, v: View<'a>) -> Result<CudaView<'a, T>> {
-    let (s, layout) = v;
-    if !layout.is_contiguous() {
-        return Err(Error::invalid(op, "internal: kernel input is not contiguous", layout.shape()));
-    }
-    let (start, n) = (layout.offset(), layout.numel());
-    s.slice::<T>()?
-        .try_slice(start..start + n)
-        .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))
-}
-
-/// The (pointer, view, flag) a kernel takes for an optional per-channel operand: its whole buffer and checked
-/// `Strided`, or `fallback` with an empty view and flag 0, in which case the kernel never reads it.
-fn optional<'a, T: Float>(
-    op: &'static str,
-    v: Option<View<'a>>,
-    fallback: &CudaView<'a, T>,
-) -> Result<(CudaView<'a, T>, Strided, i32)> {
-    match v {
-        Some((s, l)) => Ok((s.slice::<T>()?.as_view(), s.strided(op, l)?, 1)),
-        None => Ok((fallback.slice(..), Strided::new(&Layout::contiguous(&[0]))?, 0)),
-    }
-}
 
 /// Launches `args` on `blocks` blocks of `threads` threads with `shared` bytes of dynamic shared memory.
 ///

@@ -2,11 +2,11 @@
 //! in place. The callers hold the write locks of every tensor written, so the kernels write through the
 //! buffers' shared slices (cudarc does not tell reads from writes once event tracking is off).
 
-use engine::cuda::{CudaStorage, CudaView, DeviceRepr, PushKernelArg};
-use engine::{DType, Error, Float, Layout, Result};
+use engine::cuda::{CudaStorage, DeviceRepr, PushKernelArg};
+use engine::{DType, Float, Layout, Result};
 
 use super::{AdamWStep, SgdStep};
-use crate::cuda::{function, launch, Module};
+use crate::cuda::{elements, function, launch, Module};
 
 pub(crate) const MODULE: Module = Module { name: "ops_optim", body: include_str!("optim.cu") };
 
@@ -50,17 +50,6 @@ unsafe impl DeviceRepr for SgdParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AdamWParams {}
 
-/// A contiguous view's elements as a range of its buffer, so kernels index them 0..n.
-fn elements<'a, T: Float>(op: &'static str, s: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
-    if !layout.is_contiguous() {
-        return Err(Error::invalid(op, "optimizer tensors must be contiguous", layout.shape()));
-    }
-    let (start, n) = (layout.offset(), layout.numel());
-    s.slice::<T>()?
-        .try_slice(start..start + n)
-        .ok_or_else(|| Error::invalid(op, "the view exceeds its storage", layout.shape()))
-}
-
 type Mut<'a> = (&'a mut CudaStorage, &'a Layout);
 type Ref<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -84,7 +73,7 @@ pub(super) fn sgd(p: Mut, g: Ref, buf: Mut, h: SgdStep) -> Result<()> {
             pad: 0,
         };
         let (pv, gv, bv) =
-            (elements::<T>(OP, p.0, p.1)?, elements::<T>(OP, g.0, g.1)?, elements::<T>(OP, buf.0, buf.1)?);
+            (elements::<T>(OP, (&*p.0, p.1))?, elements::<T>(OP, (g.0, g.1))?, elements::<T>(OP, (&*buf.0, buf.1))?);
         let f = function::<T>(&dev, &MODULE, "sgd_step")?;
         let n64 = n as i64;
         let mut args = dev.stream().launch_builder(&f);
@@ -125,12 +114,12 @@ pub(super) fn adamw(p: Mut, g: Ref, m: Mut, v: Mut, vmax: Option<Mut>, h: AdamWS
             amsgrad: vmax.is_some() as i32,
             pad: 0,
         };
-        let (pv, gv) = (elements::<T>(OP, p.0, p.1)?, elements::<T>(OP, g.0, g.1)?);
-        let (mv, vv) = (elements::<T>(OP, m.0, m.1)?, elements::<T>(OP, v.0, v.1)?);
+        let (pv, gv) = (elements::<T>(OP, (&*p.0, p.1))?, elements::<T>(OP, (g.0, g.1))?);
+        let (mv, vv) = (elements::<T>(OP, (&*m.0, m.1))?, elements::<T>(OP, (&*v.0, v.1))?);
         // Without amsgrad the kernel never reads vmax: v stands in for the pointer.
         let xv = match &vmax {
-            Some(x) => elements::<T>(OP, x.0, x.1)?,
-            None => elements::<T>(OP, v.0, v.1)?,
+            Some(x) => elements::<T>(OP, (&*x.0, x.1))?,
+            None => elements::<T>(OP, (&*v.0, v.1))?,
         };
         let f = function::<T>(&dev, &MODULE, "adamw_step")?;
         let n64 = n as i64;
@@ -162,7 +151,7 @@ pub(super) fn scale(x: &mut CudaStorage, layout: &Layout, factor: f64) -> Result
             return Ok(());
         }
         let dev = x.device().clone();
-        let xv = elements::<T>(OP, x, layout)?;
+        let xv = elements::<T>(OP, (&*x, layout))?;
         let f = function::<T>(&dev, &MODULE, "scale")?;
         let n64 = n as i64;
         let mut args = dev.stream().launch_builder(&f);
