@@ -3,7 +3,7 @@
 //! f64. New device allocations are poisoned with NaN, so an element a kernel leaves unwritten fails.
 //! Without a device these tests print a skip line (and fail under MILA_REQUIRE_CUDA=1).
 
-use engine::cuda::{set_poison, test_device_or_skip};
+use engine::cuda::{poison_new_allocations, test_device_or_skip};
 use engine::{DType, Device, Error, Tensor};
 use ops::suite;
 
@@ -21,8 +21,9 @@ fn rel_error(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn every_op_matches_cpu(dtype: DType, tol: f64) {
+    let _serial = crate::cuda_serial();
     let Some(_dev) = test_device_or_skip("every_op_matches_cpu") else { return };
-    set_poison(true);
+    let _poison = poison_new_allocations();
     let mut failures = Vec::new();
     for (i, case) in suite::cases().iter().enumerate() {
         let seed = 1000 + i as u64;
@@ -58,7 +59,6 @@ fn every_op_matches_cpu(dtype: DType, tol: f64) {
             failures.push(format!("{}: relative error {worst:.3e} > {tol:e}", case.name));
         }
     }
-    set_poison(false);
     assert!(failures.is_empty(), "{dtype}: {} ops differ from the CPU:\n{}", failures.len(), failures.join("\n"));
 }
 
@@ -74,15 +74,20 @@ fn every_op_matches_cpu_f64() {
 
 #[test]
 fn cuda_results_stay_on_the_device_until_read() {
+    let _serial = crate::cuda_serial();
     let Some(dev) = test_device_or_skip("cuda_results_stay_on_the_device_until_read") else { return };
     let x = Tensor::from_vec(vec![1.0f32, -2.0, 3.0], &[3]).unwrap().to_device(Device::Cuda(0)).unwrap();
     let y = ops::relu(&ops::mul_scalar(&x, 2.0).unwrap()).unwrap();
     assert_eq!(y.device(), Device::Cuda(0));
     assert_eq!(y.to_vec::<f32>().unwrap(), vec![2.0, 0.0, 6.0]);
-    // Warm pool: the same shapes again allocate nothing new from the driver.
-    let before = dev.memory_stats().num_allocs;
+    // One warm-up pass while `y` is alive (it holds a block the loop cannot take), then the pool is warm:
+    // the same shapes again allocate nothing new from the driver and are served from the cache.
+    let _ = ops::relu(&ops::mul_scalar(&x, 2.0).unwrap()).unwrap();
+    let before = dev.memory_stats();
     for _ in 0..3 {
         let _ = ops::relu(&ops::mul_scalar(&x, 2.0).unwrap()).unwrap();
     }
-    assert_eq!(dev.memory_stats().num_allocs, before);
+    let after = dev.memory_stats();
+    assert_eq!(after.num_allocs, before.num_allocs, "driver allocations after warm-up");
+    assert_eq!(after.num_cache_hits, before.num_cache_hits + 6, "two buffers a pass, from the cache");
 }

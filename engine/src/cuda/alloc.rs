@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{result, sys, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError};
@@ -30,13 +30,25 @@ use cudarc::driver::{result, sys, CudaSlice, CudaStream, CudaView, CudaViewMut, 
 use super::OrCuda;
 use crate::{Error, Result};
 
-/// When on, every allocation is filled with 0xFF bytes (NaN) before it is handed out: tests turn it on so
-/// that an output element a kernel failed to write cannot pass for a correct value.
-static POISON: AtomicBool = AtomicBool::new(false);
+/// While non-zero, every allocation is filled with 0xFF bytes (NaN) before it is handed out: tests turn it on
+/// so that an output element a kernel failed to write cannot pass for a correct value. A count of live
+/// [`PoisonGuard`]s, so that tests running side by side cannot switch it off under each other.
+static POISON: AtomicUsize = AtomicUsize::new(0);
 
-/// Turns poisoning of new allocations on or off (process-wide; for tests).
-pub fn set_poison(on: bool) {
-    POISON.store(on, Ordering::Relaxed);
+/// Poisons new allocations (process-wide) until the guard is dropped. For tests.
+#[must_use = "poisoning stops when the guard is dropped"]
+pub fn poison_new_allocations() -> PoisonGuard {
+    POISON.fetch_add(1, Ordering::SeqCst);
+    PoisonGuard(())
+}
+
+/// Keeps new allocations poisoned while alive; see [`poison_new_allocations`].
+pub struct PoisonGuard(());
+
+impl Drop for PoisonGuard {
+    fn drop(&mut self) {
+        POISON.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Requests up to this size are rounded to [`SMALL_ROUND`], larger ones to [`LARGE_ROUND`].
@@ -128,7 +140,7 @@ impl Allocator {
         // `PooledSlice::drop` returns it. Event tracking is off on our contexts, so `upgrade_device_ptr` creates
         // no events (its only fallible, and panicking, step).
         let slice = unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) };
-        if POISON.load(Ordering::Relaxed) && class > 0 {
+        if POISON.load(Ordering::SeqCst) > 0 && class > 0 {
             // All bytes 0xFF: a NaN in f32 and f64, so an element a kernel forgot to write shows in any result.
             self.stream.context().bind_to_thread().map_err(|e| Error::Cuda { op: "poison", msg: format!("{e:?}") })?;
             // SAFETY: `ptr` is a live block of `class` bytes owned by the slice made above; the memset is

@@ -57,7 +57,7 @@ mod tests;
 
 use std::sync::Arc;
 
-pub use alloc::{set_poison, MemoryStats, PooledSlice};
+pub use alloc::{poison_new_allocations, MemoryStats, PoisonGuard, PooledSlice};
 pub use blas::{set_tf32, tf32_enabled, GemmConfig};
 pub use device::{
     device, device_count, driver_version, is_available, library_report, unavailable_reason, CudaDevice, LibraryStatus,

@@ -442,9 +442,9 @@ pub(crate) fn assert_cuda_matches_cpu(
         out.extend(t.iter().map(|l| l.grad().map(|g| g.to_vec_f64().unwrap())));
         out
     };
-    engine::cuda::set_poison(true);
+    let poison = engine::cuda::poison_new_allocations();
     let gpu = run(Device::Cuda(0));
-    engine::cuda::set_poison(false);
+    drop(poison);
     let cpu = run(Device::Cpu);
     for (i, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
         let part = if i == 0 { "output".to_string() } else { format!("grad of input {}", i - 1) };

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (device tool) from the repository root, with .gpu/ carried (../shared/tools/gpu-pack):
+# every packed test binary with MILA_REQUIRE_CUDA=1 (all of them, not stopping at a failure), the CUDA parity
+# runs, then compute-sanitizer memcheck and racecheck over the CUDA tests. Logs go to $OUT.
+#   scripts/gpu-check.sh [tests] [parity] [sanitize]      (default: all three)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+.gpu/unpack || exit 1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+steps=${*:-tests parity sanitize}
+export MILA_REQUIRE_CUDA=1
+nvidia-smi -L
+.gpu/bin/mila info
+status=0
+for step in $steps; do
+  case $step in
+  tests)
+    for t in .gpu/tests/*; do
+      echo "== ${t##*/}"
+      timeout 300 "$t" --test-threads=4 >"$OUT/test-${t##*/}.log" 2>&1
+      rc=$?
+      grep -E "^test result|FAILED|panicked|failures:" "$OUT/test-${t##*/}.log" | head -20
+      ((rc == 0)) || { status=1; echo "FAILED (rc $rc): ${t##*/}"; tail -40 "$OUT/test-${t##*/}.log"; }
+    done ;;
+  parity)
+    for f in fixtures/*.safetensors; do
+      .gpu/bin/mila parity "$f" --device cuda --dtype f32 | tail -1 || status=1
+      .gpu/bin/mila parity "$f" --device cuda --dtype f64 | tail -1 || status=1
+    done ;;
+  sanitize)
+    for tool in memcheck racecheck; do
+      for t in .gpu/tests/*; do
+        # Only binaries holding CUDA tests; the filter 'cuda' selects them by name.
+        n=$("$t" --list 2>/dev/null | grep -c 'cuda.*: test')
+        ((n > 0)) || continue
+        echo "== $tool ${t##*/} ($n tests)"
+        timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool $tool --print-limit 20 "$t" cuda --test-threads=1 >"$OUT/$tool-${t##*/}.log" 2>&1
+        echo "rc $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/$tool-${t##*/}.log" | tail -3
+      done
+    done ;;
+  esac
+done
+exit $status
