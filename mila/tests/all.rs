@@ -1,6 +1,7 @@
 //! Integration tests of the MILA models, one binary.
 
 mod gradcheck;
+mod mamba;
 mod modules;
 mod parity;
 mod size;
