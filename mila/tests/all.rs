@@ -5,3 +5,4 @@ mod mamba;
 mod modules;
 mod parity;
 mod size;
+mod ss2d;
