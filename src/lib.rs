@@ -56,8 +56,9 @@ pub fn gradcheck(filter: Option<&str>, seed: u64, rtol: f64) -> Result<ExitCode>
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// `mila parity FILE`: runs a PyTorch fixture (kinds LinearAttention, MLLABlock, MLLA) on `device` in
-/// `dtype`, prints every tensor's relative error and a verdict line; fails if any tensor is past its tolerance.
+/// `mila parity FILE`: runs a PyTorch fixture (kinds LinearAttention, MLLABlock, MLLA, MambaMixer,
+/// selective_scan) on `device` in `dtype`, prints every tensor's relative error and a verdict line; fails if
+/// any tensor is past its tolerance.
 pub fn parity(path: &Path, device: Device, dtype: DType) -> Result<ExitCode> {
     let report = mila::parity::run(path, device, dtype)?;
     println!("{} ({}, {dtype} on {device})", path.display(), report.kind);
@@ -97,32 +98,42 @@ mod tests {
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures")).join(name)
     }
 
+    /// Writes a copy of the fixture at `path` with the stored tensor `key` scaled by 1.001 into `dir`.
+    fn perturbed_copy(path: &Path, key: &str, dir: &Path) -> PathBuf {
+        let mut ck = nn::checkpoint::load(path).unwrap();
+        let g = ck.tensors[key].mul_scalar(1.001).unwrap();
+        ck.tensors.insert(key.into(), g);
+        let bad = dir.join(path.file_name().unwrap());
+        let tensors: Vec<(String, engine::Tensor)> = ck.tensors.into_iter().collect();
+        let counters: Vec<(String, u64)> = ck.counters.into_iter().collect();
+        nn::checkpoint::save(&bad, &tensors, &counters, ck.metadata).unwrap();
+        bad
+    }
+
     #[test]
     fn parity_passes_on_the_fixture_and_fails_on_a_perturbed_copy() {
         let path = fixture("mila_block.safetensors");
         assert_eq!(parity(&path, Device::Cpu, DType::F64).unwrap(), ExitCode::SUCCESS);
 
         // The same file with one stored gradient scaled by 1.001: the command must fail on it.
-        let mut ck = nn::checkpoint::load(&path).unwrap();
-        let g = ck.tensors["grad.dwc.weight"].mul_scalar(1.001).unwrap();
-        ck.tensors.insert("grad.dwc.weight".into(), g);
         let dir = std::env::temp_dir().join(format!("mila-cli-parity-{}", std::process::id()));
-        let bad = dir.join("bad.safetensors");
-        let tensors: Vec<(String, engine::Tensor)> = ck.tensors.into_iter().collect();
-        let counters: Vec<(String, u64)> = ck.counters.into_iter().collect();
-        nn::checkpoint::save(&bad, &tensors, &counters, ck.metadata).unwrap();
+        let bad = perturbed_copy(&path, "grad.dwc.weight", &dir);
         assert_eq!(parity(&bad, Device::Cpu, DType::F64).unwrap(), ExitCode::FAILURE);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn parity_rejects_the_mamba_kinds_for_now() {
-        let dir = std::env::temp_dir().join(format!("mila-cli-scan-{}", std::process::id()));
-        let path = dir.join("scan.safetensors");
-        let meta = [("kind".to_string(), "MambaMixer".to_string()), ("config".to_string(), "{}".to_string())];
-        nn::checkpoint::save(&path, &[], &[], meta.into_iter().collect()).unwrap();
-        let err = parity(&path, Device::Cpu, DType::F64).unwrap_err();
-        assert!(err.to_string().contains("'MambaMixer' is not supported yet"), "{err}");
+    fn parity_passes_the_mamba_kinds_and_fails_on_perturbed_copies() {
+        let dir = std::env::temp_dir().join(format!("mila-cli-mamba-{}", std::process::id()));
+        // One gradient each, deep in the scan: A's (through exp(dt A)) and delta's (through the softplus).
+        for (file, key) in [("mamba_mixer.safetensors", "grad.A_log"), ("selective_scan.safetensors", "grad.delta")] {
+            let path = fixture(file);
+            for dtype in [DType::F64, DType::F32] {
+                assert_eq!(parity(&path, Device::Cpu, dtype).unwrap(), ExitCode::SUCCESS, "{file} {dtype}");
+            }
+            let bad = perturbed_copy(&path, key, &dir);
+            assert_eq!(parity(&bad, Device::Cpu, DType::F64).unwrap(), ExitCode::FAILURE, "{file} with {key} off");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,7 +30,8 @@ enum Command {
         rtol: f64,
     },
     /// Checks a module against a PyTorch parity fixture (fixtures/*.safetensors): output, every gradient and,
-    /// for MLLA, eval output and BatchNorm buffers. Kinds: LinearAttention, MLLABlock, MLLA.
+    /// for MLLA, eval output and BatchNorm buffers. Kinds: LinearAttention, MLLABlock, MLLA, MambaMixer,
+    /// selective_scan.
     Parity {
         /// The fixture file.
         file: PathBuf,

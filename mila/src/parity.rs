@@ -1,7 +1,8 @@
 //! Parity with the official PyTorch code through the fixtures of `fixtures/` (see its README): build the
 //! module of the file's `kind` from its `config`, load `param.*` by name, run forward (and, for MLLA, first
 //! eval mode with the stored running statistics), backward with `cotangent`, and compare every stored
-//! tensor by relative error ||x - ref|| / ||ref||.
+//! tensor by relative error ||x - ref|| / ||ref||. The `selective_scan` kind is the scan op alone: its inputs
+//! are `input.<name>` and their gradients `grad.<name>`.
 
 use std::path::Path;
 
@@ -12,10 +13,11 @@ use serde::Deserialize;
 
 use crate::attention::LinearAttention;
 use crate::block::{BlockConfig, MilaBlock};
+use crate::mamba::{MambaConfig, MambaMixer};
 use crate::mlla::{Mlla, MllaConfig};
 
 /// The fixture kinds this module checks (the metadata's `kind`).
-pub const SUPPORTED_KINDS: [&str; 3] = ["LinearAttention", "MLLABlock", "MLLA"];
+pub const SUPPORTED_KINDS: [&str; 5] = ["LinearAttention", "MLLABlock", "MLLA", "MambaMixer", "selective_scan"];
 
 /// One compared tensor.
 #[derive(Debug, Clone)]
@@ -200,6 +202,12 @@ impl Fixtured for Mlla {
     }
 }
 
+impl Fixtured for MambaMixer {
+    fn run(&self, x: &Tensor, _: &mut Generator) -> Result<Tensor> {
+        self.forward(x)
+    }
+}
+
 /// Runs the fixture at `path` on `device` in `dtype` and compares every stored result.
 pub fn run(path: &Path, device: Device, dtype: DType) -> Result<ParityReport> {
     let fx = Fixture::load(path)?;
@@ -216,6 +224,10 @@ pub fn run(path: &Path, device: Device, dtype: DType) -> Result<ParityReport> {
             compare(&fx, MilaBlock::new(&mut init, &parse::<BlockConfig>(&fx.kind, &fx.config)?)?, device, dtype)?
         }
         "MLLA" => compare(&fx, Mlla::new(&mut init, &MllaConfig::from_json(&fx.config)?)?, device, dtype)?,
+        "MambaMixer" => {
+            compare(&fx, MambaMixer::new(&mut init, &parse::<MambaConfig>(&fx.kind, &fx.config)?)?, device, dtype)?
+        }
+        "selective_scan" => compare_scan(&fx, device, dtype)?,
         other => {
             return Err(Error::Msg {
                 context: "parity",
@@ -229,20 +241,45 @@ pub fn run(path: &Path, device: Device, dtype: DType) -> Result<ParityReport> {
     Ok(ParityReport { kind: fx.kind, dtype, device, comparisons })
 }
 
+/// Measures computed tensors against a fixture's references, keeping the comparisons in order.
+struct Checker<'a> {
+    fx: &'a Fixture,
+    comparisons: Vec<Comparison>,
+}
+
+impl Checker<'_> {
+    fn check(&mut self, name: &str, got: &Tensor, tolerance: f64) -> Result<()> {
+        let relative_to = vanishing_scale(self.fx, name)?.unwrap_or_else(|| name.to_string());
+        let reference = self.fx.tensor(name)?;
+        let plain_error = rel_error(got, reference)?;
+        let scale = norm(self.fx.tensor(&relative_to)?)?;
+        let diff = diff_norm(got, reference)?;
+        let measured = if scale > 0.0 { diff / scale } else { diff };
+        self.comparisons.push(Comparison {
+            name: name.to_string(),
+            rel_error: measured,
+            tolerance,
+            relative_to,
+            plain_error,
+        });
+        Ok(())
+    }
+}
+
+/// The gradient that backward left in `t`, or an error naming what it is.
+fn grad_of(t: &Tensor, name: &str) -> Result<Tensor> {
+    t.grad().ok_or_else(|| Error::Msg { context: "parity", msg: format!("no gradient reached '{name}'") })
+}
+
+/// The fixture's cotangent in the working dtype, on the working device.
+fn cotangent(fx: &Fixture, device: Device, dtype: DType) -> Result<Tensor> {
+    fx.tensor("cotangent")?.to_dtype(dtype)?.to_device(device)
+}
+
 /// Loads the fixture into `m` and compares eval output (when stored), output, gradients and buffers.
 fn compare<M: Fixtured>(fx: &Fixture, mut m: M, device: Device, dtype: DType) -> Result<Vec<Comparison>> {
     let (tol_out, tol_grad) = tolerances(dtype);
-    let mut out = Vec::new();
-    let mut check = |name: &str, got: &Tensor, tolerance: f64| -> Result<()> {
-        let relative_to = vanishing_scale(fx, name)?.unwrap_or_else(|| name.to_string());
-        let reference = fx.tensor(name)?;
-        let plain_error = rel_error(got, reference)?;
-        let scale = norm(fx.tensor(&relative_to)?)?;
-        let diff = diff_norm(got, reference)?;
-        let measured = if scale > 0.0 { diff / scale } else { diff };
-        out.push(Comparison { name: name.to_string(), rel_error: measured, tolerance, relative_to, plain_error });
-        Ok(())
-    };
+    let mut checker = Checker { fx, comparisons: Vec::new() };
     fx.data.load_into(&m, "param", true)?;
     let input = fx.tensor("input")?.to_dtype(dtype)?.to_device(device)?;
     // drop path is 0 in the fixtures, so nothing is drawn; the generator is only a required argument.
@@ -252,22 +289,19 @@ fn compare<M: Fixtured>(fx: &Fixture, mut m: M, device: Device, dtype: DType) ->
     if fx.data.tensors.contains_key("eval_output") {
         m.set_training(false);
         let y = no_grad(|| m.run(&input, &mut rng))?;
-        check("eval_output", &y, tol_out)?;
+        checker.check("eval_output", &y, tol_out)?;
         m.set_training(true);
     }
 
     let x = input.requires_grad_(true)?;
     let y = m.run(&x, &mut rng)?;
-    check("output", &y, tol_out)?;
-    y.backward_with(&fx.tensor("cotangent")?.to_dtype(dtype)?.to_device(device)?)?;
-    let grad_of = |t: &Tensor, name: &str| {
-        t.grad().ok_or_else(|| Error::Msg { context: "parity", msg: format!("no gradient reached '{name}'") })
-    };
-    check("grad.input", &grad_of(&x, "input")?, tol_grad)?;
+    checker.check("output", &y, tol_out)?;
+    y.backward_with(&cotangent(fx, device, dtype)?)?;
+    checker.check("grad.input", &grad_of(&x, "input")?, tol_grad)?;
 
     let params = m.named_parameters();
     for (name, p) in &params {
-        check(&format!("grad.{name}"), &grad_of(p, name)?, tol_grad)?;
+        checker.check(&format!("grad.{name}"), &grad_of(p, name)?, tol_grad)?;
     }
     let mut buffers = Vec::new();
     m.visit(&mut |name, e| {
@@ -279,7 +313,7 @@ fn compare<M: Fixtured>(fx: &Fixture, mut m: M, device: Device, dtype: DType) ->
     for (name, b) in &buffers {
         let key = format!("buffer_after.{name}");
         if fx.data.tensors.contains_key(&key) {
-            check(&key, b, tol_grad)?;
+            checker.check(&key, b, tol_grad)?;
             compared_buffers += 1;
         }
     }
@@ -298,5 +332,64 @@ fn compare<M: Fixtured>(fx: &Fixture, mut m: M, device: Device, dtype: DType) ->
             ),
         });
     }
-    Ok(out)
+    Ok(checker.comparisons)
+}
+
+/// The config of a `selective_scan` fixture: the sizes of its inputs and the softplus flag.
+#[derive(Deserialize)]
+struct ScanConfig {
+    batch: usize,
+    channels: usize,
+    length: usize,
+    state: usize,
+    #[serde(default = "default_true")]
+    delta_softplus: bool,
+}
+
+/// The scan op's inputs in its argument order, under their fixture names (`input.u`, `grad.u`, ...).
+const SCAN_INPUTS: [&str; 8] = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"];
+
+/// Runs `ops::selective_scan` on the fixture's inputs (all of them given: skip D, gate z and delta_bias) and
+/// compares the output and the gradient of every input.
+fn compare_scan(fx: &Fixture, device: Device, dtype: DType) -> Result<Vec<Comparison>> {
+    let ScanConfig { batch: b, channels: c, length: l, state: s, delta_softplus } = parse(&fx.kind, &fx.config)?;
+    let shapes: [&[usize]; 8] = [&[b, c, l], &[b, c, l], &[c, s], &[b, s, l], &[b, s, l], &[c], &[b, c, l], &[c]];
+    let mut xs = Vec::with_capacity(SCAN_INPUTS.len());
+    for (name, shape) in SCAN_INPUTS.iter().zip(shapes) {
+        let x = fx.tensor(&format!("input.{name}"))?;
+        if x.shape() != shape {
+            return Err(Error::Msg {
+                context: "parity",
+                msg: format!("input.{name} has shape {:?}; the config {} gives {shape:?}", x.shape(), fx.config),
+            });
+        }
+        xs.push(x.to_dtype(dtype)?.to_device(device)?.requires_grad_(true)?);
+    }
+    let (tol_out, tol_grad) = tolerances(dtype);
+    let mut checker = Checker { fx, comparisons: Vec::new() };
+    let y = ops::selective_scan(
+        &xs[0],
+        &xs[1],
+        &xs[2],
+        &xs[3],
+        &xs[4],
+        Some(&xs[5]),
+        Some(&xs[6]),
+        Some(&xs[7]),
+        delta_softplus,
+    )?; // (B, C, L)
+    checker.check("output", &y, tol_out)?;
+    y.backward_with(&cotangent(fx, device, dtype)?)?;
+    for (name, x) in SCAN_INPUTS.iter().zip(&xs) {
+        checker.check(&format!("grad.{name}"), &grad_of(x, name)?, tol_grad)?;
+    }
+    // As for modules: a stored gradient of no input would otherwise go unchecked.
+    let stored: Vec<&String> = fx.data.tensors.keys().filter(|k| k.starts_with("grad.")).collect();
+    if stored.len() != SCAN_INPUTS.len() {
+        return Err(Error::Msg {
+            context: "parity",
+            msg: format!("the fixture stores the gradients {stored:?}; the scan has the inputs {SCAN_INPUTS:?}"),
+        });
+    }
+    Ok(checker.comparisons)
 }

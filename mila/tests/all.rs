@@ -2,6 +2,8 @@
 
 mod cuda;
 mod gradcheck;
+mod mamba;
 mod modules;
 mod parity;
 mod size;
+mod ss2d;

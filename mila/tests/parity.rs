@@ -1,5 +1,6 @@
 //! Parity with the official PyTorch code through `fixtures/` (README there): forward, eval forward,
-//! every gradient and the BatchNorm buffers, in f64 and f32 on the CPU.
+//! every gradient and the BatchNorm buffers, in f64 and f32 on the CPU; and Mamba's mixer and selective scan
+//! against their float64 loop references.
 
 use std::path::PathBuf;
 
@@ -82,17 +83,53 @@ fn mlla_matches_the_fixture_in_eval_and_training() {
 }
 
 #[test]
+fn mamba_mixer_matches_the_fixture() {
+    // output, grad.input and 9 parameter gradients.
+    let reports = check("mamba_mixer.safetensors", 11);
+    assert_eq!(reports[0].kind, "MambaMixer");
+    for report in &reports {
+        // No gradient of the mixer vanishes: each is measured against its own reference.
+        assert!(report.comparisons.iter().all(|c| c.relative_to == c.name), "{}", report.dtype);
+        let worst = report.worst().unwrap();
+        println!("MambaMixer {}: worst {} {:.3e}", report.dtype, worst.name, worst.rel_error);
+    }
+}
+
+#[test]
+fn selective_scan_matches_the_fixture() {
+    // output and the gradients of u, delta, A, B, C, D, z and delta_bias.
+    let reports = check("selective_scan.safetensors", 9);
+    assert_eq!(reports[0].kind, "selective_scan");
+    for report in &reports {
+        let names: Vec<&str> = report.comparisons.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["output", "grad.u", "grad.delta", "grad.A", "grad.B", "grad.C", "grad.D", "grad.z", "grad.delta_bias"]
+        );
+        let worst = report.worst().unwrap();
+        println!("selective_scan {}: worst {} {:.3e}", report.dtype, worst.name, worst.rel_error);
+    }
+}
+
+#[test]
+fn the_scan_fixture_is_the_one_the_ops_tests_use() {
+    let ours = std::fs::read(fixture("selective_scan.safetensors")).unwrap();
+    let ops_copy =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/tests/fixtures/selective_scan.safetensors"))
+            .unwrap();
+    assert!(ours == ops_copy, "fixtures/selective_scan.safetensors and ops/tests/fixtures/ differ");
+}
+
+#[test]
 fn unsupported_kinds_are_errors_that_say_so() {
     let dir = std::env::temp_dir().join(format!("mila-parity-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("scan.safetensors");
-    let meta = [("kind", "selective_scan"), ("config", "{}")]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let path = dir.join("mamba2.safetensors");
+    let meta =
+        [("kind", "Mamba2"), ("config", "{}")].into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     nn::checkpoint::save(&path, &[], &[], meta).unwrap();
-    let err = parity::run(&path, Device::Cpu, DType::F64).expect_err("selective_scan is not a MILA kind");
-    assert!(err.to_string().contains("'selective_scan' is not supported yet"), "{err}");
+    let err = parity::run(&path, Device::Cpu, DType::F64).expect_err("Mamba2 has no module here");
+    assert!(err.to_string().contains("'Mamba2' is not supported yet"), "{err}");
     assert!(parity::run(&dir.join("missing.safetensors"), Device::Cpu, DType::F64).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
