@@ -164,6 +164,8 @@ pub struct Row {
     pub reference: Option<String>,
     pub ratio: Option<f64>,
     pub target: Option<f64>,
+    /// Whether `ratio` reaches `target`.
+    pub meets_target: Option<bool>,
     /// What the output was compared with, and the relative error.
     pub check: Option<String>,
     pub check_failed: bool,
@@ -200,6 +202,7 @@ impl Row {
             reference: None,
             ratio: None,
             target: None,
+            meets_target: None,
             check: None,
             check_failed: false,
         }
@@ -211,6 +214,7 @@ impl Row {
         self.reference = Some(reference.name.split(':').next().unwrap_or("").trim().to_string());
         self.ratio = Some(self.rate / reference.rate);
         self.target = target;
+        self.meets_target = target.zip(self.ratio).map(|(t, r)| r >= t);
         self
     }
 
@@ -300,7 +304,10 @@ impl Report {
                 r.unit,
                 r.reference.as_deref().unwrap_or("-"),
                 opt(r.ratio, &|x| format!("{x:.3}")),
-                opt(r.target, &|x| format!(">= {x:.2}")),
+                match (r.target, r.meets_target) {
+                    (Some(t), Some(met)) => format!(">= {t:.2} {}", if met { "met" } else { "MISSED" }),
+                    _ => "-".to_string(),
+                },
                 r.check.as_deref().unwrap_or("-"),
             );
         }
