@@ -130,8 +130,16 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     std::fs::write(path, text + "\n").map_err(io)
 }
 
+/// The device asked for, else cuda:0 when there is one, else the CPU (said on stderr, so that a GPU run that
+/// silently fell back is visible).
 fn default_device(d: Option<Device>) -> Device {
-    d.unwrap_or(if cuda::is_available() { Device::Cuda(0) } else { Device::Cpu })
+    d.unwrap_or_else(|| match cuda::unavailable_reason() {
+        None => Device::Cuda(0),
+        Some(reason) => {
+            eprintln!("mila bench: no CUDA device ({reason}); running on the CPU");
+            Device::Cpu
+        }
+    })
 }
 
 // ---- the report ----------------------------------------------------------------------------------------
