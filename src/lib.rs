@@ -1,5 +1,7 @@
 //! The commands behind the `mila` binary, as functions so that tests can call them.
 
+pub mod bench;
+
 use std::path::Path;
 use std::process::ExitCode;
 

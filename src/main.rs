@@ -49,6 +49,11 @@ enum Command {
         /// The checkpoint (`<out>/last.safetensors`).
         checkpoint: PathBuf,
     },
+    /// Timed benches with their ceilings measured in the same run: ops, vision, scan, train.
+    Bench {
+        #[command(subcommand)]
+        which: mila_rs::bench::BenchCommand,
+    },
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
         Command::Parity { file, device, dtype } => mila_rs::parity(&file, device, dtype),
         Command::Train(args) => mila_rs::train(&args),
         Command::Eval { checkpoint } => mila_rs::eval(&checkpoint),
+        Command::Bench { which } => mila_rs::bench::run(&which),
     };
     match result {
         Ok(code) => code,

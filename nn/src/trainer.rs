@@ -76,6 +76,12 @@ pub struct EpochMetrics {
     pub seconds: f64,
     /// Every step's loss in this epoch (the resume test compares them).
     pub step_losses: Vec<f64>,
+    /// Every step's wall time in this epoch, in seconds: from the end of the previous step (or the start of
+    /// the epoch) to the end of this one, so waiting for the loader counts. Each step ends with the logits
+    /// copied to the host, which waits for the device, so on CUDA these are completed steps (`mila bench
+    /// train` takes their median).
+    #[serde(default)]
+    pub step_seconds: Vec<f64>,
 }
 
 /// Where a run is, saved in each checkpoint's metadata.
@@ -232,6 +238,7 @@ pub fn train<M: Classifier>(
         };
         let (mut loss_sum, mut hits, mut seen) = (0.0, 0usize, 0usize);
         let mut step_losses = Vec::with_capacity(steps_per_epoch);
+        let (mut step_seconds, mut step_started) = (Vec::with_capacity(steps_per_epoch), Instant::now());
         for batch in train_loader.spawn(epoch, 0, 4) {
             let lr = schedule.lr(step);
             opt.set_lr(lr);
@@ -263,6 +270,8 @@ pub fn train<M: Classifier>(
             seen += n;
             step += 1;
             step_losses.push(l);
+            step_seconds.push(step_started.elapsed().as_secs_f64());
+            step_started = Instant::now();
             let ips = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!("loss {l:.4} acc {:.3} {ips:.0} img/s", hits as f64 / seen as f64));
             bar.inc(1);
@@ -281,6 +290,7 @@ pub fn train<M: Classifier>(
             images_per_s: seen as f64 / seconds.max(1e-9),
             seconds,
             step_losses,
+            step_seconds,
         };
         if cfg.progress {
             println!(
