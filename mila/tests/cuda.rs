@@ -28,7 +28,13 @@ fn fixtures_pass_on_cuda_in_f32_and_f64() {
         return;
     }
     let _poison = engine::cuda::poison_new_allocations();
-    for file in ["linear_attention.safetensors", "mila_block.safetensors", "mlla_model.safetensors"] {
+    for file in [
+        "linear_attention.safetensors",
+        "mila_block.safetensors",
+        "mlla_model.safetensors",
+        "selective_scan.safetensors",
+        "mamba_mixer.safetensors",
+    ] {
         for dtype in [DType::F32, DType::F64] {
             let report = mila::parity::run(&fixture(file), Device::Cuda(0), dtype).unwrap();
             let worst = report.worst().expect("the fixture compares something");
