@@ -5,16 +5,20 @@
 //! - [`Mlla`]: the network with its [`Stem`], [`BasicLayer`] stages and [`PatchMerging`] (section 4), built
 //!   from an [`MllaConfig`] (`tiny`, `small`, `base`, `mnist`).
 //! - [`parity`]: the comparison against the PyTorch fixtures in `fixtures/`.
+//! - [`ablation`]: the paper's ablation at small scale, a baseline linear attention network with each of
+//!   Mamba's six designs switched on alone, and MILA ([`AblationNet`], [`Variant`]).
 //!
 //! Every module implements [`nn::Module`] under the official `state_dict` names and counts its
 //! multiply-adds per sample with `macs()`.
 
+pub mod ablation;
 pub mod attention;
 pub mod block;
 pub mod mlla;
 pub mod parity;
 mod util;
 
+pub use ablation::{AblationConfig, AblationNet, Variant};
 pub use attention::LinearAttention;
 pub use block::{BlockConfig, MilaBlock};
 pub use mlla::{BasicLayer, ConvLayer, Mlla, MllaConfig, PatchMerging, Stem};

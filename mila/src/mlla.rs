@@ -331,7 +331,7 @@ impl MllaConfig {
         (0..total).map(|i| if total > 1 { self.drop_path_rate * i as f64 / (total - 1) as f64 } else { 0.0 }).collect()
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::invalid("MllaConfig", msg, &[self.img_size, self.img_size]));
         let stages = self.depths.len();
         if stages == 0 || stages != self.num_heads.len() {
