@@ -48,6 +48,9 @@ enum Command {
         /// The checkpoint (`<out>/last.safetensors`).
         checkpoint: PathBuf,
     },
+    /// The paper's ablation at small scale: trains the baseline linear attention network, each of Mamba's six
+    /// designs on it alone, and MILA, with the same data, seed and budget; prints the table, writes JSON.
+    Ablate(mila_rs::AblateArgs),
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Parity { file, device, dtype } => mila_rs::parity(&file, device, dtype),
         Command::Train(args) => mila_rs::train(&args),
         Command::Eval { checkpoint } => mila_rs::eval(&checkpoint),
+        Command::Ablate(args) => mila_rs::ablate(&args),
     };
     match result {
         Ok(code) => code,
