@@ -41,7 +41,7 @@ fn main() -> Result<ExitCode> {
             a[n * H + j] = z1.tanh();
         }
     }
-    let mut p = vec![0.0; N * K];
+    let mut p = [0.0; N * K];
     let mut loss = 0.0;
     for n in 0..N {
         let z2: Vec<f64> = (0..K).map(|k| (0..H).map(|j| a[n * H + j] * w2[k * H + j]).sum::<f64>() + b2[k]).collect();
@@ -60,7 +60,7 @@ fn main() -> Result<ExitCode> {
     //   d log p[n][y] / d z2[n][k] = [k == y] - exp(z2[n][k]) / sum_c exp(z2[n][c]) = [k == y] - p[n][k],
     // and with L's -1/N:
     //   dL/dz2[n][k] = (p[n][k] - [k == y[n]]) / N                     (N, K)
-    let mut dz2 = vec![0.0; N * K];
+    let mut dz2 = [0.0; N * K];
     for n in 0..N {
         for k in 0..K {
             let onehot = if k == labels[n] { 1.0 } else { 0.0 };
@@ -74,7 +74,7 @@ fn main() -> Result<ExitCode> {
     //   dL/da[n][j]  = sum_k dL/dz2[n][k] W2[k][j]                    (N, H)  = dz2 W2
     let mut dw2 = vec![0.0; K * H];
     let mut db2 = vec![0.0; K];
-    let mut da = vec![0.0; N * H];
+    let mut da = [0.0; N * H];
     for n in 0..N {
         for k in 0..K {
             db2[k] += dz2[n * K + k];

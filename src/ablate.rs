@@ -60,6 +60,11 @@ pub struct AblateArgs {
 /// What every variant shared, as written in the JSON.
 #[derive(Debug, Clone, Serialize)]
 pub struct AblateSettings {
+    /// The macro design (stem, widths, depths, heads, MLP ratio).
+    pub net: mila::MllaConfig,
+    /// The single-head variant's q/k width and the all-blocks variant's E / C.
+    pub d_state: usize,
+    pub expand: f64,
     pub dataset: &'static str,
     pub train_samples: usize,
     pub test_samples: usize,
@@ -165,9 +170,8 @@ fn run_variant(
     settings: &AblateSettings,
     data: (&Arc<nn::data::Dataset>, &Arc<nn::data::Dataset>),
 ) -> Result<AblationRow> {
-    let mut config = AblationConfig::mnist(variant);
-    config.net.in_chans = data.0.channels;
-    config.net.num_classes = data.0.classes.max(2);
+    let config =
+        AblationConfig { net: settings.net.clone(), d_state: settings.d_state, expand: settings.expand, variant };
     let mut rng = Generator::new(args.seed);
     let mut model = AblationNet::new(&mut nn::Init { dtype: args.dtype, device: args.device, rng: &mut rng }, &config)?;
     let (params, macs) = (model.num_params(), model.macs());
@@ -234,7 +238,11 @@ pub fn ablate(args: &AblateArgs) -> Result<ExitCode> {
         return Err(Error::Msg { context: "ablate", msg: "--epochs and --batch-size must be at least 1".into() });
     }
     let variants = if args.variants.is_empty() { Variant::ALL.to_vec() } else { args.variants.clone() };
+    let model = AblationConfig::mnist(Variant::Baseline);
     let settings = AblateSettings {
+        net: mila::MllaConfig { in_chans: train_set.channels, num_classes: train_set.classes.max(2), ..model.net },
+        d_state: model.d_state,
+        expand: model.expand,
         dataset: "mnist10k",
         train_samples: train_set.n,
         test_samples: test_set.n,

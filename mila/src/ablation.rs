@@ -22,10 +22,10 @@
 //! out = proj(y)
 //! ```
 //!
-//! It has no positional encoding (no RoPE, LePE or CPE): the paper's baseline has none, and the designs
-//! under test, the forget gate above all, are what supply a locality bias. The stem's convs and the
-//! stride-2 depthwise conv of each PatchMerging still see neighbourhoods, so the network is not blind to
-//! position, only its attention is.
+//! It has no positional encoding (no RoPE, LePE or CPE): those are what MILA puts in place of the forget
+//! gate (section 1), so a baseline with them would already hold a stand-in for one design under test. The
+//! stem's convs and the stride-2 depthwise conv of each PatchMerging still see neighbourhoods, so the
+//! network is not blind to position, only its attention is.
 //!
 //! # The six designs, one at a time
 //!
@@ -82,7 +82,7 @@ use nn::module::visit_child;
 use nn::trainer::Classifier;
 use nn::{Conv2d, DropPath, Entry, Init, LayerNorm, Linear, Mlp, Module};
 use ops::TensorOps;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::block::{BlockConfig, MilaBlock};
 use crate::mlla::{MllaConfig, PatchMerging, Stem};
@@ -97,7 +97,7 @@ const DT_INIT: (f64, f64) = (1e-3, 1e-1);
 
 /// One row of the ablation: the baseline, one of Mamba's six designs on top of it, or MILA. The order is the
 /// paper's table's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Variant {
     Baseline,
@@ -170,7 +170,7 @@ impl std::fmt::Display for Variant {
 }
 
 /// The switches of one [`VariantAttention`].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionConfig {
     /// C: the width of x, of v and of the output.
     pub dim: usize,
@@ -657,7 +657,7 @@ impl Module for AblationLayer {
 }
 
 /// An ablation network: the variant and the macro design it is built in.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AblationConfig {
     pub variant: Variant,
     /// Stem, stage widths, depths, heads, MLP ratio, drop path, classes: shared by every variant.
