@@ -736,24 +736,21 @@ impl AblationNet {
         config.validate()?;
         let net = &config.net;
         let patch_embed = Stem::new(init, net.in_chans, net.embed_dim)?;
-        let rates = net.drop_path_rates();
-        let mut side = net.img_size / 4;
         let mut layers = Vec::with_capacity(net.depths.len());
-        let mut first_block = 0;
-        for (i, (&depth, &heads)) in net.depths.iter().zip(&net.num_heads).enumerate() {
-            let dim = net.stage_dim(i);
-            let grid = (side, side);
-            let blocks = (0..depth)
-                .map(|j| {
-                    let drop_path = rates[first_block + j];
-                    let attn = config.attention(dim, heads);
+        for stage in net.stages() {
+            let (dim, grid) = (stage.dim, stage.grid);
+            let attn = config.attention(dim, stage.heads);
+            let blocks = stage
+                .drop_paths
+                .iter()
+                .map(|&drop_path| {
                     Ok(match config.variant {
                         Variant::Mila => AblationBlock::Mila(MilaBlock::new(
                             init,
                             &BlockConfig {
                                 dim,
                                 input_resolution: grid,
-                                num_heads: heads,
+                                num_heads: stage.heads,
                                 mlp_ratio: net.mlp_ratio,
                                 qkv_bias: net.qkv_bias,
                                 drop_path,
@@ -776,13 +773,7 @@ impl AblationNet {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            first_block += depth;
-            let last = i + 1 == net.depths.len();
-            let downsample = if last { None } else { Some(PatchMerging::new(init, dim, grid)?) };
-            layers.push(AblationLayer { blocks, downsample });
-            if !last {
-                side /= 2;
-            }
+            layers.push(AblationLayer { blocks, downsample: stage.downsample(init)? });
         }
         let features = net.stage_dim(net.depths.len() - 1);
         Ok(AblationNet {
@@ -796,14 +787,7 @@ impl AblationNet {
 
     /// Logits: image (B, in_chans, S, S) -> (B, num_classes).
     pub fn forward(&self, x: &Tensor, rng: &mut Generator) -> Result<Tensor> {
-        let c = &self.config.net;
-        if x.shape().len() != 4 || x.shape()[1..] != [c.in_chans, c.img_size, c.img_size] {
-            return Err(Error::invalid(
-                "AblationNet",
-                format!("expected images (B, {}, {s}, {s})", c.in_chans, s = c.img_size),
-                x.shape(),
-            ));
-        }
+        self.config.net.check_images("AblationNet", x)?;
         let mut t = self.patch_embed.forward(x)?; // (B, N, C)
         for layer in &self.layers {
             for block in &layer.blocks {
