@@ -7,6 +7,9 @@ use std::process::ExitCode;
 
 use engine::{DType, Device, GradcheckOptions, Result};
 
+mod ablate;
+pub use ablate::{ablate, ablation_table, AblateArgs, AblateSettings, AblationRow};
+
 /// `mila info`.
 pub fn info() -> Result<ExitCode> {
     use engine::cuda;

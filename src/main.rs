@@ -54,6 +54,9 @@ enum Command {
         #[command(subcommand)]
         which: mila_rs::bench::BenchCommand,
     },
+    /// The paper's ablation at small scale: trains the baseline linear attention network, each of Mamba's six
+    /// designs on it alone, and MILA, with the same data, seed and budget; prints the table, writes JSON.
+    Ablate(mila_rs::AblateArgs),
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Train(args) => mila_rs::train(&args),
         Command::Eval { checkpoint } => mila_rs::eval(&checkpoint),
         Command::Bench { which } => mila_rs::bench::run(&which),
+        Command::Ablate(args) => mila_rs::ablate(&args),
     };
     match result {
         Ok(code) => code,

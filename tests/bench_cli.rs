@@ -2,12 +2,11 @@
 //! JSON is written, and every number in it is finite. Nothing here asserts a timing.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 fn run_bench(which: &str) -> (String, serde_json::Value) {
     let dir = std::env::temp_dir().join(format!("mila-bench-{which}-{}", std::process::id()));
     let json: PathBuf = dir.join("out.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_mila"))
+    let out = crate::mila()
         .args(["bench", which, "--quick", "--device", "cpu", "--json"])
         .arg(&json)
         .output()

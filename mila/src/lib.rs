@@ -9,10 +9,13 @@
 //! - [`Ss2d`]: a vision Mamba block over token grids, VMamba's SS2D: a 3x3 depthwise conv, then the selective
 //!   scan in four [`ScanOrder`]s (row- and column-major, both reversed) with their own parameters, summed.
 //! - [`parity`]: the comparison against the PyTorch fixtures in `fixtures/`.
+//! - [`ablation`]: the paper's ablation at small scale, a baseline linear attention network with each of
+//!   Mamba's six designs switched on alone, and MILA ([`AblationNet`], [`Variant`]).
 //!
 //! Every module implements [`nn::Module`] under the official `state_dict` names and counts its
 //! multiply-adds per sample with `macs()` (the mixer, which takes sequences of any length, per length).
 
+pub mod ablation;
 pub mod attention;
 pub mod block;
 pub mod mamba;
@@ -21,6 +24,7 @@ pub mod parity;
 pub mod ss2d;
 mod util;
 
+pub use ablation::{AblationConfig, AblationNet, Variant};
 pub use attention::LinearAttention;
 pub use block::{BlockConfig, MilaBlock};
 pub use mamba::{CausalConv1d, MambaConfig, MambaMixer};

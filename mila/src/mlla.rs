@@ -331,7 +331,40 @@ impl MllaConfig {
         (0..total).map(|i| if total > 1 { self.drop_path_rate * i as f64 / (total - 1) as f64 } else { 0.0 }).collect()
     }
 
-    fn validate(&self) -> Result<()> {
+    /// The stages as the constructors build them: width, heads, grid (halved after each stage but the
+    /// last), and each block's drop-path rate.
+    pub(crate) fn stages(&self) -> Vec<StagePlan> {
+        let rates = self.drop_path_rates();
+        let mut first = 0;
+        let last = self.depths.len().saturating_sub(1);
+        let mut plans = Vec::with_capacity(self.depths.len());
+        for (i, (&depth, &heads)) in self.depths.iter().zip(&self.num_heads).enumerate() {
+            let side = (self.img_size / 4) >> i;
+            plans.push(StagePlan {
+                dim: self.stage_dim(i),
+                heads,
+                grid: (side, side),
+                drop_paths: rates[first..first + depth].to_vec(),
+                merges: i < last,
+            });
+            first += depth;
+        }
+        plans
+    }
+
+    /// Errs unless x is a batch of images (B, in_chans, img_size, img_size); `op` names the caller.
+    pub(crate) fn check_images(&self, op: &'static str, x: &Tensor) -> Result<()> {
+        if x.shape().len() != 4 || x.shape()[1..] != [self.in_chans, self.img_size, self.img_size] {
+            return Err(Error::invalid(
+                op,
+                format!("expected images (B, {}, {s}, {s})", self.in_chans, s = self.img_size),
+                x.shape(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::invalid("MllaConfig", msg, &[self.img_size, self.img_size]));
         let stages = self.depths.len();
         if stages == 0 || stages != self.num_heads.len() {
@@ -356,6 +389,25 @@ impl MllaConfig {
     }
 }
 
+/// One stage of an [`MllaConfig`], as [`MllaConfig::stages`] lays it out.
+pub(crate) struct StagePlan {
+    pub dim: usize,
+    pub heads: usize,
+    /// The token grid (H, W) of its blocks.
+    pub grid: (usize, usize),
+    /// Each block's drop-path rate (one entry per block).
+    pub drop_paths: Vec<f64>,
+    /// Whether PatchMerging ends the stage (all but the last).
+    pub merges: bool,
+}
+
+impl StagePlan {
+    /// The stage's PatchMerging, or None for the last stage.
+    pub fn downsample(&self, init: &mut Init) -> Result<Option<PatchMerging>> {
+        self.merges.then(|| PatchMerging::new(init, self.dim, self.grid)).transpose()
+    }
+}
+
 /// The MLLA classifier. Names are the official `state_dict` names (`patch_embed.conv1.conv.weight`,
 /// `layers.2.blocks.5.attn.qk.weight`, `layers.0.downsample.conv.2.norm.running_var`, `norm.weight`,
 /// `head.bias`), so official checkpoints load unchanged.
@@ -372,32 +424,24 @@ impl Mlla {
     pub fn new(init: &mut Init, config: &MllaConfig) -> Result<Self> {
         config.validate()?;
         let patch_embed = Stem::new(init, config.in_chans, config.embed_dim)?;
-        let rates = config.drop_path_rates();
-        let mut side = config.img_size / 4;
         let mut layers = Vec::with_capacity(config.depths.len());
-        let mut first_block = 0;
-        for (i, (&depth, &heads)) in config.depths.iter().zip(&config.num_heads).enumerate() {
-            let dim = config.stage_dim(i);
-            let blocks = (0..depth)
-                .map(|j| {
+        for stage in config.stages() {
+            let blocks = stage
+                .drop_paths
+                .iter()
+                .map(|&drop_path| {
                     let cfg = BlockConfig {
-                        dim,
-                        input_resolution: (side, side),
-                        num_heads: heads,
+                        dim: stage.dim,
+                        input_resolution: stage.grid,
+                        num_heads: stage.heads,
                         mlp_ratio: config.mlp_ratio,
                         qkv_bias: config.qkv_bias,
-                        drop_path: rates[first_block + j],
+                        drop_path,
                     };
                     MilaBlock::new(init, &cfg)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            first_block += depth;
-            let last = i + 1 == config.depths.len();
-            let downsample = if last { None } else { Some(PatchMerging::new(init, dim, (side, side))?) };
-            layers.push(BasicLayer { blocks, downsample });
-            if !last {
-                side /= 2;
-            }
+            layers.push(BasicLayer { blocks, downsample: stage.downsample(init)? });
         }
         let features = config.stage_dim(config.depths.len() - 1);
         Ok(Mlla {
@@ -411,14 +455,7 @@ impl Mlla {
 
     /// Pooled features: image (B, in_chans, S, S) -> (B, F) after the last stage's norm and the token mean.
     pub fn forward_features(&self, x: &Tensor, rng: &mut Generator) -> Result<Tensor> {
-        let c = &self.config;
-        if x.shape().len() != 4 || x.shape()[1..] != [c.in_chans, c.img_size, c.img_size] {
-            return Err(Error::invalid(
-                "Mlla",
-                format!("expected images (B, {}, {s}, {s})", c.in_chans, s = c.img_size),
-                x.shape(),
-            ));
-        }
+        self.config.check_images("Mlla", x)?;
         let mut t = self.patch_embed.forward(x)?; // (B, N, C)
         for layer in &self.layers {
             t = layer.forward(&t, rng)?;

@@ -1,5 +1,6 @@
 //! Integration tests of the MILA models, one binary.
 
+mod ablation;
 mod cuda;
 mod gradcheck;
 mod mamba;
