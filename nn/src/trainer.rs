@@ -84,6 +84,18 @@ pub struct EpochMetrics {
     pub step_seconds: Vec<f64>,
 }
 
+/// On a GPU, the training loop reads losses and logits back once per this many steps (see [`train`]).
+const SYNC_EVERY_ON_DEVICE: usize = 16;
+
+/// A step whose loss and logits have not been read back yet.
+struct Pending {
+    loss: Tensor,
+    logits: Tensor,
+    labels: Vec<usize>,
+    step: usize,
+    batch: usize,
+}
+
 /// Where a run is, saved in each checkpoint's metadata.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunState {
@@ -239,43 +251,81 @@ pub fn train<M: Classifier>(
         let (mut loss_sum, mut hits, mut seen) = (0.0, 0usize, 0usize);
         let mut step_losses = Vec::with_capacity(steps_per_epoch);
         let (mut step_seconds, mut step_started) = (Vec::with_capacity(steps_per_epoch), Instant::now());
+        // Losses and logits stay on the device until `sync_every` steps have queued: reading one back waits
+        // for the device, and a wait per step would stop the host from queuing the next step while the device
+        // runs this one. A non-finite loss is still found and named by its step, at most `sync_every - 1`
+        // steps late (those steps' updates are lost with the run; the checkpoint on disk is the last good one).
+        let sync_every = if cfg.device.is_cuda() { SYNC_EVERY_ON_DEVICE } else { 1 };
+        let mut pending: Vec<Pending> = Vec::with_capacity(sync_every);
+        let mut settle = |pending: &mut Vec<Pending>, bar: &indicatif::ProgressBar| -> Result<()> {
+            for p in pending.drain(..) {
+                let l = p.loss.to_scalar()?;
+                if !l.is_finite() {
+                    bar.abandon();
+                    return Err(Error::Msg {
+                        context: "train",
+                        msg: format!(
+                            "the loss is {l} at step {} (epoch {}, batch {}); stopped. The last good checkpoint is {}",
+                            p.step,
+                            epoch + 1,
+                            p.batch,
+                            ck_path.display()
+                        ),
+                    });
+                }
+                let n = p.labels.len();
+                hits += correct(&p.logits, &p.labels)?;
+                loss_sum += l * n as f64;
+                seen += n;
+                step_losses.push(l);
+                let ips = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                bar.set_message(format!("loss {l:.4} acc {:.3} {ips:.0} img/s", hits as f64 / seen as f64));
+            }
+            Ok(())
+        };
         for batch in train_loader.spawn(epoch, 0, 4) {
             let lr = schedule.lr(step);
             opt.set_lr(lr);
             let x = to_tensor(batch.images, &batch.shape, cfg.dtype, cfg.device)?;
             let logits = model.logits(&x, &mut rng)?;
             let loss = ops::cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
-            let l = loss.to_scalar()?;
-            if !l.is_finite() {
-                bar.abandon();
-                return Err(Error::Msg {
-                    context: "train",
-                    msg: format!(
-                        "the loss is {l} at step {step} (epoch {}, batch {}); stopped. The last good checkpoint is {}",
-                        epoch + 1,
-                        batch.index,
-                        ck_path.display()
-                    ),
+            if sync_every == 1 {
+                // On the CPU the value is there already: a non-finite loss stops the run before its update.
+                pending.push(Pending {
+                    loss: loss.detach(),
+                    logits: logits.detach(),
+                    labels: batch.labels,
+                    step,
+                    batch: batch.index,
+                });
+                settle(&mut pending, &bar)?;
+                opt.zero_grad();
+                loss.backward()?;
+            } else {
+                opt.zero_grad();
+                loss.backward()?;
+                pending.push(Pending {
+                    loss: loss.detach(),
+                    logits: logits.detach(),
+                    labels: batch.labels,
+                    step,
+                    batch: batch.index,
                 });
             }
-            opt.zero_grad();
-            loss.backward()?;
             if let Some(max_norm) = cfg.clip_grad {
                 crate::optim::clip_grad_norm(&model.parameters(), max_norm)?;
             }
             opt.step()?;
-            let n = batch.labels.len();
-            hits += correct(&logits, &batch.labels)?;
-            loss_sum += l * n as f64;
-            seen += n;
             step += 1;
-            step_losses.push(l);
+            if pending.len() >= sync_every {
+                settle(&mut pending, &bar)?;
+            }
             step_seconds.push(step_started.elapsed().as_secs_f64());
             step_started = Instant::now();
-            let ips = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!("loss {l:.4} acc {:.3} {ips:.0} img/s", hits as f64 / seen as f64));
             bar.inc(1);
         }
+        settle(&mut pending, &bar)?;
+        drop(settle);
         let seconds = started.elapsed().as_secs_f64();
         bar.finish_and_clear();
         let (test_loss, test_acc) = evaluate(model, &test_loader, cfg)?;

@@ -15,12 +15,13 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
-    result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
 };
 use cudarc::nvrtc::Ptx;
 
 use super::alloc::{Allocator, MemoryStats, PooledSlice};
 use super::blas::Blas;
+use super::staging::Staging;
 use super::{nvrtc, OrCuda};
 use crate::{Error, Result};
 
@@ -210,6 +211,7 @@ pub struct CudaDevice {
     pool: Arc<Allocator>,
     blas: OnceLock<std::result::Result<Mutex<Blas>, String>>,
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
+    staging: Mutex<Staging>,
 }
 
 /// Opened devices; never dropped, so each ordinal is opened once per process.
@@ -263,6 +265,7 @@ impl CudaDevice {
             stream,
             blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
+            staging: Mutex::new(Staging::new()),
         })
     }
 
@@ -323,11 +326,15 @@ impl CudaDevice {
         self.pool.alloc(len)
     }
 
-    /// A device copy of `host` (enqueued; the host slice may be dropped as soon as this returns).
-    pub fn htod<T: DeviceRepr>(&self, host: &[T]) -> Result<PooledSlice<T>> {
+    /// A device copy of `host` (enqueued through pinned staging, so it does not wait for the device; the
+    /// host slice may be dropped as soon as this returns).
+    pub fn htod<T: DeviceRepr + Copy>(&self, host: &[T]) -> Result<PooledSlice<T>> {
         let mut out = self.alloc::<T>(host.len())?;
         if !host.is_empty() {
-            self.stream.memcpy_htod(host, &mut out.view_mut()).or_cuda("htod")?;
+            let mut view = out.view_mut();
+            let (dst, _record) = view.device_ptr_mut(&self.stream);
+            let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+            staging.upload(&self.ctx, &self.stream, host, dst)?;
         }
         Ok(out)
     }

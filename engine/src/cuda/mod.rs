@@ -20,9 +20,9 @@
 //!   [`Strided`] parameter structs.
 //!
 //! Nothing but `to_cpu` (and [`CudaDevice::synchronize`], for timing) waits for the device: ops enqueue and
-//! return. Errors of asynchronous work therefore surface at the next synchronising call. One caveat: an
-//! upload from pageable host memory (`from_cpu`) is staged through pinned memory by the driver, which may
-//! wait for the stream to do so; uploads happen at data loading, not per op.
+//! return. Errors of asynchronous work therefore surface at the next synchronising call. Uploads
+//! (`from_cpu`) go through a ring of pinned slots (staging.rs): a copy from pageable memory would wait for
+//! the stream first.
 //!
 //! Writing a kernel for an op: put the source beside the op, get the function from the input's device,
 //! allocate the output from the pool, launch on the device's stream with a `// SAFETY:` note:
@@ -51,6 +51,7 @@ mod alloc;
 mod blas;
 mod device;
 mod nvrtc;
+mod staging;
 mod storage;
 #[cfg(test)]
 mod tests;
