@@ -325,7 +325,6 @@ pub fn train<M: Classifier>(
             bar.inc(1);
         }
         settle(&mut pending, &bar)?;
-        drop(settle);
         let seconds = started.elapsed().as_secs_f64();
         bar.finish_and_clear();
         let (test_loss, test_acc) = evaluate(model, &test_loader, cfg)?;
