@@ -248,33 +248,54 @@ def main(argv=None):
         rate = f", {row['images_per_s']:.0f} img/s" if batch is not None else ""
         print(f"{key:<22} {mode:<8} {t['median_ms']:10.3f} ms{rate}{peak}   [{shape}]", flush=True)
 
+    errors = []
+
+    def attempt(key, mode, f):
+        """Runs one case; a failure (out of memory, a compile error) is recorded and the others still run."""
+        try:
+            f()
+            return
+        except Exception as e:  # noqa: BLE001
+            msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            errors.append({"key": key, "mode": mode, "error": msg})
+            print(f"{key:<22} {mode:<8} FAILED: {msg}", flush=True)
+        free(device)  # outside the handler, once the traceback's frames (and their tensors) are gone
+
     for tf32 in (False, True):
+        if device.type != "cuda" and tf32:
+            continue  # TF32 is a CUDA setting
         if device.type == "cuda":
             set_tf32(tf32)
         suffix = "tf32" if tf32 else "fp32"
-        if device.type != "cuda" and tf32:
-            continue  # TF32 is a CUDA setting
+        shape = mlla_shape(tiny, tiny_batch)
         key = f"mlla_t_train_{suffix}"
         if want(key):
-            t = train_case(clock, device, tiny, tiny_batch)
-            add(key, f"MLLA-T training step (AdamW), {suffix}", mlla_shape(tiny, tiny_batch), "eager", t, tiny_batch, tf32)
+            name = f"MLLA-T training step (AdamW), {suffix}"
+            attempt(key, "eager", lambda: add(key, name, shape, "eager", train_case(clock, device, tiny, tiny_batch), tiny_batch, tf32))
         key = f"mlla_t_infer_{suffix}"
         if want(key):
-            t = infer_case(clock, device, tiny, tiny_batch)
-            add(key, f"MLLA-T inference, {suffix}", mlla_shape(tiny, tiny_batch), "eager", t, tiny_batch, tf32)
+            name = f"MLLA-T inference, {suffix}"
+            attempt(key, "eager", lambda: add(key, name, shape, "eager", infer_case(clock, device, tiny, tiny_batch), tiny_batch, tf32))
     if device.type == "cuda":
         set_tf32(False)
     if want("block_fwd") or want("block_fwd_bwd"):
-        fwd, both = block_cases(clock, device, bdim, bside, bheads, bbatch)
-        shape = block_shape(bdim, bside, bheads, bbatch)
-        add("block_fwd", "MILA block forward, fp32", shape, "eager", fwd)
-        add("block_fwd_bwd", "MILA block forward+backward, fp32", shape, "eager", both)
+
+        def blocks():
+            fwd, both = block_cases(clock, device, bdim, bside, bheads, bbatch)
+            shape = block_shape(bdim, bside, bheads, bbatch)
+            add("block_fwd", "MILA block forward, fp32", shape, "eager", fwd)
+            add("block_fwd_bwd", "MILA block forward+backward, fp32", shape, "eager", both)
+
+        attempt("block_fwd", "eager", blocks)
     if want("small_train"):
-        t = train_case(clock, device, small, small_batch)
-        add("small_train", "small MLLA training step (AdamW), fp32", mlla_shape(small, small_batch), "eager", t, small_batch)
+        name, shape = "small MLLA training step (AdamW), fp32", mlla_shape(small, small_batch)
+        attempt("small_train", "eager", lambda: add("small_train", name, shape, "eager", train_case(clock, device, small, small_batch), small_batch))
         if args.compile:
-            t = train_case(clock, device, small, small_batch, compile_model=True)
-            add("small_train", "small MLLA training step (AdamW), fp32", mlla_shape(small, small_batch), "compile", t, small_batch)
+            attempt(
+                "small_train",
+                "compile",
+                lambda: add("small_train", name, shape, "compile", train_case(clock, device, small, small_batch, True), small_batch),
+            )
 
     report = {
         "stack": "pytorch",
@@ -289,6 +310,7 @@ def main(argv=None):
         "adamw": "torch.optim.AdamW defaults (foreach on CUDA)",
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "rows": rows,
+        "errors": errors,
     }
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -296,7 +318,7 @@ def main(argv=None):
             json.dump(report, f, indent=2)
             f.write("\n")
         print(f"wrote {args.json}")
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -360,17 +360,20 @@ pub struct ModelsReport {
     pub reps: usize,
     pub timing: String,
     pub rows: Vec<ModelsRow>,
+    /// Workloads that failed (out of memory, a kernel error): `key: error`.
+    pub errors: Vec<String>,
     pub notes: Vec<String>,
 }
 
 impl ModelsReport {
     fn ok(&self) -> bool {
-        self.rows.iter().all(|r| {
-            r.finite
-                && r.ours.median_ms.is_finite()
-                && r.ratio_eager.is_none_or(f64::is_finite)
-                && r.ratio_compile.is_none_or(f64::is_finite)
-        })
+        self.errors.is_empty()
+            && self.rows.iter().all(|r| {
+                r.finite
+                    && r.ours.median_ms.is_finite()
+                    && r.ratio_eager.is_none_or(f64::is_finite)
+                    && r.ratio_compile.is_none_or(f64::is_finite)
+            })
     }
 
     fn print(&self) {
@@ -422,6 +425,9 @@ impl ModelsReport {
                     (true, None) => "-",
                 }
             );
+        }
+        for e in &self.errors {
+            println!("- FAILED {e}");
         }
         for n in &self.notes {
             println!("- {n}");
@@ -521,6 +527,7 @@ pub fn run(args: &ModelsBenchArgs) -> Result<ExitCode> {
         workloads(args.quick);
     let mut notes = Vec::new();
     let mut rows = Vec::new();
+    let mut errors = Vec::new();
     let py = pytorch.as_ref();
 
     for tf32 in [false, true] {
@@ -530,8 +537,8 @@ pub fn run(args: &ModelsBenchArgs) -> Result<ExitCode> {
         cuda::set_tf32(tf32);
         let suffix = if tf32 { "tf32" } else { "fp32" };
         let key = format!("mlla_t_train_{suffix}");
-        if want(&key) {
-            let (m, loss) = train_case(&ctx, &tiny, tiny_batch)?;
+        let step = want(&key).then(|| attempt(&ctx, &key, train_case(&ctx, &tiny, tiny_batch), &mut errors));
+        if let Some((m, loss)) = step.flatten() {
             // Peak memory is measured on CUDA only.
             let target = Target::Throughput { ratio: 1.3, memory: cuda_dev.is_some().then_some(0.8) };
             let name = format!("MLLA-T training step (AdamW), {suffix}");
@@ -542,8 +549,8 @@ pub fn run(args: &ModelsBenchArgs) -> Result<ExitCode> {
             rows.push(r);
         }
         let key = format!("mlla_t_infer_{suffix}");
-        if want(&key) {
-            let (m, check) = infer_case(&ctx, &tiny, tiny_batch)?;
+        let forward = want(&key).then(|| attempt(&ctx, &key, infer_case(&ctx, &tiny, tiny_batch), &mut errors));
+        if let Some((m, check)) = forward.flatten() {
             let target = Target::Throughput { ratio: 1.3, memory: None };
             let name = format!("MLLA-T inference, {suffix}");
             let shape = mlla_shape(&tiny, tiny_batch);
@@ -554,8 +561,10 @@ pub fn run(args: &ModelsBenchArgs) -> Result<ExitCode> {
         }
     }
     cuda::set_tf32(false);
-    if want("block_fwd") || want("block_fwd_bwd") {
-        let (fwd, both, check) = block_cases(&ctx, bdim, bside, bheads, bbatch)?;
+    let blocks = (want("block_fwd") || want("block_fwd_bwd"))
+        .then(|| attempt(&ctx, "block_fwd", block_cases(&ctx, bdim, bside, bheads, bbatch), &mut errors))
+        .flatten();
+    if let Some((fwd, both, check)) = blocks {
         let shape = block_shape(bdim, bside, bheads, bbatch);
         let r = row(
             "block_fwd",
@@ -577,8 +586,9 @@ pub fn run(args: &ModelsBenchArgs) -> Result<ExitCode> {
         print_progress(&r);
         rows.push(r);
     }
-    if want("small_train") {
-        let (m, loss) = train_case(&ctx, &small, small_batch)?;
+    let small_step =
+        want("small_train").then(|| attempt(&ctx, "small_train", train_case(&ctx, &small, small_batch), &mut errors));
+    if let Some((m, loss)) = small_step.flatten() {
         let name = "small MLLA training step (AdamW), fp32";
         let shape = mlla_shape(&small, small_batch);
         let target = Some(Target::AbsoluteMs(15.0));
@@ -622,6 +632,7 @@ pub fn run(args: &ModelsBenchArgs) -> Result<ExitCode> {
         reps,
         timing,
         rows,
+        errors,
         notes,
     };
     report.print();
@@ -630,6 +641,20 @@ pub fn run(args: &ModelsBenchArgs) -> Result<ExitCode> {
         println!("wrote {}", path.display());
     }
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The workload's value, or None with the error recorded (and the device's cache emptied) so that the
+/// other workloads still run.
+fn attempt<T>(ctx: &Ctx, key: &str, result: Result<T>, errors: &mut Vec<String>) -> Option<T> {
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("{key:<20} FAILED: {e}");
+            errors.push(format!("{key}: {e}"));
+            let _ = ctx.free();
+            None
+        }
+    }
 }
 
 /// One line on stderr as each workload finishes (the table comes at the end).
