@@ -7,6 +7,7 @@
 //! | `vision` | depthwise 3x3 conv2d and LayerNorm, forward and backward; a dense 3x3 conv forward | the copy; cuBLAS sgemm |
 //! | `scan` | the selective scan at two Mamba sizes, forward and backward | the copy |
 //! | `train` | the default `mila train` run (or `--epochs N`) | none: seconds, ms per step, images/s, accuracy |
+//! | `models` | MLLA-T training and inference, one MILA block, the small MLLA's step (`models.rs`) | PyTorch on the same workloads (`--pytorch-json`, from `benches/pytorch/bench_models.py`) |
 //!
 //! How a number is made (docs: .library/device/METHOD.md). Inputs are uniform random, never zeros. Each case
 //! runs its warm-up calls first (NVRTC compilation, cuBLAS handle and pool allocations happen there), then
@@ -37,6 +38,8 @@ use engine::cuda::{self, CudaDevice, GemmConfig};
 use engine::{no_grad, CpuStorage, Device, Error, Generator, Result, Storage, Tensor};
 use ops::TensorOps;
 use serde::Serialize;
+
+pub mod models;
 
 // ---- command line --------------------------------------------------------------------------------------
 
@@ -100,6 +103,8 @@ pub enum BenchCommand {
     Scan(BenchArgs),
     /// Times the default training run: total seconds, ms per step, images/s, final test accuracy.
     Train(TrainBenchArgs),
+    /// MLLA-T training/inference, a MILA block, the small MLLA's step, beside PyTorch's (--pytorch-json).
+    Models(models::ModelsBenchArgs),
 }
 
 /// `mila bench ...`.
@@ -109,6 +114,7 @@ pub fn run(cmd: &BenchCommand) -> Result<ExitCode> {
         BenchCommand::Vision(a) => finish(vision_bench(&mut Bench::new("vision", a)?)?, a.json.as_deref()),
         BenchCommand::Scan(a) => finish(scan_bench(&mut Bench::new("scan", a)?)?, a.json.as_deref()),
         BenchCommand::Train(a) => train_bench(a),
+        BenchCommand::Models(a) => models::run(a),
     }
 }
 
