@@ -72,7 +72,7 @@ fn bench_models_quick_reads_the_pytorch_json() {
     let dir = std::env::temp_dir().join(format!("mila-bench-models-{}", std::process::id()));
     let json: PathBuf = dir.join("out.json");
     let pytorch = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pytorch_models_quick.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_mila"))
+    let out = crate::mila()
         .args(["bench", "models", "--quick", "--device", "cpu", "--pytorch-json", pytorch, "--json"])
         .arg(&json)
         .output()
