@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 .gpu/unpack || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; LOGS=${LOGS:-$OUT}; mkdir -p "$OUT" "$LOGS"
 steps=${*:-tests parity sanitize}
 export MILA_REQUIRE_CUDA=1
 nvidia-smi -L
@@ -17,10 +17,10 @@ for step in $steps; do
   tests)
     for t in .gpu/tests/*; do
       echo "== ${t##*/}"
-      timeout 300 "$t" --test-threads=4 >"$OUT/test-${t##*/}.log" 2>&1
+      timeout 300 "$t" --test-threads=4 >"$LOGS/test-${t##*/}.log" 2>&1
       rc=$?
-      grep -E "^test result|FAILED|panicked|failures:" "$OUT/test-${t##*/}.log" | head -20
-      ((rc == 0)) || { status=1; echo "FAILED (rc $rc): ${t##*/}"; tail -40 "$OUT/test-${t##*/}.log"; }
+      grep -E "^test result|FAILED|panicked|failures:" "$LOGS/test-${t##*/}.log" | head -20
+      ((rc == 0)) || { status=1; echo "FAILED (rc $rc): ${t##*/}"; tail -40 "$LOGS/test-${t##*/}.log"; }
     done ;;
   parity)
     for f in fixtures/*.safetensors; do
