@@ -222,6 +222,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        # "cuda" alone names no index, which set_device refuses: take the current one.
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     reps = args.reps if args.reps is not None else (3 if args.quick else 20)
