@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use engine::cuda::{self, CudaDevice, GemmConfig};
-use engine::{no_grad, CpuStorage, Device, Error, Generator, Result, Storage, Tensor};
+use engine::{no_grad, CpuStorage, DType, Device, Error, Generator, Result, Storage, Tensor};
 use ops::TensorOps;
 use serde::Serialize;
 
@@ -1072,7 +1072,43 @@ fn scan_bench(bench: &mut Bench) -> Result<Report> {
          outputs and gradients written once; saved chunk states not counted); rates are over the copy row"
             .into(),
     );
+    mixer_against_attention(bench)?;
     Ok(bench.report.clone())
+}
+
+/// The Mamba-1 mixer against MILA's linear attention at equal width and token count (issue #6): each one's
+/// forward+backward time over (B, N, C) tokens, and the mixer's time over the attention's.
+fn mixer_against_attention(bench: &mut Bench) -> Result<()> {
+    let (batch, side, width) = if bench.quick { (2, 8, 32) } else { (16, 56, 192) };
+    let tokens = side * side;
+    let heads = width / 32;
+    let mut rng = Generator::new(17);
+    let mut init = nn::Init { dtype: DType::F32, device: bench.device, rng: &mut rng };
+    let attention = mila::LinearAttention::new(&mut init, width, (side, side), heads, true)?;
+    let mixer = mila::MambaMixer::new(&mut init, &mila::MambaConfig::new(width))?;
+    let x = bench.random(&[batch, tokens, width], -1.0, 1.0)?.requires_grad_(true)?;
+    let g = bench.random(&[batch, tokens, width], -1.0, 1.0)?;
+    let shape = format!("x (B {batch}, N {tokens} = {side}x{side}, C {width})");
+    let time = |f: &dyn Fn(&Tensor) -> Result<Tensor>| bench.clock.measure(|| f(&x)?.backward_with(&g));
+    let attention_time = time(&|x| attention.forward(x))?;
+    let mixer_time = time(&|x| mixer.forward(x))?;
+    let ms = |name: String, timing: Timing, note: &str| {
+        let rate = timing.median_ms;
+        Row::new(name, format!("{shape}; {note}"), timing, None, None, rate, "ms")
+    };
+    let attention_row =
+        ms("MILA LinearAttention forward+backward".into(), attention_time, &format!("{heads} heads, RoPE, LePE"));
+    // The time ratio: `against` divides the rates, which for these rows are the times.
+    let mixer_row = ms("Mamba mixer forward+backward".into(), mixer_time, "d_state 16, expand 2, d_conv 4")
+        .against(&attention_row, None);
+    bench.push(attention_row);
+    bench.push(mixer_row);
+    bench.report.notes.push(
+        "mixer vs attention: the ratio column of the mixer row is its time over the attention's (above 1: the \
+         mixer is slower), same width and tokens, forward+backward with parameter gradients"
+            .into(),
+    );
+    Ok(())
 }
 
 // ---- mila bench train ----------------------------------------------------------------------------------
