@@ -212,6 +212,8 @@ pub struct CudaDevice {
     blas: OnceLock<std::result::Result<Mutex<Blas>, String>>,
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
     staging: Mutex<Staging>,
+    /// Blocks of a kernel one wave holds, by (module, kernel, threads a block): see [`CudaDevice::wave`].
+    waves: Mutex<HashMap<(&'static str, String, u32), usize>>,
 }
 
 /// Opened devices; never dropped, so each ordinal is opened once per process.
@@ -266,6 +268,7 @@ impl CudaDevice {
             blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
             staging: Mutex::new(Staging::new()),
+            waves: Mutex::new(HashMap::new()),
         })
     }
 
@@ -405,6 +408,22 @@ impl CudaDevice {
         let f = loaded.module.load_function(name).map_err(|e| missing(format!("{e:?}")))?;
         loaded.functions.insert(name.to_string(), f.clone());
         Ok(f)
+    }
+
+    /// The blocks of one full wave of kernel `name` of `module` (`f`, as [`Self::function`] returned it) at
+    /// `threads` threads a block: multiprocessors x the blocks one multiprocessor holds at once, which the
+    /// driver's occupancy calculator works out from the kernel's registers and shared memory. Asked once per
+    /// kernel and block size. A grid-stride kernel launched with at most this many blocks runs them all at
+    /// once, so none waits for another to finish.
+    pub fn wave(&self, module: &'static str, name: &str, f: &CudaFunction, threads: u32) -> Result<usize> {
+        let mut waves = self.waves.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&w) = waves.get(&(module, name.to_string(), threads)) {
+            return Ok(w);
+        }
+        let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None).or_cuda("occupancy")?;
+        let w = self.multiprocessors as usize * per_sm.max(1) as usize;
+        waves.insert((module, name.to_string(), threads), w);
+        Ok(w)
     }
 
     fn load_module(&self, module: &'static str, source: &'static str) -> Result<LoadedModule> {

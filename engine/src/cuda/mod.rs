@@ -18,6 +18,9 @@
 //! - [`CudaStorage`] (storage.rs): a tensor's buffer, [`CudaBuffer`] (one pooled slice per dtype), and the
 //!   engine's own kernels (storage.cu): fill, strided gather, cast, same-shape add. Kernels take views as
 //!   [`Strided`] parameter structs.
+//! - Vectorised launches ([`vector`]): which kernel form an elementwise launch takes (16-byte accesses for flat,
+//!   aligned operands; the Strided form otherwise) and its one-wave grid ([`CudaDevice::wave`]); the device
+//!   side (`Pack16`, `load16`, `map16`) is in prelude.cuh.
 //!
 //! Nothing but `to_cpu` (and [`CudaDevice::synchronize`], for timing) waits for the device: ops enqueue and
 //! return. Errors of asynchronous work therefore surface at the next synchronising call. Uploads
@@ -55,6 +58,7 @@ mod staging;
 mod storage;
 #[cfg(test)]
 mod tests;
+pub mod vector;
 
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
 // The engine's storage-level kernels (see cuda/storage.rs): fill, strided gather, dtype cast and same-shape
-// add. Compiled by NVRTC after prelude.cuh as the module "engine_storage". Every kernel writes a contiguous
-// output `out[0..n)` in row-major order of the input view(s).
+// add (element by element, or in 16-byte packs for flat inputs). Compiled by NVRTC after prelude.cuh as the
+// module "engine_storage". Every kernel writes a contiguous output `out[0..n)` in row-major order of the input
+// view(s).
 //
 // Names: <op>_f32 / <op>_f64 by element type; the casts name both types (cast_f32_to_f64).
 
@@ -33,6 +34,17 @@ __device__ void add_strided_impl(const T* a, Strided la, const T* b, Strided lb,
     }
 }
 
+// The vectorised form of add_strided for flat inputs (engine::cuda::vector::plan picks it): 2 reads and 1 write
+// of n elements, 12 bytes an f32 element, in 16-byte accesses. Expected at about 0.9 of a device-to-device
+// copy's bandwidth (read + write counted), against 0.74 for the element-by-element loop above.
+template <typename T>
+__device__ void add_vec_impl(const T* a, long long pa, const T* b, long long pb, T* out, long long n) {
+    const T* in[2] = {a, b};
+    const long long period[2] = {pa, pb};
+    T* const outs[1] = {out};
+    map16<2, 1>(in, period, outs, n, [](const T(&x)[2], T(&y)[1]) { y[0] = x[0] + x[1]; });
+}
+
 // The fill value travels as a double for both dtypes so the Rust side passes one argument type.
 extern "C" __global__ void fill_f32(float* out, long long n, double value) { fill_impl<float>(out, n, (float)value); }
 extern "C" __global__ void fill_f64(double* out, long long n, double value) { fill_impl<double>(out, n, value); }
@@ -58,4 +70,13 @@ extern "C" __global__ void add_strided_f32(const float* a, Strided la, const flo
 extern "C" __global__ void add_strided_f64(const double* a, Strided la, const double* b, Strided lb, double* out,
                                            long long n) {
     add_strided_impl<double>(a, la, b, lb, out, n);
+}
+
+extern "C" __global__ void add_vec_f32(const float* a, long long pa, const float* b, long long pb, float* out,
+                                       long long n) {
+    add_vec_impl<float>(a, pa, b, pb, out, n);
+}
+extern "C" __global__ void add_vec_f64(const double* a, long long pa, const double* b, long long pb, double* out,
+                                       long long n) {
+    add_vec_impl<double>(a, pa, b, pb, out, n);
 }

@@ -5,16 +5,16 @@ use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaViewMut, DeviceRepr, DriverError, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, DriverError, PushKernelArg};
 
-use super::{device, kernel_name, CudaDevice, OrCuda, PooledSlice};
+use super::{device, kernel_name, vector, CudaDevice, OrCuda, PooledSlice};
 use crate::{CpuStorage, DType, Device, Error, Float, Layout, Result};
 
 /// Dims a kernel-side [`Strided`] holds (after merging, see [`Strided::new`]).
 pub const MAX_DIMS: usize = 8;
 
-const MODULE: &str = "engine_storage";
-const SOURCE: &str = concat!(include_str!("prelude.cuh"), "\n", include_str!("storage.cu"));
+pub(super) const MODULE: &str = "engine_storage";
+pub(super) const SOURCE: &str = concat!(include_str!("prelude.cuh"), "\n", include_str!("storage.cu"));
 
 /// A view's shape, strides and offset (in elements) as kernels take it: passed by value, mirrored field for
 /// field by `struct Strided` in prelude.cuh (and ops/src/prelude.cuh).
@@ -433,17 +433,47 @@ fn add<T: Float>(
     if n == 0 {
         return Ok(out);
     }
+    let n64 = n as i64;
+    let stream = dev.stream();
+    let inputs = [(la, vector::address(a, stream)), (lb, vector::address(b, stream))];
+    if let vector::Path::Vector(flats) = vector::plan(&inputs, &[vector::address(&out, stream)], size_of::<T>()) {
+        let va = flat_view(OP, a, la, flats[0])?;
+        let vb = flat_view(OP, b, lb, flats[1])?;
+        let (pa, pb) = (flats[0].period(), flats[1].period());
+        let name = kernel_name::<T>("add_vec");
+        let f = dev.function(MODULE, SOURCE, &name)?;
+        let cfg = vector::launch_config(n, size_of::<T>(), dev.wave(MODULE, &name, &f, vector::THREADS)?);
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&va).arg(&pa).arg(&vb).arg(&pb).arg(out.as_slice()).arg(&n64);
+        // SAFETY: add_vec_<T>(const T* a, long long pa, const T* b, long long pb, T* out, long long n) reads a
+        // and b through their flat forms (p[i], p[0] or p[i % period] for i < n), inside the views `va`, `vb`
+        // that `flat_view` cut to exactly those elements, with 16-byte loads at addresses `plan` checked; and
+        // writes out[0..n), which holds n elements of T, from an aligned address.
+        launched(OP, &name, unsafe { launch.launch(cfg) })?;
+        return Ok(out);
+    }
     let (sa, sb) = (Strided::new(la)?, Strided::new(lb)?);
     let name = kernel_name::<T>("add_strided");
     let f = dev.function(MODULE, SOURCE, &name)?;
-    let n64 = n as i64;
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = stream.launch_builder(&f);
     launch.arg(a.as_slice()).arg(&sa).arg(b.as_slice()).arg(&sb).arg(out.as_slice()).arg(&n64);
     // SAFETY: add_strided_<T>(const T* a, Strided la, const T* b, Strided lb, T* out, long long n) reads a and
     // b at offset_of(l, i) for i < n, inside each buffer (check_span; both layouts have n elements), and writes
     // out[0..n), which holds n elements of T.
     launched(OP, &name, unsafe { launch.launch(dev.launch_config(n)) })?;
     Ok(out)
+}
+
+/// The elements a vectorised kernel reads of a flat input: from the layout's offset, `flat.span(numel)` long.
+fn flat_view<'a, T>(
+    op: &'static str,
+    s: &'a PooledSlice<T>,
+    layout: &Layout,
+    flat: vector::Flat,
+) -> Result<CudaView<'a, T>> {
+    let o = layout.offset();
+    s.try_slice(o..o + flat.span(layout.numel()))
+        .ok_or_else(|| Error::invalid(op, "internal: flat view exceeds its buffer", layout.shape()))
 }
 
 fn to_host<T: Float + DeviceRepr>(dev: &CudaDevice, src: &PooledSlice<T>, layout: &Layout) -> Result<Vec<T>> {

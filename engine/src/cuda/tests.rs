@@ -104,6 +104,22 @@ fn missing_cuda_is_an_error_not_a_panic() {
     }
 }
 
+/// The engine's own kernels compile with NVRTC for the H100 (sm_90): needs libnvrtc, not a GPU (see
+/// ops' `every_module_compiles_for_sm_90`).
+#[test]
+fn storage_module_compiles_for_sm_90() {
+    if !nvrtc_available() {
+        if require_cuda() {
+            panic!("MILA_REQUIRE_CUDA=1 but libnvrtc cannot be loaded");
+        }
+        eprintln!("skipping storage_module_compiles_for_sm_90: libnvrtc not found");
+        return;
+    }
+    if let Err(e) = compile(storage::MODULE, storage::SOURCE, "sm_90") {
+        panic!("{e}");
+    }
+}
+
 // ---- on a device ---------------------------------------------------------------------------------------
 
 #[test]
@@ -223,6 +239,48 @@ fn add_same_shape_matches_cpu_for_strided_inputs() {
         ));
         // A layout past the end of its buffer is refused before any kernel runs.
         assert!(db.copy_strided(&Layout::contiguous(&[21])).is_err());
+    }
+}
+
+/// The vectorised add (engine::cuda::vector): large flat inputs whose length is not a multiple of the pack width,
+/// offsets that keep or break 16-byte alignment (the latter must fall back to the strided kernel), a bias-like
+/// repeat and a scalar broadcast; bit-exact against the CPU, outputs poisoned.
+#[test]
+fn add_same_shape_vectorised_and_fallback_paths_match_cpu() {
+    let Some((_g, dev)) = gpu("add_same_shape_vectorised_and_fallback_paths_match_cpu") else { return };
+    let mut g = Generator::new(16);
+    const N: usize = 300_001; // 4 * 75_000 + 1: a one-element scalar tail for f32 and f64 alike
+    for dtype in [DType::F32, DType::F64] {
+        let (a, b) = (random(&mut g, N + 16, dtype), random(&mut g, N + 16, dtype));
+        let flat = |start: usize| Layout::contiguous(&[N + 16]).narrow(0, start, N).unwrap();
+        let rows = |start: usize, period: usize| {
+            Layout::contiguous(&[N + 16]).narrow(0, start, period).unwrap().broadcast_as(&[1000, period]).unwrap()
+        };
+        let cases = [
+            ("both aligned", flat(0), flat(4)),
+            ("a at element 1: misaligned, strided kernel", flat(1), flat(0)),
+            ("b at element 3: misaligned, strided kernel", flat(8), flat(3)),
+            ("b at element 2: aligned for f64 only", flat(0), flat(2)),
+            (
+                "scalar b at element 5",
+                flat(0),
+                Layout::contiguous(&[N + 16]).narrow(0, 5, 1).unwrap().broadcast_as(&[N]).unwrap(),
+            ),
+        ];
+        let row_cases = [
+            ("bias of 300 over 1000 rows", Layout::contiguous(&[1000, 300]), rows(0, 300)),
+            ("bias of 299: not whole packs, strided kernel", Layout::contiguous(&[1000, 299]), rows(0, 299)),
+            ("bias of 300 at element 1: misaligned", Layout::contiguous(&[1000, 300]), rows(1, 300)),
+        ];
+        let (da, db) = (CudaStorage::from_cpu(0, &a).unwrap(), CudaStorage::from_cpu(0, &b).unwrap());
+        for (name, la, lb) in cases.iter().chain(&row_cases) {
+            let want = Storage::Cpu(a.clone()).add_same_shape(la, &Storage::Cpu(b.clone()), lb).unwrap();
+            let n = la.numel();
+            let want = want.to_cpu(&Layout::contiguous(&[n])).unwrap().to_f64_vec(&Layout::contiguous(&[n]));
+            poison(&dev, n, dtype);
+            let got = da.add_same_shape(la, &db, lb).unwrap();
+            assert_same(&host(&got), &want, &format!("add {dtype} {name}"));
+        }
     }
 }
 
