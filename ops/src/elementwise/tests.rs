@@ -170,3 +170,40 @@ fn bad_inputs_are_errors_not_panics() {
     let msg = add(&a, &b).unwrap_err().to_string();
     assert!(msg.contains("[2, 3]") && msg.contains("[4]"), "{msg}");
 }
+
+/// Which CUDA kernel form the layouts the ops build (each input broadcast to the output shape) get, at the
+/// aligned base addresses the allocator hands out; the choice itself is engine::cuda::vector::plan, and this
+/// checks the op-level layouts it sees. Needs no device.
+#[test]
+fn cuda_kernel_form_for_the_layouts_ops_build() {
+    use engine::cuda::vector::{plan, Flat, Path};
+    const BASE: u64 = 0x7f00_0000_0000;
+    let form = |a: &Tensor, b: &Tensor, elem: usize| {
+        let shape = engine::broadcast_shape("test", a.shape(), b.shape()).unwrap();
+        let (la, lb) = (a.layout().broadcast_as(&shape).unwrap(), b.layout().broadcast_as(&shape).unwrap());
+        plan(&[(&la, BASE), (&lb, BASE + (1 << 20))], &[BASE + (2 << 20)], elem)
+    };
+    let x = randn(&[1000, 64], 1);
+    // Same shapes: both contiguous.
+    assert_eq!(form(&x, &randn(&[1000, 64], 2), 8), Path::Vector(vec![Flat::Contiguous; 2]));
+    // A Linear's bias (64,) over (1000, 64): a repeated row of 64 (whole packs for f32 and f64).
+    assert_eq!(form(&x, &randn(&[64], 3), 8), Path::Vector(vec![Flat::Contiguous, Flat::Repeat(64)]));
+    assert_eq!(form(&x, &randn(&[64], 3), 4), Path::Vector(vec![Flat::Contiguous, Flat::Repeat(64)]));
+    // A scalar tensor (compare_scalar, where's zero).
+    let s = Tensor::scalar(0.0, DType::F64, Device::Cpu).unwrap();
+    assert_eq!(form(&x, &s, 8), Path::Vector(vec![Flat::Contiguous, Flat::Scalar]));
+    // A column (1000, 1) or a transposed operand has no flat form: the Strided kernel.
+    assert_eq!(form(&x, &randn(&[1000, 1], 4), 8), Path::Strided);
+    assert_eq!(form(&x, &permute(&randn(&[64, 1000], 5), &[1, 0]).unwrap(), 8), Path::Strided);
+    // A bias of 6 doubles is 3 packs; of 6 floats, one and a half: Strided for f32 only.
+    let y = randn(&[10, 6], 6);
+    assert_eq!(form(&y, &randn(&[6], 7), 8), Path::Vector(vec![Flat::Contiguous, Flat::Repeat(6)]));
+    assert_eq!(form(&y, &randn(&[6], 7), 4), Path::Strided);
+    // Narrowed rows keep the view contiguous; whether it is aligned depends on its offset: rows of 64 from
+    // row 1 start 64 elements in (aligned), a narrow of a flat buffer from element 1 does not.
+    let rows = narrow(&x, 0, 1, 999).unwrap();
+    assert_eq!(form(&rows, &randn(&[999, 64], 8), 4), Path::Vector(vec![Flat::Contiguous; 2]));
+    let flat = narrow(&randn(&[4001], 9), 0, 1, 4000).unwrap();
+    assert_eq!(form(&flat, &randn(&[4000], 10), 4), Path::Strided);
+    assert_eq!(form(&flat, &randn(&[4000], 10), 8), Path::Strided);
+}
