@@ -1,17 +1,60 @@
-//! CUDA reductions (reduce.cu): one warp per output element, or per slice of one when a row is long, the
-//! slices' partial results then reduced by a second launch. Sums of f32 accumulate in f32 along a warp
-//! tree, which keeps the error near log2(n) ulps rather than n.
+//! CUDA reductions (reduce.cu). Two ways, chosen per launch by the permuted input's layout:
+//!
+//! - Contiguous rows (the input is contiguous and the reduced dims are its innermost ones, so each output
+//!   reduces one contiguous run: a full sum, a sum over the last dims): 16-byte loads, accumulation in double,
+//!   one warp per row or blocks per row slice whose partials the last block combines in the same launch
+//!   ([`RowsLaunch`]). Every element read once: at about the bandwidth of a copy.
+//! - Any other layout: one warp per output element, or per slice of one when a row is long, reading through
+//!   `offset_of`, the slices' partial results then reduced by a second launch. Sums of f32 accumulate in f32
+//!   along a warp tree, which keeps the error near log2(n) ulps rather than n.
+//!
+//! Both are deterministic: fixed decompositions and combination orders, no float atomics.
 
-use engine::cuda::{CudaDevice, CudaFunction, CudaSlice, CudaStorage, PushKernelArg, Strided};
-use engine::{DType, Float, Layout, Result};
+use engine::cuda::{CudaDevice, CudaFunction, CudaSlice, CudaStorage, CudaView, PushKernelArg, Strided};
+use engine::{DType, Error, Float, Layout, Result};
 
 use super::{Plan, ReduceKind};
 use crate::cuda::{function, launch, Module};
 
 pub(crate) const MODULE: Module = Module { name: "ops_reduce", body: include_str!("reduce.cu") };
 
-/// Elements one warp reduces before a row is split into slices.
+/// Elements one warp reduces before a row is split into slices (the strided kernel).
 const SLICE: usize = 4096;
+
+/// Threads a block of the contiguous-rows kernels (`ROW_THREADS` in reduce.cu).
+const ROW_THREADS: usize = 256;
+
+/// Rows shorter than this are reduced by one warp each.
+const BLOCK_ROW_MIN: usize = 2048;
+
+/// The fewest elements a block's slice of a split row gets.
+const SPLIT_MIN: usize = 8192;
+
+/// How a contiguous-rows reduction is launched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowsLaunch {
+    /// `reduce_rows_warp_*`: one warp per row, `blocks` blocks grid-striding over the rows.
+    Warp { blocks: usize },
+    /// `reduce_rows_block_*`: `splits` blocks per row, one launch of rows x splits blocks; with splits > 1 the
+    /// last block to finish combines the partials.
+    Block { splits: usize },
+}
+
+/// The launch for `rows` contiguous rows of `group` elements, given the blocks of one full wave of the block
+/// kernel (`block_wave`) and of the warp kernel (`warp_wave`).
+///
+/// A row gets one warp when it is short, or when there are enough rows for every warp of a wave of blocks to
+/// have its own (then a warp per row keeps the whole device busy with no block-wide combining). Otherwise a
+/// row gets whole blocks, and rows too few to fill a wave are split into slices of at least [`SPLIT_MIN`]
+/// elements until they do: a full sum of 64M floats runs as one wave of blocks, each combining ~64K elements.
+pub(crate) fn rows_launch(rows: usize, group: usize, block_wave: usize, warp_wave: usize) -> RowsLaunch {
+    let warps_per_block = ROW_THREADS / 32;
+    if group < BLOCK_ROW_MIN || rows >= block_wave * warps_per_block {
+        return RowsLaunch::Warp { blocks: rows.div_ceil(warps_per_block).clamp(1, warp_wave.max(1)) };
+    }
+    let splits = block_wave.div_ceil(rows).clamp(1, group.div_ceil(SPLIT_MIN));
+    RowsLaunch::Block { splits }
+}
 
 #[derive(Clone, Copy)]
 enum Kernel {
@@ -26,6 +69,15 @@ impl Kernel {
             Kernel::Sum => "reduce_sum",
             Kernel::Max => "reduce_max",
             Kernel::CountEq => "reduce_count_eq",
+        }
+    }
+
+    /// The op's name in the contiguous-rows kernels, `reduce_rows_{warp,block}_<op>`.
+    fn op(self) -> &'static str {
+        match self {
+            Kernel::Sum => "sum",
+            Kernel::Max => "max",
+            Kernel::CountEq => "count_eq",
         }
     }
 }
@@ -65,10 +117,14 @@ fn reduce_into<T: Float>(
     if rows == 0 {
         return Ok(out);
     }
-    let f = function::<T>(dev, &MODULE, kernel.name())?;
-    let sx = Strided::new(lx)?;
     // The reference is only read by count_eq; pass the output as a placeholder pointer otherwise.
     let reference = reference.unwrap_or(out.as_slice());
+    if lx.is_contiguous() {
+        reduce_rows(dev, kernel, x, lx, reference, &out, rows, group)?;
+        return Ok(out);
+    }
+    let f = function::<T>(dev, &MODULE, kernel.name())?;
+    let sx = Strided::new(lx)?;
     let splits = if group > 2 * SLICE { group.div_ceil(SLICE) } else { 1 };
     if splits == 1 {
         launch_reduce(dev, &f, x, &sx, reference, out.as_slice(), rows, group, 1)?;
@@ -84,6 +140,64 @@ fn reduce_into<T: Float>(
     let lp = Strided::new(&Layout::contiguous(&[rows, splits]))?;
     launch_reduce(dev, &second, partial.as_slice(), &lp, reference, out.as_slice(), rows, splits, 1)?;
     Ok(out)
+}
+
+/// The contiguous-rows kernels: `lx` is contiguous, so its elements are `rows * group` consecutive ones from
+/// its offset.
+#[allow(clippy::too_many_arguments)]
+fn reduce_rows<T: Float>(
+    dev: &CudaDevice,
+    kernel: Kernel,
+    x: &CudaSlice<T>,
+    lx: &Layout,
+    reference: &CudaSlice<T>,
+    out: &CudaSlice<T>,
+    rows: usize,
+    group: usize,
+) -> Result<()> {
+    let o = lx.offset();
+    let xs: CudaView<T> = x
+        .try_slice(o..o + rows * group)
+        .ok_or_else(|| Error::invalid("reduce", "internal: view exceeds its storage", lx.shape()))?;
+    let block_name = format!("reduce_rows_block_{}", kernel.op());
+    let warp_name = format!("reduce_rows_warp_{}", kernel.op());
+    let fb = function::<T>(dev, &MODULE, &block_name)?;
+    let fw = function::<T>(dev, &MODULE, &warp_name)?;
+    let block_wave = dev.wave(MODULE.name, &block_name, &fb, ROW_THREADS as u32)?;
+    let warp_wave = dev.wave(MODULE.name, &warp_name, &fw, ROW_THREADS as u32)?;
+    let (rows64, group64) = (rows as i64, group as i64);
+    let config = |blocks: usize| engine::cuda::LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (ROW_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let cuda_err = |e| Error::Cuda { op: "reduce", msg: format!("{e:?}") };
+    match rows_launch(rows, group, block_wave, warp_wave) {
+        RowsLaunch::Warp { blocks } => {
+            let mut args = dev.stream().launch_builder(&fw);
+            args.arg(&xs).arg(reference).arg(out).arg(&rows64).arg(&group64);
+            // SAFETY: reduce_rows_warp_<op>(const T* x, const T* ref, T* out, long long rows, long long group)
+            // reads x[0..rows * group), which `xs` holds, ref[0..rows) (count_eq only; the max's output, rows
+            // elements) and writes out[0..rows), which `out` holds.
+            unsafe { args.launch(config(blocks)) }.map_err(cuda_err)?;
+        }
+        RowsLaunch::Block { splits } => {
+            let blocks = rows * splits;
+            if blocks > i32::MAX as usize {
+                return Err(Error::invalid("reduce", "too many rows for one launch", lx.shape()));
+            }
+            let part = dev.alloc::<f64>(if splits > 1 { blocks } else { 1 })?;
+            let splits64 = splits as i64;
+            let mut args = dev.stream().launch_builder(&fb);
+            args.arg(&xs).arg(reference).arg(out).arg(part.as_slice()).arg(&rows64).arg(&group64).arg(&splits64);
+            // SAFETY: reduce_rows_block_<op>(const T* x, const T* ref, T* out, double* part, long long rows,
+            // long long group, long long splits), launched with exactly rows * splits blocks (one per task):
+            // reads x[0..rows * group) (`xs`), ref[0..rows) (count_eq only), writes part[0..rows * splits) when
+            // splits > 1 (`part` holds that many) and out[0..rows).
+            unsafe { args.launch(config(blocks)) }.map_err(cuda_err)?;
+        }
+    }
+    Ok(())
 }
 
 fn rows(plan: &Plan) -> usize {

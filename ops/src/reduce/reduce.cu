@@ -1,8 +1,14 @@
 // Reductions. The input is viewed (through `lx`, the permuted layout: kept dims first, reduced dims last)
-// as `outputs` rows of `group` elements. One warp reduces one task: a row, or with `splits` > 1 one of
-// `splits` consecutive slices of a row, whose partial results a second launch reduces (splits = 1).
+// as `outputs` rows of `group` elements.
 //
 // ops: 0 sum, 1 max (NaN propagates), 2 count of elements equal to ref[row] (for max's backward).
+//
+// Two kernel families (reduce/cuda.rs picks one per launch):
+// - reduce_rows_{warp,block}_<op>: the rows are contiguous (the input is, and the reduced dims are its innermost
+//   ones: a full sum, a sum over the last dims). 16-byte loads, accumulation in double; see below.
+// - reduce_<op>: any layout, element by element through `offset_of`; one warp per task: a row, or with
+//   `splits` > 1 one of `splits` consecutive slices of a row, whose partial results a second launch of the same
+//   kernel reduces (splits = 1).
 
 #define WARPS_PER_BLOCK 8
 
@@ -77,3 +83,149 @@ extern "C" __global__ void max_bwd_f64(const double* x, Strided lx, const double
                                        long long group) {
     max_bwd_impl<double>(x, lx, y, g, count, dx, ldest, n, group);
 }
+
+// ---- contiguous rows: 16-byte loads ---------------------------------------------------------------------
+//
+// x holds `rows` rows of `group` elements back to back. Bytes: every element read once (4 bytes an f32), one
+// output per row written: a pure read stream, which the H100 serves at least as fast as a copy's mix of reads
+// and writes. Expected at about 0.9 of the device-to-device copy bandwidth for a full f32 sum of 64M
+// elements (the element-by-element kernel above measured 0.745).
+//
+// Each thread accumulates its share in double: a pack's elements are first combined in T pairwise ((x0 + x1)
+// + (x2 + x3) for float4), then added to the double accumulator; lanes and warps combine by shuffles and
+// shared memory in a fixed order. For sums of f32 that keeps the rounding error near that of a float64
+// summation (each f32 pack sum is exact to 2 ulps of its 4 terms), at no cost a memory-bound loop notices;
+// for max and counts the double is exact. No float atomics: results are the same bits run after run.
+//
+// Alignment: row r starts at x + r * group, which is 16-byte aligned only if group (and x) allow. Each thread
+// group (warp or block) therefore takes the first elements of its slice, up to the next 16-byte boundary, one
+// at a time, then packs, then the remainder one at a time: any offset and any group size are safe.
+
+#define ROW_THREADS 256
+
+template <typename T, int OP> __device__ __forceinline__ T element(T v, T r) {
+    if (OP == 2) return (v == r || (m_isnan(v) && m_isnan(r))) ? T(1) : T(0);
+    return v;
+}
+
+template <int OP> __device__ __forceinline__ double warp_combine(double acc) {
+    for (int d = 16; d > 0; d >>= 1) acc = combine<double, OP>(acc, __shfl_down_sync(0xffffffffu, acc, d));
+    return acc;
+}
+
+// Thread t of nt's share of p[0..len): element by element up to the first 16-byte boundary, then packs t,
+// t + nt, ... (VEC_UNROLL of them loaded before the first is used), then the elements after the last pack.
+template <typename T, int OP>
+__device__ __forceinline__ double thread_share(const T* p, long long len, T r, int t, int nt) {
+    constexpr int W = PACK16(T);
+    const long long misaligned = (long long)((reinterpret_cast<unsigned long long>(p) / sizeof(T)) % W);
+    const long long head = min(len, (long long)((W - misaligned) % W));
+    double acc = identity<double, OP>();
+    if (t < head) acc = combine<double, OP>(acc, (double)element<T, OP>(p[t], r));
+    const T* q = p + head;
+    const long long packs = (len - head) / W;
+    for (long long j = t; j < packs; j += (long long)nt * VEC_UNROLL) {
+        Pack16<T> v[VEC_UNROLL];
+#pragma unroll
+        for (int u = 0; u < VEC_UNROLL; ++u) {
+            const long long k = j + (long long)u * nt;
+            if (k < packs) v[u] = load16(q + k * W);
+        }
+#pragma unroll
+        for (int u = 0; u < VEC_UNROLL; ++u) {
+            if (j + (long long)u * nt < packs) {
+                T w[W];
+#pragma unroll
+                for (int e = 0; e < W; ++e) w[e] = element<T, OP>(v[u].v[e], r);
+#pragma unroll
+                for (int h = W / 2; h > 0; h >>= 1) {
+#pragma unroll
+                    for (int e = 0; e < h; ++e) w[e] = combine<T, OP>(w[e], w[e + h]);
+                }
+                acc = combine<double, OP>(acc, (double)w[0]);
+            }
+        }
+    }
+    for (long long i = head + packs * W + t; i < len; i += nt) acc = combine<double, OP>(acc, (double)element<T, OP>(p[i], r));
+    return acc;
+}
+
+// One warp per row (rows short enough, or many enough, that a row needs no more threads): grid-stride over rows.
+template <typename T, int OP>
+__device__ void rows_warp_impl(const T* x, const T* ref, T* out, long long rows, long long group) {
+    const int lane = threadIdx.x & 31;
+    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long row = warp; row < rows; row += warps) {
+        const T r = OP == 2 ? ref[row] : T(0);
+        const double acc = warp_combine<OP>(thread_share<T, OP>(x + row * group, group, r, lane, 32));
+        if (lane == 0) out[row] = (T)acc;
+    }
+}
+
+// Blocks of a split launch that have finished, counted by atomicInc, which wraps it back to 0 when the last
+// block of the grid increments it: every launch finds it at 0. Sound because all of a device's work runs on
+// one stream (engine::cuda), so two split launches of this module never overlap.
+__device__ unsigned int rows_blocks_done;
+
+// One block per task: row `task / splits`, slice `task % splits` of it (splits consecutive slices of whole
+// packs). With splits = 1 the block writes the row's result. Otherwise it writes its partial (a double) and
+// the last block of the grid to finish combines every row's partials in slice order: one launch, and the same
+// result whichever block finishes last.
+template <typename T, int OP>
+__device__ void rows_block_impl(const T* x, const T* ref, T* out, double* part, long long rows, long long group,
+                                long long splits) {
+    __shared__ double warp_acc[ROW_THREADS / 32];
+    __shared__ bool last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const long long task = blockIdx.x;
+    const long long row = task / splits, s = task % splits;
+    constexpr int W = PACK16(T);
+    const long long per = ((group + splits - 1) / splits + W - 1) / W * W;
+    const long long lo = min(group, s * per), hi = min(group, lo + per);
+    const T r = OP == 2 ? ref[row] : T(0);
+    double acc = warp_combine<OP>(thread_share<T, OP>(x + row * group + lo, hi - lo, r, threadIdx.x, blockDim.x));
+    if (lane == 0) warp_acc[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        acc = lane < warps ? warp_acc[lane] : identity<double, OP>();
+        acc = warp_combine<OP>(acc);
+    }
+    if (splits == 1) {
+        if (threadIdx.x == 0) out[row] = (T)acc;
+        return;
+    }
+    if (threadIdx.x == 0) {
+        part[task] = acc;
+        __threadfence(); // the partial is visible device-wide before the count says so
+        last = atomicInc(&rows_blocks_done, gridDim.x - 1) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (long long rr = warp; rr < rows; rr += warps) {
+        double a = identity<double, OP>();
+        // __ldcg: read at L2, where the other blocks' partials are, not from a stale L1 line.
+        for (long long j = lane; j < splits; j += 32) a = combine<double, OP>(a, __ldcg(part + rr * splits + j));
+        a = warp_combine<OP>(a);
+        if (lane == 0) out[rr] = (T)a;
+    }
+}
+
+#define ROWS_KERNELS(NAME, OP, T, SUFFIX)                                                              \
+    extern "C" __global__ void reduce_rows_warp_##NAME##_##SUFFIX(const T* x, const T* ref, T* out,    \
+                                                                  long long rows, long long group) {   \
+        rows_warp_impl<T, OP>(x, ref, out, rows, group);                                               \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS)                                          \
+        reduce_rows_block_##NAME##_##SUFFIX(const T* x, const T* ref, T* out, double* part,            \
+                                            long long rows, long long group, long long splits) {       \
+        rows_block_impl<T, OP>(x, ref, out, part, rows, group, splits);                                \
+    }
+
+ROWS_KERNELS(sum, 0, float, f32)
+ROWS_KERNELS(sum, 0, double, f64)
+ROWS_KERNELS(max, 1, float, f32)
+ROWS_KERNELS(max, 1, double, f64)
+ROWS_KERNELS(count_eq, 2, float, f32)
+ROWS_KERNELS(count_eq, 2, double, f64)

@@ -107,3 +107,42 @@ fn leading_dims_reduce_by_columns() {
         assert!(r.passed(), "{r}");
     }
 }
+
+/// The CUDA launch plan, without a device: which reductions the contiguous-rows kernels take (the permuted
+/// input is contiguous), and how rows are spread over warps and blocks.
+#[test]
+fn cuda_reductions_pick_the_row_kernels_for_contiguous_rows() {
+    use super::cuda::{rows_launch, RowsLaunch};
+    let rows_kernels = |shape: &[usize], layout: &engine::Layout, dims: &[isize]| {
+        let plan = Plan::new("sum", shape, dims, false).unwrap();
+        layout.permute(&plan.perm).unwrap().is_contiguous()
+    };
+    let c = |shape: &[usize]| engine::Layout::contiguous(shape);
+    assert!(rows_kernels(&[64, 1 << 20], &c(&[64, 1 << 20]), &[]), "a full sum");
+    assert!(rows_kernels(&[8, 16, 300], &c(&[8, 16, 300]), &[-1]), "a sum over the last dim");
+    assert!(rows_kernels(&[8, 16, 300], &c(&[8, 16, 300]), &[1, 2]), "over the last two");
+    let rows_from_3 = c(&[10, 300]).narrow(0, 3, 7).unwrap();
+    assert!(rows_kernels(&[7, 300], &rows_from_3, &[1]), "rows with an offset (any alignment: heads are peeled)");
+    assert!(!rows_kernels(&[8, 300], &c(&[8, 300]), &[0]), "a column sum (sum_to_shape of a bias) is strided");
+    let t = c(&[300, 8]).permute(&[1, 0]).unwrap();
+    assert!(!rows_kernels(&[8, 300], &t, &[1]), "rows of a transposed tensor are strided");
+    let cols = c(&[8, 301]).narrow(1, 0, 300).unwrap();
+    assert!(!rows_kernels(&[8, 300], &cols, &[]), "a narrowed inner dim is not contiguous");
+
+    // H100: 132 SMs, 8 blocks of 256 threads each for both kernels.
+    let wave = 132 * 8;
+    // A full sum of 64M floats: one wave of blocks, each ~64K elements; the last one combines the partials.
+    assert_eq!(rows_launch(1, 64 << 20, wave, wave), RowsLaunch::Block { splits: wave });
+    // A smaller full sum is split into slices of at least 8192 elements.
+    assert_eq!(rows_launch(1, 100_000, wave, wave), RowsLaunch::Block { splits: 13 });
+    assert_eq!(rows_launch(1, 5_000, wave, wave), RowsLaunch::Block { splits: 1 });
+    // 64 long rows share the wave: 17 slices each.
+    assert_eq!(rows_launch(64, 1 << 20, wave, wave), RowsLaunch::Block { splits: 17 });
+    // Short rows, few or many: a warp each, grid capped at one wave.
+    assert_eq!(rows_launch(4096, 300, wave, wave), RowsLaunch::Warp { blocks: 512 });
+    assert_eq!(rows_launch(1 << 20, 64, wave, wave), RowsLaunch::Warp { blocks: wave });
+    assert_eq!(rows_launch(3, 1, wave, wave), RowsLaunch::Warp { blocks: 1 });
+    // Long rows, enough of them for a warp each on every warp slot of a wave.
+    assert_eq!(rows_launch(8 * wave, 1 << 14, wave, wave), RowsLaunch::Warp { blocks: wave });
+    assert_eq!(rows_launch(8 * wave - 1, 1 << 14, wave, wave), RowsLaunch::Block { splits: 1 });
+}
