@@ -410,8 +410,9 @@ impl CudaDevice {
         Ok(f)
     }
 
-    /// The blocks of one full wave of kernel `name` of `module` (`f`, as [`Self::function`] returned it) at
-    /// `threads` threads a block: multiprocessors x the blocks one multiprocessor holds at once, which the
+    /// The blocks of one full wave of kernel `name` of `module` (`f`, as [`Self::function`] returned it for
+    /// that very symbol, dtype suffix included: `_f32` and `_f64` twins differ in registers) at `threads`
+    /// threads a block: multiprocessors x the blocks one multiprocessor holds at once, which the
     /// driver's occupancy calculator works out from the kernel's registers and shared memory. Asked once per
     /// kernel and block size. A grid-stride kernel launched with at most this many blocks runs them all at
     /// once, so none waits for another to finish.

@@ -100,7 +100,7 @@ pub enum Path {
 /// address may be anything.
 pub fn plan(inputs: &[(&Layout, u64)], outputs: &[u64], elem_bytes: usize) -> Path {
     let width = (VECTOR_BYTES / elem_bytes) as u64;
-    let aligned = |addr: u64| addr % VECTOR_BYTES as u64 == 0;
+    let aligned = |addr: u64| addr.is_multiple_of(VECTOR_BYTES as u64);
     if !outputs.iter().all(|&a| aligned(a)) {
         return Path::Strided;
     }
@@ -111,7 +111,7 @@ pub fn plan(inputs: &[(&Layout, u64)], outputs: &[u64], elem_bytes: usize) -> Pa
         let ok = match flat {
             Flat::Contiguous => aligned(first),
             Flat::Scalar => true,
-            Flat::Repeat(p) => aligned(first) && p as u64 % width == 0,
+            Flat::Repeat(p) => aligned(first) && (p as u64).is_multiple_of(width),
         };
         if !ok {
             return Path::Strided;

@@ -7,7 +7,7 @@
 //! compute the same formula, so the choice never changes a result.
 
 use engine::cuda::vector::{self, Flat, Path};
-use engine::cuda::{CudaSlice, CudaStorage, CudaView, PushKernelArg};
+use engine::cuda::{kernel_name, CudaSlice, CudaStorage, CudaView, PushKernelArg};
 use engine::{DType, Error, Float, Layout, Result};
 
 use super::{Binary, Cmp, Unary};
@@ -75,7 +75,7 @@ fn map<T: Float>(
             let periods: Vec<i64> = flats.iter().map(|f| f.period()).collect();
             let name = format!("{kernel}_vec");
             let f = function::<T>(dev, &MODULE, &name)?;
-            let wave = dev.wave(MODULE.name, &name, &f, vector::THREADS)?;
+            let wave = dev.wave(MODULE.name, &kernel_name::<T>(&name), &f, vector::THREADS)?;
             let mut args = stream.launch_builder(&f);
             for (v, p) in views.iter().zip(&periods) {
                 args.arg(v).arg(p);

@@ -10,7 +10,7 @@
 //!
 //! Both are deterministic: fixed decompositions and combination orders, no float atomics.
 
-use engine::cuda::{CudaDevice, CudaFunction, CudaSlice, CudaStorage, CudaView, PushKernelArg, Strided};
+use engine::cuda::{kernel_name, CudaDevice, CudaFunction, CudaSlice, CudaStorage, CudaView, PushKernelArg, Strided};
 use engine::{DType, Error, Float, Layout, Result};
 
 use super::{Plan, ReduceKind};
@@ -163,8 +163,8 @@ fn reduce_rows<T: Float>(
     let warp_name = format!("reduce_rows_warp_{}", kernel.op());
     let fb = function::<T>(dev, &MODULE, &block_name)?;
     let fw = function::<T>(dev, &MODULE, &warp_name)?;
-    let block_wave = dev.wave(MODULE.name, &block_name, &fb, ROW_THREADS as u32)?;
-    let warp_wave = dev.wave(MODULE.name, &warp_name, &fw, ROW_THREADS as u32)?;
+    let block_wave = dev.wave(MODULE.name, &kernel_name::<T>(&block_name), &fb, ROW_THREADS as u32)?;
+    let warp_wave = dev.wave(MODULE.name, &kernel_name::<T>(&warp_name), &fw, ROW_THREADS as u32)?;
     let (rows64, group64) = (rows as i64, group as i64);
     let config = |blocks: usize| engine::cuda::LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
