@@ -7,7 +7,8 @@
 //!
 //! `max` splits the gradient evenly between ties, like `torch.amax`. The kernels view the input with the
 //! kept dims first and the reduced dims last, so each output element reduces one run of the gathered input;
-//! sums accumulate in f64 whatever the dtype.
+//! sums accumulate in f64 whatever the dtype (on CUDA, in the contiguous-rows kernels; the strided kernel
+//! accumulates f32 in f32 along a warp tree: see cuda.rs).
 
 mod cpu;
 pub(crate) mod cuda;
