@@ -821,7 +821,7 @@ fn ops_bench(bench: &mut Bench) -> Result<Report> {
         None
     };
     drop(dst);
-    let row = Row::bytes("copy: ops::copy_into (copy_strided kernel)", shape.clone(), timing, 8.0 * elems as f64)
+    let row = Row::bytes("copy: ops::copy_into (contiguous: cuMemcpyDtoD)", shape.clone(), timing, 8.0 * elems as f64)
         .against(&copy, None)
         .checked(check);
     bench.push(row);
