@@ -11,7 +11,12 @@
 //! wide for a tile fall back to untiled kernels: one thread per output (dx: per input) pixel, and the weight
 //! gradient by blocks of (channel, chunk of samples) summed in double, then the chunks in order.
 //!
-//! Dense and grouped conv2d: im2col + cuBLAS, per chunk of samples small enough for the column buffer
+//! Dense and grouped conv2d, forward: an implicit GEMM (`conv_igemm`: each block gathers the patches of its
+//! 256 output pixels from x step by step over K = C/G kh kw, 32 output channels a block, FFMA), except for
+//! pointwise convs and in TF32 mode, which take the cuBLAS path below ([`Conv2dGeom::implicit_gemm`]).
+//!
+//! Dense and grouped conv2d, backward (and the forward's other cases): im2col + cuBLAS, per chunk of samples
+//! small enough for the column buffer
 //! ([`COLS_BUDGET`]). cols is (nb, C kh kw, OH OW); for sample s and group q, rows q K .. (q+1) K with
 //! K = C/G kh kw are the group's patch matrix cols_sq (K, P), P = OH OW. Then
 //!
@@ -611,7 +616,28 @@ fn depthwise_backward_untiled<T: Float>(
     Ok(Grads { x: dx, w: dw, bias })
 }
 
+/// Output columns (sample, pixel) and output channels of one block of conv_igemm.
+const IGEMM_COLS: usize = 256;
+const IGEMM_ROWS: usize = 32;
+
 impl Conv2dGeom {
+    /// Whether the forward runs as an implicit GEMM (conv_igemm: the patches gathered from x as the product
+    /// needs them, no column buffer): every conv but a pointwise one (cuBLAS reads x itself as the columns
+    /// then) and but in TF32 mode (cuBLAS's tensor cores outrun FFMA), when its sizes index in the kernel's
+    /// ints (with room for the grid) and fit the grid.
+    fn implicit_gemm(&self) -> bool {
+        let limit = i32::MAX as usize - (1 << 24);
+        let (_, og, k, p) = self.gemm_dims();
+        !self.is_pointwise()
+            && !engine::cuda::tf32_enabled()
+            && self.n * p < limit
+            && self.h * self.w < limit
+            && k < limit
+            && og.div_ceil(IGEMM_ROWS) <= 65535
+            && self.groups <= 65535
+            && (self.n * p).div_ceil(IGEMM_COLS) <= i32::MAX as usize
+    }
+
     /// (C/G, O/G, K = C/G kh kw, P = OH OW): the sizes of the per-group products.
     fn gemm_dims(&self) -> (usize, usize, usize, usize) {
         let cg = self.c / self.groups;
@@ -722,25 +748,48 @@ fn run_calls<T: Float>(
     Ok(())
 }
 
+/// Whether a chunk of `nb` samples indexes in the ints of im2col_fast and col2im_fast: its cols (counted in
+/// whole groups of 4 positions) and its dx, with room for a grid-stride step (at most 2^24 threads) past the end.
+fn fits_fast_kernels(g: &Conv2dGeom, nb: usize) -> bool {
+    let limit = i32::MAX as usize - (1 << 24);
+    let cols = nb * g.c * g.kh * g.kw * (g.oh * g.ow).next_multiple_of(4);
+    cols < limit && nb * g.c * g.h * g.w < limit
+}
+
 /// cols (nb, C kh kw, OH OW) of samples n0 .. n0 + nb of x.
 fn im2col<T: Float>(
     dev: &CudaDevice,
     x: &CudaView<T>,
     cols: &CudaView<T>,
+    g: &Conv2dGeom,
     p: &Conv2dParams,
     n0: usize,
     nb: usize,
 ) -> Result<()> {
     const OP: &str = "conv2d_im2col";
-    let n = nb * (p.c * p.kh * p.kw * p.oh * p.ow) as usize;
-    let f = function::<T>(dev, &MODULE, "im2col")?;
-    let [n0_64, nb64] = to_i64(OP, &[nb], [n0, nb])?;
-    let mut args = dev.stream().launch_builder(&f);
-    args.arg(x).arg(cols).arg(p).arg(&n0_64).arg(&nb64);
-    // SAFETY: im2col_<T>(const T* x, T* cols, Conv2dParams p, long long n0, long long nb) reads x at samples
-    // n0 .. n0 + nb <= N of the contiguous (N, C, H, W) view, only at in-range (ih, iw), and writes
-    // cols[0..nb C kh kw OH OW), which the chunk's buffer holds (sized for the largest chunk).
-    unsafe { launch(OP, dev, args, n) }
+    let n = nb * g.c * g.kh * g.kw * g.oh * g.ow;
+    let n0_64 = to_i64(OP, &[nb], [n0])?[0];
+    if fits_fast_kernels(g, nb) {
+        let f = function::<T>(dev, &MODULE, "im2col_fast")?;
+        let nb32 = nb as i32;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(x).arg(cols).arg(p).arg(&n0_64).arg(&nb32);
+        // SAFETY: im2col_fast_<T>(const T* x, T* cols, Conv2dParams p, long long n0, int nb) reads x at samples
+        // n0 .. n0 + nb <= N of the contiguous (N, C, H, W) view, only at in-range (ih, iw), and writes
+        // cols[0..nb C kh kw OH OW), which the chunk's buffer holds (sized for the largest chunk; 16-byte stores
+        // only when OH OW is a multiple of 4, so at 16-byte offsets into the 256-byte aligned buffer). Its int
+        // indices fit (`fits_fast_kernels`). One thread per 4 positions of a row.
+        unsafe { launch(OP, dev, args, n.div_ceil(4)) }
+    } else {
+        let f = function::<T>(dev, &MODULE, "im2col")?;
+        let nb64 = to_i64(OP, &[nb], [nb])?[0];
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(x).arg(cols).arg(p).arg(&n0_64).arg(&nb64);
+        // SAFETY: im2col_<T>(const T* x, T* cols, Conv2dParams p, long long n0, long long nb) reads x at
+        // samples n0 .. n0 + nb <= N of the contiguous (N, C, H, W) view, only at in-range (ih, iw), and writes
+        // cols[0..nb C kh kw OH OW), which the chunk's buffer holds (sized for the largest chunk).
+        unsafe { launch(OP, dev, args, n) }
+    }
 }
 
 fn dense_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
@@ -753,6 +802,28 @@ fn dense_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom)
         return Ok(y);
     }
     let (xv, wv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?);
+    if k > 0 && g.implicit_gemm() {
+        let (bv, lb, has_bias) = optional(OP, bias, &xv)?;
+        let f = function::<T>(dev, &MODULE, "conv_igemm")?;
+        let params = Conv2dParams::new(OP, g)?;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.slice::<T>()?).arg(&params);
+        let (og, cols) = (g.o / g.groups, g.n * p);
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(IGEMM_COLS) as u32, og.div_ceil(IGEMM_ROWS) as u32, g.groups as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: conv_igemm_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
+        // Conv2dParams p) reads x[0..N C H W) and w[0..O C/G kh kw), the contiguous views' lengths (the op
+        // checked the shapes against p), only at in-range pixels and k < C/G kh kw, bias through lb (checked by
+        // `strided`, read only when has_bias), and writes y[0..N O OH OW), which `y` holds, with 16-byte stores
+        // only when OH OW is a multiple of 4 (y is a fresh 256-byte aligned buffer). Block (bx, by, q) covers
+        // columns below N OH OW and channels below O/G of group q < G only; its int indices fit
+        // (`implicit_gemm`). 256 threads, as its tiles assume.
+        unsafe { args.launch(cfg) }.map_err(|e| Error::Cuda { op: OP, msg: format!("{e:?}") })?;
+        return Ok(y);
+    }
     if let Some((bs, bl)) = bias {
         // y starts at the bias and the products add onto it (beta = 1), as the CPU's accumulating GEMM.
         let lb = bs.strided(OP, bl)?;
@@ -780,7 +851,7 @@ fn dense_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom)
         let nbc = nb.min(g.n - n0);
         let source = match &cols {
             Some(c) => {
-                im2col(dev, &xv, &c.view(), &params, n0, nbc)?;
+                im2col(dev, &xv, &c.view(), g, &params, n0, nbc)?;
                 c.view()
             }
             None => xv.slice(..),
@@ -812,18 +883,31 @@ fn dense_backward<T: Float>(x: View, w: View, gy: View, g: &Conv2dGeom, needs: N
             }
         } else if !empty {
             let mut dcols = dev.alloc::<T>(cols_len)?;
-            let col2im = function::<T>(dev, &MODULE, "col2im")?;
             for n0 in (0..g.n).step_by(nb) {
                 let nbc = nb.min(g.n - n0);
                 run_calls(dev, &conv_calls(g, Product::InputGrad, n0, nbc, 0.0), &wv, &gv, &mut dcols.view_mut())?;
                 let n = nbc * g.c * g.h * g.w;
-                let [n0_64, nb64] = to_i64(OP, &[nbc], [n0, nbc])?;
-                let mut args = dev.stream().launch_builder(&col2im);
-                args.arg(dcols.as_slice()).arg(dx.slice::<T>()?).arg(&params).arg(&n0_64).arg(&nb64);
-                // SAFETY: col2im_<T>(const T* dcols, T* dx, Conv2dParams p, long long n0, long long nb) reads
-                // dcols[0..nb C kh kw OH OW) (the buffer holds the largest chunk) and writes dx at samples
-                // n0 .. n0 + nb <= N of the (N, C, H, W) buffer `dx`.
-                unsafe { launch(OP, dev, args, n)? };
+                let n0_64 = to_i64(OP, &[nbc], [n0])?[0];
+                if fits_fast_kernels(g, nbc) {
+                    let f = function::<T>(dev, &MODULE, "col2im_fast")?;
+                    let nb32 = nbc as i32;
+                    let mut args = dev.stream().launch_builder(&f);
+                    args.arg(dcols.as_slice()).arg(dx.slice::<T>()?).arg(&params).arg(&n0_64).arg(&nb32);
+                    // SAFETY: col2im_fast_<T>(const T* dcols, T* dx, Conv2dParams p, long long n0, int nb) reads
+                    // dcols[0..nb C kh kw OH OW) (the buffer holds the largest chunk) and writes dx at samples
+                    // n0 .. n0 + nb <= N of the (N, C, H, W) buffer `dx`; its int indices fit
+                    // (`fits_fast_kernels`).
+                    unsafe { launch(OP, dev, args, n)? };
+                } else {
+                    let f = function::<T>(dev, &MODULE, "col2im")?;
+                    let nb64 = to_i64(OP, &[nbc], [nbc])?[0];
+                    let mut args = dev.stream().launch_builder(&f);
+                    args.arg(dcols.as_slice()).arg(dx.slice::<T>()?).arg(&params).arg(&n0_64).arg(&nb64);
+                    // SAFETY: col2im_<T>(const T* dcols, T* dx, Conv2dParams p, long long n0, long long nb)
+                    // reads dcols[0..nb C kh kw OH OW) (the buffer holds the largest chunk) and writes dx at
+                    // samples n0 .. n0 + nb <= N of the (N, C, H, W) buffer `dx`.
+                    unsafe { launch(OP, dev, args, n)? };
+                }
             }
         }
         Some(dx)
@@ -844,7 +928,7 @@ fn dense_backward<T: Float>(x: View, w: View, gy: View, g: &Conv2dGeom, needs: N
                 let nbc = nb.min(g.n - n0);
                 let source = match &cols {
                     Some(c) => {
-                        im2col(dev, &xv, &c.view(), &params, n0, nbc)?;
+                        im2col(dev, &xv, &c.view(), g, &params, n0, nbc)?;
                         c.view()
                     }
                     None => xv.slice(..),
@@ -1210,6 +1294,20 @@ mod tests {
         assert!(dw_plan(&geom([1, 2, 3, 800], 1).unwrap(), 4, true, 132).is_some());
         let dilated = Conv2dGeom::new(&[2, 3, 9, 9], &[3, 1, 3, 3], (1, 1), (2, 2), (2, 2), 3).unwrap();
         assert_eq!(dw_plan(&dilated, 4, true, 132).unwrap().kernel, DwKernel::Any);
+    }
+
+    #[test]
+    fn the_forward_is_an_implicit_gemm_but_for_pointwise_convs() {
+        let geom = |x: [usize; 4], w: [usize; 4], s, p, groups| Conv2dGeom::new(&x, &w, s, p, (1, 1), groups).unwrap();
+        // The bench's conv, a grouped one and the stem's stride-2 conv.
+        assert!(geom([128, 32, 112, 112], [32, 32, 3, 3], (1, 1), (1, 1), 1).implicit_gemm());
+        assert!(geom([4, 16, 9, 9], [64, 4, 3, 3], (2, 2), (1, 1), 4).implicit_gemm());
+        assert!(geom([8, 3, 224, 224], [32, 3, 3, 3], (2, 2), (1, 1), 1).implicit_gemm());
+        // A 1x1 conv with stride 1 and no padding: cuBLAS reads x as the columns; one with stride 2 gathers.
+        assert!(!geom([8, 64, 14, 14], [128, 64, 1, 1], (1, 1), (0, 0), 1).implicit_gemm());
+        assert!(geom([8, 64, 14, 14], [128, 64, 1, 1], (2, 2), (0, 0), 1).implicit_gemm());
+        // Columns past the kernel's ints.
+        assert!(!geom([1 << 16, 1, 128, 256], [1, 1, 1, 3], (1, 1), (0, 1), 1).implicit_gemm());
     }
 
     #[test]

@@ -488,6 +488,17 @@ fn cuda_configs() -> Vec<Cfg> {
     // Wider than any tile (f64: one run of 6 rows of 1100 doubles is over the budget): the untiled kernels.
     v.push(dw("depthwise 3x3 wide plane", [1, 2, 3, 1100], (3, 3), (1, 1), (1, 1)));
     v.push(Cfg { name: "dense large", x: [3, 6, 15, 13], o: 10, stride: (2, 1), padding: (1, 2), ..BASE });
+    // The implicit GEMM's tiles: two tiles of output channels and of columns, K not a multiple of its step.
+    v.push(Cfg { name: "dense 40 channels", x: [2, 8, 16, 16], o: 40, padding: (1, 1), ..BASE });
+    v.push(Cfg {
+        name: "grouped 64 channels stride 2",
+        x: [4, 16, 9, 9],
+        o: 64,
+        stride: (2, 2),
+        padding: (1, 1),
+        groups: 4,
+        ..BASE
+    });
     v.push(Cfg {
         name: "groups 3 (more groups than samples)",
         x: [2, 6, 6, 6],
