@@ -14,7 +14,7 @@
 //! - the running statistics: an in-place blend kernel, launched by the op after the forward has released its
 //!   read locks (a running buffer may share storage with an input or with the other buffer).
 
-use engine::cuda::{CudaDevice, CudaStorage, LaunchArgs, LaunchConfig, PushKernelArg};
+use engine::cuda::{CudaDevice, CudaFunction, CudaStorage, LaunchArgs, LaunchConfig, PushKernelArg};
 use engine::{DType, Error, Float, Layout, Result, Storage};
 
 use super::cpu::BatchNormOut;
@@ -68,15 +68,25 @@ impl LnReg {
         LN_THREADS as usize / self.lanes * self.rpt
     }
 
-    /// (chunk, blocks) of the backward: blocks own chunks of whole steps, about 4 blocks a multiprocessor, but
-    /// no thread adds more than [`LN_ROWS_PER_THREAD`] rows into its dweight/dbias registers (T), so large
-    /// inputs get more blocks (and more partials) instead.
-    fn backward_chunks(&self, rows: usize, sms: usize) -> (usize, usize) {
+    /// (chunk, blocks) of the backward, for a device that holds `resident` blocks at once: blocks own chunks
+    /// of whole steps, as many blocks as run at once (one wave, balanced), unless a thread would then add more
+    /// than [`LN_ROWS_PER_THREAD`] rows into its dweight/dbias registers (T): then whole waves more.
+    fn backward_chunks(&self, rows: usize, resident: usize) -> (usize, usize) {
         let step = self.rows_per_step();
-        let steps = rows.div_ceil(step * sms * 4).clamp(1, LN_ROWS_PER_THREAD / self.rpt);
-        let chunk = step * steps;
+        let max_chunk = step * (LN_ROWS_PER_THREAD / self.rpt);
+        let resident = resident.max(1);
+        let waves = rows.div_ceil(resident * max_chunk).max(1);
+        let chunk = rows.div_ceil(resident * waves).next_multiple_of(step);
         (chunk, rows.div_ceil(chunk).max(1))
     }
+}
+
+/// Blocks of `f` (of [`LN_THREADS`] threads and `shared` bytes) the device runs at once.
+fn resident_blocks(dev: &CudaDevice, f: &CudaFunction, shared: usize) -> Result<usize> {
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(LN_THREADS, shared, None)
+        .map_err(|e| Error::Cuda { op: "layer_norm", msg: format!("occupancy: {e:?}") })?;
+    Ok(per_sm.max(1) as usize * dev.multiprocessor_count() as usize)
 }
 
 /// Most rows one thread of the register backward sums in T before the sums go to double.
@@ -145,7 +155,8 @@ pub(super) fn layer_norm(x: View, w: Option<View>, b: Option<View>, eps: f64) ->
                 args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&bv).arg(&lb).arg(&has_b);
                 args.arg(y.as_slice()).arg(mean.as_slice()).arg(rstd.as_slice()).arg(&rows64).arg(&d32).arg(&lanes);
                 args.arg(&eps);
-                let blocks = rows.div_ceil(plan.rows_per_step()).min(dev.multiprocessor_count() as usize * 16);
+                // As many blocks as run at once (each warp strides over the rows), or fewer for few rows.
+                let blocks = rows.div_ceil(plan.rows_per_step()).min(resident_blocks(dev, &f, 0)?);
                 // SAFETY: ln_fwd_reg<NV>_<T>(const T* x, const T* w, Strided lw, int has_w, const T* b,
                 // Strided lb, int has_b, T* y, T* mean, T* rstd, long long rows, int d, int G, double eps) reads
                 // x[0..rows d), the contiguous view's length, with 16-byte loads (the view starts at a multiple
@@ -214,9 +225,14 @@ pub(super) fn layer_norm_backward(
         let elem = T::DTYPE.size_in_bytes();
         let reg = LnReg::new(d, elem, x.1.offset()).filter(|_| (g.1.offset() * elem).is_multiple_of(16));
         let sms = dev.multiprocessor_count() as usize;
-        let (chunk, blocks) = match reg {
-            Some(plan) => plan.backward_chunks(rows, sms),
-            None => {
+        // The old kernel's two accumulators (g xhat, g) per column, in shared memory when they fit, else in
+        // `partial` itself; the register kernel's 2 d doubles of shared memory for adding its warps in order.
+        let shared = 2 * d * std::mem::size_of::<f64>();
+        let use_shared = shared <= SHARED_DEFAULT;
+        let reg_f = reg.map(|plan| function::<T>(dev, &MODULE, &plan.name(true))).transpose()?;
+        let (chunk, blocks) = match (reg, &reg_f) {
+            (Some(plan), Some(f)) => plan.backward_chunks(rows, resident_blocks(dev, f, shared)?),
+            _ => {
                 // Blocks: up to 4 a multiprocessor, each owning `chunk` consecutive rows (at least one tile of
                 // 8).
                 let warps = (LN_THREADS / 32) as usize;
@@ -224,16 +240,11 @@ pub(super) fn layer_norm_backward(
                 (chunk, rows.div_ceil(chunk))
             }
         };
-        // The old kernel's two accumulators (g xhat, g) per column, in shared memory when they fit, else in
-        // `partial` itself; the register kernel's 2 d doubles of shared memory for adding its warps in order.
-        let shared = 2 * d * std::mem::size_of::<f64>();
-        let use_shared = shared <= SHARED_DEFAULT;
         let partial = dev.alloc::<f64>(if need_sums { blocks * 2 * d } else { 1 })?;
         let [rows64, d64, chunk64] = [rows as i64, d as i64, chunk as i64];
         // Without a dx to write, g's buffer stands in for the pointer (the kernel never writes it then).
         let dx_arg = if needs.x { dx.as_slice().as_view() } else { gv.slice(..) };
-        if let Some(plan) = reg {
-            let f = function::<T>(dev, &MODULE, &plan.name(true))?;
+        if let (Some(plan), Some(f)) = (reg, reg_f) {
             let (d32, lanes) = (d as i32, plan.lanes as i32);
             let flags = [i32::from(needs.x), i32::from(need_sums)];
             let mut args = dev.stream().launch_builder(&f);
@@ -506,12 +517,15 @@ mod tests {
     fn layer_norm_backward_chunks_bound_the_rows_a_thread_sums() {
         let p = LnReg::new(64, 4, 0).unwrap();
         for rows in [1, 63, 64, 65, 200_704, 10_000_000] {
-            let (chunk, blocks) = p.backward_chunks(rows, 132);
+            let (chunk, blocks) = p.backward_chunks(rows, 396);
             assert!(chunk % p.rows_per_step() == 0 && blocks * chunk >= rows && (blocks - 1) * chunk < rows, "{rows}");
             // Each thread adds at most LN_ROWS_PER_THREAD rows into its registers.
             assert!(chunk / (LN_THREADS as usize / p.lanes) <= LN_ROWS_PER_THREAD, "{rows}");
         }
-        // The bench's rows: about 4 blocks a multiprocessor.
-        assert_eq!(p.backward_chunks(200_704, 132), (384, 523));
+        // The bench's rows on an H100 holding 3 blocks a multiprocessor: one wave of 32 rows a thread; twice
+        // the rows, two waves.
+        assert_eq!(p.backward_chunks(200_704, 396), (512, 392));
+        assert_eq!(p.backward_chunks(2 * 200_704, 396).1, 784);
+        assert_eq!(p.backward_chunks(10, 396), (64, 1));
     }
 }
