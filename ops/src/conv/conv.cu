@@ -683,19 +683,24 @@ __device__ void conv_igemm_impl(const T* x, const T* wt, const T* bias, Strided 
 
     T bv[BK], av;
     // The step's values at k0 .. k0 + 8 into bv and av.
+    // (c, i, j) of k and the pixel it reads walk along with k; offsets within a sample fit an int (checked).
     auto gather = [&](int k0) {
-        int c = div_of(k0, dkhw), r = k0 - c * khw;
+        const int c = div_of(k0, dkhw), r = k0 - c * khw;
         int i = div_of(r, dkw), j = r - i * kw;
+        int coff = c * h * w, ih = ih0 + i * dh, iw = iw0 + j * dw;
 #pragma unroll
         for (int u = 0; u < BK; ++u) {
-            const int ih = ih0 + i * dh, iw = iw0 + j * dw;
             const bool ok = col_ok && k0 + u < K && (unsigned)ih < (unsigned)h && (unsigned)iw < (unsigned)w;
-            bv[u] = ok ? xs[(long long)c * h * w + ih * w + iw] : T(0);
+            bv[u] = ok ? xs[coff + ih * w + iw] : T(0);
+            iw += dw;
             if (++j == kw) {
                 j = 0;
+                iw = iw0;
+                ih += dh;
                 if (++i == kh) {
                     i = 0;
-                    ++c;
+                    ih = ih0;
+                    coff += h * w;
                 }
             }
         }

@@ -631,7 +631,7 @@ impl Conv2dGeom {
         !self.is_pointwise()
             && !engine::cuda::tf32_enabled()
             && self.n * p < limit
-            && self.h * self.w < limit
+            && self.c * self.h * self.w < limit
             && k < limit
             && og.div_ceil(IGEMM_ROWS) <= 65535
             && self.groups <= 65535
