@@ -1,12 +1,22 @@
 //! CUDA paths of the convolution family (conv.cu). Inputs arrive contiguous (the op saves them so); outputs
 //! and gradients are new contiguous buffers. Everything is enqueued on the device's stream; nothing waits.
 //!
-//! Depthwise conv2d (G = C = O): three direct kernels. The forward and dx run one thread per output (input)
-//! pixel, dx as a gather over the taps that read the pixel (the transposed conv, no atomics); the weight
-//! gradient runs one block per (channel, chunk of samples), which sums every tap over its chunk in double, then
-//! adds the chunks in order (deterministic, and parallel however few channels there are).
+//! Depthwise conv2d (G = C = O): tiled kernels ([`dw_plan`]). A block takes one channel, a few samples of it
+//! (small planes) or one sample (large planes), and a band of output rows; it copies the x rows its band reads
+//! (and, backward, the g rows) into shared memory with 16-byte loads, then each thread computes a vertical run
+//! of outputs from the tile. The backward is one fused kernel: dx from the g tile (the transposed conv as a
+//! gather, no atomics), and the block's sums of g x for every tap and of g (the bias) in registers, written as
+//! one row of partials per block; `dw_reduce` adds each channel's rows in block order (deterministic). The 3x3
+//! stride 1 and stride 2 convs have instances with unrolled taps; other kernels run-time loops. Planes too
+//! wide for a tile fall back to untiled kernels: one thread per output (dx: per input) pixel, and the weight
+//! gradient by blocks of (channel, chunk of samples) summed in double, then the chunks in order.
 //!
-//! Dense and grouped conv2d: im2col + cuBLAS, per chunk of samples small enough for the column buffer
+//! Dense and grouped conv2d, forward: an implicit GEMM (`conv_igemm`: each block gathers the patches of its
+//! 256 output pixels from x step by step over K = C/G kh kw, 32 output channels a block, FFMA), except for
+//! pointwise convs and in TF32 mode, which take the cuBLAS path below ([`Conv2dGeom::implicit_gemm`]).
+//!
+//! Dense and grouped conv2d, backward (and the forward's other cases): im2col + cuBLAS, per chunk of samples
+//! small enough for the column buffer
 //! ([`COLS_BUDGET`]). cols is (nb, C kh kw, OH OW); for sample s and group q, rows q K .. (q+1) K with
 //! K = C/G kh kw are the group's patch matrix cols_sq (K, P), P = OH OW. Then
 //!
@@ -203,6 +213,255 @@ pub(super) fn conv2d_backward(x: View, w: View, gy: View, g: &Conv2dGeom, needs:
     Ok(Grads { x: s(grads.x), w: s(grads.w), bias: s(grads.bias) })
 }
 
+// ---- depthwise conv2d: the tiled plan ------------------------------------------------------------------------
+
+/// Threads of the tiled depthwise kernels.
+const DW_THREADS: u32 = 256;
+
+/// Shared memory one block of the tiled depthwise forward may take (the x tile), and of the backward (the x and
+/// g tiles): under the 48 KiB a block gets without opting in, with room for the backward's static reduction
+/// scratch, and small enough for several blocks a multiprocessor.
+const DW_FWD_SHARED: usize = 24 << 10;
+const DW_BWD_SHARED: usize = 40 << 10;
+
+/// About how many outputs one block should produce: small planes are grouped until a block has this many.
+const DW_OUTPUTS_PER_BLOCK: usize = 4096;
+
+/// Blocks per multiprocessor the plan aims for at least (by splitting planes into bands) when there are few
+/// planes: a grid of a few dozen blocks would leave most of the device idle.
+const DW_MIN_BLOCKS_PER_SM: usize = 2;
+
+/// `struct DwTile` of conv.cu, field for field: a depthwise conv's sizes and the tiling of its grid.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DwTile {
+    n: i32,
+    c: i32,
+    h: i32,
+    w: i32,
+    oh: i32,
+    ow: i32,
+    kh: i32,
+    kw: i32,
+    sh: i32,
+    sw: i32,
+    ph: i32,
+    pw: i32,
+    dh: i32,
+    dw: i32,
+    /// Samples of one channel per block.
+    planes: i32,
+    /// ceil(n / planes).
+    groups: i32,
+    /// Output rows per band.
+    rows: i32,
+    /// ceil(oh / rows).
+    bands: i32,
+    /// Rows of one plane's x tile.
+    xrows: i32,
+    /// Rows of one plane's g tile (backward).
+    grows: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<DwTile>() == 80);
+
+// SAFETY: plain i32 fields in C layout with no padding, the layout of `struct DwTile` in conv.cu.
+unsafe impl DeviceRepr for DwTile {}
+
+/// The instances of the tiled depthwise kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DwKernel {
+    /// 3x3, stride 1, dilation 1 (the MILA blocks' cpe, lepe and dwc convs).
+    K3S1,
+    /// 3x3, stride 2, dilation 1 (the downsampling's depthwise conv).
+    K3S2,
+    /// Anything else, with run-time loops.
+    Any,
+}
+
+impl DwKernel {
+    fn of(g: &Conv2dGeom) -> DwKernel {
+        match ((g.kh, g.kw), g.stride, g.dilation) {
+            ((3, 3), (1, 1), (1, 1)) => DwKernel::K3S1,
+            ((3, 3), (2, 2), (1, 1)) => DwKernel::K3S2,
+            _ => DwKernel::Any,
+        }
+    }
+
+    /// Output rows one thread takes per item (a vertical run: R in conv.cu).
+    fn run(self) -> usize {
+        match self {
+            DwKernel::K3S1 | DwKernel::K3S2 => 4,
+            DwKernel::Any => 1,
+        }
+    }
+
+    /// The kernel's name: dw_fwd_<instance> or dw_bwd_<instance>.
+    fn name(self, backward: bool) -> String {
+        let instance = match self {
+            DwKernel::K3S1 => "3x3s1",
+            DwKernel::K3S2 => "3x3s2",
+            DwKernel::Any => "any",
+        };
+        format!("dw_{}_{instance}", if backward { "bwd" } else { "fwd" })
+    }
+}
+
+/// What one block of a plan works on, as `dw_band` of conv.cu computes it (the kernels derive it from the
+/// block index; this copy sizes the tiles and is what the tests check): output rows a0 .. a1 (the forward and
+/// the weight gradient), input rows r0 .. r1 (dx), each rounded up to whole runs (a1r, r1r), and the g rows
+/// gi0 .. gi1 the backward's tile must hold (rows outside 0 .. OH are zeros there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DwBand {
+    a0: i64,
+    a1: i64,
+    a1r: i64,
+    r0: i64,
+    r1: i64,
+    r1r: i64,
+    gi0: i64,
+    gi1: i64,
+}
+
+impl DwBand {
+    fn new(g: &Conv2dGeom, run: usize, rows: usize, bands: usize, band: usize) -> DwBand {
+        let [h, oh, sh, ph, kh, dh, run, rows] =
+            [g.h, g.oh, g.stride.0, g.padding.0, g.kh, g.dilation.0, run, rows].map(|v| v as i64);
+        let round = |lo: i64, hi: i64| lo + (hi - lo + run - 1) / run * run;
+        let a0 = band as i64 * rows;
+        let a1 = oh.min(a0 + rows);
+        let r0 = if band == 0 { 0 } else { h.min(a0 * sh) };
+        let r1 = if band + 1 == bands { h } else { h.min(a1 * sh) };
+        let (a1r, r1r) = (round(a0, a1), round(r0, r1));
+        // dx row i reads the g rows a with a sh - ph + t dh = i for a tap t < kh: a from ceil((i + ph - (kh - 1)
+        // dh) / sh) to floor((i + ph) / sh); the weight gradient reads rows a0 .. a1r.
+        let gi0 = a0.min((r0 + ph - (kh - 1) * dh).div_euclid(sh) + i64::from((r0 + ph - (kh - 1) * dh) % sh != 0));
+        let gi1 = a1r.max((r1r - 1 + ph).div_euclid(sh) + 1);
+        DwBand { a0, a1, a1r, r0, r1, r1r, gi0, gi1 }
+    }
+}
+
+/// A tiled depthwise launch: the instance, its tile and grid, and the dynamic shared memory per block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DwPlan {
+    kernel: DwKernel,
+    tile: DwTile,
+    blocks: usize,
+    shared: usize,
+}
+
+/// Rows of a plane's x tile for bands of `rows` output rows: the last tap row of the last (rounded) run.
+fn dw_xrows(g: &Conv2dGeom, run: usize, rows: usize) -> usize {
+    (rows.div_ceil(run) * run - 1) * g.stride.0 + (g.kh - 1) * g.dilation.0 + 1
+}
+
+/// Rows of a plane's g tile: the most any band of `rows` output rows needs.
+fn dw_grows(g: &Conv2dGeom, run: usize, rows: usize) -> usize {
+    let bands = g.oh.div_ceil(rows);
+    (0..bands).map(|b| DwBand::new(g, run, rows, bands, b)).map(|b| (b.gi1 - b.gi0) as usize).max().unwrap_or(0)
+}
+
+/// The tiling of a depthwise conv (forward, or the fused backward) on a device of `sms` multiprocessors with
+/// `elem`-byte elements, or None when even a band of one run of rows of one plane overflows the shared memory
+/// (very wide images: the untiled kernels take those) or a size does not fit the kernels' ints.
+///
+/// Whole planes when one fits: as many samples of a channel per block as make about
+/// [`DW_OUTPUTS_PER_BLOCK`] outputs and fit the shared memory, balanced over the batch. Otherwise (and when
+/// there would be too few blocks for the device) one plane in bands of output rows, a whole number of runs
+/// each.
+fn dw_plan(g: &Conv2dGeom, elem: usize, backward: bool, sms: usize) -> Option<DwPlan> {
+    let kernel = DwKernel::of(g);
+    let run = kernel.run();
+    let budget = if backward { DW_BWD_SHARED } else { DW_FWD_SHARED };
+    let bytes = |planes: usize, rows: usize| {
+        let g_tile = if backward { dw_grows(g, run, rows) * g.ow } else { 0 };
+        planes * (dw_xrows(g, run, rows) * g.w + g_tile) * elem
+    };
+    let fits = |v: usize| i32::try_from(v).is_ok();
+    let sizes = [g.n, g.c, g.h * g.w, g.oh * g.ow, g.n * g.c, g.stride.0 * g.oh + g.kh * g.dilation.0 + g.padding.0];
+    if g.n == 0 || g.c == 0 || !sizes.iter().all(|&v| fits(v)) || !fits(g.stride.1 * g.ow + g.kw * g.dilation.1) {
+        return None;
+    }
+    let min_blocks = DW_MIN_BLOCKS_PER_SM * sms;
+    let (mut planes, mut rows) = (1, g.oh);
+    if bytes(1, g.oh) <= budget {
+        let by_outputs = (DW_OUTPUTS_PER_BLOCK / (g.oh * g.ow)).max(1);
+        let by_shared = budget / bytes(1, g.oh);
+        let by_blocks = (g.n * g.c / min_blocks).max(1);
+        planes = by_outputs.min(by_shared).min(by_blocks).min(g.n);
+        planes = g.n.div_ceil(g.n.div_ceil(planes));
+    } else {
+        // The most rows (whole runs) whose tiles fit. Count down, first by the x tile alone (closed form), then
+        // by both tiles (the g tile is no larger than the x tile, so only a few more steps).
+        let rows_of = |m: usize| (m * run).min(g.oh);
+        let mut m = g.oh.div_ceil(run);
+        while m > 0 && dw_xrows(g, run, rows_of(m)) * g.w * elem > budget {
+            m -= 1;
+        }
+        while m > 0 && bytes(1, rows_of(m)) > budget {
+            m -= 1;
+        }
+        if m == 0 {
+            return None;
+        }
+        rows = rows_of(m);
+    }
+    let groups = g.n.div_ceil(planes);
+    if planes == 1 && g.c * groups * g.oh.div_ceil(rows) < min_blocks {
+        // Few planes: bands of fewer rows, so that the grid covers the device.
+        let bands = min_blocks.div_ceil(g.c * groups);
+        rows = rows.min(g.oh.div_ceil(bands).div_ceil(run) * run).max(run.min(g.oh));
+    }
+    let bands = g.oh.div_ceil(rows);
+    let blocks = g.c * groups * bands;
+    let (xrows, grows) = (dw_xrows(g, run, rows), if backward { dw_grows(g, run, rows) } else { 0 });
+    let shared = bytes(planes, rows);
+    let v = [g.n, g.c, g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.stride.0, g.stride.1, g.padding.0, g.padding.1];
+    let v2 = [g.dilation.0, g.dilation.1, planes, groups, rows, bands, xrows, grows];
+    if !fits(blocks) || !v.iter().chain(&v2).all(|&x| fits(x)) || !fits(planes * rows.div_ceil(run) * g.ow.max(g.w)) {
+        return None;
+    }
+    let i = |v: usize| v as i32;
+    let tile = DwTile {
+        n: i(g.n),
+        c: i(g.c),
+        h: i(g.h),
+        w: i(g.w),
+        oh: i(g.oh),
+        ow: i(g.ow),
+        kh: i(g.kh),
+        kw: i(g.kw),
+        sh: i(g.stride.0),
+        sw: i(g.stride.1),
+        ph: i(g.padding.0),
+        pw: i(g.padding.1),
+        dh: i(g.dilation.0),
+        dw: i(g.dilation.1),
+        planes: i(planes),
+        groups: i(groups),
+        rows: i(rows),
+        bands: i(bands),
+        xrows: i(xrows),
+        grows: i(grows),
+    };
+    Some(DwPlan { kernel, tile, blocks, shared })
+}
+
+/// Launches a tiled depthwise kernel on `blocks` blocks of [`DW_THREADS`] with `shared` bytes of dynamic
+/// shared memory.
+///
+/// # Safety
+/// As [`crate::cuda::launch`].
+unsafe fn launch_tiled(op: &'static str, mut args: LaunchArgs<'_>, plan: &DwPlan) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (plan.blocks as u32, 1, 1),
+        block_dim: (DW_THREADS, 1, 1),
+        shared_mem_bytes: plan.shared as u32,
+    };
+    // SAFETY: forwarded to the caller.
+    unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+}
+
 fn depthwise_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
     const OP: &str = "conv2d";
     let dev = x.0.device();
@@ -211,23 +470,92 @@ fn depthwise_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dG
     if n > 0 {
         let (xv, wv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?);
         let (bv, lb, has_bias) = optional(OP, bias, &xv)?;
-        // The 3x3 instance has its tap loops unrolled: the MILA blocks' convs (cpe, dwc, downsample).
-        let name = if (g.kh, g.kw) == (3, 3) { "dw_fwd_3x3" } else { "dw_fwd" };
-        let f = function::<T>(dev, &MODULE, name)?;
-        let p = Conv2dParams::new(OP, g)?;
-        let mut args = dev.stream().launch_builder(&f);
-        args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.as_slice()).arg(&p);
-        // SAFETY: dw_fwd_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
-        // Conv2dParams p) reads x[0..N C H W) and w[0..C kh kw), the lengths of the contiguous views (the op
-        // checked the shapes against p), bias through lb (checked against its buffer by `strided`, read only
-        // when has_bias), and writes y[0..N C OH OW), which `y` holds.
-        unsafe { launch(OP, dev, args, n)? };
+        if let Some(plan) = dw_plan(g, T::DTYPE.size_in_bytes(), false, dev.multiprocessor_count() as usize) {
+            let f = function::<T>(dev, &MODULE, &plan.kernel.name(false))?;
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.as_slice()).arg(&plan.tile);
+            // SAFETY: dw_fwd_<instance>_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
+            // DwTile p) reads x[0..N C H W) and w[0..C kh kw), the lengths of the contiguous views (the op checked
+            // the shapes, which p repeats), bias through lb (checked against its buffer by `strided`, read only
+            // when has_bias), and writes y[0..N C OH OW), which `y` holds. Block b < C groups bands works on
+            // channel b / (groups bands), samples below N and output rows below OH only. Its tile of planes x
+            // xrows x W elements is the dynamic shared memory `dw_plan` sized (tested in this file).
+            unsafe { launch_tiled(OP, args, &plan)? };
+        } else {
+            let f = function::<T>(dev, &MODULE, "dw_fwd")?;
+            let p = Conv2dParams::new(OP, g)?;
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.as_slice()).arg(&p);
+            // SAFETY: dw_fwd_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
+            // Conv2dParams p) reads x[0..N C H W) and w[0..C kh kw), the lengths of the contiguous views, bias
+            // through lb (checked by `strided`, read only when has_bias), and writes y[0..N C OH OW), which `y`
+            // holds.
+            unsafe { launch(OP, dev, args, n)? };
+        }
     }
     CudaStorage::from_slice(dev, y)
 }
 
 /// The gradients of a depthwise conv2d, each only where needed.
 fn depthwise_backward<T: Float>(
+    x: View,
+    w: View,
+    gy: View,
+    g: &Conv2dGeom,
+    needs: Needs,
+) -> Result<Grads<CudaStorage>> {
+    const OP: &str = "conv2d_backward";
+    let dev = x.0.device();
+    let Some(plan) = dw_plan(g, T::DTYPE.size_in_bytes(), true, dev.multiprocessor_count() as usize) else {
+        return depthwise_backward_untiled::<T>(x, w, gy, g, needs);
+    };
+    let (xv, wv, gv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?, elements::<T>(OP, gy)?);
+    let need_sums = needs.w || needs.bias;
+    let taps = g.kh * g.kw;
+    let dx = dev.alloc::<T>(if needs.x { g.n * g.c * g.h * g.w } else { 0 })?;
+    let part = dev.alloc::<f64>(if need_sums { plan.blocks * (taps + 1) } else { 1 })?;
+    let f = function::<T>(dev, &MODULE, &plan.kernel.name(true))?;
+    let flags = [i32::from(needs.x), i32::from(need_sums)];
+    // Without a dx to write, g's buffer stands in for the pointer (the kernel never writes it then); likewise
+    // the partials.
+    let dx_arg = if needs.x { dx.as_slice().as_view() } else { gv.slice(..) };
+    let part_arg = part.as_slice().as_view();
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(&xv).arg(&wv).arg(&gv).arg(&dx_arg).arg(&part_arg).arg(&plan.tile).arg(&flags[0]).arg(&flags[1]);
+    // SAFETY: dw_bwd_<instance>_<T>(const T* x, const T* w, const T* g, T* dx, double* part, DwTile p,
+    // int need_dx, int need_sums) reads x[0..N C H W) (only when need_sums), w[0..C kh kw) and g[0..N C OH OW),
+    // the contiguous views' lengths (the op checked the shapes, which p repeats); it writes dx[0..N C H W) only
+    // when need_dx (then `dx` holds that many), and part[0..blocks (kh kw + 1)) only when need_sums (then
+    // `part` holds that many). Its x and g tiles are the dynamic shared memory `dw_plan` sized.
+    unsafe { launch_tiled(OP, args, &plan)? };
+    let (dw, db) = (dev.alloc::<T>(if needs.w { g.c * taps } else { 0 })?, dev.alloc::<T>(g.c)?);
+    if need_sums {
+        let f = function::<T>(dev, &MODULE, "dw_reduce")?;
+        let per = plan.blocks / g.c;
+        let [c32, per32, taps32] = [g.c, per, taps].map(|v| v as i32);
+        let (need_w, need_b) = (i32::from(needs.w), i32::from(needs.bias));
+        // Without a dw to write, db's buffer stands in (never written through that pointer then).
+        let dw_arg = if needs.w { dw.as_slice().as_view() } else { db.as_slice().as_view() };
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&part_arg).arg(&dw_arg).arg(db.as_slice()).arg(&c32).arg(&per32).arg(&taps32);
+        args.arg(&need_w).arg(&need_b);
+        // SAFETY: dw_reduce_<T>(const double* part, T* dw, T* db, int c, int per, int taps, int need_w,
+        // int need_b) reads part[0..c per (taps + 1)), all written by the launch above (blocks = c per), and
+        // writes dw[0..c taps) only when need_w (then `dw` holds that many) and db[0..c), which `db` holds.
+        // One warp per channel: the kernel loops over the channels past its grid.
+        unsafe { launch(OP, dev, args, g.c * 32)? };
+    }
+    let s = |v| CudaStorage::from_slice(dev, v);
+    Ok(Grads {
+        x: needs.x.then(|| s(dx)).transpose()?,
+        w: needs.w.then(|| s(dw)).transpose()?,
+        bias: needs.bias.then(|| s(db)).transpose()?,
+    })
+}
+
+/// The gradients of a depthwise conv whose planes are too wide for the tiles: dx by a gather per element, the
+/// weight gradient by blocks of (channel, chunk of samples) and the bias gradient by a block per channel.
+fn depthwise_backward_untiled<T: Float>(
     x: View,
     w: View,
     gy: View,
@@ -288,7 +616,28 @@ fn depthwise_backward<T: Float>(
     Ok(Grads { x: dx, w: dw, bias })
 }
 
+/// Output columns (sample, pixel) and output channels of one block of conv_igemm.
+const IGEMM_COLS: usize = 256;
+const IGEMM_ROWS: usize = 32;
+
 impl Conv2dGeom {
+    /// Whether the forward runs as an implicit GEMM (conv_igemm: the patches gathered from x as the product
+    /// needs them, no column buffer): every conv but a pointwise one (cuBLAS reads x itself as the columns
+    /// then) and but in TF32 mode (cuBLAS's tensor cores outrun FFMA), when its sizes index in the kernel's
+    /// ints (with room for the grid) and fit the grid.
+    fn implicit_gemm(&self) -> bool {
+        let limit = i32::MAX as usize - (1 << 24);
+        let (_, og, k, p) = self.gemm_dims();
+        !self.is_pointwise()
+            && !engine::cuda::tf32_enabled()
+            && self.n * p < limit
+            && self.c * self.h * self.w < limit
+            && k < limit
+            && og.div_ceil(IGEMM_ROWS) <= 65535
+            && self.groups <= 65535
+            && (self.n * p).div_ceil(IGEMM_COLS) <= i32::MAX as usize
+    }
+
     /// (C/G, O/G, K = C/G kh kw, P = OH OW): the sizes of the per-group products.
     fn gemm_dims(&self) -> (usize, usize, usize, usize) {
         let cg = self.c / self.groups;
@@ -399,25 +748,48 @@ fn run_calls<T: Float>(
     Ok(())
 }
 
+/// Whether a chunk of `nb` samples indexes in the ints of im2col_fast and col2im_fast: its cols (counted in
+/// whole groups of 4 positions) and its dx, with room for a grid-stride step (at most 2^24 threads) past the end.
+fn fits_fast_kernels(g: &Conv2dGeom, nb: usize) -> bool {
+    let limit = i32::MAX as usize - (1 << 24);
+    let cols = nb * g.c * g.kh * g.kw * (g.oh * g.ow).next_multiple_of(4);
+    cols < limit && nb * g.c * g.h * g.w < limit
+}
+
 /// cols (nb, C kh kw, OH OW) of samples n0 .. n0 + nb of x.
 fn im2col<T: Float>(
     dev: &CudaDevice,
     x: &CudaView<T>,
     cols: &CudaView<T>,
+    g: &Conv2dGeom,
     p: &Conv2dParams,
     n0: usize,
     nb: usize,
 ) -> Result<()> {
     const OP: &str = "conv2d_im2col";
-    let n = nb * (p.c * p.kh * p.kw * p.oh * p.ow) as usize;
-    let f = function::<T>(dev, &MODULE, "im2col")?;
-    let [n0_64, nb64] = to_i64(OP, &[nb], [n0, nb])?;
-    let mut args = dev.stream().launch_builder(&f);
-    args.arg(x).arg(cols).arg(p).arg(&n0_64).arg(&nb64);
-    // SAFETY: im2col_<T>(const T* x, T* cols, Conv2dParams p, long long n0, long long nb) reads x at samples
-    // n0 .. n0 + nb <= N of the contiguous (N, C, H, W) view, only at in-range (ih, iw), and writes
-    // cols[0..nb C kh kw OH OW), which the chunk's buffer holds (sized for the largest chunk).
-    unsafe { launch(OP, dev, args, n) }
+    let n = nb * g.c * g.kh * g.kw * g.oh * g.ow;
+    let n0_64 = to_i64(OP, &[nb], [n0])?[0];
+    if fits_fast_kernels(g, nb) {
+        let f = function::<T>(dev, &MODULE, "im2col_fast")?;
+        let nb32 = nb as i32;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(x).arg(cols).arg(p).arg(&n0_64).arg(&nb32);
+        // SAFETY: im2col_fast_<T>(const T* x, T* cols, Conv2dParams p, long long n0, int nb) reads x at samples
+        // n0 .. n0 + nb <= N of the contiguous (N, C, H, W) view, only at in-range (ih, iw), and writes
+        // cols[0..nb C kh kw OH OW), which the chunk's buffer holds (sized for the largest chunk; 16-byte stores
+        // only when OH OW is a multiple of 4, so at 16-byte offsets into the 256-byte aligned buffer). Its int
+        // indices fit (`fits_fast_kernels`). One thread per 4 positions of a row.
+        unsafe { launch(OP, dev, args, n.div_ceil(4)) }
+    } else {
+        let f = function::<T>(dev, &MODULE, "im2col")?;
+        let nb64 = to_i64(OP, &[nb], [nb])?[0];
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(x).arg(cols).arg(p).arg(&n0_64).arg(&nb64);
+        // SAFETY: im2col_<T>(const T* x, T* cols, Conv2dParams p, long long n0, long long nb) reads x at
+        // samples n0 .. n0 + nb <= N of the contiguous (N, C, H, W) view, only at in-range (ih, iw), and writes
+        // cols[0..nb C kh kw OH OW), which the chunk's buffer holds (sized for the largest chunk).
+        unsafe { launch(OP, dev, args, n) }
+    }
 }
 
 fn dense_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
@@ -430,6 +802,28 @@ fn dense_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom)
         return Ok(y);
     }
     let (xv, wv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?);
+    if k > 0 && g.implicit_gemm() {
+        let (bv, lb, has_bias) = optional(OP, bias, &xv)?;
+        let f = function::<T>(dev, &MODULE, "conv_igemm")?;
+        let params = Conv2dParams::new(OP, g)?;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.slice::<T>()?).arg(&params);
+        let (og, cols) = (g.o / g.groups, g.n * p);
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(IGEMM_COLS) as u32, og.div_ceil(IGEMM_ROWS) as u32, g.groups as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: conv_igemm_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
+        // Conv2dParams p) reads x[0..N C H W) and w[0..O C/G kh kw), the contiguous views' lengths (the op
+        // checked the shapes against p), only at in-range pixels and k < C/G kh kw, bias through lb (checked by
+        // `strided`, read only when has_bias), and writes y[0..N O OH OW), which `y` holds, with 16-byte stores
+        // only when OH OW is a multiple of 4 (y is a fresh 256-byte aligned buffer). Block (bx, by, q) covers
+        // columns below N OH OW and channels below O/G of group q < G only; its int indices fit
+        // (`implicit_gemm`). 256 threads, as its tiles assume.
+        unsafe { args.launch(cfg) }.map_err(|e| Error::Cuda { op: OP, msg: format!("{e:?}") })?;
+        return Ok(y);
+    }
     if let Some((bs, bl)) = bias {
         // y starts at the bias and the products add onto it (beta = 1), as the CPU's accumulating GEMM.
         let lb = bs.strided(OP, bl)?;
@@ -457,7 +851,7 @@ fn dense_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom)
         let nbc = nb.min(g.n - n0);
         let source = match &cols {
             Some(c) => {
-                im2col(dev, &xv, &c.view(), &params, n0, nbc)?;
+                im2col(dev, &xv, &c.view(), g, &params, n0, nbc)?;
                 c.view()
             }
             None => xv.slice(..),
@@ -489,18 +883,31 @@ fn dense_backward<T: Float>(x: View, w: View, gy: View, g: &Conv2dGeom, needs: N
             }
         } else if !empty {
             let mut dcols = dev.alloc::<T>(cols_len)?;
-            let col2im = function::<T>(dev, &MODULE, "col2im")?;
             for n0 in (0..g.n).step_by(nb) {
                 let nbc = nb.min(g.n - n0);
                 run_calls(dev, &conv_calls(g, Product::InputGrad, n0, nbc, 0.0), &wv, &gv, &mut dcols.view_mut())?;
                 let n = nbc * g.c * g.h * g.w;
-                let [n0_64, nb64] = to_i64(OP, &[nbc], [n0, nbc])?;
-                let mut args = dev.stream().launch_builder(&col2im);
-                args.arg(dcols.as_slice()).arg(dx.slice::<T>()?).arg(&params).arg(&n0_64).arg(&nb64);
-                // SAFETY: col2im_<T>(const T* dcols, T* dx, Conv2dParams p, long long n0, long long nb) reads
-                // dcols[0..nb C kh kw OH OW) (the buffer holds the largest chunk) and writes dx at samples
-                // n0 .. n0 + nb <= N of the (N, C, H, W) buffer `dx`.
-                unsafe { launch(OP, dev, args, n)? };
+                let n0_64 = to_i64(OP, &[nbc], [n0])?[0];
+                if fits_fast_kernels(g, nbc) {
+                    let f = function::<T>(dev, &MODULE, "col2im_fast")?;
+                    let nb32 = nbc as i32;
+                    let mut args = dev.stream().launch_builder(&f);
+                    args.arg(dcols.as_slice()).arg(dx.slice::<T>()?).arg(&params).arg(&n0_64).arg(&nb32);
+                    // SAFETY: col2im_fast_<T>(const T* dcols, T* dx, Conv2dParams p, long long n0, int nb) reads
+                    // dcols[0..nb C kh kw OH OW) (the buffer holds the largest chunk) and writes dx at samples
+                    // n0 .. n0 + nb <= N of the (N, C, H, W) buffer `dx`; its int indices fit
+                    // (`fits_fast_kernels`).
+                    unsafe { launch(OP, dev, args, n)? };
+                } else {
+                    let f = function::<T>(dev, &MODULE, "col2im")?;
+                    let nb64 = to_i64(OP, &[nbc], [nbc])?[0];
+                    let mut args = dev.stream().launch_builder(&f);
+                    args.arg(dcols.as_slice()).arg(dx.slice::<T>()?).arg(&params).arg(&n0_64).arg(&nb64);
+                    // SAFETY: col2im_<T>(const T* dcols, T* dx, Conv2dParams p, long long n0, long long nb)
+                    // reads dcols[0..nb C kh kw OH OW) (the buffer holds the largest chunk) and writes dx at
+                    // samples n0 .. n0 + nb <= N of the (N, C, H, W) buffer `dx`.
+                    unsafe { launch(OP, dev, args, n)? };
+                }
             }
         }
         Some(dx)
@@ -521,7 +928,7 @@ fn dense_backward<T: Float>(x: View, w: View, gy: View, g: &Conv2dGeom, needs: N
                 let nbc = nb.min(g.n - n0);
                 let source = match &cols {
                     Some(c) => {
-                        im2col(dev, &xv, &c.view(), &params, n0, nbc)?;
+                        im2col(dev, &xv, &c.view(), g, &params, n0, nbc)?;
                         c.view()
                     }
                     None => xv.slice(..),
@@ -780,6 +1187,127 @@ mod tests {
             (3, 8, 12, 6)
         );
         assert!(grid_calls(shape, [a, b, c], 0, 3).is_empty());
+    }
+
+    /// Geometries for the depthwise plan: the bench's and the MILA blocks', odd sizes, strides, paddings and
+    /// dilations, tall and wide planes, one sample and many channels.
+    fn dw_geometries() -> Vec<Conv2dGeom> {
+        let geom = |[n, c, h, w]: [usize; 4], k: (usize, usize), s: usize, p: (usize, usize), d: usize| {
+            Conv2dGeom::new(&[n, c, h, w], &[c, 1, k.0, k.1], (s, s), p, (d, d), c).ok()
+        };
+        let mut v = vec![];
+        for [n, c, hw] in [[64, 64, 56], [64, 128, 28], [64, 256, 14], [64, 512, 7], [128, 64, 56], [1, 64, 56]] {
+            v.push(geom([n, c, hw, hw], (3, 3), 1, (1, 1), 1));
+            v.push(geom([n, c, hw, hw], (3, 3), 2, (1, 1), 1));
+        }
+        for x in [[2, 3, 5, 6], [3, 5, 17, 19], [1, 2, 1, 1], [1, 1, 200, 37], [2, 2, 500, 30], [1, 3, 40, 200]] {
+            v.push(geom(x, (3, 3), 1, (1, 1), 1));
+            v.push(geom(x, (3, 3), 2, (1, 1), 1));
+            v.push(geom(x, (3, 3), 1, (0, 0), 1));
+            v.push(geom(x, (3, 3), 1, (2, 2), 1));
+            v.push(geom(x, (1, 1), 1, (0, 0), 1));
+            if x[2] >= 5 && x[3] >= 5 {
+                v.push(geom(x, (5, 5), 2, (2, 2), 1));
+                v.push(geom(x, (3, 3), 1, (2, 2), 2));
+                v.push(geom(x, (3, 2), 3, (0, 1), 1));
+            }
+        }
+        v.into_iter().flatten().collect()
+    }
+
+    #[test]
+    fn dw_plan_tiles_hold_every_row_a_band_reads() {
+        for g in dw_geometries() {
+            for (elem, backward, sms) in [(4, false, 132), (4, true, 132), (8, true, 132), (8, false, 1), (4, true, 1)]
+            {
+                let what = format!("{g:?} elem {elem} backward {backward} sms {sms}");
+                let Some(plan) = dw_plan(&g, elem, backward, sms) else { panic!("no plan: {what}") };
+                let t = plan.tile;
+                let budget = if backward { DW_BWD_SHARED } else { DW_FWD_SHARED };
+                assert!(plan.shared <= budget, "{what}: {plan:?}");
+                assert!(
+                    t.planes >= 1 && t.planes as usize <= g.n && t.groups as usize == g.n.div_ceil(t.planes as usize)
+                );
+                assert_eq!(plan.blocks, g.c * t.groups as usize * t.bands as usize, "{what}");
+                let (run, rows, bands) = (plan.kernel.run(), t.rows as usize, t.bands as usize);
+                assert_eq!(bands, g.oh.div_ceil(rows), "{what}");
+                let tile_bytes = t.planes as usize * (t.xrows as usize * g.w + t.grows as usize * g.ow) * elem;
+                assert_eq!(plan.shared, tile_bytes, "{what}");
+                let [sh, ph, kh, dh] = [g.stride.0, g.padding.0, g.kh, g.dilation.0].map(|v| v as i64);
+                let (mut next_a, mut next_r) = (0, 0);
+                for band in 0..bands {
+                    let b = DwBand::new(&g, run, rows, bands, band);
+                    // The bands split the output rows and the input rows, in order.
+                    assert_eq!((b.a0, b.r0), (next_a, next_r), "{what} band {band}");
+                    assert!(b.a1 > b.a0 && b.r1 >= b.r0, "{what} band {band}: {b:?}");
+                    (next_a, next_r) = (b.a1, b.r1);
+                    // Every x row the forward and the weight gradient read, rounded runs included.
+                    let x0 = b.a0 * sh - ph;
+                    for a in b.a0..b.a1r {
+                        for i in 0..kh {
+                            let row = a * sh - ph + i * dh - x0;
+                            assert!((0..i64::from(t.xrows)).contains(&row), "{what} band {band}: x row {row}");
+                        }
+                    }
+                    if backward {
+                        // Every g row dx reads, and the rows of the weight gradient's outputs.
+                        let in_tile = |a: i64| (b.gi0..b.gi0 + i64::from(t.grows)).contains(&a);
+                        for i in b.r0..b.r1r {
+                            for tap in 0..kh {
+                                let ta = i + ph - tap * dh;
+                                assert!(ta % sh != 0 || in_tile(ta.div_euclid(sh)), "{what} band {band}: dx row {i}");
+                            }
+                        }
+                        assert!((b.a0..b.a1r).all(in_tile), "{what} band {band}: {b:?}");
+                    }
+                }
+                assert_eq!((next_a, next_r), (g.oh as i64, g.h as i64), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn dw_plans_of_the_mila_shapes() {
+        let geom = |x: [usize; 4], s: usize| Conv2dGeom::new(&x, &[x[1], 1, 3, 3], (s, s), (1, 1), (1, 1), x[1]);
+        // The bench's conv: a block per whole 56x56 plane, forward and backward (f32); f64's backward tiles
+        // would overflow the budget, so it runs two bands.
+        let g = geom([64, 64, 56, 56], 1).unwrap();
+        let f = dw_plan(&g, 4, false, 132).unwrap();
+        assert_eq!((f.kernel, f.tile.planes, f.tile.bands, f.blocks), (DwKernel::K3S1, 1, 1, 4096));
+        assert_eq!(f.shared, 58 * 56 * 4);
+        let b = dw_plan(&g, 4, true, 132).unwrap();
+        assert_eq!((b.tile.planes, b.tile.bands, b.tile.xrows, b.tile.grows), (1, 1, 58, 58));
+        assert_eq!(dw_plan(&g, 8, true, 132).unwrap().tile.bands, 2);
+        // 7x7 planes: the batch's 64 samples of a channel in one block.
+        let g = geom([64, 512, 7, 7], 1).unwrap();
+        let f = dw_plan(&g, 4, false, 132).unwrap();
+        assert_eq!((f.tile.planes, f.tile.groups, f.blocks), (64, 1, 512));
+        // Downsampling, stride 2.
+        assert_eq!(dw_plan(&geom([64, 512, 28, 28], 2).unwrap(), 4, true, 132).unwrap().kernel, DwKernel::K3S2);
+        // One sample of few channels: bands of whole runs, so that the grid has a few blocks per multiprocessor.
+        let g = geom([1, 4, 56, 56], 1).unwrap();
+        let f = dw_plan(&g, 4, false, 132).unwrap();
+        assert_eq!((f.tile.rows, f.tile.bands, f.blocks), (4, 14, 56));
+        // Planes too wide for even one run of rows fall back to the untiled kernels.
+        assert!(dw_plan(&geom([1, 2, 3, 1100], 1).unwrap(), 8, false, 132).is_none());
+        assert!(dw_plan(&geom([1, 2, 3, 900], 1).unwrap(), 4, true, 132).is_none());
+        assert!(dw_plan(&geom([1, 2, 3, 800], 1).unwrap(), 4, true, 132).is_some());
+        let dilated = Conv2dGeom::new(&[2, 3, 9, 9], &[3, 1, 3, 3], (1, 1), (2, 2), (2, 2), 3).unwrap();
+        assert_eq!(dw_plan(&dilated, 4, true, 132).unwrap().kernel, DwKernel::Any);
+    }
+
+    #[test]
+    fn the_forward_is_an_implicit_gemm_but_for_pointwise_convs() {
+        let geom = |x: [usize; 4], w: [usize; 4], s, p, groups| Conv2dGeom::new(&x, &w, s, p, (1, 1), groups).unwrap();
+        // The bench's conv, a grouped one and the stem's stride-2 conv.
+        assert!(geom([128, 32, 112, 112], [32, 32, 3, 3], (1, 1), (1, 1), 1).implicit_gemm());
+        assert!(geom([4, 16, 9, 9], [64, 4, 3, 3], (2, 2), (1, 1), 4).implicit_gemm());
+        assert!(geom([8, 3, 224, 224], [32, 3, 3, 3], (2, 2), (1, 1), 1).implicit_gemm());
+        // A 1x1 conv with stride 1 and no padding: cuBLAS reads x as the columns; one with stride 2 gathers.
+        assert!(!geom([8, 64, 14, 14], [128, 64, 1, 1], (1, 1), (0, 0), 1).implicit_gemm());
+        assert!(geom([8, 64, 14, 14], [128, 64, 1, 1], (2, 2), (0, 0), 1).implicit_gemm());
+        // Columns past the kernel's ints.
+        assert!(!geom([1 << 16, 1, 128, 256], [1, 1, 1, 3], (1, 1), (0, 1), 1).implicit_gemm());
     }
 
     #[test]

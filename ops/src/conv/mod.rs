@@ -17,7 +17,9 @@
 //! task. Everything else: per sample and group, im2col gathers the patches into cols (C/G kh kw, OH OW) so that
 //! y_q = W_q cols is one GEMM (W_q is (O/G, C/G kh kw)); backward is dW_q += G_q cols^T and
 //! dx = col2im(W_q^T G_q). A 1x1 conv with stride 1 and no padding uses x itself as cols. The CUDA path
-//! (cuda.rs, conv.cu) has the same split: direct depthwise kernels, and im2col + cuBLAS for the rest.
+//! (cuda.rs, conv.cu) has the same split: tiled direct depthwise kernels (a fused backward), and for the rest
+//! an implicit-GEMM forward (im2col's patches gathered as the product needs them) and im2col + cuBLAS for the
+//! backward, the pointwise forward and TF32 mode.
 //!
 //! causal_conv1d: x (B, C, L), w (C, 1, k), bias (C); k - 1 zeros on the left, so the output keeps length L
 //! and y[t] sees x[t - k + 1 ..= t] only (PyTorch's Conv1d(C, C, k, groups=C, padding=k-1) cut to its first L

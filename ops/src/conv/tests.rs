@@ -459,26 +459,46 @@ pub(crate) fn assert_cuda_matches_cpu(
     }
 }
 
-/// The CUDA tests' configs: `configs()`, plus larger ones whose block reductions span several warps and loop
-/// over their elements (and, for the depthwise weight gradient, span two chunks of samples), a 5x5 depthwise
-/// kernel (the generic instance, not the 3x3 one), and more groups than samples (the GEMMs then loop over the
-/// samples). The dense path's chunks of samples are covered on the host, in cuda.rs.
+/// The CUDA tests' configs: `configs()`, plus larger ones whose block reductions span several warps, and the
+/// tilings of the depthwise kernels (see `dw_plan` in cuda.rs, whose tests check the tiles on the host): whole
+/// planes, several samples of a channel per block (a last group with fewer), bands of rows (a plane too tall
+/// for the shared memory, and few planes split for the grid), both 3x3 instances with odd sizes, paddings 0
+/// and 2 and one sample, the run-time instance (5x5, dilated, a 3x2 kernel), and planes too wide for any tile
+/// (the untiled kernels). Also more groups than samples (the GEMMs then loop over the samples). The dense
+/// path's chunks of samples are covered on the host, in cuda.rs.
 fn cuda_configs() -> Vec<Cfg> {
     let mut v = configs();
-    v.push(Cfg { name: "depthwise 3x3 large", x: [4, 8, 17, 19], o: 8, padding: (1, 1), groups: 8, ..BASE });
-    // 64x64 planes: the weight gradient's chunks of samples (4 here) split the batch of 6 in two.
-    v.push(Cfg { name: "depthwise 3x3 two chunks", x: [6, 2, 64, 64], o: 2, padding: (1, 1), groups: 2, ..BASE });
+    let dw =
+        |name, x: [usize; 4], k, stride, padding| Cfg { name, x, o: x[1], k, stride, padding, groups: x[1], ..BASE };
+    v.push(dw("depthwise 3x3 large", [4, 8, 17, 19], (3, 3), (1, 1), (1, 1)));
+    // 64x64 planes, 12 of them: bands of rows so that the grid has a few blocks per multiprocessor.
+    v.push(dw("depthwise 3x3 bands", [6, 2, 64, 64], (3, 3), (1, 1), (1, 1)));
+    // 1056 planes of 5x5: four samples of a channel per block, the last group of two.
+    v.push(dw("depthwise 3x3 grouped planes", [22, 48, 5, 5], (3, 3), (1, 1), (1, 1)));
+    v.push(dw("depthwise 3x3 grouped planes stride 2", [22, 48, 7, 5], (3, 3), (2, 2), (1, 1)));
+    // A plane too tall for one tile (f32 forward: 42 rows of 200 floats is over 24 KiB).
+    v.push(dw("depthwise 3x3 tall plane", [1, 2, 40, 200], (3, 3), (1, 1), (1, 1)));
+    v.push(dw("depthwise 3x3 stride 2 odd", [3, 5, 13, 11], (3, 3), (2, 2), (1, 1)));
+    v.push(dw("depthwise 3x3 stride 2 no padding", [2, 3, 8, 9], (3, 3), (2, 2), (0, 0)));
+    v.push(dw("depthwise 3x3 no padding", [1, 3, 9, 13], (3, 3), (1, 1), (0, 0)));
+    v.push(dw("depthwise 3x3 padding 2", [1, 3, 10, 4], (3, 3), (1, 1), (2, 2)));
+    v.push(dw("depthwise 3x3 one pixel", [1, 2, 1, 1], (3, 3), (1, 1), (1, 1)));
+    v.push(dw("depthwise 5x5 stride 2", [2, 4, 11, 9], (5, 5), (2, 2), (2, 2)));
+    v.push(dw("depthwise 3x2 stride (2, 1)", [2, 3, 9, 10], (3, 2), (2, 1), (1, 0)));
+    // Wider than any tile (f64: one run of 6 rows of 1100 doubles is over the budget): the untiled kernels.
+    v.push(dw("depthwise 3x3 wide plane", [1, 2, 3, 1100], (3, 3), (1, 1), (1, 1)));
+    v.push(Cfg { name: "dense large", x: [3, 6, 15, 13], o: 10, stride: (2, 1), padding: (1, 2), ..BASE });
+    // The implicit GEMM's tiles: two tiles of output channels and of columns, K not a multiple of its step.
+    v.push(Cfg { name: "dense 40 channels", x: [2, 8, 16, 16], o: 40, padding: (1, 1), ..BASE });
     v.push(Cfg {
-        name: "depthwise 5x5 stride 2",
-        x: [2, 4, 11, 9],
-        o: 4,
-        k: (5, 5),
+        name: "grouped 64 channels stride 2",
+        x: [4, 16, 9, 9],
+        o: 64,
         stride: (2, 2),
-        padding: (2, 2),
+        padding: (1, 1),
         groups: 4,
         ..BASE
     });
-    v.push(Cfg { name: "dense large", x: [3, 6, 15, 13], o: 10, stride: (2, 1), padding: (1, 2), ..BASE });
     v.push(Cfg {
         name: "groups 3 (more groups than samples)",
         x: [2, 6, 6, 6],

@@ -2,16 +2,19 @@
 //! optional weight, bias and running statistics are read through their views. Nothing here waits for the
 //! device.
 //!
-//! - layer_norm forward: one kernel, one warp per row; it saves mean and rstd per row.
+//! - layer_norm forward: one kernel; it saves mean and rstd per row. Rows of whole 16-byte vectors (f32: d a
+//!   multiple of 4, up to 1024) are held in registers, a group of up to 32 lanes per row and several rows per
+//!   thread ([`LnReg`]); other rows take one warp each.
 //! - layer_norm backward: one kernel for dx and the dweight/dbias partial sums (each block owns a range of
-//!   rows; see `ln_bwd_impl`), then a small kernel that adds the blocks' partials column by column.
+//!   rows; see `ln_bwd_reg_impl` and `ln_bwd_impl`), then a small kernel that adds the blocks' partials column
+//!   by column, 32 ways parallel over the blocks.
 //! - batch_norm2d forward: training, one block per channel (statistics, then y, in one kernel); eval, one
 //!   block per (sample, channel) plane with the running statistics.
 //! - batch_norm2d backward: one kernel, one block per channel (the sums, then dx).
 //! - the running statistics: an in-place blend kernel, launched by the op after the forward has released its
 //!   read locks (a running buffer may share storage with an input or with the other buffer).
 
-use engine::cuda::{CudaDevice, CudaStorage, LaunchArgs, LaunchConfig, PushKernelArg};
+use engine::cuda::{CudaDevice, CudaFunction, CudaStorage, LaunchArgs, LaunchConfig, PushKernelArg};
 use engine::{DType, Error, Float, Layout, Result, Storage};
 
 use super::cpu::BatchNormOut;
@@ -29,6 +32,65 @@ const BN_THREADS: u32 = 512;
 
 /// Shared memory a kernel may take without the opt-in attribute (the same on every GPU since Volta).
 const SHARED_DEFAULT: usize = 48 << 10;
+
+/// Rows of layer_norm's register kernels: how a row of d elements spreads over a group of lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LnReg {
+    /// Lanes per row (G in norm.cu): a power of two, at most 32.
+    lanes: usize,
+    /// 16-byte vectors a lane holds per row (the instance: 1, 2, 4 or 8).
+    nv: usize,
+    /// Rows a thread takes per step (RPT, fixed by the instance).
+    rpt: usize,
+}
+
+impl LnReg {
+    /// The layout for rows of `d` elements of `elem` bytes whose first element is `offset` elements into a
+    /// 256-byte aligned buffer, or None (the one-warp-per-row kernels) unless the rows are whole 16-byte
+    /// vectors starting at 16-byte boundaries, at most 256 of them (f32: d <= 1024).
+    fn new(d: usize, elem: usize, offset: usize) -> Option<LnReg> {
+        let vn = 16 / elem;
+        let nvec = d / vn;
+        if !d.is_multiple_of(vn) || !offset.is_multiple_of(vn) || nvec == 0 || nvec > 256 {
+            return None;
+        }
+        let lanes = nvec.next_power_of_two().min(32);
+        let nv = nvec.div_ceil(lanes).next_power_of_two();
+        Some(LnReg { lanes, nv, rpt: (4 / nv).max(1) })
+    }
+
+    fn name(&self, backward: bool) -> String {
+        format!("ln_{}_reg{}", if backward { "bwd" } else { "fwd" }, self.nv)
+    }
+
+    /// Rows a block of [`LN_THREADS`] takes per step.
+    fn rows_per_step(&self) -> usize {
+        LN_THREADS as usize / self.lanes * self.rpt
+    }
+
+    /// (chunk, blocks) of the backward, for a device that holds `resident` blocks at once: blocks own chunks
+    /// of whole steps, as many blocks as run at once (one wave, balanced), unless a thread would then add more
+    /// than [`LN_ROWS_PER_THREAD`] rows into its dweight/dbias registers (T): then whole waves more.
+    fn backward_chunks(&self, rows: usize, resident: usize) -> (usize, usize) {
+        let step = self.rows_per_step();
+        let max_chunk = step * (LN_ROWS_PER_THREAD / self.rpt);
+        let resident = resident.max(1);
+        let waves = rows.div_ceil(resident * max_chunk).max(1);
+        let chunk = rows.div_ceil(resident * waves).next_multiple_of(step);
+        (chunk, rows.div_ceil(chunk).max(1))
+    }
+}
+
+/// Blocks of `f` (of [`LN_THREADS`] threads and `shared` bytes) the device runs at once.
+fn resident_blocks(dev: &CudaDevice, f: &CudaFunction, shared: usize) -> Result<usize> {
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(LN_THREADS, shared, None)
+        .map_err(|e| Error::Cuda { op: "layer_norm", msg: format!("occupancy: {e:?}") })?;
+    Ok(per_sm.max(1) as usize * dev.multiprocessor_count() as usize)
+}
+
+/// Most rows one thread of the register backward sums in T before the sums go to double.
+const LN_ROWS_PER_THREAD: usize = 32;
 
 /// Launches `args` on `blocks` blocks of `threads` threads with `shared` bytes of dynamic shared memory.
 ///
@@ -85,8 +147,28 @@ pub(super) fn layer_norm(x: View, w: Option<View>, b: Option<View>, eps: f64) ->
             let xv = elements::<T>(OP, x)?;
             let (wv, lw, has_w) = optional(OP, w, &xv)?;
             let (bv, lb, has_b) = optional(OP, b, &xv)?;
+            let rows64 = rows as i64;
+            if let Some(plan) = LnReg::new(d, T::DTYPE.size_in_bytes(), x.1.offset()) {
+                let f = function::<T>(dev, &MODULE, &plan.name(false))?;
+                let (d32, lanes) = (d as i32, plan.lanes as i32);
+                let mut args = dev.stream().launch_builder(&f);
+                args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&bv).arg(&lb).arg(&has_b);
+                args.arg(y.as_slice()).arg(mean.as_slice()).arg(rstd.as_slice()).arg(&rows64).arg(&d32).arg(&lanes);
+                args.arg(&eps);
+                // As many blocks as run at once (each warp strides over the rows), or fewer for few rows.
+                let blocks = rows.div_ceil(plan.rows_per_step()).min(resident_blocks(dev, &f, 0)?);
+                // SAFETY: ln_fwd_reg<NV>_<T>(const T* x, const T* w, Strided lw, int has_w, const T* b,
+                // Strided lb, int has_b, T* y, T* mean, T* rstd, long long rows, int d, int G, double eps) reads
+                // x[0..rows d), the contiguous view's length, with 16-byte loads (the view starts at a multiple
+                // of 16 bytes into its buffer, checked by `LnReg::new`, and buffers start at 256-byte
+                // boundaries), w and b through their views below d (checked by `strided`, read only when
+                // flagged), and writes y[0..rows d), mean[0..rows) and rstd[0..rows), which the buffers hold
+                // (y is a fresh, aligned buffer). Rows are grid-strided over the warps.
+                unsafe { launch_blocks(OP, args, blocks, LN_THREADS, 0)? };
+                return Ok((cuda_storage(dev, y)?, cuda_storage(dev, mean)?, cuda_storage(dev, rstd)?));
+            }
             let f = function::<T>(dev, &MODULE, "ln_fwd")?;
-            let (rows64, d64) = (rows as i64, d as i64);
+            let d64 = d as i64;
             let mut args = dev.stream().launch_builder(&f);
             args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&bv).arg(&lb).arg(&has_b);
             args.arg(y.as_slice()).arg(mean.as_slice()).arg(rstd.as_slice()).arg(&rows64).arg(&d64).arg(&eps);
@@ -140,41 +222,76 @@ pub(super) fn layer_norm_backward(
         let (xv, gv) = (elements::<T>(OP, x)?, elements::<T>(OP, g)?);
         let (mv, rv) = (elements::<T>(OP, mean)?, elements::<T>(OP, rstd)?);
         let (wv, lw, has_w) = optional(OP, w, &xv)?;
-        // Blocks: up to 4 a multiprocessor, each owning `chunk` consecutive rows (at least one tile of 8).
-        let warps = (LN_THREADS / 32) as usize;
-        let max_blocks = dev.multiprocessor_count() as usize * 4;
-        let chunk = rows.div_ceil(rows.div_ceil(warps).clamp(1, max_blocks));
-        let blocks = rows.div_ceil(chunk);
-        // Two accumulators (g xhat, g) per column, in shared memory when they fit, else in `partial` itself.
+        let elem = T::DTYPE.size_in_bytes();
+        let reg = LnReg::new(d, elem, x.1.offset()).filter(|_| (g.1.offset() * elem).is_multiple_of(16));
+        let sms = dev.multiprocessor_count() as usize;
+        // The old kernel's two accumulators (g xhat, g) per column, in shared memory when they fit, else in
+        // `partial` itself; the register kernel's 2 d doubles of shared memory for adding its warps in order.
         let shared = 2 * d * std::mem::size_of::<f64>();
         let use_shared = shared <= SHARED_DEFAULT;
+        let reg_f = reg.map(|plan| function::<T>(dev, &MODULE, &plan.name(true))).transpose()?;
+        let (chunk, blocks) = match (reg, &reg_f) {
+            (Some(plan), Some(f)) => plan.backward_chunks(rows, resident_blocks(dev, f, shared)?),
+            _ => {
+                // Blocks: up to 4 a multiprocessor, each owning `chunk` consecutive rows (at least one tile of
+                // 8).
+                let warps = (LN_THREADS / 32) as usize;
+                let chunk = rows.div_ceil(rows.div_ceil(warps).clamp(1, sms * 4));
+                (chunk, rows.div_ceil(chunk))
+            }
+        };
         let partial = dev.alloc::<f64>(if need_sums { blocks * 2 * d } else { 1 })?;
-        let f = function::<T>(dev, &MODULE, "ln_bwd")?;
         let [rows64, d64, chunk64] = [rows as i64, d as i64, chunk as i64];
-        let flags = [i32::from(needs.x), i32::from(need_sums), i32::from(use_shared)];
         // Without a dx to write, g's buffer stands in for the pointer (the kernel never writes it then).
         let dx_arg = if needs.x { dx.as_slice().as_view() } else { gv.slice(..) };
-        let mut args = dev.stream().launch_builder(&f);
-        args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(&dx_arg).arg(partial.as_slice());
-        args.arg(&rows64).arg(&d64).arg(&chunk64).arg(&flags[0]).arg(&flags[1]).arg(&flags[2]);
-        // SAFETY: ln_bwd_<T>(const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd,
-        // const T* g, T* dx, double* partial, long long rows, long long d, long long chunk, int need_dx,
-        // int need_sums, int use_shared) reads x and g at [0..rows d), mean and rstd at [0..rows) (the views'
-        // lengths), w through lw below d (checked by `strided`, read only when has_w); it writes dx[0..rows d)
-        // only when need_dx (then `dx` holds rows d elements) and partial[0..blocks 2 d) only when need_sums
-        // (then `partial` holds that many); blocks * chunk >= rows, and block b touches rows of its own chunk.
-        // The dynamic shared memory is 2 d doubles when use_shared, as the kernel indexes it.
-        unsafe { launch_blocks(OP, args, blocks, LN_THREADS, if use_shared { shared } else { 0 })? };
+        if let (Some(plan), Some(f)) = (reg, reg_f) {
+            let (d32, lanes) = (d as i32, plan.lanes as i32);
+            let flags = [i32::from(needs.x), i32::from(need_sums)];
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(&dx_arg);
+            args.arg(partial.as_slice()).arg(&rows64).arg(&d32).arg(&lanes).arg(&chunk64).arg(&flags[0]).arg(&flags[1]);
+            // SAFETY: ln_bwd_reg<NV>_<T>(const T* x, const T* w, Strided lw, int has_w, const T* mean,
+            // const T* rstd, const T* g, T* dx, double* partial, long long rows, int d, int G, long long chunk,
+            // int need_dx, int need_sums) reads x and g at [0..rows d) with 16-byte loads (both views start at
+            // multiples of 16 bytes, checked above, in 256-byte aligned buffers), mean and rstd at [0..rows)
+            // (the views' lengths), w through lw below d (checked by `strided`, read only when has_w); it
+            // writes dx[0..rows d) only when need_dx (a fresh buffer of rows d elements then) and
+            // partial[0..blocks 2 d) only when need_sums (then `partial` holds that many); blocks * chunk >=
+            // rows, and block b touches rows of its own chunk. The dynamic shared memory is 2 d doubles
+            // (d <= 1024: at most 16 KiB), as the kernel indexes it.
+            unsafe { launch_blocks(OP, args, blocks, LN_THREADS, if need_sums { shared } else { 0 })? };
+        } else {
+            let f = function::<T>(dev, &MODULE, "ln_bwd")?;
+            let flags = [i32::from(needs.x), i32::from(need_sums), i32::from(use_shared)];
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(&dx_arg).arg(partial.as_slice());
+            args.arg(&rows64).arg(&d64).arg(&chunk64).arg(&flags[0]).arg(&flags[1]).arg(&flags[2]);
+            // SAFETY: ln_bwd_<T>(const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd,
+            // const T* g, T* dx, double* partial, long long rows, long long d, long long chunk, int need_dx,
+            // int need_sums, int use_shared) reads x and g at [0..rows d), mean and rstd at [0..rows) (the
+            // views' lengths), w through lw below d (checked by `strided`, read only when has_w); it writes
+            // dx[0..rows d) only when need_dx (then `dx` holds rows d elements) and partial[0..blocks 2 d) only
+            // when need_sums (then `partial` holds that many); blocks * chunk >= rows, and block b touches rows
+            // of its own chunk. The dynamic shared memory is 2 d doubles when use_shared, as the kernel
+            // indexes it.
+            unsafe { launch_blocks(OP, args, blocks, LN_THREADS, if use_shared { shared } else { 0 })? };
+        }
         if need_sums {
             let f = function::<T>(dev, &MODULE, "ln_bwd_reduce")?;
             let (blocks64, need_w, need_b) = (blocks as i64, i32::from(needs.w), i32::from(needs.bias));
             let mut args = dev.stream().launch_builder(&f);
             args.arg(partial.as_slice()).arg(dw.as_slice()).arg(db.as_slice()).arg(&d64).arg(&blocks64);
             args.arg(&need_w).arg(&need_b);
+            let cfg = LaunchConfig {
+                grid_dim: ((2 * d).div_ceil(32).clamp(1, 1 << 16) as u32, 1, 1),
+                block_dim: (32, 32, 1),
+                shared_mem_bytes: 0,
+            };
             // SAFETY: ln_bwd_reduce_<T>(const double* partial, T* dw, T* db, long long d, long long blocks,
-            // int need_w, int need_b) reads partial[0..blocks 2 d), which the forward launch filled, and writes
-            // dw[0..d) and db[0..d), which both buffers hold.
-            unsafe { launch(OP, dev, args, d)? };
+            // int need_w, int need_b) reads partial[0..blocks 2 d), which the launch above filled, and writes
+            // dw[0..d) and db[0..d), which both buffers hold; blocks of 32 x 32 threads, as the kernel's
+            // indexing of its shared tile assumes, looping over the column tiles past the grid.
+            unsafe { args.launch(cfg) }.map_err(|e| Error::Cuda { op: OP, msg: format!("{e:?}") })?;
         }
         Ok(Grads {
             x: needs.x.then(|| cuda_storage(dev, dx)).transpose()?,
@@ -363,4 +480,52 @@ pub(super) fn blend_into(
     }
     crate::util::same_cuda_dtypes(op, &[running, stat])?;
     by_dtype!(running.dtype(), run(op, running, layout, stat, momentum, scale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_rows_spread_over_lane_groups_of_whole_vectors() {
+        // (d, elem) -> (lanes, vectors a lane, rows a thread): the bench's 64 f32 channels are 16 vectors, a
+        // group of 16 lanes holding one each, two rows a warp, four a thread.
+        let plan = |d, elem| LnReg::new(d, elem, 0).map(|p| (p.lanes, p.nv, p.rpt));
+        assert_eq!(plan(64, 4), Some((16, 1, 4)));
+        assert_eq!(plan(64, 8), Some((32, 1, 4)));
+        assert_eq!(plan(12, 4), Some((4, 1, 4)));
+        assert_eq!(plan(132, 4), Some((32, 2, 2)));
+        assert_eq!(plan(520, 4), Some((32, 8, 1)));
+        assert_eq!(plan(1024, 4), Some((32, 8, 1)));
+        assert_eq!(plan(512, 8), Some((32, 8, 1)));
+        // Not whole vectors, too long, or not starting at a 16-byte boundary.
+        assert_eq!(plan(7, 4), None);
+        assert_eq!(plan(3, 8), None);
+        assert_eq!(plan(1028, 4), None);
+        assert_eq!(LnReg::new(64, 4, 2), None);
+        assert!(LnReg::new(64, 4, 64).is_some());
+        for (d, elem) in [(4, 4), (20, 4), (64, 4), (132, 4), (1024, 4), (2, 8), (130, 8), (512, 8)] {
+            let p = LnReg::new(d, elem, 0).unwrap();
+            let nvec = d * elem / 16;
+            // The lanes hold every vector, and no lane is wholly idle unless the row has fewer vectors.
+            assert!(p.lanes * p.nv >= nvec && p.lanes * (p.nv / 2) < nvec, "{d} {elem}: {p:?}");
+            assert!(p.lanes.is_power_of_two() && p.lanes <= 32 && [1, 2, 4, 8].contains(&p.nv));
+        }
+    }
+
+    #[test]
+    fn layer_norm_backward_chunks_bound_the_rows_a_thread_sums() {
+        let p = LnReg::new(64, 4, 0).unwrap();
+        for rows in [1, 63, 64, 65, 200_704, 10_000_000] {
+            let (chunk, blocks) = p.backward_chunks(rows, 396);
+            assert!(chunk % p.rows_per_step() == 0 && blocks * chunk >= rows && (blocks - 1) * chunk < rows, "{rows}");
+            // Each thread adds at most LN_ROWS_PER_THREAD rows into its registers.
+            assert!(chunk / (LN_THREADS as usize / p.lanes) <= LN_ROWS_PER_THREAD, "{rows}");
+        }
+        // The bench's rows on an H100 holding 3 blocks a multiprocessor: one wave of 32 rows a thread; twice
+        // the rows, two waves.
+        assert_eq!(p.backward_chunks(200_704, 396), (512, 392));
+        assert_eq!(p.backward_chunks(2 * 200_704, 396).1, 784);
+        assert_eq!(p.backward_chunks(10, 396), (64, 1));
+    }
 }

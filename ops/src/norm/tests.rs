@@ -312,6 +312,50 @@ fn layer_norm_on_cuda_matches_the_cpu() {
 }
 
 #[test]
+fn layer_norm_on_cuda_matches_the_cpu_on_rows_held_in_registers() {
+    if engine::cuda::test_device_or_skip("layer_norm_on_cuda_matches_the_cpu_on_rows_held_in_registers").is_none() {
+        return;
+    }
+    for dtype in [DType::F32, DType::F64] {
+        // Row lengths of every register instance (f32: 1, 2, 4, 8 vectors a lane; f64 half the elements), groups
+        // of fewer than 32 lanes with idle lanes (12, 20), and row counts that leave the last step and the last
+        // block partial; the bench's 64 channels over enough rows for several blocks and steps a block.
+        for (rows, d) in [(1, 64), (7, 4), (33, 12), (130, 20), (2049, 64), (301, 132), (65, 256), (9, 520), (5, 1024)]
+        {
+            let t = [
+                add_scalar(&randn_as(&[rows, d], dtype, 80 + d as u64), 3.0).unwrap(),
+                randn_as(&[d], dtype, 81),
+                randn_as(&[d], dtype, 82),
+            ];
+            let what = format!("layer_norm ({rows}, {d})");
+            assert_cuda_matches_cpu(&what, &t, &[true; 3], |t| layer_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5));
+            assert_cuda_matches_cpu(&format!("{what} no affine"), &t[..1], &[true], |t| {
+                layer_norm(&t[0], None, None, 1e-5)
+            });
+            assert_cuda_matches_cpu(&format!("{what} frozen x"), &t, &[false, true, true], |t| {
+                layer_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5)
+            });
+            assert_cuda_matches_cpu(&format!("{what} bias only"), &[t[0].clone(), t[2].clone()], &[true, true], |t| {
+                layer_norm(&t[0], None, Some(&t[1]), 1e-5)
+            });
+            assert_cuda_matches_cpu(&format!("{what} frozen affine"), &t, &[true, false, false], |t| {
+                layer_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5)
+            });
+        }
+        // Views starting a row into their buffer (16-byte aligned: the register kernels, from that offset), and
+        // one element in (not aligned: the one-warp-per-row kernels).
+        let t = [randn_as(&[10, 64], dtype, 83), randn_as(&[64], dtype, 84)];
+        assert_cuda_matches_cpu("layer_norm rows offset by a row", &t, &[true; 2], |t| {
+            layer_norm(&narrow(&t[0], 0, 1, 9)?, Some(&t[1]), None, 1e-5)
+        });
+        let t = [randn_as(&[2 * 64 + 1], dtype, 85), randn_as(&[64], dtype, 86)];
+        assert_cuda_matches_cpu("layer_norm rows offset by an element", &t, &[true; 2], |t| {
+            layer_norm(&reshape(&narrow(&t[0], 0, 1, 128)?, &[2, 64])?, Some(&t[1]), None, 1e-5)
+        });
+    }
+}
+
+#[test]
 fn batch_norm_on_cuda_matches_the_cpu() {
     if engine::cuda::test_device_or_skip("batch_norm_on_cuda_matches_the_cpu").is_none() {
         return;
