@@ -47,7 +47,7 @@ pub(crate) struct Plan {
     pub spl: usize,
     /// Lanes per channel, a power of two <= 32.
     pub lpc: usize,
-    /// Warps per block: 1, 2 or 4.
+    /// Warps per block: 1, 2 or 4 (scan.cu's kernels are built for at most 128 threads).
     pub warps: usize,
     /// Steps per tile, and between saved states.
     pub tile: usize,
@@ -161,8 +161,8 @@ struct ScanParams {
     has_z: i32,
     has_delta_bias: i32,
     delta_softplus: i32,
-    smem_bytes: i32,
-    pad: i32,
+    pad0: i32,
+    pad1: i32,
 }
 
 const _: () = assert!(std::mem::size_of::<ScanParams>() == 88);
@@ -170,7 +170,7 @@ const _: () = assert!(std::mem::size_of::<ScanParams>() == 88);
 // SAFETY: integers only, #[repr(C)] with no padding (7 i64 then 8 i32), the layout of the .cu struct.
 unsafe impl DeviceRepr for ScanParams {}
 
-fn params(dims: Dims, plan: Plan, x: &Operands, delta_softplus: bool, shared: usize) -> Result<ScanParams> {
+fn params(dims: Dims, plan: Plan, x: &Operands, delta_softplus: bool) -> Result<ScanParams> {
     let Dims { batch, channels, length, states } = dims;
     let i = |v: usize| i64::try_from(v).map_err(|_| Error::invalid(OP, "size does not fit in i64", x.u.shape()));
     Ok(ScanParams {
@@ -187,8 +187,8 @@ fn params(dims: Dims, plan: Plan, x: &Operands, delta_softplus: bool, shared: us
         has_z: x.z.is_some() as i32,
         has_delta_bias: x.delta_bias.is_some() as i32,
         delta_softplus: delta_softplus as i32,
-        smem_bytes: shared as i32,
-        pad: 0,
+        pad0: 0,
+        pad1: 0,
     })
 }
 
@@ -280,7 +280,7 @@ pub(super) fn forward(x: &Operands, dims: Dims, delta_softplus: bool, chunk: usi
         let tile = cuda_chunk(chunk, dims.states, T::DTYPE)?;
         let (plan, _) = plans(dims.states, T::DTYPE, tile, x.a.shape())?;
         let shared = forward_shared_bytes(plan, T::DTYPE.size_in_bytes());
-        let p = params(dims, plan, x, delta_softplus, shared)?;
+        let p = params(dims, plan, x, delta_softplus)?;
         let Dims { batch, channels, length, states } = dims;
         let out = dev.alloc::<T>(batch * channels * length)?;
         let saved = dev.alloc::<T>(batch * channels * dims.chunks(tile) * states)?;
@@ -364,7 +364,7 @@ pub(super) fn backward(
             return Err(Error::invalid(OP, format!("internal: saved states at chunk {chunk}"), x.u.shape()));
         }
         let shared = backward_shared_bytes(plan, T::DTYPE.size_in_bytes());
-        let p = params(dims, plan, x, delta_softplus, shared)?;
+        let p = params(dims, plan, x, delta_softplus)?;
         let groups = plan.groups(channels);
         // Every element of these is written by the kernels (see the SAFETY notes).
         let alloc = |n: usize| CudaStorage::alloc(&dev, n, T::DTYPE);

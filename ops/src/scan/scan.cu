@@ -1,16 +1,21 @@
 // The selective scan (ops/src/scan/mod.rs has the math; cuda.rs the launch planning).
 //
-// Work and bytes, per pass, with E = B*C*S*L state updates (f32, Mamba's S = 16):
+// Work and bytes, per pass, with E = B*C*S*L state updates (f32):
 //   forward  bytes 4 (4 BCL + 2 BSL + CS + 2C) + the saved chunk states 4 BCL S / chunk;
-//            one exp per update (E) plus a softplus and a sigmoid per (b, c, t)
-//   backward bytes 4 (7 BCL + 4 BSL + 2CS + 4C) + saved states + the dB/dC partials 2 * 4 B NG S L
-//            (written, then read by scan_bwd_sum); two exps per update (the chunk pass and the recompute)
-// At (B 64, C 384, L 3136, S 16): E = 1.23e9; forward 1.30 GB (+0.15 GB states at chunk 32) = 0.49 ms at
-// 2980 GB/s, exps 0.29 ms on the H100's 16 MUFU.EX2/clk/SM; about 12 issue slots per warp and 32 updates
-// (0.45 ms at 1.9 GHz), so the forward should land near 0.5-0.6 ms (0.7-0.8 of copy). Backward 2.2 GB
-// (+0.15 GB states, +0.62 GB partials at 12 channel groups) = 1.0 ms at copy speed, about 35 issue slots per
-// warp and 32 updates (1.3 ms): expect 1.3-1.6 ms, bound by instruction issue (the recompute and the
-// cross-lane sums of dB and dC), not by memory.
+//            one exp per update, plus a softplus and a sigmoid per (b, c, t)
+//   backward bytes 4 (7 BCL + 4 BSL + 2CS + 4C) + the saved states + the dB/dC partials 2 * 4 B NG S L
+//            (written, then read by scan_bwd_sum); two exps per update (the tile pass and the recompute)
+// At (B 64, C 384, L 3136, S 16): E = 1.23e9 updates = 3.85e7 warp-updates of 32, 72.9k per SM sub-partition.
+//   forward: 1.30 GB + 0.15 GB of states (chunk 32) = 0.49 ms at 2980 GB/s. Issue, per (c, t) (16 updates,
+//     4 lanes): loads, softplus and gate ~55 instructions, recurrence 4 lanes x ~33 per step, B/C tile and
+//     the store ~15: ~200, i.e. ~12.5 issue cycles per warp-update -> 0.46 ms at 1.98 GHz; MUFU (16 ex2 + ~4
+//     per (c, t) at 4/clk per sub-partition) ~10 cycles per warp-update. Expect 0.6-0.8 ms (0.55-0.7 of copy
+//     by the minimal bytes).
+//   backward: 2.2 GB + 0.15 GB states + 0.62 GB partials (12 groups) = 1.0 ms at copy speed. Issue per
+//     (c, t): inputs ~70, tile pass and recompute 2 x 4 lanes x ~19, reverse step 4 lanes x ~90 (of which the
+//     dB/dC reduce-scatter ~30, the state-lane sums ~12), epilogue and block sums ~40: ~620, i.e. ~39 cycles
+//     per warp-update -> 1.45 ms. Expect 1.5-1.9 ms (0.4-0.5 of copy), bound by instruction issue, not by
+//     memory or the exps; forward+backward 0.45-0.55 of copy.
 //
 // Layout of a block: 32 * warps threads = G channels of one batch b x `lpc` lanes per channel; lane `grp` of
 // a channel owns the SPL states n = grp * SPL + k (k < SPL; states past S are padding with A = B = C = 0,
@@ -52,8 +57,8 @@ struct ScanParams {
     int has_z;
     int has_delta_bias;
     int delta_softplus;
-    int smem_bytes;      // the dynamic shared memory the launch gives (checked against the layout)
-    int pad;
+    int pad0;
+    int pad1;
 };
 
 static_assert(sizeof(ScanParams) == 88, "ScanParams must match ops::scan::cuda::ScanParams");
@@ -100,8 +105,14 @@ template <typename T> __device__ __forceinline__ T scan_group_sum(T v, int lpc) 
     return v;
 }
 
+// The emulator (emu/) checks the alignment of every vector access; the GPU faults on a misaligned one.
+#ifndef SCAN_CHECK_ALIGNED
+#define SCAN_CHECK_ALIGNED(ptr, bytes)
+#endif
+
 template <typename T, int N> __device__ __forceinline__ void scan_load(T (&dst)[N], const T* src) {
     static_assert(N % 4 == 0, "vector loads of 4");
+    SCAN_CHECK_ALIGNED(src, 4 * sizeof(T));
 #pragma unroll
     for (int j = 0; j < N; j += 4) {
         const ScanV4<T> v = *reinterpret_cast<const ScanV4<T>*>(src + j);
@@ -113,6 +124,7 @@ template <typename T, int N> __device__ __forceinline__ void scan_load(T (&dst)[
 }
 
 template <typename T, int N> __device__ __forceinline__ void scan_store(T* dst, const T (&src)[N]) {
+    SCAN_CHECK_ALIGNED(dst, 4 * sizeof(T));
 #pragma unroll
     for (int j = 0; j < N; j += 4) {
         ScanV4<T> v;
@@ -174,7 +186,10 @@ __host__ __device__ inline ScanBwdLayout scan_bwd_layout(int tile, int g, int np
     return s;
 }
 
+#ifndef SCAN_SHARED_BASE
 extern __shared__ __align__(32) unsigned char scan_smem[];
+#define SCAN_SHARED_BASE() scan_smem
+#endif
 
 // Where a thread sits: batch b, first channel c0 of the block, its channel c (c < C when `valid`), its
 // channel's index ci in the block, its lane group grp, and the channels per block G.
@@ -200,17 +215,17 @@ __device__ __forceinline__ ScanThread scan_thread(const ScanParams& p) {
     return th;
 }
 
-// The B, C tile of batch b for steps t0 .. t0 + tile, transposed, zero past S and past L.
+// The B, C tile of batch b for steps t0 .. t0 + tile, transposed, zero past S and past L: a warp per row
+// (which, n), lanes along time (coalesced).
 template <typename T>
-__device__ __forceinline__ void scan_load_bc(const ScanParams& p, long long b, long long t0, int len, int tile,
-                                             const T* __restrict__ Bm, const T* __restrict__ Cm, T* bc) {
+__device__ __forceinline__ void scan_load_bc(const ScanParams& p, const ScanThread& th, long long t0, int len,
+                                             int tile, const T* __restrict__ Bm, const T* __restrict__ Cm, T* bc) {
     const int stride = scan_bc_stride(p.np);
-    for (int i = threadIdx.x; i < 2 * p.np * tile; i += blockDim.x) {
-        const int row = i / tile, t = i - row * tile;  // consecutive threads, consecutive times: coalesced
-        const int which = row / p.np, n = row - which * p.np;
-        T v = T(0);
-        if (n < p.states && t < len) v = (which ? Cm : Bm)[(b * p.states + n) * p.length + t0 + t];
-        bc[t * stride + row] = v;
+#pragma unroll 2
+    for (int row = th.warp; row < 2 * p.np; row += th.warps) {
+        const int which = row >= p.np ? 1 : 0, n = row - which * p.np;
+        const T* src = (which ? Cm : Bm) + (th.b * p.states + n) * p.length + t0;
+        for (int t = th.lane; t < tile; t += 32) bc[t * stride + row] = (n < p.states && t < len) ? src[t] : T(0);
     }
 }
 
@@ -223,7 +238,7 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
     const int tile = (int)p.chunk, np = p.np, G = th.g;
     const ScanFwdLayout lay = scan_fwd_layout(tile, G, np, (int)sizeof(T));
     if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES()) __trap();
-    T* smem = reinterpret_cast<T*>(scan_smem);
+    T* smem = reinterpret_cast<T*>(SCAN_SHARED_BASE());
     ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[t (G+1) + ci] = (dt, dt u, u, gate)
     T* BC = smem + lay.bc;
     T* O = smem + lay.o;  // O[ci (tile+1) + t] = sum_n C h
@@ -248,30 +263,32 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
             }
         }
         // 1. The tile's per-(c, t) inputs, each computed once; zero past C and past L (dt = 0 keeps h).
-#pragma unroll 4
-        for (int i = threadIdx.x; i < G * tile; i += blockDim.x) {
-            const int ci = i / tile, t = i - ci * tile;
+#pragma unroll 2  // two rows of loads in flight; 4 spills under the 64-register bound
+        for (int ci = th.warp; ci < G; ci += th.warps) {  // a warp per channel row, lanes along time
             const long long cc = th.c0 + ci;
-            ScanV4<T> v;
-            v.x = v.y = v.z = v.w = T(0);
-            if (cc < C && t < len) {
-                const long long r = (th.b * C + cc) * L + t0 + t;
-                const T x = u[r];
-                T dt = delta[r] + (p.has_delta_bias ? delta_bias[cc] : T(0));
-                if (p.delta_softplus) dt = scan_softplus(dt);
-                T gate = T(1);
-                if (p.has_z) {
-                    const T zv = z[r];
-                    gate = zv * m_sigmoid(zv);
+            const T bias = (cc < C && p.has_delta_bias) ? delta_bias[cc] : T(0);
+            for (int t = th.lane; t < tile; t += 32) {
+                ScanV4<T> v;
+                v.x = v.y = v.z = v.w = T(0);
+                if (cc < C && t < len) {
+                    const long long r = (th.b * C + cc) * L + t0 + t;
+                    const T x = u[r];
+                    T dt = delta[r] + bias;
+                    if (p.delta_softplus) dt = scan_softplus(dt);
+                    T gate = T(1);
+                    if (p.has_z) {
+                        const T zv = z[r];
+                        gate = zv * m_sigmoid(zv);
+                    }
+                    v.x = dt;
+                    v.y = dt * x;
+                    v.z = x;
+                    v.w = gate;
                 }
-                v.x = dt;
-                v.y = dt * x;
-                v.z = x;
-                v.w = gate;
+                P[t * (G + 1) + ci] = v;
             }
-            P[t * (G + 1) + ci] = v;
         }
-        scan_load_bc(p, th.b, t0, len, tile, Bm, Cm, BC);
+        scan_load_bc(p, th, t0, len, tile, Bm, Cm, BC);
         __syncthreads();
         // 2. The recurrence; padded steps (dt = 0) leave h as it is.
 #pragma unroll 2
@@ -313,10 +330,8 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
 // channels; any further levels (more channels than values) sum the single value over the rest, and then only
 // the lanes with ch >> halvings == 0 hold distinct sums. Fixed order: deterministic.
 template <typename T, int SPL>
-__device__ __forceinline__ void scan_reduce_scatter(T (&v)[2 * SPL], int lpc, int ch, int levels, int halvings,
-                                                    int& base) {
+__device__ __forceinline__ void scan_reduce_scatter(T (&v)[2 * SPL], int lpc, int ch, int levels, int halvings) {
     constexpr int H = ScanShape<T, SPL>::HALVINGS;
-    base = 0;
 #pragma unroll
     for (int i = 0; i < H; ++i) {
         if (i < halvings) {
@@ -330,10 +345,19 @@ __device__ __forceinline__ void scan_reduce_scatter(T (&v)[2 * SPL], int lpc, in
                     v[j] = keep + scan_shfl_xor(send, lpc << i);
                 }
             }
-            if (up) base += half;
         }
     }
     for (int i = H; i < levels; ++i) v[0] += scan_shfl_xor(v[0], lpc << i);
+}
+
+// Where value j of a thread's reduce-scatter result goes in its warp's DBC row: index base + j of the
+// original 2 SPL values (dB of the thread's states, then dC), base from the channel bits that chose halves.
+template <int SPL> __device__ __forceinline__ int scan_dbc_slot(int grp, int ch, int halvings, int np, int j) {
+    int base = 0;
+    for (int i = 0; i < halvings; ++i)
+        if ((ch >> i) & 1) base += (2 * SPL) >> (i + 1);
+    const int idx = base + j, which = idx >= SPL ? 1 : 0;
+    return which * np + grp * SPL + idx - which * SPL;
 }
 
 template <typename T, int SPL>
@@ -348,7 +372,7 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
     const int tile = (int)p.chunk, np = p.np, G = th.g, lpc = p.lpc;
     const ScanBwdLayout lay = scan_bwd_layout(tile, G, np, th.warps, SPL, TH, (int)sizeof(T));
     if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES()) __trap();
-    T* smem = reinterpret_cast<T*>(scan_smem);
+    T* smem = reinterpret_cast<T*>(SCAN_SHARED_BASE());
     ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[t (G+1) + ci] = (dt, dt u, gy, u)
     T* E = smem + lay.e;      // E[t (G+1) + ci] = softplus'(delta + bias); E[tile (G+1) + ..] = dL/dz / y
     T* BC = smem + lay.bc;    // BC[t bcs + which np + n]
@@ -364,6 +388,8 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
     while ((lpc << levels) < 32) ++levels;  // log2 of the warp's channels
     const int halvings = levels < ScanShape<T, SPL>::HALVINGS ? levels : ScanShape<T, SPL>::HALVINGS;
     const int live = (2 * SPL) >> halvings;  // values per lane after the reduce-scatter
+    const bool writer = (ch >> halvings) == 0;  // the lanes holding distinct sums
+    const int slot = scan_dbc_slot<SPL>(th.grp, ch, halvings, np, 0);  // where its first value goes
 
     T a2[SPL], av[SPL], carry[SPL], da[SPL];
 #pragma unroll
@@ -388,40 +414,42 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
         }
         // 1. Per-(c, t) inputs, each once; zero past C and past L (dt = 0 and gy = 0: no contribution).
 #pragma unroll 4
-        for (int i = tid; i < G * tile; i += threads) {
-            const int ci = i / tile, t = i - ci * tile;
+        for (int ci = th.warp; ci < G; ci += th.warps) {  // a warp per channel row, lanes along time
             const long long cc = th.c0 + ci;
-            ScanV4<T> v;
-            v.x = v.y = v.z = v.w = T(0);
-            T spg = T(0), gz = T(0);
-            if (cc < C && t < len) {
-                const long long r = (th.b * C + cc) * L + t0 + t;
-                const T x = u[r];
-                const T raw = delta[r] + (p.has_delta_bias ? delta_bias[cc] : T(0));
-                T dt = raw;
-                spg = T(1);
-                if (p.delta_softplus) {
-                    dt = scan_softplus(raw);
-                    spg = scan_softplus_grad(raw);
+            const T bias = (cc < C && p.has_delta_bias) ? delta_bias[cc] : T(0);
+            for (int t = th.lane; t < tile; t += 32) {
+                ScanV4<T> v;
+                v.x = v.y = v.z = v.w = T(0);
+                T spg = T(0), gz = T(0);
+                if (cc < C && t < len) {
+                    const long long r = (th.b * C + cc) * L + t0 + t;
+                    const T x = u[r];
+                    const T raw = delta[r] + bias;
+                    T dt = raw;
+                    spg = T(1);
+                    if (p.delta_softplus) {
+                        dt = scan_softplus(raw);
+                        spg = scan_softplus_grad(raw);
+                    }
+                    const T g = gout[r];
+                    T gy = g;
+                    if (p.has_z) {
+                        const T zv = z[r];
+                        const T s = m_sigmoid(zv);
+                        gy = g * zv * s;
+                        gz = g * s * (T(1) + zv * (T(1) - s));
+                    }
+                    v.x = dt;
+                    v.y = dt * x;
+                    v.z = gy;
+                    v.w = x;
                 }
-                const T g = gout[r];
-                T gy = g;
-                if (p.has_z) {
-                    const T zv = z[r];
-                    const T s = m_sigmoid(zv);
-                    gy = g * zv * s;
-                    gz = g * s * (T(1) + zv * (T(1) - s));
-                }
-                v.x = dt;
-                v.y = dt * x;
-                v.z = gy;
-                v.w = x;
+                P[t * (G + 1) + ci] = v;
+                E[t * (G + 1) + ci] = spg;
+                E[(tile + t) * (G + 1) + ci] = gz;
             }
-            P[t * (G + 1) + ci] = v;
-            E[t * (G + 1) + ci] = spg;
-            E[(tile + t) * (G + 1) + ci] = gz;
         }
-        scan_load_bc(p, th.b, t0, len, tile, Bm, Cm, BC);
+        scan_load_bc(p, th, t0, len, tile, Bm, Cm, BC);
         __syncthreads();
 
         // 2a. Forward over the tile, keeping the state entering every sub-chunk of TH steps.
@@ -474,21 +502,22 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
                     ys += cv[k] * hs[i][k];
                     carry[k] = ex[i][k] * gh;
                 }
-                int base;
-                scan_reduce_scatter<T, SPL>(r, lpc, ch, levels, halvings, base);
-                if ((ch >> halvings) == 0) {
+                scan_reduce_scatter<T, SPL>(r, lpc, ch, levels, halvings);
+                T* row = DBC + (th.warp * tile + t) * dbs;
+                if (live == 1) {
+                    // Mamba's S = 16 (4 lanes of 4 states, 8 channels a warp) and every S <= 32.
+                    if (writer) row[slot] = r[0];
+                } else {
+                    // Fewer channels than values a warp (S > 32): no levels past the halvings, every lane writes.
 #pragma unroll
-                    for (int j = 0; j < 2 * SPL; ++j) {
-                        if (j < live) {
-                            const int idx = base + j, which = idx >= SPL ? 1 : 0;
-                            const int n = th.grp * SPL + idx - which * SPL;
-                            DBC[(th.warp * tile + t) * dbs + which * np + n] = r[j];
-                        }
-                    }
+                    for (int j = 0; j < 2 * SPL; ++j)
+                        if (j < live) row[scan_dbc_slot<SPL>(th.grp, ch, halvings, np, j)] = r[j];
                 }
-                sgb = scan_group_sum(sgb, lpc);
-                sagh = scan_group_sum(sagh, lpc);
-                ys = scan_group_sum(ys, lpc);
+                for (int o = 1; o < lpc; o <<= 1) {  // over the channel's lanes
+                    sgb += scan_shfl_xor(sgb, o);
+                    sagh += scan_shfl_xor(sagh, o);
+                    ys += scan_shfl_xor(ys, o);
+                }
                 if (th.grp == 0) {
                     Q[(0 * G + th.ci) * (tile + 1) + t] = sgb;
                     Q[(1 * G + th.ci) * (tile + 1) + t] = sagh;
@@ -531,13 +560,13 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
             }
         }
         // 3b. dB, dC of the tile summed over the block's warps in order: the block's partial.
-        for (int i = tid; i < 2 * (int)S * tile; i += threads) {
-            const int v = i / tile, t = i - v * tile;  // v = which S + n
-            if (t < len) {
-                const int which = v >= S ? 1 : 0, n = v - which * (int)S;
+        for (int v = th.warp; v < 2 * (int)S; v += th.warps) {  // v = which S + n: a warp per row
+            const int which = v >= S ? 1 : 0, n = v - which * (int)S;
+            T* dst = part_bc + ((th.b * p.groups + blockIdx.x % p.groups) * 2 * S + v) * L + t0;
+            for (int t = th.lane; t < len; t += 32) {
                 T sum = T(0);
                 for (int w = 0; w < th.warps; ++w) sum += DBC[(w * tile + t) * dbs + which * np + n];
-                part_bc[((th.b * p.groups + blockIdx.x % p.groups) * 2 * S + v) * L + t0 + t] = sum;
+                dst[t] = sum;
             }
         }
         __syncthreads();  // the tile's buffers are read before the next tile overwrites them
@@ -593,17 +622,21 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
     }
 }
 
-// Kernel names: scan_fwd_s<SPL>_<dtype>, scan_bwd_s<SPL>_<dtype>, scan_bwd_sum_<dtype>.
-#define SCAN_MAX_THREADS 256
+// Kernel names: scan_fwd_s<SPL>_<dtype>, scan_bwd_s<SPL>_<dtype>, scan_bwd_sum_<dtype>. At most 4 warps a
+// block (cuda.rs plans 1, 2 or 4). Blocks per multiprocessor to keep registers for: in f32 the forward's
+// 26 KiB of shared memory allow 8 (at most 64 registers); the backward's 66 KiB allow 3 (at most 168
+// registers, which it fits without spilling; 225 when unbounded). f64, the gradient-check dtype, gets twice
+// the registers per block rather than spilling.
+#define SCAN_MAX_THREADS 128
 
-#define SCAN_KERNELS(T, SUFFIX, SPL)                                                                       \
-    extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS)                                        \
+#define SCAN_KERNELS(T, SUFFIX, SPL, FWD_MIN, BWD_MIN)                                                                     \
+    extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS, FWD_MIN)                                        \
         scan_fwd_s##SPL##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A,             \
                                    const T* Bm, const T* Cm, const T* D, const T* z,                      \
                                    const T* delta_bias, T* out, T* saved) {                               \
         scan_fwd<T, SPL>(p, u, delta, A, Bm, Cm, D, z, delta_bias, out, saved);                            \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS)                                        \
+    extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS, BWD_MIN)                                        \
         scan_bwd_s##SPL##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A,             \
                                    const T* Bm, const T* Cm, const T* D, const T* z,                      \
                                    const T* delta_bias, const T* saved, const T* gout, T* du, T* ddelta,  \
@@ -612,10 +645,10 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
                          part_a, part_d, part_bias);                                                       \
     }
 
-SCAN_KERNELS(float, f32, 4)
-SCAN_KERNELS(float, f32, 8)
-SCAN_KERNELS(double, f64, 4)
-SCAN_KERNELS(double, f64, 8)
+SCAN_KERNELS(float, f32, 4, 8, 3)
+SCAN_KERNELS(float, f32, 8, 8, 3)
+SCAN_KERNELS(double, f64, 4, 4, 1)
+SCAN_KERNELS(double, f64, 8, 4, 1)
 
 extern "C" __global__ void scan_bwd_sum_f32(const ScanParams p, const float* part_bc, const float* part_a,
                                             const float* part_d, const float* part_bias, float* dB, float* dC,

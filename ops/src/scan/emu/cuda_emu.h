@@ -28,9 +28,6 @@
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 
-// The kernel source declares `extern __shared__ unsigned char scan_smem[]`; this is its definition.
-alignas(64) inline unsigned char scan_smem[4 << 20];
-
 struct emu_dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
@@ -85,6 +82,9 @@ struct Block {
 };
 
 inline Block* g_block = nullptr;
+// The block's dynamic shared memory: exactly the bytes the launch gives (heap, so that AddressSanitizer sees
+// an access past its end), 32-byte aligned as on the GPU.
+inline unsigned char* g_smem = nullptr;
 inline unsigned g_smem_bytes = 0;
 
 inline void yield_to_scheduler() {
@@ -161,11 +161,8 @@ inline void run_block(unsigned block, unsigned grid, unsigned threads, unsigned 
     b.fibers.resize(threads);
     for (unsigned w = 0; w < 32; ++w) b.live_in_warp[w] = 0;
     for (unsigned t = 0; t < threads; ++t) ++b.live_in_warp[t / 32];
-    if (smem > sizeof(scan_smem)) {
-        std::fprintf(stderr, "emu: %u bytes of shared memory asked for\n", smem);
-        std::abort();
-    }
-    std::memset(scan_smem, 0xff, smem);
+    g_smem = static_cast<unsigned char*>(std::aligned_alloc(32, smem == 0 ? 32 : (smem + 31) / 32 * 32));
+    std::memset(g_smem, 0xff, smem);
     g_smem_bytes = smem;
     g_block = &b;
     for (unsigned t = 0; t < threads; ++t) {
@@ -203,6 +200,15 @@ inline void run_block(unsigned block, unsigned grid, unsigned threads, unsigned 
         }
     }
     g_block = nullptr;
+    std::free(g_smem);
+    g_smem = nullptr;
+}
+
+inline void check_aligned(const void* p, unsigned bytes) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+        std::fprintf(stderr, "emu: a %u-byte vector access at a misaligned address\n", bytes);
+        std::abort();
+    }
 }
 
 }  // namespace emu
@@ -210,3 +216,5 @@ inline void run_block(unsigned block, unsigned grid, unsigned threads, unsigned 
 #define __syncthreads() emu::syncthreads()
 #define __shfl_xor_sync(mask, v, o) emu::shfl_xor((v), (o))
 #define SCAN_DYNAMIC_SMEM_BYTES() emu::g_smem_bytes
+#define SCAN_SHARED_BASE() emu::g_smem
+#define SCAN_CHECK_ALIGNED(ptr, bytes) emu::check_aligned((ptr), (bytes))
