@@ -6,7 +6,7 @@
 //   backward bytes 4 (7 BCL + 4 BSL + 2CS + 4C) + the saved states + the dB/dC partials 2 * 4 B NG S L
 //            (written, then read by scan_bwd_sum); two exps per update (the tile pass and the recompute)
 // At (B 64, C 384, L 3136, S 16): E = 1.23e9 updates = 3.85e7 warp-updates of 32, 72.9k per SM sub-partition.
-//   forward: 1.30 GB + 0.15 GB of states (chunk 32) = 0.49 ms at 2980 GB/s. Issue, per (c, t) (16 updates,
+//   forward: 1.26 GB + 0.15 GB of states (chunk 32) = 0.47 ms at 2980 GB/s. Issue, per (c, t) (16 updates,
 //     4 lanes): loads, softplus and gate ~55 instructions, recurrence 4 lanes x ~33 per step, B/C tile and
 //     the store ~15: ~200, i.e. ~12.5 issue cycles per warp-update -> 0.46 ms at 1.98 GHz; MUFU (16 ex2 + ~4
 //     per (c, t) at 4/clk per sub-partition) ~10 cycles per warp-update. Expect 0.6-0.8 ms (0.55-0.7 of copy
@@ -263,7 +263,7 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
             }
         }
         // 1. The tile's per-(c, t) inputs, each computed once; zero past C and past L (dt = 0 keeps h).
-#pragma unroll 2  // two rows of loads in flight; 4 spills under the 64-register bound
+#pragma unroll 2  // two rows of loads in flight (4 spills the forward past its 64 registers)
         for (int ci = th.warp; ci < G; ci += th.warps) {  // a warp per channel row, lanes along time
             const long long cc = th.c0 + ci;
             const T bias = (cc < C && p.has_delta_bias) ? delta_bias[cc] : T(0);
@@ -624,9 +624,9 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
 
 // Kernel names: scan_fwd_s<SPL>_<dtype>, scan_bwd_s<SPL>_<dtype>, scan_bwd_sum_<dtype>. At most 4 warps a
 // block (cuda.rs plans 1, 2 or 4). Blocks per multiprocessor to keep registers for: in f32 the forward's
-// 26 KiB of shared memory allow 8 (at most 64 registers); the backward's 66 KiB allow 3 (at most 168
-// registers, which it fits without spilling; 225 when unbounded). f64, the gradient-check dtype, gets twice
-// the registers per block rather than spilling.
+// 26 KiB of shared memory allow 8 (at most 64 registers; scan_fwd_s4_f32 fits them, s8 spills 16 bytes);
+// the backward's 66 KiB allow 3 (at most 168 registers; scan_bwd_s4_f32 spills one 4-byte word, 225
+// registers when unbounded). f64, the gradient-check dtype, gets twice the registers per block.
 #define SCAN_MAX_THREADS 128
 
 #define SCAN_KERNELS(T, SUFFIX, SPL, FWD_MIN, BWD_MIN)                                                                     \
