@@ -113,13 +113,23 @@ fn random_inputs((b, c, l, s): (usize, usize, usize, usize), dtype: DType, seed:
     ]
 }
 
-/// Every option on and off, S across the kernels' states-per-thread instantiations (1 to 8 with 32 lanes),
-/// channels not a multiple of a block's, lengths past several chunks.
+/// Every option on and off, S across the kernels' lane layouts (1 to 32 lanes per channel, 4 or 8 states per
+/// lane), channels not a multiple of a block's (32 at S = 16) and several blocks per batch, lengths past
+/// several tiles (32 steps in f32, 16 in f64) and not a multiple of one.
 fn scan_cuda_matches_cpu(dtype: DType, tol_out: f64, tol_grad: f64) {
     let _serial = crate::cuda_serial();
     let Some(_dev) = test_device_or_skip("scan_cuda_matches_cpu") else { return };
     let _poison = poison_new_allocations();
-    let sizes = [(2, 5, 9, 3), (1, 3, 1, 1), (1, 3, 70, 16), (2, 37, 130, 16), (1, 4, 33, 40), (1, 2, 20, 256)];
+    let sizes = [
+        (2, 5, 9, 3),
+        (1, 3, 1, 1),
+        (1, 3, 70, 16),
+        (2, 37, 130, 16),
+        (1, 4, 33, 40),
+        (1, 2, 20, 256),
+        (3, 100, 75, 16),
+        (1, 9, 40, 150),
+    ];
     let mut failures = Vec::new();
     for (i, &dims) in sizes.iter().enumerate() {
         for softplus in [true, false] {
@@ -183,4 +193,24 @@ fn scan_cuda_refuses_more_than_256_states() {
         .collect();
     let r = selective_scan(&x[0], &x[1], &x[2], &x[3], &x[4], None, None, None, true);
     assert!(matches!(r, Err(Error::InvalidArgument { .. })), "{r:?}");
+}
+
+#[test]
+fn scan_cuda_is_deterministic() {
+    // The backward sums dB, dC over channels and dA, dD, ddelta_bias over batches without atomics: the same
+    // inputs give the same bits on every run.
+    let _serial = crate::cuda_serial();
+    let Some(_dev) = test_device_or_skip("scan_cuda_is_deterministic") else { return };
+    let dims = (3, 100, 75, 16);
+    let x: Vec<Tensor> =
+        random_inputs(dims, DType::F32, 700, true).iter().map(|t| t.to_device(Device::Cuda(0)).unwrap()).collect();
+    let cot = Tensor::randn(&[dims.0, dims.1, dims.2], 0.0, 1.0, DType::F32, Device::Cuda(0), &mut Generator::new(701))
+        .unwrap();
+    let bits = |(y, grads): (Tensor, Vec<Tensor>)| -> Vec<Vec<f64>> {
+        std::iter::once(y).chain(grads).map(|t| t.to_vec_f64().unwrap()).collect()
+    };
+    let first = bits(forward_backward(&x, true, &cot));
+    for _ in 0..3 {
+        assert!(bits(forward_backward(&x, true, &cot)) == first, "a CUDA scan result changed between runs");
+    }
 }

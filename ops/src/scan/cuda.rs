@@ -1,25 +1,22 @@
-//! CUDA paths of the scan (scan.cu).
+//! CUDA paths of the scan (scan.cu, whose header has the design, the byte and exp counts and the expected
+//! times).
 //!
-//! Design: one block of 128 threads per (batch, group of channels). A channel gets `lanes` threads of one warp,
-//! the next power of two >= S capped at 32, and each thread holds `states_per_thread` = ceil(S / lanes), rounded
-//! up to 1, 2, 4 or 8 (one kernel instantiation each, so the states stay in registers and S <= 32 pays for one),
-//! of its states (S = 16, Mamba's default: 16 lanes, one state each, 8 channels a block). Time is
-//! sequential within a thread; the parallelism is B x C x min(S, 32) threads, which fills an H100 at Mamba's
-//! sizes (B 8, C 1536: 196k threads). The readout sum over states is a warp shuffle.
+//! A block is 32 `warps` threads over G = 32 warps / lpc channels of one batch; each channel gets `lpc` lanes
+//! (a power of two), each lane `spl` of its states (4, or 8 past 128 states: the two instantiations), so
+//! lpc * spl >= S and the states past S are zero padding. Threads walk time in tiles of `tile` steps, which
+//! is also the chunk of the saved states: the forward writes the state entering every tile, the backward
+//! walks the tiles in reverse and recomputes a tile's states from it. The tile and the warps come from the
+//! shared memory a block needs ([`forward_shared_bytes`], [`backward_shared_bytes`], mirrors of scan.cu's
+//! layouts): at most [`SHARED_BUDGET`] so that three blocks share a multiprocessor.
 //!
-//! The forward saves the state entering every chunk. The backward walks the chunks in reverse and recomputes a
-//! chunk's states into shared memory, (chunk, states_per_thread, 128) elements, so the chunk length trades
-//! shared memory (and with it occupancy) against the memory of the saved states: `cuda_chunk` keeps the
-//! recomputed states at most [`STATE_TILE_BYTES`] per thread (chunk 64 for f32, 32 for f64 at S <= 32).
-//!
-//! Reductions: dA, dD and ddelta_bias are summed per thread over time and added with one atomicAdd per
-//! thread; dB and dC (sums over channels) go through a shared (chunk, S) tile per block, then one global
-//! atomicAdd per element and block. Atomics make the f32 and f64 results depend on the order blocks finish
-//! (roundoff only); the CPU path is the deterministic one.
+//! Reductions are deterministic (no atomics): the backward writes per-block partials of dB and dC (summed
+//! over the block's channels) and per-batch partials of dA, dD and ddelta_bias, and `scan_bwd_sum` adds them
+//! in a fixed order.
 
 use std::sync::{Arc, RwLockReadGuard};
 
-use engine::cuda::{CudaDevice, CudaStorage, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use engine::cuda::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+use engine::cuda::{CudaDevice, CudaFunction, CudaStorage, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use engine::{DType, Error, Float, Result, Storage, Tensor};
 
 use super::{Dims, Forward, Operands, ScanGrads, OP};
@@ -27,14 +24,125 @@ use crate::cuda::{function, Module};
 
 pub(crate) const MODULE: Module = Module { name: "ops_scan", body: include_str!("scan.cu") };
 
-/// Threads of a block (SCAN_THREADS in scan.cu).
-const THREADS: usize = 128;
-/// Most states one thread holds (the largest SPT instantiated in scan.cu): with 32 lanes, S <= 256.
-const MAX_STATES_PER_THREAD: usize = 8;
-/// Shared memory per thread for the backward's recomputed states.
-const STATE_TILE_BYTES: usize = 256;
-/// Dynamic shared memory a block may take without opting in.
-const MAX_SHARED_BYTES: usize = 48 << 10;
+/// Most states the kernels take: 32 lanes of 8 states.
+pub(crate) const MAX_STATES: usize = 256;
+/// Shared memory a block may take: three blocks per H100 multiprocessor (227 KiB) at Mamba's sizes.
+const SHARED_BUDGET: usize = 96 << 10;
+/// Shared memory a block may take without opting in to more (cuFuncSetAttribute).
+const DEFAULT_SHARED: usize = 48 << 10;
+/// The longest tile per dtype: 32 steps of f32, 16 of f64 (the same shared memory).
+const fn max_tile(dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => 32,
+        DType::F64 => 16,
+    }
+}
+/// Tiles are whole numbers of this many steps (a multiple of every sub-chunk length, [`sub_chunk`]).
+const TILE_STEP: usize = 8;
+
+/// How the kernels split one scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// States per lane: the kernel instantiation (`scan_fwd_s4`, `scan_fwd_s8`).
+    pub spl: usize,
+    /// Lanes per channel, a power of two <= 32.
+    pub lpc: usize,
+    /// Warps per block: 1, 2 or 4 (scan.cu's kernels are built for at most 128 threads).
+    pub warps: usize,
+    /// Steps per tile, and between saved states.
+    pub tile: usize,
+}
+
+impl Plan {
+    /// Channels per block.
+    fn channels(&self) -> usize {
+        32 * self.warps / self.lpc
+    }
+
+    /// States padded to the lanes, lpc * spl.
+    fn padded_states(&self) -> usize {
+        self.lpc * self.spl
+    }
+
+    /// Blocks per batch.
+    fn groups(&self, channels: usize) -> usize {
+        channels.div_ceil(self.channels())
+    }
+}
+
+/// (states per lane, lanes per channel) for S states, or an error past [`MAX_STATES`].
+fn lanes(states: usize, shape: &[usize]) -> Result<(usize, usize)> {
+    if states == 0 || states > MAX_STATES {
+        return Err(Error::invalid(OP, format!("the CUDA kernels take 1 to {MAX_STATES} states, got {states}"), shape));
+    }
+    let spl = if states <= 128 { 4 } else { 8 };
+    Ok((spl, states.div_ceil(spl).next_power_of_two()))
+}
+
+/// Steps the backward recomputes into registers at a time (`ScanShape::TH` in scan.cu).
+fn sub_chunk(spl: usize, elem: usize) -> usize {
+    (32 / spl) * 4 / elem
+}
+
+/// `elems` elements of `elem` bytes rounded up to 32 bytes (`scan_round` in scan.cu).
+fn round(elems: usize, elem: usize) -> usize {
+    let per = 32 / elem;
+    elems.div_ceil(per) * per
+}
+
+/// The forward's dynamic shared memory in bytes (`scan_fwd_layout`): the (dt, dt u, u, gate) tile, the
+/// transposed B and C, the readout.
+pub(crate) fn forward_shared_bytes(plan: Plan, elem: usize) -> usize {
+    let (t, g, np) = (plan.tile, plan.channels(), plan.padded_states());
+    (round(4 * t * (g + 1), elem) + round(t * (2 * np + 4), elem) + round(g * (t + 1), elem)) * elem
+}
+
+/// The backward's dynamic shared memory in bytes (`scan_bwd_layout`): the (dt, dt u, gy, u) tile, the
+/// softplus and gate derivatives, B and C, the sub-chunk entry states, the per-(c, t) sums, the per-warp dB
+/// and dC, the dD and ddelta_bias accumulators.
+pub(crate) fn backward_shared_bytes(plan: Plan, elem: usize) -> usize {
+    let (t, g, np, w) = (plan.tile, plan.channels(), plan.padded_states(), plan.warps);
+    let th = sub_chunk(plan.spl, elem);
+    let elems = round(4 * t * (g + 1), elem)
+        + round(2 * t * (g + 1), elem)
+        + round(t * (2 * np + 4), elem)
+        + round(t / th * 32 * w * plan.spl, elem)
+        + round(3 * g * (t + 1), elem)
+        + round(w * t * (2 * np + 1), elem)
+        + round(2 * g, elem);
+    elems * elem
+}
+
+/// The most warps (4, 2 or 1) whose blocks fit [`SHARED_BUDGET`] with this tile.
+fn fit_warps(spl: usize, lpc: usize, tile: usize, bytes: impl Fn(Plan) -> usize) -> Option<Plan> {
+    [4, 2, 1].into_iter().map(|warps| Plan { spl, lpc, warps, tile }).find(|&p| bytes(p) <= SHARED_BUDGET)
+}
+
+/// The tile (the chunk of the saved states) the kernels use when `requested` steps are asked for: a multiple
+/// of 8 from 8 to 32 (f32) or 16 (f64), no longer than `requested` unless that is under 8, and short enough
+/// that the backward's blocks fit the shared memory.
+pub(crate) fn cuda_chunk(requested: usize, states: usize, dtype: DType) -> Result<usize> {
+    let (spl, lpc) = lanes(states, &[states])?;
+    let elem = dtype.size_in_bytes();
+    let mut tile = (requested / TILE_STEP * TILE_STEP).clamp(TILE_STEP, max_tile(dtype));
+    while fit_warps(spl, lpc, tile, |p| backward_shared_bytes(p, elem)).is_none() {
+        if tile == TILE_STEP {
+            return Err(Error::invalid(OP, "internal: no tile fits the shared memory", &[states]));
+        }
+        tile -= TILE_STEP;
+    }
+    Ok(tile)
+}
+
+/// The forward's and the backward's plans for a tile from [`cuda_chunk`].
+fn plans(states: usize, dtype: DType, tile: usize, shape: &[usize]) -> Result<(Plan, Plan)> {
+    let (spl, lpc) = lanes(states, shape)?;
+    let elem = dtype.size_in_bytes();
+    let internal = || Error::invalid(OP, format!("internal: tile {tile} does not fit the shared memory"), shape);
+    let fwd = fit_warps(spl, lpc, tile, |p| forward_shared_bytes(p, elem)).ok_or_else(internal)?;
+    let bwd = fit_warps(spl, lpc, tile, |p| backward_shared_bytes(p, elem)).ok_or_else(internal)?;
+    Ok((fwd, bwd))
+}
 
 /// Mirrors `struct ScanParams` in scan.cu field for field (a static_assert there checks the size).
 #[repr(C)]
@@ -46,100 +154,76 @@ struct ScanParams {
     states: i64,
     chunk: i64,
     n_chunks: i64,
-    u_batch_stride: i64,
-    u_channel_stride: i64,
-    bc_batch_stride: i64,
-    bc_state_stride: i64,
-    a_channel_stride: i64,
-    saved_batch_stride: i64,
-    saved_channel_stride: i64,
-    saved_chunk_stride: i64,
-    lanes: i32,
-    states_per_thread: i32,
+    groups: i64,
+    lpc: i32,
+    np: i32,
     has_d: i32,
     has_z: i32,
     has_delta_bias: i32,
     delta_softplus: i32,
+    pad0: i32,
+    pad1: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<ScanParams>() == 136);
+const _: () = assert!(std::mem::size_of::<ScanParams>() == 88);
 
-// SAFETY: integers only, #[repr(C)] with no padding (14 i64 then 6 i32), the layout of the .cu struct.
+// SAFETY: integers only, #[repr(C)] with no padding (7 i64 then 8 i32), the layout of the .cu struct.
 unsafe impl DeviceRepr for ScanParams {}
 
-/// (lanes, states per thread) for S states: the states per thread are rounded up to a power of two, the
-/// instantiations of scan.cu (1, 2, 4, 8).
-fn lanes(states: usize) -> (usize, usize) {
-    let lanes = states.next_power_of_two().min(32);
-    (lanes, states.div_ceil(lanes).next_power_of_two())
-}
-
-/// `scan_fwd` / `scan_bwd` for this many states, e.g. `scan_bwd_s1`.
-fn kernel(base: &str, states: usize) -> String {
-    format!("{base}_s{}", lanes(states).1)
-}
-
-/// The backward's dynamic shared memory for a chunk: the recomputed states and the dB, dC tiles.
-fn shared_bytes(chunk: usize, states: usize, elem: usize) -> usize {
-    let (_, spt) = lanes(states);
-    (chunk * spt * THREADS + 2 * chunk * states) * elem
-}
-
-/// The chunk the CUDA kernels use when `requested` is asked for: no longer than the state tile allows.
-pub(crate) fn cuda_chunk(requested: usize, states: usize, dtype: DType) -> usize {
-    let elem = dtype.size_in_bytes();
-    let (_, spt) = lanes(states);
-    let mut chunk = requested.min(STATE_TILE_BYTES / (spt * elem)).max(1);
-    while chunk > 1 && shared_bytes(chunk, states, elem) > MAX_SHARED_BYTES {
-        chunk -= 1;
-    }
-    chunk
-}
-
-fn params(dims: Dims, chunk: usize, x: &Operands, delta_softplus: bool) -> Result<ScanParams> {
+fn params(dims: Dims, plan: Plan, x: &Operands, delta_softplus: bool) -> Result<ScanParams> {
     let Dims { batch, channels, length, states } = dims;
-    let (lanes, spt) = lanes(states);
-    if spt > MAX_STATES_PER_THREAD {
-        return Err(Error::invalid(
-            OP,
-            format!("the CUDA kernels take at most {} states, got {states}", 32 * MAX_STATES_PER_THREAD),
-            x.a.shape(),
-        ));
-    }
-    let n_chunks = dims.chunks(chunk);
     let i = |v: usize| i64::try_from(v).map_err(|_| Error::invalid(OP, "size does not fit in i64", x.u.shape()));
     Ok(ScanParams {
         batch: i(batch)?,
         channels: i(channels)?,
         length: i(length)?,
         states: i(states)?,
-        chunk: i(chunk)?,
-        n_chunks: i(n_chunks)?,
-        u_batch_stride: i(channels * length)?,
-        u_channel_stride: i(length)?,
-        bc_batch_stride: i(states * length)?,
-        bc_state_stride: i(length)?,
-        a_channel_stride: i(states)?,
-        saved_batch_stride: i(channels * n_chunks * states)?,
-        saved_channel_stride: i(n_chunks * states)?,
-        saved_chunk_stride: i(states)?,
-        lanes: lanes as i32,
-        states_per_thread: spt as i32,
+        chunk: i(plan.tile)?,
+        n_chunks: i(dims.chunks(plan.tile))?,
+        groups: i(plan.groups(channels))?,
+        lpc: plan.lpc as i32,
+        np: plan.padded_states() as i32,
         has_d: x.d.is_some() as i32,
         has_z: x.z.is_some() as i32,
         has_delta_bias: x.delta_bias.is_some() as i32,
         delta_softplus: delta_softplus as i32,
+        pad0: 0,
+        pad1: 0,
     })
 }
 
-/// One block per (batch, group of 128 / lanes channels).
-fn grid(dims: Dims, shared: usize) -> Result<LaunchConfig> {
-    let (lanes, _) = lanes(dims.states);
-    let blocks = dims.batch * dims.channels.div_ceil(THREADS / lanes);
+/// One block per (batch, group of channels), with `shared` bytes of dynamic shared memory.
+fn grid(dims: Dims, plan: Plan, shared: usize) -> Result<LaunchConfig> {
+    let blocks = dims.batch * plan.groups(dims.channels);
     let blocks = u32::try_from(blocks).ok().filter(|&b| b < i32::MAX as u32).ok_or_else(|| {
         Error::invalid(OP, format!("{blocks} blocks exceed the CUDA grid"), &[dims.batch, dims.channels, dims.length])
     })?;
-    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: shared as u32 })
+    Ok(LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (32 * plan.warps as u32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    })
+}
+
+/// The kernel `base` for this plan's instantiation, allowed `shared` bytes of dynamic shared memory.
+fn kernel<T: Float>(dev: &CudaDevice, base: &str, plan: Plan, shared: usize) -> Result<(String, CudaFunction)> {
+    let base = format!("{base}_s{}", plan.spl);
+    let (name, f) = (engine::cuda::kernel_name::<T>(&base), function::<T>(dev, &MODULE, &base)?);
+    if shared > DEFAULT_SHARED {
+        let limit = dev
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| launch_error(&name, e))?;
+        if shared > limit.max(0) as usize {
+            return Err(Error::Cuda {
+                op: OP,
+                msg: format!("{name} needs {shared} bytes of shared memory, the device allows {limit}"),
+            });
+        }
+        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
+            .map_err(|e| launch_error(&name, e))?;
+    }
+    Ok((name, f))
 }
 
 /// Read guards on the operands' storages, one per distinct storage (operands may share one, e.g. D and
@@ -193,11 +277,13 @@ fn launch_error(kernel: &str, e: impl std::fmt::Debug) -> Error {
 pub(super) fn forward(x: &Operands, dims: Dims, delta_softplus: bool, chunk: usize) -> Result<Forward> {
     fn run<T: Float>(x: &Operands, dims: Dims, delta_softplus: bool, chunk: usize) -> Result<Forward> {
         let dev = device(x)?;
-        let chunk = cuda_chunk(chunk, dims.states, T::DTYPE);
-        let p = params(dims, chunk, x, delta_softplus)?;
+        let tile = cuda_chunk(chunk, dims.states, T::DTYPE)?;
+        let (plan, _) = plans(dims.states, T::DTYPE, tile, x.a.shape())?;
+        let shared = forward_shared_bytes(plan, T::DTYPE.size_in_bytes());
+        let p = params(dims, plan, x, delta_softplus)?;
         let Dims { batch, channels, length, states } = dims;
         let out = dev.alloc::<T>(batch * channels * length)?;
-        let saved = dev.alloc::<T>(batch * channels * dims.chunks(chunk) * states)?;
+        let saved = dev.alloc::<T>(batch * channels * dims.chunks(tile) * states)?;
         if batch * channels * length > 0 {
             let v = Views::new(x, &[]);
             let view = |t: &Tensor| v.view::<T>(t);
@@ -205,23 +291,23 @@ pub(super) fn forward(x: &Operands, dims: Dims, delta_softplus: bool, chunk: usi
             // Absent operands are never read (their flags are 0); u stands in as a valid pointer.
             let opt = |t: &Option<Tensor>| view(t.as_ref().unwrap_or(&x.u));
             let (d, z, bias) = (opt(&x.d)?, opt(&x.z)?, opt(&x.delta_bias)?);
-            let base = kernel("scan_fwd", dims.states);
-            let (name, f) = (engine::cuda::kernel_name::<T>(&base), function::<T>(&dev, &MODULE, &base)?);
+            let (name, f) = kernel::<T>(&dev, "scan_fwd", plan, shared)?;
             let mut args = dev.stream().launch_builder(&f);
             args.arg(&p).arg(&u).arg(&delta).arg(&a).arg(&b).arg(&c).arg(&d).arg(&z).arg(&bias);
             args.arg(out.as_slice()).arg(saved.as_slice());
-            // SAFETY: scan_fwd_s<SPT>_<T>(ScanParams, u, delta, A, Bm, Cm, D, z, delta_bias, out, saved) matches the
-            // arguments. Every operand was checked against `dims` at op entry and is a contiguous view of
-            // exactly its numel, and `p`'s strides are those contiguous strides; blocks cover b < B and
-            // clamp c < C, reading u/delta/z at (b, c, t < L), A at (c, n < S), Bm/Cm at (b, n < S, t < L),
-            // D/delta_bias at c only when given. Writes: out at (b, c, t) (B C L elements allocated) and
-            // saved at (b, c, k < chunks, n < S) (B C chunks S allocated).
-            unsafe { args.launch(grid(dims, 0)?) }.map_err(|e| launch_error(&name, e))?;
+            // SAFETY: scan_fwd_s<SPL>_<T>(ScanParams, u, delta, A, Bm, Cm, D, z, delta_bias, out, saved) matches
+            // the arguments. Every operand was checked against `dims` at op entry and is a contiguous view of
+            // exactly its numel, which is how the kernel indexes them (scan.cu's ScanParams); blocks cover
+            // b < B and channels c < C (threads past C read and write nothing of theirs), reading u, delta, z at
+            // (b, c, t < L), A at (c, n < S), Bm, Cm at (b, n < S, t < L), D, delta_bias at c only when given.
+            // Writes: out at (b, c, t) (B C L allocated) and saved at (b, c, k < chunks(tile), n < S) (allocated
+            // above). The dynamic shared memory is `forward_shared_bytes`, the kernel's layout, which it checks.
+            unsafe { args.launch(grid(dims, plan, shared)?) }.map_err(|e| launch_error(&name, e))?;
         }
         Ok(Forward {
             out: Storage::Cuda(CudaStorage::from_slice(&dev, out)?),
             states: Storage::Cuda(CudaStorage::from_slice(&dev, saved)?),
-            chunk,
+            chunk: tile,
         })
     }
     match x.u.dtype() {
@@ -230,14 +316,15 @@ pub(super) fn forward(x: &Operands, dims: Dims, delta_softplus: bool, chunk: usi
     }
 }
 
-/// A zero-filled buffer of `n` elements: the target of atomic adds.
+/// A zero-filled buffer of `n` elements.
 fn zeros<T: Float>(dev: &Arc<CudaDevice>, n: usize) -> Result<CudaStorage> {
     let mut s = CudaStorage::alloc(dev, n, T::DTYPE)?;
     s.fill(0.0)?;
     Ok(s)
 }
 
-/// Backward: every input's gradient for the output cotangent `g`, from the saved chunk-entry states.
+/// Backward: every input's gradient for the output cotangent `g`, from the saved chunk-entry states of a
+/// forward that used `chunk` (a tile from [`cuda_chunk`]).
 pub(super) fn backward(
     x: &Operands,
     states: &Tensor,
@@ -255,50 +342,81 @@ pub(super) fn backward(
         chunk: usize,
     ) -> Result<ScanGrads<Storage>> {
         let dev = device(x)?;
-        let p = params(dims, chunk, x, delta_softplus)?;
         let Dims { batch, channels, length, states: s } = dims;
         let bcl = batch * channels * length;
-        // Written in full by the kernel (every (b, c, t) by its channel's first lane).
-        let (du, ddelta) = (CudaStorage::alloc(&dev, bcl, T::DTYPE)?, CudaStorage::alloc(&dev, bcl, T::DTYPE)?);
-        let dz = x.z.as_ref().map(|_| CudaStorage::alloc(&dev, bcl, T::DTYPE)).transpose()?;
-        // Accumulated with atomics.
-        let (da, db, dc) = (
-            zeros::<T>(&dev, channels * s)?,
-            zeros::<T>(&dev, batch * s * length)?,
-            zeros::<T>(&dev, batch * s * length)?,
-        );
-        let dd = x.d.as_ref().map(|_| zeros::<T>(&dev, channels)).transpose()?;
-        let dbias = x.delta_bias.as_ref().map(|_| zeros::<T>(&dev, channels)).transpose()?;
-        if bcl > 0 {
+        let st = Storage::Cuda;
+        let opt_zeros = |t: &Option<Tensor>, n: usize| t.as_ref().map(|_| zeros::<T>(&dev, n).map(st)).transpose();
+        if bcl == 0 {
+            // Nothing flows back: every gradient is zero (dA, dB, dC may still have elements).
+            return Ok(ScanGrads {
+                u: st(zeros::<T>(&dev, bcl)?),
+                delta: st(zeros::<T>(&dev, bcl)?),
+                a: st(zeros::<T>(&dev, channels * s)?),
+                b: st(zeros::<T>(&dev, batch * s * length)?),
+                c: st(zeros::<T>(&dev, batch * s * length)?),
+                d: opt_zeros(&x.d, channels)?,
+                z: opt_zeros(&x.z, bcl)?,
+                delta_bias: opt_zeros(&x.delta_bias, channels)?,
+            });
+        }
+        let (_, plan) = plans(s, T::DTYPE, chunk, x.a.shape())?;
+        if plan.tile != chunk || !chunk.is_multiple_of(TILE_STEP) {
+            return Err(Error::invalid(OP, format!("internal: saved states at chunk {chunk}"), x.u.shape()));
+        }
+        let shared = backward_shared_bytes(plan, T::DTYPE.size_in_bytes());
+        let p = params(dims, plan, x, delta_softplus)?;
+        let groups = plan.groups(channels);
+        // Every element of these is written by the kernels (see the SAFETY notes).
+        let alloc = |n: usize| CudaStorage::alloc(&dev, n, T::DTYPE);
+        let (du, ddelta) = (alloc(bcl)?, alloc(bcl)?);
+        let dz = x.z.as_ref().map(|_| alloc(bcl)).transpose()?;
+        let (da, db, dc) = (alloc(channels * s)?, alloc(batch * s * length)?, alloc(batch * s * length)?);
+        let dd = x.d.as_ref().map(|_| alloc(channels)).transpose()?;
+        let dbias = x.delta_bias.as_ref().map(|_| alloc(channels)).transpose()?;
+        // Partials: dB and dC per (batch, channel group), dA per batch, dD and ddelta_bias per batch.
+        let part_bc = dev.alloc::<T>(batch * groups * 2 * s * length)?;
+        let part_a = dev.alloc::<T>(batch * channels * s)?;
+        let part_d = dev.alloc::<T>(if x.d.is_some() { batch * channels } else { 0 })?;
+        let part_bias = dev.alloc::<T>(if x.delta_bias.is_some() { batch * channels } else { 0 })?;
+        {
             let v = Views::new(x, &[states, g]);
             let view = |t: &Tensor| v.view::<T>(t);
             let (u, delta, a, b, c) = (view(&x.u)?, view(&x.delta)?, view(&x.a)?, view(&x.b)?, view(&x.c)?);
             let opt = |t: &Option<Tensor>| view(t.as_ref().unwrap_or(&x.u));
             let (d, z, bias) = (opt(&x.d)?, opt(&x.z)?, opt(&x.delta_bias)?);
             let (saved, gout) = (view(states)?, view(g)?);
-            // Absent gradients are never written (their flags are 0); du stands in as a valid pointer.
-            let (dd_s, dz_s, dbias_s) = (
-                dd.as_ref().unwrap_or(&du).slice::<T>()?,
-                dz.as_ref().unwrap_or(&du).slice::<T>()?,
-                dbias.as_ref().unwrap_or(&du).slice::<T>()?,
-            );
-            let base = kernel("scan_bwd", dims.states);
-            let (name, f) = (engine::cuda::kernel_name::<T>(&base), function::<T>(&dev, &MODULE, &base)?);
+            // Absent outputs are never written (their flags are 0); du stands in as a valid pointer.
+            let dz_s = dz.as_ref().unwrap_or(&du).slice::<T>()?;
+            let part_d_s = if x.d.is_some() { part_d.as_slice() } else { du.slice::<T>()? };
+            let part_bias_s = if x.delta_bias.is_some() { part_bias.as_slice() } else { du.slice::<T>()? };
+            let (name, f) = kernel::<T>(&dev, "scan_bwd", plan, shared)?;
             let mut args = dev.stream().launch_builder(&f);
             args.arg(&p).arg(&u).arg(&delta).arg(&a).arg(&b).arg(&c).arg(&d).arg(&z).arg(&bias).arg(&saved).arg(&gout);
-            args.arg(du.slice::<T>()?).arg(ddelta.slice::<T>()?).arg(da.slice::<T>()?).arg(db.slice::<T>()?);
-            args.arg(dc.slice::<T>()?).arg(dd_s).arg(dz_s).arg(dbias_s);
-            let shared = shared_bytes(chunk, s, T::DTYPE.size_in_bytes());
-            // SAFETY: scan_bwd_s<SPT>_<T>(ScanParams, u, delta, A, Bm, Cm, D, z, delta_bias, saved, gout, du, ddelta,
-            // dA, dB, dC, dD, dz, ddelta_bias) matches the arguments. Reads are those of the forward plus
-            // saved (B, C, chunks, S), made by the forward with this `chunk`, and gout (B, C, L). Writes: du,
-            // ddelta, dz at (b, c, t), dA at (c, n), dB/dC at (b, n, t), dD/ddelta_bias at c, all inside the
-            // buffers allocated above for those shapes (dD, dz, ddelta_bias only when given). The dynamic
-            // shared memory is `shared_bytes(chunk, ..)`, what the kernel indexes, at most 48 KiB
-            // (`cuda_chunk` chose the chunk).
-            unsafe { args.launch(grid(dims, shared)?) }.map_err(|e| launch_error(&name, e))?;
+            args.arg(du.slice::<T>()?).arg(ddelta.slice::<T>()?).arg(dz_s);
+            args.arg(part_bc.as_slice()).arg(part_a.as_slice()).arg(part_d_s).arg(part_bias_s);
+            // SAFETY: scan_bwd_s<SPL>_<T>(ScanParams, u, delta, A, Bm, Cm, D, z, delta_bias, saved, gout, du,
+            // ddelta, dz, part_bc, part_a, part_d, part_bias) matches the arguments. Reads are the forward's plus
+            // saved (B, C, chunks, S), made by the forward with this tile, and gout (B, C, L), contiguous views
+            // of exactly their numel. Writes, each element exactly once: du, ddelta, dz at (b, c < C, t < L);
+            // part_bc at (b, group < groups, 2, S, t < L), part_a at (b, c < C, n < S), part_d and part_bias
+            // at (b, c < C) only when D and delta_bias are given: the sizes allocated above. The dynamic shared
+            // memory is `backward_shared_bytes`, the kernel's layout, which it checks.
+            unsafe { args.launch(grid(dims, plan, shared)?) }.map_err(|e| launch_error(&name, e))?;
+
+            let sum = engine::cuda::kernel_name::<T>("scan_bwd_sum");
+            let f = function::<T>(&dev, &MODULE, "scan_bwd_sum")?;
+            let dd_s = dd.as_ref().unwrap_or(&da).slice::<T>()?;
+            let dbias_s = dbias.as_ref().unwrap_or(&da).slice::<T>()?;
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&p).arg(part_bc.as_slice()).arg(part_a.as_slice()).arg(part_d_s).arg(part_bias_s);
+            args.arg(db.slice::<T>()?).arg(dc.slice::<T>()?).arg(da.slice::<T>()?).arg(dd_s).arg(dbias_s);
+            let n = 2 * batch * s * length + channels * s + 2 * channels;
+            // SAFETY: scan_bwd_sum_<T>(ScanParams, part_bc, part_a, part_d, part_bias, dB, dC, dA, dD,
+            // ddelta_bias) matches the arguments. For i < n it reads the partials written by scan_bwd above (at
+            // the indices listed there; part_d and part_bias only when their flags are set) and writes dB, dC
+            // (B S L each), dA (C S), dD and ddelta_bias (C) only when given: the buffers allocated above.
+            unsafe { args.launch(dev.launch_config(n)) }.map_err(|e| launch_error(&sum, e))?;
         }
-        let st = Storage::Cuda;
         Ok(ScanGrads {
             u: st(du),
             delta: st(ddelta),
@@ -321,33 +439,96 @@ mod tests {
     use super::*;
     use crate::scan::DEFAULT_CHUNK;
 
+    fn plan(spl: usize, lpc: usize, warps: usize, tile: usize) -> Plan {
+        Plan { spl, lpc, warps, tile }
+    }
+
     #[test]
-    fn lanes_and_instantiations_cover_every_state_count() {
-        assert_eq!(lanes(1), (1, 1));
-        assert_eq!(lanes(3), (4, 1));
-        assert_eq!(lanes(16), (16, 1));
-        assert_eq!(lanes(33), (32, 2));
-        assert_eq!(lanes(40), (32, 2));
-        assert_eq!(lanes(65), (32, 4));
-        assert_eq!(lanes(256), (32, 8));
-        for s in 1..=256 {
-            let (lanes, spt) = lanes(s);
-            assert!(lanes * spt >= s && THREADS.is_multiple_of(lanes) && [1, 2, 4, 8].contains(&spt), "S = {s}");
-            assert_eq!(kernel("scan_bwd", s), format!("scan_bwd_s{spt}"));
+    fn lanes_cover_every_state_count() {
+        assert_eq!(lanes(1, &[]).unwrap(), (4, 1));
+        assert_eq!(lanes(4, &[]).unwrap(), (4, 1));
+        assert_eq!(lanes(5, &[]).unwrap(), (4, 2));
+        assert_eq!(lanes(16, &[]).unwrap(), (4, 4));
+        assert_eq!(lanes(40, &[]).unwrap(), (4, 16));
+        assert_eq!(lanes(128, &[]).unwrap(), (4, 32));
+        assert_eq!(lanes(129, &[]).unwrap(), (8, 32));
+        assert_eq!(lanes(256, &[]).unwrap(), (8, 32));
+        assert!(lanes(0, &[]).is_err());
+        assert!(lanes(MAX_STATES + 1, &[]).is_err());
+        for s in 1..=MAX_STATES {
+            let (spl, lpc) = lanes(s, &[]).unwrap();
+            assert!(lpc * spl >= s && lpc.is_power_of_two() && lpc <= 32 && [4, 8].contains(&spl), "S = {s}");
+            // The fewest lanes that hold S: half as many would not.
+            assert!(lpc == 1 || lpc / 2 * spl < s, "S = {s}");
         }
     }
 
     #[test]
-    fn chunks_fit_the_shared_memory() {
-        assert_eq!(cuda_chunk(64, 16, DType::F32), 64);
-        assert_eq!(cuda_chunk(64, 16, DType::F64), 32);
-        assert_eq!(cuda_chunk(3, 16, DType::F64), 3);
+    fn shared_memory_mirrors_the_kernel_layouts() {
+        // Bytes from scan.cu's scan_fwd_layout / scan_bwd_layout (printed by the emulator harness, emu/).
+        for (p, elem, fwd, bwd) in [
+            (plan(4, 4, 4, 32), 4, 25728, 67968),
+            (plan(4, 4, 4, 16), 8, 25856, 76800),
+            (plan(4, 1, 2, 32), 4, 43264, 83712),
+            (plan(8, 32, 1, 8), 8, 33632, 75072),
+            (plan(4, 16, 4, 24), 4, 16928, 76000),
+            (plan(8, 32, 2, 8), 4, 16992, 54272),
+        ] {
+            assert_eq!(forward_shared_bytes(p, elem), fwd, "{p:?} {elem}");
+            assert_eq!(backward_shared_bytes(p, elem), bwd, "{p:?} {elem}");
+        }
+    }
+
+    #[test]
+    fn mamba_sizes_get_full_blocks_and_tiles_of_32() {
+        // S = 16 in f32: 4 lanes of 4 states, 32 channels a block, saved states every 32 steps; three
+        // backward blocks (66 KiB each) fit an H100 multiprocessor.
+        let tile = cuda_chunk(DEFAULT_CHUNK, 16, DType::F32).unwrap();
+        assert_eq!(tile, 32);
+        let (fwd, bwd) = plans(16, DType::F32, tile, &[]).unwrap();
+        assert_eq!(fwd, plan(4, 4, 4, 32));
+        assert_eq!(bwd, plan(4, 4, 4, 32));
+        assert_eq!(bwd.channels(), 32);
+        assert_eq!((bwd.groups(384), bwd.groups(1536)), (12, 48));
+        assert!(3 * backward_shared_bytes(bwd, 4) <= 227 << 10);
+        // f64 keeps the same blocks with half the tile.
+        let tile = cuda_chunk(DEFAULT_CHUNK, 16, DType::F64).unwrap();
+        assert_eq!(plans(16, DType::F64, tile, &[]).unwrap().1, plan(4, 4, 4, 16));
+    }
+
+    #[test]
+    fn tiles_are_whole_sub_chunks_and_fit_the_budget() {
         for dtype in [DType::F32, DType::F64] {
-            for s in 1..=256 {
-                let chunk = cuda_chunk(DEFAULT_CHUNK, s, dtype);
-                assert!((1..=DEFAULT_CHUNK).contains(&chunk), "{dtype} S = {s}");
-                assert!(shared_bytes(chunk, s, dtype.size_in_bytes()) <= MAX_SHARED_BYTES, "{dtype} S = {s}");
+            let elem = dtype.size_in_bytes();
+            for s in 1..=MAX_STATES {
+                for requested in [1, 4, 8, 9, 20, 33, DEFAULT_CHUNK, 1000] {
+                    let tile = cuda_chunk(requested, s, dtype).unwrap();
+                    assert!(
+                        tile.is_multiple_of(TILE_STEP) && (TILE_STEP..=max_tile(dtype)).contains(&tile),
+                        "{dtype} S {s}"
+                    );
+                    assert!(tile <= requested.max(TILE_STEP), "{dtype} S {s}: tile {tile} for {requested}");
+                    // The backward is handed the forward's tile: asking again gives it back.
+                    assert_eq!(cuda_chunk(tile, s, dtype).unwrap(), tile, "{dtype} S {s}");
+                    let (fwd, bwd) = plans(s, dtype, tile, &[]).unwrap();
+                    for p in [fwd, bwd] {
+                        assert_eq!(p.tile, tile);
+                        assert!(tile.is_multiple_of(sub_chunk(p.spl, elem)), "{dtype} S {s}");
+                        assert!(p.channels() >= 1 && 32 * p.warps % p.lpc == 0, "{p:?}");
+                    }
+                    assert!(forward_shared_bytes(fwd, elem) <= SHARED_BUDGET, "{dtype} S {s}");
+                    assert!(backward_shared_bytes(bwd, elem) <= SHARED_BUDGET, "{dtype} S {s}");
+                }
             }
         }
+        assert!(cuda_chunk(64, MAX_STATES + 1, DType::F32).is_err());
+    }
+
+    #[test]
+    fn sub_chunks_hold_32_registers_of_states() {
+        assert_eq!(sub_chunk(4, 4), 8);
+        assert_eq!(sub_chunk(8, 4), 4);
+        assert_eq!(sub_chunk(4, 8), 4);
+        assert_eq!(sub_chunk(8, 8), 2);
     }
 }

@@ -34,7 +34,8 @@
 //! reverse-time recurrence over them. The cost is one extra forward; the memory is S / chunk of the input's.
 //!
 //! Kernels: CPU in cpu.rs (forward) and backward.rs (the reverse-time scan), parallel over (batch, channel)
-//! with rayon and deterministic reductions; CUDA in scan.cu (design notes in cuda.rs). `selective_scan_ref`
+//! with rayon and deterministic reductions; CUDA in scan.cu (design, byte and exp counts in its header; launch
+//! planning in cuda.rs), also deterministic, checked on the CPU by the emulator in emu/. `selective_scan_ref`
 //! (reference.rs) is the plain f64 time loop for tests.
 
 mod backward;
@@ -51,7 +52,8 @@ use crate::util::{check_vector, same_dtype_device, saved_contiguous};
 const OP: &str = "selective_scan";
 
 /// Steps between saved states on the CPU: the backward recomputes at most this many states at a time. (The
-/// CUDA kernels may take fewer, to fit the recomputed states in shared memory; see cuda.rs.)
+/// CUDA kernels use their own tile, a multiple of 8 up to 32 steps, so that a tile's work fits in shared
+/// memory; see cuda.rs.)
 pub(crate) const DEFAULT_CHUNK: usize = 64;
 
 /// Sizes of one scan, checked at op entry.
@@ -210,7 +212,7 @@ pub fn selective_scan(
     selective_scan_chunked(u, delta, a, b, c, d, z, delta_bias, delta_softplus, DEFAULT_CHUNK)
 }
 
-/// [`selective_scan`] saving the state every `chunk` steps (CUDA may use fewer, see cuda.rs): tests pick
+/// [`selective_scan`] saving the state every `chunk` steps (CUDA rounds it to its tiles, see cuda.rs): tests pick
 /// small chunks to put chunk boundaries inside short sequences.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn selective_scan_chunked(

@@ -1,51 +1,90 @@
-// The selective scan (ops/src/scan/mod.rs has the math; cuda.rs the launches and the design notes).
+// The selective scan (ops/src/scan/mod.rs has the math; cuda.rs the launch planning).
 //
-// Thread layout: a block of SCAN_THREADS threads covers (one batch b, SCAN_THREADS / lanes channels). Each
-// channel gets `lanes` consecutive threads of one warp (a power of two <= 32); thread `lane` of a channel owns
-// the states n = lane + k lanes, k < SPT (a template parameter, so that the states live in registers and a
-// thread holding one state pays for no more), skipping n >= S. Time runs sequentially
-// in every thread; the readout y = sum_n C h is a shuffle sum over the channel's lanes. Every thread of a
-// block runs every step (threads past the last channel compute on channel 0's data and write nothing), so
-// the full-warp shuffles and __syncthreads are always reached by all threads.
+// Work and bytes, per pass, with E = B*C*S*L state updates (f32):
+//   forward  bytes 4 (4 BCL + 2 BSL + CS + 2C) + the saved chunk states 4 BCL S / chunk;
+//            one exp per update, plus a softplus and a sigmoid per (b, c, t)
+//   backward bytes 4 (7 BCL + 4 BSL + 2CS + 4C) + the saved states + the dB/dC partials 2 * 4 B NG S L
+//            (written, then read by scan_bwd_sum); two exps per update (the tile pass and the recompute)
+// At (B 64, C 384, L 3136, S 16): E = 1.23e9 updates = 3.85e7 warp-updates of 32, 72.9k per SM sub-partition.
+//   forward: 1.26 GB + 0.15 GB of states (chunk 32) = 0.47 ms at 2980 GB/s. Issue, per (c, t) (16 updates,
+//     4 lanes): loads, softplus and gate ~55 instructions, recurrence 4 lanes x ~33 per step, B/C tile and
+//     the store ~15: ~200, i.e. ~12.5 issue cycles per warp-update -> 0.46 ms at 1.98 GHz; MUFU (16 ex2 + ~4
+//     per (c, t) at 4/clk per sub-partition) ~10 cycles per warp-update. Expect 0.6-0.8 ms (0.55-0.7 of copy
+//     by the minimal bytes).
+//   backward: 2.2 GB + 0.15 GB states + 0.62 GB partials (12 groups) = 1.0 ms at copy speed. Issue per
+//     (c, t): inputs ~70, tile pass and recompute 2 x 4 lanes x ~19, reverse step 4 lanes x ~90 (of which the
+//     dB/dC reduce-scatter ~30, the state-lane sums ~12), epilogue and block sums ~40: ~620, i.e. ~39 cycles
+//     per warp-update -> 1.45 ms. Expect 1.5-1.9 ms (0.4-0.5 of copy), bound by instruction issue, not by
+//     memory or the exps; forward+backward 0.45-0.55 of copy.
 //
-// Forward writes out and, every `chunk` steps, the state entering the chunk. Backward walks the chunks in
-// reverse: it recomputes the chunk's states from the saved entry into shared memory, then runs the reverse
-// recurrence over them. dA, dD, ddelta_bias (summed over batch and time) are kept per thread and added to
-// global memory with one atomicAdd per thread at the end; dB and dC (summed over channels) are added per
-// chunk into a shared (chunk, S) tile with shared-memory atomics, and the tile to global memory with one
-// atomicAdd per (n, t) per block.
+// Layout of a block: 32 * warps threads = G channels of one batch b x `lpc` lanes per channel; lane `grp` of
+// a channel owns the SPL states n = grp * SPL + k (k < SPL; states past S are padding with A = B = C = 0,
+// which stay 0). Every thread walks time sequentially, so a state's recurrence h = exp(dt A) h + dt B u is
+// a chain of FMAs in registers with SPL independent chains per thread and no scan across threads. Time goes
+// in tiles of `chunk` steps (the chunk of the saved states): per tile the block
+//   1. loads u, delta (z, gout) rows of its G channels coalesced along time, computes dt = softplus(delta +
+//      bias), dt u, the gate (each (c, t) once) into the shared tile P[t][c]; and B, C of batch b
+//      transposed to BC[t][n], read by all G channels as 16-byte broadcasts;
+//   2. runs the recurrence (forward: y = sum_n C h, summed over the channel's lanes with shuffles);
+//   3. writes the per-(c, t) results back coalesced along time.
+//
+// Backward (per tile, last to first): the state entering the tile is the forward's saved one; a forward pass
+// over the tile keeps the state every TH steps in shared memory; then per sub-chunk of TH steps (last to
+// first) the states and decays are recomputed into registers and the reverse recurrence
+// gh[t] = C[t] gy[t] + exp(dt[t+1] A) gh[t+1] runs over them. Reductions, all in fixed orders (the engine is
+// deterministic; no float atomics):
+//   - over states (du, ddelta, y for dz): shuffles across the channel's lanes;
+//   - over channels (dB, dC): a reduce-scatter with shuffles across the warp's channels, then the block's
+//     warps in order in shared memory, written per block as a partial (B, NG, 2, S, L); scan_bwd_sum adds
+//     the NG channel groups in order;
+//   - over (batch, time) (dA, dD, ddelta_bias): per thread (dA) or per channel in shared memory (dD,
+//     ddelta_bias) over the tiles, written per batch, summed over batches in order by scan_bwd_sum.
 
-#define SCAN_THREADS 128
-
-// Mirrors ops::scan::cuda::ScanParams (#[repr(C)]) field for field.
+// Mirrors ops::scan::cuda::ScanParams (#[repr(C)]) field for field. Every tensor is contiguous:
+// u, delta, z, out and their gradients (B, C, L); Bm, Cm, dB, dC (B, S, L); A (C, S); D, delta_bias (C);
+// saved (B, C, n_chunks, S).
 struct ScanParams {
     long long batch;     // B
     long long channels;  // C
     long long length;    // L
     long long states;    // S
-    long long chunk;     // steps between saved states
+    long long chunk;     // steps per tile and between saved states, a multiple of 8
     long long n_chunks;  // ceil(L / chunk)
-    // u, delta, z, out and their gradients are (B, C, L) with unit time stride
-    long long u_batch_stride;
-    long long u_channel_stride;
-    // Bm, Cm, dB, dC are (B, S, L) with unit time stride
-    long long bc_batch_stride;
-    long long bc_state_stride;
-    // A, dA are (C, S) with unit state stride
-    long long a_channel_stride;
-    // the saved states are (B, C, n_chunks, S) with unit state stride
-    long long saved_batch_stride;
-    long long saved_channel_stride;
-    long long saved_chunk_stride;
-    int lanes;              // threads per channel, a power of two <= 32
-    int states_per_thread;  // SPT of the kernel: ceil(S / lanes) rounded up to 1, 2, 4 or 8
+    long long groups;    // NG: blocks per batch, ceil(C / G)
+    int lpc;             // lanes per channel, a power of two <= 32
+    int np;              // padded states, lpc * SPL
     int has_d;
     int has_z;
     int has_delta_bias;
     int delta_softplus;
+    int pad0;
+    int pad1;
 };
 
-static_assert(sizeof(ScanParams) == 136, "ScanParams must match ops::scan::cuda::ScanParams");
+static_assert(sizeof(ScanParams) == 88, "ScanParams must match ops::scan::cuda::ScanParams");
+
+// Four elements loaded or stored as one 16-byte (f32) access.
+template <typename T> struct __align__(4 * sizeof(T)) ScanV4 {
+    T x, y, z, w;
+};
+
+// exp(x) for x = dt * (A * scale): f32 uses exp2 with A pre-scaled by log2(e) (one MUFU.EX2); f64 is exact.
+template <typename T> struct ScanExp;
+template <> struct ScanExp<float> {
+    static __device__ __forceinline__ float scale() { return 1.4426950408889634f; }
+    static __device__ __forceinline__ float exp(float x) { return exp2f(x); }
+};
+template <> struct ScanExp<double> {
+    static __device__ __forceinline__ double scale() { return 1.0; }
+    static __device__ __forceinline__ double exp(double x) { return m_exp(x); }
+};
+
+// Steps recomputed into registers at a time in the backward: 32 registers of states and 32 of decays.
+template <typename T, int SPL> struct ScanShape {
+    static constexpr int TH = (32 / SPL) * 4 / (int)sizeof(T);
+    // Halving levels of the reduce-scatter of a thread's 2 SPL values (dB, dC of its states).
+    static constexpr int HALVINGS = SPL == 4 ? 3 : 4;
+};
 
 // PyTorch's softplus (threshold 20) and its derivative, as in scan/cpu.rs.
 template <typename T> __device__ __forceinline__ T scan_softplus(T x) {
@@ -55,236 +94,569 @@ template <typename T> __device__ __forceinline__ T scan_softplus_grad(T x) {
     return x > T(20) ? T(1) : m_sigmoid(x);
 }
 
-// Sum over the `lanes` threads of one channel: xor offsets below `lanes` stay inside the aligned group.
-template <typename T> __device__ __forceinline__ T group_sum(T v, int lanes) {
-    for (int o = lanes >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+template <typename T> __device__ __forceinline__ T scan_shfl_xor(T v, int o) {
+    return __shfl_xor_sync(0xffffffffu, v, o);
+}
+
+// Sum over the `lpc` lanes of one channel (xor offsets below lpc stay inside the aligned group); every lane
+// of the group gets the same bits.
+template <typename T> __device__ __forceinline__ T scan_group_sum(T v, int lpc) {
+    for (int o = 1; o < lpc; o <<= 1) v += scan_shfl_xor(v, o);
     return v;
 }
 
-// Where this thread sits: batch, channel (clamped to a valid one when past the end), lane, activity.
+// The emulator (emu/) checks the alignment of every vector access; the GPU faults on a misaligned one.
+#ifndef SCAN_CHECK_ALIGNED
+#define SCAN_CHECK_ALIGNED(ptr, bytes)
+#endif
+
+template <typename T, int N> __device__ __forceinline__ void scan_load(T (&dst)[N], const T* src) {
+    static_assert(N % 4 == 0, "vector loads of 4");
+    SCAN_CHECK_ALIGNED(src, 4 * sizeof(T));
+#pragma unroll
+    for (int j = 0; j < N; j += 4) {
+        const ScanV4<T> v = *reinterpret_cast<const ScanV4<T>*>(src + j);
+        dst[j] = v.x;
+        dst[j + 1] = v.y;
+        dst[j + 2] = v.z;
+        dst[j + 3] = v.w;
+    }
+}
+
+template <typename T, int N> __device__ __forceinline__ void scan_store(T* dst, const T (&src)[N]) {
+    SCAN_CHECK_ALIGNED(dst, 4 * sizeof(T));
+#pragma unroll
+    for (int j = 0; j < N; j += 4) {
+        ScanV4<T> v;
+        v.x = src[j];
+        v.y = src[j + 1];
+        v.z = src[j + 2];
+        v.w = src[j + 3];
+        *reinterpret_cast<ScanV4<T>*>(dst + j) = v;
+    }
+}
+
+#ifndef SCAN_DYNAMIC_SMEM_BYTES
+__device__ __forceinline__ unsigned scan_dynamic_smem_bytes() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}
+#define SCAN_DYNAMIC_SMEM_BYTES() scan_dynamic_smem_bytes()
+#endif
+
+// Shared memory, in elements of T, regions rounded up to 32 bytes. cuda.rs mirrors these sizes
+// (`forward_shared_bytes`, `backward_shared_bytes`); the kernels trap if the launch gave less.
+__host__ __device__ inline long long scan_round(long long elems, int elem_bytes) {
+    const long long per = 32 / elem_bytes;
+    return (elems + per - 1) / per * per;
+}
+
+// The transposed B, C tile: BC[t * scan_bc_stride + which * np + n]; a multiple of 4 for vector loads.
+__host__ __device__ inline int scan_bc_stride(int np) { return 2 * np + 4; }
+
+struct ScanFwdLayout {
+    long long p4, bc, o, total;  // element offsets of P (as ScanV4, counted in T), BC, O; total elements
+};
+
+__host__ __device__ inline ScanFwdLayout scan_fwd_layout(int tile, int g, int np, int elem_bytes) {
+    ScanFwdLayout s;
+    s.p4 = 0;
+    s.bc = s.p4 + scan_round(4LL * tile * (g + 1), elem_bytes);
+    s.o = s.bc + scan_round((long long)tile * scan_bc_stride(np), elem_bytes);
+    s.total = s.o + scan_round((long long)g * (tile + 1), elem_bytes);
+    return s;
+}
+
+struct ScanBwdLayout {
+    long long p4, e, bc, hs, q, dbc, acc, total;
+};
+
+__host__ __device__ inline ScanBwdLayout scan_bwd_layout(int tile, int g, int np, int warps, int spl, int th,
+                                                        int elem_bytes) {
+    ScanBwdLayout s;
+    s.p4 = 0;
+    s.e = s.p4 + scan_round(4LL * tile * (g + 1), elem_bytes);
+    s.bc = s.e + scan_round(2LL * tile * (g + 1), elem_bytes);
+    s.hs = s.bc + scan_round((long long)tile * scan_bc_stride(np), elem_bytes);
+    s.q = s.hs + scan_round((long long)(tile / th) * 32 * warps * spl, elem_bytes);
+    s.dbc = s.q + scan_round(3LL * g * (tile + 1), elem_bytes);
+    s.acc = s.dbc + scan_round((long long)warps * tile * (2 * np + 1), elem_bytes);
+    s.total = s.acc + scan_round(2LL * g, elem_bytes);
+    return s;
+}
+
+#ifndef SCAN_SHARED_BASE
+extern __shared__ __align__(32) unsigned char scan_smem[];
+#define SCAN_SHARED_BASE() scan_smem
+#endif
+
+// Where a thread sits: batch b, first channel c0 of the block, its channel c (c < C when `valid`), its
+// channel's index ci in the block, its lane group grp, and the channels per block G.
 struct ScanThread {
-    long long b;
-    long long c;
-    int lane;
-    bool active;
+    long long b, c0, c;
+    int ci, grp, g, lane, warp, warps;
+    bool valid;
 };
 
 __device__ __forceinline__ ScanThread scan_thread(const ScanParams& p) {
-    const int per_block = SCAN_THREADS / p.lanes;
-    const long long blocks_per_batch = (p.channels + per_block - 1) / per_block;
     ScanThread th;
-    th.b = blockIdx.x / blocks_per_batch;
-    const long long c = (blockIdx.x % blocks_per_batch) * per_block + threadIdx.x / p.lanes;
-    th.active = c < p.channels;
-    th.c = th.active ? c : 0;
-    th.lane = threadIdx.x & (p.lanes - 1);
+    const int threads = blockDim.x;
+    th.g = threads / p.lpc;
+    th.warps = threads >> 5;
+    th.lane = threadIdx.x & 31;
+    th.warp = threadIdx.x >> 5;
+    th.ci = threadIdx.x / p.lpc;
+    th.grp = threadIdx.x & (p.lpc - 1);
+    th.b = blockIdx.x / p.groups;
+    th.c0 = (blockIdx.x % p.groups) * th.g;
+    th.c = th.c0 + th.ci;
+    th.valid = th.c < p.channels;
     return th;
 }
 
-template <typename T, int SPT>
+// The B, C tile of batch b for steps t0 .. t0 + tile, transposed, zero past S and past L: a warp per row
+// (which, n), lanes along time (coalesced).
+template <typename T>
+__device__ __forceinline__ void scan_load_bc(const ScanParams& p, const ScanThread& th, long long t0, int len,
+                                             int tile, const T* __restrict__ Bm, const T* __restrict__ Cm, T* bc) {
+    const int stride = scan_bc_stride(p.np);
+#pragma unroll 2
+    for (int row = th.warp; row < 2 * p.np; row += th.warps) {
+        const int which = row >= p.np ? 1 : 0, n = row - which * p.np;
+        const T* src = (which ? Cm : Bm) + (th.b * p.states + n) * p.length + t0;
+        for (int t = th.lane; t < tile; t += 32) bc[t * stride + row] = (n < p.states && t < len) ? src[t] : T(0);
+    }
+}
+
+template <typename T, int SPL>
 __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* __restrict__ delta,
                          const T* __restrict__ A, const T* __restrict__ Bm, const T* __restrict__ Cm,
                          const T* __restrict__ D, const T* __restrict__ z, const T* __restrict__ delta_bias,
                          T* __restrict__ out, T* __restrict__ saved) {
     const ScanThread th = scan_thread(p);
-    const long long row = th.b * p.u_batch_stride + th.c * p.u_channel_stride;
-    const long long bc = th.b * p.bc_batch_stride;
-    const long long sv = th.b * p.saved_batch_stride + th.c * p.saved_channel_stride;
-    const T d = p.has_d ? D[th.c] : T(0);
-    const T bias = p.has_delta_bias ? delta_bias[th.c] : T(0);
-    T h[SPT], a[SPT];
+    const int tile = (int)p.chunk, np = p.np, G = th.g;
+    const ScanFwdLayout lay = scan_fwd_layout(tile, G, np, (int)sizeof(T));
+    if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES()) __trap();
+    T* smem = reinterpret_cast<T*>(SCAN_SHARED_BASE());
+    ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[t (G+1) + ci] = (dt, dt u, u, gate)
+    T* BC = smem + lay.bc;
+    T* O = smem + lay.o;  // O[ci (tile+1) + t] = sum_n C h
+    const int bcs = scan_bc_stride(np);
+    const long long C = p.channels, L = p.length, S = p.states;
+
+    T a2[SPL], h[SPL];
 #pragma unroll
-    for (int k = 0; k < SPT; ++k) {
-        const long long n = th.lane + (long long)k * p.lanes;
+    for (int k = 0; k < SPL; ++k) {
+        const int n = th.grp * SPL + k;
+        a2[k] = (th.valid && n < S) ? A[th.c * S + n] * ScanExp<T>::scale() : T(0);
         h[k] = T(0);
-        a[k] = (n < p.states) ? A[th.c * p.a_channel_stride + n] : T(0);
     }
-    for (long long t = 0; t < p.length; ++t) {
-        if (t % p.chunk == 0 && th.active) {
+    for (long long kc = 0; kc < p.n_chunks; ++kc) {
+        const long long t0 = kc * tile;
+        const int len = (int)min((long long)tile, L - t0);
+        if (th.valid) {
 #pragma unroll
-            for (int k = 0; k < SPT; ++k) {
-                const long long n = th.lane + (long long)k * p.lanes;
-                if (n < p.states) saved[sv + (t / p.chunk) * p.saved_chunk_stride + n] = h[k];
+            for (int k = 0; k < SPL; ++k) {
+                const int n = th.grp * SPL + k;
+                if (n < S) saved[((th.b * C + th.c) * p.n_chunks + kc) * S + n] = h[k];
             }
         }
-        const T x = u[row + t];
-        T dt = delta[row + t] + bias;
-        if (p.delta_softplus) dt = scan_softplus(dt);
-        T y = T(0);
+        // 1. The tile's per-(c, t) inputs, each computed once; zero past C and past L (dt = 0 keeps h).
+#pragma unroll 2  // two rows of loads in flight (4 spills the forward past its 64 registers)
+        for (int ci = th.warp; ci < G; ci += th.warps) {  // a warp per channel row, lanes along time
+            const long long cc = th.c0 + ci;
+            const T bias = (cc < C && p.has_delta_bias) ? delta_bias[cc] : T(0);
+            for (int t = th.lane; t < tile; t += 32) {
+                ScanV4<T> v;
+                v.x = v.y = v.z = v.w = T(0);
+                if (cc < C && t < len) {
+                    const long long r = (th.b * C + cc) * L + t0 + t;
+                    const T x = u[r];
+                    T dt = delta[r] + bias;
+                    if (p.delta_softplus) dt = scan_softplus(dt);
+                    T gate = T(1);
+                    if (p.has_z) {
+                        const T zv = z[r];
+                        gate = zv * m_sigmoid(zv);
+                    }
+                    v.x = dt;
+                    v.y = dt * x;
+                    v.z = x;
+                    v.w = gate;
+                }
+                P[t * (G + 1) + ci] = v;
+            }
+        }
+        scan_load_bc(p, th, t0, len, tile, Bm, Cm, BC);
+        __syncthreads();
+        // 2. The recurrence; padded steps (dt = 0) leave h as it is.
+#pragma unroll 2
+        for (int t = 0; t < tile; ++t) {
+            const ScanV4<T> v = P[t * (G + 1) + th.ci];
+            T bv[SPL], cv[SPL];
+            scan_load(bv, BC + t * bcs + th.grp * SPL);
+            scan_load(cv, BC + t * bcs + np + th.grp * SPL);
+            T y = T(0);
 #pragma unroll
-        for (int k = 0; k < SPT; ++k) {
-            const long long n = th.lane + (long long)k * p.lanes;
-            if (n < p.states) {
-                h[k] = m_exp(dt * a[k]) * h[k] + dt * Bm[bc + n * p.bc_state_stride + t] * x;
-                y += Cm[bc + n * p.bc_state_stride + t] * h[k];
+            for (int k = 0; k < SPL; ++k) {
+                const T a = ScanExp<T>::exp(v.x * a2[k]);
+                h[k] = a * h[k] + v.y * bv[k];
+                y += cv[k] * h[k];
+            }
+            y = scan_group_sum(y, p.lpc);
+            if (th.grp == 0) O[th.ci * (tile + 1) + t] = y;
+        }
+        __syncthreads();
+        // 3. out = (y + D u) gate, one warp per channel row, coalesced along time.
+        for (int ci = th.warp; ci < G; ci += th.warps) {
+            const long long cc = th.c0 + ci;
+            if (cc >= C) break;
+            const T d = p.has_d ? D[cc] : T(0);
+            const long long r0 = (th.b * C + cc) * L + t0;
+            for (int t = th.lane; t < len; t += 32) {
+                const ScanV4<T> v = P[t * (G + 1) + ci];
+                out[r0 + t] = (O[ci * (tile + 1) + t] + d * v.z) * v.w;
             }
         }
-        y = group_sum(y, p.lanes);
-        if (th.lane == 0 && th.active) {
-            y += d * x;
-            if (p.has_z) {
-                const T zv = z[row + t];
-                y *= zv * m_sigmoid(zv);
-            }
-            out[row + t] = y;
-        }
+        __syncthreads();  // the tile's buffers are read before the next tile overwrites them
     }
 }
 
-// Dynamic shared memory: the chunk's recomputed states, (chunk, states_per_thread, SCAN_THREADS) so that a
-// warp's accesses are consecutive, then the dB and dC tiles, (2, chunk, S).
-template <typename T, int SPT>
+// Reduce-scatter over the warp's channels of a thread's 2 SPL values v (dB of its states, then dC): at level
+// i the lanes whose channel bit i is set keep the upper half of the values and send the lower half to the
+// partner lane (xor lpc << i), the others the reverse. After `halvings` = min(levels, HALVINGS) levels a
+// lane holds `2 SPL >> halvings` values, indices base + j of the original 2 SPL, summed over 2^halvings
+// channels; any further levels (more channels than values) sum the single value over the rest, and then only
+// the lanes with ch >> halvings == 0 hold distinct sums. Fixed order: deterministic.
+template <typename T, int SPL>
+__device__ __forceinline__ void scan_reduce_scatter(T (&v)[2 * SPL], int lpc, int ch, int levels, int halvings) {
+    constexpr int H = ScanShape<T, SPL>::HALVINGS;
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+        if (i < halvings) {
+            const int half = (2 * SPL) >> (i + 1);
+            const bool up = (ch >> i) & 1;
+#pragma unroll
+            for (int j = 0; j < SPL; ++j) {
+                if (j < half) {
+                    const T send = up ? v[j] : v[j + half];
+                    const T keep = up ? v[j + half] : v[j];
+                    v[j] = keep + scan_shfl_xor(send, lpc << i);
+                }
+            }
+        }
+    }
+    for (int i = H; i < levels; ++i) v[0] += scan_shfl_xor(v[0], lpc << i);
+}
+
+// Where value j of a thread's reduce-scatter result goes in its warp's DBC row: index base + j of the
+// original 2 SPL values (dB of the thread's states, then dC), base from the channel bits that chose halves.
+template <int SPL> __device__ __forceinline__ int scan_dbc_slot(int grp, int ch, int halvings, int np, int j) {
+    int base = 0;
+    for (int i = 0; i < halvings; ++i)
+        if ((ch >> i) & 1) base += (2 * SPL) >> (i + 1);
+    const int idx = base + j, which = idx >= SPL ? 1 : 0;
+    return which * np + grp * SPL + idx - which * SPL;
+}
+
+template <typename T, int SPL>
 __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* __restrict__ delta,
                          const T* __restrict__ A, const T* __restrict__ Bm, const T* __restrict__ Cm,
                          const T* __restrict__ D, const T* __restrict__ z, const T* __restrict__ delta_bias,
                          const T* __restrict__ saved, const T* __restrict__ gout, T* __restrict__ du,
-                         T* __restrict__ ddelta, T* __restrict__ dA, T* __restrict__ dB, T* __restrict__ dC,
-                         T* __restrict__ dD, T* __restrict__ dz, T* __restrict__ ddelta_bias) {
-    extern __shared__ __align__(16) unsigned char scan_smem[];
-    T* hs = reinterpret_cast<T*>(scan_smem);
-    T* tile = hs + p.chunk * p.states_per_thread * SCAN_THREADS;  // dB at tile[i S + n], dC at tile[(chunk + i) S + n]
+                         T* __restrict__ ddelta, T* __restrict__ dz, T* __restrict__ part_bc,
+                         T* __restrict__ part_a, T* __restrict__ part_d, T* __restrict__ part_bias) {
+    constexpr int TH = ScanShape<T, SPL>::TH;
     const ScanThread th = scan_thread(p);
-    const int tid = threadIdx.x;
-    const long long row = th.b * p.u_batch_stride + th.c * p.u_channel_stride;
-    const long long bc = th.b * p.bc_batch_stride;
-    const long long sv = th.b * p.saved_batch_stride + th.c * p.saved_channel_stride;
-    const T d = p.has_d ? D[th.c] : T(0);
-    const T bias = p.has_delta_bias ? delta_bias[th.c] : T(0);
-    const int tile_len = (int)(2 * p.chunk * p.states);
-    T a[SPT], h0[SPT], carry[SPT], da_acc[SPT];
+    const int tile = (int)p.chunk, np = p.np, G = th.g, lpc = p.lpc;
+    const ScanBwdLayout lay = scan_bwd_layout(tile, G, np, th.warps, SPL, TH, (int)sizeof(T));
+    if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES()) __trap();
+    T* smem = reinterpret_cast<T*>(SCAN_SHARED_BASE());
+    ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[t (G+1) + ci] = (dt, dt u, gy, u)
+    T* E = smem + lay.e;      // E[t (G+1) + ci] = softplus'(delta + bias); E[tile (G+1) + ..] = dL/dz / y
+    T* BC = smem + lay.bc;    // BC[t bcs + which np + n]
+    T* HS = smem + lay.hs;    // HS[(s threads + tid) SPL + k]: the state entering sub-chunk s
+    T* Q = smem + lay.q;      // Q[(j G + ci) (tile+1) + t], j: sum_n gh B, sum_n A gh a h[t-1], sum_n C h
+    T* DBC = smem + lay.dbc;  // DBC[(warp tile + t) (2 np + 1) + which np + n]: dB, dC summed over the warp
+    T* ACC = smem + lay.acc;  // ACC[ci], ACC[G + ci]: dD and ddelta_bias of the block's channels
+    const int bcs = scan_bc_stride(np), dbs = 2 * np + 1;
+    const long long C = p.channels, L = p.length, S = p.states;
+    const int threads = blockDim.x, tid = threadIdx.x;
+    const int ch = th.lane / lpc;  // the thread's channel among the warp's 32 / lpc
+    int levels = 0;
+    while ((lpc << levels) < 32) ++levels;  // log2 of the warp's channels
+    const int halvings = levels < ScanShape<T, SPL>::HALVINGS ? levels : ScanShape<T, SPL>::HALVINGS;
+    const int live = (2 * SPL) >> halvings;  // values per lane after the reduce-scatter
+    const bool writer = (ch >> halvings) == 0;  // the lanes holding distinct sums
+    const int slot = scan_dbc_slot<SPL>(th.grp, ch, halvings, np, 0);  // where its first value goes
+
+    T a2[SPL], av[SPL], carry[SPL], da[SPL];
 #pragma unroll
-    for (int k = 0; k < SPT; ++k) {
-        const long long n = th.lane + (long long)k * p.lanes;
-        a[k] = (n < p.states) ? A[th.c * p.a_channel_stride + n] : T(0);
-        carry[k] = T(0);  // dA[t+1] gh[t+1], zero after the last step
-        da_acc[k] = T(0);
+    for (int k = 0; k < SPL; ++k) {
+        const int n = th.grp * SPL + k;
+        av[k] = (th.valid && n < S) ? A[th.c * S + n] : T(0);
+        a2[k] = av[k] * ScanExp<T>::scale();
+        carry[k] = T(0);  // exp(dt[t+1] A) gh[t+1], zero after the last step
+        da[k] = T(0);
     }
-    T dd_acc = T(0), dbias_acc = T(0);
+    for (int i = tid; i < 2 * G; i += threads) ACC[i] = T(0);
+
     for (long long kc = p.n_chunks - 1; kc >= 0; --kc) {
-        const long long t0 = kc * p.chunk;
-        const int len = (int)min(p.chunk, p.length - t0);
-        for (int i = tid; i < tile_len; i += SCAN_THREADS) tile[i] = T(0);
-        // Recompute the chunk's states from its saved entry; each thread reads back only its own.
-        T h[SPT];
+        const long long t0 = kc * tile;
+        const int len = (int)min((long long)tile, L - t0);
+        // The state entering the tile, loaded first so that its latency overlaps step 1.
+        T h[SPL];
 #pragma unroll
-        for (int k = 0; k < SPT; ++k) {
-            const long long n = th.lane + (long long)k * p.lanes;
-            h0[k] = (n < p.states) ? saved[sv + kc * p.saved_chunk_stride + n] : T(0);
-            h[k] = h0[k];
+        for (int k = 0; k < SPL; ++k) {
+            const int n = th.grp * SPL + k;
+            h[k] = (th.valid && n < S) ? saved[((th.b * C + th.c) * p.n_chunks + kc) * S + n] : T(0);
         }
-        for (int i = 0; i < len; ++i) {
-            const long long t = t0 + i;
-            const T x = u[row + t];
-            T dt = delta[row + t] + bias;
-            if (p.delta_softplus) dt = scan_softplus(dt);
-#pragma unroll
-            for (int k = 0; k < SPT; ++k) {
-                const long long n = th.lane + (long long)k * p.lanes;
-                if (n < p.states) {
-                    h[k] = m_exp(dt * a[k]) * h[k] + dt * Bm[bc + n * p.bc_state_stride + t] * x;
-                    hs[(i * p.states_per_thread + k) * SCAN_THREADS + tid] = h[k];
-                }
-            }
-        }
-        __syncthreads();  // the tile is zeroed before any thread adds to it
-        for (int i = len - 1; i >= 0; --i) {
-            const long long t = t0 + i;
-            const T x = u[row + t];
-            const T raw = delta[row + t] + bias;
-            const T dt = p.delta_softplus ? scan_softplus(raw) : raw;
-            const T g = gout[row + t];
-            // y again, for the gate's gradient (dividing it out of `out` is unstable where silu(z) is near 0).
-            T y = T(0);
-#pragma unroll
-            for (int k = 0; k < SPT; ++k) {
-                const long long n = th.lane + (long long)k * p.lanes;
-                if (n < p.states)
-                    y += Cm[bc + n * p.bc_state_stride + t] * hs[(i * p.states_per_thread + k) * SCAN_THREADS + tid];
-            }
-            y = group_sum(y, p.lanes) + d * x;
-            T gy = g, gz = T(0);
-            if (p.has_z) {
-                const T zv = z[row + t];
-                const T s = m_sigmoid(zv);
-                gy = g * zv * s;
-                gz = g * y * s * (T(1) + zv * (T(1) - s));
-            }
-            T du_part = T(0), ddt_part = T(0);
-#pragma unroll
-            for (int k = 0; k < SPT; ++k) {
-                const long long n = th.lane + (long long)k * p.lanes;
-                if (n < p.states) {
-                    const T ht = hs[(i * p.states_per_thread + k) * SCAN_THREADS + tid];
-                    const T hp = i > 0 ? hs[((i - 1) * p.states_per_thread + k) * SCAN_THREADS + tid] : h0[k];
-                    const T e = m_exp(dt * a[k]);
-                    const T bm = Bm[bc + n * p.bc_state_stride + t];
-                    const T cm = Cm[bc + n * p.bc_state_stride + t];
-                    const T gh = cm * gy + carry[k];  // gh[t] = C[t] gy[t] + dA[t+1] gh[t+1]
-                    if (th.active) {
-                        atomicAdd(&tile[i * p.states + n], gh * dt * x);
-                        atomicAdd(&tile[(p.chunk + i) * p.states + n], gy * ht);
+        // 1. Per-(c, t) inputs, each once; zero past C and past L (dt = 0 and gy = 0: no contribution).
+#pragma unroll 4
+        for (int ci = th.warp; ci < G; ci += th.warps) {  // a warp per channel row, lanes along time
+            const long long cc = th.c0 + ci;
+            const T bias = (cc < C && p.has_delta_bias) ? delta_bias[cc] : T(0);
+            for (int t = th.lane; t < tile; t += 32) {
+                ScanV4<T> v;
+                v.x = v.y = v.z = v.w = T(0);
+                T spg = T(0), gz = T(0);
+                if (cc < C && t < len) {
+                    const long long r = (th.b * C + cc) * L + t0 + t;
+                    const T x = u[r];
+                    const T raw = delta[r] + bias;
+                    T dt = raw;
+                    spg = T(1);
+                    if (p.delta_softplus) {
+                        dt = scan_softplus(raw);
+                        spg = scan_softplus_grad(raw);
                     }
-                    du_part += gh * dt * bm;
-                    ddt_part += gh * (a[k] * e * hp + bm * x);
-                    da_acc[k] += gh * dt * e * hp;
-                    carry[k] = e * gh;
+                    const T g = gout[r];
+                    T gy = g;
+                    if (p.has_z) {
+                        const T zv = z[r];
+                        const T s = m_sigmoid(zv);
+                        gy = g * zv * s;
+                        gz = g * s * (T(1) + zv * (T(1) - s));
+                    }
+                    v.x = dt;
+                    v.y = dt * x;
+                    v.z = gy;
+                    v.w = x;
+                }
+                P[t * (G + 1) + ci] = v;
+                E[t * (G + 1) + ci] = spg;
+                E[(tile + t) * (G + 1) + ci] = gz;
+            }
+        }
+        scan_load_bc(p, th, t0, len, tile, Bm, Cm, BC);
+        __syncthreads();
+
+        // 2a. Forward over the tile, keeping the state entering every sub-chunk of TH steps.
+        for (int s = 0; s < tile / TH; ++s) {
+            scan_store(HS + ((long long)s * threads + tid) * SPL, h);
+#pragma unroll
+            for (int i = 0; i < TH; ++i) {
+                const int t = s * TH + i;
+                const ScanV4<T> v = P[t * (G + 1) + th.ci];
+                T bv[SPL];
+                scan_load(bv, BC + t * bcs + th.grp * SPL);
+#pragma unroll
+                for (int k = 0; k < SPL; ++k) h[k] = ScanExp<T>::exp(v.x * a2[k]) * h[k] + v.y * bv[k];
+            }
+        }
+        // 2b. Sub-chunks last to first: recompute states and decays, then the reverse-time recurrence.
+        for (int s = tile / TH - 1; s >= 0; --s) {
+            T he[SPL], hs[TH][SPL], ex[TH][SPL];
+            scan_load(he, HS + ((long long)s * threads + tid) * SPL);
+#pragma unroll
+            for (int i = 0; i < TH; ++i) {
+                const int t = s * TH + i;
+                const ScanV4<T> v = P[t * (G + 1) + th.ci];
+                T bv[SPL];
+                scan_load(bv, BC + t * bcs + th.grp * SPL);
+#pragma unroll
+                for (int k = 0; k < SPL; ++k) {
+                    ex[i][k] = ScanExp<T>::exp(v.x * a2[k]);
+                    hs[i][k] = ex[i][k] * (i > 0 ? hs[i - 1][k] : he[k]) + v.y * bv[k];
                 }
             }
-            du_part = group_sum(du_part, p.lanes);
-            ddt_part = group_sum(ddt_part, p.lanes);
-            if (th.lane == 0 && th.active) {
-                const T gd = p.delta_softplus ? ddt_part * scan_softplus_grad(raw) : ddt_part;
-                du[row + t] = du_part + d * gy;
-                ddelta[row + t] = gd;
-                if (p.has_z) dz[row + t] = gz;
-                dd_acc += gy * x;
-                dbias_acc += gd;
+#pragma unroll
+            for (int i = TH - 1; i >= 0; --i) {
+                const int t = s * TH + i;
+                const ScanV4<T> v = P[t * (G + 1) + th.ci];  // (dt, dt u, gy, u)
+                T bv[SPL], cv[SPL], r[2 * SPL];
+                scan_load(bv, BC + t * bcs + th.grp * SPL);
+                scan_load(cv, BC + t * bcs + np + th.grp * SPL);
+                T sgb = T(0), sagh = T(0), ys = T(0);
+#pragma unroll
+                for (int k = 0; k < SPL; ++k) {
+                    const T gh = cv[k] * v.z + carry[k];  // gh[t] = C[t] gy[t] + exp(dt[t+1] A) gh[t+1]
+                    const T hb = ex[i][k] * (i > 0 ? hs[i - 1][k] : he[k]);  // exp(dt A) h[t-1]
+                    const T ghb = gh * hb;
+                    r[k] = gh * v.y;            // dB: gh dt u
+                    r[SPL + k] = v.z * hs[i][k];  // dC: gy h
+                    sgb += gh * bv[k];
+                    sagh += av[k] * ghb;
+                    da[k] += ghb * v.x;
+                    ys += cv[k] * hs[i][k];
+                    carry[k] = ex[i][k] * gh;
+                }
+                scan_reduce_scatter<T, SPL>(r, lpc, ch, levels, halvings);
+                T* row = DBC + (th.warp * tile + t) * dbs;
+                if (live == 1) {
+                    // Mamba's S = 16 (4 lanes of 4 states, 8 channels a warp) and every S <= 32.
+                    if (writer) row[slot] = r[0];
+                } else {
+                    // Fewer channels than values a warp (S > 32): no levels past the halvings, every lane writes.
+#pragma unroll
+                    for (int j = 0; j < 2 * SPL; ++j)
+                        if (j < live) row[scan_dbc_slot<SPL>(th.grp, ch, halvings, np, j)] = r[j];
+                }
+                for (int o = 1; o < lpc; o <<= 1) {  // over the channel's lanes
+                    sgb += scan_shfl_xor(sgb, o);
+                    sagh += scan_shfl_xor(sagh, o);
+                    ys += scan_shfl_xor(ys, o);
+                }
+                if (th.grp == 0) {
+                    Q[(0 * G + th.ci) * (tile + 1) + t] = sgb;
+                    Q[(1 * G + th.ci) * (tile + 1) + t] = sagh;
+                    Q[(2 * G + th.ci) * (tile + 1) + t] = ys;
+                }
             }
         }
-        __syncthreads();  // every shared add of this chunk is in
-        for (int j = tid; j < p.states * len; j += SCAN_THREADS) {
-            const int n = j / len, i = j % len;  // consecutive threads, consecutive times: coalesced in dB, dC
-            const long long at = th.b * p.bc_batch_stride + n * p.bc_state_stride + t0 + i;
-            atomicAdd(&dB[at], tile[i * p.states + n]);
-            atomicAdd(&dC[at], tile[(p.chunk + i) * p.states + n]);
+        __syncthreads();
+
+        // 3a. Per-(c, t) gradients, one warp per channel row, coalesced along time; dD and ddelta_bias summed
+        // over the row (a warp sum) into the channel's accumulator, which only this warp touches.
+        for (int ci = th.warp; ci < G; ci += th.warps) {
+            const long long cc = th.c0 + ci;
+            if (cc >= C) break;
+            const T d = p.has_d ? D[cc] : T(0);
+            const long long r0 = (th.b * C + cc) * L + t0;
+            T sum_d = T(0), sum_bias = T(0);
+            for (int t0w = 0; t0w < len; t0w += 32) {
+                const int t = t0w + th.lane;
+                if (t < len) {
+                    const ScanV4<T> v = P[t * (G + 1) + ci];  // (dt, dt u, gy, u)
+                    const T sgb = Q[(0 * G + ci) * (tile + 1) + t];
+                    const T sagh = Q[(1 * G + ci) * (tile + 1) + t];
+                    const T ys = Q[(2 * G + ci) * (tile + 1) + t];
+                    du[r0 + t] = v.x * sgb + d * v.z;
+                    const T gd = (sagh + v.w * sgb) * E[t * (G + 1) + ci];
+                    ddelta[r0 + t] = gd;
+                    if (p.has_z) dz[r0 + t] = E[(tile + t) * (G + 1) + ci] * (ys + d * v.w);
+                    sum_d += v.z * v.w;
+                    sum_bias += gd;
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                sum_d += scan_shfl_xor(sum_d, o);
+                sum_bias += scan_shfl_xor(sum_bias, o);
+            }
+            if (th.lane == 0) {
+                ACC[ci] += sum_d;
+                ACC[G + ci] += sum_bias;
+            }
         }
-        __syncthreads();  // the tile is read before the next chunk zeroes it
+        // 3b. dB, dC of the tile summed over the block's warps in order: the block's partial.
+        for (int v = th.warp; v < 2 * (int)S; v += th.warps) {  // v = which S + n: a warp per row
+            const int which = v >= S ? 1 : 0, n = v - which * (int)S;
+            T* dst = part_bc + ((th.b * p.groups + blockIdx.x % p.groups) * 2 * S + v) * L + t0;
+            for (int t = th.lane; t < len; t += 32) {
+                T sum = T(0);
+                for (int w = 0; w < th.warps; ++w) sum += DBC[(w * tile + t) * dbs + which * np + n];
+                dst[t] = sum;
+            }
+        }
+        __syncthreads();  // the tile's buffers are read before the next tile overwrites them
     }
-    if (th.active) {
+    if (th.valid) {
 #pragma unroll
-        for (int k = 0; k < SPT; ++k) {
-            const long long n = th.lane + (long long)k * p.lanes;
-            if (n < p.states) atomicAdd(&dA[th.c * p.a_channel_stride + n], da_acc[k]);
+        for (int k = 0; k < SPL; ++k) {
+            const int n = th.grp * SPL + k;
+            if (n < S) part_a[(th.b * C + th.c) * S + n] = da[k];
         }
-        if (th.lane == 0) {
-            if (p.has_d) atomicAdd(&dD[th.c], dd_acc);
-            if (p.has_delta_bias) atomicAdd(&ddelta_bias[th.c], dbias_acc);
+    }
+    for (int ci = tid; ci < G; ci += threads) {
+        const long long cc = th.c0 + ci;
+        if (cc < C) {
+            if (p.has_d) part_d[th.b * C + cc] = ACC[ci];
+            if (p.has_delta_bias) part_bias[th.b * C + cc] = ACC[G + ci];
         }
     }
 }
 
-// Kernel names: scan_fwd_s<SPT>_<dtype>, scan_bwd_s<SPT>_<dtype>.
-#define SCAN_KERNELS(T, SUFFIX, SPT)                                                                   \
-    extern "C" __global__ void __launch_bounds__(SCAN_THREADS)                                        \
-        scan_fwd_s##SPT##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A,         \
-                                   const T* Bm, const T* Cm, const T* D, const T* z,                  \
-                                   const T* delta_bias, T* out, T* saved) {                           \
-        scan_fwd<T, SPT>(p, u, delta, A, Bm, Cm, D, z, delta_bias, out, saved);                        \
-    }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(SCAN_THREADS)                                        \
-        scan_bwd_s##SPT##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A,         \
-                                   const T* Bm, const T* Cm, const T* D, const T* z,                  \
-                                   const T* delta_bias, const T* saved, const T* gout, T* du,         \
-                                   T* ddelta, T* dA, T* dB, T* dC, T* dD, T* dz, T* ddelta_bias) {    \
-        scan_bwd<T, SPT>(p, u, delta, A, Bm, Cm, D, z, delta_bias, saved, gout, du, ddelta, dA, dB,   \
-                         dC, dD, dz, ddelta_bias);                                                     \
+// The deterministic second pass of the backward: dB, dC summed over the NG channel groups in order, dA, dD,
+// ddelta_bias over the batches in order. One thread per output element.
+template <typename T>
+__device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, const T* __restrict__ part_a,
+                             const T* __restrict__ part_d, const T* __restrict__ part_bias, T* __restrict__ dB,
+                             T* __restrict__ dC, T* __restrict__ dA, T* __restrict__ dD,
+                             T* __restrict__ ddelta_bias) {
+    const long long B = p.batch, C = p.channels, S = p.states, L = p.length, NG = p.groups;
+    const long long nbc = B * S * L, total = 2 * nbc + C * S + 2 * C;
+    GRID_STRIDE(i, total) {
+        if (i < 2 * nbc) {
+            const long long which = i / nbc, r = i - which * nbc;  // r = (b S + n) L + t
+            const long long b = r / (S * L), q = r - b * S * L;
+            T sum = T(0);
+            for (long long g = 0; g < NG; ++g) sum += part_bc[((b * NG + g) * 2 + which) * S * L + q];
+            (which ? dC : dB)[r] = sum;
+        } else if (i < 2 * nbc + C * S) {
+            const long long j = i - 2 * nbc;
+            T sum = T(0);
+            for (long long b = 0; b < B; ++b) sum += part_a[b * C * S + j];
+            dA[j] = sum;
+        } else {
+            const long long j = i - 2 * nbc - C * S;
+            const bool is_d = j < C;
+            const long long c = is_d ? j : j - C;
+            if (is_d ? p.has_d : p.has_delta_bias) {
+                const T* part = is_d ? part_d : part_bias;
+                T sum = T(0);
+                for (long long b = 0; b < B; ++b) sum += part[b * C + c];
+                (is_d ? dD : ddelta_bias)[c] = sum;
+            }
+        }
+    }
+}
+
+// Kernel names: scan_fwd_s<SPL>_<dtype>, scan_bwd_s<SPL>_<dtype>, scan_bwd_sum_<dtype>. At most 4 warps a
+// block (cuda.rs plans 1, 2 or 4). Blocks per multiprocessor to keep registers for: in f32 the forward's
+// 26 KiB of shared memory allow 8 (at most 64 registers; scan_fwd_s4_f32 fits them, s8 spills 16 bytes);
+// the backward's 66 KiB allow 3 (at most 168 registers; scan_bwd_s4_f32 spills one 4-byte word, 225
+// registers when unbounded). f64, the gradient-check dtype, gets twice the registers per block.
+#define SCAN_MAX_THREADS 128
+
+#define SCAN_KERNELS(T, SUFFIX, SPL, FWD_MIN, BWD_MIN)                                                                     \
+    extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS, FWD_MIN)                                        \
+        scan_fwd_s##SPL##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A,             \
+                                   const T* Bm, const T* Cm, const T* D, const T* z,                      \
+                                   const T* delta_bias, T* out, T* saved) {                               \
+        scan_fwd<T, SPL>(p, u, delta, A, Bm, Cm, D, z, delta_bias, out, saved);                            \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS, BWD_MIN)                                        \
+        scan_bwd_s##SPL##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A,             \
+                                   const T* Bm, const T* Cm, const T* D, const T* z,                      \
+                                   const T* delta_bias, const T* saved, const T* gout, T* du, T* ddelta,  \
+                                   T* dz, T* part_bc, T* part_a, T* part_d, T* part_bias) {               \
+        scan_bwd<T, SPL>(p, u, delta, A, Bm, Cm, D, z, delta_bias, saved, gout, du, ddelta, dz, part_bc,   \
+                         part_a, part_d, part_bias);                                                       \
     }
 
-SCAN_KERNELS(float, f32, 1)
-SCAN_KERNELS(float, f32, 2)
-SCAN_KERNELS(float, f32, 4)
-SCAN_KERNELS(float, f32, 8)
-SCAN_KERNELS(double, f64, 1)
-SCAN_KERNELS(double, f64, 2)
-SCAN_KERNELS(double, f64, 4)
-SCAN_KERNELS(double, f64, 8)
+SCAN_KERNELS(float, f32, 4, 8, 3)
+SCAN_KERNELS(float, f32, 8, 8, 3)
+SCAN_KERNELS(double, f64, 4, 4, 1)
+SCAN_KERNELS(double, f64, 8, 4, 1)
+
+extern "C" __global__ void scan_bwd_sum_f32(const ScanParams p, const float* part_bc, const float* part_a,
+                                            const float* part_d, const float* part_bias, float* dB, float* dC,
+                                            float* dA, float* dD, float* ddelta_bias) {
+    scan_bwd_sum<float>(p, part_bc, part_a, part_d, part_bias, dB, dC, dA, dD, ddelta_bias);
+}
+extern "C" __global__ void scan_bwd_sum_f64(const ScanParams p, const double* part_bc, const double* part_a,
+                                            const double* part_d, const double* part_bias, double* dB,
+                                            double* dC, double* dA, double* dD, double* ddelta_bias) {
+    scan_bwd_sum<double>(p, part_bc, part_a, part_d, part_bias, dB, dC, dA, dD, ddelta_bias);
+}

@@ -308,3 +308,22 @@ fn scan_rejects_bad_inputs() {
     // The reference checks the same way.
     assert!(selective_scan_ref(u, delta, &t(&[4, 3]), b, c, None, None, None, true).is_err());
 }
+
+#[test]
+#[ignore = "needs g++: compiles scan.cu for the CPU emulator (emu/) and runs its kernels (about a minute)"]
+fn scan_cuda_source_runs_on_the_emulator() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/scan/emu");
+    let exe = std::env::temp_dir().join(format!("mila_scan_emu_{}", std::process::id()));
+    let built = std::process::Command::new("g++")
+        .args(["-std=c++17", "-O1", "-o"])
+        .arg(&exe)
+        .arg(format!("{dir}/harness.cpp"))
+        .status()
+        .expect("g++ runs");
+    assert!(built.success(), "the emulator harness does not compile");
+    let out = std::process::Command::new(&exe).output().expect("the emulator runs");
+    let _ = std::fs::remove_file(&exe);
+    let log = String::from_utf8_lossy(&out.stdout);
+    println!("{log}");
+    assert!(out.status.success(), "{log}{}", String::from_utf8_lossy(&out.stderr));
+}
