@@ -13,11 +13,14 @@
 //! | dL/dw | dw[o,c,i,j] = sum_{n,a,b} g[n,o,a,b] x[n, c0(o) + c, ih, iw] |
 //! | dL/dbias | db[o] = sum_{n,a,b} g[n,o,a,b] |
 //!
-//! Two CPU kernels. Depthwise (G = C = O, the MILA block's 3x3 convs): direct loops, one (n, c) plane per
-//! task. Everything else: per sample and group, im2col gathers the patches into cols (C/G kh kw, OH OW) so that
-//! y_q = W_q cols is one GEMM (W_q is (O/G, C/G kh kw)); backward is dW_q += G_q cols^T and
-//! dx = col2im(W_q^T G_q). A 1x1 conv with stride 1 and no padding uses x itself as cols. The CUDA path
-//! (cuda.rs, conv.cu) has the same split: direct depthwise kernels, and im2col + cuBLAS for the rest.
+//! Two CPU kernels. Depthwise (G = C = O, the MILA block's 3x3 convs): direct loops over zero-padded (n, c)
+//! planes, several per task; when x is a channels-last view (memory (N, H, W, C), as the image view of the
+//! block's (B, H W, C) tokens), the loops run in that layout instead, vectorised along the channels with no
+//! transposing copy, and the output and dx are channels-last views too. Everything else: per sample and
+//! group, im2col gathers the patches into cols (C/G kh kw, OH OW) so that y_q = W_q cols is one GEMM (W_q is
+//! (O/G, C/G kh kw)); backward is dW_q += G_q cols^T and dx = col2im(W_q^T G_q). A 1x1 conv with stride 1
+//! and no padding uses x itself as cols. The CUDA path (cuda.rs, conv.cu) has the same split: direct
+//! depthwise kernels, and im2col + cuBLAS for the rest.
 //!
 //! causal_conv1d: x (B, C, L), w (C, 1, k), bias (C); k - 1 zeros on the left, so the output keeps length L
 //! and y[t] sees x[t - k + 1 ..= t] only (PyTorch's Conv1d(C, C, k, groups=C, padding=k-1) cut to its first L
@@ -36,7 +39,9 @@ mod reference;
 
 pub use reference::conv2d_ref;
 
-use engine::{Error, Op, Result, Storage, Tensor};
+use engine::{Device, Error, Layout, Op, Result, Storage, Tensor};
+
+use crate::view::permute;
 
 use crate::util::{check_vector, no_cuda, same_dtype_device, saved_contiguous, Needs};
 
@@ -189,6 +194,65 @@ impl Op for Conv2d {
     }
 }
 
+/// Whether a (N, C, H, W) layout is a channels-last view: its memory is (N, H, W, C) row-major, as the
+/// image view of (B, H W, C) tokens is.
+pub(crate) fn is_channels_last(layout: &Layout) -> bool {
+    layout.rank() == 4 && layout.permute(&[0, 2, 3, 1]).is_ok_and(|l| l.is_contiguous())
+}
+
+/// The (N, C, H, W) view of channels-last memory (N, H, W, C).
+fn channels_last_layout(n: usize, c: usize, h: usize, w: usize) -> Layout {
+    Layout::new(vec![n, c, h, w], vec![h * w * c, 1, w * c, c], 0)
+}
+
+/// A depthwise conv2d on the CPU whose input is a channels-last view: computed in that layout (vectorised
+/// along the channels, no transposing copy), the output a channels-last view too.
+struct DepthwiseChannelsLast {
+    x: Tensor,
+    w: Tensor,
+    has_bias: bool,
+    geom: Conv2dGeom,
+    needs: Needs,
+}
+
+impl Op for DepthwiseChannelsLast {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        // The gradient usually arrives channels-last (through the tokens view); otherwise it is put so.
+        let gd = &self.geom;
+        let g = if is_channels_last(g.layout()) {
+            g.clone()
+        } else {
+            permute(g, &[0, 2, 3, 1])?.contiguous()?.with_layout(channels_last_layout(gd.n, gd.o, gd.oh, gd.ow))
+        };
+        let grads = match (&*self.x.storage(), &*self.w.storage(), &*g.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(gs)) => cpu::depthwise_nhwc_backward(
+                (x, self.x.layout()),
+                (w, self.w.layout()),
+                (gs, g.layout()),
+                &self.geom,
+                self.needs,
+            )?,
+            (s, _, _) => return Err(no_cuda("conv2d_backward", s)),
+        };
+        let dx = grads
+            .x
+            .map(|s| {
+                let t = Tensor::from_storage(s, &[gd.n, gd.h, gd.w, gd.c])?;
+                Ok::<_, engine::Error>(t.with_layout(channels_last_layout(gd.n, gd.c, gd.h, gd.w)))
+            })
+            .transpose()?;
+        let w = grads.w.map(|s| Tensor::from_storage(s, self.w.shape())).transpose()?;
+        let mut out = vec![dx, w];
+        if self.has_bias {
+            out.push(grads.bias.map(|s| Tensor::from_storage(s, &[gd.o])).transpose()?);
+        }
+        Ok(out)
+    }
+}
+
 /// 2-D convolution (cross-correlation, as PyTorch): x (N, C, H, W), weight (O, C/groups, kh, kw), optional
 /// bias (O); stride, padding (zeros on both sides) and dilation as (height, width). Returns (N, O, OH, OW).
 pub fn conv2d(
@@ -201,6 +265,9 @@ pub fn conv2d(
     groups: usize,
 ) -> Result<Tensor> {
     let geom = conv2d_geom(x, weight, bias, stride, padding, dilation, groups)?;
+    if geom.is_depthwise() && x.device() == Device::Cpu && is_channels_last(x.layout()) {
+        return conv2d_channels_last(x, weight, bias, geom);
+    }
     let (xc, wc) = (saved_contiguous(x)?, saved_contiguous(weight)?);
     let bias_storage = bias.map(|b| b.storage());
     let storage = match (&*xc.storage(), &*wc.storage()) {
@@ -220,6 +287,28 @@ pub fn conv2d(
     let needs = Needs::of(x, Some(weight), bias);
     Ok(Tensor::from_op(storage, &geom.out_shape(), &inputs, || Conv2d {
         x: xc.clone(),
+        w: wc.clone(),
+        has_bias: bias.is_some(),
+        geom,
+        needs,
+    }))
+}
+
+/// The CPU depthwise conv2d of a channels-last input (see [`DepthwiseChannelsLast`]).
+fn conv2d_channels_last(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, geom: Conv2dGeom) -> Result<Tensor> {
+    let (xd, wc) = (x.detach(), saved_contiguous(weight)?);
+    let storage = {
+        let (xs, ws) = (xd.storage(), wc.storage());
+        let bias_storage = bias.map(|b| b.storage());
+        let b = operand(bias, bias_storage.as_deref(), |s| s.as_cpu("conv2d"))?;
+        cpu::depthwise_nhwc((xs.as_cpu("conv2d")?, xd.layout()), (ws.as_cpu("conv2d")?, wc.layout()), b, &geom)?
+    };
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    let needs = Needs::of(x, Some(weight), bias);
+    let layout = channels_last_layout(geom.n, geom.o, geom.oh, geom.ow);
+    Ok(Tensor::from_op_with_layout(Storage::Cpu(storage), layout, &inputs, || DepthwiseChannelsLast {
+        x: xd.clone(),
         w: wc.clone(),
         has_bias: bias.is_some(),
         geom,
