@@ -534,15 +534,20 @@ pub(super) fn conv2d(x: Operand, w: Operand, bias: Option<Operand>, g: &Conv2dGe
         let w = contiguous_slice::<T>(OP, w.0, w.1)?;
         let bias = bias.map(|(s, l)| gathered::<T>(OP, s, l)).transpose()?;
         let (plane, p) = g.planes();
-        let mut y = vec![T::ZERO; g.n * g.o * p];
+        let mut y = engine::cpu_buffer(g.n * g.o * p);
         if y.is_empty() {
             return Ok(y);
         }
-        // Every output plane starts at its bias; the kernels accumulate onto it.
-        if let Some(b) = &bias {
-            for (i, out) in y.chunks_exact_mut(p).enumerate() {
-                out.fill(b[i % g.o]);
+        // Every output plane starts at its bias and the kernels accumulate onto it; without a bias the
+        // depthwise kernel starts from zeros and the GEMMs overwrite.
+        match &bias {
+            Some(b) => {
+                for (i, out) in y.chunks_exact_mut(p).enumerate() {
+                    out.fill(b[i % g.o]);
+                }
             }
+            None if g.is_depthwise() => y.fill(T::ZERO),
+            None => {}
         }
         if g.is_depthwise() {
             depthwise_nchw(x, w, g, &mut y);
@@ -550,18 +555,18 @@ pub(super) fn conv2d(x: Operand, w: Operand, bias: Option<Operand>, g: &Conv2dGe
         }
         let (cg, og, k) = (g.c / g.groups, g.o / g.groups, g.patch_len());
         let par = gemm_parallelism(g.n);
-        y.par_chunks_mut(g.o * p).enumerate().try_for_each(|(n, yn)| {
-            let mut cols = if g.is_pointwise() { Vec::new() } else { vec![T::ZERO; k * p] };
+        let new_cols = || if g.is_pointwise() { Vec::new() } else { vec![T::ZERO; k * p] };
+        y.par_chunks_mut(g.o * p).enumerate().try_for_each_init(new_cols, |cols, (n, yn)| {
             for q in 0..g.groups {
                 let xq = &x[(n * g.c + q * cg) * plane..][..cg * plane];
                 let cols = if g.is_pointwise() {
                     xq
                 } else {
-                    im2col(xq, g, &mut cols);
-                    &cols
+                    im2col(xq, g, cols);
+                    &cols[..]
                 };
                 let wq = Mat::row_major(&w[q * og * k..][..og * k], og, k);
-                matmul(&mut yn[q * og * p..][..og * p], wq, Mat::row_major(cols, k, p), true, par)?;
+                matmul(&mut yn[q * og * p..][..og * p], wq, Mat::row_major(cols, k, p), bias.is_some(), par)?;
             }
             Ok(())
         })?;
@@ -623,9 +628,13 @@ pub(super) fn conv2d_backward(
         let (cg, og, k) = (g.c / g.groups, g.o / g.groups, g.patch_len());
         let par = gemm_parallelism(g.n);
         let dx = if needs.x && g.n * g.c * plane > 0 {
-            let mut dx = vec![T::ZERO; g.n * g.c * plane];
-            dx.par_chunks_mut(g.c * plane).enumerate().try_for_each(|(n, dxn)| {
-                let mut dcols = if g.is_pointwise() { Vec::new() } else { vec![T::ZERO; k * p] };
+            // A pointwise conv's GEMM overwrites dx; col2im adds into zeros, set per sample.
+            let mut dx = engine::cpu_buffer(g.n * g.c * plane);
+            let new_dcols = || if g.is_pointwise() { Vec::new() } else { vec![T::ZERO; k * p] };
+            dx.par_chunks_mut(g.c * plane).enumerate().try_for_each_init(new_dcols, |dcols, (n, dxn)| {
+                if !g.is_pointwise() {
+                    dxn.fill(T::ZERO);
+                }
                 for q in 0..g.groups {
                     let gq = Mat::row_major(&gy[(n * g.o + q * og) * p..][..og * p], og, p);
                     let wq_t = Mat::row_major(&w[q * og * k..][..og * k], og, k).t();
@@ -633,8 +642,8 @@ pub(super) fn conv2d_backward(
                     if g.is_pointwise() {
                         matmul(dxq, wq_t, gq, false, par)?;
                     } else {
-                        matmul(&mut dcols, wq_t, gq, false, par)?;
-                        col2im(&dcols, g, dxq);
+                        matmul(dcols, wq_t, gq, false, par)?;
+                        col2im(dcols, g, dxq);
                     }
                 }
                 Ok::<_, Error>(())

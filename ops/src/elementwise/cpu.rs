@@ -319,8 +319,17 @@ fn map3<T: Float, U: Copy + Send>(
     f: impl Fn(T, T, T) -> U + Sync,
 ) -> Vec<U> {
     zip_runs(&mut out, shape, [la, lb, lc], |o, [sa, sb, sc], [ta, tb, tc]| {
-        for (k, v) in o.iter_mut().enumerate() {
-            *v = f(a[sa + k * ta], b[sb + k * tb], c[sc + k * tc]);
+        if ta == 1 && tb == 1 && tc == 1 {
+            // Contiguous runs: plain slices, which the compiler vectorises.
+            let n = o.len();
+            let (a, b, c) = (&a[sa..sa + n], &b[sb..sb + n], &c[sc..sc + n]);
+            for (((v, &x), &y), &z) in o.iter_mut().zip(a).zip(b).zip(c) {
+                *v = f(x, y, z);
+            }
+        } else {
+            for (k, v) in o.iter_mut().enumerate() {
+                *v = f(a[sa + k * ta], b[sb + k * tb], c[sc + k * tc]);
+            }
         }
     });
     out
@@ -390,16 +399,17 @@ pub(super) fn binary_backward(
     lg: &Layout,
 ) -> Result<(CpuStorage, CpuStorage)> {
     fn run<T: Float>(op: Binary, a: &[T], la: &Layout, b: &[T], lb: &Layout, g: &[T], lg: &Layout) -> (Vec<T>, Vec<T>) {
-        // (ga, gb) pairs, split after.
+        // One pass per gradient, each writing its own buffer (the formula's other half is dead code there).
+        let n = lg.numel();
         macro_rules! go {
             ($k:expr) => {
-                map3(vec![(T::ZERO, T::ZERO); lg.numel()], a, la, b, lb, g, lg, lg.shape(), move |x, y, gv| {
-                    $k.df(x, y, gv)
-                })
+                (
+                    map3(engine::cpu_buffer(n), a, la, b, lb, g, lg, lg.shape(), move |x, y, gv| $k.df(x, y, gv).0),
+                    map3(engine::cpu_buffer(n), a, la, b, lb, g, lg, lg.shape(), move |x, y, gv| $k.df(x, y, gv).1),
+                )
             };
         }
-        let pairs: Vec<(T, T)> = specialize_binary!(op, go);
-        pairs.into_iter().unzip()
+        specialize_binary!(op, go)
     }
     match (a, b, g) {
         (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(g)) => {

@@ -39,7 +39,7 @@ pub(super) fn layer_norm(
     eps: f64,
 ) -> Result<(Storage, Storage, Storage)> {
     fn run<T: Float>(x: &[T], d: usize, w: Option<Vec<T>>, b: Option<Vec<T>>, eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let mut y = vec![T::ZERO; x.len()];
+        let mut y = engine::cpu_buffer(x.len()); // every row is written
         let mut stats = vec![(T::ZERO, T::ZERO); x.len() / d];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(stats.par_iter_mut()).with_min_len(TASK_MIN.div_ceil(d)).for_each(
             |((yr, xr), st)| {
@@ -91,7 +91,8 @@ pub(super) fn layer_norm_backward(
         let rows = mean.len();
         let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(TASK_MIN.div_ceil(d)).max(1);
         let chunks = rows.div_ceil(chunk);
-        let mut dx = vec![T::ZERO; if needs.x { x.len() } else { 0 }];
+        // Every row of dx is written.
+        let mut dx = engine::cpu_buffer(if needs.x { x.len() } else { 0 });
         // One dx slice per chunk of rows, or none when x needs no gradient.
         let dx_chunks: Vec<Option<&mut [T]>> =
             if needs.x { dx.chunks_mut(chunk * d).map(Some).collect() } else { (0..chunks).map(|_| None).collect() };
@@ -199,7 +200,7 @@ pub(super) fn batch_norm(
             (0..c).map(|ch| T::from_f64(rstd[ch] * w.as_ref().map_or(1.0, |w| w[ch].to_f64()))).collect();
         let shift: Vec<T> = (0..c).map(|ch| b.as_ref().map_or(T::ZERO, |b| b[ch])).collect();
         let mean_t: Vec<T> = mean.iter().map(|&m| T::from_f64(m)).collect();
-        let mut y = vec![T::ZERO; x.len()];
+        let mut y = engine::cpu_buffer(x.len()); // every plane is written
         if hw > 0 {
             y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().with_min_len(TASK_MIN.div_ceil(hw)).for_each(
                 |(nc, (yp, xp))| {
@@ -269,7 +270,7 @@ pub(super) fn batch_norm_backward(
         };
         // Pass 2, per (sample, channel) plane: dx = rstd w (g - [mean(g) + xhat mean(g xhat)] in training).
         let dx = needs.x.then(|| {
-            let mut dx = vec![T::ZERO; x.len()];
+            let mut dx = engine::cpu_buffer(x.len()); // every plane is written
             let m = (n * hw) as f64;
             if hw > 0 {
                 dx.par_chunks_mut(hw).enumerate().with_min_len(TASK_MIN.div_ceil(hw)).for_each(|(nc, dxp)| {
