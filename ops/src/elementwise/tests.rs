@@ -207,3 +207,36 @@ fn cuda_kernel_form_for_the_layouts_ops_build() {
     assert_eq!(form(&flat, &randn(&[4000], 10), 4), Path::Strided);
     assert_eq!(form(&flat, &randn(&[4000], 10), 8), Path::Strided);
 }
+
+/// A permuted view of contiguous memory (a channels-last image) keeps its layout through unary ops and
+/// binary ops between two such views: same values as on a contiguous copy, output in the input's memory
+/// order, and gradients through it that match the contiguous computation exactly.
+#[test]
+fn permuted_contiguous_inputs_keep_their_memory_order() {
+    let leaf = randn(&[2, 3, 4, 5], 71).requires_grad_(true).unwrap(); // (N, H, W, C) memory
+    let cl = permute(&leaf, &[0, 3, 1, 2]).unwrap(); // (N, C, H, W)
+    let other = permute(&randn(&[2, 3, 4, 5], 72), &[0, 3, 1, 2]).unwrap();
+    let plain = cl.detach().contiguous().unwrap().requires_grad_(true).unwrap();
+    for op in [Unary::Relu, Unary::Silu, Unary::Gelu, Unary::Exp] {
+        let (y, want) = (unary(op, &cl).unwrap(), unary(op, &plain).unwrap());
+        assert_eq!(y.strides(), cl.strides(), "{}", op.name());
+        assert_eq!(y.to_vec_f64().unwrap(), want.to_vec_f64().unwrap(), "{}", op.name());
+    }
+    for op in [Binary::Add, Binary::Mul, Binary::Div] {
+        let (y, want) = (binary(op, &cl, &other).unwrap(), binary(op, &plain, &other.contiguous().unwrap()).unwrap());
+        assert_eq!(y.strides(), cl.strides(), "{}", op.name());
+        assert_eq!(y.to_vec_f64().unwrap(), want.to_vec_f64().unwrap(), "{}", op.name());
+    }
+    // Gradients: the same chain on the view and on the copy.
+    let chain = |x: &Tensor| binary(Binary::Mul, &unary(Unary::Silu, x)?, x);
+    let g = randn(&[2, 5, 3, 4], 73);
+    chain(&cl).unwrap().backward_with(&g).unwrap();
+    chain(&plain).unwrap().backward_with(&g).unwrap();
+    let got = permute(&leaf.grad().unwrap(), &[0, 3, 1, 2]).unwrap().to_vec_f64().unwrap();
+    assert_eq!(got, plain.grad().unwrap().to_vec_f64().unwrap());
+    // A transposed matrix is permuted-contiguous too; a slice is not, and stays on the strided path.
+    let m = crate::view::t(&randn(&[6, 4], 74)).unwrap();
+    assert_eq!(unary(Unary::Neg, &m).unwrap().strides(), m.strides());
+    let s = narrow(&randn(&[6, 4], 75), 1, 1, 2).unwrap();
+    assert!(unary(Unary::Neg, &s).unwrap().is_contiguous());
+}
