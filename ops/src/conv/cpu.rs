@@ -379,11 +379,43 @@ fn channels_last_slice<'a, T: Float>(op: &'static str, s: &'a CpuStorage, layout
         .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))
 }
 
+/// Conv2d on channels-last data, depthwise or with one group: x (N, H, W, C) -> y (N, OH, OW, O).
+pub(super) fn conv2d_nhwc(x: Operand, w: Operand, bias: Option<Operand>, g: &Conv2dGeom) -> Result<CpuStorage> {
+    with_dtype!(x.0.dtype(), |T| {
+        const OP: &str = "conv2d";
+        let bias = bias.map(|(s, l)| gathered::<T>(OP, s, l)).transpose()?;
+        let (xs, ws) = (channels_last_slice(OP, x.0, x.1)?, contiguous_slice(OP, w.0, w.1)?);
+        let y = if g.is_depthwise() { depthwise_nhwc::<T>(xs, ws, bias, g) } else { dense_nhwc::<T>(xs, ws, bias, g)? };
+        Ok(T::into_storage(y))
+    })
+}
+
+/// The backward of [`conv2d_nhwc`], with x and gy channels-last; dx comes out channels-last too.
+pub(super) fn conv2d_nhwc_backward(
+    x: Operand,
+    w: Operand,
+    gy: Operand,
+    g: &Conv2dGeom,
+    needs: Needs,
+) -> Result<Grads<Storage>> {
+    with_dtype!(x.0.dtype(), |T| {
+        const OP: &str = "conv2d_backward";
+        let (xs, ws, gs) =
+            (channels_last_slice(OP, x.0, x.1)?, contiguous_slice(OP, w.0, w.1)?, channels_last_slice(OP, gy.0, gy.1)?);
+        let grads = if g.is_depthwise() {
+            depthwise_nhwc_backward::<T>(xs, ws, gs, g, needs)
+        } else {
+            dense_nhwc_backward::<T>(xs, ws, gs, g, needs)?
+        };
+        Ok(grads.into_storage())
+    })
+}
+
 /// Depthwise conv2d on channels-last data: x (N, H, W, C) -> y (N, OH, OW, C), vectorised along the
 /// channels. Every output pixel starts at its bias and adds the taps in (i, j) order, as the NCHW kernel
 /// does, so both give the same values.
-pub(super) fn depthwise_nhwc(x: Operand, w: Operand, bias: Option<Operand>, g: &Conv2dGeom) -> Result<CpuStorage> {
-    fn run<T: Float>(x: &[T], w: &[T], bias: Option<Vec<T>>, g: &Conv2dGeom) -> Vec<T> {
+fn depthwise_nhwc<T: Float>(x: &[T], w: &[T], bias: Option<Vec<T>>, g: &Conv2dGeom) -> Vec<T> {
+    {
         let c = g.c;
         let wt = taps_by_channel(w, g);
         let mut y = engine::cpu_buffer(g.n * g.oh * g.ow * c);
@@ -411,27 +443,15 @@ pub(super) fn depthwise_nhwc(x: Operand, w: Operand, bias: Option<Operand>, g: &
         });
         y
     }
-    with_dtype!(x.0.dtype(), |T| {
-        const OP: &str = "conv2d";
-        let bias = bias.map(|(s, l)| gathered::<T>(OP, s, l)).transpose()?;
-        let (xs, ws) = (channels_last_slice(OP, x.0, x.1)?, contiguous_slice(OP, w.0, w.1)?);
-        Ok(T::into_storage(run::<T>(xs, ws, bias, g)))
-    })
 }
 
 /// Samples per task of the channels-last weight gradient: a fixed count, so that the partial sums, and so
 /// the result, do not depend on the number of threads.
 const NHWC_SAMPLES_PER_TASK: usize = 4;
 
-/// The backward of [`depthwise_nhwc`], with x and gy channels-last; dx comes out channels-last too.
-pub(super) fn depthwise_nhwc_backward(
-    x: Operand,
-    w: Operand,
-    gy: Operand,
-    g: &Conv2dGeom,
-    needs: Needs,
-) -> Result<Grads<Storage>> {
-    fn run<T: Float>(x: &[T], w: &[T], gy: &[T], g: &Conv2dGeom, needs: Needs) -> Grads<Vec<T>> {
+/// The backward of [`depthwise_nhwc`]: dx channels-last, dw and db summed over fixed tasks of samples.
+fn depthwise_nhwc_backward<T: Float>(x: &[T], w: &[T], gy: &[T], g: &Conv2dGeom, needs: Needs) -> Grads<Vec<T>> {
+    {
         let (c, taps) = (g.c, g.kh * g.kw);
         let (xsz, ysz) = (g.h * g.w * c, g.oh * g.ow * c);
         let wt = taps_by_channel(w, g);
@@ -515,17 +535,6 @@ pub(super) fn depthwise_nhwc_backward(
         });
         Grads { x: dx, w: dw, bias: needs.bias.then_some(db) }
     }
-    with_dtype!(x.0.dtype(), |T| {
-        const OP: &str = "conv2d_backward";
-        let grads = run::<T>(
-            channels_last_slice(OP, x.0, x.1)?,
-            contiguous_slice(OP, w.0, w.1)?,
-            channels_last_slice(OP, gy.0, gy.1)?,
-            g,
-            needs,
-        );
-        Ok(grads.into_storage())
-    })
 }
 
 pub(super) fn conv2d(x: Operand, w: Operand, bias: Option<Operand>, g: &Conv2dGeom) -> Result<CpuStorage> {
@@ -791,4 +800,185 @@ pub(super) fn causal_conv1d_backward(
         );
         Ok(grads.into_storage())
     })
+}
+
+/// Rows (output pixels) per task of the channels-last dense conv: one im2col block and one GEMM each. A fixed
+/// count of whole samples, so that the weight gradient's partial sums do not depend on the thread count.
+fn nhwc_samples_per_task(g: &Conv2dGeom) -> usize {
+    (2048 / (g.oh * g.ow).max(1)).clamp(1, g.n.max(1))
+}
+
+/// The filter (O, C, kh, kw) as (O, kh kw C): the order of a channels-last patch.
+fn filter_taps_last<T: Float>(w: &[T], g: &Conv2dGeom) -> Vec<T> {
+    let (taps, c) = (g.kh * g.kw, g.c);
+    let mut out = vec![T::ZERO; g.o * taps * c];
+    for (o, wo) in w.chunks_exact(c * taps).enumerate() {
+        for (ch, k) in wo.chunks_exact(taps).enumerate() {
+            for (t, &v) in k.iter().enumerate() {
+                out[(o * taps + t) * c + ch] = v;
+            }
+        }
+    }
+    out
+}
+
+/// cols (samples OH OW, kh kw C) of channels-last samples x (samples, H, W, C): one patch per output pixel,
+/// zeros where a tap falls in the padding.
+fn im2col_nhwc<T: Float>(x: &[T], g: &Conv2dGeom, cols: &mut [T]) {
+    let (c, k) = (g.c, g.kh * g.kw * g.c);
+    let (xs, ps) = (g.h * g.w * c, g.oh * g.ow);
+    for (r, patch) in cols.chunks_exact_mut(k).enumerate() {
+        let (n, pix) = (r / ps, r % ps);
+        let (a, b) = (pix / g.ow, pix % g.ow);
+        let xn = &x[n * xs..][..xs];
+        for i in 0..g.kh {
+            let ih = tap_index(a, i, g.stride.0, g.dilation.0, g.padding.0, g.h);
+            for j in 0..g.kw {
+                let dst = &mut patch[(i * g.kw + j) * c..][..c];
+                match (ih, tap_index(b, j, g.stride.1, g.dilation.1, g.padding.1, g.w)) {
+                    (Some(ih), Some(iw)) => dst.copy_from_slice(&xn[(ih * g.w + iw) * c..][..c]),
+                    _ => dst.fill(T::ZERO),
+                }
+            }
+        }
+    }
+}
+
+/// dx (samples, H, W, C) += the patches in `cols` put back where `im2col_nhwc` took them from.
+fn col2im_nhwc<T: Float>(cols: &[T], g: &Conv2dGeom, dx: &mut [T]) {
+    let (c, k) = (g.c, g.kh * g.kw * g.c);
+    let (xs, ps) = (g.h * g.w * c, g.oh * g.ow);
+    for (r, patch) in cols.chunks_exact(k).enumerate() {
+        let (n, pix) = (r / ps, r % ps);
+        let (a, b) = (pix / g.ow, pix % g.ow);
+        let dxn = &mut dx[n * xs..][..xs];
+        for i in 0..g.kh {
+            let Some(ih) = tap_index(a, i, g.stride.0, g.dilation.0, g.padding.0, g.h) else { continue };
+            for j in 0..g.kw {
+                let Some(iw) = tap_index(b, j, g.stride.1, g.dilation.1, g.padding.1, g.w) else { continue };
+                for (d, &v) in dxn[(ih * g.w + iw) * c..][..c].iter_mut().zip(&patch[(i * g.kw + j) * c..][..c]) {
+                    *d += v;
+                }
+            }
+        }
+    }
+}
+
+/// Conv2d (groups 1) on channels-last data: per task of whole samples, the patches (rows, kh kw C) times the
+/// filter (kh kw C, O) is the output (rows, O), already channels-last; a pointwise conv uses x as the
+/// patches. The bias starts every row and the GEMM adds onto it.
+fn dense_nhwc<T: Float>(x: &[T], w: &[T], bias: Option<Vec<T>>, g: &Conv2dGeom) -> Result<Vec<T>> {
+    let (k, p) = (g.kh * g.kw * g.c, g.oh * g.ow);
+    let wk = filter_taps_last(w, g);
+    let mut y = engine::cpu_buffer(g.n * p * g.o);
+    if y.is_empty() {
+        return Ok(y);
+    }
+    if let Some(b) = &bias {
+        for row in y.chunks_exact_mut(g.o) {
+            row.copy_from_slice(b);
+        }
+    }
+    let per = nhwc_samples_per_task(g);
+    let par = gemm_parallelism(g.n.div_ceil(per));
+    let wt = Mat::row_major(&wk, g.o, k).t();
+    y.par_chunks_mut(per * p * g.o).enumerate().try_for_each_init(Vec::new, |cols, (t, yt)| {
+        let rows = yt.len() / g.o;
+        let xt = &x[t * per * g.h * g.w * g.c..][..rows / p * g.h * g.w * g.c];
+        let patches = if g.is_pointwise() {
+            xt
+        } else {
+            cols.resize(rows * k, T::ZERO);
+            im2col_nhwc(xt, g, cols);
+            &cols[..]
+        };
+        matmul(yt, Mat::row_major(patches, rows, k), wt, bias.is_some(), par)
+    })?;
+    Ok(y)
+}
+
+/// The backward of [`dense_nhwc`]: dx = col2im(g W) (g W itself when pointwise), and per task
+/// dW += g^T patches and db += the column sums of g, the task partials summed in task order.
+fn dense_nhwc_backward<T: Float>(x: &[T], w: &[T], gy: &[T], g: &Conv2dGeom, needs: Needs) -> Result<Grads<Vec<T>>> {
+    let (k, p, taps) = (g.kh * g.kw * g.c, g.oh * g.ow, g.kh * g.kw);
+    let (xs, ys) = (g.h * g.w * g.c, p * g.o);
+    let per = nhwc_samples_per_task(g);
+    let tasks = g.n.div_ceil(per);
+    let par = gemm_parallelism(tasks);
+    let wk = filter_taps_last(w, g);
+    let dx = if needs.x && g.n * xs > 0 {
+        let mut dx = engine::cpu_buffer(g.n * xs);
+        dx.par_chunks_mut(per * xs).enumerate().try_for_each_init(Vec::new, |dcols, (t, dxt)| {
+            let samples = dxt.len() / xs;
+            let gt = Mat::row_major(&gy[t * per * ys..][..samples * ys], samples * p, g.o);
+            let wm = Mat::row_major(&wk, g.o, k);
+            if g.is_pointwise() {
+                return matmul(dxt, gt, wm, false, par);
+            }
+            dcols.resize(samples * p * k, T::ZERO);
+            matmul(dcols, gt, wm, false, par)?;
+            dxt.fill(T::ZERO);
+            col2im_nhwc(dcols, g, dxt);
+            Ok(())
+        })?;
+        Some(dx)
+    } else {
+        needs.x.then(|| vec![T::ZERO; g.n * xs])
+    };
+    if !(needs.w || needs.bias) {
+        return Ok(Grads { x: dx, w: None, bias: None });
+    }
+    let partials = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let samples = per.min(g.n - t * per);
+            let gs = &gy[t * per * ys..][..samples * ys];
+            let mut db = vec![T::ZERO; g.o];
+            if needs.bias {
+                for row in gs.chunks_exact(g.o) {
+                    for (d, &v) in db.iter_mut().zip(row) {
+                        *d += v;
+                    }
+                }
+            }
+            let mut dw = Vec::new();
+            if needs.w {
+                let xt = &x[t * per * xs..][..samples * xs];
+                let cols;
+                let patches = if g.is_pointwise() {
+                    xt
+                } else {
+                    cols = {
+                        let mut c = vec![T::ZERO; samples * p * k];
+                        im2col_nhwc(xt, g, &mut c);
+                        c
+                    };
+                    &cols[..]
+                };
+                dw = vec![T::ZERO; g.o * k];
+                let gt = Mat::row_major(gs, samples * p, g.o).t();
+                matmul(&mut dw, gt, Mat::row_major(patches, samples * p, k), false, par)?;
+            }
+            Ok((dw, db))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (mut dwk, mut db) = (vec![T::ZERO; if needs.w { g.o * k } else { 0 }], vec![T::ZERO; g.o]);
+    for (pw, pb) in &partials {
+        for (acc, &v) in dwk.iter_mut().zip(pw).chain(db.iter_mut().zip(pb)) {
+            *acc += v;
+        }
+    }
+    // Back to the filter's (O, C, kh, kw) order.
+    let dw = needs.w.then(|| {
+        let mut dw = vec![T::ZERO; g.o * k];
+        for (o, row) in dwk.chunks_exact(k).enumerate() {
+            for (t, tap) in row.chunks_exact(g.c).enumerate() {
+                for (ch, &v) in tap.iter().enumerate() {
+                    dw[(o * g.c + ch) * taps + t] = v;
+                }
+            }
+        }
+        dw
+    });
+    Ok(Grads { x: dx, w: dw, bias: needs.bias.then_some(db) })
 }

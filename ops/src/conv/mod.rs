@@ -16,7 +16,8 @@
 //! Two CPU kernels. Depthwise (G = C = O, the MILA block's 3x3 convs): direct loops over zero-padded (n, c)
 //! planes, several per task; when x is a channels-last view (memory (N, H, W, C), as the image view of the
 //! block's (B, H W, C) tokens), the loops run in that layout instead, vectorised along the channels with no
-//! transposing copy, and the output and dx are channels-last views too. Everything else: per sample and
+//! transposing copy, and the output and dx are channels-last views too; so does a conv with one group, as one
+//! GEMM per block of samples of the channels-last patches (rows of kh kw C). Everything else: per sample and
 //! group, im2col gathers the patches into cols (C/G kh kw, OH OW) so that y_q = W_q cols is one GEMM (W_q is
 //! (O/G, C/G kh kw)); backward is dW_q += G_q cols^T and dx = col2im(W_q^T G_q). A 1x1 conv with stride 1
 //! and no padding uses x itself as cols. The CUDA path (cuda.rs, conv.cu) has the same split: direct
@@ -205,9 +206,10 @@ fn channels_last_layout(n: usize, c: usize, h: usize, w: usize) -> Layout {
     Layout::new(vec![n, c, h, w], vec![h * w * c, 1, w * c, c], 0)
 }
 
-/// A depthwise conv2d on the CPU whose input is a channels-last view: computed in that layout (vectorised
-/// along the channels, no transposing copy), the output a channels-last view too.
-struct DepthwiseChannelsLast {
+/// A conv2d on the CPU, depthwise or with one group, whose input is a channels-last view: computed in that
+/// layout (depthwise vectorised along the channels, dense as one GEMM per block of samples, the patches
+/// rows of kh kw C), the output a channels-last view too, with no transposing copy.
+struct ConvChannelsLast {
     x: Tensor,
     w: Tensor,
     has_bias: bool,
@@ -215,7 +217,7 @@ struct DepthwiseChannelsLast {
     needs: Needs,
 }
 
-impl Op for DepthwiseChannelsLast {
+impl Op for ConvChannelsLast {
     fn name(&self) -> &'static str {
         "conv2d"
     }
@@ -228,7 +230,7 @@ impl Op for DepthwiseChannelsLast {
             permute(g, &[0, 2, 3, 1])?.contiguous()?.with_layout(channels_last_layout(gd.n, gd.o, gd.oh, gd.ow))
         };
         let grads = match (&*self.x.storage(), &*self.w.storage(), &*g.storage()) {
-            (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(gs)) => cpu::depthwise_nhwc_backward(
+            (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(gs)) => cpu::conv2d_nhwc_backward(
                 (x, self.x.layout()),
                 (w, self.w.layout()),
                 (gs, g.layout()),
@@ -265,7 +267,7 @@ pub fn conv2d(
     groups: usize,
 ) -> Result<Tensor> {
     let geom = conv2d_geom(x, weight, bias, stride, padding, dilation, groups)?;
-    if geom.is_depthwise() && x.device() == Device::Cpu && is_channels_last(x.layout()) {
+    if (geom.is_depthwise() || geom.groups == 1) && x.device() == Device::Cpu && is_channels_last(x.layout()) {
         return conv2d_channels_last(x, weight, bias, geom);
     }
     let (xc, wc) = (saved_contiguous(x)?, saved_contiguous(weight)?);
@@ -294,20 +296,20 @@ pub fn conv2d(
     }))
 }
 
-/// The CPU depthwise conv2d of a channels-last input (see [`DepthwiseChannelsLast`]).
+/// The CPU conv2d of a channels-last input, depthwise or with one group (see [`ConvChannelsLast`]).
 fn conv2d_channels_last(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, geom: Conv2dGeom) -> Result<Tensor> {
     let (xd, wc) = (x.detach(), saved_contiguous(weight)?);
     let storage = {
         let (xs, ws) = (xd.storage(), wc.storage());
         let bias_storage = bias.map(|b| b.storage());
         let b = operand(bias, bias_storage.as_deref(), |s| s.as_cpu("conv2d"))?;
-        cpu::depthwise_nhwc((xs.as_cpu("conv2d")?, xd.layout()), (ws.as_cpu("conv2d")?, wc.layout()), b, &geom)?
+        cpu::conv2d_nhwc((xs.as_cpu("conv2d")?, xd.layout()), (ws.as_cpu("conv2d")?, wc.layout()), b, &geom)?
     };
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
     let needs = Needs::of(x, Some(weight), bias);
     let layout = channels_last_layout(geom.n, geom.o, geom.oh, geom.ow);
-    Ok(Tensor::from_op_with_layout(Storage::Cpu(storage), layout, &inputs, || DepthwiseChannelsLast {
+    Ok(Tensor::from_op_with_layout(Storage::Cpu(storage), layout, &inputs, || ConvChannelsLast {
         x: xd.clone(),
         w: wc.clone(),
         has_bias: bias.is_some(),

@@ -70,12 +70,35 @@ fn configs() -> Vec<Cfg> {
             permuted: true,
             ..BASE
         },
+        Cfg { name: "channel multiplier", x: [2, 2, 5, 5], o: 4, padding: (1, 1), groups: 2, ..BASE },
+        Cfg { name: "pointwise 1x1", o: 5, k: (1, 1), ..BASE },
+        Cfg {
+            name: "pointwise permuted, no bias",
+            x: [3, 4, 3, 5],
+            o: 2,
+            k: (1, 1),
+            bias: false,
+            permuted: true,
+            ..BASE
+        },
+        Cfg { name: "1x1 stride 2", o: 2, k: (1, 1), stride: (2, 2), ..BASE },
+        Cfg {
+            name: "dense stride 2 dilated channels-last",
+            x: [2, 3, 9, 8],
+            o: 4,
+            stride: (2, 1),
+            padding: (1, 2),
+            dilation: (1, 2),
+            permuted: true,
+            ..BASE
+        },
+        Cfg { name: "one-channel image channels-last", x: [2, 1, 6, 5], o: 3, stride: (2, 2), padding: (1, 1), ..BASE },
         Cfg {
             name: "depthwise 3x3 channels-last",
-            x: [3, 5, 6, 7],
-            o: 5,
+            x: [2, 4, 5, 6],
+            o: 4,
             padding: (1, 1),
-            groups: 5,
+            groups: 4,
             permuted: true,
             ..BASE
         },
@@ -90,18 +113,6 @@ fn configs() -> Vec<Cfg> {
             permuted: true,
             ..BASE
         },
-        Cfg { name: "channel multiplier", x: [2, 2, 5, 5], o: 4, padding: (1, 1), groups: 2, ..BASE },
-        Cfg { name: "pointwise 1x1", o: 5, k: (1, 1), ..BASE },
-        Cfg {
-            name: "pointwise permuted, no bias",
-            x: [3, 4, 3, 5],
-            o: 2,
-            k: (1, 1),
-            bias: false,
-            permuted: true,
-            ..BASE
-        },
-        Cfg { name: "1x1 stride 2", o: 2, k: (1, 1), stride: (2, 2), ..BASE },
     ]
 }
 
