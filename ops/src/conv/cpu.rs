@@ -2,12 +2,12 @@
 //! and grouped conv2d, and the causal depthwise conv1d. Inputs arrive contiguous; work is split over samples
 //! or (sample, channel) planes with rayon.
 
-use engine::{CpuStorage, Error, Float, Layout, Result, Storage};
+use engine::{CpuStorage, Error, Float, Result, Storage};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{Conv1dGeom, Conv2dGeom};
-use crate::util::{contiguous_slice, gathered, with_dtype, Grads, Needs, Operand};
+use crate::util::{channels_last_slice, contiguous_slice, gathered, with_dtype, Grads, Needs, Operand};
 
 /// Output positions `lo..hi` along one axis whose input index `o * stride + off` lies in `0..len`.
 fn valid_range(out_len: usize, len: usize, stride: usize, off: isize) -> (usize, usize) {
@@ -367,16 +367,6 @@ fn axpy<T: Float>(o: &mut [T], w: &[T], x: &[T]) {
     for ((o, &w), &x) in o.iter_mut().zip(w).zip(x) {
         *o += w * x;
     }
-}
-
-/// The elements of a channels-last view: a (N, C, H, W) layout whose memory is (N, H, W, C) row-major.
-fn channels_last_slice<'a, T: Float>(op: &'static str, s: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    let v = T::slice(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: s.dtype() })?;
-    if !super::is_channels_last(layout) {
-        return Err(Error::invalid(op, "internal: kernel input is not channels-last", layout.shape()));
-    }
-    v.get(layout.offset()..layout.offset() + layout.numel())
-        .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))
 }
 
 /// Conv2d on channels-last data, depthwise or with one group: x (N, H, W, C) -> y (N, OH, OW, O).

@@ -40,11 +40,12 @@ mod reference;
 
 pub use reference::conv2d_ref;
 
-use engine::{Device, Error, Layout, Op, Result, Storage, Tensor};
+use engine::{Device, Error, Op, Result, Storage, Tensor};
 
 use crate::view::permute;
 
-use crate::util::{check_vector, no_cuda, same_dtype_device, saved_contiguous, Needs};
+pub(crate) use crate::util::is_channels_last;
+use crate::util::{channels_last_layout, check_vector, no_cuda, same_dtype_device, saved_contiguous, Needs};
 
 /// The storage and layout of an optional operand (a bias), on the device of the match arm it is used in (its
 /// device was checked against x's at op entry).
@@ -193,17 +194,6 @@ impl Op for Conv2d {
         };
         grads.into_tensors(self.x.shape(), Some(self.w.shape()), self.has_bias.then_some(&[self.geom.o]))
     }
-}
-
-/// Whether a (N, C, H, W) layout is a channels-last view: its memory is (N, H, W, C) row-major, as the
-/// image view of (B, H W, C) tokens is.
-pub(crate) fn is_channels_last(layout: &Layout) -> bool {
-    layout.rank() == 4 && layout.permute(&[0, 2, 3, 1]).is_ok_and(|l| l.is_contiguous())
-}
-
-/// The (N, C, H, W) view of channels-last memory (N, H, W, C).
-fn channels_last_layout(n: usize, c: usize, h: usize, w: usize) -> Layout {
-    Layout::new(vec![n, c, h, w], vec![h * w * c, 1, w * c, c], 0)
 }
 
 /// A conv2d on the CPU, depthwise or with one group, whose input is a channels-last view: computed in that
