@@ -345,7 +345,7 @@ const NHWC_ROWS_PER_TASK: usize = 1024;
 
 /// Per channel, the sum over the rows of a (rows, C) block of f(row, c), in f64: partial sums per fixed task
 /// of rows, added in task order.
-fn column_sums<T: Float>(rows: usize, c: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+fn column_sums(rows: usize, c: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
     let partials: Vec<Vec<f64>> = (0..rows.div_ceil(NHWC_ROWS_PER_TASK))
         .into_par_iter()
         .map(|t| {
@@ -391,8 +391,8 @@ pub(super) fn batch_norm_nhwc(
             None => {
                 let n = rows.max(1) as f64;
                 let mean: Vec<f64> =
-                    column_sums::<T>(rows, c, |r, ch| x[r * c + ch].to_f64()).iter().map(|s| s / n).collect();
-                let var = column_sums::<T>(rows, c, |r, ch| (x[r * c + ch].to_f64() - mean[ch]).powi(2))
+                    column_sums(rows, c, |r, ch| x[r * c + ch].to_f64()).iter().map(|s| s / n).collect();
+                let var = column_sums(rows, c, |r, ch| (x[r * c + ch].to_f64() - mean[ch]).powi(2))
                     .iter()
                     .map(|s| s / n)
                     .collect();
@@ -456,8 +456,8 @@ pub(super) fn batch_norm_nhwc_backward(
         let need_sums = needs.w || needs.bias || (needs.x && stats == Stats::Batch);
         let (sg, sgx) = if need_sums {
             (
-                column_sums::<T>(rows, c, |r, ch| g[r * c + ch].to_f64()),
-                column_sums::<T>(rows, c, |r, ch| (g[r * c + ch] * (x[r * c + ch] - mean[ch]) * rstd[ch]).to_f64()),
+                column_sums(rows, c, |r, ch| g[r * c + ch].to_f64()),
+                column_sums(rows, c, |r, ch| (g[r * c + ch] * (x[r * c + ch] - mean[ch]) * rstd[ch]).to_f64()),
             )
         } else {
             (Vec::new(), Vec::new())
