@@ -19,7 +19,9 @@ pub mod pool {
     use std::sync::Mutex;
 
     /// Buffers smaller than this go back to the system allocator, which recycles small blocks well itself.
-    pub const MIN_BYTES: usize = 1 << 20;
+    /// From a few pages up it does not: glibc maps fresh zeroed pages for them or trims them away, so a
+    /// training step's activations and gradients (64 KiB to a few MiB for the small MLLA) are kept here.
+    pub const MIN_BYTES: usize = 1 << 16;
     /// The cache never holds more than this; beyond it freed buffers are released.
     pub const MAX_CACHED_BYTES: usize = 1 << 30;
 

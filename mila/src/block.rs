@@ -106,7 +106,9 @@ impl MilaBlock {
         let t = self.norm1.forward(&x)?;
         let gate = self.act_proj.forward(&t)?.silu()?;
         let t = self.in_proj.forward(&t)?;
-        let t = to_tokens(&self.dwc.forward(&to_image(&t, h, w)?)?.silu()?)?;
+        // SiLU on the tokens rather than on the image view (the same values): the CPU's depthwise conv
+        // answers a channels-last view, whose tokens are contiguous.
+        let t = to_tokens(&self.dwc.forward(&to_image(&t, h, w)?)?)?.silu()?;
         let t = self.attn.forward(&t)?;
         let x = x.add(&self.drop_path.forward(&self.out_proj.forward(&t.mul(&gate)?)?, rng)?)?;
         let x = x.add(&to_tokens(&self.cpe2.forward(&to_image(&x, h, w)?)?)?)?;

@@ -61,6 +61,20 @@ pub(crate) fn contiguous_slice<'a, T: Float>(op: &'static str, s: &'a CpuStorage
         .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))
 }
 
+/// The elements of a channels-last view: a (N, C, H, W) layout whose memory is (N, H, W, C) row-major.
+pub(crate) fn channels_last_slice<'a, T: Float>(
+    op: &'static str,
+    s: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    let v = T::slice(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: s.dtype() })?;
+    if !is_channels_last(layout) {
+        return Err(Error::invalid(op, "internal: kernel input is not channels-last", layout.shape()));
+    }
+    v.get(layout.offset()..layout.offset() + layout.numel())
+        .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))
+}
+
 /// The elements of any CPU view, gathered in row-major order (for small operands such as biases).
 pub(crate) fn gathered<T: Float>(op: &'static str, s: &CpuStorage, layout: &Layout) -> Result<Vec<T>> {
     let v = T::slice(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: s.dtype() })?;
@@ -68,6 +82,17 @@ pub(crate) fn gathered<T: Float>(op: &'static str, s: &CpuStorage, layout: &Layo
         return Err(Error::invalid(op, "internal: view exceeds its storage", layout.shape()));
     }
     Ok(CpuStorage::gather(v, layout))
+}
+
+/// Whether a (N, C, H, W) layout is a channels-last view: its memory is (N, H, W, C) row-major, as the
+/// image view of (B, H W, C) tokens is.
+pub(crate) fn is_channels_last(layout: &Layout) -> bool {
+    layout.rank() == 4 && layout.permute(&[0, 2, 3, 1]).is_ok_and(|l| l.is_contiguous())
+}
+
+/// The (N, C, H, W) view of channels-last memory (N, H, W, C).
+pub(crate) fn channels_last_layout(n: usize, c: usize, h: usize, w: usize) -> Layout {
+    Layout::new(vec![n, c, h, w], vec![h * w * c, 1, w * c, c], 0)
 }
 
 /// `t`, detached and in row-major order: what a fused kernel saves for its backward. Copies only when `t` is

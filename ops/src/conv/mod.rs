@@ -13,13 +13,17 @@
 //! | dL/dw | dw[o,c,i,j] = sum_{n,a,b} g[n,o,a,b] x[n, c0(o) + c, ih, iw] |
 //! | dL/dbias | db[o] = sum_{n,a,b} g[n,o,a,b] |
 //!
-//! Two CPU kernels. Depthwise (G = C = O, the MILA block's 3x3 convs): direct loops, one (n, c) plane per
-//! task. Everything else: per sample and group, im2col gathers the patches into cols (C/G kh kw, OH OW) so that
-//! y_q = W_q cols is one GEMM (W_q is (O/G, C/G kh kw)); backward is dW_q += G_q cols^T and
-//! dx = col2im(W_q^T G_q). A 1x1 conv with stride 1 and no padding uses x itself as cols. The CUDA path
-//! (cuda.rs, conv.cu) has the same split: tiled direct depthwise kernels (a fused backward), and for the rest
-//! an implicit-GEMM forward (im2col's patches gathered as the product needs them) and im2col + cuBLAS for the
-//! backward, the pointwise forward and TF32 mode.
+//! Two CPU kernels. Depthwise (G = C = O, the MILA block's 3x3 convs): direct loops over zero-padded (n, c)
+//! planes, several per task; when x is a channels-last view (memory (N, H, W, C), as the image view of the
+//! block's (B, H W, C) tokens), the loops run in that layout instead, vectorised along the channels with no
+//! transposing copy, and the output and dx are channels-last views too; so does a conv with one group, as one
+//! GEMM per block of samples of the channels-last patches (rows of kh kw C). Everything else: per sample and
+//! group, im2col gathers the patches into cols (C/G kh kw, OH OW) so that y_q = W_q cols is one GEMM (W_q is
+//! (O/G, C/G kh kw)); backward is dW_q += G_q cols^T and dx = col2im(W_q^T G_q). A 1x1 conv with stride 1
+//! and no padding uses x itself as cols. The CUDA path (cuda.rs, conv.cu) has the same split: tiled
+//! direct depthwise kernels (a fused backward), and for the rest an implicit-GEMM forward (im2col's patches
+//! gathered as the product needs them) and im2col + cuBLAS for the backward, the pointwise forward and TF32
+//! mode. CUDA kernels read contiguous NCHW.
 //!
 //! causal_conv1d: x (B, C, L), w (C, 1, k), bias (C); k - 1 zeros on the left, so the output keeps length L
 //! and y[t] sees x[t - k + 1 ..= t] only (PyTorch's Conv1d(C, C, k, groups=C, padding=k-1) cut to its first L
@@ -38,9 +42,12 @@ mod reference;
 
 pub use reference::conv2d_ref;
 
-use engine::{Error, Op, Result, Storage, Tensor};
+use engine::{Device, Error, Op, Result, Storage, Tensor};
 
-use crate::util::{check_vector, no_cuda, same_dtype_device, saved_contiguous, Needs};
+use crate::view::permute;
+
+pub(crate) use crate::util::is_channels_last;
+use crate::util::{channels_last_layout, check_vector, no_cuda, same_dtype_device, saved_contiguous, Needs};
 
 /// The storage and layout of an optional operand (a bias), on the device of the match arm it is used in (its
 /// device was checked against x's at op entry).
@@ -191,6 +198,55 @@ impl Op for Conv2d {
     }
 }
 
+/// A conv2d on the CPU, depthwise or with one group, whose input is a channels-last view: computed in that
+/// layout (depthwise vectorised along the channels, dense as one GEMM per block of samples, the patches
+/// rows of kh kw C), the output a channels-last view too, with no transposing copy.
+struct ConvChannelsLast {
+    x: Tensor,
+    w: Tensor,
+    has_bias: bool,
+    geom: Conv2dGeom,
+    needs: Needs,
+}
+
+impl Op for ConvChannelsLast {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        // The gradient usually arrives channels-last (through the tokens view); otherwise it is put so.
+        let gd = &self.geom;
+        let g = if is_channels_last(g.layout()) {
+            g.clone()
+        } else {
+            permute(g, &[0, 2, 3, 1])?.contiguous()?.with_layout(channels_last_layout(gd.n, gd.o, gd.oh, gd.ow))
+        };
+        let grads = match (&*self.x.storage(), &*self.w.storage(), &*g.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(gs)) => cpu::conv2d_nhwc_backward(
+                (x, self.x.layout()),
+                (w, self.w.layout()),
+                (gs, g.layout()),
+                &self.geom,
+                self.needs,
+            )?,
+            (s, _, _) => return Err(no_cuda("conv2d_backward", s)),
+        };
+        let dx = grads
+            .x
+            .map(|s| {
+                let t = Tensor::from_storage(s, &[gd.n, gd.h, gd.w, gd.c])?;
+                Ok::<_, engine::Error>(t.with_layout(channels_last_layout(gd.n, gd.c, gd.h, gd.w)))
+            })
+            .transpose()?;
+        let w = grads.w.map(|s| Tensor::from_storage(s, self.w.shape())).transpose()?;
+        let mut out = vec![dx, w];
+        if self.has_bias {
+            out.push(grads.bias.map(|s| Tensor::from_storage(s, &[gd.o])).transpose()?);
+        }
+        Ok(out)
+    }
+}
+
 /// 2-D convolution (cross-correlation, as PyTorch): x (N, C, H, W), weight (O, C/groups, kh, kw), optional
 /// bias (O); stride, padding (zeros on both sides) and dilation as (height, width). Returns (N, O, OH, OW).
 pub fn conv2d(
@@ -203,6 +259,9 @@ pub fn conv2d(
     groups: usize,
 ) -> Result<Tensor> {
     let geom = conv2d_geom(x, weight, bias, stride, padding, dilation, groups)?;
+    if (geom.is_depthwise() || geom.groups == 1) && x.device() == Device::Cpu && is_channels_last(x.layout()) {
+        return conv2d_channels_last(x, weight, bias, geom);
+    }
     let (xc, wc) = (saved_contiguous(x)?, saved_contiguous(weight)?);
     let bias_storage = bias.map(|b| b.storage());
     let storage = match (&*xc.storage(), &*wc.storage()) {
@@ -222,6 +281,28 @@ pub fn conv2d(
     let needs = Needs::of(x, Some(weight), bias);
     Ok(Tensor::from_op(storage, &geom.out_shape(), &inputs, || Conv2d {
         x: xc.clone(),
+        w: wc.clone(),
+        has_bias: bias.is_some(),
+        geom,
+        needs,
+    }))
+}
+
+/// The CPU conv2d of a channels-last input, depthwise or with one group (see [`ConvChannelsLast`]).
+fn conv2d_channels_last(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, geom: Conv2dGeom) -> Result<Tensor> {
+    let (xd, wc) = (x.detach(), saved_contiguous(weight)?);
+    let storage = {
+        let (xs, ws) = (xd.storage(), wc.storage());
+        let bias_storage = bias.map(|b| b.storage());
+        let b = operand(bias, bias_storage.as_deref(), |s| s.as_cpu("conv2d"))?;
+        cpu::conv2d_nhwc((xs.as_cpu("conv2d")?, xd.layout()), (ws.as_cpu("conv2d")?, wc.layout()), b, &geom)?
+    };
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    let needs = Needs::of(x, Some(weight), bias);
+    let layout = channels_last_layout(geom.n, geom.o, geom.oh, geom.ow);
+    Ok(Tensor::from_op_with_layout(Storage::Cpu(storage), layout, &inputs, || ConvChannelsLast {
+        x: xd.clone(),
         w: wc.clone(),
         has_bias: bias.is_some(),
         geom,

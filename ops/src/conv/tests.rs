@@ -82,6 +82,37 @@ fn configs() -> Vec<Cfg> {
             ..BASE
         },
         Cfg { name: "1x1 stride 2", o: 2, k: (1, 1), stride: (2, 2), ..BASE },
+        Cfg {
+            name: "dense stride 2 dilated channels-last",
+            x: [2, 3, 9, 8],
+            o: 4,
+            stride: (2, 1),
+            padding: (1, 2),
+            dilation: (1, 2),
+            permuted: true,
+            ..BASE
+        },
+        Cfg { name: "one-channel image channels-last", x: [2, 1, 6, 5], o: 3, stride: (2, 2), padding: (1, 1), ..BASE },
+        Cfg {
+            name: "depthwise 3x3 channels-last",
+            x: [2, 4, 5, 6],
+            o: 4,
+            padding: (1, 1),
+            groups: 4,
+            permuted: true,
+            ..BASE
+        },
+        Cfg {
+            name: "depthwise stride 2 channels-last, no bias",
+            x: [2, 4, 7, 6],
+            o: 4,
+            stride: (2, 2),
+            padding: (1, 1),
+            groups: 4,
+            bias: false,
+            permuted: true,
+            ..BASE
+        },
     ]
 }
 
@@ -231,6 +262,57 @@ fn conv2d_gradients_match_finite_differences() {
         let r = gradcheck(cfg.name, &cfg.inputs(DType::F64, 1000 + k as u64), |t| cfg.run(t)).unwrap();
         assert!(r.passed(), "{r}");
         assert!(r.max_abs_grad > 0.1, "{r}");
+    }
+}
+
+/// A depthwise conv of a channels-last view (the MILA block's tokens seen as an image) runs in that layout and
+/// answers in it; its values are those of the NCHW kernel on a contiguous copy, bit for bit for the output and
+/// dx (the same terms added in the same order), and to rounding for the weight and bias gradients.
+#[test]
+fn depthwise_channels_last_matches_the_contiguous_kernel() {
+    for dtype in [DType::F32, DType::F64] {
+        for (k, cfg) in configs().into_iter().filter(|c| c.permuted && c.groups == c.x[1]).enumerate() {
+            let t: Vec<Tensor> =
+                cfg.inputs(dtype, 50 + k as u64).into_iter().map(|v| v.requires_grad_(true).unwrap()).collect();
+            let x_cl = cfg.x_view(&t[0]).unwrap();
+            assert!(is_channels_last(x_cl.layout()), "{}", cfg.name);
+            let x_nchw = x_cl.detach().contiguous().unwrap().requires_grad_(true).unwrap();
+            let run = |x: &Tensor| conv2d(x, &t[1], t.get(2), cfg.stride, cfg.padding, cfg.dilation, cfg.groups);
+            let (y_cl, y) = (run(&x_cl).unwrap(), run(&x_nchw).unwrap());
+            assert!(is_channels_last(y_cl.layout()), "{}: the output stays channels-last", cfg.name);
+            assert_eq!(y_cl.to_vec_f64().unwrap(), y.to_vec_f64().unwrap(), "{} {dtype}", cfg.name);
+            // The gradient reaches the op channels-last (through a view of channels-last memory) or as a
+            // contiguous NCHW tensor: both give dx in the channels-last layout.
+            let [n, _, oh, ow] = cfg.geom().out_shape();
+            let gy_nhwc = randn_as(&[n, oh, ow, cfg.o], dtype, 9 + k as u64);
+            let gy_view = permute(&gy_nhwc, &[0, 3, 1, 2]).unwrap();
+            for gy in [gy_view.clone(), gy_view.contiguous().unwrap()] {
+                for v in t.iter().chain([&x_nchw]) {
+                    v.zero_grad();
+                }
+                y_cl.backward_retain(&gy).unwrap();
+                let (gx_cl, gw_cl) = (t[0].grad().unwrap(), t[1].grad().unwrap());
+                assert!(gx_cl.is_contiguous(), "{}: dx of the stored NHWC input is contiguous", cfg.name);
+                let gb_cl = t.get(2).map(|b| b.grad().unwrap().to_vec_f64().unwrap());
+                for v in &t {
+                    v.zero_grad();
+                }
+                y.backward_retain(&gy).unwrap();
+                let gx = permute(&x_nchw.grad().unwrap(), &[0, 2, 3, 1]).unwrap();
+                assert_eq!(gx_cl.to_vec_f64().unwrap(), gx.to_vec_f64().unwrap(), "{} {dtype} dx", cfg.name);
+                let what = format!("{} {dtype} dw", cfg.name);
+                assert_close(
+                    &gw_cl.to_vec_f64().unwrap(),
+                    &t[1].grad().unwrap().to_vec_f64().unwrap(),
+                    tol(dtype),
+                    &what,
+                );
+                if let Some(gb_cl) = gb_cl {
+                    let gb = t[2].grad().unwrap().to_vec_f64().unwrap();
+                    assert_close(&gb_cl, &gb, tol(dtype), &format!("{} {dtype} db", cfg.name));
+                }
+            }
+        }
     }
 }
 

@@ -40,10 +40,11 @@ mod cpu;
 pub(crate) mod cuda;
 pub(crate) mod zip;
 
-use engine::{broadcast_shape, Error, Op, Result, Storage, Tensor};
+use engine::{broadcast_shape, Device, Error, Op, Result, Storage, Tensor};
 
 use crate::reduce::sum_to_shape;
 use crate::util::{no_cuda, same_dtype_device};
+use crate::view::permute;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Unary {
@@ -167,8 +168,32 @@ impl Op for UnaryBackward {
     }
 }
 
+/// For a CPU tensor that is a permutation of contiguous memory (a channels-last image, a transposed matrix)
+/// but not contiguous itself: the permutation that makes it contiguous, and its inverse. Elementwise ops
+/// compute such a tensor in memory order and answer the same permutation of their output, as PyTorch keeps
+/// a tensor's memory format, so that the next op sees the layout it gave (no strided walk, no copy).
+fn memory_order(x: &Tensor) -> Option<(Vec<usize>, Vec<usize>)> {
+    if x.device() != Device::Cpu || x.is_contiguous() {
+        return None;
+    }
+    // Dims by decreasing stride (size-1 dims last: their stride means nothing).
+    let mut perm: Vec<usize> = (0..x.rank()).collect();
+    perm.sort_by_key(|&d| (x.shape()[d] == 1, std::cmp::Reverse(x.strides()[d])));
+    if !x.layout().permute(&perm).ok()?.is_contiguous() {
+        return None;
+    }
+    let mut inverse = vec![0; perm.len()];
+    for (i, &d) in perm.iter().enumerate() {
+        inverse[d] = i;
+    }
+    Some((perm, inverse))
+}
+
 /// Applies a unary op.
 pub fn unary(op: Unary, x: &Tensor) -> Result<Tensor> {
+    if let Some((perm, inverse)) = memory_order(x) {
+        return permute(&unary(op, &permute(x, &perm)?)?, &inverse);
+    }
     let storage = match &*x.storage() {
         Storage::Cpu(s) => Storage::Cpu(cpu::unary(op, s, x.layout())),
         Storage::Cuda(s) => Storage::Cuda(cuda::unary(op, s, x.layout())?),
@@ -217,6 +242,12 @@ impl Op for BinaryBackward {
 /// Applies a binary op with NumPy broadcasting.
 pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     same_dtype_device(op.name(), a, b)?;
+    // Two operands of one permuted-contiguous layout (see `memory_order`): in memory order, kept so.
+    if a.shape() == b.shape() && a.strides() == b.strides() {
+        if let Some((perm, inverse)) = memory_order(a) {
+            return permute(&binary(op, &permute(a, &perm)?, &permute(b, &perm)?)?, &inverse);
+        }
+    }
     let shape = broadcast_shape(op.name(), a.shape(), b.shape())?;
     let la = a.layout().broadcast_as(&shape)?;
     let lb = b.layout().broadcast_as(&shape)?;

@@ -207,3 +207,73 @@ fn cuda_kernel_form_for_the_layouts_ops_build() {
     assert_eq!(form(&flat, &randn(&[4000], 10), 4), Path::Strided);
     assert_eq!(form(&flat, &randn(&[4000], 10), 8), Path::Strided);
 }
+
+/// A permuted view of contiguous memory (a channels-last image) keeps its layout through unary ops and
+/// binary ops between two such views: same values as on a contiguous copy, output in the input's memory
+/// order, and gradients through it that match the contiguous computation exactly.
+#[test]
+fn permuted_contiguous_inputs_keep_their_memory_order() {
+    let leaf = randn(&[2, 3, 4, 5], 71).requires_grad_(true).unwrap(); // (N, H, W, C) memory
+    let cl = permute(&leaf, &[0, 3, 1, 2]).unwrap(); // (N, C, H, W)
+    let other = permute(&randn(&[2, 3, 4, 5], 72), &[0, 3, 1, 2]).unwrap();
+    let plain = cl.detach().contiguous().unwrap().requires_grad_(true).unwrap();
+    for op in [Unary::Relu, Unary::Silu, Unary::Gelu, Unary::Exp] {
+        let (y, want) = (unary(op, &cl).unwrap(), unary(op, &plain).unwrap());
+        assert_eq!(y.strides(), cl.strides(), "{}", op.name());
+        assert_eq!(y.to_vec_f64().unwrap(), want.to_vec_f64().unwrap(), "{}", op.name());
+    }
+    for op in [Binary::Add, Binary::Mul, Binary::Div] {
+        let (y, want) = (binary(op, &cl, &other).unwrap(), binary(op, &plain, &other.contiguous().unwrap()).unwrap());
+        assert_eq!(y.strides(), cl.strides(), "{}", op.name());
+        assert_eq!(y.to_vec_f64().unwrap(), want.to_vec_f64().unwrap(), "{}", op.name());
+    }
+    // Gradients: the same chain on the view and on the copy.
+    let chain = |x: &Tensor| binary(Binary::Mul, &unary(Unary::Silu, x)?, x);
+    let g = randn(&[2, 5, 3, 4], 73);
+    chain(&cl).unwrap().backward_with(&g).unwrap();
+    chain(&plain).unwrap().backward_with(&g).unwrap();
+    let got = permute(&leaf.grad().unwrap(), &[0, 3, 1, 2]).unwrap().to_vec_f64().unwrap();
+    assert_eq!(got, plain.grad().unwrap().to_vec_f64().unwrap());
+    // A transposed matrix is permuted-contiguous too; a slice is not, and stays on the strided path.
+    let m = crate::view::t(&randn(&[6, 4], 74)).unwrap();
+    assert_eq!(unary(Unary::Neg, &m).unwrap().strides(), m.strides());
+    let s = narrow(&randn(&[6, 4], 75), 1, 1, 2).unwrap();
+    assert!(unary(Unary::Neg, &s).unwrap().is_contiguous());
+}
+
+/// The f32 erf behind GELU against libm: over a dense grid of [-5, 5], every power of two and the special
+/// values, it is the f32 nearest libm's f64 erf, but where that lies within 1e-12 of the midpoint between two
+/// f32s (a handful of ties, one step apart); and within one step of libm's erff.
+#[test]
+fn f32_erf_is_the_rounded_f64_erf() {
+    use engine::Float;
+    let mut ties = 0;
+    let mut check = |x: f32| {
+        let got = super::cpu::erf_f32(x);
+        let exact = <f64 as Float>::erf(x as f64);
+        let want = exact as f32;
+        if got.to_bits() != want.to_bits() {
+            let mid = (got as f64 + want as f64) / 2.0;
+            let one_step = (got.to_bits() as i64 - want.to_bits() as i64).abs() == 1;
+            assert!(one_step && (exact - mid).abs() <= 1e-12 * exact.abs(), "erf({x:e}): {got:e} vs {want:e}");
+            ties += 1;
+        }
+        let libm = <f32 as Float>::erf(x);
+        assert!((got - libm).abs() <= f32::EPSILON * libm.abs().max(f32::MIN_POSITIVE), "erf({x:e}) vs erff {libm:e}");
+    };
+    let n = 4_000_000;
+    for i in 0..=n {
+        check(-5.0 + 10.0 * i as f32 / n as f32);
+    }
+    for e in -149..3 {
+        let p = 2f32.powi(e);
+        for x in [p, -p, p * 1.5, -p * 1.5] {
+            check(x);
+        }
+    }
+    for x in [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 10.0, -10.0, 3.9, 4.0, 4.5] {
+        check(x);
+    }
+    assert!(ties <= 100, "{ties} near-ties of 4 million");
+    assert!(super::cpu::erf_f32(f32::NAN).is_nan());
+}

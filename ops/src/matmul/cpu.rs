@@ -64,9 +64,56 @@ unsafe fn gemm_one<T: Float>(
     )
 }
 
+/// When B is the same matrix for every batch (stride 0 on all batch dims) and A's batch dims run on from its
+/// rows with one stride, the batched product is one (batches m, k) @ (k, n) product: the row stride of A,
+/// C's row-major layout and B are the same either way. Returns A's row stride then; None otherwise.
+fn folded_rows(la: &Layout, lb: &Layout, plan: &Plan) -> Option<isize> {
+    let r = plan.batch.len();
+    if r == 0 || lb.strides()[..r].iter().zip(&plan.batch).any(|(&s, &d)| s != 0 && d != 1) {
+        return None;
+    }
+    let (a_rs, _) = matrix_strides(la);
+    // Walking the batch dims inwards, each must step by the size of everything inside it.
+    let mut inner = plan.m * a_rs as usize;
+    for (&d, &s) in plan.batch.iter().zip(&la.strides()[..r]).rev() {
+        if d != 1 && s != inner {
+            return None;
+        }
+        inner *= d;
+    }
+    Some(a_rs)
+}
+
 fn matmul_typed<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout, plan: &Plan) -> Result<Vec<T>> {
     let (m, k, n) = (plan.m, plan.k, plan.n);
     let batches: usize = plan.batch.iter().product();
+    if batches > 1 && k > 0 && m > 0 && n > 0 {
+        if let Some(a_rs) = folded_rows(la, lb, plan) {
+            // One tall product instead of `batches` small ones (a Linear layer on (B, N, C) tokens).
+            if la.storage_span().end > a.len() || lb.storage_span().end > b.len() {
+                return Err(Error::invalid("matmul", "operand view exceeds its storage", la.shape()));
+            }
+            let folded = Plan { batch: Vec::new(), m: batches * m, k, n };
+            let mut c = engine::cpu_buffer(batches * m * n);
+            let par = if batches * m * n * k >= PARALLEL_MIN { Parallelism::Rayon(0) } else { Parallelism::None };
+            // SAFETY: A's rows (batches m of them, stride a_rs) and columns are the elements of `la`, whose span
+            // was checked; B is its first batch matrix, inside `lb`'s span; c holds batches m n elements.
+            unsafe {
+                gemm_one(
+                    &folded,
+                    &mut c,
+                    a,
+                    la.offset(),
+                    (a_rs, matrix_strides(la).1),
+                    b,
+                    lb.offset(),
+                    matrix_strides(lb),
+                    par,
+                )
+            };
+            return Ok(c);
+        }
+    }
     // gemm overwrites every element without reading it (read_dst false), so a reused buffer is fine; with
     // k = 0 every entry is an empty sum and the zeros are the answer.
     let mut c = if k == 0 { vec![T::ZERO; batches * m * n] } else { engine::cpu_buffer(batches * m * n) };

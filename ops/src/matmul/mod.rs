@@ -20,7 +20,7 @@ mod reference;
 
 pub use reference::matmul_ref;
 
-use engine::{Error, Layout, Op, Result, Storage, Tensor};
+use engine::{Device, Error, Layout, Op, Result, Storage, Tensor};
 
 use crate::reduce::sum_to_shape;
 use crate::util::same_dtype_device;
@@ -87,6 +87,15 @@ impl Op for Matmul {
             None => None,
         };
         let db = match &self.a {
+            Some(a) if self.b_shape.len() == 2 && a.rank() > 2 && a.device() == Device::Cpu => {
+                // B was shared by every batch (a Linear layer's weight): the sum over the batch of A_i^T g_i is
+                // one product of the stacked rows, A^T g with A (batches m, k) and g (batches m, n), instead of
+                // a (..c, k, n) stack of products summed afterwards.
+                let (k, n) = (a.dim(-1)?, g.dim(-1)?);
+                let rows = a.shape()[..a.rank() - 1].iter().product();
+                let (a2, g2) = (reshape_usize(a, &[rows, k])?, reshape_usize(g, &[rows, n])?);
+                Some(matmul_nd(&t(&a2)?, &g2)?)
+            }
             Some(a) => Some(sum_to_shape(&matmul_nd(&t(a)?, g)?, &self.b_shape)?), // (..c, k, n)
             None => None,
         };

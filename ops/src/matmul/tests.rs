@@ -34,6 +34,17 @@ fn matches_reference_for_plain_transposed_and_broadcast_batches() {
     let c = matmul(&a, &b).unwrap();
     assert_eq!(c.shape(), &[2, 5, 4, 6]);
     assert_close(&c, &matmul_ref(&a, &b).unwrap(), F64_TOL);
+    // A matrix shared by every batch: folded into one product when the batch runs on from the rows of a
+    // (contiguous, or batch of one), not when it does not (permuted batch dims, a row slice).
+    let w = t(&randn(&[6, 4], 9)).unwrap();
+    for a in [
+        randn(&[3, 2, 5, 4], 10),
+        randn(&[1, 5, 4], 11),
+        permute(&randn(&[2, 3, 5, 4], 12), &[1, 0, 2, 3]).unwrap(),
+        narrow(&randn(&[3, 7, 4], 13), 1, 1, 5).unwrap(),
+    ] {
+        assert_close(&matmul(&a, &w).unwrap(), &matmul_ref(&a, &w).unwrap(), F64_TOL);
+    }
     // Batch dims permuted into place, matrices transposed.
     let a = permute(&randn(&[3, 4, 2], 7), &[2, 1, 0]).unwrap(); // (2, 4, 3)
     let b = permute(&randn(&[5, 2, 3], 8), &[1, 2, 0]).unwrap(); // (2, 3, 5)
@@ -81,9 +92,12 @@ fn threaded_paths_match_reference() {
     let a = randn(&[70, 90], 10);
     let b = t(&randn(&[80, 90], 11)).unwrap();
     assert_close(&matmul(&a, &b).unwrap(), &matmul_ref(&a, &b).unwrap(), F64_TOL);
-    // Many small products, one per thread, with the right operand broadcast over the batch.
+    // The right operand broadcast over the batch: one tall product, split over threads.
     let a = randn(&[600, 8, 8], 12);
     let b = randn(&[8, 8], 13);
+    assert_close(&matmul(&a, &b).unwrap(), &matmul_ref(&a, &b).unwrap(), F64_TOL);
+    // Many small products, one per thread, with the left operand broadcast over the batch.
+    let (a, b) = (randn(&[8, 8], 12), randn(&[600, 8, 8], 13));
     assert_close(&matmul(&a, &b).unwrap(), &matmul_ref(&a, &b).unwrap(), F64_TOL);
 }
 
@@ -149,6 +163,18 @@ fn matmul_gradients_match_finite_differences() {
             "left operand shared over the batch",
             vec![randn(&[3, 4], 44), randn(&[2, 4, 2], 45)],
             ("bmm", Box::new(|x| matmul(&x[0], &x[1]))),
+        ),
+        (
+            // A Linear layer: the batch folds into the rows, forward and backward.
+            "right operand shared over the batch",
+            vec![randn(&[2, 3, 4], 56), randn(&[5, 4], 57)],
+            ("bmm", Box::new(|x| matmul(&x[0], &t(&x[1])?))),
+        ),
+        (
+            // Batch dims that do not run on from the rows: no fold.
+            "right operand shared, left permuted",
+            vec![randn(&[3, 2, 2, 4], 58), randn(&[4, 5], 59)],
+            ("bmm", Box::new(|x| matmul(&permute(&x[0], &[1, 0, 2, 3])?, &x[1]))),
         ),
         (
             "permuted and sliced",

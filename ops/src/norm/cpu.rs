@@ -5,7 +5,7 @@ use engine::{CpuStorage, Error, Float, Layout, Result, Storage};
 use rayon::prelude::*;
 
 use super::Stats;
-use crate::util::{contiguous_slice, gathered, with_dtype, Grads, Needs, Operand};
+use crate::util::{channels_last_slice, contiguous_slice, gathered, with_dtype, Grads, Needs, Operand};
 
 /// Fewest elements one parallel task gets: below this, splitting costs more than it saves.
 const TASK_MIN: usize = 1 << 12;
@@ -39,7 +39,7 @@ pub(super) fn layer_norm(
     eps: f64,
 ) -> Result<(Storage, Storage, Storage)> {
     fn run<T: Float>(x: &[T], d: usize, w: Option<Vec<T>>, b: Option<Vec<T>>, eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let mut y = vec![T::ZERO; x.len()];
+        let mut y = engine::cpu_buffer(x.len()); // every row is written
         let mut stats = vec![(T::ZERO, T::ZERO); x.len() / d];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(stats.par_iter_mut()).with_min_len(TASK_MIN.div_ceil(d)).for_each(
             |((yr, xr), st)| {
@@ -91,7 +91,8 @@ pub(super) fn layer_norm_backward(
         let rows = mean.len();
         let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(TASK_MIN.div_ceil(d)).max(1);
         let chunks = rows.div_ceil(chunk);
-        let mut dx = vec![T::ZERO; if needs.x { x.len() } else { 0 }];
+        // Every row of dx is written.
+        let mut dx = engine::cpu_buffer(if needs.x { x.len() } else { 0 });
         // One dx slice per chunk of rows, or none when x needs no gradient.
         let dx_chunks: Vec<Option<&mut [T]>> =
             if needs.x { dx.chunks_mut(chunk * d).map(Some).collect() } else { (0..chunks).map(|_| None).collect() };
@@ -199,7 +200,7 @@ pub(super) fn batch_norm(
             (0..c).map(|ch| T::from_f64(rstd[ch] * w.as_ref().map_or(1.0, |w| w[ch].to_f64()))).collect();
         let shift: Vec<T> = (0..c).map(|ch| b.as_ref().map_or(T::ZERO, |b| b[ch])).collect();
         let mean_t: Vec<T> = mean.iter().map(|&m| T::from_f64(m)).collect();
-        let mut y = vec![T::ZERO; x.len()];
+        let mut y = engine::cpu_buffer(x.len()); // every plane is written
         if hw > 0 {
             y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().with_min_len(TASK_MIN.div_ceil(hw)).for_each(
                 |(nc, (yp, xp))| {
@@ -269,7 +270,7 @@ pub(super) fn batch_norm_backward(
         };
         // Pass 2, per (sample, channel) plane: dx = rstd w (g - [mean(g) + xhat mean(g xhat)] in training).
         let dx = needs.x.then(|| {
-            let mut dx = vec![T::ZERO; x.len()];
+            let mut dx = engine::cpu_buffer(x.len()); // every plane is written
             let m = (n * hw) as f64;
             if hw > 0 {
                 dx.par_chunks_mut(hw).enumerate().with_min_len(TASK_MIN.div_ceil(hw)).for_each(|(nc, dxp)| {
@@ -335,5 +336,182 @@ pub(super) fn blend_into(
             r[off] = T::from_f64((1.0 - momentum) * r[off].to_f64() + momentum * scale * s.to_f64());
         }
         Ok(())
+    })
+}
+
+/// Rows (pixels) per task of the channels-last batch norm: fixed, so that the f64 partial sums, and so the
+/// statistics, do not depend on the thread count.
+const NHWC_ROWS_PER_TASK: usize = 1024;
+
+/// Per channel, the sum over the rows of a (rows, C) block of f(row, c), in f64: partial sums per fixed task
+/// of rows, added in task order.
+fn column_sums(rows: usize, c: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+    let partials: Vec<Vec<f64>> = (0..rows.div_ceil(NHWC_ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|t| {
+            let mut acc = vec![0.0; c];
+            for r in t * NHWC_ROWS_PER_TASK..((t + 1) * NHWC_ROWS_PER_TASK).min(rows) {
+                for (ch, a) in acc.iter_mut().enumerate() {
+                    *a += f(r, ch);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0; c];
+    for p in &partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+/// `batch_norm` for a channels-last x (memory (N, H, W, C)): the same statistics and formulas over the rows
+/// of a (N H W, C) block; y comes out channels-last.
+pub(super) fn batch_norm_nhwc(
+    x: Operand,
+    w: Option<Operand>,
+    b: Option<Operand>,
+    fixed: Option<(Operand, Operand)>,
+    eps: f64,
+) -> Result<BatchNormOut> {
+    #[allow(clippy::type_complexity)]
+    fn run<T: Float>(
+        x: &[T],
+        c: usize,
+        w: Option<Vec<T>>,
+        b: Option<Vec<T>>,
+        fixed: Option<(Vec<T>, Vec<T>)>,
+        eps: f64,
+    ) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>) {
+        let rows = x.len() / c.max(1);
+        let (mean, var): (Vec<f64>, Vec<f64>) = match fixed {
+            Some((m, v)) => (m.iter().map(|v| v.to_f64()).collect(), v.iter().map(|v| v.to_f64()).collect()),
+            None => {
+                let n = rows.max(1) as f64;
+                let mean: Vec<f64> =
+                    column_sums(rows, c, |r, ch| x[r * c + ch].to_f64()).iter().map(|s| s / n).collect();
+                let var = column_sums(rows, c, |r, ch| (x[r * c + ch].to_f64() - mean[ch]).powi(2))
+                    .iter()
+                    .map(|s| s / n)
+                    .collect();
+                (mean, var)
+            }
+        };
+        let rstd: Vec<f64> = var.iter().map(|&v| rstd(v, eps)).collect();
+        let scale: Vec<T> =
+            (0..c).map(|ch| T::from_f64(rstd[ch] * w.as_ref().map_or(1.0, |w| w[ch].to_f64()))).collect();
+        let shift: Vec<T> = (0..c).map(|ch| b.as_ref().map_or(T::ZERO, |b| b[ch])).collect();
+        let mean_t: Vec<T> = mean.iter().map(|&m| T::from_f64(m)).collect();
+        let mut y = engine::cpu_buffer(x.len()); // every row is written
+        if c > 0 {
+            y.par_chunks_mut(c * NHWC_ROWS_PER_TASK).zip(x.par_chunks(c * NHWC_ROWS_PER_TASK)).for_each(|(ys, xs)| {
+                for (yr, xr) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                    for ((((yv, &xv), &m), &s), &sh) in yr.iter_mut().zip(xr).zip(&mean_t).zip(&scale).zip(&shift) {
+                        *yv = (xv - m) * s + sh;
+                    }
+                }
+            });
+        }
+        let t = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
+        (y, mean_t, t(var), t(rstd))
+    }
+    const OP: &str = "batch_norm2d";
+    let c = x.1.shape()[1];
+    with_dtype!(x.0.dtype(), |T| {
+        let fixed = match fixed {
+            Some((m, v)) => Some((gathered::<T>(OP, m.0, m.1)?, gathered::<T>(OP, v.0, v.1)?)),
+            None => None,
+        };
+        let (y, mean, var, rstd) =
+            run::<T>(channels_last_slice(OP, x.0, x.1)?, c, vector(OP, w)?, vector(OP, b)?, fixed, eps);
+        let s = |v: Vec<T>| Storage::Cpu(T::into_storage(v));
+        Ok(BatchNormOut { y: s(y), mean: s(mean), var: s(var), rstd: s(rstd) })
+    })
+}
+
+/// `batch_norm_backward` for channels-last x and g; dx comes out channels-last.
+pub(super) fn batch_norm_nhwc_backward(
+    x: Operand,
+    w: Option<Operand>,
+    mean: Operand,
+    rstd: Operand,
+    g: Operand,
+    stats: Stats,
+    needs: Needs,
+) -> Result<Grads<Storage>> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Float>(
+        x: &[T],
+        c: usize,
+        w: Option<Vec<T>>,
+        mean: &[T],
+        rstd: &[T],
+        g: &[T],
+        stats: Stats,
+        needs: Needs,
+    ) -> Grads<Vec<T>> {
+        let rows = x.len() / c.max(1);
+        let need_sums = needs.w || needs.bias || (needs.x && stats == Stats::Batch);
+        let (sg, sgx) = if need_sums {
+            (
+                column_sums(rows, c, |r, ch| g[r * c + ch].to_f64()),
+                column_sums(rows, c, |r, ch| (g[r * c + ch] * (x[r * c + ch] - mean[ch]) * rstd[ch]).to_f64()),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let dx = needs.x.then(|| {
+            let mut dx = engine::cpu_buffer(x.len()); // every row is written
+            let m = rows as f64;
+            let k: Vec<T> = (0..c).map(|ch| rstd[ch] * w.as_ref().map_or(T::ONE, |w| w[ch])).collect();
+            let (a, b): (Vec<T>, Vec<T>) = match stats {
+                Stats::Batch => (0..c).map(|ch| (T::from_f64(sg[ch] / m), T::from_f64(sgx[ch] / m))).unzip(),
+                Stats::Running => (Vec::new(), Vec::new()),
+            };
+            if c > 0 {
+                let block = c * NHWC_ROWS_PER_TASK;
+                dx.par_chunks_mut(block).enumerate().for_each(|(t, ds)| {
+                    for (i, dr) in ds.chunks_exact_mut(c).enumerate() {
+                        let r = t * NHWC_ROWS_PER_TASK + i;
+                        let (xr, gr) = (&x[r * c..][..c], &g[r * c..][..c]);
+                        match stats {
+                            Stats::Batch => {
+                                for ch in 0..c {
+                                    dr[ch] = k[ch] * (gr[ch] - a[ch] - (xr[ch] - mean[ch]) * rstd[ch] * b[ch]);
+                                }
+                            }
+                            Stats::Running => {
+                                for ch in 0..c {
+                                    dr[ch] = k[ch] * gr[ch];
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+            dx
+        });
+        Grads {
+            x: dx,
+            w: needs.w.then(|| sgx.iter().map(|&s| T::from_f64(s)).collect()),
+            bias: needs.bias.then(|| sg.iter().map(|&s| T::from_f64(s)).collect()),
+        }
+    }
+    const OP: &str = "batch_norm2d_backward";
+    let c = x.1.shape()[1];
+    with_dtype!(x.0.dtype(), |T| {
+        let grads = run::<T>(
+            channels_last_slice(OP, x.0, x.1)?,
+            c,
+            vector(OP, w)?,
+            contiguous_slice(OP, mean.0, mean.1)?,
+            contiguous_slice(OP, rstd.0, rstd.1)?,
+            channels_last_slice(OP, g.0, g.1)?,
+            stats,
+            needs,
+        );
+        Ok(grads.into_storage())
     })
 }

@@ -30,9 +30,10 @@ mod cpu;
 pub(crate) mod cuda;
 
 use engine::cuda::CudaStorage;
-use engine::{Error, Layout, Op, Result, Storage, Tensor};
+use engine::{Device, Error, Layout, Op, Result, Storage, Tensor};
 
-use crate::util::{check_vector, no_cuda, saved_contiguous, Needs, Operand};
+use crate::util::{channels_last_layout, check_vector, is_channels_last, no_cuda, saved_contiguous, Needs, Operand};
+use crate::view::permute;
 
 /// Where the statistics of a batch norm come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +153,8 @@ struct BatchNorm2d {
     rstd: Tensor,
     stats: Stats,
     has_bias: bool,
+    /// x was channels-last on the CPU and was kept so: g is read, and dx written, channels-last.
+    channels_last: bool,
     needs: Needs,
 }
 
@@ -160,6 +163,12 @@ impl Op for BatchNorm2d {
         "batch_norm2d"
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let &[n, c, h, w] = self.x.shape() else {
+            return Err(Error::invalid("batch_norm2d_backward", "expected x (N, C, H, W)", self.x.shape()));
+        };
+        if self.channels_last {
+            return self.backward_channels_last(g, (n, c, h, w));
+        }
         let g = g.contiguous()?;
         let w_storage = self.w.as_ref().map(|w| w.storage());
         let grads = match (&*self.x.storage(), &*self.mean.storage(), &*self.rstd.storage(), &*g.storage()) {
@@ -191,6 +200,49 @@ impl Op for BatchNorm2d {
         };
         let c = &self.x.shape()[1..2];
         grads.into_tensors(self.x.shape(), self.w.as_ref().map(|_| c), self.has_bias.then_some(c))
+    }
+}
+
+impl BatchNorm2d {
+    /// The backward of a channels-last forward (CPU): g made channels-last if it is not, dx channels-last.
+    fn backward_channels_last(
+        &self,
+        g: &Tensor,
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> Result<Vec<Option<Tensor>>> {
+        const OP: &str = "batch_norm2d_backward";
+        let layout = channels_last_layout(n, c, h, w);
+        let g = if is_channels_last(g.layout()) {
+            g.clone()
+        } else {
+            permute(g, &[0, 2, 3, 1])?.contiguous()?.with_layout(layout.clone())
+        };
+        let w_storage = self.w.as_ref().map(|w| w.storage());
+        let grads = match (&*self.x.storage(), &*self.mean.storage(), &*self.rstd.storage(), &*g.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(mean), Storage::Cpu(rstd), Storage::Cpu(gs)) => {
+                cpu::batch_norm_nhwc_backward(
+                    (x, self.x.layout()),
+                    cpu_operand(self.w.as_ref(), w_storage.as_deref(), OP)?,
+                    (mean, self.mean.layout()),
+                    (rstd, self.rstd.layout()),
+                    (gs, g.layout()),
+                    self.stats,
+                    self.needs,
+                )?
+            }
+            (s, ..) => return Err(no_cuda(OP, s)),
+        };
+        let dx =
+            grads.x.map(|s| Ok::<_, Error>(Tensor::from_storage(s, &[n, h, w, c])?.with_layout(layout))).transpose()?;
+        let vec_of = |s: Option<Storage>| s.map(|s| Tensor::from_storage(s, &[c])).transpose();
+        let mut out = vec![dx];
+        if self.w.is_some() {
+            out.push(vec_of(grads.w)?);
+        }
+        if self.has_bias {
+            out.push(vec_of(grads.bias)?);
+        }
+        Ok(out)
     }
 }
 
@@ -231,13 +283,22 @@ pub fn batch_norm2d(
     if training && !(0.0..=1.0).contains(&momentum) {
         return Err(Error::invalid(OP, format!("momentum {momentum} is not in [0, 1]"), x.shape()));
     }
-    let xc = saved_contiguous(x)?;
+    // On the CPU a channels-last x (see `util::is_channels_last`) is normalised in place, y channels-last too.
+    let channels_last = x.device() == Device::Cpu && !x.is_contiguous() && is_channels_last(x.layout());
+    let xc = if channels_last { x.detach() } else { saved_contiguous(x)? };
     let out = {
         let (ws, bs) = (weight.map(|w| w.storage()), bias.map(|b| b.storage()));
         // Fixed statistics in eval; None asks the kernel for the batch's.
         let fixed = running.filter(|_| stats == Stats::Running);
         let (rm, rv) = (fixed.map(|(m, _)| m.storage()), fixed.map(|(_, v)| v.storage()));
         match &*xc.storage() {
+            Storage::Cpu(s) if channels_last => cpu::batch_norm_nhwc(
+                (s, xc.layout()),
+                cpu_operand(weight, ws.as_deref(), OP)?,
+                cpu_operand(bias, bs.as_deref(), OP)?,
+                cpu_operand(running_mean, rm.as_deref(), OP)?.zip(cpu_operand(running_var, rv.as_deref(), OP)?),
+                eps,
+            )?,
             Storage::Cpu(s) => cpu::batch_norm(
                 (s, xc.layout()),
                 cpu_operand(weight, ws.as_deref(), OP)?,
@@ -266,13 +327,15 @@ pub fn batch_norm2d(
     inputs.extend(weight);
     inputs.extend(bias);
     let needs = Needs::of(x, weight, bias);
-    Ok(Tensor::from_op(out.y, x.shape(), &inputs, || BatchNorm2d {
+    let layout = if channels_last { channels_last_layout(n, c, h, w) } else { Layout::contiguous(x.shape()) };
+    Ok(Tensor::from_op_with_layout(out.y, layout, &inputs, || BatchNorm2d {
         x: xc.clone(),
         w: weight.map(Tensor::detach),
         mean,
         rstd,
         stats,
         has_bias: bias.is_some(),
+        channels_last,
         needs,
     }))
 }

@@ -417,3 +417,24 @@ fn batch_norm_on_cuda_updates_the_running_stats_as_the_cpu() {
         }
     }
 }
+
+/// On the CPU a channels-last x is normalised in its own layout: y (and dx) channels-last, values those of
+/// the contiguous kernel to rounding.
+#[test]
+fn batch_norm_keeps_a_channels_last_layout() {
+    for training in [true, false] {
+        let leaf = randn(&[3, 4, 5, 6], 60).requires_grad_(true).unwrap(); // (N, H, W, C) memory
+        let x = permute(&leaf, &[0, 3, 1, 2]).unwrap();
+        let plain = x.detach().contiguous().unwrap().requires_grad_(true).unwrap();
+        let (w, b, rm, rv) = (randn(&[6], 61), randn(&[6], 62), randn(&[6], 63), rand(&[6], 0.5, 2.0, 64));
+        let run = |x: &Tensor| batch_norm2d(x, Some(&w), Some(&b), Some(&rm), Some(&rv), training, 0.0, 1e-5);
+        let (y, want) = (run(&x).unwrap(), run(&plain).unwrap());
+        assert!(crate::util::is_channels_last(y.layout()) && !y.is_contiguous());
+        assert_close(&y.to_vec_f64().unwrap(), &want.to_vec_f64().unwrap(), 1e-12, "y");
+        let g = randn(&[3, 6, 4, 5], 65);
+        y.backward_with(&g).unwrap();
+        want.backward_with(&g).unwrap();
+        let dx = permute(&leaf.grad().unwrap(), &[0, 3, 1, 2]).unwrap();
+        assert_close(&dx.to_vec_f64().unwrap(), &plain.grad().unwrap().to_vec_f64().unwrap(), 1e-12, "dx");
+    }
+}

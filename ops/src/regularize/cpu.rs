@@ -8,7 +8,7 @@ use crate::util::{contiguous_slice, with_dtype, Operand};
 /// y[i] = x[i] mask[i / block] with block = len(x) / len(mask); x contiguous.
 pub(super) fn scale_blocks(op: &'static str, x: Operand, mask: Operand) -> Result<Storage> {
     fn run<T: Float>(x: &[T], mask: &[T]) -> Vec<T> {
-        let mut y = vec![T::ZERO; x.len()];
+        let mut y = engine::cpu_buffer(x.len()); // every element is written
         let block = (x.len() / mask.len().max(1)).max(1);
         y.par_chunks_mut(block).zip(x.par_chunks(block)).zip(mask).with_min_len((4096 / block).max(1)).for_each(
             |((yb, xb), &m)| {

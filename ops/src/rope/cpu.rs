@@ -30,7 +30,7 @@ pub(super) fn rotate(x: Operand, table: Operand, grid: Grid, dir: Direction) -> 
     fn run<T: Float>(x: &[T], table: &[T], Grid { h, w, c }: Grid, dir: Direction) -> Vec<T> {
         // Entries of one table row: (cos, sin) of C/4 pairs.
         let k2 = c / 2;
-        let mut y = vec![T::ZERO; x.len()];
+        let mut y = engine::cpu_buffer(x.len()); // every pair is written
         y.par_chunks_mut(c).zip(x.par_chunks(c)).enumerate().with_min_len(64).for_each(|(row, (yr, xr))| {
             let tok = row % (h * w);
             // Pairs 0..C/4 follow the token's row, pairs C/4..C/2 its column.

@@ -48,7 +48,7 @@ pub(super) fn index_add(
     with_cpu!(g, |v: T| {
         let (outer, size, inner) = split_at_dim(input_shape, dim);
         let gs = row_major(v, g_layout);
-        let mut out = vec![T::ZERO; outer * size * inner];
+        let mut out = engine::cpu_filled(outer * size * inner, T::ZERO);
         for o in 0..outer {
             for (j, &i) in indices.iter().enumerate() {
                 let src = &gs[(o * indices.len() + j) * inner..][..inner];
