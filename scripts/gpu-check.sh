@@ -36,8 +36,8 @@ for step in $steps; do
         echo "== $tool ${t##*/} ($n tests)"
         # nvrtc_errors_carry_the_log asks the driver for a kernel that is not there, on purpose (the error path
         # under test): memcheck counts that refused API call as an error, so it is left out of this run.
-        timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool $tool --print-limit 20 "$t" cuda --test-threads=1 --skip nvrtc_errors_carry_the_log >"$OUT/$tool-${t##*/}.log" 2>&1
-        echo "rc $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/$tool-${t##*/}.log" | tail -3
+        timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool $tool --print-limit 20 "$t" cuda --test-threads=1 --skip nvrtc_errors_carry_the_log >"$LOGS/$tool-${t##*/}.log" 2>&1
+        echo "rc $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$LOGS/$tool-${t##*/}.log" | tail -3
       done
     done ;;
   bench)
