@@ -3,6 +3,7 @@
 # every packed test binary with MILA_REQUIRE_CUDA=1 (all of them, not stopping at a failure), the CUDA parity
 # runs, then compute-sanitizer memcheck and racecheck over the CUDA tests. Logs go to $OUT.
 #   scripts/gpu-check.sh [tests] [parity] [sanitize] [bench] [train]   (default: the first three)
+# Environment: LOGS (default $OUT), SAN_TOOLS (default "memcheck racecheck"), SAN_TIMEOUT, TRAIN_TIMEOUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 .gpu/unpack || exit 1
@@ -28,7 +29,7 @@ for step in $steps; do
       .gpu/bin/mila parity "$f" --device cuda --dtype f64 | tail -1 || status=1
     done ;;
   sanitize)
-    for tool in memcheck racecheck; do
+    for tool in ${SAN_TOOLS:-memcheck racecheck}; do
       for t in .gpu/tests/*; do
         # Only binaries holding CUDA tests; the filter 'cuda' selects them by name.
         n=$("$t" --list 2>/dev/null | grep -c 'cuda.*: test')
