@@ -252,6 +252,27 @@ fn fast_path_checks() -> Vec<(String, bool, Func, bool)> {
             v.push((format!("max over the last dim of ({rows}, {cols}) from element {start}"), false, f, true));
         }
     }
+    // Down the columns of row-major matrices (the reduced dims before the kept ones: bias gradients): one block
+    // of columns and many row slices, widths off the 32-column blocks, a single slice, reduced dims split in
+    // two, size-1 dims among them; max also takes its backward's count through the same kernel.
+    for (shape, dims) in [
+        (vec![8192, 16], vec![0]),
+        (vec![8192, 100], vec![0]),
+        (vec![3, 5], vec![0]),
+        (vec![100_000, 3], vec![0]),
+        (vec![64, 4097], vec![0]),
+        (vec![16, 64, 1, 24], vec![0, 1]),
+        (vec![1, 7, 33, 1], vec![1]),
+    ] {
+        for start in [0, 1] {
+            let (s, d) = (shape.clone(), dims.clone());
+            let f: Func = Box::new(move |x| ops::sum(&at(&x[1], start, &s)?, &d, false));
+            v.push((format!("sum over dims {dims:?} of {shape:?} from element {start}"), false, f, true));
+            let (s, d) = (shape.clone(), dims.clone());
+            let f: Func = Box::new(move |x| ops::max(&at(&x[0], start, &s)?, &d, true));
+            v.push((format!("max over dims {dims:?} of {shape:?} from element {start}"), false, f, true));
+        }
+    }
     // Copies: narrow's backward writes the gradient into a slice of zeros with copy_into (contiguous ranges
     // at odd offsets: one memcpy); a transposed source takes the copy kernel.
     for start in [1, 3] {

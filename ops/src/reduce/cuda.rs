@@ -123,6 +123,10 @@ fn reduce_into<T: Float>(
         reduce_rows(dev, kernel, x, lx, reference, &out, rows, group)?;
         return Ok(out);
     }
+    if is_columns(lx, rows) {
+        reduce_cols(dev, kernel, x, lx, reference, &out, group, rows)?;
+        return Ok(out);
+    }
     let f = function::<T>(dev, &MODULE, kernel.name())?;
     let sx = Strided::new(lx)?;
     let splits = if group > 2 * SLICE { group.div_ceil(SLICE) } else { 1 };
@@ -198,6 +202,90 @@ fn reduce_rows<T: Float>(
         }
     }
     Ok(())
+}
+
+/// Whether `lx` (kept dims first, reduced dims last, `kept` elements kept) is a row-major (R, K) matrix read
+/// down its columns: the kept dims make one contiguous run of K = `kept` elements (unit inner stride), and the
+/// reduced dims step over whole runs in row-major order. Dims of size 1 are skipped.
+pub(crate) fn is_columns(lx: &Layout, kept: usize) -> bool {
+    let (shape, strides) = (lx.shape(), lx.strides());
+    let (mut expected, mut seen, mut split) = (1usize, 1usize, shape.len());
+    // The kept dims are a prefix whose sizes multiply to `kept`: the first one at which the product is reached.
+    for (d, &n) in shape.iter().enumerate() {
+        if seen == kept {
+            split = d;
+            break;
+        }
+        seen *= n;
+    }
+    if seen != kept || kept < 2 {
+        return false;
+    }
+    let row_major = |dims: std::ops::Range<usize>, expected: &mut usize| {
+        dims.rev().all(|d| {
+            let ok = shape[d] == 1 || strides[d] == *expected;
+            *expected *= shape[d];
+            ok
+        })
+    };
+    row_major(0..split, &mut expected) && row_major(split..shape.len(), &mut expected)
+}
+
+/// The columns kernel (`reduce_cols_*`): `out[k]` reduces the `r` rows of column k of the (r, k) matrix at
+/// `lx`'s offset. Blocks of 32 columns; the rows split over more blocks until a wave of them is busy, with at
+/// least [`COL_MIN_ROWS`] rows a block.
+#[allow(clippy::too_many_arguments)]
+fn reduce_cols<T: Float>(
+    dev: &CudaDevice,
+    kernel: Kernel,
+    x: &CudaSlice<T>,
+    lx: &Layout,
+    reference: &CudaSlice<T>,
+    out: &CudaSlice<T>,
+    r: usize,
+    k: usize,
+) -> Result<()> {
+    let o = lx.offset();
+    let xs: CudaView<T> = x
+        .try_slice(o..o + r * k)
+        .ok_or_else(|| Error::invalid("reduce", "internal: view exceeds its storage", lx.shape()))?;
+    let name = format!("reduce_cols_{}", kernel.op());
+    let f = function::<T>(dev, &MODULE, &name)?;
+    let wave = dev.wave(MODULE.name, &kernel_name::<T>(&name), &f, COL_THREADS as u32)?;
+    let (blocks_x, splits) = cols_launch(r, k, wave);
+    if blocks_x > i32::MAX as usize || splits > 65535 {
+        return Err(Error::invalid("reduce", "too many columns for one launch", lx.shape()));
+    }
+    let per = r.div_ceil(splits);
+    let part = dev.alloc::<f64>(if splits > 1 { splits * k } else { 1 })?;
+    let (r64, k64, per64) = (r as i64, k as i64, per as i64);
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(&xs).arg(reference).arg(out).arg(part.as_slice()).arg(&r64).arg(&k64).arg(&per64);
+    let config = engine::cuda::LaunchConfig {
+        grid_dim: (blocks_x as u32, splits as u32, 1),
+        block_dim: (COL_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: reduce_cols_<op>(const T* x, const T* ref, T* out, double* part, long long R, long long K,
+    // long long per) with a (ceil(K / 32), splits) grid of COL_THREADS threads: reads x[0..R K) (`xs` holds it),
+    // ref[0..K) (count_eq only: the max's output, K elements), writes part[0..splits K) when splits > 1 (`part`
+    // holds that many) and out[0..K) (`out` holds K = rows elements).
+    unsafe { args.launch(config) }.map_err(|e| Error::Cuda { op: "reduce", msg: format!("{e:?}") })?;
+    Ok(())
+}
+
+/// Threads a block of the columns kernel (`COL_WARPS * 32` in reduce.cu).
+const COL_THREADS: usize = 256;
+
+/// The fewest rows a block of the columns kernel reduces when the rows are split.
+const COL_MIN_ROWS: usize = 64;
+
+/// The grid of the columns kernel for an (r, k) matrix: `k / 32` blocks across, and the rows split until a
+/// wave of blocks (`wave`) is busy, each slice at least [`COL_MIN_ROWS`] rows.
+pub(crate) fn cols_launch(r: usize, k: usize, wave: usize) -> (usize, usize) {
+    let blocks_x = k.div_ceil(32).max(1);
+    let splits = wave.div_ceil(blocks_x).clamp(1, r.div_ceil(COL_MIN_ROWS).max(1));
+    (blocks_x, splits)
 }
 
 fn rows(plan: &Plan) -> usize {

@@ -232,3 +232,76 @@ ROWS_KERNELS(max, 1, float, f32)
 ROWS_KERNELS(max, 1, double, f64)
 ROWS_KERNELS(count_eq, 2, float, f32)
 ROWS_KERNELS(count_eq, 2, double, f64)
+
+// ---- columns: sums down the rows of a row-major (R, K) matrix ----------------------------------------------
+//
+// The reduced dims come before the kept ones in memory (a bias gradient: (B N, C) summed over its rows; the
+// broadcast operand's gradient of (B, N, C) + (N, C)): output k reduces x[k], x[K + k], x[2K + k], ...
+// The strided kernel above gives each output one warp whose lanes walk down a column, 32 sectors a load for
+// 4 useful bytes each. Here the lanes of a warp take 32 neighbouring columns of one row (one 128-byte line),
+// the block's COL_WARPS warps take interleaved rows, and gridDim.y blocks split the rows into `per`-row
+// slices. Bytes: every element read once, coalesced.
+//
+// Accumulation in double, the warps' partials combined in warp order; with gridDim.y > 1 each block writes
+// its partials and the last block to finish (counted as in rows_block_impl) adds the slices in order. Same
+// bits run after run.
+
+#define COL_WARPS 8
+
+__device__ unsigned int cols_blocks_done;
+
+template <typename T, int OP>
+__device__ void cols_impl(const T* x, const T* ref, T* out, double* part, long long R, long long K, long long per) {
+    __shared__ double warp_acc[COL_WARPS][32];
+    __shared__ bool last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long col = (long long)blockIdx.x * 32 + lane;
+    const long long s = blockIdx.y, splits = gridDim.y;
+    const long long lo = min(R, s * per), hi = min(R, lo + per);
+    double acc = identity<double, OP>();
+    if (col < K) {
+        const T r = OP == 2 ? ref[col] : T(0);
+#pragma unroll 4
+        for (long long row = lo + warp; row < hi; row += COL_WARPS)
+            acc = combine<double, OP>(acc, (double)element<T, OP>(x[row * K + col], r));
+    }
+    warp_acc[warp][lane] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        for (int w = 1; w < COL_WARPS; ++w) acc = combine<double, OP>(acc, warp_acc[w][lane]);
+        if (col < K) {
+            if (splits == 1) {
+                out[col] = (T)acc;
+            } else {
+                part[s * K + col] = acc;
+                __threadfence(); // the partial is visible device-wide before the count says so
+            }
+        }
+    }
+    if (splits == 1) return;
+    __syncthreads();
+    const unsigned int blocks = gridDim.x * gridDim.y;
+    if (threadIdx.x == 0) last = atomicInc(&cols_blocks_done, blocks - 1) == blocks - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (long long c = threadIdx.x; c < K; c += blockDim.x) {
+        double a = identity<double, OP>();
+        for (long long j = 0; j < splits; ++j) a = combine<double, OP>(a, __ldcg(part + j * K + c));
+        out[c] = (T)a;
+    }
+}
+
+#define COLS_KERNEL(NAME, OP, T, SUFFIX)                                                               \
+    extern "C" __global__ void __launch_bounds__(COL_WARPS * 32)                                       \
+        reduce_cols_##NAME##_##SUFFIX(const T* x, const T* ref, T* out, double* part, long long R,     \
+                                      long long K, long long per) {                                    \
+        cols_impl<T, OP>(x, ref, out, part, R, K, per);                                                \
+    }
+
+COLS_KERNEL(sum, 0, float, f32)
+COLS_KERNEL(sum, 0, double, f64)
+COLS_KERNEL(max, 1, float, f32)
+COLS_KERNEL(max, 1, double, f64)
+COLS_KERNEL(count_eq, 2, float, f32)
+COLS_KERNEL(count_eq, 2, double, f64)

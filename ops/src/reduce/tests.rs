@@ -146,3 +146,40 @@ fn cuda_reductions_pick_the_row_kernels_for_contiguous_rows() {
     assert_eq!(rows_launch(8 * wave, 1 << 14, wave, wave), RowsLaunch::Warp { blocks: wave });
     assert_eq!(rows_launch(8 * wave - 1, 1 << 14, wave, wave), RowsLaunch::Block { splits: 1 });
 }
+
+/// Which strided reductions take the columns kernel (a row-major (R, K) matrix summed down its columns), and
+/// how its grid splits the rows.
+#[test]
+fn cuda_reductions_pick_the_columns_kernel_for_leading_reduced_dims() {
+    use super::cuda::{cols_launch, is_columns};
+    let columns = |shape: &[usize], layout: &engine::Layout, dims: &[isize]| {
+        let plan = Plan::new("sum", shape, dims, false).unwrap();
+        let lx = layout.permute(&plan.perm).unwrap();
+        !lx.is_contiguous() && is_columns(&lx, plan.out_shape.iter().product())
+    };
+    let c = |shape: &[usize]| engine::Layout::contiguous(shape);
+    assert!(columns(&[8192, 16], &c(&[8192, 16]), &[0]), "a bias gradient");
+    assert!(columns(&[128, 64, 16], &c(&[128, 64, 16]), &[0, 1]), "over the leading two dims");
+    assert!(columns(&[128, 64, 16], &c(&[128, 64, 16]), &[0]), "over the first dim, keeping (64, 16)");
+    assert!(columns(&[16, 64, 1, 24], &c(&[16, 64, 1, 24]), &[0, 1]), "size-1 dims are skipped");
+    let from_3 = c(&[10, 300]).narrow(0, 3, 7).unwrap();
+    assert!(columns(&[7, 300], &from_3, &[0]), "an offset view");
+    assert!(!columns(&[8, 16, 300], &c(&[8, 16, 300]), &[0, 2]), "the kept dim between reduced ones");
+    assert!(!columns(&[8, 300], &c(&[8, 300]), &[1]), "a row sum is the rows kernel's");
+    let t = c(&[300, 8]).permute(&[1, 0]).unwrap();
+    assert!(!columns(&[8, 300], &t, &[0]), "a transposed matrix's column sum reads rows");
+    let cols = c(&[8, 301]).narrow(1, 0, 300).unwrap();
+    assert!(!columns(&[8, 300], &cols, &[0]), "rows with a gap between them");
+    assert!(!columns(&[300, 1], &c(&[300, 1]), &[0]), "one column is a contiguous row");
+
+    let wave = 132 * 8;
+    // 16 columns of 8192 rows: one block across, the rows in 128 slices of 64.
+    assert_eq!(cols_launch(8192, 16, wave), (1, 128));
+    // Enough columns for a wave: no split.
+    assert_eq!(cols_launch(8192, 32 * wave, wave), (wave, 1));
+    // Few rows: one slice.
+    assert_eq!(cols_launch(3, 5, wave), (1, 1));
+    // 4097 columns: 129 blocks across, 9 slices (a wave of 1056 blocks).
+    assert_eq!(cols_launch(64, 4097, wave), (129, 1));
+    assert_eq!(cols_launch(100_000, 4097, wave), (129, 9));
+}
