@@ -218,3 +218,17 @@ inline void check_aligned(const void* p, unsigned bytes) {
 #define SCAN_DYNAMIC_SMEM_BYTES() emu::g_smem_bytes
 #define SCAN_SHARED_BASE() emu::g_smem
 #define SCAN_CHECK_ALIGNED(ptr, bytes) emu::check_aligned((ptr), (bytes))
+
+// The 16-byte vector types and the read-only load that engine/src/cuda/prelude.cuh's load16/store16 use.
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(16) double2 {
+    double x, y;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline double2 make_double2(double x, double y) { return {x, y}; }
+template <typename T> inline T __ldg(const T* p) {
+    emu::check_aligned(p, alignof(T));
+    return *p;
+}
