@@ -619,25 +619,27 @@ mod tests {
             let p = BnPlan::new(c, m, wave);
             (p.splits, p.per)
         };
-        // The MNIST step's (128, 8, 16, 16) on an H100 holding 8 blocks of 256 a multiprocessor (1056): 32
-        // slices of 1024 a channel (capped by the slice minimum), 256 blocks; (128, 64, 8, 8): 8 of 1024.
-        assert_eq!(plan(8, 32_768, 1056), (32, 1024));
-        assert_eq!(plan(64, 8192, 1056), (8, 1024));
-        // Big channels: ceil(1056 / 8) = 132 slices of ceil(10^6 / 132) elements.
-        assert_eq!(plan(8, 1_000_000, 1056), (132, 7576));
-        // (64, 3, 37, 41): 352 slices would leave under 1024 elements each; 94 slices of 1033 (the last 1019).
-        assert_eq!(plan(3, 64 * 37 * 41, 1056), (94, 1033));
+        // The MNIST step's (128, 8, 16, 16) on an H100 holding 4 blocks of 256 a multiprocessor (528; ptxas
+        // gives the kernels 52 to 64 registers): 32 slices of 1024 a channel (capped by the slice minimum), 256
+        // blocks; (128, 64, 8, 8): 8 of 1024.
+        assert_eq!(plan(8, 32_768, 528), (32, 1024));
+        assert_eq!(plan(64, 8192, 528), (8, 1024));
+        // Big channels: ceil(528 / 8) = 66 slices of ceil(10^6 / 66) elements.
+        assert_eq!(plan(8, 1_000_000, 528), (66, 15_152));
+        // (64, 3, 37, 41): 176 slices would leave under 1024 elements each; 94 slices of 1033 (the last 1019).
+        assert_eq!(plan(3, 64 * 37 * 41, 528), (94, 1033));
         // A wave of channels or more, or channels too small to split: one slice a channel (the fused kernels).
-        assert_eq!(plan(1056, 1_000_000, 1056), (1, 1_000_000));
-        assert_eq!(plan(4096, 50_000, 1056), (1, 50_000));
-        assert_eq!(plan(64, 98, 1056), (1, 98));
-        assert_eq!(plan(3, 2047, 1056), (1, 2047));
-        assert_eq!(plan(3, 2048, 1056), (2, 1024));
+        assert_eq!(plan(528, 1_000_000, 528), (1, 1_000_000));
+        assert_eq!(plan(1200, 48 * 48, 528), (1, 2304));
+        assert_eq!(plan(64, 98, 528), (1, 98));
+        assert_eq!(plan(64, 1024, 528), (1, 1024));
+        assert_eq!(plan(3, 2047, 528), (1, 2047));
+        assert_eq!(plan(3, 2048, 528), (2, 1024));
         // No elements (an empty batch's backward): one slice, nothing to walk.
-        assert_eq!(plan(5, 0, 1056), (1, 1));
-        for c in [1, 2, 3, 7, 8, 64, 100, 500, 1055, 1056, 5000] {
+        assert_eq!(plan(5, 0, 528), (1, 1));
+        for c in [1, 2, 3, 7, 8, 64, 100, 500, 527, 528, 1055, 1056, 5000] {
             for m in [2, 1023, 1024, 1025, 2047, 4096, 32_768, 97_088, 100_003, 1 << 22] {
-                for wave in [1, 132, 1056] {
+                for wave in [1, 132, 528, 1056] {
                     let p = BnPlan::new(c, m, wave);
                     let what = format!("c {c} m {m} wave {wave}: {p:?}");
                     // The slices cover the channel, none empty, and split ones hold at least the minimum.
