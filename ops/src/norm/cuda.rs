@@ -8,13 +8,15 @@
 //! - layer_norm backward: one kernel for dx and the dweight/dbias partial sums (each block owns a range of
 //!   rows; see `ln_bwd_reg_impl` and `ln_bwd_impl`), then a small kernel that adds the blocks' partials column
 //!   by column, 32 ways parallel over the blocks.
-//! - batch_norm2d forward: training, one block per channel (statistics, then y, in one kernel); eval, one
-//!   block per (sample, channel) plane with the running statistics.
-//! - batch_norm2d backward: one kernel, one block per channel (the sums, then dx).
+//! - batch_norm2d forward in training and backward: each channel's N H W elements are cut into slices until
+//!   about a wave of blocks is busy ([`BnPlan`]). One slice a channel (many channels): one fused kernel, a
+//!   block per channel (statistics or sums, then y or dx). Several: two kernels, one writing each slice's
+//!   partial sums (double), the other combining its channel's partials in a fixed order, then y or dx over
+//!   its slice. Eval forward: one block per (sample, channel) plane with the running statistics.
 //! - the running statistics: an in-place blend kernel, launched by the op after the forward has released its
 //!   read locks (a running buffer may share storage with an input or with the other buffer).
 
-use engine::cuda::{CudaDevice, CudaFunction, CudaStorage, LaunchArgs, LaunchConfig, PushKernelArg};
+use engine::cuda::{kernel_name, CudaDevice, CudaFunction, CudaStorage, LaunchArgs, LaunchConfig, PushKernelArg};
 use engine::{DType, Error, Float, Layout, Result, Storage};
 
 use super::cpu::BatchNormOut;
@@ -27,8 +29,37 @@ pub(crate) const MODULE: Module = Module { name: "ops_norm", body: include_str!(
 /// Threads of the layer_norm backward's blocks: 8 warps, so a tile is 8 rows.
 const LN_THREADS: u32 = 256;
 
-/// Threads of batch_norm's block-per-channel kernels: a channel holds N H W elements, often many thousands.
-const BN_THREADS: u32 = 512;
+/// Threads of batch_norm's training forward and backward blocks.
+const BN_THREADS: u32 = 256;
+
+/// Fewest elements a slice of a split channel gets: one batch of loads for each thread of a block (`BN_UNROLL`
+/// = 4 in norm.cu), so that a slice is read in one round of loads per pass.
+const BN_SLICE_MIN: usize = BN_THREADS as usize * 4;
+
+/// How batch_norm2d's training forward and backward cut a channel's M = N H W elements: `splits` slices of
+/// `per` consecutive elements (the last one shorter), one block each, `c * splits` blocks in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BnPlan {
+    splits: usize,
+    per: usize,
+}
+
+impl BnPlan {
+    /// The plan for `c` channels of `m` elements on a device running `wave` blocks at once: channels are split
+    /// until about a wave of blocks is busy (`wave / c` slices a channel, rounded up), but no slice gets fewer
+    /// than [`BN_SLICE_MIN`] elements; with as many channels as a wave, or small ones, one slice a channel
+    /// (the fused kernels). No slice is empty: `per` is rounded up, then `splits` is the slices it takes.
+    fn new(c: usize, m: usize, wave: usize) -> BnPlan {
+        let splits = wave.div_ceil(c.max(1)).clamp(1, (m / BN_SLICE_MIN).max(1));
+        let per = m.div_ceil(splits).max(1);
+        BnPlan { splits: m.div_ceil(per).max(1), per }
+    }
+
+    /// Blocks of a launch: one per (channel, slice).
+    fn tasks(&self, c: usize) -> usize {
+        c * self.splits
+    }
+}
 
 /// Shared memory a kernel may take without the opt-in attribute (the same on every GPU since Volta).
 const SHARED_DEFAULT: usize = 48 << 10;
@@ -340,17 +371,48 @@ pub(super) fn batch_norm(
             let [n64, c64, hw64] = [n as i64, c as i64, hw as i64];
             match fixed {
                 None => {
-                    let f = function::<T>(dev, &MODULE, "bn_fwd_train")?;
-                    let mut args = dev.stream().launch_builder(&f);
-                    args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&bv).arg(&lb).arg(&has_b).arg(y.as_slice());
-                    args.arg(mean.as_slice()).arg(var.as_slice()).arg(rstd.as_slice());
-                    args.arg(&n64).arg(&c64).arg(&hw64).arg(&eps);
-                    // SAFETY: bn_fwd_train_<T>(const T* x, const T* w, Strided lw, int has_w, const T* b,
-                    // Strided lb, int has_b, T* y, T* mean, T* var, T* rstd, long long n, long long c,
-                    // long long hw, double eps) reads x[0..n c hw), the contiguous view's length, w and b
-                    // through their views below c (checked by `strided`, read only when flagged), and writes
-                    // y[0..n c hw) and mean, var, rstd [0..c), which the buffers hold.
-                    unsafe { launch_blocks(OP, args, c, BN_THREADS, 0)? };
+                    let stats_f = function::<T>(dev, &MODULE, "bn_fwd_stats")?;
+                    let wave = dev.wave(MODULE.name, &kernel_name::<T>("bn_fwd_stats"), &stats_f, BN_THREADS)?;
+                    let plan = BnPlan::new(c, n * hw, wave);
+                    if plan.splits == 1 {
+                        let f = function::<T>(dev, &MODULE, "bn_fwd_train")?;
+                        let mut args = dev.stream().launch_builder(&f);
+                        args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&bv).arg(&lb).arg(&has_b).arg(y.as_slice());
+                        args.arg(mean.as_slice()).arg(var.as_slice()).arg(rstd.as_slice());
+                        args.arg(&n64).arg(&c64).arg(&hw64).arg(&eps);
+                        // SAFETY: bn_fwd_train_<T>(const T* x, const T* w, Strided lw, int has_w, const T* b,
+                        // Strided lb, int has_b, T* y, T* mean, T* var, T* rstd, long long n, long long c,
+                        // long long hw, double eps) reads x[0..n c hw), the contiguous view's length, w and b
+                        // through their views below c (checked by `strided`, read only when flagged), and
+                        // writes y[0..n c hw) and mean, var, rstd [0..c), which the buffers hold. Blocks
+                        // stride over the channels; no shared memory beyond the kernel's static arrays.
+                        unsafe { launch_blocks(OP, args, c, BN_THREADS, 0)? };
+                    } else {
+                        let tasks = plan.tasks(c);
+                        let part = dev.alloc::<f64>(2 * tasks)?;
+                        let [splits64, per64] = [plan.splits as i64, plan.per as i64];
+                        let mut args = dev.stream().launch_builder(&stats_f);
+                        args.arg(&xv).arg(part.as_slice()).arg(&n64).arg(&c64).arg(&hw64).arg(&splits64).arg(&per64);
+                        // SAFETY: bn_fwd_stats_<T>(const T* x, double* part, long long n, long long c,
+                        // long long hw, long long splits, long long per) reads x[0..n c hw), the contiguous
+                        // view's length (slice k of a channel covers elements [k per, min(n hw, (k + 1) per))),
+                        // and writes part[0..2 c splits), which `part` holds. Blocks stride over the c splits
+                        // tasks.
+                        unsafe { launch_blocks(OP, args, tasks, BN_THREADS, 0)? };
+                        let f = function::<T>(dev, &MODULE, "bn_fwd_apply")?;
+                        let mut args = dev.stream().launch_builder(&f);
+                        args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&bv).arg(&lb).arg(&has_b).arg(part.as_slice());
+                        args.arg(y.as_slice()).arg(mean.as_slice()).arg(var.as_slice()).arg(rstd.as_slice());
+                        args.arg(&n64).arg(&c64).arg(&hw64).arg(&splits64).arg(&per64).arg(&eps);
+                        // SAFETY: bn_fwd_apply_<T>(const T* x, const T* w, Strided lw, int has_w, const T* b,
+                        // Strided lb, int has_b, const double* part, T* y, T* mean, T* var, T* rstd, long long n,
+                        // long long c, long long hw, long long splits, long long per, double eps) reads
+                        // x[0..n c hw) (the view's length), w and b through their views below c (checked by
+                        // `strided`, read only when flagged), part[0..2 c splits), which the launch before
+                        // filled on the same stream, and writes y[0..n c hw) and mean, var, rstd [0..c), which
+                        // the buffers hold. Blocks stride over the c splits tasks.
+                        unsafe { launch_blocks(OP, args, tasks, BN_THREADS, 0)? };
+                    }
                 }
                 Some((rm, rv)) => {
                     let (rmv, lrm) = (rm.0.slice::<T>()?, rm.0.strided(OP, rm.1)?);
@@ -416,17 +478,55 @@ pub(super) fn batch_norm_backward(
                 [i32::from(stats == Stats::Batch), i32::from(needs.x), i32::from(needs.w), i32::from(needs.bias)];
             // Without a dx to write, g's buffer stands in for the pointer (the kernel never writes it then).
             let dx_arg = if needs.x { dx.as_slice().as_view() } else { gv.slice(..) };
-            let f = function::<T>(dev, &MODULE, "bn_bwd")?;
-            let mut args = dev.stream().launch_builder(&f);
-            args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(&dx_arg);
-            args.arg(dw.as_slice()).arg(db.as_slice()).arg(&n64).arg(&c64).arg(&hw64);
-            args.arg(&flags[0]).arg(&flags[1]).arg(&flags[2]).arg(&flags[3]);
-            // SAFETY: bn_bwd_<T>(const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd,
-            // const T* g, T* dx, T* dw, T* db, long long n, long long c, long long hw, int batch_stats,
-            // int need_dx, int need_w, int need_b) reads x and g at [0..n c hw) and mean, rstd at [0..c) (the
-            // views' lengths), w through lw below c (checked by `strided`, read only when has_w), writes
-            // dx[0..n c hw) only when need_dx (then `dx` holds that many) and dw, db [0..c), which both hold.
-            unsafe { launch_blocks(OP, args, c, BN_THREADS, 0)? };
+            let sums_f = function::<T>(dev, &MODULE, "bn_bwd_sums")?;
+            let wave = dev.wave(MODULE.name, &kernel_name::<T>("bn_bwd_sums"), &sums_f, BN_THREADS)?;
+            let plan = BnPlan::new(c, n * hw, wave);
+            if plan.splits == 1 {
+                let f = function::<T>(dev, &MODULE, "bn_bwd")?;
+                let mut args = dev.stream().launch_builder(&f);
+                args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(&dx_arg);
+                args.arg(dw.as_slice()).arg(db.as_slice()).arg(&n64).arg(&c64).arg(&hw64);
+                args.arg(&flags[0]).arg(&flags[1]).arg(&flags[2]).arg(&flags[3]);
+                // SAFETY: bn_bwd_<T>(const T* x, const T* w, Strided lw, int has_w, const T* mean,
+                // const T* rstd, const T* g, T* dx, T* dw, T* db, long long n, long long c, long long hw,
+                // int batch_stats, int need_dx, int need_w, int need_b) reads x and g at [0..n c hw) and mean,
+                // rstd at [0..c) (the views' lengths), w through lw below c (checked by `strided`, read only
+                // when has_w), writes dx[0..n c hw) only when need_dx (then `dx` holds that many) and dw, db
+                // [0..c), which both hold. Blocks stride over the channels.
+                unsafe { launch_blocks(OP, args, c, BN_THREADS, 0)? };
+            } else {
+                let tasks = plan.tasks(c);
+                let need_sums = needs.w || needs.bias || (needs.x && stats == Stats::Batch);
+                let part = dev.alloc::<f64>(if need_sums { 2 * tasks } else { 1 })?;
+                let [splits64, per64] = [plan.splits as i64, plan.per as i64];
+                if need_sums {
+                    let mut args = dev.stream().launch_builder(&sums_f);
+                    args.arg(&xv).arg(&mv).arg(&rv).arg(&gv).arg(part.as_slice());
+                    args.arg(&n64).arg(&c64).arg(&hw64).arg(&splits64).arg(&per64);
+                    // SAFETY: bn_bwd_sums_<T>(const T* x, const T* mean, const T* rstd, const T* g,
+                    // double* part, long long n, long long c, long long hw, long long splits, long long per)
+                    // reads x and g at [0..n c hw) and mean, rstd at [0..c) (the views' lengths; slice k of a
+                    // channel covers elements [k per, min(n hw, (k + 1) per))), and writes part[0..2 c splits),
+                    // which `part` holds then. Blocks stride over the c splits tasks.
+                    unsafe { launch_blocks(OP, args, tasks, BN_THREADS, 0)? };
+                }
+                let f = function::<T>(dev, &MODULE, "bn_bwd_dx")?;
+                let need_sums32 = i32::from(need_sums);
+                let mut args = dev.stream().launch_builder(&f);
+                args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(part.as_slice());
+                args.arg(&dx_arg).arg(dw.as_slice()).arg(db.as_slice()).arg(&n64).arg(&c64).arg(&hw64);
+                args.arg(&splits64).arg(&per64).arg(&flags[0]).arg(&flags[1]).arg(&flags[2]).arg(&flags[3]);
+                args.arg(&need_sums32);
+                // SAFETY: bn_bwd_dx_<T>(const T* x, const T* w, Strided lw, int has_w, const T* mean,
+                // const T* rstd, const T* g, const double* part, T* dx, T* dw, T* db, long long n, long long c,
+                // long long hw, long long splits, long long per, int batch_stats, int need_dx, int need_w,
+                // int need_b, int need_sums) reads x and g at [0..n c hw) and mean, rstd at [0..c) (the views'
+                // lengths), w through lw below c (checked by `strided`, read only when has_w), part[0..2 c
+                // splits) only when need_sums (filled by the launch before, on the same stream); it writes
+                // dx[0..n c hw) only when need_dx (then `dx` holds that many) and dw, db [0..c), which both
+                // hold. Blocks stride over the c splits tasks.
+                unsafe { launch_blocks(OP, args, tasks, BN_THREADS, 0)? };
+            }
         }
         Ok(Grads {
             x: needs.x.then(|| cuda_storage(dev, dx)).transpose()?,
@@ -510,6 +610,46 @@ mod tests {
             // The lanes hold every vector, and no lane is wholly idle unless the row has fewer vectors.
             assert!(p.lanes * p.nv >= nvec && p.lanes * (p.nv / 2) < nvec, "{d} {elem}: {p:?}");
             assert!(p.lanes.is_power_of_two() && p.lanes <= 32 && [1, 2, 4, 8].contains(&p.nv));
+        }
+    }
+
+    #[test]
+    fn batch_norm_channels_split_until_a_wave_is_busy() {
+        let plan = |c, m, wave| {
+            let p = BnPlan::new(c, m, wave);
+            (p.splits, p.per)
+        };
+        // The MNIST step's (128, 8, 16, 16) on an H100 holding 4 blocks of 256 a multiprocessor (528; ptxas
+        // gives the kernels 52 to 64 registers): 32 slices of 1024 a channel (capped by the slice minimum), 256
+        // blocks; (128, 64, 8, 8): 8 of 1024.
+        assert_eq!(plan(8, 32_768, 528), (32, 1024));
+        assert_eq!(plan(64, 8192, 528), (8, 1024));
+        // Big channels: ceil(528 / 8) = 66 slices of ceil(10^6 / 66) elements.
+        assert_eq!(plan(8, 1_000_000, 528), (66, 15_152));
+        // (64, 3, 37, 41): 176 slices would leave under 1024 elements each; 94 slices of 1033 (the last 1019).
+        assert_eq!(plan(3, 64 * 37 * 41, 528), (94, 1033));
+        // A wave of channels or more, or channels too small to split: one slice a channel (the fused kernels).
+        assert_eq!(plan(528, 1_000_000, 528), (1, 1_000_000));
+        assert_eq!(plan(1200, 48 * 48, 528), (1, 2304));
+        assert_eq!(plan(64, 98, 528), (1, 98));
+        assert_eq!(plan(64, 1024, 528), (1, 1024));
+        assert_eq!(plan(3, 2047, 528), (1, 2047));
+        assert_eq!(plan(3, 2048, 528), (2, 1024));
+        // No elements (an empty batch's backward): one slice, nothing to walk.
+        assert_eq!(plan(5, 0, 528), (1, 1));
+        for c in [1, 2, 3, 7, 8, 64, 100, 500, 527, 528, 1055, 1056, 5000] {
+            for m in [2, 1023, 1024, 1025, 2047, 4096, 32_768, 97_088, 100_003, 1 << 22] {
+                for wave in [1, 132, 528, 1056] {
+                    let p = BnPlan::new(c, m, wave);
+                    let what = format!("c {c} m {m} wave {wave}: {p:?}");
+                    // The slices cover the channel, none empty, and split ones hold at least the minimum.
+                    assert!(p.splits >= 1 && p.splits * p.per >= m && (p.splits - 1) * p.per < m, "{what}");
+                    assert!(p.splits == 1 || p.per >= BN_SLICE_MIN, "{what}");
+                    // Split only while the channels alone leave part of a wave idle, and into no more blocks
+                    // than a wave rounded up to whole channels.
+                    assert!(p.splits == 1 || (c < wave && p.tasks(c) < wave + c), "{what}");
+                }
+            }
         }
     }
 

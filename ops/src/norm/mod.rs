@@ -23,8 +23,10 @@
 //! the affine map above.
 //!
 //! The CUDA kernels (cuda.rs, norm.cu) follow the same plan: one fused forward and one fused backward kernel
-//! per op (layer_norm's backward adds a small kernel that sums its blocks' dweight/dbias partials), and the
-//! running buffers are blended in place by a kernel on the device's stream.
+//! per op (layer_norm's backward adds a small kernel that sums its blocks' dweight/dbias partials; batch_norm2d
+//! with few channels cuts each channel over several blocks, a kernel for the slices' partial sums and one that
+//! combines them in order and writes y or dx), and the running buffers are blended in place by a kernel on the
+//! device's stream.
 
 mod cpu;
 pub(crate) mod cuda;

@@ -391,43 +391,214 @@ __device__ void ln_bwd_reg_impl(const T* x, const T* w, Strided lw, int has_w, c
 }
 
 // ---- batch_norm2d over (N, H, W) per channel -------------------------------------------------------------
+//
+// x is (N, C, HW) contiguous: the M = N HW elements of channel ch lie in N planes of HW elements, the plane of
+// sample s at (s C + ch) HW. Element e of the channel (0 <= e < M) is position e % HW of sample e / HW's plane.
+//
+// Work is cut into tasks: each channel into `splits` slices of `per` consecutive elements, slice k holding
+// [k per, min(M, (k + 1) per)) (none empty: see `BnPlan` in cuda.rs), task t = ch splits + k. Blocks stride
+// over the tasks (the launches give one block per task when the grid allows). Thread j of a block takes the
+// slice's elements lo + j, lo + j + blockDim, ...: neighbouring threads read neighbouring addresses within a
+// plane, and a walker (BnWalk) follows (plane, position) by additions, with no division per element.
+//
+// With splits = 1 a block owns a whole channel and one fused kernel does an op (bn_fwd_train, bn_bwd). With
+// splits > 1 an op takes two launches: the first kernel (bn_fwd_stats, bn_bwd_sums) writes each task's partial
+// sums, two doubles, to part[2 t] and part[2 t + 1]; the second (bn_fwd_apply, bn_bwd_dx) works out its
+// channel's totals from the channel's partials, the same way in every warp of every block (so all get the same
+// bits), then makes its elementwise pass over its slice. No atomics: fixed decompositions and orders, the same
+// bits run after run.
 
-// Element e of channel ch in an (N, C, HW) tensor, e over the channel's N HW elements.
-__device__ __forceinline__ long long bn_index(long long e, long long ch, long long c, long long hw) {
-    return ((e / hw) * c + ch) * hw + e % hw;
+// Loads a thread has in flight at once in the slice loops below (one batch of indices, then their loads).
+#define BN_UNROLL 4
+
+// A thread's walk over the elements e0, e0 + step, e0 + 2 step, ... of channel ch: `e` the element of the
+// channel, `base + p` its index in x (base the start of its plane, p its position in the plane). One division
+// when it starts; each step adds (step / HW) planes and step % HW positions, carrying one plane when p
+// overflows (step % HW < HW, so one carry at most).
+struct BnWalk {
+    long long e, base, p;
+    long long step, dbase, dp, hw, plane;
+    __device__ BnWalk(long long e0, long long step_, long long ch, long long c, long long hw_) {
+        hw = hw_;
+        plane = c * hw_;
+        step = step_;
+        dbase = (step_ / hw_) * plane;
+        dp = step_ % hw_;
+        e = e0;
+        base = (e0 / hw_) * plane + ch * hw_;
+        p = e0 % hw_;
+    }
+    __device__ __forceinline__ long long index() const { return base + p; }
+    __device__ __forceinline__ void next() {
+        e += step;
+        base += dbase;
+        p += dp;
+        if (p >= hw) {
+            p -= hw;
+            base += plane;
+        }
+    }
+};
+
+// Calls f(i, cnt) for this thread's elements of [lo, hi) of channel ch in batches: i[0..cnt) the x-indices of up
+// to BN_UNROLL consecutive elements of its walk (cnt >= 1), so that f can issue all their loads before using any.
+// Only threads with an element in the range start a walk (HW > 0 then, since lo < hi <= N HW).
+template <typename F>
+__device__ __forceinline__ void bn_slice_batches(long long ch, long long c, long long hw, long long lo, long long hi,
+                                                 F f) {
+    if (lo + (long long)threadIdx.x >= hi) return;
+    BnWalk w(lo + threadIdx.x, blockDim.x, ch, c, hw);
+    while (w.e < hi) {
+        long long i[BN_UNROLL];
+        int k = 0;
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u) {
+            if (w.e < hi) {
+                i[u] = w.index();
+                w.next();
+                k = u + 1;
+            }
+        }
+        f(i, k);
+    }
 }
 
-// Training: one block per channel computes the batch mean and biased variance (two passes, double), writes
-// y = (x - mean) scale + shift with scale = rstd w rounded once (the CPU's order), and saves mean, var and rstd
-// (var feeds the running update, rstd the backward).
+// The sum of x over [lo, hi) of channel ch, in every thread of the block (double).
+template <typename T>
+__device__ double bn_slice_sum(const T* x, long long ch, long long c, long long hw, long long lo, long long hi) {
+    double s = 0.0;
+    bn_slice_batches(ch, c, hw, lo, hi, [&](const long long(&i)[BN_UNROLL], int cnt) {
+        T v[BN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u)
+            if (u < cnt) v[u] = x[i[u]];
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u)
+            if (u < cnt) s += (double)v[u];
+    });
+    return block_sum(s);
+}
+
+// The sum of (x - mu)^2 over [lo, hi) of channel ch, in every thread of the block (double).
+template <typename T>
+__device__ double bn_slice_squares(const T* x, long long ch, long long c, long long hw, long long lo, long long hi,
+                                   double mu) {
+    double q = 0.0;
+    bn_slice_batches(ch, c, hw, lo, hi, [&](const long long(&i)[BN_UNROLL], int cnt) {
+        T v[BN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u)
+            if (u < cnt) v[u] = x[i[u]];
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u) {
+            if (u < cnt) {
+                const double t = (double)v[u] - mu;
+                q += t * t;
+            }
+        }
+    });
+    return block_sum(q);
+}
+
+// y = (x - mean) scale + shift over [lo, hi) of channel ch, in T (the CPU's order).
+template <typename T>
+__device__ void bn_slice_apply(const T* x, T* y, long long ch, long long c, long long hw, long long lo, long long hi,
+                               T mean_t, T scale, T shift) {
+    bn_slice_batches(ch, c, hw, lo, hi, [&](const long long(&i)[BN_UNROLL], int cnt) {
+        T v[BN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u)
+            if (u < cnt) v[u] = x[i[u]];
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u)
+            if (u < cnt) y[i[u]] = (v[u] - mean_t) * scale + shift;
+    });
+}
+
+// Channel ch's saved statistics and its y over [lo, hi), from its mean and biased variance v: rstd =
+// 1 / sqrt(v + eps), scale = rstd w rounded once (the CPU's order). `save`: this block writes mean, var, rstd.
+template <typename T>
+__device__ __forceinline__ void bn_fwd_finish(const T* x, const T* w, const Strided& lw, int has_w, const T* b,
+                                              const Strided& lb, int has_b, T* y, T* mean, T* var, T* rstd,
+                                              long long ch, long long c, long long hw, long long lo, long long hi,
+                                              double mu, double v, double eps, bool save) {
+    const double r = 1.0 / sqrt(v + eps);
+    const T mean_t = (T)mu;
+    const T scale = (T)(r * (has_w ? (double)w[offset_of(lw, ch)] : 1.0));
+    const T shift = has_b ? b[offset_of(lb, ch)] : T(0);
+    bn_slice_apply(x, y, ch, c, hw, lo, hi, mean_t, scale, shift);
+    if (save && threadIdx.x == 0) {
+        mean[ch] = mean_t;
+        var[ch] = (T)v;
+        rstd[ch] = (T)r;
+    }
+}
+
+// Training, fused (splits = 1): a block per channel computes the batch mean and biased variance (two passes,
+// double), writes y and saves mean, var and rstd (var feeds the running update, rstd the backward).
 template <typename T>
 __device__ void bn_fwd_train_impl(const T* x, const T* w, Strided lw, int has_w, const T* b, Strided lb, int has_b,
                                   T* y, T* mean, T* var, T* rstd, long long n, long long c, long long hw,
                                   double eps) {
     const long long m = n * hw;
     for (long long ch = blockIdx.x; ch < c; ch += gridDim.x) {
-        double s = 0.0;
-        for (long long e = threadIdx.x; e < m; e += blockDim.x) s += (double)x[bn_index(e, ch, c, hw)];
-        const double mu = block_sum(s) / (double)m;
-        double q = 0.0;
-        for (long long e = threadIdx.x; e < m; e += blockDim.x) {
-            const double t = (double)x[bn_index(e, ch, c, hw)] - mu;
-            q += t * t;
-        }
-        const double v = block_sum(q) / (double)m;
-        const double r = 1.0 / sqrt(v + eps);
-        const T mean_t = (T)mu;
-        const T scale = (T)(r * (has_w ? (double)w[offset_of(lw, ch)] : 1.0));
-        const T shift = has_b ? b[offset_of(lb, ch)] : T(0);
-        for (long long e = threadIdx.x; e < m; e += blockDim.x) {
-            const long long i = bn_index(e, ch, c, hw);
-            y[i] = (x[i] - mean_t) * scale + shift;
-        }
+        const double mu = bn_slice_sum(x, ch, c, hw, 0, m) / (double)m;
+        const double v = bn_slice_squares(x, ch, c, hw, 0, m, mu) / (double)m;
+        bn_fwd_finish(x, w, lw, has_w, b, lb, has_b, y, mean, var, rstd, ch, c, hw, 0, m, mu, v, eps, true);
+    }
+}
+
+// Training, split, launch 1 of 2: task t's slice sum S and its sum of squares about the slice's own mean Q (two
+// passes over the slice, the second from cache) to part[2 t], part[2 t + 1].
+template <typename T>
+__device__ void bn_fwd_stats_impl(const T* x, double* part, long long n, long long c, long long hw, long long splits,
+                                  long long per) {
+    const long long m = n * hw;
+    for (long long t = blockIdx.x; t < c * splits; t += gridDim.x) {
+        const long long ch = t / splits, lo = (t % splits) * per, hi = min(m, lo + per);
+        const double s = bn_slice_sum(x, ch, c, hw, lo, hi);
+        const double q = bn_slice_squares(x, ch, c, hw, lo, hi, s / (double)(hi - lo));
         if (threadIdx.x == 0) {
-            mean[ch] = mean_t;
-            var[ch] = (T)v;
-            rstd[ch] = (T)r;
+            part[2 * t] = s;
+            part[2 * t + 1] = q;
         }
+    }
+}
+
+// Channel ch's mean and biased variance from its slices' partials (bn_fwd_stats), in every lane of the warp:
+//     mean = sum_k S_k / M,    var = sum_k [Q_k + n_k (S_k / n_k - mean)^2] / M
+// with n_k the slice's elements. Exact in exact arithmetic (the squares about the channel's mean are each
+// slice's squares about its own mean plus n_k times the squared shift), and every term is >= 0, so nothing
+// cancels: as accurate as the two passes over the channel. Lane j adds slices j, j + 32, ... in order, then the
+// butterfly adds the lanes, giving every lane of every warp that calls it the same bits.
+__device__ __forceinline__ void bn_combine_moments(const double* part, long long ch, long long splits, long long per,
+                                                   long long m, double& mu, double& v) {
+    const int lane = threadIdx.x & 31;
+    const double* pc = part + 2 * ch * splits;
+    double s = 0.0;
+    for (long long k = lane; k < splits; k += 32) s += pc[2 * k];
+    mu = warp_sum(s) / (double)m;
+    double q = 0.0;
+    for (long long k = lane; k < splits; k += 32) {
+        const double nk = (double)(min(m, (k + 1) * per) - k * per);
+        const double d = pc[2 * k] / nk - mu;
+        q += pc[2 * k + 1] + nk * d * d;
+    }
+    v = warp_sum(q) / (double)m;
+}
+
+// Training, split, launch 2 of 2: each task combines its channel's partials (every warp alike) and writes y
+// over its slice; the task of slice 0 saves the channel's mean, var and rstd.
+template <typename T>
+__device__ void bn_fwd_apply_impl(const T* x, const T* w, Strided lw, int has_w, const T* b, Strided lb, int has_b,
+                                  const double* part, T* y, T* mean, T* var, T* rstd, long long n, long long c,
+                                  long long hw, long long splits, long long per, double eps) {
+    const long long m = n * hw;
+    for (long long t = blockIdx.x; t < c * splits; t += gridDim.x) {
+        const long long ch = t / splits, k = t % splits, lo = k * per, hi = min(m, lo + per);
+        double mu, v;
+        bn_combine_moments(part, ch, splits, per, m, mu, v);
+        bn_fwd_finish(x, w, lw, has_w, b, lb, has_b, y, mean, var, rstd, ch, c, hw, lo, hi, mu, v, eps, k == 0);
     }
 }
 
@@ -455,9 +626,65 @@ __device__ void bn_fwd_eval_impl(const T* x, const T* w, Strided lw, int has_w, 
     }
 }
 
-// The fused backward, one block per channel: sums of g and g xhat (double) where dw, db or the training dx
-// need them, then dx = rstd w (g - mean(g) - xhat mean(g xhat)) with the batch statistics, rstd w g with the
-// running ones.
+// The backward's per-channel sums over [lo, hi) of channel ch, in every thread of the block (double):
+// sg = sum g and sgx = sum g xhat, each product g (x - mean) rstd rounded in T first (the CPU's order).
+template <typename T>
+__device__ void bn_slice_grad_sums(const T* x, const T* g, T mu, T rs, long long ch, long long c, long long hw,
+                                   long long lo, long long hi, double& sg, double& sgx) {
+    double a = 0.0, b = 0.0;
+    bn_slice_batches(ch, c, hw, lo, hi, [&](const long long(&i)[BN_UNROLL], int cnt) {
+        T gv[BN_UNROLL], xv[BN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u) {
+            if (u < cnt) {
+                gv[u] = g[i[u]];
+                xv[u] = x[i[u]];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u) {
+            if (u < cnt) {
+                a += (double)gv[u];
+                b += (double)(gv[u] * (xv[u] - mu) * rs);
+            }
+        }
+    });
+    sg = block_sum(a);
+    sgx = block_sum(b);
+}
+
+// Channel ch's dw, db (thread 0, when `save`) and dx over [lo, hi) from its sums sg, sgx over all M elements:
+// dx = rstd w (g - mean(g) - xhat mean(g xhat)) with the batch statistics, rstd w g with the running ones.
+template <typename T>
+__device__ __forceinline__ void bn_bwd_finish(const T* x, const T* w, const Strided& lw, int has_w, const T* g,
+                                              T* dx, T* dw, T* db, T mu, T rs, long long ch, long long c,
+                                              long long hw, long long lo, long long hi, long long m, double sg,
+                                              double sgx, int batch_stats, int need_dx, int need_w, int need_b,
+                                              bool save) {
+    if (save && threadIdx.x == 0) {
+        if (need_w) dw[ch] = (T)sgx;
+        if (need_b) db[ch] = (T)sg;
+    }
+    if (!need_dx) return;
+    const T k = has_w ? rs * w[offset_of(lw, ch)] : rs;
+    const T a = (T)(sg / (double)m), bb = (T)(sgx / (double)m);
+    bn_slice_batches(ch, c, hw, lo, hi, [&](const long long(&i)[BN_UNROLL], int cnt) {
+        T gv[BN_UNROLL], xv[BN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u) {
+            if (u < cnt) {
+                gv[u] = g[i[u]];
+                xv[u] = batch_stats ? x[i[u]] : T(0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < BN_UNROLL; ++u)
+            if (u < cnt) dx[i[u]] = batch_stats ? k * (gv[u] - a - (xv[u] - mu) * rs * bb) : k * gv[u];
+    });
+}
+
+// The fused backward (splits = 1), one block per channel: the sums where dw, db or the training dx need them,
+// then dw, db and dx.
 template <typename T>
 __device__ void bn_bwd_impl(const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd, const T* g,
                             T* dx, T* dw, T* db, long long n, long long c, long long hw, int batch_stats,
@@ -467,28 +694,54 @@ __device__ void bn_bwd_impl(const T* x, const T* w, Strided lw, int has_w, const
     for (long long ch = blockIdx.x; ch < c; ch += gridDim.x) {
         const T mu = mean[ch], rs = rstd[ch];
         double sg = 0.0, sgx = 0.0;
-        if (need_sums) {
-            for (long long e = threadIdx.x; e < m; e += blockDim.x) {
-                const long long i = bn_index(e, ch, c, hw);
-                const T gv = g[i];
-                sg += (double)gv;
-                sgx += (double)(gv * (x[i] - mu) * rs);
-            }
-            sg = block_sum(sg);
-            sgx = block_sum(sgx);
-        }
+        if (need_sums) bn_slice_grad_sums(x, g, mu, rs, ch, c, hw, 0, m, sg, sgx);
+        bn_bwd_finish(x, w, lw, has_w, g, dx, dw, db, mu, rs, ch, c, hw, 0, m, m, sg, sgx, batch_stats, need_dx,
+                      need_w, need_b, true);
+    }
+}
+
+// Backward, split, launch 1 of 2 (only where the sums are needed): task t's slice sums sg, sgx to part[2 t],
+// part[2 t + 1].
+template <typename T>
+__device__ void bn_bwd_sums_impl(const T* x, const T* mean, const T* rstd, const T* g, double* part, long long n,
+                                 long long c, long long hw, long long splits, long long per) {
+    const long long m = n * hw;
+    for (long long t = blockIdx.x; t < c * splits; t += gridDim.x) {
+        const long long ch = t / splits, lo = (t % splits) * per, hi = min(m, lo + per);
+        double sg, sgx;
+        bn_slice_grad_sums(x, g, mean[ch], rstd[ch], ch, c, hw, lo, hi, sg, sgx);
         if (threadIdx.x == 0) {
-            if (need_w) dw[ch] = (T)sgx;
-            if (need_b) db[ch] = (T)sg;
+            part[2 * t] = sg;
+            part[2 * t + 1] = sgx;
         }
-        if (need_dx) {
-            const T k = has_w ? rs * w[offset_of(lw, ch)] : rs;
-            const T a = (T)(sg / (double)m), bb = (T)(sgx / (double)m);
-            for (long long e = threadIdx.x; e < m; e += blockDim.x) {
-                const long long i = bn_index(e, ch, c, hw);
-                dx[i] = batch_stats ? k * (g[i] - a - (x[i] - mu) * rs * bb) : k * g[i];
+    }
+}
+
+// Backward, split, launch 2 of 2: each task adds its channel's partials (need_sums; every warp alike: lane j
+// takes slices j, j + 32, ... in order, then the butterfly), the task of slice 0 writes dw and db, and each
+// writes dx over its slice (need_dx). `part` is read only when need_sums.
+template <typename T>
+__device__ void bn_bwd_dx_impl(const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd,
+                               const T* g, const double* part, T* dx, T* dw, T* db, long long n, long long c,
+                               long long hw, long long splits, long long per, int batch_stats, int need_dx,
+                               int need_w, int need_b, int need_sums) {
+    const long long m = n * hw;
+    const int lane = threadIdx.x & 31;
+    for (long long t = blockIdx.x; t < c * splits; t += gridDim.x) {
+        const long long ch = t / splits, k = t % splits, lo = k * per, hi = min(m, lo + per);
+        if (!need_dx && k != 0) continue;  // only dw and db to write: the task of slice 0 does
+        double sg = 0.0, sgx = 0.0;
+        if (need_sums) {
+            const double* pc = part + 2 * ch * splits;
+            for (long long j = lane; j < splits; j += 32) {
+                sg += pc[2 * j];
+                sgx += pc[2 * j + 1];
             }
+            sg = warp_sum(sg);
+            sgx = warp_sum(sgx);
         }
+        bn_bwd_finish(x, w, lw, has_w, g, dx, dw, db, mean[ch], rstd[ch], ch, c, hw, lo, hi, m, sg, sgx,
+                      batch_stats, need_dx, need_w, need_b, k == 0);
     }
 }
 
@@ -548,6 +801,18 @@ __device__ void bn_blend_impl(T* running, Strided lr, const T* stat, long long c
                                                      double eps) {                                            \
         bn_fwd_train_impl<T>(x, w, lw, has_w, b, lb, has_b, y, mean, var, rstd, n, c, hw, eps);                \
     }                                                                                                          \
+    extern "C" __global__ void bn_fwd_stats_##SUFFIX(const T* x, double* part, long long n, long long c,      \
+                                                     long long hw, long long splits, long long per) {         \
+        bn_fwd_stats_impl<T>(x, part, n, c, hw, splits, per);                                                  \
+    }                                                                                                          \
+    extern "C" __global__ void bn_fwd_apply_##SUFFIX(const T* x, const T* w, Strided lw, int has_w,           \
+                                                     const T* b, Strided lb, int has_b, const double* part,   \
+                                                     T* y, T* mean, T* var, T* rstd, long long n,             \
+                                                     long long c, long long hw, long long splits,             \
+                                                     long long per, double eps) {                             \
+        bn_fwd_apply_impl<T>(x, w, lw, has_w, b, lb, has_b, part, y, mean, var, rstd, n, c, hw, splits, per,   \
+                             eps);                                                                             \
+    }                                                                                                          \
     extern "C" __global__ void bn_fwd_eval_##SUFFIX(const T* x, const T* w, Strided lw, int has_w,            \
                                                     const T* b, Strided lb, int has_b, const T* rm,           \
                                                     Strided lrm, const T* rv, Strided lrv, T* y, T* mean,     \
@@ -562,6 +827,18 @@ __device__ void bn_blend_impl(T* running, Strided lr, const T* stat, long long c
                                                int need_w, int need_b) {                                      \
         bn_bwd_impl<T>(x, w, lw, has_w, mean, rstd, g, dx, dw, db, n, c, hw, batch_stats, need_dx, need_w,     \
                        need_b);                                                                                \
+    }                                                                                                          \
+    extern "C" __global__ void bn_bwd_sums_##SUFFIX(const T* x, const T* mean, const T* rstd, const T* g,     \
+                                                    double* part, long long n, long long c, long long hw,     \
+                                                    long long splits, long long per) {                        \
+        bn_bwd_sums_impl<T>(x, mean, rstd, g, part, n, c, hw, splits, per);                                    \
+    }                                                                                                          \
+    extern "C" __global__ void bn_bwd_dx_##SUFFIX(                                                            \
+        const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd, const T* g,              \
+        const double* part, T* dx, T* dw, T* db, long long n, long long c, long long hw, long long splits,    \
+        long long per, int batch_stats, int need_dx, int need_w, int need_b, int need_sums) {                 \
+        bn_bwd_dx_impl<T>(x, w, lw, has_w, mean, rstd, g, part, dx, dw, db, n, c, hw, splits, per,             \
+                          batch_stats, need_dx, need_w, need_b, need_sums);                                    \
     }                                                                                                          \
     extern "C" __global__ void bn_blend_##SUFFIX(T* running, Strided lr, const T* stat, long long c,          \
                                                  double momentum, double scale) {                             \

@@ -388,16 +388,106 @@ fn batch_norm_on_cuda_matches_the_cpu() {
     }
 }
 
+/// The shapes of the CUDA split-channel tests, each with its seed: few channels of many elements, cut into
+/// slices (two launches): the MNIST step's (128, 8, 16, 16), odd planes longer than a block whose slices start
+/// mid-plane, one channel, planes shorter than a block (7x7: a thread's step crosses several planes) and of one
+/// element; then many small channels, or as many channels as a wave (one slice a channel: the fused kernels).
+const BN_SPLIT_SHAPES: [([usize; 4], u64); 8] = [
+    ([128, 8, 16, 16], 600),
+    ([64, 3, 37, 41], 610),
+    ([5, 1, 3, 1000], 620),
+    ([256, 4, 7, 7], 630),
+    ([4099, 2, 1, 1], 640),
+    ([2, 64, 7, 7], 650),
+    ([16, 64, 8, 8], 660),
+    ([1, 1200, 48, 48], 670),
+];
+
+#[test]
+fn batch_norm_on_cuda_matches_the_cpu_on_split_channels() {
+    if engine::cuda::test_device_or_skip("batch_norm_on_cuda_matches_the_cpu_on_split_channels").is_none() {
+        return;
+    }
+    for dtype in [DType::F32, DType::F64] {
+        for (shape, seed) in BN_SPLIT_SHAPES {
+            let c = shape[1];
+            // Values centred on 3 (std 1), so that a variance computed carelessly would cancel.
+            let x = add_scalar(&randn_as(&shape, dtype, seed), 3.0).unwrap();
+            let t = [x, randn_as(&[c], dtype, seed + 1), randn_as(&[c], dtype, seed + 2)];
+            let what = format!("batch_norm2d {shape:?}");
+            let train = |t: &[Tensor]| batch_norm2d(&t[0], t.get(1), t.get(2), None, None, true, 0.1, 1e-5);
+            assert_cuda_matches_cpu(&format!("{what} training"), &t, &[true; 3], train);
+            assert_cuda_matches_cpu(&format!("{what} training no affine"), &t[..1], &[true], train);
+            assert_cuda_matches_cpu(&format!("{what} training frozen x"), &t, &[false, true, true], train);
+            assert_cuda_matches_cpu(&format!("{what} training frozen affine"), &t, &[true, false, false], train);
+            assert_cuda_matches_cpu(
+                &format!("{what} training bias only"),
+                &[t[0].clone(), t[2].clone()],
+                &[true; 2],
+                |t| batch_norm2d(&t[0], None, Some(&t[1]), None, None, true, 0.1, 1e-5),
+            );
+            // Eval: the running statistics; its backward takes the sums only for dw and db.
+            let rm = randn_as(&[c], dtype, seed + 3);
+            let rv = Tensor::rand(&[c], 0.5, 2.0, dtype, Device::Cpu, &mut engine::Generator::new(seed + 4)).unwrap();
+            let eval = |t: &[Tensor]| {
+                let (rm, rv) = (rm.to_device(t[0].device())?, rv.to_device(t[0].device())?);
+                batch_norm2d(&t[0], t.get(1), t.get(2), Some(&rm), Some(&rv), false, 0.1, 1e-5)
+            };
+            assert_cuda_matches_cpu(&format!("{what} eval"), &t, &[true; 3], eval);
+            assert_cuda_matches_cpu(&format!("{what} eval no affine"), &t[..1], &[true], eval);
+            assert_cuda_matches_cpu(&format!("{what} eval frozen x"), &t, &[false, true, true], eval);
+        }
+    }
+}
+
+/// The split kernels add their partials in a fixed order: the same inputs give the same bits, run after run.
+#[test]
+fn batch_norm_on_cuda_is_deterministic() {
+    if engine::cuda::test_device_or_skip("batch_norm_on_cuda_is_deterministic").is_none() {
+        return;
+    }
+    for dtype in [DType::F32, DType::F64] {
+        for (shape, seed) in BN_SPLIT_SHAPES {
+            let c = shape[1];
+            let leaves =
+                [randn_as(&shape, dtype, seed), randn_as(&[c], dtype, seed + 1), randn_as(&[c], dtype, seed + 2)];
+            let g = randn_as(&shape, dtype, seed + 5).to_device(Device::Cuda(0)).unwrap();
+            let run = || {
+                let t: Vec<Tensor> = leaves
+                    .iter()
+                    .map(|l| l.to_device(Device::Cuda(0)).unwrap().detach().requires_grad_(true).unwrap())
+                    .collect();
+                let y = batch_norm2d(&t[0], Some(&t[1]), Some(&t[2]), None, None, true, 0.1, 1e-5).unwrap();
+                y.backward_with(&g).unwrap();
+                let mut out = vec![y.to_vec_f64().unwrap()];
+                out.extend(t.iter().map(|l| l.grad().unwrap().to_vec_f64().unwrap()));
+                out
+            };
+            let (a, b) = (run(), run());
+            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                let same = a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype} {shape:?}: part {i} (y, dx, dw, db) differs between two runs");
+            }
+        }
+    }
+}
+
 #[test]
 fn batch_norm_on_cuda_updates_the_running_stats_as_the_cpu() {
     if engine::cuda::test_device_or_skip("batch_norm_on_cuda_updates_the_running_stats_as_the_cpu").is_none() {
         return;
     }
-    for (dtype, tol) in [(DType::F32, 1e-6), (DType::F64, 1e-14)] {
-        let x = randn_as(&[4, 3, 5, 2], dtype, 70);
-        let rm = randn_as(&[3], dtype, 71);
-        let rv = Tensor::rand(&[3], 0.5, 2.0, dtype, Device::Cpu, &mut engine::Generator::new(72)).unwrap();
-        let store = randn_as(&[3, 4], dtype, 73);
+    // A small shape (the fused kernel), and channels split into slices (the two-launch kernels): the variance
+    // combined from the slices' partials feeds the running variance.
+    for (shape, (dtype, tol)) in [[4, 3, 5, 2], [128, 8, 16, 16], [64, 3, 37, 41]]
+        .into_iter()
+        .flat_map(|s| [(DType::F32, 1e-6), (DType::F64, 1e-14)].map(|d| (s, d)))
+    {
+        let c = shape[1];
+        let x = add_scalar(&randn_as(&shape, dtype, 70), 2.0).unwrap();
+        let rm = randn_as(&[c], dtype, 71);
+        let rv = Tensor::rand(&[c], 0.5, 2.0, dtype, Device::Cpu, &mut engine::Generator::new(72)).unwrap();
+        let store = randn_as(&[c, 4], dtype, 73);
         let run = |device: Device| {
             // Contiguous buffers, and buffers that are strided views of one tensor (columns 0 and 2).
             let (x, rm, rv, store) = (
@@ -413,7 +503,7 @@ fn batch_norm_on_cuda_updates_the_running_stats_as_the_cpu() {
         };
         let (gpu, cpu) = (run(Device::Cuda(0)), run(Device::Cpu));
         for (what, (a, b)) in ["running_mean", "running_var", "view buffers"].iter().zip(gpu.iter().zip(&cpu)) {
-            assert_close(a, b, tol, &format!("{dtype} {what}"));
+            assert_close(a, b, tol, &format!("{dtype} {shape:?} {what}"));
         }
     }
 }
