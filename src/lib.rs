@@ -218,8 +218,42 @@ fn model_config(name: &str, data: &nn::data::Dataset) -> Result<mila::MllaConfig
     Ok(cfg)
 }
 
+/// On CUDA, compiles every kernel module (NVRTC, one thread each: `ops::cuda::precompile`) on a thread of
+/// its own, so that the compiles overlap opening the device, loading the data and building the model instead
+/// of running one after another inside the first training step. A kernel needed before its module is ready
+/// waits for that module's compile only; the kernels and so the results are the same either way. `None`
+/// on the CPU, or if the thread cannot be started (the modules then compile on first use, as without this).
+fn start_precompile(device: Device) -> Option<std::thread::JoinHandle<Result<()>>> {
+    let Device::Cuda(ordinal) = device else { return None };
+    std::thread::Builder::new()
+        .name("precompile".into())
+        .spawn(move || ops::cuda::precompile(&*engine::cuda::device(ordinal)?))
+        .ok()
+}
+
+/// Waits for [`start_precompile`]'s thread; what went wrong there, if anything.
+fn finish_precompile(handle: Option<std::thread::JoinHandle<Result<()>>>) -> Option<String> {
+    match handle?.join() {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("the thread panicked".into()),
+    }
+}
+
 /// `mila train`.
 pub fn train(args: &TrainArgs) -> Result<ExitCode> {
+    let precompile = start_precompile(args.device);
+    let outcome = run_training(args);
+    // Joined on every way out: no NVRTC thread is left running while the process exits. A failure there is
+    // only a warning after a good run (a module that the run needed would have failed it with the same error),
+    // and not worth a word after a failed one (opening the device, say, failed there too).
+    if let (Some(why), Ok(_)) = (finish_precompile(precompile), &outcome) {
+        eprintln!("warning: compiling the CUDA kernels ahead of use: {why}");
+    }
+    outcome
+}
+
+fn run_training(args: &TrainArgs) -> Result<ExitCode> {
     use std::sync::Arc;
     let (train_set, test_set) = datasets(&args.dataset, args.data_dir.as_deref())?;
     let model_cfg = model_config(&args.model, &train_set)?;

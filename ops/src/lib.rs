@@ -7,7 +7,7 @@
 
 pub mod conv;
 pub mod copy;
-mod cuda;
+pub mod cuda;
 pub mod derived;
 pub mod elementwise;
 pub mod ext;

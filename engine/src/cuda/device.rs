@@ -8,7 +8,6 @@
 //! resort for the missing-symbol case. Either way the caller gets `Error::CudaUnavailable` (or `Nvrtc` /
 //! `Cublas`), never a panic. The default panic hook may still print cudarc's message to stderr once.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
@@ -21,6 +20,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::alloc::{Allocator, MemoryStats, PooledSlice};
 use super::blas::Blas;
+use super::modules::ModuleCache;
 use super::staging::Staging;
 use super::{nvrtc, OrCuda};
 use crate::{Error, Result};
@@ -193,7 +193,6 @@ pub fn unavailable_reason() -> Option<String> {
 
 /// A loaded NVRTC module and the functions taken from it so far.
 struct LoadedModule {
-    source: &'static str,
     module: Arc<CudaModule>,
     functions: HashMap<String, CudaFunction>,
 }
@@ -210,7 +209,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     pool: Arc<Allocator>,
     blas: OnceLock<std::result::Result<Mutex<Blas>, String>>,
-    modules: Mutex<HashMap<&'static str, LoadedModule>>,
+    /// The NVRTC modules, compiled and loaded once each (see modules.rs).
+    modules: ModuleCache<LoadedModule>,
     staging: Mutex<Staging>,
     /// Blocks of a kernel one wave holds, by (module, kernel, threads a block): see [`CudaDevice::wave`].
     waves: Mutex<HashMap<(&'static str, String, u32), usize>>,
@@ -266,7 +266,7 @@ impl CudaDevice {
             ctx,
             stream,
             blas: OnceLock::new(),
-            modules: Mutex::new(HashMap::new()),
+            modules: ModuleCache::new(),
             staging: Mutex::new(Staging::new()),
             waves: Mutex::new(HashMap::new()),
         })
@@ -382,32 +382,63 @@ impl CudaDevice {
     }
 
     /// The kernel `name` of `module`. The first call for a module on this device compiles `source` with NVRTC
-    /// for this device's architecture and loads it; later calls return the cached function. Module names are
-    /// process-wide: one name, one source. A compile failure is `Error::Nvrtc` carrying NVRTC's full log.
+    /// for this device's architecture and loads it; later calls return the cached function. When a
+    /// [`Self::precompile`] is compiling the module at that moment, this waits for that compile instead of
+    /// starting another. Module names are process-wide: one name, one source. A compile failure is
+    /// `Error::Nvrtc` carrying NVRTC's full log.
     pub fn function(&self, module: &'static str, source: &'static str, name: &str) -> Result<CudaFunction> {
-        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        let loaded = match modules.entry(module) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(v) => v.insert(self.load_module(module, source)?),
-        };
-        // Pointer equality first: the same `include_str!` every time is the normal case.
-        if !std::ptr::eq(loaded.source, source) && loaded.source != source {
-            return Err(Error::Cuda {
-                op: "function",
-                msg: format!("module '{module}' was already loaded from a different source"),
-            });
-        }
-        if let Some(f) = loaded.functions.get(name) {
-            return Ok(f.clone());
-        }
         let missing =
             |why: String| Error::Cuda { op: "function", msg: format!("module '{module}': kernel '{name}': {why}") };
-        if name.contains('\0') {
-            return Err(missing("the name contains a NUL byte".into()));
-        }
-        let f = loaded.module.load_function(name).map_err(|e| missing(format!("{e:?}")))?;
-        loaded.functions.insert(name.to_string(), f.clone());
-        Ok(f)
+        let compile = |m: &'static str, src: &'static str| nvrtc::compile(m, src, &self.arch());
+        self.modules.with(module, source, &compile, &|m, image| self.load_module(m, image), |loaded| {
+            if let Some(f) = loaded.functions.get(name) {
+                return Ok(f.clone());
+            }
+            if name.contains('\0') {
+                return Err(missing("the name contains a NUL byte".into()));
+            }
+            let f = loaded.module.load_function(name).map_err(|e| missing(format!("{e:?}")))?;
+            loaded.functions.insert(name.to_string(), f.clone());
+            Ok(f)
+        })
+    }
+
+    /// Compiles every module of `modules` (name, full source, exactly as later passed to [`Self::function`])
+    /// that is not loaded on this device yet, all at once, one thread each (NVRTC is thread-safe for distinct
+    /// programs), then loads them on the calling thread. Afterwards `function` finds them loaded and compiles
+    /// nothing. A module already being compiled (by `function` or another precompile) is waited for, not
+    /// compiled again; no lock is held while compiling. Returns the first error (an `Error::Nvrtc` with the
+    /// log for a module that does not compile) after trying every module; the others are loaded all the same.
+    pub fn precompile(&self, modules: &[(&'static str, &'static str)]) -> Result<()> {
+        let arch = self.arch();
+        let compile = |m: &'static str, src: &'static str| nvrtc::compile(m, src, &arch);
+        self.modules.precompile(modules, &compile, &|m, image| self.load_module(m, image))
+    }
+
+    /// [`Self::precompile`] on a thread of its own, returning at once: start it before building the data and
+    /// the model, and their time hides the compiles. A kernel asked for meanwhile waits only for its own
+    /// module's compile (or compiles it, if the precompile has not got to it yet). Join the handle for the
+    /// outcome, or drop it: a module that failed to compile fails again, with the log, when it is needed.
+    pub fn precompile_in_background(
+        self: &Arc<Self>,
+        modules: Vec<(&'static str, &'static str)>,
+    ) -> Result<std::thread::JoinHandle<Result<()>>> {
+        let dev = self.clone();
+        std::thread::Builder::new()
+            .name(format!("precompile cuda:{}", self.ordinal))
+            .spawn(move || dev.precompile(&modules))
+            .map_err(|e| Error::Msg { context: "precompile", msg: format!("starting the thread: {e}") })
+    }
+
+    /// Whether module `module` is loaded on this device.
+    pub fn is_loaded(&self, module: &str) -> bool {
+        self.modules.is_loaded(module)
+    }
+
+    /// How many times module `module` has been compiled for this device (for tests and diagnostics: 1 once
+    /// it is loaded, however many threads asked for it, unless a compile failed).
+    pub fn compile_count(&self, module: &str) -> usize {
+        self.modules.compile_count(module)
     }
 
     /// The blocks of one full wave of kernel `name` of `module` (`f`, as [`Self::function`] returned it for
@@ -427,13 +458,12 @@ impl CudaDevice {
         Ok(w)
     }
 
-    fn load_module(&self, module: &'static str, source: &'static str) -> Result<LoadedModule> {
-        let cubin = nvrtc::compile(module, source, &self.arch())?;
+    fn load_module(&self, module: &'static str, image: &[u8]) -> Result<LoadedModule> {
         let loaded = self
             .ctx
-            .load_module(Ptx::from_binary(cubin))
+            .load_module(Ptx::from_binary(image.to_vec()))
             .map_err(|e| Error::Cuda { op: "load_module", msg: format!("module '{module}': {e:?}") })?;
-        Ok(LoadedModule { source, module: loaded, functions: HashMap::new() })
+        Ok(LoadedModule { module: loaded, functions: HashMap::new() })
     }
 }
 

@@ -13,6 +13,8 @@
 //! - NVRTC (nvrtc.rs): [`CudaDevice::function`] compiles a module's CUDA C++ source once per device for the
 //!   device's architecture (`sm_90` on an H100), caches it by module name and returns the kernel. Kernels are
 //!   `extern "C"` templates instantiated as `<op>_f32` / `<op>_f64`; [`kernel_name`] builds the name.
+//!   [`CudaDevice::precompile`] (and its background form) compiles a list of modules ahead of use, all at
+//!   once on threads of their own; the cache (modules.rs) makes sure each is compiled and loaded once.
 //! - cuBLAS (blas.rs): [`CudaDevice::gemm_strided_batched`] for row-major operands, with opt-in TF32
 //!   ([`set_tf32`]).
 //! - [`CudaStorage`] (storage.rs): a tensor's buffer, [`CudaBuffer`] (one pooled slice per dtype), and the
@@ -53,6 +55,7 @@
 mod alloc;
 mod blas;
 mod device;
+mod modules;
 mod nvrtc;
 mod staging;
 mod storage;
@@ -76,6 +79,10 @@ pub use cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig,
     PushKernelArg,
 };
+
+/// The engine's own kernel modules, (name, full source) exactly as the engine loads them: for
+/// [`CudaDevice::precompile`] (the ops crate adds its own).
+pub const MODULES: &[(&str, &str)] = &[(storage::MODULE, storage::SOURCE)];
 
 /// The CUDA C++ every kernel module starts with: `struct Strided` (the mirror of [`Strided`]), `offset_of`
 /// and the `GRID_STRIDE` loop. Prepend it to a module's source before [`CudaDevice::function`].

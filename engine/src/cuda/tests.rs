@@ -343,6 +343,50 @@ fn nvrtc_errors_carry_the_log() {
     assert!(matches!(dev.function("test_fine", BROKEN, "fine_f32"), Err(Error::Cuda { .. })), "one name, one source");
 }
 
+/// A module precompiled by two threads at once, while a third asks for its kernel, is compiled once and
+/// loaded once; afterwards `function` compiles nothing; a module that does not compile is reported with
+/// its log, and the others load all the same.
+#[test]
+fn precompile_compiles_and_loads_each_module_once() {
+    let Some((_g, dev)) = gpu("precompile_compiles_and_loads_each_module_once") else { return };
+    const ONE: &str = "extern \"C\" __global__ void one_f32(float* x) { x[0] = 1.0f; }";
+    const TWO: &str = "extern \"C\" __global__ void two_f32(float* x) { x[0] = 2.0f; }";
+    let modules = [("test_precompile_one", ONE), ("test_precompile_two", TWO)];
+    let background = dev.precompile_in_background(modules.to_vec()).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| dev.precompile(&modules).unwrap());
+        s.spawn(|| dev.function("test_precompile_two", TWO, "two_f32").unwrap());
+    });
+    background.join().unwrap().unwrap();
+    for (name, _) in modules {
+        assert!(dev.is_loaded(name), "{name}");
+        assert_eq!(dev.compile_count(name), 1, "{name} compiled once");
+    }
+    dev.function("test_precompile_one", ONE, "one_f32").unwrap();
+    dev.function("test_precompile_two", TWO, "two_f32").unwrap();
+    assert_eq!(dev.compile_count("test_precompile_one"), 1, "found loaded");
+    assert_eq!(dev.compile_count("test_precompile_two"), 1, "found loaded");
+    dev.precompile(&modules).unwrap();
+    assert_eq!(dev.compile_count("test_precompile_one"), 1, "nothing to do");
+
+    const BROKEN: &str = "extern \"C\" __global__ void broken_f32(float* x) { x[0] = not_declared_here; }";
+    const FINE: &str = "extern \"C\" __global__ void fine_f32(float* x) { x[0] = 3.0f; }";
+    match dev.precompile(&[("test_precompile_broken", BROKEN), ("test_precompile_fine", FINE)]) {
+        Err(Error::Nvrtc { module, log }) => {
+            assert_eq!(module, "test_precompile_broken");
+            assert!(log.contains("not_declared_here"), "the log names the culprit: {log}");
+        }
+        other => panic!("expected an NVRTC error, got {other:?}"),
+    }
+    assert!(!dev.is_loaded("test_precompile_broken"));
+    assert!(dev.is_loaded("test_precompile_fine"));
+    assert!(matches!(dev.function("test_precompile_broken", BROKEN, "broken_f32"), Err(Error::Nvrtc { .. })));
+    assert!(
+        matches!(dev.precompile(&[("test_precompile_fine", BROKEN)]), Err(Error::Cuda { .. })),
+        "one name, one source"
+    );
+}
+
 /// The pattern ops follow (see the example in mod.rs): a custom elementwise kernel through the public API.
 #[test]
 fn custom_elementwise_kernel_through_the_public_api() {
