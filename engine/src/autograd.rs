@@ -13,7 +13,9 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use crate::tensor::TensorId;
+use std::sync::Arc;
+
+use crate::tensor::{Meta, TensorId};
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// The backward half of an op. `backward` receives dL/d(output) and returns dL/d(input) for each input in
@@ -25,7 +27,9 @@ pub trait Op: Send + Sync {
 
 struct NodeState {
     op: Box<dyn Op>,
-    inputs: Vec<Tensor>,
+    /// The inputs' places in the tape, not the inputs: their storage stays alive only through what `op`
+    /// saved (see [`Meta`]).
+    inputs: Vec<Arc<Meta>>,
 }
 
 pub(crate) struct Node {
@@ -43,12 +47,12 @@ impl Node {
             name: op.name(),
             state: Mutex::new(Some(NodeState {
                 op: Box::new(op),
-                inputs: inputs.iter().map(|&t| t.clone()).collect(),
+                inputs: inputs.iter().map(|&t| t.0.meta.clone()).collect(),
             })),
         })
     }
 
-    fn inputs(&self) -> Result<Vec<Tensor>> {
+    fn inputs(&self) -> Result<Vec<Arc<Meta>>> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match &*state {
             Some(s) => Ok(s.inputs.clone()),
@@ -91,23 +95,23 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Tensors reachable from `root` through recorded nodes, inputs before the tensors made from them.
-fn topological_order(root: &Tensor) -> Result<Vec<Tensor>> {
+fn topological_order(root: &Tensor) -> Result<Vec<Arc<Meta>>> {
     let mut order = Vec::new();
     let mut seen = HashSet::new();
     // Iterative post-order DFS (graphs can be deeper than the stack).
-    let mut stack: Vec<(Tensor, bool)> = vec![(root.clone(), false)];
+    let mut stack: Vec<(Arc<Meta>, bool)> = vec![(root.0.meta.clone(), false)];
     while let Some((t, expanded)) = stack.pop() {
         if expanded {
             order.push(t);
             continue;
         }
-        if !seen.insert(t.id()) {
+        if !seen.insert(t.id) {
             continue;
         }
         stack.push((t.clone(), true));
-        if let Some(node) = &t.0.node {
+        if let Some(node) = &t.node {
             for input in node.inputs()? {
-                if input.requires_grad() && !seen.contains(&input.id()) {
+                if input.requires_grad() && !seen.contains(&input.id) {
                     stack.push((input, false));
                 }
             }
@@ -142,8 +146,8 @@ pub(crate) fn backward(root: &Tensor, seed: Tensor, retain_graph: bool) -> Resul
     let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
     grads.insert(root.id(), seed);
     for t in order.iter().rev() {
-        let Some(g) = grads.remove(&t.id()) else { continue };
-        if t.is_leaf() || t.0.retains_grad.load(std::sync::atomic::Ordering::Relaxed) {
+        let Some(g) = grads.remove(&t.id) else { continue };
+        if t.is_leaf() || t.retains_grad.load(std::sync::atomic::Ordering::Relaxed) {
             let g = g.contiguous()?;
             let total = match t.grad() {
                 Some(prev) => prev.accumulate(&g)?,
@@ -151,7 +155,7 @@ pub(crate) fn backward(root: &Tensor, seed: Tensor, retain_graph: bool) -> Resul
             };
             t.set_grad(Some(total));
         }
-        let Some(node) = &t.0.node else { continue };
+        let Some(node) = &t.node else { continue };
         let state = {
             let mut lock = node.state.lock().unwrap_or_else(|e| e.into_inner());
             if retain_graph {
@@ -181,14 +185,14 @@ pub(crate) fn backward(root: &Tensor, seed: Tensor, retain_graph: bool) -> Resul
             if !input.requires_grad() {
                 continue;
             }
-            if gi.shape() != input.shape() {
+            if gi.shape() != input.shape {
                 return Err(Error::BackwardShape {
                     op: node.name,
                     got: gi.shape().to_vec(),
-                    expected: input.shape().to_vec(),
+                    expected: input.shape.clone(),
                 });
             }
-            accumulate(&mut grads, input.id(), gi)?;
+            accumulate(&mut grads, input.id, gi)?;
         }
         drop(state);
     }
@@ -232,5 +236,56 @@ impl Op for ToDevice {
     }
     fn backward(&self, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(grad.to_device(self.to)?)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::Op;
+    use crate::{Result, Tensor};
+
+    /// y = 2 x; its backward needs nothing from the forward, so it saves nothing.
+    struct Double;
+    impl Op for Double {
+        fn name(&self) -> &'static str {
+            "double"
+        }
+        fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+            Ok(vec![Some(double(g)?)])
+        }
+    }
+
+    fn double(x: &Tensor) -> Result<Tensor> {
+        let v: Vec<f64> = x.to_vec::<f64>()?.iter().map(|a| 2.0 * a).collect();
+        let storage = crate::Storage::Cpu(crate::CpuStorage::F64(v));
+        Ok(Tensor::from_op(storage, x.shape(), &[x], || Double))
+    }
+
+    #[test]
+    fn intermediates_no_backward_saved_are_freed_with_the_forward() -> Result<()> {
+        let x = Tensor::from_vec(vec![1.0f64, -2.0, 3.0], &[3])?.requires_grad_(true)?;
+        let y = double(&x)?;
+        let z = double(&y)?;
+        let y_data = Arc::downgrade(&y.0.storage);
+        drop(y);
+        // The tape still links z to x through y's node, but y's data is gone: no backward needed it.
+        assert!(y_data.upgrade().is_none(), "an unsaved intermediate outlived its last user");
+        z.backward_with(&Tensor::from_vec(vec![1.0f64; z.numel()], z.shape())?)?;
+        assert_eq!(x.grad().map(|g| g.to_vec::<f64>()).transpose()?, Some(vec![4.0; 3]));
+        Ok(())
+    }
+
+    #[test]
+    fn a_retained_intermediate_gets_its_gradient_after_being_dropped_from_the_forward() -> Result<()> {
+        let x = Tensor::from_vec(vec![0.5f64, 1.5], &[2])?.requires_grad_(true)?;
+        let y = double(&x)?;
+        y.retain_grad();
+        let z = double(&double(&y)?)?;
+        z.backward_with(&Tensor::from_vec(vec![1.0f64; z.numel()], z.shape())?)?;
+        assert_eq!(y.grad().map(|g| g.to_vec::<f64>()).transpose()?, Some(vec![4.0; 2]));
+        assert_eq!(x.grad().map(|g| g.to_vec::<f64>()).transpose()?, Some(vec![8.0; 2]));
+        Ok(())
     }
 }

@@ -18,16 +18,41 @@ impl TensorId {
 }
 
 pub(crate) struct Inner {
-    pub(crate) id: TensorId,
     pub(crate) storage: Arc<RwLock<Storage>>,
     pub(crate) layout: Layout,
     pub(crate) dtype: DType,
     pub(crate) device: Device,
+    pub(crate) meta: Arc<Meta>,
+}
+
+/// A tensor's place in the tape, apart from its data: what a node keeps of each input. The graph's edges
+/// point here, not at the tensors, so that recording an op keeps its inputs' *storage* alive only where the
+/// op saved them for its backward (as PyTorch's edges point at grad_fns): an intermediate result that no
+/// backward needs is freed as soon as the forward drops it, instead of living until backward is done.
+pub(crate) struct Meta {
+    pub(crate) id: TensorId,
+    /// The shape, for checking the gradients backward hands to this tensor.
+    pub(crate) shape: Vec<usize>,
     /// The op that made this tensor, with its inputs; `None` for leaves and untracked results.
     pub(crate) node: Option<Node>,
     pub(crate) requires_grad: AtomicBool,
     pub(crate) retains_grad: AtomicBool,
     pub(crate) grad: Mutex<Option<Tensor>>,
+}
+
+impl Meta {
+    pub(crate) fn requires_grad(&self) -> bool {
+        self.requires_grad.load(Ordering::Relaxed)
+    }
+    pub(crate) fn is_leaf(&self) -> bool {
+        self.node.is_none()
+    }
+    pub(crate) fn grad(&self) -> Option<Tensor> {
+        self.grad.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub(crate) fn set_grad(&self, g: Option<Tensor>) {
+        *self.grad.lock().unwrap_or_else(|e| e.into_inner()) = g;
+    }
 }
 
 #[derive(Clone)]
@@ -36,7 +61,7 @@ pub struct Tensor(pub(crate) Arc<Inner>);
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tensor({:?}, {}, {}", self.shape(), self.dtype(), self.device())?;
-        if let Some(node) = &self.0.node {
+        if let Some(node) = &self.0.meta.node {
             write!(f, ", grad_fn={}", node.name)?;
         } else if self.requires_grad() {
             write!(f, ", requires_grad")?;
@@ -52,17 +77,15 @@ impl Tensor {
             (s.dtype(), s.device())
         };
         let requires_grad = node.is_some();
-        Tensor(Arc::new(Inner {
+        let meta = Meta {
             id: TensorId::next(),
-            storage,
-            layout,
-            dtype,
-            device,
+            shape: layout.shape().to_vec(),
             node,
             requires_grad: AtomicBool::new(requires_grad),
             retains_grad: AtomicBool::new(false),
             grad: Mutex::new(None),
-        }))
+        };
+        Tensor(Arc::new(Inner { storage, layout, dtype, device, meta: Arc::new(meta) }))
     }
 
     /// A leaf (no graph) over new storage.
@@ -168,7 +191,7 @@ impl Tensor {
     }
 
     pub fn id(&self) -> TensorId {
-        self.0.id
+        self.0.meta.id
     }
     pub fn shape(&self) -> &[usize] {
         self.0.layout.shape()
@@ -220,15 +243,15 @@ impl Tensor {
 
     /// The name of the op that made this tensor, if it was recorded.
     pub fn grad_fn(&self) -> Option<&'static str> {
-        self.0.node.as_ref().map(|n| n.name)
+        self.0.meta.node.as_ref().map(|n| n.name)
     }
 
     pub fn is_leaf(&self) -> bool {
-        self.0.node.is_none()
+        self.0.meta.is_leaf()
     }
 
     pub fn requires_grad(&self) -> bool {
-        self.0.requires_grad.load(Ordering::Relaxed)
+        self.0.meta.requires_grad()
     }
 
     /// Marks a leaf as requiring grad (its gradient is kept in `grad()` after backward). Returns `self`.
@@ -240,22 +263,22 @@ impl Tensor {
                 self.shape(),
             ));
         }
-        self.0.requires_grad.store(on || !self.is_leaf(), Ordering::Relaxed);
+        self.0.meta.requires_grad.store(on || !self.is_leaf(), Ordering::Relaxed);
         Ok(self)
     }
 
     /// Asks backward to keep this intermediate tensor's gradient too.
     pub fn retain_grad(&self) {
-        self.0.retains_grad.store(true, Ordering::Relaxed);
+        self.0.meta.retains_grad.store(true, Ordering::Relaxed);
     }
 
     /// The gradient accumulated by backward, if any.
     pub fn grad(&self) -> Option<Tensor> {
-        self.0.grad.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.meta.grad()
     }
 
     pub fn set_grad(&self, g: Option<Tensor>) {
-        *self.0.grad.lock().unwrap_or_else(|e| e.into_inner()) = g;
+        self.0.meta.set_grad(g)
     }
 
     pub fn zero_grad(&self) {
