@@ -61,6 +61,9 @@ pub fn cases() -> Vec<Case> {
         Unary::Gelu,
         Unary::Silu,
         Unary::Elu(1.0),
+        // alpha <= 0: the one unary op whose backward reads both x and y.
+        Unary::Elu(-0.5),
+        Unary::AddScalar(0.25),
         Unary::Softplus { beta: 1.0, threshold: 20.0 },
         Unary::Sigmoid,
         Unary::Tanh,

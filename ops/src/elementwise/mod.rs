@@ -141,10 +141,45 @@ impl Cmp {
     }
 }
 
+/// What a unary op's derivative reads (the `df` column of the table above), so that its backward saves
+/// only that: the input x, the output y, or neither. Saving both would keep one tensor alive per op for
+/// nothing (an `add_scalar` between two layers would hold its input and output until backward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Nothing,
+    X,
+    Y,
+}
+
+impl Unary {
+    fn needs(&self) -> Needs {
+        match *self {
+            Unary::Neg | Unary::AddScalar(_) | Unary::MulScalar(_) | Unary::DivScalar(_) => Needs::Nothing,
+            Unary::Exp | Unary::Sqrt | Unary::Rsqrt | Unary::Sigmoid | Unary::Tanh => Needs::Y,
+            // f'(x) = 1 where x > 0, else y + alpha; for alpha > 0, x > 0 exactly when y > 0 (y = x there, and
+            // y = alpha (e^x - 1) <= 0 elsewhere), so y alone gives the same bits, read in x's place.
+            Unary::Elu(a) if a > 0.0 => Needs::Y,
+            Unary::Log
+            | Unary::Abs
+            | Unary::Relu
+            | Unary::Gelu
+            | Unary::Silu
+            | Unary::Elu(_)
+            | Unary::Softplus { .. }
+            | Unary::Powf(_)
+            | Unary::ClampMin(_)
+            | Unary::ClampMax(_) => Needs::X,
+        }
+    }
+}
+
 struct UnaryBackward {
     op: Unary,
-    x: Tensor,
-    y: Tensor,
+    /// x or y or neither, per [`Unary::needs`] (ELU with alpha <= 0 is the one op that reads both; it saves
+    /// x here and y below).
+    saved: Option<Tensor>,
+    y_for_elu: Option<Tensor>,
+    shape: Vec<usize>,
 }
 
 impl Op for UnaryBackward {
@@ -152,19 +187,20 @@ impl Op for UnaryBackward {
         self.op.name()
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let storage = match (&*self.x.storage(), &*self.y.storage(), &*g.storage()) {
-            (Storage::Cpu(x), Storage::Cpu(y), Storage::Cpu(gs)) => {
-                Storage::Cpu(cpu::unary_backward(self.op, x, self.x.layout(), y, self.y.layout(), gs, g.layout())?)
+        // The kernels take (x, y); an operand the derivative does not read is given as another tensor of the
+        // same shape (the saved one, or g), which they never read for this op.
+        let x = self.saved.as_ref().unwrap_or(g);
+        let y = self.y_for_elu.as_ref().unwrap_or(x);
+        let storage = match (&*x.storage(), &*y.storage(), &*g.storage()) {
+            (Storage::Cpu(xs), Storage::Cpu(ys), Storage::Cpu(gs)) => {
+                Storage::Cpu(cpu::unary_backward(self.op, xs, x.layout(), ys, y.layout(), gs, g.layout())?)
             }
-            (Storage::Cuda(x), Storage::Cuda(y), Storage::Cuda(gs)) => Storage::Cuda(cuda::unary_backward(
-                self.op,
-                (x, self.x.layout()),
-                (y, self.y.layout()),
-                (gs, g.layout()),
-            )?),
+            (Storage::Cuda(xs), Storage::Cuda(ys), Storage::Cuda(gs)) => {
+                Storage::Cuda(cuda::unary_backward(self.op, (xs, x.layout()), (ys, y.layout()), (gs, g.layout()))?)
+            }
             (s, _, _) => return Err(no_cuda(self.op.name(), s)),
         };
-        Ok(vec![Some(Tensor::from_storage(storage, self.x.shape())?)])
+        Ok(vec![Some(Tensor::from_storage(storage, &self.shape)?)])
     }
 }
 
@@ -198,7 +234,15 @@ pub fn unary(op: Unary, x: &Tensor) -> Result<Tensor> {
         Storage::Cpu(s) => Storage::Cpu(cpu::unary(op, s, x.layout())),
         Storage::Cuda(s) => Storage::Cuda(cuda::unary(op, s, x.layout())?),
     };
-    Ok(Tensor::from_op_with_output(storage, x.shape(), &[x], |y| UnaryBackward { op, x: x.detach(), y }))
+    Ok(Tensor::from_op_with_output(storage, x.shape(), &[x], |y| {
+        let (saved, y_for_elu) = match op.needs() {
+            Needs::Nothing => (None, None),
+            Needs::Y => (Some(y), None),
+            Needs::X if matches!(op, Unary::Elu(_)) => (Some(x.detach()), Some(y)),
+            Needs::X => (Some(x.detach()), None),
+        };
+        UnaryBackward { op, saved, y_for_elu, shape: x.shape().to_vec() }
+    }))
 }
 
 struct BinaryBackward {

@@ -17,6 +17,7 @@ fn all_unary() -> Vec<Unary> {
         Unary::Gelu,
         Unary::Silu,
         Unary::Elu(0.7),
+        Unary::Elu(-0.5),
         Unary::Softplus { beta: 1.5, threshold: 2.0 },
         Unary::Sigmoid,
         Unary::Tanh,
