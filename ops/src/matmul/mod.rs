@@ -20,7 +20,7 @@ mod reference;
 
 pub use reference::matmul_ref;
 
-use engine::{Device, Error, Layout, Op, Result, Storage, Tensor};
+use engine::{Error, Layout, Op, Result, Storage, Tensor};
 
 use crate::reduce::sum_to_shape;
 use crate::util::same_dtype_device;
@@ -87,10 +87,11 @@ impl Op for Matmul {
             None => None,
         };
         let db = match &self.a {
-            Some(a) if self.b_shape.len() == 2 && a.rank() > 2 && a.device() == Device::Cpu => {
+            Some(a) if self.b_shape.len() == 2 && a.rank() > 2 => {
                 // B was shared by every batch (a Linear layer's weight): the sum over the batch of A_i^T g_i is
                 // one product of the stacked rows, A^T g with A (batches m, k) and g (batches m, n), instead of
-                // a (..c, k, n) stack of products summed afterwards.
+                // a (..c, k, n) stack of products summed afterwards (on CUDA: one long-K GEMM instead of a
+                // batched GEMM of small products, its (..c, k, n) buffer and a reduction).
                 let (k, n) = (a.dim(-1)?, g.dim(-1)?);
                 let rows = a.shape()[..a.rank() - 1].iter().product();
                 let (a2, g2) = (reshape_usize(a, &[rows, k])?, reshape_usize(g, &[rows, n])?);
