@@ -285,6 +285,14 @@ impl Tensor {
         self.set_grad(None);
     }
 
+    /// The result of a fused op that computed `value` from other ops with recording off: `value`'s data and
+    /// layout, recorded as one node over `inputs` with the fused op's own backward (which may recompute
+    /// cheap intermediates instead of saving them).
+    pub fn from_op_over<O: Op + 'static>(value: &Tensor, inputs: &[&Tensor], make_op: impl FnOnce() -> O) -> Tensor {
+        let node = Node::record(inputs, make_op);
+        Self::build(value.0.storage.clone(), value.0.layout.clone(), node)
+    }
+
     /// A new leaf over the same storage, cut from the graph.
     pub fn detach(&self) -> Tensor {
         Self::build(self.0.storage.clone(), self.0.layout.clone(), None)

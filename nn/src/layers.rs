@@ -198,7 +198,9 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+        // fc2(gelu(h)) as one op that saves h and recomputes gelu(h) in its backward: the hidden layer's
+        // activation (4x the width) is not kept for backward, and the results are bitwise the same.
+        ops::act_linear(&self.fc1.forward(x)?, ops::Unary::Gelu, &self.fc2.weight, self.fc2.bias.as_ref())
     }
 }
 

@@ -145,14 +145,14 @@ impl Cmp {
 /// only that: the input x, the output y, or neither. Saving both would keep one tensor alive per op for
 /// nothing (an `add_scalar` between two layers would hold its input and output until backward).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Needs {
+pub(crate) enum Needs {
     Nothing,
     X,
     Y,
 }
 
 impl Unary {
-    fn needs(&self) -> Needs {
+    pub(crate) fn needs(&self) -> Needs {
         match *self {
             Unary::Neg | Unary::AddScalar(_) | Unary::MulScalar(_) | Unary::DivScalar(_) => Needs::Nothing,
             Unary::Exp | Unary::Sqrt | Unary::Rsqrt | Unary::Sigmoid | Unary::Tanh => Needs::Y,
@@ -191,17 +191,23 @@ impl Op for UnaryBackward {
         // same shape (the saved one, or g), which they never read for this op.
         let x = self.saved.as_ref().unwrap_or(g);
         let y = self.y_for_elu.as_ref().unwrap_or(x);
-        let storage = match (&*x.storage(), &*y.storage(), &*g.storage()) {
-            (Storage::Cpu(xs), Storage::Cpu(ys), Storage::Cpu(gs)) => {
-                Storage::Cpu(cpu::unary_backward(self.op, xs, x.layout(), ys, y.layout(), gs, g.layout())?)
-            }
-            (Storage::Cuda(xs), Storage::Cuda(ys), Storage::Cuda(gs)) => {
-                Storage::Cuda(cuda::unary_backward(self.op, (xs, x.layout()), (ys, y.layout()), (gs, g.layout()))?)
-            }
-            (s, _, _) => return Err(no_cuda(self.op.name(), s)),
-        };
-        Ok(vec![Some(Tensor::from_storage(storage, &self.shape)?)])
+        Ok(vec![Some(unary_grad(self.op, x, y, g, &self.shape)?)])
     }
+}
+
+/// g f'(x) of a unary op, from x and y = f(x) (either may stand in for the other where `op.needs()` says
+/// the derivative does not read it), as a new tensor of `shape`.
+pub(crate) fn unary_grad(op: Unary, x: &Tensor, y: &Tensor, g: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    let storage = match (&*x.storage(), &*y.storage(), &*g.storage()) {
+        (Storage::Cpu(xs), Storage::Cpu(ys), Storage::Cpu(gs)) => {
+            Storage::Cpu(cpu::unary_backward(op, xs, x.layout(), ys, y.layout(), gs, g.layout())?)
+        }
+        (Storage::Cuda(xs), Storage::Cuda(ys), Storage::Cuda(gs)) => {
+            Storage::Cuda(cuda::unary_backward(op, (xs, x.layout()), (ys, y.layout()), (gs, g.layout()))?)
+        }
+        (s, _, _) => return Err(no_cuda(op.name(), s)),
+    };
+    Tensor::from_storage(storage, shape)
 }
 
 /// For a CPU tensor that is a permutation of contiguous memory (a channels-last image, a transposed matrix)

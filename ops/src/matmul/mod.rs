@@ -14,10 +14,12 @@
 //! it has neither. The backward is two more matmuls over transposed views (`t`) followed by `sum_to_shape`;
 //! each runs only for an input that requires grad.
 
+mod act_linear;
 mod cpu;
 mod cuda;
 mod reference;
 
+pub use act_linear::act_linear;
 pub use reference::matmul_ref;
 
 use engine::{Error, Layout, Op, Result, Storage, Tensor};

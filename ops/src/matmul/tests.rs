@@ -442,3 +442,54 @@ fn cuda_matmul_keeps_torch_vector_shapes_and_empty_sizes() {
     assert_cuda_matches_cpu("empty batch", &[&[0, 3, 4], &[4, 2]], |x| matmul(&x[0], &x[1]));
     assert_cuda_matches_cpu("m = 0", &[&[0, 4], &[4, 2]], |x| matmul(&x[0], &x[1]));
 }
+
+/// Forward value and the gradients of (h, w, b) under a fixed cotangent, in f32 (where a different
+/// summation order would show in the bits).
+fn act_linear_run(fused: bool, act: crate::Unary, bias: bool) -> Vec<Vec<f64>> {
+    let h = randn_as(&[2, 5, 6], DType::F32, 31).requires_grad_(true).unwrap();
+    let w = randn_as(&[3, 6], DType::F32, 32).requires_grad_(true).unwrap();
+    let b = randn_as(&[3], DType::F32, 33).requires_grad_(true).unwrap();
+    let bias = bias.then_some(&b);
+    let y = if fused {
+        act_linear(&h, act, &w, bias).unwrap()
+    } else {
+        let p = matmul(&crate::unary(act, &h).unwrap(), &t(&w).unwrap()).unwrap();
+        match bias {
+            Some(b) => crate::add(&p, b).unwrap(),
+            None => p,
+        }
+    };
+    y.backward_with(&randn_as(y.shape(), DType::F32, 34)).unwrap();
+    let mut out = vec![y.to_vec_f64().unwrap()];
+    for x in [&h, &w] {
+        out.push(x.grad().unwrap().to_vec_f64().unwrap());
+    }
+    if bias.is_some() {
+        out.push(b.grad().unwrap().to_vec_f64().unwrap());
+    }
+    out
+}
+
+#[test]
+fn act_linear_is_bitwise_the_composition_and_gradchecks() {
+    for act in [crate::Unary::Gelu, crate::Unary::Silu, crate::Unary::Relu] {
+        for bias in [true, false] {
+            assert_eq!(act_linear_run(true, act, bias), act_linear_run(false, act, bias), "{act:?}, bias {bias}");
+        }
+    }
+    let h = randn(&[2, 3, 4], 41);
+    let w = randn(&[5, 4], 42);
+    let b = randn(&[5], 43);
+    let r = gradcheck("act_linear", &[h, w, b], |x| act_linear(&x[0], crate::Unary::Gelu, &x[1], Some(&x[2]))).unwrap();
+    assert!(r.passed(), "{r}");
+}
+
+#[test]
+fn act_linear_bad_inputs_are_errors() {
+    let (h, w) = (randn(&[2, 4], 1), randn(&[3, 4], 2));
+    assert!(act_linear(&h, crate::Unary::Exp, &w, None).is_err(), "exp's derivative reads its output");
+    assert!(act_linear(&h, crate::Unary::Gelu, &randn(&[3, 5], 3), None).is_err());
+    assert!(act_linear(&h, crate::Unary::Gelu, &w, Some(&randn(&[4], 4))).is_err());
+    assert!(act_linear(&randn(&[4], 5), crate::Unary::Gelu, &w, None).is_err());
+    assert!(act_linear(&h, crate::Unary::Gelu, &randn(&[3, 4, 1], 6), None).is_err());
+}
