@@ -1,18 +1,22 @@
 //! CUDA optimizer updates (optim.cu): one grid-stride kernel per rule, updating the parameter and its state
-//! in place. The callers hold the write locks of every tensor written, so the kernels write through the
-//! buffers' shared slices (cudarc does not tell reads from writes once event tracking is off).
+//! in place, and the multi-tensor forms, one launch over a table of up to about a hundred tensors. The
+//! callers hold the write locks of every tensor written, so the kernels write through the buffers' shared
+//! slices (cudarc does not tell reads from writes once event tracking is off).
 
-use engine::cuda::{CudaStorage, DeviceRepr, PushKernelArg};
-use engine::{DType, Float, Layout, Result};
+use std::collections::HashMap;
+use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 
-use super::{AdamWStep, SgdStep};
+use engine::cuda::{CudaDevice, CudaStorage, DevicePtr, DeviceRepr, PushKernelArg};
+use engine::{DType, Error, Float, Layout, Result, Storage, Tensor};
+
+use super::{AdamWStep, AdamWTensors, SgdStep, SgdTensors};
 use crate::cuda::{elements, function, launch, Module};
 
 pub(crate) const MODULE: Module = Module { name: "ops_optim", body: include_str!("optim.cu") };
 
 /// `struct SgdParams` of optim.cu, field for field.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct SgdParams {
     lr: f64,
     momentum: f64,
@@ -27,7 +31,7 @@ struct SgdParams {
 
 /// `struct AdamWParams` of optim.cu, field for field.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct AdamWParams {
     step_size: f64,
     decay: f64,
@@ -50,6 +54,42 @@ unsafe impl DeviceRepr for SgdParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AdamWParams {}
 
+impl SgdParams {
+    fn new(h: SgdStep) -> Self {
+        SgdParams {
+            lr: h.lr,
+            momentum: h.momentum,
+            one_minus_dampening: 1.0 - h.dampening,
+            weight_decay: h.weight_decay,
+            use_momentum: (h.momentum != 0.0) as i32,
+            nesterov: h.nesterov as i32,
+            first: h.first as i32,
+            pad: 0,
+        }
+    }
+}
+
+impl AdamWParams {
+    /// `amsgrad`: a vmax buffer is updated.
+    fn new(h: AdamWStep, amsgrad: bool) -> Self {
+        // The bias corrections as the CPU computes them, in f64.
+        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
+        AdamWParams {
+            step_size: h.lr / bc1,
+            decay: 1.0 - h.lr * h.weight_decay,
+            beta1: h.beta1,
+            one_minus_beta1: 1.0 - h.beta1,
+            beta2: h.beta2,
+            one_minus_beta2: 1.0 - h.beta2,
+            bc2_sqrt,
+            eps: h.eps,
+            amsgrad: amsgrad as i32,
+            pad: 0,
+        }
+    }
+}
+
 type Mut<'a> = (&'a mut CudaStorage, &'a Layout);
 type Ref<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -62,16 +102,7 @@ pub(super) fn sgd(p: Mut, g: Ref, buf: Mut, h: SgdStep) -> Result<()> {
             return Ok(());
         }
         let dev = p.0.device().clone();
-        let params = SgdParams {
-            lr: h.lr,
-            momentum: h.momentum,
-            one_minus_dampening: 1.0 - h.dampening,
-            weight_decay: h.weight_decay,
-            use_momentum: (h.momentum != 0.0) as i32,
-            nesterov: h.nesterov as i32,
-            first: h.first as i32,
-            pad: 0,
-        };
+        let params = SgdParams::new(h);
         let (pv, gv, bv) =
             (elements::<T>(OP, (&*p.0, p.1))?, elements::<T>(OP, (g.0, g.1))?, elements::<T>(OP, (&*buf.0, buf.1))?);
         let f = function::<T>(&dev, &MODULE, "sgd_step")?;
@@ -99,21 +130,7 @@ pub(super) fn adamw(p: Mut, g: Ref, m: Mut, v: Mut, vmax: Option<Mut>, h: AdamWS
             return Ok(());
         }
         let dev = p.0.device().clone();
-        // The bias corrections as the CPU computes them, in f64.
-        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
-        let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
-        let params = AdamWParams {
-            step_size: h.lr / bc1,
-            decay: 1.0 - h.lr * h.weight_decay,
-            beta1: h.beta1,
-            one_minus_beta1: 1.0 - h.beta1,
-            beta2: h.beta2,
-            one_minus_beta2: 1.0 - h.beta2,
-            bc2_sqrt,
-            eps: h.eps,
-            amsgrad: vmax.is_some() as i32,
-            pad: 0,
-        };
+        let params = AdamWParams::new(h, vmax.is_some());
         let (pv, gv) = (elements::<T>(OP, (&*p.0, p.1))?, elements::<T>(OP, (g.0, g.1))?);
         let (mv, vv) = (elements::<T>(OP, (&*m.0, m.1))?, elements::<T>(OP, (&*v.0, v.1))?);
         // Without amsgrad the kernel never reads vmax: v stands in for the pointer.
@@ -163,5 +180,272 @@ pub(super) fn scale(x: &mut CudaStorage, layout: &Layout, factor: f64) -> Result
     match x.dtype() {
         DType::F32 => run::<f32>(x, layout, factor),
         DType::F64 => run::<f64>(x, layout, factor),
+    }
+}
+
+// ---- Multi-tensor updates ------------------------------------------------------------------------------
+
+/// Hyperparameter sets per table (`MT_SETS` in optim.cu).
+const SETS: usize = 4;
+/// Elements per chunk (`MT_CHUNK`).
+const CHUNK: usize = 4096;
+/// The longest table entry: a longer tensor takes several (whole chunks each, and a length a u32 holds).
+const SEGMENT: usize = 1 << 31;
+
+/// `struct MultiTable<P, DEPTH, N>` of optim.cu, field for field: D operand addresses per tensor, for up to
+/// N tensors. N % 8 == 4, so that `count` and `set` end the struct on an 8-byte boundary with no padding.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MultiTable<P, const D: usize, const N: usize> {
+    sets: [P; SETS],
+    ptr: [[u64; N]; D],
+    len: [u32; N],
+    chunk_end: [u32; N],
+    count: i32,
+    set: [u8; N],
+}
+
+type SgdTable = MultiTable<SgdParams, 3, 116>;
+type AdamWTable = MultiTable<AdamWParams, 4, 92>;
+type AdamWMaxTable = MultiTable<AdamWParams, 5, 76>;
+
+// At most 4 KiB, the kernel-parameter limit of every CUDA version; the .cu side checks the same sizes.
+const _: () = assert!(std::mem::size_of::<SgdTable>() == 4024);
+const _: () = assert!(std::mem::size_of::<AdamWTable>() == 4064);
+const _: () = assert!(std::mem::size_of::<AdamWMaxTable>() == 4016);
+
+// SAFETY: u64, u32, i32 and u8 arrays and params structs that are DeviceRepr themselves, in C layout with no
+// padding (the sizes above), the layout of `MultiTable` in optim.cu.
+unsafe impl<P: DeviceRepr, const D: usize, const N: usize> DeviceRepr for MultiTable<P, D, N> {}
+
+/// Fills tables with tensors and launches `kernel` once per full table (and once for the rest).
+struct Batcher<'a, T, P, const D: usize, const N: usize> {
+    op: &'static str,
+    dev: &'a CudaDevice,
+    kernel: &'static str,
+    table: MultiTable<P, D, N>,
+    sets: usize,
+    chunks: u32,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<'a, T: Float, P: DeviceRepr + Copy + Default + PartialEq, const D: usize, const N: usize> Batcher<'a, T, P, D, N> {
+    fn new(op: &'static str, dev: &'a CudaDevice, kernel: &'static str) -> Self {
+        let table = MultiTable {
+            sets: [P::default(); SETS],
+            ptr: [[0; N]; D],
+            len: [0; N],
+            chunk_end: [0; N],
+            count: 0,
+            set: [0; N],
+        };
+        Batcher { op, dev, kernel, table, sets: 0, chunks: 0, _t: std::marker::PhantomData }
+    }
+
+    /// Adds a tensor of `n` elements whose operands start at `addrs`, updated with `params`.
+    fn push(&mut self, addrs: [u64; D], n: usize, params: P) -> Result<()> {
+        for start in (0..n).step_by(SEGMENT) {
+            let len = SEGMENT.min(n - start);
+            if self.table.count as usize == N {
+                self.flush()?;
+            }
+            let set = match self.table.sets[..self.sets].iter().position(|s| *s == params) {
+                Some(i) => i,
+                None => {
+                    if self.sets == SETS {
+                        self.flush()?;
+                    }
+                    self.table.sets[self.sets] = params;
+                    self.sets += 1;
+                    self.sets - 1
+                }
+            };
+            let i = self.table.count as usize;
+            for (k, &a) in addrs.iter().enumerate() {
+                self.table.ptr[k][i] = a + (start * std::mem::size_of::<T>()) as u64;
+            }
+            // Both fit: len <= 2^31, and a table's chunks <= N * 2^31 / CHUNK < 2^32.
+            self.table.len[i] = len as u32;
+            self.chunks += len.div_ceil(CHUNK) as u32;
+            self.table.chunk_end[i] = self.chunks;
+            self.table.set[i] = set as u8;
+            self.table.count += 1;
+        }
+        Ok(())
+    }
+
+    /// Launches the table's tensors, if any, and empties it.
+    fn flush(&mut self) -> Result<()> {
+        if self.table.count == 0 {
+            return Ok(());
+        }
+        let f = function::<T>(self.dev, &MODULE, self.kernel)?;
+        let mut args = self.dev.stream().launch_builder(&f);
+        args.arg(&self.table);
+        // One block per chunk, up to the grid-stride cap; blocks stride over the chunks.
+        let n = self.chunks as usize * 256;
+        // SAFETY: `<kernel>_<T>(MultiTable t)` takes the table by value (copied at launch) and, for each of its
+        // `count` entries, reads and writes elements 0..len[i] at the addresses ptr[k][i] (the parameter and
+        // state, written; the gradient, only read). Each address is the first element of a contiguous view
+        // of `len` elements checked against its buffer by `elements`, advanced by whole segments that stay
+        // inside it; the caller holds the locks of every buffer (write locks where written) and has checked
+        // that no written range overlaps another operand's, so no other work touches them.
+        unsafe { launch(self.op, self.dev, args, n) }?;
+        self.table.count = 0;
+        self.sets = 0;
+        self.chunks = 0;
+        Ok(())
+    }
+}
+
+/// A storage lock held for reading or writing.
+enum Guard<'a> {
+    Read(RwLockReadGuard<'a, Storage>),
+    Write(RwLockWriteGuard<'a, Storage>),
+}
+
+impl Guard<'_> {
+    fn storage(&self) -> &Storage {
+        match self {
+            Guard::Read(g) => g,
+            Guard::Write(g) => g,
+        }
+    }
+}
+
+/// The device addresses of `operands` (tensor, written) as `T`, found while holding each storage's lock
+/// once (a write lock where any operand on it is written), and `f` run on them under those locks; `None`
+/// without running `f` when a written operand overlaps another operand in memory (a launch would race).
+/// Empty operands get address 0.
+fn with_addresses<T: Float, R>(
+    op: &'static str,
+    dev: &CudaDevice,
+    operands: &[(&Tensor, bool)],
+    f: impl FnOnce(&[u64]) -> Result<R>,
+) -> Result<Option<R>> {
+    // One lock per storage, in first-seen order.
+    let mut written: HashMap<usize, bool> = HashMap::new();
+    let mut order = Vec::new();
+    for &(t, w) in operands {
+        let e = written.entry(t.storage_key()).or_insert_with(|| {
+            order.push(t);
+            false
+        });
+        *e |= w;
+    }
+    let mut guards = HashMap::with_capacity(order.len());
+    for t in order {
+        let g = if written[&t.storage_key()] { Guard::Write(t.storage_mut()) } else { Guard::Read(t.storage()) };
+        guards.insert(t.storage_key(), g);
+    }
+    let mut addrs = Vec::with_capacity(operands.len());
+    // (first byte, end, written) of every non-empty operand.
+    let mut spans = Vec::with_capacity(operands.len());
+    for &(t, w) in operands {
+        let Storage::Cuda(s) = guards[&t.storage_key()].storage() else {
+            return Err(Error::DeviceMismatch { op, lhs: engine::Device::Cuda(dev.ordinal()), rhs: t.device() });
+        };
+        if s.ordinal() != dev.ordinal() || s.dtype() != T::DTYPE {
+            return Err(Error::invalid(op, "internal: a multi-tensor launch mixes devices or dtypes", t.shape()));
+        }
+        if t.numel() == 0 {
+            addrs.push(0);
+            continue;
+        }
+        let a = elements::<T>(op, (s, t.layout()))?.device_ptr(dev.stream()).0;
+        addrs.push(a);
+        spans.push((a, a + (t.numel() * std::mem::size_of::<T>()) as u64, w));
+    }
+    // A span overlaps an earlier-starting one exactly when it starts before that one's end.
+    spans.sort_unstable_by_key(|s| s.0);
+    let (mut end_any, mut end_written) = (0, 0);
+    for (start, end, w) in spans {
+        if start < end_written || (w && start < end_any) {
+            return Ok(None);
+        }
+        end_any = end_any.max(end);
+        if w {
+            end_written = end_written.max(end);
+        }
+    }
+    f(&addrs).map(Some)
+}
+
+/// [`sgd`] on every item (one device and dtype, checked by the caller) in as few launches as the tables
+/// allow; false, with nothing done, when written operands overlap.
+pub(super) fn sgd_multi(items: &[SgdTensors]) -> Result<bool> {
+    fn run<T: Float>(dev: &CudaDevice, items: &[SgdTensors]) -> Result<bool> {
+        const OP: &str = "sgd_step";
+        let operands: Vec<(&Tensor, bool)> =
+            items.iter().flat_map(|it| [(it.p, true), (it.grad, false), (it.buf, true)]).collect();
+        let done = with_addresses::<T, ()>(OP, dev, &operands, |addrs| {
+            let mut batch = Batcher::<T, SgdParams, 3, 116>::new(OP, dev, "sgd_multi");
+            for (it, a) in items.iter().zip(addrs.chunks_exact(3)) {
+                if it.p.numel() > 0 {
+                    batch.push([a[0], a[1], a[2]], it.p.numel(), SgdParams::new(it.h))?;
+                }
+            }
+            batch.flush()
+        })?;
+        Ok(done.is_some())
+    }
+    let Some(first) = items.first() else { return Ok(true) };
+    let dev = cuda_device(first.p)?;
+    match first.p.dtype() {
+        DType::F32 => run::<f32>(&dev, items),
+        DType::F64 => run::<f64>(&dev, items),
+    }
+}
+
+/// [`adamw`] on every item (one device and dtype, and all with a vmax or none, checked by the caller) in as
+/// few launches as the tables allow; false, with nothing done, when written operands overlap.
+pub(super) fn adamw_multi(items: &[AdamWTensors]) -> Result<bool> {
+    fn run<T: Float>(dev: &CudaDevice, items: &[AdamWTensors], amsgrad: bool) -> Result<bool> {
+        const OP: &str = "adamw_step";
+        let mut operands: Vec<(&Tensor, bool)> = Vec::with_capacity(items.len() * 5);
+        for it in items {
+            operands.extend([(it.p, true), (it.grad, false), (it.m, true), (it.v, true)]);
+            if let Some(x) = it.vmax {
+                operands.push((x, true));
+            }
+        }
+        let done = with_addresses::<T, ()>(OP, dev, &operands, |a| {
+            // (item, its operands' addresses) of the non-empty items.
+            let width = if amsgrad { 5 } else { 4 };
+            let live = items.iter().zip(a.chunks_exact(width)).filter(|(it, _)| it.p.numel() > 0);
+            let params = |it: &AdamWTensors| AdamWParams::new(it.h, amsgrad);
+            if amsgrad {
+                let mut batch = Batcher::<T, AdamWParams, 5, 76>::new(OP, dev, "adamw_multi_max");
+                for (it, a) in live {
+                    batch.push([a[0], a[1], a[2], a[3], a[4]], it.p.numel(), params(it))?;
+                }
+                batch.flush()
+            } else {
+                let mut batch = Batcher::<T, AdamWParams, 4, 92>::new(OP, dev, "adamw_multi");
+                for (it, a) in live {
+                    batch.push([a[0], a[1], a[2], a[3]], it.p.numel(), params(it))?;
+                }
+                batch.flush()
+            }
+        })?;
+        Ok(done.is_some())
+    }
+    let Some(first) = items.first() else { return Ok(true) };
+    let amsgrad = first.vmax.is_some();
+    if items.iter().any(|it| it.vmax.is_some() != amsgrad) {
+        return Err(Error::invalid("adamw_step", "internal: a multi-tensor launch mixes amsgrad", first.p.shape()));
+    }
+    let dev = cuda_device(first.p)?;
+    match first.p.dtype() {
+        DType::F32 => run::<f32>(&dev, items, amsgrad),
+        DType::F64 => run::<f64>(&dev, items, amsgrad),
+    }
+}
+
+/// The CUDA device of `t`.
+fn cuda_device(t: &Tensor) -> Result<std::sync::Arc<CudaDevice>> {
+    match t.device() {
+        engine::Device::Cuda(i) => engine::cuda::device(i),
+        other => Err(Error::DeviceMismatch { op: "optimizer step", lhs: engine::Device::Cuda(0), rhs: other }),
     }
 }
