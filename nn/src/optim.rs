@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use engine::{no_grad, Error, Result, Tensor, TensorId};
-use ops::optim::{adamw_step, scale_, sgd_step, sum_squares, AdamWStep, SgdStep};
+use ops::optim::{adamw_step_multi, scale_, sgd_step_multi, sum_squares, AdamWStep, AdamWTensors, SgdStep, SgdTensors};
 
 /// Parameters sharing hyper-parameters (here: the weight decay).
 #[derive(Clone)]
@@ -87,8 +87,12 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
+    /// Every parameter with a gradient in one [`sgd_step_multi`] (one launch per device and about a hundred
+    /// parameters on CUDA).
     fn step(&mut self) -> Result<()> {
         no_grad(|| {
+            // (parameter, gradient, momentum buffer, hyperparameters), in group order.
+            let mut work = Vec::new();
             for group in &self.groups {
                 for p in &group.params {
                     let Some(g) = p.grad() else { continue };
@@ -109,10 +113,12 @@ impl Optimizer for Sgd {
                         weight_decay: group.weight_decay,
                         first,
                     };
-                    sgd_step(p, &g, &buf, h)?;
+                    work.push((p, g, buf, h));
                 }
             }
-            Ok(())
+            let items: Vec<SgdTensors> =
+                work.iter().map(|(p, grad, buf, h)| SgdTensors { p, grad, buf, h: *h }).collect();
+            sgd_step_multi(&items)
         })
     }
     fn lr(&self) -> f64 {
@@ -202,8 +208,12 @@ impl AdamW {
 }
 
 impl Optimizer for AdamW {
+    /// Every parameter with a gradient in one [`adamw_step_multi`] (one launch per device and about a hundred
+    /// parameters on CUDA).
     fn step(&mut self) -> Result<()> {
         no_grad(|| {
+            // (parameter, gradient, m, v, vmax, hyperparameters), in group order.
+            let mut work = Vec::new();
             for group in &self.groups {
                 for p in &group.params {
                     let Some(g) = p.grad() else { continue };
@@ -225,10 +235,14 @@ impl Optimizer for AdamW {
                         amsgrad: self.cfg.amsgrad,
                         step: st.step,
                     };
-                    adamw_step(p, &g, &st.m, &st.v, st.vmax.as_ref(), h)?;
+                    work.push((p, g, st.m.clone(), st.v.clone(), st.vmax.clone(), h));
                 }
             }
-            Ok(())
+            let items: Vec<AdamWTensors> = work
+                .iter()
+                .map(|(p, grad, m, v, vmax, h)| AdamWTensors { p, grad, m, v, vmax: vmax.as_ref(), h: *h })
+                .collect();
+            adamw_step_multi(&items)
         })
     }
     fn lr(&self) -> f64 {
