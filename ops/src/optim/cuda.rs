@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 
-use engine::cuda::{CudaDevice, CudaStorage, DevicePtr, DeviceRepr, PushKernelArg};
+use engine::cuda::{CudaDevice, CudaStorage, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use engine::{DType, Error, Float, Layout, Result, Storage, Tensor};
 
 use super::{AdamWStep, AdamWTensors, SgdStep, SgdTensors};
@@ -188,49 +188,55 @@ pub(super) fn scale(x: &mut CudaStorage, layout: &Layout, factor: f64) -> Result
 /// Hyperparameter sets per table (`MT_SETS` in optim.cu).
 const SETS: usize = 4;
 /// Elements per chunk (`MT_CHUNK`).
-const CHUNK: usize = 4096;
+pub(super) const CHUNK: usize = 4096;
 /// The longest table entry: a longer tensor takes several (whole chunks each, and a length a u32 holds).
-const SEGMENT: usize = 1 << 31;
+pub(super) const SEGMENT: usize = 1 << 31;
 
 /// `struct MultiTable<P, DEPTH, N>` of optim.cu, field for field: D operand addresses per tensor, for up to
 /// N tensors. N % 8 == 4, so that `count` and `set` end the struct on an 8-byte boundary with no padding.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct MultiTable<P, const D: usize, const N: usize> {
-    sets: [P; SETS],
-    ptr: [[u64; N]; D],
-    len: [u32; N],
-    chunk_end: [u32; N],
-    count: i32,
-    set: [u8; N],
+pub(super) struct MultiTable<P, const D: usize, const N: usize> {
+    pub(super) sets: [P; SETS],
+    pub(super) ptr: [[u64; N]; D],
+    pub(super) len: [u32; N],
+    pub(super) chunk_end: [u32; N],
+    pub(super) count: i32,
+    pub(super) set: [u8; N],
 }
 
 type SgdTable = MultiTable<SgdParams, 3, 116>;
 type AdamWTable = MultiTable<AdamWParams, 4, 92>;
 type AdamWMaxTable = MultiTable<AdamWParams, 5, 76>;
+/// One tensor per entry and a double per set: the factor of `scale_multi`, unused by `sum_squares_multi`.
+type ScalarTable = MultiTable<f64, 1, 236>;
 
 // At most 4 KiB, the kernel-parameter limit of every CUDA version; the .cu side checks the same sizes.
 const _: () = assert!(std::mem::size_of::<SgdTable>() == 4024);
 const _: () = assert!(std::mem::size_of::<AdamWTable>() == 4064);
 const _: () = assert!(std::mem::size_of::<AdamWMaxTable>() == 4016);
+const _: () = assert!(std::mem::size_of::<ScalarTable>() == 4048);
+
+/// Threads per block of the multi-tensor kernels (`MT_THREADS`).
+const THREADS: u32 = 256;
 
 // SAFETY: u64, u32, i32 and u8 arrays and params structs that are DeviceRepr themselves, in C layout with no
 // padding (the sizes above), the layout of `MultiTable` in optim.cu.
 unsafe impl<P: DeviceRepr, const D: usize, const N: usize> DeviceRepr for MultiTable<P, D, N> {}
 
-/// Fills tables with tensors and launches `kernel` once per full table (and once for the rest).
-struct Batcher<'a, T, P, const D: usize, const N: usize> {
-    op: &'static str,
-    dev: &'a CudaDevice,
-    kernel: &'static str,
+/// Tables filled with tensors in order, a new one when the last is full (N entries, or SETS hyperparameter
+/// sets and a new one needed).
+pub(super) struct Tables<P, const D: usize, const N: usize> {
+    /// Full tables and their chunk counts.
+    done: Vec<(MultiTable<P, D, N>, u32)>,
     table: MultiTable<P, D, N>,
     sets: usize,
     chunks: u32,
-    _t: std::marker::PhantomData<T>,
+    elem_bytes: usize,
 }
 
-impl<'a, T: Float, P: DeviceRepr + Copy + Default + PartialEq, const D: usize, const N: usize> Batcher<'a, T, P, D, N> {
-    fn new(op: &'static str, dev: &'a CudaDevice, kernel: &'static str) -> Self {
+impl<P: Copy + Default + PartialEq, const D: usize, const N: usize> Tables<P, D, N> {
+    pub(super) fn new(elem_bytes: usize) -> Self {
         let table = MultiTable {
             sets: [P::default(); SETS],
             ptr: [[0; N]; D],
@@ -239,30 +245,26 @@ impl<'a, T: Float, P: DeviceRepr + Copy + Default + PartialEq, const D: usize, c
             count: 0,
             set: [0; N],
         };
-        Batcher { op, dev, kernel, table, sets: 0, chunks: 0, _t: std::marker::PhantomData }
+        Tables { done: Vec::new(), table, sets: 0, chunks: 0, elem_bytes }
     }
 
-    /// Adds a tensor of `n` elements whose operands start at `addrs`, updated with `params`.
-    fn push(&mut self, addrs: [u64; D], n: usize, params: P) -> Result<()> {
+    /// Adds a tensor of `n` > 0 elements whose operands start at `addrs`, to be updated with `params`.
+    pub(super) fn push(&mut self, addrs: [u64; D], n: usize, params: P) {
         for start in (0..n).step_by(SEGMENT) {
             let len = SEGMENT.min(n - start);
-            if self.table.count as usize == N {
-                self.flush()?;
+            let mut set = self.table.sets[..self.sets].iter().position(|s| *s == params);
+            if self.table.count as usize == N || (set.is_none() && self.sets == SETS) {
+                self.close();
+                set = None;
             }
-            let set = match self.table.sets[..self.sets].iter().position(|s| *s == params) {
-                Some(i) => i,
-                None => {
-                    if self.sets == SETS {
-                        self.flush()?;
-                    }
-                    self.table.sets[self.sets] = params;
-                    self.sets += 1;
-                    self.sets - 1
-                }
-            };
+            let set = set.unwrap_or_else(|| {
+                self.table.sets[self.sets] = params;
+                self.sets += 1;
+                self.sets - 1
+            });
             let i = self.table.count as usize;
             for (k, &a) in addrs.iter().enumerate() {
-                self.table.ptr[k][i] = a + (start * std::mem::size_of::<T>()) as u64;
+                self.table.ptr[k][i] = a + (start * self.elem_bytes) as u64;
             }
             // Both fit: len <= 2^31, and a table's chunks <= N * 2^31 / CHUNK < 2^32.
             self.table.len[i] = len as u32;
@@ -271,31 +273,54 @@ impl<'a, T: Float, P: DeviceRepr + Copy + Default + PartialEq, const D: usize, c
             self.table.set[i] = set as u8;
             self.table.count += 1;
         }
-        Ok(())
     }
 
-    /// Launches the table's tensors, if any, and empties it.
-    fn flush(&mut self) -> Result<()> {
-        if self.table.count == 0 {
-            return Ok(());
+    /// Moves the current table, if it holds anything, to the full ones and starts an empty one (the old
+    /// entries past `count` stay, initialised and never read).
+    fn close(&mut self) {
+        if self.table.count > 0 {
+            self.done.push((self.table, self.chunks));
         }
-        let f = function::<T>(self.dev, &MODULE, self.kernel)?;
-        let mut args = self.dev.stream().launch_builder(&f);
-        args.arg(&self.table);
-        // One block per chunk, up to the grid-stride cap; blocks stride over the chunks.
-        let n = self.chunks as usize * 256;
-        // SAFETY: `<kernel>_<T>(MultiTable t)` takes the table by value (copied at launch) and, for each of its
-        // `count` entries, reads and writes elements 0..len[i] at the addresses ptr[k][i] (the parameter and
-        // state, written; the gradient, only read). Each address is the first element of a contiguous view
-        // of `len` elements checked against its buffer by `elements`, advanced by whole segments that stay
-        // inside it; the caller holds the locks of every buffer (write locks where written) and has checked
-        // that no written range overlaps another operand's, so no other work touches them.
-        unsafe { launch(self.op, self.dev, args, n) }?;
         self.table.count = 0;
         self.sets = 0;
         self.chunks = 0;
-        Ok(())
     }
+
+    /// Every table with its chunk count.
+    pub(super) fn finish(mut self) -> Vec<(MultiTable<P, D, N>, u32)> {
+        self.close();
+        self.done
+    }
+}
+
+/// A launch over `chunks` chunks: one block of [`THREADS`] per chunk, up to the device's grid-stride cap.
+fn chunk_grid(dev: &CudaDevice, chunks: u32) -> LaunchConfig {
+    let blocks = dev.launch_config(chunks as usize * THREADS as usize).grid_dim.0;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Launches `kernel` (an update kernel of optim.cu, `<kernel>_<T>(MultiTable t)`) once per table.
+///
+/// # Safety
+/// For each entry of each table, the D addresses must be the first elements of `len` elements of the
+/// entry's operands, in buffers of the kernel's dtype that stay alive (locked, written ones for writing) until
+/// the launches are enqueued, and no written range may overlap another operand's.
+unsafe fn launch_tables<T: Float, P: DeviceRepr, const D: usize, const N: usize>(
+    op: &'static str,
+    dev: &CudaDevice,
+    kernel: &str,
+    tables: &[(MultiTable<P, D, N>, u32)],
+) -> Result<()> {
+    let f = function::<T>(dev, &MODULE, kernel)?;
+    for (table, chunks) in tables {
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(table);
+        // SAFETY: the kernel takes the table by value (copied at launch) and, for each of its `count` entries,
+        // reads and writes elements 0..len[i] at the addresses ptr[k][i] (the parameter and state written, the
+        // gradient only read); the caller vouches for those ranges.
+        unsafe { args.launch(chunk_grid(dev, *chunks)) }.map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })?;
+    }
+    Ok(())
 }
 
 /// A storage lock held for reading or writing.
@@ -379,13 +404,15 @@ pub(super) fn sgd_multi(items: &[SgdTensors]) -> Result<bool> {
         let operands: Vec<(&Tensor, bool)> =
             items.iter().flat_map(|it| [(it.p, true), (it.grad, false), (it.buf, true)]).collect();
         let done = with_addresses::<T, ()>(OP, dev, &operands, |addrs| {
-            let mut batch = Batcher::<T, SgdParams, 3, 116>::new(OP, dev, "sgd_multi");
+            let mut tables = Tables::<SgdParams, 3, 116>::new(std::mem::size_of::<T>());
             for (it, a) in items.iter().zip(addrs.chunks_exact(3)) {
                 if it.p.numel() > 0 {
-                    batch.push([a[0], a[1], a[2]], it.p.numel(), SgdParams::new(it.h))?;
+                    tables.push([a[0], a[1], a[2]], it.p.numel(), SgdParams::new(it.h));
                 }
             }
-            batch.flush()
+            // SAFETY: the addresses are those of the items' checked contiguous views, with_addresses holds their
+            // locks and found no overlap; p and buf are written, g read, as sgd_multi does.
+            unsafe { launch_tables::<T, _, 3, 116>(OP, dev, "sgd_multi", &tables.finish()) }
         })?;
         Ok(done.is_some())
     }
@@ -415,17 +442,19 @@ pub(super) fn adamw_multi(items: &[AdamWTensors]) -> Result<bool> {
             let live = items.iter().zip(a.chunks_exact(width)).filter(|(it, _)| it.p.numel() > 0);
             let params = |it: &AdamWTensors| AdamWParams::new(it.h, amsgrad);
             if amsgrad {
-                let mut batch = Batcher::<T, AdamWParams, 5, 76>::new(OP, dev, "adamw_multi_max");
+                let mut tables = Tables::<AdamWParams, 5, 76>::new(std::mem::size_of::<T>());
                 for (it, a) in live {
-                    batch.push([a[0], a[1], a[2], a[3], a[4]], it.p.numel(), params(it))?;
+                    tables.push([a[0], a[1], a[2], a[3], a[4]], it.p.numel(), params(it));
                 }
-                batch.flush()
+                // SAFETY: as in sgd_multi; p, m, v and vmax are written, g read.
+                unsafe { launch_tables::<T, _, 5, 76>(OP, dev, "adamw_multi_max", &tables.finish()) }
             } else {
-                let mut batch = Batcher::<T, AdamWParams, 4, 92>::new(OP, dev, "adamw_multi");
+                let mut tables = Tables::<AdamWParams, 4, 92>::new(std::mem::size_of::<T>());
                 for (it, a) in live {
-                    batch.push([a[0], a[1], a[2], a[3]], it.p.numel(), params(it))?;
+                    tables.push([a[0], a[1], a[2], a[3]], it.p.numel(), params(it));
                 }
-                batch.flush()
+                // SAFETY: as in sgd_multi; p, m and v are written, g read.
+                unsafe { launch_tables::<T, _, 4, 92>(OP, dev, "adamw_multi", &tables.finish()) }
             }
         })?;
         Ok(done.is_some())
@@ -439,6 +468,78 @@ pub(super) fn adamw_multi(items: &[AdamWTensors]) -> Result<bool> {
     match first.p.dtype() {
         DType::F32 => run::<f32>(&dev, items, amsgrad),
         DType::F64 => run::<f64>(&dev, items, amsgrad),
+    }
+}
+
+/// x *= factor on every tensor of `xs` (one device and dtype, checked by the caller), one launch per table;
+/// false, with nothing done, when two of them overlap.
+pub(super) fn scale_multi(xs: &[&Tensor], factor: f64) -> Result<bool> {
+    fn run<T: Float>(dev: &CudaDevice, xs: &[&Tensor], factor: f64) -> Result<bool> {
+        const OP: &str = "scale_";
+        let operands: Vec<(&Tensor, bool)> = xs.iter().map(|&x| (x, true)).collect();
+        let done = with_addresses::<T, ()>(OP, dev, &operands, |addrs| {
+            let mut tables = Tables::<f64, 1, 236>::new(std::mem::size_of::<T>());
+            for (x, &a) in xs.iter().zip(addrs).filter(|(x, _)| x.numel() > 0) {
+                tables.push([a], x.numel(), factor);
+            }
+            // SAFETY: as in sgd_multi; x is written.
+            unsafe { launch_tables::<T, _, 1, 236>(OP, dev, "scale_multi", &tables.finish()) }
+        })?;
+        Ok(done.is_some())
+    }
+    let Some(first) = xs.first() else { return Ok(true) };
+    let dev = cuda_device(first)?;
+    match first.dtype() {
+        DType::F32 => run::<f32>(&dev, xs, factor),
+        DType::F64 => run::<f64>(&dev, xs, factor),
+    }
+}
+
+/// The sum of squares of every element of `xs` (one device and dtype, contiguous, checked by the caller), in
+/// f64: one launch per table writing per-block partials, one reduction of the partials, one read.
+pub(super) fn sum_squares_multi(xs: &[&Tensor]) -> Result<f64> {
+    fn run<T: Float>(dev: &std::sync::Arc<CudaDevice>, xs: &[&Tensor]) -> Result<f64> {
+        const OP: &str = "sum_squares";
+        let operands: Vec<(&Tensor, bool)> = xs.iter().map(|&x| (x, false)).collect();
+        let partials = with_addresses::<T, _>(OP, dev, &operands, |addrs| {
+            let mut tables = Tables::<f64, 1, 236>::new(std::mem::size_of::<T>());
+            for (x, &a) in xs.iter().zip(addrs).filter(|(x, _)| x.numel() > 0) {
+                tables.push([a], x.numel(), 0.0);
+            }
+            let tables = tables.finish();
+            let grids: Vec<LaunchConfig> = tables.iter().map(|&(_, chunks)| chunk_grid(dev, chunks)).collect();
+            let total: usize = grids.iter().map(|g| g.grid_dim.0 as usize).sum();
+            if total == 0 {
+                return Ok(None);
+            }
+            let out = dev.alloc::<f64>(total)?;
+            let f = function::<T>(dev, &MODULE, "sum_squares_multi")?;
+            let mut at = 0;
+            for ((table, _), cfg) in tables.iter().zip(grids) {
+                let blocks = cfg.grid_dim.0 as usize;
+                let slots = out.as_slice().slice(at..at + blocks);
+                let mut args = dev.stream().launch_builder(&f);
+                args.arg(table).arg(&slots);
+                // SAFETY: sum_squares_multi_<T>(ScalarTable t, double* partials) reads elements 0..len[i] at
+                // ptr[0][i], the first elements of the tensors' checked contiguous views (read-locked by
+                // with_addresses), and writes partials[0..gridDim.x), the `blocks` slots of this launch.
+                unsafe { args.launch(cfg) }.map_err(|e| Error::Cuda { op: OP, msg: format!("{e:?}") })?;
+                at += blocks;
+            }
+            let storage = Storage::Cuda(CudaStorage::from_slice(dev, out)?);
+            Ok(Some(Tensor::from_storage(storage, &[total])?))
+        })?;
+        // Every operand is read only: with_addresses never refuses.
+        match partials.flatten() {
+            Some(p) => crate::reduce::sum_all(&p)?.to_scalar(),
+            None => Ok(0.0),
+        }
+    }
+    let Some(first) = xs.first() else { return Ok(0.0) };
+    let dev = cuda_device(first)?;
+    match first.dtype() {
+        DType::F32 => run::<f32>(&dev, xs),
+        DType::F64 => run::<f64>(&dev, xs),
     }
 }
 

@@ -182,20 +182,19 @@ pub struct AdamWTensors<'a> {
     pub h: AdamWStep,
 }
 
-/// The CUDA items of `items`, grouped by device, dtype and `kind` (in first-seen order); the CPU ones are
-/// handed to `cpu` one by one.
-fn cuda_groups<'a, I: Copy, K: PartialEq>(
+/// The CUDA items of `items` grouped by their key (device, dtype, kind), in first-seen order; the CPU ones, and
+/// those whose key is `None`, are handed to `single` one by one, in order.
+fn cuda_groups<I: Copy, K: PartialEq>(
     items: &[I],
-    key: impl Fn(&I) -> (Device, DType, K),
-    mut cpu: impl FnMut(&I) -> Result<()>,
+    key: impl Fn(&I) -> Option<(Device, DType, K)>,
+    mut single: impl FnMut(&I) -> Result<()>,
 ) -> Result<Vec<Vec<I>>> {
     let mut groups: Vec<((Device, DType, K), Vec<I>)> = Vec::new();
     for it in items {
-        let k = key(it);
-        if k.0 == Device::Cpu {
-            cpu(it)?;
+        let Some(k) = key(it).filter(|k| k.0 != Device::Cpu) else {
+            single(it)?;
             continue;
-        }
+        };
         match groups.iter_mut().find(|(g, _)| *g == k) {
             Some((_, g)) => g.push(*it),
             None => groups.push((k, vec![*it])),
@@ -211,7 +210,8 @@ pub fn sgd_step_multi(items: &[SgdTensors]) -> Result<()> {
     for it in items {
         check("sgd_step", it.p, &[it.grad, it.buf])?;
     }
-    let groups = cuda_groups(items, |it| (it.p.device(), it.p.dtype(), ()), |it| sgd_step(it.p, it.grad, it.buf, it.h))?;
+    let groups =
+        cuda_groups(items, |it| Some((it.p.device(), it.p.dtype(), ())), |it| sgd_step(it.p, it.grad, it.buf, it.h))?;
     for group in groups {
         if !cuda::sgd_multi(&group)? {
             for it in &group {
@@ -231,7 +231,7 @@ pub fn adamw_step_multi(items: &[AdamWTensors]) -> Result<()> {
         checked.push(AdamWTensors { vmax, ..*it });
     }
     let one = |it: &AdamWTensors| adamw_step(it.p, it.grad, it.m, it.v, it.vmax, it.h);
-    let groups = cuda_groups(&checked, |it| (it.p.device(), it.p.dtype(), it.vmax.is_some()), one)?;
+    let groups = cuda_groups(&checked, |it| Some((it.p.device(), it.p.dtype(), it.vmax.is_some())), one)?;
     for group in groups {
         if !cuda::adamw_multi(&group)? {
             group.iter().try_for_each(one)?;
@@ -254,6 +254,37 @@ pub fn scale_(t: &Tensor, factor: f64) -> Result<()> {
 pub fn sum_squares(t: &Tensor) -> Result<f64> {
     let y = crate::reduce::sum_all(&crate::elementwise::mul(t, t)?)?;
     y.to_scalar()
+}
+
+/// [`scale_`] on every tensor, with the same results; on CUDA one launch per (device, dtype) and up to 236
+/// tensors. Checks and overlapping tensors as [`sgd_step_multi`].
+pub fn scale_multi(xs: &[&Tensor], factor: f64) -> Result<()> {
+    for x in xs {
+        check("scale_", x, &[])?;
+    }
+    let groups = cuda_groups(xs, |x| Some((x.device(), x.dtype(), ())), |x| scale_(x, factor))?;
+    for group in groups {
+        if !cuda::scale_multi(&group, factor)? {
+            group.iter().try_for_each(|x| scale_(x, factor))?;
+        }
+    }
+    Ok(())
+}
+
+/// The sum of [`sum_squares`] over `xs`. On the CPU, the same bits as adding them up in order; on CUDA, one
+/// launch per (device, dtype) and up to 236 contiguous tensors, a fixed-order sum of the per-block partials
+/// in f64 (the same run to run, not the bits of the one-tensor sums) and one read of the device.
+pub fn sum_squares_multi(xs: &[&Tensor]) -> Result<f64> {
+    let mut total = 0.0;
+    let one = |x: &&Tensor| -> Result<()> {
+        total += sum_squares(x)?;
+        Ok(())
+    };
+    let groups = cuda_groups(xs, |x| x.is_contiguous().then(|| (x.device(), x.dtype(), ())), one)?;
+    for group in groups {
+        total += cuda::sum_squares_multi(&group)?;
+    }
+    Ok(total)
 }
 
 #[cfg(test)]

@@ -120,13 +120,19 @@ struct MultiTable {
     unsigned char set[N];  // N % 8 == 4: with `count`, the struct ends on an 8-byte boundary with no padding
 };
 
-// SGD (p, g, buf); AdamW (p, g, m, v); AdamW with amsgrad (p, g, m, v, vmax). Sizes as in optim/cuda.rs.
+// SGD (p, g, buf); AdamW (p, g, m, v); AdamW with amsgrad (p, g, m, v, vmax); one tensor x with a double per
+// set (the factor of scale_multi; unused by sum_squares_multi). Sizes as in optim/cuda.rs.
 typedef MultiTable<SgdParams, 3, 116> SgdTable;
 typedef MultiTable<AdamWParams, 4, 92> AdamWTable;
 typedef MultiTable<AdamWParams, 5, 76> AdamWMaxTable;
+typedef MultiTable<double, 1, 236> ScalarTable;
 static_assert(sizeof(SgdTable) == 4024, "SgdTable must match optim/cuda.rs");
 static_assert(sizeof(AdamWTable) == 4064, "AdamWTable must match optim/cuda.rs");
 static_assert(sizeof(AdamWMaxTable) == 4016, "AdamWMaxTable must match optim/cuda.rs");
+static_assert(sizeof(ScalarTable) == 4048, "ScalarTable must match optim/cuda.rs");
+
+// Threads per block of the multi-tensor kernels (MT_THREADS in optim/cuda.rs), a power of two.
+#define MT_THREADS 256
 
 // The tensor of chunk c (the first whose running count exceeds c), and the chunk's element range in it.
 template <typename Table>
@@ -187,6 +193,46 @@ __device__ void scale_impl(T* x, long long n, double factor) {
     GRID_STRIDE(i, n) { x[i] *= f; }
 }
 
+// x *= factor of its set, element for element as scale_impl.
+template <typename T>
+__device__ void scale_multi_impl(const ScalarTable& t) {
+    const unsigned int chunks = t.chunk_end[t.count - 1];
+    for (unsigned int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        long long start, end;
+        const int k = mt_locate(t, c, &start, &end);
+        const T f = (T)t.sets[t.set[k]];
+        T* x = (T*)t.ptr[0][k];
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) x[i] *= f;
+    }
+}
+
+// The sum of squares of every element of the table's tensors (the global gradient norm): each block adds
+// the squares of its chunks in double, its threads' sums are added in a fixed tree, and thread 0 writes the
+// block's partial to partials[blockIdx.x]; the host sums the partials, so the result is the same run to run
+// (on one device: the grid follows its multiprocessor count).
+template <typename T>
+__device__ void sum_squares_multi_impl(const ScalarTable& t, double* partials) {
+    __shared__ double sums[MT_THREADS];
+    double acc = 0.0;
+    const unsigned int chunks = t.chunk_end[t.count - 1];
+    for (unsigned int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        long long start, end;
+        const int k = mt_locate(t, c, &start, &end);
+        const T* x = (const T*)t.ptr[0][k];
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const double xi = (double)x[i];
+            acc += xi * xi;
+        }
+    }
+    sums[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = MT_THREADS / 2; s > 0; s /= 2) {
+        if (threadIdx.x < s) sums[threadIdx.x] += sums[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[blockIdx.x] = sums[0];
+}
+
 #define OPTIM_KERNELS(T, SUFFIX)                                                                          \
     extern "C" __global__ void sgd_step_##SUFFIX(T* p, const T* g, T* buf, long long n, SgdParams h) {     \
         sgd_impl<T>(p, g, buf, n, h);                                                                      \
@@ -202,6 +248,10 @@ __device__ void scale_impl(T* x, long long n, double factor) {
     extern "C" __global__ void adamw_multi_##SUFFIX(AdamWTable t) { adamw_multi_impl<T, AdamWTable, 0>(t); } \
     extern "C" __global__ void adamw_multi_max_##SUFFIX(AdamWMaxTable t) {                                 \
         adamw_multi_impl<T, AdamWMaxTable, 1>(t);                                                          \
+    }                                                                                                      \
+    extern "C" __global__ void scale_multi_##SUFFIX(ScalarTable t) { scale_multi_impl<T>(t); }             \
+    extern "C" __global__ void sum_squares_multi_##SUFFIX(ScalarTable t, double* partials) {               \
+        sum_squares_multi_impl<T>(t, partials);                                                            \
     }
 
 OPTIM_KERNELS(float, f32)

@@ -222,7 +222,7 @@ fn adamw_h(i: usize, step: u64) -> AdamWStep {
         eps: 1e-8,
         weight_decay: [0.1, 0.0, 0.05][i % 3],
         amsgrad: i % 2 == 1,
-        step: step + (i % 7 == 0) as u64,
+        step: step + i.is_multiple_of(7) as u64,
     }
 }
 
@@ -380,4 +380,97 @@ fn multi_steps_check_every_item_first() {
     let good = SgdTensors { p: &p, grad: &grad, buf: &m, h: hs };
     assert!(sgd_step_multi(&[good, SgdTensors { buf: &bad, ..good }]).is_err());
     assert_eq!(p.to_vec_f64().unwrap(), vec![1.0; 4], "nothing updated");
+}
+
+/// `scale_multi` gives the bits of one `scale_` per tensor; `sum_squares_multi` the bits of adding the
+/// one-tensor sums in order on the CPU, and on CUDA the CPU's sum within tolerance, the same run to run.
+fn refs(ts: &[Tensor]) -> Vec<&Tensor> {
+    ts.iter().collect()
+}
+
+fn multi_scale_and_sum_squares(device: Device, count: usize) {
+    for (seed, dtype) in [(21, DType::F32), (22, DType::F64)] {
+        let mut g = Generator::new(seed);
+        let xs = many(count, -2.0, 2.0, dtype, device, &mut g);
+        let mut g = Generator::new(seed);
+        let ys = many(count, -2.0, 2.0, dtype, device, &mut g);
+        let mut g = Generator::new(seed);
+        let cpu = many(count, -2.0, 2.0, dtype, Device::Cpu, &mut g);
+        scale_multi(&refs(&xs), 0.37).unwrap();
+        ys.iter().for_each(|y| scale_(y, 0.37).unwrap());
+        for (i, (x, y)) in xs.iter().zip(&ys).enumerate() {
+            let same =
+                x.to_vec_f64().unwrap().iter().zip(y.to_vec_f64().unwrap()).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "scale_multi ({dtype}, {device}): tensor {i}");
+        }
+        scale_multi(&refs(&cpu), 0.37).unwrap();
+        let got = sum_squares_multi(&refs(&xs)).unwrap();
+        let want = cpu.iter().fold(0.0, |acc, x| acc + sum_squares(x).unwrap());
+        if device == Device::Cpu {
+            assert_eq!(got.to_bits(), want.to_bits(), "sum_squares_multi ({dtype}): {got} vs {want}");
+        } else {
+            assert!((got - want).abs() <= cuda_tol(dtype) * want, "sum_squares_multi ({dtype}): {got} vs {want}");
+            assert_eq!(got.to_bits(), sum_squares_multi(&refs(&xs)).unwrap().to_bits(), "run to run");
+        }
+    }
+}
+
+#[test]
+fn multi_scale_and_sum_squares_match_per_tensor() {
+    multi_scale_and_sum_squares(Device::Cpu, 40);
+}
+
+/// 500 + 3 tensors: more than two tables of 236.
+#[test]
+fn cuda_multi_scale_and_sum_squares_match_per_tensor() {
+    if test_device_or_skip("cuda_multi_scale_and_sum_squares_match_per_tensor").is_none() {
+        return;
+    }
+    multi_scale_and_sum_squares(Device::Cuda(0), 500);
+}
+
+/// How the host fills the multi-tensor tables (no device needed: the addresses are made up): a new table
+/// past N entries or past 4 hyperparameter sets, a tensor past 2^31 elements in several entries whose
+/// addresses advance by whole segments, and the running chunk counts.
+#[test]
+fn multi_tensor_tables_split_by_entries_sets_and_segments() {
+    use super::cuda::{Tables, CHUNK, SEGMENT};
+    // 237 tensors of one set: 236 in the first table, 1 in the second.
+    let mut t = Tables::<f64, 1, 236>::new(4);
+    for i in 0..237 {
+        t.push([1000 * i as u64], 4097, 1.0);
+    }
+    let tables = t.finish();
+    assert_eq!(tables.iter().map(|(t, _)| t.count).collect::<Vec<_>>(), [236, 1]);
+    assert_eq!(tables[0].1, 236 * 2);
+    assert_eq!(&tables[0].0.chunk_end[..3], &[2, 4, 6]);
+    assert_eq!((tables[1].0.ptr[0][0], tables[1].0.len[0], tables[1].0.chunk_end[0]), (236_000, 4097, 2));
+    // Five sets: the fifth starts a new table; a known set reuses its index.
+    let mut t = Tables::<f64, 1, 236>::new(4);
+    for (i, factor) in [0.5, 0.25, 0.5, 2.0, 3.0, 4.0, 0.5].into_iter().enumerate() {
+        t.push([i as u64], 1, factor);
+    }
+    let tables = t.finish();
+    assert_eq!(tables.len(), 2);
+    assert_eq!(
+        (tables[0].0.count, &tables[0].0.sets[..], &tables[0].0.set[..5]),
+        (5, &[0.5, 0.25, 2.0, 3.0][..], &[0, 1, 0, 2, 3][..])
+    );
+    assert_eq!(
+        (tables[1].0.count, tables[1].0.sets[..2].to_vec(), &tables[1].0.set[..2]),
+        (2, vec![4.0, 0.5], &[0, 1][..])
+    );
+    // 2^32 + 5 elements of 8 bytes, operands at 0 and 1 << 40: three entries.
+    let mut t = Tables::<f64, 2, 236>::new(8);
+    let n = (1usize << 32) + 5;
+    t.push([0, 1 << 40], n, 1.0);
+    let (table, chunks) = &t.finish()[0];
+    let per = (SEGMENT / CHUNK) as u32;
+    assert_eq!(table.count, 3);
+    assert_eq!(&table.len[..3], &[SEGMENT as u32, SEGMENT as u32, 5]);
+    assert_eq!(&table.chunk_end[..3], &[per, 2 * per, 2 * per + 1]);
+    assert_eq!(*chunks, 2 * per + 1);
+    let step = (SEGMENT * 8) as u64;
+    assert_eq!(&table.ptr[0][..3], &[0, step, 2 * step]);
+    assert_eq!(&table.ptr[1][..3], &[1 << 40, (1 << 40) + step, (1 << 40) + 2 * step]);
 }
