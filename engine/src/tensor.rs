@@ -241,6 +241,12 @@ impl Tensor {
         Arc::ptr_eq(&self.0.storage, &other.0.storage)
     }
 
+    /// A key of the storage, equal for two live tensors exactly when [`Tensor::same_storage`] holds (for
+    /// grouping many tensors by storage without comparing every pair).
+    pub fn storage_key(&self) -> usize {
+        Arc::as_ptr(&self.0.storage) as *const () as usize
+    }
+
     /// The name of the op that made this tensor, if it was recorded.
     pub fn grad_fn(&self) -> Option<&'static str> {
         self.0.meta.node.as_ref().map(|n| n.name)

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use engine::{no_grad, Error, Result, Tensor, TensorId};
-use ops::optim::{adamw_step, scale_, sgd_step, sum_squares, AdamWStep, SgdStep};
+use ops::optim::{
+    adamw_step_multi, scale_multi, sgd_step_multi, sum_squares_multi, AdamWStep, AdamWTensors, SgdStep, SgdTensors,
+};
 
 /// Parameters sharing hyper-parameters (here: the weight decay).
 #[derive(Clone)]
@@ -87,8 +89,12 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
+    /// Every parameter with a gradient in one [`sgd_step_multi`] (one launch per device and about a hundred
+    /// parameters on CUDA).
     fn step(&mut self) -> Result<()> {
         no_grad(|| {
+            // (parameter, gradient, momentum buffer, hyperparameters), in group order.
+            let mut work = Vec::new();
             for group in &self.groups {
                 for p in &group.params {
                     let Some(g) = p.grad() else { continue };
@@ -109,10 +115,12 @@ impl Optimizer for Sgd {
                         weight_decay: group.weight_decay,
                         first,
                     };
-                    sgd_step(p, &g, &buf, h)?;
+                    work.push((p, g, buf, h));
                 }
             }
-            Ok(())
+            let items: Vec<SgdTensors> =
+                work.iter().map(|(p, grad, buf, h)| SgdTensors { p, grad, buf, h: *h }).collect();
+            sgd_step_multi(&items)
         })
     }
     fn lr(&self) -> f64 {
@@ -202,8 +210,12 @@ impl AdamW {
 }
 
 impl Optimizer for AdamW {
+    /// Every parameter with a gradient in one [`adamw_step_multi`] (one launch per device and about a hundred
+    /// parameters on CUDA).
     fn step(&mut self) -> Result<()> {
         no_grad(|| {
+            // (parameter, gradient, m, v, vmax, hyperparameters), in group order.
+            let mut work = Vec::new();
             for group in &self.groups {
                 for p in &group.params {
                     let Some(g) = p.grad() else { continue };
@@ -225,10 +237,14 @@ impl Optimizer for AdamW {
                         amsgrad: self.cfg.amsgrad,
                         step: st.step,
                     };
-                    adamw_step(p, &g, &st.m, &st.v, st.vmax.as_ref(), h)?;
+                    work.push((p, g, st.m.clone(), st.v.clone(), st.vmax.clone(), h));
                 }
             }
-            Ok(())
+            let items: Vec<AdamWTensors> = work
+                .iter()
+                .map(|(p, grad, m, v, vmax, h)| AdamWTensors { p, grad, m, v, vmax: vmax.as_ref(), h: *h })
+                .collect();
+            adamw_step_multi(&items)
         })
     }
     fn lr(&self) -> f64 {
@@ -285,16 +301,12 @@ impl Optimizer for AdamW {
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64> {
     no_grad(|| {
         let grads: Vec<Tensor> = params.iter().filter_map(|p| p.grad()).collect();
-        let mut total = 0.0;
-        for g in &grads {
-            total += sum_squares(g)?;
-        }
-        let norm = total.sqrt();
+        let grads: Vec<&Tensor> = grads.iter().collect();
+        // On CUDA one launch per ~200 gradients and one read of the device (not one per gradient).
+        let norm = sum_squares_multi(&grads)?.sqrt();
         let factor = max_norm / (norm + 1e-6);
         if factor < 1.0 {
-            for g in &grads {
-                scale_(g, factor)?;
-            }
+            scale_multi(&grads, factor)?;
         }
         Ok(norm)
     })

@@ -15,11 +15,16 @@
 //!
 //! Parameters, gradients and state are contiguous tensors of one shape, dtype and device. Each may be a view
 //! into a larger buffer (a concat's input gradients are): only its own elements are read and written.
+//!
+//! [`sgd_step_multi`] and [`adamw_step_multi`] update many parameters at once, each with its own
+//! hyperparameters: on the CPU one per-tensor call after another; on CUDA one kernel launch per (device,
+//! dtype) for up to about a hundred tensors (a table of them passed as the kernel's parameter, see optim.cu),
+//! with the per-element code of the one-tensor kernels, so the results are the same bits either way.
 
 mod cpu;
 pub(crate) mod cuda;
 
-use engine::{Error, Result, Storage, Tensor};
+use engine::{DType, Device, Error, Result, Storage, Tensor};
 
 use crate::util::same_dtype_device;
 
@@ -93,19 +98,8 @@ pub fn adamw_step(
     vmax: Option<&Tensor>,
     h: AdamWStep,
 ) -> Result<()> {
-    check("adamw_step", p, &[grad, m, v])?;
-    if h.step == 0 {
-        return Err(Error::invalid("adamw_step", "steps count from 1", p.shape()));
-    }
     // Without amsgrad the kernel never touches vmax: pass v in its place to keep one code path.
-    let vmax = match (h.amsgrad, vmax) {
-        (true, Some(x)) => {
-            check("adamw_step", p, &[x])?;
-            x
-        }
-        (true, None) => return Err(Error::invalid("adamw_step", "amsgrad needs a vmax buffer", p.shape())),
-        (false, _) => v,
-    };
+    let vmax = adamw_vmax(p, grad, m, v, vmax, h)?.unwrap_or(v);
     let g = grad.storage();
     let mut ps = p.storage_mut();
     let mut ms = m.storage_mut();
@@ -144,6 +138,108 @@ pub fn adamw_step(
     }
 }
 
+/// Checks the operands of one AdamW step; returns the vmax buffer the step updates (with amsgrad only).
+fn adamw_vmax<'a>(
+    p: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    vmax: Option<&'a Tensor>,
+    h: AdamWStep,
+) -> Result<Option<&'a Tensor>> {
+    check("adamw_step", p, &[grad, m, v])?;
+    if h.step == 0 {
+        return Err(Error::invalid("adamw_step", "steps count from 1", p.shape()));
+    }
+    match (h.amsgrad, vmax) {
+        (true, Some(x)) => {
+            check("adamw_step", p, &[x])?;
+            Ok(Some(x))
+        }
+        (true, None) => Err(Error::invalid("adamw_step", "amsgrad needs a vmax buffer", p.shape())),
+        (false, _) => Ok(None),
+    }
+}
+
+/// One parameter of [`sgd_step_multi`]: the operands and hyperparameters of one [`sgd_step`].
+#[derive(Debug, Clone, Copy)]
+pub struct SgdTensors<'a> {
+    pub p: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub buf: &'a Tensor,
+    pub h: SgdStep,
+}
+
+/// One parameter of [`adamw_step_multi`]: the operands and hyperparameters of one [`adamw_step`].
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWTensors<'a> {
+    pub p: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    /// Required with amsgrad, unused without.
+    pub vmax: Option<&'a Tensor>,
+    pub h: AdamWStep,
+}
+
+/// The CUDA items of `items` grouped by their key (device, dtype, kind), in first-seen order; the CPU ones, and
+/// those whose key is `None`, are handed to `single` one by one, in order.
+fn cuda_groups<I: Copy, K: PartialEq>(
+    items: &[I],
+    key: impl Fn(&I) -> Option<(Device, DType, K)>,
+    mut single: impl FnMut(&I) -> Result<()>,
+) -> Result<Vec<Vec<I>>> {
+    let mut groups: Vec<((Device, DType, K), Vec<I>)> = Vec::new();
+    for it in items {
+        let Some(k) = key(it).filter(|k| k.0 != Device::Cpu) else {
+            single(it)?;
+            continue;
+        };
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, g)) => g.push(*it),
+            None => groups.push((k, vec![*it])),
+        }
+    }
+    Ok(groups.into_iter().map(|(_, g)| g).collect())
+}
+
+/// [`sgd_step`] on every item, with the same results; on CUDA one launch per (device, dtype) and up to 116
+/// tensors. Every item is checked before anything is updated. Items whose tensors overlap in memory where one
+/// of them is written (the same parameter twice, say) are updated one after another, as the loop would.
+pub fn sgd_step_multi(items: &[SgdTensors]) -> Result<()> {
+    for it in items {
+        check("sgd_step", it.p, &[it.grad, it.buf])?;
+    }
+    let groups =
+        cuda_groups(items, |it| Some((it.p.device(), it.p.dtype(), ())), |it| sgd_step(it.p, it.grad, it.buf, it.h))?;
+    for group in groups {
+        if !cuda::sgd_multi(&group)? {
+            for it in &group {
+                sgd_step(it.p, it.grad, it.buf, it.h)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`adamw_step`] on every item, with the same results; on CUDA one launch per (device, dtype, amsgrad) and
+/// up to 92 tensors (76 with amsgrad). Checks and overlapping items as [`sgd_step_multi`].
+pub fn adamw_step_multi(items: &[AdamWTensors]) -> Result<()> {
+    let mut checked = Vec::with_capacity(items.len());
+    for it in items {
+        let vmax = adamw_vmax(it.p, it.grad, it.m, it.v, it.vmax, it.h)?;
+        checked.push(AdamWTensors { vmax, ..*it });
+    }
+    let one = |it: &AdamWTensors| adamw_step(it.p, it.grad, it.m, it.v, it.vmax, it.h);
+    let groups = cuda_groups(&checked, |it| Some((it.p.device(), it.p.dtype(), it.vmax.is_some())), one)?;
+    for group in groups {
+        if !cuda::adamw_multi(&group)? {
+            group.iter().try_for_each(one)?;
+        }
+    }
+    Ok(())
+}
+
 /// Multiplies every tensor in place by `factor` (gradient clipping).
 pub fn scale_(t: &Tensor, factor: f64) -> Result<()> {
     check("scale_", t, &[])?;
@@ -158,6 +254,37 @@ pub fn scale_(t: &Tensor, factor: f64) -> Result<()> {
 pub fn sum_squares(t: &Tensor) -> Result<f64> {
     let y = crate::reduce::sum_all(&crate::elementwise::mul(t, t)?)?;
     y.to_scalar()
+}
+
+/// [`scale_`] on every tensor, with the same results; on CUDA one launch per (device, dtype) and up to 236
+/// tensors. Checks and overlapping tensors as [`sgd_step_multi`].
+pub fn scale_multi(xs: &[&Tensor], factor: f64) -> Result<()> {
+    for x in xs {
+        check("scale_", x, &[])?;
+    }
+    let groups = cuda_groups(xs, |x| Some((x.device(), x.dtype(), ())), |x| scale_(x, factor))?;
+    for group in groups {
+        if !cuda::scale_multi(&group, factor)? {
+            group.iter().try_for_each(|x| scale_(x, factor))?;
+        }
+    }
+    Ok(())
+}
+
+/// The sum of [`sum_squares`] over `xs`. On the CPU, the same bits as adding them up in order; on CUDA, one
+/// launch per (device, dtype) and up to 236 contiguous tensors, a fixed-order sum of the per-block partials
+/// in f64 (the same run to run, not the bits of the one-tensor sums) and one read of the device.
+pub fn sum_squares_multi(xs: &[&Tensor]) -> Result<f64> {
+    let mut total = 0.0;
+    let one = |x: &&Tensor| -> Result<()> {
+        total += sum_squares(x)?;
+        Ok(())
+    };
+    let groups = cuda_groups(xs, |x| x.is_contiguous().then(|| (x.device(), x.dtype(), ())), one)?;
+    for group in groups {
+        total += cuda::sum_squares_multi(&group)?;
+    }
+    Ok(total)
 }
 
 #[cfg(test)]

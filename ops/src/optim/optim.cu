@@ -35,40 +35,155 @@ static_assert(sizeof(AdamWParams) == 72, "AdamWParams must match optim/cuda.rs")
 __device__ __forceinline__ float opt_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double opt_max(double a, double b) { return fmax(a, b); }
 
+// The hyperparameters rounded to T once, shared by the one-tensor and the multi-tensor kernels.
+template <typename T>
+struct SgdConsts {
+    T lr, momentum, one_minus_dampening, weight_decay;
+    __device__ explicit SgdConsts(const SgdParams& h)
+        : lr((T)h.lr), momentum((T)h.momentum), one_minus_dampening((T)h.one_minus_dampening),
+          weight_decay((T)h.weight_decay) {}
+};
+
+// Element i of one SGD update. Both kernel families call this very function, so that a multi-tensor launch
+// writes the same bits as one launch per tensor.
+template <typename T>
+__device__ __forceinline__ void sgd_elem(T* p, const T* g, T* buf, long long i, const SgdConsts<T>& c,
+                                         const SgdParams& h) {
+    T d = g[i] + c.weight_decay * p[i];
+    if (h.use_momentum) {
+        const T b = h.first ? d : c.momentum * buf[i] + c.one_minus_dampening * d;
+        buf[i] = b;
+        d = h.nesterov ? d + c.momentum * b : b;
+    }
+    p[i] -= c.lr * d;
+}
+
 template <typename T>
 __device__ void sgd_impl(T* p, const T* g, T* buf, long long n, SgdParams h) {
-    const T lr = (T)h.lr, momentum = (T)h.momentum, one_minus_dampening = (T)h.one_minus_dampening;
-    const T weight_decay = (T)h.weight_decay;
-    GRID_STRIDE(i, n) {
-        T d = g[i] + weight_decay * p[i];
-        if (h.use_momentum) {
-            const T b = h.first ? d : momentum * buf[i] + one_minus_dampening * d;
-            buf[i] = b;
-            d = h.nesterov ? d + momentum * b : b;
+    const SgdConsts<T> c(h);
+    GRID_STRIDE(i, n) { sgd_elem<T>(p, g, buf, i, c, h); }
+}
+
+template <typename T>
+struct AdamWConsts {
+    T step_size, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps;
+    __device__ explicit AdamWConsts(const AdamWParams& h)
+        : step_size((T)h.step_size), decay((T)h.decay), beta1((T)h.beta1), one_minus_beta1((T)h.one_minus_beta1),
+          beta2((T)h.beta2), one_minus_beta2((T)h.one_minus_beta2), bc2_sqrt((T)h.bc2_sqrt), eps((T)h.eps) {}
+};
+
+// Element i of one AdamW update (see sgd_elem). `vmax` is only touched with amsgrad (the host passes v in its
+// place otherwise).
+template <typename T>
+__device__ __forceinline__ void adamw_elem(T* p, const T* g, T* m, T* v, T* vmax, long long i,
+                                           const AdamWConsts<T>& c, int amsgrad) {
+    const T gi = g[i];
+    const T pi = p[i] * c.decay;
+    const T mi = c.beta1 * m[i] + c.one_minus_beta1 * gi;
+    const T vi = c.beta2 * v[i] + c.one_minus_beta2 * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    T vhat = vi;
+    if (amsgrad) {
+        vhat = opt_max(vmax[i], vi);
+        vmax[i] = vhat;
+    }
+    p[i] = pi - c.step_size * mi / (m_sqrt(vhat) / c.bc2_sqrt + c.eps);
+}
+
+template <typename T>
+__device__ void adamw_impl(T* p, const T* g, T* m, T* v, T* vmax, long long n, AdamWParams h) {
+    const AdamWConsts<T> c(h);
+    GRID_STRIDE(i, n) { adamw_elem<T>(p, g, m, v, vmax, i, c, h.amsgrad); }
+}
+
+// ---- Multi-tensor updates ------------------------------------------------------------------------------
+//
+// One launch updates up to N tensors (PyTorch's multi_tensor_apply idea): the host fills a table, passed by
+// value as the kernel's only parameter (at most 4 KiB, the classic kernel-parameter limit), with each
+// tensor's addresses (ptr[k][i]: operand k of tensor i, at its first element), its length, the running count
+// of MT_CHUNK-element chunks up to and including it, and which of the MT_SETS hyperparameter sets it takes
+// (param groups differ in lr and weight decay). Blocks stride over the chunks of all tensors; a block finds
+// its chunk's tensor by a binary search of the running counts and its threads stride over the chunk. The
+// host splits a tensor longer than a u32 can count into several entries.
+
+#define MT_SETS 4
+#define MT_CHUNK 4096
+
+template <typename P, int DEPTH, int N>
+struct MultiTable {
+    P sets[MT_SETS];
+    unsigned long long ptr[DEPTH][N];
+    unsigned int len[N];
+    unsigned int chunk_end[N];
+    int count;
+    unsigned char set[N];  // N % 8 == 4: with `count`, the struct ends on an 8-byte boundary with no padding
+};
+
+// SGD (p, g, buf); AdamW (p, g, m, v); AdamW with amsgrad (p, g, m, v, vmax); one tensor x with a double per
+// set (the factor of scale_multi; unused by sum_squares_multi). Sizes as in optim/cuda.rs.
+typedef MultiTable<SgdParams, 3, 116> SgdTable;
+typedef MultiTable<AdamWParams, 4, 92> AdamWTable;
+typedef MultiTable<AdamWParams, 5, 76> AdamWMaxTable;
+typedef MultiTable<double, 1, 236> ScalarTable;
+static_assert(sizeof(SgdTable) == 4024, "SgdTable must match optim/cuda.rs");
+static_assert(sizeof(AdamWTable) == 4064, "AdamWTable must match optim/cuda.rs");
+static_assert(sizeof(AdamWMaxTable) == 4016, "AdamWMaxTable must match optim/cuda.rs");
+static_assert(sizeof(ScalarTable) == 4048, "ScalarTable must match optim/cuda.rs");
+
+// Threads per block of the multi-tensor kernels (MT_THREADS in optim/cuda.rs), a power of two.
+#define MT_THREADS 256
+
+// The tensor of chunk c (the first whose running count exceeds c), and the chunk's element range in it.
+template <typename Table>
+__device__ __forceinline__ int mt_locate(const Table& t, unsigned int c, long long* start, long long* end) {
+    int lo = 0, hi = t.count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (t.chunk_end[mid] > c) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
         }
-        p[i] -= lr * d;
+    }
+    const unsigned int first = lo == 0 ? 0u : t.chunk_end[lo - 1];
+    *start = (long long)(c - first) * MT_CHUNK;
+    *end = min(*start + MT_CHUNK, (long long)t.len[lo]);
+    return lo;
+}
+
+template <typename T>
+__device__ void sgd_multi_impl(const SgdTable& t) {
+    const unsigned int chunks = t.chunk_end[t.count - 1];
+    for (unsigned int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        long long start, end;
+        const int k = mt_locate(t, c, &start, &end);
+        const SgdParams& h = t.sets[t.set[k]];
+        const SgdConsts<T> consts(h);
+        T* p = (T*)t.ptr[0][k];
+        const T* g = (const T*)t.ptr[1][k];
+        T* buf = (T*)t.ptr[2][k];
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) sgd_elem<T>(p, g, buf, i, consts, h);
     }
 }
 
-// `vmax` is only touched with amsgrad (the host passes v in its place otherwise).
-template <typename T>
-__device__ void adamw_impl(T* p, const T* g, T* m, T* v, T* vmax, long long n, AdamWParams h) {
-    const T step_size = (T)h.step_size, decay = (T)h.decay, beta1 = (T)h.beta1;
-    const T one_minus_beta1 = (T)h.one_minus_beta1, beta2 = (T)h.beta2, one_minus_beta2 = (T)h.one_minus_beta2;
-    const T bc2_sqrt = (T)h.bc2_sqrt, eps = (T)h.eps;
-    GRID_STRIDE(i, n) {
-        const T gi = g[i];
-        const T pi = p[i] * decay;
-        const T mi = beta1 * m[i] + one_minus_beta1 * gi;
-        const T vi = beta2 * v[i] + one_minus_beta2 * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        T vhat = vi;
-        if (h.amsgrad) {
-            vhat = opt_max(vmax[i], vi);
-            vmax[i] = vhat;
+// Table is AdamWTable (vmax untouched: v stands in for it) or AdamWMaxTable.
+template <typename T, typename Table, int AMSGRAD>
+__device__ void adamw_multi_impl(const Table& t) {
+    const unsigned int chunks = t.chunk_end[t.count - 1];
+    for (unsigned int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        long long start, end;
+        const int k = mt_locate(t, c, &start, &end);
+        const AdamWConsts<T> consts(t.sets[t.set[k]]);
+        T* p = (T*)t.ptr[0][k];
+        const T* g = (const T*)t.ptr[1][k];
+        T* m = (T*)t.ptr[2][k];
+        T* v = (T*)t.ptr[3][k];
+        // The last operand: vmax in an AdamWMaxTable, v again in an AdamWTable (never touched there).
+        T* vmax = (T*)t.ptr[sizeof(t.ptr) / sizeof(t.ptr[0]) - 1][k];
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            adamw_elem<T>(p, g, m, v, vmax, i, consts, AMSGRAD);
         }
-        p[i] = pi - step_size * mi / (m_sqrt(vhat) / bc2_sqrt + eps);
     }
 }
 
@@ -76,6 +191,46 @@ template <typename T>
 __device__ void scale_impl(T* x, long long n, double factor) {
     const T f = (T)factor;
     GRID_STRIDE(i, n) { x[i] *= f; }
+}
+
+// x *= factor of its set, element for element as scale_impl.
+template <typename T>
+__device__ void scale_multi_impl(const ScalarTable& t) {
+    const unsigned int chunks = t.chunk_end[t.count - 1];
+    for (unsigned int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        long long start, end;
+        const int k = mt_locate(t, c, &start, &end);
+        const T f = (T)t.sets[t.set[k]];
+        T* x = (T*)t.ptr[0][k];
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) x[i] *= f;
+    }
+}
+
+// The sum of squares of every element of the table's tensors (the global gradient norm): each block adds
+// the squares of its chunks in double, its threads' sums are added in a fixed tree, and thread 0 writes the
+// block's partial to partials[blockIdx.x]; the host sums the partials, so the result is the same run to run
+// (on one device: the grid follows its multiprocessor count).
+template <typename T>
+__device__ void sum_squares_multi_impl(const ScalarTable& t, double* partials) {
+    __shared__ double sums[MT_THREADS];
+    double acc = 0.0;
+    const unsigned int chunks = t.chunk_end[t.count - 1];
+    for (unsigned int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        long long start, end;
+        const int k = mt_locate(t, c, &start, &end);
+        const T* x = (const T*)t.ptr[0][k];
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const double xi = (double)x[i];
+            acc += xi * xi;
+        }
+    }
+    sums[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = MT_THREADS / 2; s > 0; s /= 2) {
+        if (threadIdx.x < s) sums[threadIdx.x] += sums[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[blockIdx.x] = sums[0];
 }
 
 #define OPTIM_KERNELS(T, SUFFIX)                                                                          \
@@ -88,6 +243,15 @@ __device__ void scale_impl(T* x, long long n, double factor) {
     }                                                                                                      \
     extern "C" __global__ void scale_##SUFFIX(T* x, long long n, double factor) {                          \
         scale_impl<T>(x, n, factor);                                                                       \
+    }                                                                                                      \
+    extern "C" __global__ void sgd_multi_##SUFFIX(SgdTable t) { sgd_multi_impl<T>(t); }                    \
+    extern "C" __global__ void adamw_multi_##SUFFIX(AdamWTable t) { adamw_multi_impl<T, AdamWTable, 0>(t); } \
+    extern "C" __global__ void adamw_multi_max_##SUFFIX(AdamWMaxTable t) {                                 \
+        adamw_multi_impl<T, AdamWMaxTable, 1>(t);                                                          \
+    }                                                                                                      \
+    extern "C" __global__ void scale_multi_##SUFFIX(ScalarTable t) { scale_multi_impl<T>(t); }             \
+    extern "C" __global__ void sum_squares_multi_##SUFFIX(ScalarTable t, double* partials) {               \
+        sum_squares_multi_impl<T>(t, partials);                                                            \
     }
 
 OPTIM_KERNELS(float, f32)

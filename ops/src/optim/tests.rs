@@ -159,3 +159,318 @@ fn cuda_views_with_an_offset_update_their_own_elements() {
     }
     views_update_their_own_elements(Device::Cuda(0));
 }
+
+// ---- Multi-tensor steps ----------------------------------------------------------------------------------
+
+/// Lengths the multi-tensor tests cycle through: one element, odd lengths, one chunk (4096) and one past it,
+/// one over a hundred thousand.
+const LENGTHS: &[usize] = &[1, 3, 1000, 100_003, 4096, 4097, 17, 2, 8191];
+
+/// Three views (rows 0..2, 2..5 and 5 of one (6, 7) buffer, as a concat's backward hands out gradients)
+/// and `count` tensors of their own storage with lengths cycling through [`LENGTHS`], uniform in [lo, hi), on
+/// `device`. The same generator state gives the same values on every device.
+fn many(count: usize, lo: f64, hi: f64, dtype: DType, device: Device, g: &mut Generator) -> Vec<Tensor> {
+    let whole = copy_to(&Tensor::rand(&[6, 7], lo, hi, dtype, Device::Cpu, g).unwrap(), device);
+    let mut out: Vec<Tensor> =
+        [(0, 2), (2, 3), (5, 1)].iter().map(|&(s, n)| crate::view::narrow(&whole, 0, s, n).unwrap()).collect();
+    for i in 0..count {
+        out.push(copy_to(&Tensor::rand(&[LENGTHS[i % LENGTHS.len()]], lo, hi, dtype, Device::Cpu, g).unwrap(), device));
+    }
+    out
+}
+
+/// Parameters and optimizer state of the multi-tensor tests, made from `seed` (the same seed gives the same
+/// values, in storage of their own, on any device).
+struct World {
+    p: Vec<Tensor>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    vmax: Vec<Tensor>,
+}
+
+impl World {
+    fn new(seed: u64, count: usize, dtype: DType, device: Device) -> World {
+        let mut g = Generator::new(seed);
+        World {
+            p: many(count, -1.0, 1.0, dtype, device, &mut g),
+            m: many(count, -0.1, 0.1, dtype, device, &mut g),
+            v: many(count, 0.01, 0.02, dtype, device, &mut g),
+            vmax: many(count, 0.005, 0.025, dtype, device, &mut g),
+        }
+    }
+
+    /// Every tensor, for comparisons.
+    fn all(&self) -> impl Iterator<Item = (&'static str, usize, &Tensor)> {
+        let named = [("p", &self.p), ("m / buf", &self.m), ("v", &self.v), ("vmax", &self.vmax)];
+        named.into_iter().flat_map(|(name, ts)| ts.iter().enumerate().map(move |(i, t)| (name, i, t)))
+    }
+}
+
+/// The gradients of `step` (the same on every device).
+fn multi_grads(seed: u64, step: u64, count: usize, dtype: DType, device: Device) -> Vec<Tensor> {
+    many(count, -1.0, 1.0, dtype, device, &mut Generator::new(1000 * seed + step))
+}
+
+/// Per-tensor AdamW hyperparameters: three groups of lr and weight decay, half of the tensors with amsgrad,
+/// and every seventh a step ahead (as a parameter that missed no step while others did), so that a table
+/// takes more than its 4 hyperparameter sets.
+fn adamw_h(i: usize, step: u64) -> AdamWStep {
+    AdamWStep {
+        lr: [0.01, 0.003, 0.02][i % 3],
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: [0.1, 0.0, 0.05][i % 3],
+        amsgrad: i % 2 == 1,
+        step: step + i.is_multiple_of(7) as u64,
+    }
+}
+
+/// Per-tensor SGD hyperparameters: plain, with momentum and dampening, nesterov, in two weight decays.
+fn sgd_h(i: usize, step: u64) -> SgdStep {
+    let plain = SgdStep {
+        lr: 0.1,
+        momentum: 0.0,
+        dampening: 0.0,
+        nesterov: false,
+        weight_decay: [0.0, 0.01][i % 2],
+        first: step == 1,
+    };
+    match i % 3 {
+        0 => plain,
+        1 => SgdStep { momentum: 0.9, dampening: 0.2, ..plain },
+        _ => SgdStep { momentum: 0.8, nesterov: true, ..plain },
+    }
+}
+
+fn adamw_items<'a>(w: &'a World, grads: &'a [Tensor], step: u64) -> Vec<AdamWTensors<'a>> {
+    (0..w.p.len())
+        .map(|i| AdamWTensors {
+            p: &w.p[i],
+            grad: &grads[i],
+            m: &w.m[i],
+            v: &w.v[i],
+            vmax: Some(&w.vmax[i]),
+            h: adamw_h(i, step),
+        })
+        .collect()
+}
+
+fn sgd_items<'a>(w: &'a World, grads: &'a [Tensor], step: u64) -> Vec<SgdTensors<'a>> {
+    (0..w.p.len()).map(|i| SgdTensors { p: &w.p[i], grad: &grads[i], buf: &w.m[i], h: sgd_h(i, step) }).collect()
+}
+
+fn assert_bitwise(what: &str, got: &World, want: &World) {
+    for ((name, i, x), (_, _, y)) in got.all().zip(want.all()) {
+        let (x, y) = (x.to_vec_f64().unwrap(), y.to_vec_f64().unwrap());
+        let same = x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{what}: {name}[{i}] differs from the per-tensor steps");
+    }
+}
+
+/// Three steps of `adamw_step_multi` and `sgd_step_multi` over `count` + 3 tensors on `device`, against the
+/// same steps one tensor at a time on the same device (the same bits) and, off the CPU, on the CPU (within
+/// the CUDA tolerance).
+fn multi_steps_match_per_tensor_steps(device: Device, count: usize) {
+    for (seed, dtype) in [(11, DType::F32), (12, DType::F64)] {
+        for rule in ["adamw", "sgd"] {
+            let what = format!("{rule} ({dtype}, {device})");
+            let (multi, single) = (World::new(seed, count, dtype, device), World::new(seed, count, dtype, device));
+            let cpu = World::new(seed, count, dtype, Device::Cpu);
+            for step in 1..=3 {
+                let grads = multi_grads(seed, step, count, dtype, device);
+                let cpu_grads = multi_grads(seed, step, count, dtype, Device::Cpu);
+                if rule == "adamw" {
+                    adamw_step_multi(&adamw_items(&multi, &grads, step)).unwrap();
+                    for it in adamw_items(&single, &grads, step) {
+                        adamw_step(it.p, it.grad, it.m, it.v, it.vmax, it.h).unwrap();
+                    }
+                    adamw_step_multi(&adamw_items(&cpu, &cpu_grads, step)).unwrap();
+                } else {
+                    sgd_step_multi(&sgd_items(&multi, &grads, step)).unwrap();
+                    for it in sgd_items(&single, &grads, step) {
+                        sgd_step(it.p, it.grad, it.buf, it.h).unwrap();
+                    }
+                    sgd_step_multi(&sgd_items(&cpu, &cpu_grads, step)).unwrap();
+                }
+                assert_bitwise(&format!("{what}, step {step}"), &multi, &single);
+                if device != Device::Cpu {
+                    for ((name, i, x), (_, _, y)) in multi.all().zip(cpu.all()) {
+                        assert_same(&format!("{what}: {name}[{i}]"), step, x, y);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn multi_steps_match_per_tensor_steps_bitwise() {
+    multi_steps_match_per_tensor_steps(Device::Cpu, 40);
+}
+
+/// 200 + 3 tensors: more than one table of each kind (116 SGD, 92 AdamW, 76 AdamW with amsgrad entries)
+/// and more hyperparameter sets than a table holds.
+#[test]
+fn cuda_multi_steps_match_per_tensor_steps_bitwise() {
+    if test_device_or_skip("cuda_multi_steps_match_per_tensor_steps_bitwise").is_none() {
+        return;
+    }
+    multi_steps_match_per_tensor_steps(Device::Cuda(0), 200);
+}
+
+/// The same parameter twice in one multi-tensor step is stepped twice, as by two single steps (the CUDA path
+/// sees the overlap and goes one tensor at a time), and an empty tensor is no trouble.
+fn repeated_parameter_is_stepped_twice(device: Device) {
+    let mut g = Generator::new(13);
+    let (p, grad) = (
+        Tensor::rand(&[33], -1.0, 1.0, DType::F32, Device::Cpu, &mut g).unwrap(),
+        Tensor::rand(&[33], -1.0, 1.0, DType::F32, Device::Cpu, &mut g).unwrap(),
+    );
+    // Separate storage for each operand: a CPU step reads the gradient while writing the parameter.
+    let empty: Vec<Tensor> = (0..4).map(|_| Tensor::zeros(&[0, 4], DType::F32, device).unwrap()).collect();
+    let h = AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, amsgrad: false, step: 1 };
+    let (pm, gm) = (copy_to(&p, device), copy_to(&grad, device));
+    let (mm, vm) = (pm.zeros_like().unwrap(), pm.zeros_like().unwrap());
+    let (ps, gs) = (copy_to(&p, device), copy_to(&grad, device));
+    let (ms, vs) = (ps.zeros_like().unwrap(), ps.zeros_like().unwrap());
+    let item = AdamWTensors { p: &pm, grad: &gm, m: &mm, v: &vm, vmax: None, h };
+    let none = AdamWTensors { p: &empty[0], grad: &empty[1], m: &empty[2], v: &empty[3], vmax: None, h };
+    adamw_step_multi(&[item, none, AdamWTensors { h: AdamWStep { step: 2, ..h }, ..item }]).unwrap();
+    adamw_step(&ps, &gs, &ms, &vs, None, h).unwrap();
+    adamw_step(&ps, &gs, &ms, &vs, None, AdamWStep { step: 2, ..h }).unwrap();
+    for (got, want) in [(&pm, &ps), (&mm, &ms), (&vm, &vs)] {
+        assert_eq!(got.to_vec_f64().unwrap(), want.to_vec_f64().unwrap(), "{device}");
+    }
+    let hs = SgdStep { lr: 0.1, momentum: 0.9, dampening: 0.0, nesterov: false, weight_decay: 0.0, first: true };
+    let item = SgdTensors { p: &pm, grad: &gm, buf: &mm, h: hs };
+    sgd_step_multi(&[item, SgdTensors { p: &empty[0], grad: &empty[1], buf: &empty[2], h: hs }, item]).unwrap();
+    sgd_step(&ps, &gs, &ms, hs).unwrap();
+    sgd_step(&ps, &gs, &ms, hs).unwrap();
+    for (got, want) in [(&pm, &ps), (&mm, &ms)] {
+        assert_eq!(got.to_vec_f64().unwrap(), want.to_vec_f64().unwrap(), "{device}");
+    }
+}
+
+#[test]
+fn repeated_parameter_in_a_multi_step_is_stepped_twice() {
+    repeated_parameter_is_stepped_twice(Device::Cpu);
+}
+
+#[test]
+fn cuda_repeated_parameter_in_a_multi_step_is_stepped_twice() {
+    if test_device_or_skip("cuda_repeated_parameter_in_a_multi_step_is_stepped_twice").is_none() {
+        return;
+    }
+    repeated_parameter_is_stepped_twice(Device::Cuda(0));
+}
+
+/// The multi-tensor steps check every item before updating any.
+#[test]
+fn multi_steps_check_every_item_first() {
+    let p = Tensor::ones(&[4], DType::F32, Device::Cpu).unwrap();
+    let (grad, bad) = (p.ones_like().unwrap(), Tensor::ones(&[5], DType::F32, Device::Cpu).unwrap());
+    let (m, v) = (p.zeros_like().unwrap(), p.zeros_like().unwrap());
+    let h = AdamWStep { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, amsgrad: false, step: 1 };
+    let good = AdamWTensors { p: &p, grad: &grad, m: &m, v: &v, vmax: None, h };
+    assert!(adamw_step_multi(&[good, AdamWTensors { grad: &bad, ..good }]).is_err());
+    assert!(adamw_step_multi(&[good, AdamWTensors { h: AdamWStep { amsgrad: true, ..h }, ..good }]).is_err());
+    assert!(adamw_step_multi(&[good, AdamWTensors { h: AdamWStep { step: 0, ..h }, ..good }]).is_err());
+    let hs = SgdStep { lr: 0.1, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0, first: true };
+    let good = SgdTensors { p: &p, grad: &grad, buf: &m, h: hs };
+    assert!(sgd_step_multi(&[good, SgdTensors { buf: &bad, ..good }]).is_err());
+    assert_eq!(p.to_vec_f64().unwrap(), vec![1.0; 4], "nothing updated");
+}
+
+/// `scale_multi` gives the bits of one `scale_` per tensor; `sum_squares_multi` the bits of adding the
+/// one-tensor sums in order on the CPU, and on CUDA the CPU's sum within tolerance, the same run to run.
+fn refs(ts: &[Tensor]) -> Vec<&Tensor> {
+    ts.iter().collect()
+}
+
+fn multi_scale_and_sum_squares(device: Device, count: usize) {
+    for (seed, dtype) in [(21, DType::F32), (22, DType::F64)] {
+        let mut g = Generator::new(seed);
+        let xs = many(count, -2.0, 2.0, dtype, device, &mut g);
+        let mut g = Generator::new(seed);
+        let ys = many(count, -2.0, 2.0, dtype, device, &mut g);
+        let mut g = Generator::new(seed);
+        let cpu = many(count, -2.0, 2.0, dtype, Device::Cpu, &mut g);
+        scale_multi(&refs(&xs), 0.37).unwrap();
+        ys.iter().for_each(|y| scale_(y, 0.37).unwrap());
+        for (i, (x, y)) in xs.iter().zip(&ys).enumerate() {
+            let same =
+                x.to_vec_f64().unwrap().iter().zip(y.to_vec_f64().unwrap()).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "scale_multi ({dtype}, {device}): tensor {i}");
+        }
+        scale_multi(&refs(&cpu), 0.37).unwrap();
+        let got = sum_squares_multi(&refs(&xs)).unwrap();
+        let want = cpu.iter().fold(0.0, |acc, x| acc + sum_squares(x).unwrap());
+        if device == Device::Cpu {
+            assert_eq!(got.to_bits(), want.to_bits(), "sum_squares_multi ({dtype}): {got} vs {want}");
+        } else {
+            assert!((got - want).abs() <= cuda_tol(dtype) * want, "sum_squares_multi ({dtype}): {got} vs {want}");
+            assert_eq!(got.to_bits(), sum_squares_multi(&refs(&xs)).unwrap().to_bits(), "run to run");
+        }
+    }
+}
+
+#[test]
+fn multi_scale_and_sum_squares_match_per_tensor() {
+    multi_scale_and_sum_squares(Device::Cpu, 40);
+}
+
+/// 500 + 3 tensors: more than two tables of 236.
+#[test]
+fn cuda_multi_scale_and_sum_squares_match_per_tensor() {
+    if test_device_or_skip("cuda_multi_scale_and_sum_squares_match_per_tensor").is_none() {
+        return;
+    }
+    multi_scale_and_sum_squares(Device::Cuda(0), 500);
+}
+
+/// How the host fills the multi-tensor tables (no device needed: the addresses are made up): a new table
+/// past N entries or past 4 hyperparameter sets, a tensor past 2^31 elements in several entries whose
+/// addresses advance by whole segments, and the running chunk counts.
+#[test]
+fn multi_tensor_tables_split_by_entries_sets_and_segments() {
+    use super::cuda::{Tables, CHUNK, SEGMENT};
+    // 237 tensors of one set: 236 in the first table, 1 in the second.
+    let mut t = Tables::<f64, 1, 236>::new(4);
+    for i in 0..237 {
+        t.push([1000 * i as u64], 4097, 1.0);
+    }
+    let tables = t.finish();
+    assert_eq!(tables.iter().map(|(t, _)| t.count).collect::<Vec<_>>(), [236, 1]);
+    assert_eq!(tables[0].1, 236 * 2);
+    assert_eq!(&tables[0].0.chunk_end[..3], &[2, 4, 6]);
+    assert_eq!((tables[1].0.ptr[0][0], tables[1].0.len[0], tables[1].0.chunk_end[0]), (236_000, 4097, 2));
+    // Five sets: the fifth starts a new table; a known set reuses its index.
+    let mut t = Tables::<f64, 1, 236>::new(4);
+    for (i, factor) in [0.5, 0.25, 0.5, 2.0, 3.0, 4.0, 0.5].into_iter().enumerate() {
+        t.push([i as u64], 1, factor);
+    }
+    let tables = t.finish();
+    assert_eq!(tables.len(), 2);
+    assert_eq!(
+        (tables[0].0.count, &tables[0].0.sets[..], &tables[0].0.set[..5]),
+        (5, &[0.5, 0.25, 2.0, 3.0][..], &[0, 1, 0, 2, 3][..])
+    );
+    assert_eq!(
+        (tables[1].0.count, tables[1].0.sets[..2].to_vec(), &tables[1].0.set[..2]),
+        (2, vec![4.0, 0.5], &[0, 1][..])
+    );
+    // 2^32 + 5 elements of 8 bytes, operands at 0 and 1 << 40: three entries.
+    let mut t = Tables::<f64, 2, 236>::new(8);
+    let n = (1usize << 32) + 5;
+    t.push([0, 1 << 40], n, 1.0);
+    let (table, chunks) = &t.finish()[0];
+    let per = (SEGMENT / CHUNK) as u32;
+    assert_eq!(table.count, 3);
+    assert_eq!(&table.len[..3], &[SEGMENT as u32, SEGMENT as u32, 5]);
+    assert_eq!(&table.chunk_end[..3], &[per, 2 * per, 2 * per + 1]);
+    assert_eq!(*chunks, 2 * per + 1);
+    let step = (SEGMENT * 8) as u64;
+    assert_eq!(&table.ptr[0][..3], &[0, step, 2 * step]);
+    assert_eq!(&table.ptr[1][..3], &[1 << 40, (1 << 40) + step, (1 << 40) + 2 * step]);
+}
