@@ -23,7 +23,7 @@
 // a chain of FMAs in registers with SPL independent chains per thread and no scan across threads. Time goes
 // in tiles of `chunk` steps (the chunk of the saved states): per tile the block
 //   1. loads u, delta (z, gout) rows of its G channels coalesced along time, computes dt = softplus(delta +
-//      bias), dt u, the gate (each (c, t) once) into the shared tile P[t][c]; and B, C of batch b
+//      bias), dt u, the gate (each (c, t) once) into the shared tile P[c][t]; and B, C of batch b
 //      transposed to BC[t][n], read by all G channels as 16-byte broadcasts;
 //   2. runs the recurrence (forward: y = sum_n C h, summed over the channel's lanes with shuffles);
 //   3. writes the per-(c, t) results back coalesced along time.
@@ -200,7 +200,7 @@ __host__ __device__ inline ScanBwdLayout scan_bwd_layout(int tile, int g, int np
                                                         int elem_bytes) {
     ScanBwdLayout s;
     s.p4 = 0;
-    s.e = s.p4 + scan_round(4LL * tile * (g + 1), elem_bytes);
+    s.e = s.p4 + scan_round(4LL * g * (tile + 1), elem_bytes);
     s.bc = s.e + scan_round(2LL * tile * (g + 1), elem_bytes);
     s.hs = s.bc + scan_round((long long)tile * scan_bc_stride(np), elem_bytes);
     s.q = s.hs + scan_round((long long)(tile / th) * 32 * warps * spl, elem_bytes);
@@ -436,11 +436,11 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
     constexpr int TH = ScanShape<T, SPL>::TH;
     const int lpc = LPC ? LPC : p.lpc;
     const ScanThread th = scan_thread(p, lpc);
-    const int tile = (int)p.chunk, np = p.np, G = th.g;
+    const int tile = (int)p.chunk, np = LPC ? LPC * SPL : p.np, G = th.g;
     const ScanBwdLayout lay = scan_bwd_layout(tile, G, np, th.warps, SPL, TH, (int)sizeof(T));
     if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES()) __trap();
     T* smem = reinterpret_cast<T*>(SCAN_SHARED_BASE());
-    ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[t (G+1) + ci] = (dt, dt u, gy, u)
+    ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[ci (tile+1) + t] = (dt, dt u, gy, u)
     T* E = smem + lay.e;      // E[t (G+1) + ci] = softplus'(delta + bias); E[tile (G+1) + ..] = dL/dz / y
     T* BC = smem + lay.bc;    // BC[t bcs + which np + n]
     T* HS = smem + lay.hs;    // HS[(s threads + tid) SPL + k]: the state entering sub-chunk s
@@ -512,7 +512,7 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
                     v.z = gy;
                     v.w = x;
                 }
-                P[t * (G + 1) + ci] = v;
+                P[ci * (tile + 1) + t] = v;
                 E[t * (G + 1) + ci] = spg;
                 E[(tile + t) * (G + 1) + ci] = gz;
             }
@@ -520,13 +520,14 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
         scan_load_bc(p, th, t0, len, tile, Bm, Cm, BC);
         __syncthreads();
 
+        const ScanV4<T>* Pc = P + th.ci * (tile + 1);
         // 2a. Forward over the tile, keeping the state entering every sub-chunk of TH steps.
         for (int s = 0; s < tile / TH; ++s) {
             scan_store(HS + ((long long)s * threads + tid) * SPL, h);
 #pragma unroll
             for (int i = 0; i < TH; ++i) {
                 const int t = s * TH + i;
-                const ScanV4<T> v = P[t * (G + 1) + th.ci];
+                const ScanV4<T> v = Pc[t];
                 T bv[SPL];
                 scan_load(bv, BC + t * bcs + th.grp * SPL);
 #pragma unroll
@@ -540,7 +541,7 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
 #pragma unroll
             for (int i = 0; i < TH; ++i) {
                 const int t = s * TH + i;
-                const ScanV4<T> v = P[t * (G + 1) + th.ci];
+                const ScanV4<T> v = Pc[t];
                 T bv[SPL];
                 scan_load(bv, BC + t * bcs + th.grp * SPL);
 #pragma unroll
@@ -552,7 +553,7 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
 #pragma unroll
             for (int i = TH - 1; i >= 0; --i) {
                 const int t = s * TH + i;
-                const ScanV4<T> v = P[t * (G + 1) + th.ci];  // (dt, dt u, gy, u)
+                const ScanV4<T> v = Pc[t];  // (dt, dt u, gy, u)
                 T bv[SPL], cv[SPL], r[2 * SPL];
                 scan_load(bv, BC + t * bcs + th.grp * SPL);
                 scan_load(cv, BC + t * bcs + np + th.grp * SPL);
@@ -606,7 +607,7 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
             for (int t0w = 0; t0w < len; t0w += 32) {
                 const int t = t0w + th.lane;
                 if (t < len) {
-                    const ScanV4<T> v = P[t * (G + 1) + ci];  // (dt, dt u, gy, u)
+                    const ScanV4<T> v = P[ci * (tile + 1) + t];  // (dt, dt u, gy, u)
                     const T sgb = Q[(0 * G + ci) * (tile + 1) + t];
                     const T sagh = Q[(1 * G + ci) * (tile + 1) + t];
                     const T ys = Q[(2 * G + ci) * (tile + 1) + t];
@@ -690,11 +691,14 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
     }
 }
 
-// Kernel names: scan_fwd_s<SPL>_<dtype>, scan_bwd_s<SPL>_<dtype>, scan_bwd_sum_<dtype>. At most 4 warps a
-// block (cuda.rs plans 1, 2 or 4). Blocks per multiprocessor to keep registers for: in f32 the forward's
-// 26 KiB of shared memory allow 8 (at most 64 registers; scan_fwd_s4_f32 fits them, s8 spills 16 bytes);
-// the backward's 66 KiB allow 3 (at most 168 registers; scan_bwd_s4_f32 spills one 4-byte word, 225
-// registers when unbounded). f64, the gradient-check dtype, gets twice the registers per block.
+// Kernel names: scan_fwd_s<SPL>[l<LPC>]_<dtype>, scan_bwd_..., scan_bwd_sum_<dtype>. At most 4 warps a block
+// (cuda.rs plans 1, 2 or 4). Blocks per multiprocessor to keep registers for: the f32 forward asks for 6
+// (80 registers; 6 x 26 KiB of shared memory fit, and 6 x 132 SMs hold the 768 blocks of Mamba's (64, 384)
+// in one wave). It used to ask for 8 (64 registers), which spilled once the recurrence ran four steps a
+// turn. NVRTC 13.1 for sm_90 (`-Xptxas -v`): scan_fwd_s4l4_f32 80 registers, 12 bytes of spills at entry
+// (none in the loops); s4 80 / 8 bytes; s8 80 / 8 bytes. The backward's 66 KiB allow 3 blocks (at most 168
+// registers: s4l4 168, s4 157, s8 168, no spills). f64, the gradient-check dtype, gets twice the registers
+// per block.
 #define SCAN_MAX_THREADS 128
 
 #define SCAN_KERNELS(T, SUFFIX, NAME, SPL, LPC, FWD_MIN, BWD_MIN)                                   \
@@ -713,7 +717,7 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
                               part_bc, part_a, part_d, part_bias);                                        \
     }
 
-// scan_<dir>_s<SPL>_<dtype> take any lanes per channel; scan_<dir>_s4l4_<dtype> are Mamba's S = 13 .. 16
+// scan_<dir>_s<SPL>_<dtype> take any lanes per channel; scan_<dir>_s4l4_<dtype> are S = 9 .. 16 (Mamba's 16)
 // (4 lanes of 4 states) with the lane count compiled in.
 SCAN_KERNELS(float, f32, s4, 4, 0, 6, 3)
 SCAN_KERNELS(float, f32, s8, 8, 0, 6, 3)
