@@ -717,14 +717,13 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
                               part_bc, part_a, part_d, part_bias);                                        \
     }
 
-// scan_<dir>_s<SPL>_<dtype> take any lanes per channel; scan_<dir>_s4l4_<dtype> are S = 9 .. 16 (Mamba's 16)
+// scan_<dir>_s<SPL>_<dtype> take any lanes per channel; scan_<dir>_s4l4_f32 are S = 9 .. 16 (Mamba's 16)
 // (4 lanes of 4 states) with the lane count compiled in.
 SCAN_KERNELS(float, f32, s4, 4, 0, 6, 3)
 SCAN_KERNELS(float, f32, s8, 8, 0, 6, 3)
 SCAN_KERNELS(float, f32, s4l4, 4, 4, 6, 3)
 SCAN_KERNELS(double, f64, s4, 4, 0, 4, 1)
 SCAN_KERNELS(double, f64, s8, 8, 0, 4, 1)
-SCAN_KERNELS(double, f64, s4l4, 4, 4, 4, 1)
 
 extern "C" __global__ void scan_bwd_sum_f32(const ScanParams p, const float* part_bc, const float* part_a,
                                             const float* part_d, const float* part_bias, float* dB, float* dC,
