@@ -94,7 +94,7 @@ fn round(elems: usize, elem: usize) -> usize {
 /// transposed B and C, the readout.
 pub(crate) fn forward_shared_bytes(plan: Plan, elem: usize) -> usize {
     let (t, g, np) = (plan.tile, plan.channels(), plan.padded_states());
-    (round(4 * t * (g + 1), elem) + round(t * (2 * np + 4), elem) + round(g * (t + 1), elem)) * elem
+    (round(4 * g * (t + 1), elem) + round(t * (2 * np + 4), elem) + round(g * (t + 1), elem)) * elem
 }
 
 /// The backward's dynamic shared memory in bytes (`scan_bwd_layout`): the (dt, dt u, gy, u) tile, the
@@ -103,7 +103,7 @@ pub(crate) fn forward_shared_bytes(plan: Plan, elem: usize) -> usize {
 pub(crate) fn backward_shared_bytes(plan: Plan, elem: usize) -> usize {
     let (t, g, np, w) = (plan.tile, plan.channels(), plan.padded_states(), plan.warps);
     let th = sub_chunk(plan.spl, elem);
-    let elems = round(4 * t * (g + 1), elem)
+    let elems = round(4 * g * (t + 1), elem)
         + round(2 * t * (g + 1), elem)
         + round(t * (2 * np + 4), elem)
         + round(t / th * 32 * w * plan.spl, elem)
@@ -205,9 +205,19 @@ fn grid(dims: Dims, plan: Plan, shared: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// The instantiation of kernel `base` for this plan and dtype: in f32 `<base>_s4l4` (the lanes per channel
+/// compiled in) for 4 lanes of 4 states (S = 9 to 16, Mamba's 16), else `<base>_s<spl>`, which takes any
+/// lane count (f64, the gradient-check dtype, always: one instantiation less to compile).
+fn instance(base: &str, plan: Plan, dtype: DType) -> String {
+    match (dtype, plan.spl, plan.lpc) {
+        (DType::F32, 4, 4) => format!("{base}_s4l4"),
+        (_, spl, _) => format!("{base}_s{spl}"),
+    }
+}
+
 /// The kernel `base` for this plan's instantiation, allowed `shared` bytes of dynamic shared memory.
 fn kernel<T: Float>(dev: &CudaDevice, base: &str, plan: Plan, shared: usize) -> Result<(String, CudaFunction)> {
-    let base = format!("{base}_s{}", plan.spl);
+    let base = instance(base, plan, T::DTYPE);
     let (name, f) = (engine::cuda::kernel_name::<T>(&base), function::<T>(dev, &MODULE, &base)?);
     if shared > DEFAULT_SHARED {
         let limit = dev
@@ -468,11 +478,11 @@ mod tests {
         // Bytes from scan.cu's scan_fwd_layout / scan_bwd_layout (printed by the emulator harness, emu/).
         for (p, elem, fwd, bwd) in [
             (plan(4, 4, 4, 32), 4, 25728, 67968),
-            (plan(4, 4, 4, 16), 8, 25856, 76800),
-            (plan(4, 1, 2, 32), 4, 43264, 83712),
-            (plan(8, 32, 1, 8), 8, 33632, 75072),
-            (plan(4, 16, 4, 24), 4, 16928, 76000),
-            (plan(8, 32, 2, 8), 4, 16992, 54272),
+            (plan(4, 4, 4, 16), 8, 26368, 77312),
+            (plan(4, 1, 2, 32), 4, 43776, 84224),
+            (plan(8, 32, 1, 8), 8, 33408, 74848),
+            (plan(4, 16, 4, 24), 4, 16672, 75744),
+            (plan(8, 32, 2, 8), 4, 16896, 54176),
         ] {
             assert_eq!(forward_shared_bytes(p, elem), fwd, "{p:?} {elem}");
             assert_eq!(backward_shared_bytes(p, elem), bwd, "{p:?} {elem}");
@@ -522,6 +532,21 @@ mod tests {
             }
         }
         assert!(cuda_chunk(64, MAX_STATES + 1, DType::F32).is_err());
+    }
+
+    #[test]
+    fn four_lanes_of_four_states_get_the_compiled_lane_count() {
+        // In f32, Mamba's S = 16 and every S from 9 run scan_*_s4l4; the rest the kernels taking any lane count.
+        for s in 1..=MAX_STATES {
+            let (spl, lpc) = lanes(s, &[]).unwrap();
+            let p = plan(spl, lpc, 4, 32);
+            let want = if (9..=16).contains(&s) { "scan_fwd_s4l4".to_string() } else { format!("scan_fwd_s{spl}") };
+            assert_eq!(instance("scan_fwd", p, DType::F32), want, "S = {s}");
+            assert_eq!(instance("scan_fwd", p, DType::F64), format!("scan_fwd_s{spl}"), "S = {s}");
+        }
+        // scan.cu instantiates the specialised kernels for f32 only (SCAN_KERNELS(T, suffix, name, SPL, LPC, ..)).
+        assert!(MODULE.body.contains("SCAN_KERNELS(float, f32, s4l4, 4, 4,"));
+        assert!(!MODULE.body.contains("SCAN_KERNELS(double, f64, s4l4"));
     }
 
     #[test]

@@ -23,7 +23,7 @@
 // a chain of FMAs in registers with SPL independent chains per thread and no scan across threads. Time goes
 // in tiles of `chunk` steps (the chunk of the saved states): per tile the block
 //   1. loads u, delta (z, gout) rows of its G channels coalesced along time, computes dt = softplus(delta +
-//      bias), dt u, the gate (each (c, t) once) into the shared tile P[t][c]; and B, C of batch b
+//      bias), dt u, the gate (each (c, t) once) into the shared tile P[c][t]; and B, C of batch b
 //      transposed to BC[t][n], read by all G channels as 16-byte broadcasts;
 //   2. runs the recurrence (forward: y = sum_n C h, summed over the channel's lanes with shuffles);
 //   3. writes the per-(c, t) results back coalesced along time.
@@ -68,11 +68,23 @@ template <typename T> struct __align__(4 * sizeof(T)) ScanV4 {
     T x, y, z, w;
 };
 
+// 2^x as one MUFU.EX2 (ex2.approx.ftz: ~2 ulp, subnormal results flushed to 0). exp2f would add a range
+// check and two predicated multiplies per call for subnormal results, which a decay never needs. The
+// emulator (emu/) defines SCAN_EX2 as exp2f.
+#ifndef SCAN_EX2
+__device__ __forceinline__ float scan_ex2_approx(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+#define SCAN_EX2(x) scan_ex2_approx(x)
+#endif
+
 // exp(x) for x = dt * (A * scale): f32 uses exp2 with A pre-scaled by log2(e) (one MUFU.EX2); f64 is exact.
 template <typename T> struct ScanExp;
 template <> struct ScanExp<float> {
     static __device__ __forceinline__ float scale() { return 1.4426950408889634f; }
-    static __device__ __forceinline__ float exp(float x) { return exp2f(x); }
+    static __device__ __forceinline__ float exp(float x) { return SCAN_EX2(x); }
 };
 template <> struct ScanExp<double> {
     static __device__ __forceinline__ double scale() { return 1.0; }
@@ -86,13 +98,25 @@ template <typename T, int SPL> struct ScanShape {
     static constexpr int HALVINGS = SPL == 4 ? 3 : 4;
 };
 
-// PyTorch's softplus (threshold 20) and its derivative, as in scan/cpu.rs.
-template <typename T> __device__ __forceinline__ T scan_softplus(T x) {
-    return x > T(20) ? x : m_log1p(m_exp(x));
-}
-template <typename T> __device__ __forceinline__ T scan_softplus_grad(T x) {
-    return x > T(20) ? T(1) : m_sigmoid(x);
-}
+// The per-(c, t) gates: PyTorch's softplus (threshold 20) and its derivative (as in scan/cpu.rs), the sigmoid
+// of z. f64 (the gradient-check dtype) is exact; f32 takes the exps from MUFU.EX2 (__expf) and the divisions
+// from MUFU.RCP (__fdividef), as Mamba's kernels built with --use_fast_math do, and keeps log1pf. The exact
+// forms cost ~100 instructions per (c, t) (expf, log1pf, two IEEE divisions with their slow paths), more
+// than the 16 state updates they feed.
+template <typename T> struct ScanGate {
+    static __device__ __forceinline__ T softplus(T x) { return x > T(20) ? x : m_log1p(m_exp(x)); }
+    static __device__ __forceinline__ T softplus_grad(T x) { return x > T(20) ? T(1) : m_sigmoid(x); }
+    static __device__ __forceinline__ T sigmoid(T x) { return m_sigmoid(x); }
+};
+template <> struct ScanGate<float> {
+    static __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+    // e / (1 + e) with e = exp(x): 1 past the threshold, and 0 where e underflows.
+    static __device__ __forceinline__ float softplus_grad(float x) {
+        return x > 20.f ? 1.f : __fdividef(1.f, 1.f + __expf(-x));
+    }
+    // 1 / (1 + exp(-x)); exp(-x) = inf (x < -88) gives 0: __fdividef(1, inf) = 0.
+    static __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+};
 
 template <typename T> __device__ __forceinline__ T scan_shfl_xor(T v, int o) {
     return __shfl_xor_sync(0xffffffffu, v, o);
@@ -162,7 +186,7 @@ struct ScanFwdLayout {
 __host__ __device__ inline ScanFwdLayout scan_fwd_layout(int tile, int g, int np, int elem_bytes) {
     ScanFwdLayout s;
     s.p4 = 0;
-    s.bc = s.p4 + scan_round(4LL * tile * (g + 1), elem_bytes);
+    s.bc = s.p4 + scan_round(4LL * g * (tile + 1), elem_bytes);
     s.o = s.bc + scan_round((long long)tile * scan_bc_stride(np), elem_bytes);
     s.total = s.o + scan_round((long long)g * (tile + 1), elem_bytes);
     return s;
@@ -176,7 +200,7 @@ __host__ __device__ inline ScanBwdLayout scan_bwd_layout(int tile, int g, int np
                                                         int elem_bytes) {
     ScanBwdLayout s;
     s.p4 = 0;
-    s.e = s.p4 + scan_round(4LL * tile * (g + 1), elem_bytes);
+    s.e = s.p4 + scan_round(4LL * g * (tile + 1), elem_bytes);
     s.bc = s.e + scan_round(2LL * tile * (g + 1), elem_bytes);
     s.hs = s.bc + scan_round((long long)tile * scan_bc_stride(np), elem_bytes);
     s.q = s.hs + scan_round((long long)(tile / th) * 32 * warps * spl, elem_bytes);
@@ -199,15 +223,15 @@ struct ScanThread {
     bool valid;
 };
 
-__device__ __forceinline__ ScanThread scan_thread(const ScanParams& p) {
+__device__ __forceinline__ ScanThread scan_thread(const ScanParams& p, int lpc) {
     ScanThread th;
     const int threads = blockDim.x;
-    th.g = threads / p.lpc;
+    th.g = threads / lpc;
     th.warps = threads >> 5;
     th.lane = threadIdx.x & 31;
     th.warp = threadIdx.x >> 5;
-    th.ci = threadIdx.x / p.lpc;
-    th.grp = threadIdx.x & (p.lpc - 1);
+    th.ci = threadIdx.x / lpc;
+    th.grp = threadIdx.x & (lpc - 1);
     th.b = blockIdx.x / p.groups;
     th.c0 = (blockIdx.x % p.groups) * th.g;
     th.c = th.c0 + th.ci;
@@ -229,17 +253,55 @@ __device__ __forceinline__ void scan_load_bc(const ScanParams& p, const ScanThre
     }
 }
 
+// Whether p suits a ScanV4 access (device allocations do; a host buffer in the emulator may not).
+template <typename T> __device__ __forceinline__ bool scan_aligned(const T* p) {
+    return (reinterpret_cast<unsigned long long>(p) & (4 * sizeof(T) - 1)) == 0;
+}
+
+// A thread's SPL states n0 .. n0 + SPL of channel row `row` (b C + c) at chunk kc of the saved states: one
+// vector access per 4 states when S is a multiple of 4 (then so is the offset) and the buffer is aligned,
+// else one per state < S.
 template <typename T, int SPL>
+__device__ __forceinline__ void scan_save_states(const ScanParams& p, long long row, long long kc, int n0,
+                                                 const T (&h)[SPL], T* __restrict__ saved) {
+    T* dst = saved + (row * p.n_chunks + kc) * p.states + n0;
+    if ((p.states & 3) == 0 && n0 + SPL <= p.states && scan_aligned(dst)) {
+        scan_store(dst, h);
+    } else {
+#pragma unroll
+        for (int k = 0; k < SPL; ++k)
+            if (n0 + k < p.states) dst[k] = h[k];
+    }
+}
+
+template <typename T, int SPL>
+__device__ __forceinline__ void scan_load_states(const ScanParams& p, long long row, long long kc, int n0,
+                                                 T (&h)[SPL], const T* __restrict__ saved) {
+    const T* src = saved + (row * p.n_chunks + kc) * p.states + n0;
+    if ((p.states & 3) == 0 && n0 + SPL <= p.states && scan_aligned(src)) {
+        scan_load(h, src);
+    } else {
+#pragma unroll
+        for (int k = 0; k < SPL; ++k) h[k] = n0 + k < p.states ? src[k] : T(0);
+    }
+}
+
+// LPC: lanes per channel fixed at compile time (the group sums and the reduce-scatter unroll into straight
+// shuffles), or 0 for p.lpc at run time.
+template <typename T, int SPL, int LPC>
 __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* __restrict__ delta,
                          const T* __restrict__ A, const T* __restrict__ Bm, const T* __restrict__ Cm,
                          const T* __restrict__ D, const T* __restrict__ z, const T* __restrict__ delta_bias,
                          T* __restrict__ out, T* __restrict__ saved) {
-    const ScanThread th = scan_thread(p);
-    const int tile = (int)p.chunk, np = p.np, G = th.g;
+    const int lpc = LPC ? LPC : p.lpc;
+    const ScanThread th = scan_thread(p, lpc);
+    // With LPC compiled in, so are the padded states and the B, C row stride: the recurrence's shared
+    // memory offsets become immediates.
+    const int tile = (int)p.chunk, np = LPC ? LPC * SPL : p.np, G = th.g;
     const ScanFwdLayout lay = scan_fwd_layout(tile, G, np, (int)sizeof(T));
     if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES()) __trap();
     T* smem = reinterpret_cast<T*>(SCAN_SHARED_BASE());
-    ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[t (G+1) + ci] = (dt, dt u, u, gate)
+    ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[ci (tile+1) + t] = (dt, dt u, u, gate)
     T* BC = smem + lay.bc;
     T* O = smem + lay.o;  // O[ci (tile+1) + t] = sum_n C h
     const int bcs = scan_bc_stride(np);
@@ -255,57 +317,61 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
     for (long long kc = 0; kc < p.n_chunks; ++kc) {
         const long long t0 = kc * tile;
         const int len = (int)min((long long)tile, L - t0);
-        if (th.valid) {
-#pragma unroll
-            for (int k = 0; k < SPL; ++k) {
-                const int n = th.grp * SPL + k;
-                if (n < S) saved[((th.b * C + th.c) * p.n_chunks + kc) * S + n] = h[k];
-            }
-        }
+        if (th.valid) scan_save_states<T, SPL>(p, th.b * C + th.c, kc, th.grp * SPL, h, saved);
         // 1. The tile's per-(c, t) inputs, each computed once; zero past C and past L (dt = 0 keeps h).
-#pragma unroll 2  // two rows of loads in flight (4 spills the forward past its 64 registers)
+#pragma unroll 2
         for (int ci = th.warp; ci < G; ci += th.warps) {  // a warp per channel row, lanes along time
             const long long cc = th.c0 + ci;
             const T bias = (cc < C && p.has_delta_bias) ? delta_bias[cc] : T(0);
+            const long long r0 = (th.b * C + cc) * L + t0;
             for (int t = th.lane; t < tile; t += 32) {
                 ScanV4<T> v;
                 v.x = v.y = v.z = v.w = T(0);
                 if (cc < C && t < len) {
-                    const long long r = (th.b * C + cc) * L + t0 + t;
+                    const long long r = r0 + t;
                     const T x = u[r];
                     T dt = delta[r] + bias;
-                    if (p.delta_softplus) dt = scan_softplus(dt);
+                    if (p.delta_softplus) dt = ScanGate<T>::softplus(dt);
                     T gate = T(1);
                     if (p.has_z) {
                         const T zv = z[r];
-                        gate = zv * m_sigmoid(zv);
+                        gate = zv * ScanGate<T>::sigmoid(zv);
                     }
                     v.x = dt;
                     v.y = dt * x;
                     v.z = x;
                     v.w = gate;
                 }
-                P[t * (G + 1) + ci] = v;
+                P[ci * (tile + 1) + t] = v;
             }
         }
         scan_load_bc(p, th, t0, len, tile, Bm, Cm, BC);
         __syncthreads();
-        // 2. The recurrence; padded steps (dt = 0) leave h as it is.
-#pragma unroll 2
-        for (int t = 0; t < tile; ++t) {
-            const ScanV4<T> v = P[t * (G + 1) + th.ci];
-            T bv[SPL], cv[SPL];
-            scan_load(bv, BC + t * bcs + th.grp * SPL);
-            scan_load(cv, BC + t * bcs + np + th.grp * SPL);
-            T y = T(0);
+        // 2. The recurrence; padded steps (dt = 0) leave h as it is. Steps in fours (tiles are multiples of
+        // 8): the exps and loads of four steps are independent, only h's FMAs chain.
+        {
+            const ScanV4<T>* Pc = P + th.ci * (tile + 1);
+            const T* BCt = BC + th.grp * SPL;
+            T* Oc = O + th.ci * (tile + 1);
+            for (int ts = 0; ts < tile; ts += 4) {
 #pragma unroll
-            for (int k = 0; k < SPL; ++k) {
-                const T a = ScanExp<T>::exp(v.x * a2[k]);
-                h[k] = a * h[k] + v.y * bv[k];
-                y += cv[k] * h[k];
+                for (int i = 0; i < 4; ++i) {
+                    const int t = ts + i;
+                    const ScanV4<T> v = Pc[t];
+                    T bv[SPL], cv[SPL];
+                    scan_load(bv, BCt + t * bcs);
+                    scan_load(cv, BCt + t * bcs + np);
+                    T y = T(0);
+#pragma unroll
+                    for (int k = 0; k < SPL; ++k) {
+                        const T a = ScanExp<T>::exp(v.x * a2[k]);
+                        h[k] = a * h[k] + v.y * bv[k];
+                        y += cv[k] * h[k];
+                    }
+                    y = scan_group_sum(y, lpc);
+                    if (th.grp == 0) Oc[t] = y;
+                }
             }
-            y = scan_group_sum(y, p.lpc);
-            if (th.grp == 0) O[th.ci * (tile + 1) + t] = y;
         }
         __syncthreads();
         // 3. out = (y + D u) gate, one warp per channel row, coalesced along time.
@@ -315,7 +381,7 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
             const T d = p.has_d ? D[cc] : T(0);
             const long long r0 = (th.b * C + cc) * L + t0;
             for (int t = th.lane; t < len; t += 32) {
-                const ScanV4<T> v = P[t * (G + 1) + ci];
+                const ScanV4<T> v = P[ci * (tile + 1) + t];
                 out[r0 + t] = (O[ci * (tile + 1) + t] + d * v.z) * v.w;
             }
         }
@@ -360,7 +426,7 @@ template <int SPL> __device__ __forceinline__ int scan_dbc_slot(int grp, int ch,
     return which * np + grp * SPL + idx - which * SPL;
 }
 
-template <typename T, int SPL>
+template <typename T, int SPL, int LPC>
 __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* __restrict__ delta,
                          const T* __restrict__ A, const T* __restrict__ Bm, const T* __restrict__ Cm,
                          const T* __restrict__ D, const T* __restrict__ z, const T* __restrict__ delta_bias,
@@ -368,12 +434,13 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
                          T* __restrict__ ddelta, T* __restrict__ dz, T* __restrict__ part_bc,
                          T* __restrict__ part_a, T* __restrict__ part_d, T* __restrict__ part_bias) {
     constexpr int TH = ScanShape<T, SPL>::TH;
-    const ScanThread th = scan_thread(p);
-    const int tile = (int)p.chunk, np = p.np, G = th.g, lpc = p.lpc;
+    const int lpc = LPC ? LPC : p.lpc;
+    const ScanThread th = scan_thread(p, lpc);
+    const int tile = (int)p.chunk, np = LPC ? LPC * SPL : p.np, G = th.g;
     const ScanBwdLayout lay = scan_bwd_layout(tile, G, np, th.warps, SPL, TH, (int)sizeof(T));
     if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES()) __trap();
     T* smem = reinterpret_cast<T*>(SCAN_SHARED_BASE());
-    ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[t (G+1) + ci] = (dt, dt u, gy, u)
+    ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[ci (tile+1) + t] = (dt, dt u, gy, u)
     T* E = smem + lay.e;      // E[t (G+1) + ci] = softplus'(delta + bias); E[tile (G+1) + ..] = dL/dz / y
     T* BC = smem + lay.bc;    // BC[t bcs + which np + n]
     T* HS = smem + lay.hs;    // HS[(s threads + tid) SPL + k]: the state entering sub-chunk s
@@ -407,10 +474,11 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
         const int len = (int)min((long long)tile, L - t0);
         // The state entering the tile, loaded first so that its latency overlaps step 1.
         T h[SPL];
+        if (th.valid) {
+            scan_load_states<T, SPL>(p, th.b * C + th.c, kc, th.grp * SPL, h, saved);
+        } else {
 #pragma unroll
-        for (int k = 0; k < SPL; ++k) {
-            const int n = th.grp * SPL + k;
-            h[k] = (th.valid && n < S) ? saved[((th.b * C + th.c) * p.n_chunks + kc) * S + n] : T(0);
+            for (int k = 0; k < SPL; ++k) h[k] = T(0);
         }
         // 1. Per-(c, t) inputs, each once; zero past C and past L (dt = 0 and gy = 0: no contribution).
 #pragma unroll 4
@@ -428,14 +496,14 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
                     T dt = raw;
                     spg = T(1);
                     if (p.delta_softplus) {
-                        dt = scan_softplus(raw);
-                        spg = scan_softplus_grad(raw);
+                        dt = ScanGate<T>::softplus(raw);
+                        spg = ScanGate<T>::softplus_grad(raw);
                     }
                     const T g = gout[r];
                     T gy = g;
                     if (p.has_z) {
                         const T zv = z[r];
-                        const T s = m_sigmoid(zv);
+                        const T s = ScanGate<T>::sigmoid(zv);
                         gy = g * zv * s;
                         gz = g * s * (T(1) + zv * (T(1) - s));
                     }
@@ -444,7 +512,7 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
                     v.z = gy;
                     v.w = x;
                 }
-                P[t * (G + 1) + ci] = v;
+                P[ci * (tile + 1) + t] = v;
                 E[t * (G + 1) + ci] = spg;
                 E[(tile + t) * (G + 1) + ci] = gz;
             }
@@ -452,13 +520,14 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
         scan_load_bc(p, th, t0, len, tile, Bm, Cm, BC);
         __syncthreads();
 
+        const ScanV4<T>* Pc = P + th.ci * (tile + 1);
         // 2a. Forward over the tile, keeping the state entering every sub-chunk of TH steps.
         for (int s = 0; s < tile / TH; ++s) {
             scan_store(HS + ((long long)s * threads + tid) * SPL, h);
 #pragma unroll
             for (int i = 0; i < TH; ++i) {
                 const int t = s * TH + i;
-                const ScanV4<T> v = P[t * (G + 1) + th.ci];
+                const ScanV4<T> v = Pc[t];
                 T bv[SPL];
                 scan_load(bv, BC + t * bcs + th.grp * SPL);
 #pragma unroll
@@ -472,7 +541,7 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
 #pragma unroll
             for (int i = 0; i < TH; ++i) {
                 const int t = s * TH + i;
-                const ScanV4<T> v = P[t * (G + 1) + th.ci];
+                const ScanV4<T> v = Pc[t];
                 T bv[SPL];
                 scan_load(bv, BC + t * bcs + th.grp * SPL);
 #pragma unroll
@@ -484,7 +553,7 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
 #pragma unroll
             for (int i = TH - 1; i >= 0; --i) {
                 const int t = s * TH + i;
-                const ScanV4<T> v = P[t * (G + 1) + th.ci];  // (dt, dt u, gy, u)
+                const ScanV4<T> v = Pc[t];  // (dt, dt u, gy, u)
                 T bv[SPL], cv[SPL], r[2 * SPL];
                 scan_load(bv, BC + t * bcs + th.grp * SPL);
                 scan_load(cv, BC + t * bcs + np + th.grp * SPL);
@@ -538,7 +607,7 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
             for (int t0w = 0; t0w < len; t0w += 32) {
                 const int t = t0w + th.lane;
                 if (t < len) {
-                    const ScanV4<T> v = P[t * (G + 1) + ci];  // (dt, dt u, gy, u)
+                    const ScanV4<T> v = P[ci * (tile + 1) + t];  // (dt, dt u, gy, u)
                     const T sgb = Q[(0 * G + ci) * (tile + 1) + t];
                     const T sagh = Q[(1 * G + ci) * (tile + 1) + t];
                     const T ys = Q[(2 * G + ci) * (tile + 1) + t];
@@ -622,33 +691,39 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
     }
 }
 
-// Kernel names: scan_fwd_s<SPL>_<dtype>, scan_bwd_s<SPL>_<dtype>, scan_bwd_sum_<dtype>. At most 4 warps a
-// block (cuda.rs plans 1, 2 or 4). Blocks per multiprocessor to keep registers for: in f32 the forward's
-// 26 KiB of shared memory allow 8 (at most 64 registers; scan_fwd_s4_f32 fits them, s8 spills 16 bytes);
-// the backward's 66 KiB allow 3 (at most 168 registers; scan_bwd_s4_f32 spills one 4-byte word, 225
-// registers when unbounded). f64, the gradient-check dtype, gets twice the registers per block.
+// Kernel names: scan_fwd_s<SPL>[l<LPC>]_<dtype>, scan_bwd_..., scan_bwd_sum_<dtype>. At most 4 warps a block
+// (cuda.rs plans 1, 2 or 4). Blocks per multiprocessor to keep registers for: the f32 forward asks for 6
+// (80 registers; 6 x 26 KiB of shared memory fit, and 6 x 132 SMs hold the 768 blocks of Mamba's (64, 384)
+// in one wave). It used to ask for 8 (64 registers), which spilled once the recurrence ran four steps a
+// turn. NVRTC 13.1 for sm_90 (`-Xptxas -v`): scan_fwd_s4l4_f32 80 registers, 12 bytes of spills at entry
+// (none in the loops); s4 80 / 8 bytes; s8 80 / 8 bytes. The backward's 66 KiB allow 3 blocks (at most 168
+// registers: s4l4 168, s4 157, s8 168, no spills). f64, the gradient-check dtype, gets twice the registers
+// per block.
 #define SCAN_MAX_THREADS 128
 
-#define SCAN_KERNELS(T, SUFFIX, SPL, FWD_MIN, BWD_MIN)                                                                     \
-    extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS, FWD_MIN)                                        \
-        scan_fwd_s##SPL##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A,             \
-                                   const T* Bm, const T* Cm, const T* D, const T* z,                      \
-                                   const T* delta_bias, T* out, T* saved) {                               \
-        scan_fwd<T, SPL>(p, u, delta, A, Bm, Cm, D, z, delta_bias, out, saved);                            \
+#define SCAN_KERNELS(T, SUFFIX, NAME, SPL, LPC, FWD_MIN, BWD_MIN)                                   \
+    extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS, FWD_MIN)                              \
+        scan_fwd_##NAME##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A, const T* Bm, \
+                                   const T* Cm, const T* D, const T* z, const T* delta_bias, T* out,      \
+                                   T* saved) {                                                            \
+        scan_fwd<T, SPL, LPC>(p, u, delta, A, Bm, Cm, D, z, delta_bias, out, saved);                      \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS, BWD_MIN)                                        \
-        scan_bwd_s##SPL##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A,             \
-                                   const T* Bm, const T* Cm, const T* D, const T* z,                      \
-                                   const T* delta_bias, const T* saved, const T* gout, T* du, T* ddelta,  \
-                                   T* dz, T* part_bc, T* part_a, T* part_d, T* part_bias) {               \
-        scan_bwd<T, SPL>(p, u, delta, A, Bm, Cm, D, z, delta_bias, saved, gout, du, ddelta, dz, part_bc,   \
-                         part_a, part_d, part_bias);                                                       \
+    extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS, BWD_MIN)                              \
+        scan_bwd_##NAME##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A, const T* Bm, \
+                                   const T* Cm, const T* D, const T* z, const T* delta_bias,              \
+                                   const T* saved, const T* gout, T* du, T* ddelta, T* dz, T* part_bc,    \
+                                   T* part_a, T* part_d, T* part_bias) {                                  \
+        scan_bwd<T, SPL, LPC>(p, u, delta, A, Bm, Cm, D, z, delta_bias, saved, gout, du, ddelta, dz,      \
+                              part_bc, part_a, part_d, part_bias);                                        \
     }
 
-SCAN_KERNELS(float, f32, 4, 8, 3)
-SCAN_KERNELS(float, f32, 8, 8, 3)
-SCAN_KERNELS(double, f64, 4, 4, 1)
-SCAN_KERNELS(double, f64, 8, 4, 1)
+// scan_<dir>_s<SPL>_<dtype> take any lanes per channel; scan_<dir>_s4l4_f32 are S = 9 .. 16 (Mamba's 16)
+// (4 lanes of 4 states) with the lane count compiled in.
+SCAN_KERNELS(float, f32, s4, 4, 0, 6, 3)
+SCAN_KERNELS(float, f32, s8, 8, 0, 6, 3)
+SCAN_KERNELS(float, f32, s4l4, 4, 4, 6, 3)
+SCAN_KERNELS(double, f64, s4, 4, 0, 4, 1)
+SCAN_KERNELS(double, f64, s8, 8, 0, 4, 1)
 
 extern "C" __global__ void scan_bwd_sum_f32(const ScanParams p, const float* part_bc, const float* part_a,
                                             const float* part_d, const float* part_bias, float* dB, float* dC,

@@ -213,6 +213,11 @@ inline void check_aligned(const void* p, unsigned bytes) {
 
 }  // namespace emu
 
+// The fast-math intrinsics the scan's f32 gates and decays use, exact here.
+#define SCAN_EX2(x) std::exp2(x)
+inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+
 #define __syncthreads() emu::syncthreads()
 #define __shfl_xor_sync(mask, v, o) emu::shfl_xor((v), (o))
 #define SCAN_DYNAMIC_SMEM_BYTES() emu::g_smem_bytes

@@ -156,11 +156,14 @@ template <typename T> Result run(const Case& k, const Inputs& in, const Plan& pl
     const T* Z = k.z ? z.data() : u.data();
     const T* BI = k.bias ? bias.data() : u.data();
     launch(grid, threads, fsmem, seed, [&] {
-        if (plan.spl == 4)
-            scan_fwd<T, 4>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
+        if (sizeof(T) == 4 && plan.spl == 4 && plan.lpc == 4)  // cuda.rs's choice of instantiation
+            scan_fwd<T, 4, 4>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
+                              saved.data());
+        else if (plan.spl == 4)
+            scan_fwd<T, 4, 0>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
                            saved.data());
         else
-            scan_fwd<T, 8>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
+            scan_fwd<T, 8, 0>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
                            saved.data());
     });
     std::vector<T> du(B * C * L, nan), ddelta(B * C * L, nan), dz(B * C * L, nan);
@@ -170,11 +173,14 @@ template <typename T> Result run(const Case& k, const Inputs& in, const Plan& pl
         T* DZ = k.z ? dz.data() : du.data();
         T* PD = k.d ? part_d.data() : du.data();
         T* PB = k.bias ? part_bias.data() : du.data();
-        if (plan.spl == 4)
-            scan_bwd<T, 4>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
+        if (sizeof(T) == 4 && plan.spl == 4 && plan.lpc == 4)
+            scan_bwd<T, 4, 4>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
+                              gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB);
+        else if (plan.spl == 4)
+            scan_bwd<T, 4, 0>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
                            gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB);
         else
-            scan_bwd<T, 8>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
+            scan_bwd<T, 8, 0>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
                            gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB);
     });
     std::vector<T> db(B * S * L, nan), dc(B * S * L, nan), da(C * S, nan), dd(C, nan), dbias(C, nan);
