@@ -774,7 +774,9 @@ __device__ void dwl_dx_gather_impl(const T* g, const T* wt, T* dx, DwlTile p) {
             for (int j = 0; j < kw; ++j) {
                 T kv[V];
 #pragma unroll
-                for (int l = 0; l < V; ++l) kv[l] = KH ? k[KH ? i * KW + j : 0][l] : wt[(long long)(c0 + l) * taps + i * kw + j];
+                for (int l = 0; l < V; ++l) {
+                    kv[l] = KH ? k[KH ? i * KW + j : 0][l] : wt[(long long)(c0 + l) * taps + i * kw + j];
+                }
 #pragma unroll
                 for (int u = 0; u < TW; ++u) {
                     const int tb = js + u + p.pw - j * dwd;

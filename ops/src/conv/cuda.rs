@@ -1605,6 +1605,75 @@ mod tests {
     }
 
     #[test]
+    fn dwl_plans_cover_every_channel_and_item() {
+        for g in dw_geometries() {
+            for (phase, lanes, sms) in [
+                (DwlPhase::Forward, 4, 132),
+                (DwlPhase::InputGrad, 2, 132),
+                (DwlPhase::Sums, 1, 132),
+                (DwlPhase::Forward, 1, 1),
+                (DwlPhase::Sums, 4, 1),
+            ] {
+                let what = format!("{g:?} {phase:?} V {lanes} sms {sms}");
+                let Some(plan) = dwl_plan(&g, phase, lanes, sms) else {
+                    // Only C not a multiple of V is refused among these sizes.
+                    assert!(g.c % lanes != 0, "{what}");
+                    continue;
+                };
+                let t = plan.tile;
+                let (bx, gx, gy) = (t.bx as usize, t.gx as usize, t.gy as usize);
+                let by = plan.threads / bx;
+                assert_eq!(t.cv as usize * lanes, g.c, "{what}");
+                assert!(plan.threads <= DWL_THREADS && plan.threads == bx * by && by >= 1, "{what}");
+                assert!(gx * bx >= g.c / lanes && (gx - 1) * bx < g.c / lanes, "{what}");
+                assert_eq!(plan.blocks, gx * gy, "{what}");
+                let tw = if DwKernel::of(&g) == DwKernel::K3S1 { 8 } else { 4 };
+                let (rows, width) = if phase == DwlPhase::InputGrad { (g.h, g.w) } else { (g.oh, g.ow) };
+                assert_eq!((t.rows as usize, t.strips as usize), (rows, width.div_ceil(tw)), "{what}");
+                let items = g.n * rows * width.div_ceil(tw);
+                assert!(gy * by < items + by, "{what}: no row of blocks without items");
+                if phase == DwlPhase::Sums {
+                    assert!(items.div_ceil(gy * by) <= DWL_SUM_ITEMS, "{what}");
+                    assert_eq!(plan.shared, plan.threads * lanes * 8, "{what}");
+                } else {
+                    assert!(gy <= (DWL_BLOCKS_PER_SM * sms / gx).max(1), "{what}");
+                    assert_eq!(plan.shared, 0, "{what}");
+                }
+                let phase_name = ["fwd", "dx", "sums"][phase as usize];
+                let instance = ["3x3s1", "3x3s2", "any"][DwKernel::of(&g) as usize];
+                let width_name = if lanes > 1 { "vec" } else { "one" };
+                assert_eq!(plan.name, format!("dwl_{phase_name}_{instance}_{width_name}"), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn dwl_plans_of_the_mila_shapes() {
+        let geom = |x: [usize; 4], s: usize| Conv2dGeom::new(&x, &[x[1], 1, 3, 3], (s, s), (1, 1), (1, 1), x[1]);
+        // MLLA-T's stage 1 at batch 128 in f32: 16 float4 vectors of channels a pixel, so blocks of 16 x 16
+        // threads; 7 strips of 8 columns a row; about 8 blocks a multiprocessor, 3 items a thread.
+        let g = geom([128, 64, 56, 56], 1).unwrap();
+        let f = dwl_plan(&g, DwlPhase::Forward, 4, 132).unwrap();
+        assert_eq!(f.name, "dwl_fwd_3x3s1_vec");
+        assert_eq!((f.tile.cv, f.tile.bx, f.tile.gx, f.tile.strips, f.threads, f.shared), (16, 16, 1, 7, 256, 0));
+        assert_eq!(f.blocks, 1056);
+        // The weight gradient: at most 4 items a thread, 784 rows of partials a channel.
+        let s = dwl_plan(&g, DwlPhase::Sums, 4, 132).unwrap();
+        assert_eq!((s.name.as_str(), s.tile.gy, s.shared), ("dwl_sums_3x3s1_vec", 784, 256 * 4 * 8));
+        // Stage 4: 512 channels of 7x7, two blocks along the channels; f64 pairs.
+        let g = geom([128, 512, 7, 7], 1).unwrap();
+        let d = dwl_plan(&g, DwlPhase::InputGrad, 2, 132).unwrap();
+        assert_eq!((d.tile.cv, d.tile.bx, d.tile.gx, d.tile.strips, d.threads), (256, 32, 8, 1, 256));
+        // Stride 2 and C not a multiple of 4.
+        let g = geom([8, 6, 28, 28], 2).unwrap();
+        assert_eq!(dwl_plan(&g, DwlPhase::InputGrad, 1, 132).unwrap().name, "dwl_dx_3x3s2_one");
+        assert!(dwl_plan(&g, DwlPhase::Forward, 4, 132).is_none());
+        // Empty convs stay on the NCHW path.
+        assert!(!channels_last_supported(&geom([0, 4, 5, 5], 1).unwrap()));
+        assert!(channels_last_supported(&geom([1, 4, 1, 1], 1).unwrap()));
+    }
+
+    #[test]
     fn the_forward_is_an_implicit_gemm_but_for_pointwise_convs() {
         let geom = |x: [usize; 4], w: [usize; 4], s, p, groups| Conv2dGeom::new(&x, &w, s, p, (1, 1), groups).unwrap();
         // The bench's conv, a grouped one and the stem's stride-2 conv.
