@@ -2,14 +2,18 @@
 // and the order of every per-element sum are those of conv/cpu.rs, so the two devices differ by rounding only:
 // an output adds its taps (i, j) in row-major order onto the bias; dx adds its taps in the same order.
 //
-// Tensors are contiguous and row-major: x (N, C, H, W), weight (O, C/G, kh, kw), y and g (N, O, OH, OW); a
-// bias is any vector view, read through its `Strided`. Reductions (weight and bias gradients) run a block per
+// Tensors are contiguous and row-major: x (N, C, H, W), weight (O, C/G, kh, kw), y and g (N, O, OH, OW), but for
+// the channels-last depthwise kernels (dwl_*), which read and write (N, H, W, C); a bias is any vector view, read
+// through its `Strided`. Reductions (weight and bias gradients) run a block per
 // output value or per (output, chunk), or (the tiled depthwise backward) per tile, followed by an ordered sum of
 // the chunks; they combine in double in a fixed order (the tiled depthwise backward sums each thread's few
 // dozen terms in T first): the results do not depend on timing.
 //
 // Kernel names: <kernel>_<dtype>; the tiled depthwise kernels have one instance per fixed kernel size and
-// stride (dw_fwd_3x3s1_<dtype>, ..., and dw_fwd_any_<dtype> with run-time loops).
+// stride (dw_fwd_3x3s1_<dtype>, ..., and dw_fwd_any_<dtype> with run-time loops); the channels-last ones also
+// one per access width (dwl_fwd_3x3s1_vec_<dtype>: 16 bytes of channels a thread, dwl_fwd_3x3s1_one_<dtype>).
+//
+// emu/harness.cpp runs the channels-last kernels on the scan's CPU emulator against a float64 reference.
 
 // Geometry of a conv2d call, mirrored by `Conv2dParams` in conv/cuda.rs (16 x i64, 128 bytes).
 struct Conv2dParams {

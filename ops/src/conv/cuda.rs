@@ -1,5 +1,15 @@
-//! CUDA paths of the convolution family (conv.cu). Inputs arrive contiguous (the op saves them so); outputs
-//! and gradients are new contiguous buffers. Everything is enqueued on the device's stream; nothing waits.
+//! CUDA paths of the convolution family (conv.cu). Inputs arrive contiguous (the op saves them so), but for
+//! the depthwise conv of a channels-last view; outputs and gradients are new contiguous buffers. Everything is
+//! enqueued on the device's stream; nothing waits.
+//!
+//! Depthwise conv2d of a channels-last view (x's memory (N, H, W, C), the MILA blocks' tokens seen as an image):
+//! NHWC kernels ([`dwl_plan`]), y and dx (N, H, W, C) too, x read in place (nothing copied, nothing but the view
+//! saved). Threads take V channels of a pixel (one 16-byte access when C and the pointers allow, else one
+//! element; neighbouring threads, neighbouring channels: coalesced) and items of a strip of TW columns of one
+//! row, the taps in registers, each input row of the strip loaded once (3x3 stride 1 and 2; other kernels
+//! gather their taps with run-time loops). The weight and bias gradients: per-thread sums over at most a few
+//! items, a block's threads added in order in double into a row of partials per block row, then `dw_reduce`
+//! (deterministic, no atomics).
 //!
 //! Depthwise conv2d (G = C = O): tiled kernels ([`dw_plan`]). A block takes one channel, a few samples of it
 //! (small planes) or one sample (large planes), and a band of output rows; it copies the x rows its band reads
