@@ -722,7 +722,7 @@ fn dwl_fits(g: &Conv2dGeom) -> bool {
 /// taps in registers), and for the weight gradient enough that no thread walks more than [`DWL_SUM_ITEMS`]
 /// (one row of partials per block row; `dw_reduce` adds them in order).
 fn dwl_plan(g: &Conv2dGeom, phase: DwlPhase, lanes: usize, sms: usize) -> Option<DwlPlan> {
-    if !dwl_fits(g) || lanes == 0 || g.c % lanes != 0 {
+    if !dwl_fits(g) || lanes == 0 || !g.c.is_multiple_of(lanes) {
         return None;
     }
     let kernel = DwKernel::of(g);
@@ -818,7 +818,7 @@ fn channels_last_elements<'a, T: Float>(op: &'static str, (s, layout): View<'a>)
 /// starts aligned (new buffers do), else 1.
 fn dwl_lanes<T: Float>(g: &Conv2dGeom, aligned: &[bool]) -> usize {
     let v = 16 / T::DTYPE.size_in_bytes();
-    if g.c % v == 0 && aligned.iter().all(|&a| a) {
+    if g.c.is_multiple_of(v) && aligned.iter().all(|&a| a) {
         v
     } else {
         1
