@@ -144,6 +144,24 @@ fn vision_cases(v: &mut Vec<Case>) {
         })
         .linear(),
     );
+    // Depthwise of channels-last views (the MILA blocks' token images): the NHWC kernels. C 6 (f32: single
+    // elements, f64: 16-byte pairs) at stride 1, C 4 (16-byte accesses) at stride 2 with no padding.
+    v.push(
+        case(
+            "conv2d(depthwise, channels-last)",
+            &[(&[2, 5, 4, 6], -N, N), (&[6, 1, 3, 3], -N, N), (&[6], -N, N)],
+            move |x| conv2d(&nchw(&x[0])?, &x[1], Some(&x[2]), (1, 1), (1, 1), (1, 1), 6),
+        )
+        .linear(),
+    );
+    v.push(
+        case(
+            "conv2d(depthwise, channels-last, stride 2)",
+            &[(&[2, 7, 6, 4], -N, N), (&[4, 1, 3, 3], -N, N)],
+            move |x| conv2d(&nchw(&x[0])?, &x[1], None, (2, 2), (0, 0), (1, 1), 4),
+        )
+        .linear(),
+    );
     v.push(
         case("causal_conv1d", &[(&[2, 5, 3], -N, N), (&[3, 1, 4], -N, N), (&[3], -N, N)], |x| {
             causal_conv1d(&transpose(&x[0], 1, 2)?, &x[1], Some(&x[2]))

@@ -2,14 +2,18 @@
 // and the order of every per-element sum are those of conv/cpu.rs, so the two devices differ by rounding only:
 // an output adds its taps (i, j) in row-major order onto the bias; dx adds its taps in the same order.
 //
-// Tensors are contiguous and row-major: x (N, C, H, W), weight (O, C/G, kh, kw), y and g (N, O, OH, OW); a
-// bias is any vector view, read through its `Strided`. Reductions (weight and bias gradients) run a block per
+// Tensors are contiguous and row-major: x (N, C, H, W), weight (O, C/G, kh, kw), y and g (N, O, OH, OW), but for
+// the channels-last depthwise kernels (dwl_*), which read and write (N, H, W, C); a bias is any vector view, read
+// through its `Strided`. Reductions (weight and bias gradients) run a block per
 // output value or per (output, chunk), or (the tiled depthwise backward) per tile, followed by an ordered sum of
 // the chunks; they combine in double in a fixed order (the tiled depthwise backward sums each thread's few
 // dozen terms in T first): the results do not depend on timing.
 //
 // Kernel names: <kernel>_<dtype>; the tiled depthwise kernels have one instance per fixed kernel size and
-// stride (dw_fwd_3x3s1_<dtype>, ..., and dw_fwd_any_<dtype> with run-time loops).
+// stride (dw_fwd_3x3s1_<dtype>, ..., and dw_fwd_any_<dtype> with run-time loops); the channels-last ones also
+// one per access width (dwl_fwd_3x3s1_vec_<dtype>: 16 bytes of channels a thread, dwl_fwd_3x3s1_one_<dtype>).
+//
+// emu/harness.cpp runs the channels-last kernels on the scan's CPU emulator against a float64 reference.
 
 // Geometry of a conv2d call, mirrored by `Conv2dParams` in conv/cuda.rs (16 x i64, 128 bytes).
 struct Conv2dParams {
@@ -518,6 +522,392 @@ __device__ void dw_reduce_impl(const double* part, T* dwt, T* db, int c, int per
     }
 }
 
+// ---- depthwise conv2d on channels-last data (G = C = O) ------------------------------------------------------
+
+// x (N, H, W, C), y and g (N, OH, OW, C), dx (N, H, W, C), all row-major (a channels-last view's memory: the
+// MILA block's tokens seen as an image), the weight (C, 1, kh, kw) contiguous. Neighbouring threads take
+// neighbouring groups of V channels of one pixel, so every load and store of a warp is a run of consecutive
+// bytes; V = 16 / sizeof(T) (one float4 or double2 access) when C and the pointers allow it, else 1. A thread
+// keeps its channels' weight taps in registers and walks items (sample, row, strip of TW columns) of the
+// output (the forward, the weight gradient) or of dx. The fixed-size instances read each input row of a strip
+// once into registers ((TW - 1) S + KW pixels) and take every tap of every output of the strip from them.
+//
+// A block has bx threads along the channel vectors and by = blockDim.x / bx along the items; block b is
+// (b % gx, b / gx) in the grid of gx blocks along the channel vectors and gy along the items.
+
+// Launch plan of the channels-last depthwise kernels, mirrored by `DwlTile` in conv/cuda.rs (20 x i32, 80 bytes).
+// Every size fits an int (the plan refuses larger ones); element offsets are computed in 64 bits.
+struct DwlTile {
+    int n, c, h, w, oh, ow;
+    int kh, kw, sh, sw, ph, pw, dh, dw;
+    int cv;      // channel vectors per pixel: c / V
+    int bx;      // threads of a block along the channel vectors
+    int gx;      // blocks along the channel vectors: ceil(cv / bx)
+    int gy;      // blocks along the items
+    int rows;    // rows of a sample the items walk: OH (forward, weight gradient) or H (dx)
+    int strips;  // strips of TW columns per row: ceil(OW / TW) or ceil(W / TW)
+};
+
+static_assert(sizeof(DwlTile) == 80, "DwlTile must match conv/cuda.rs");
+
+// V channels of one pixel: one 16-byte access (V = 16 / sizeof(T); the pointer 16-byte aligned) or one element.
+template <typename T, int V> struct DwlIo {
+    static __device__ __forceinline__ void load(T (&r)[V], const T* p) {
+        const Pack16<T> q = load16(p);
+#pragma unroll
+        for (int l = 0; l < V; ++l) r[l] = q.v[l];
+    }
+    static __device__ __forceinline__ void store(T* p, const T (&r)[V]) {
+        Pack16<T> q;
+#pragma unroll
+        for (int l = 0; l < V; ++l) q.v[l] = r[l];
+        store16(p, q);
+    }
+};
+template <typename T> struct DwlIo<T, 1> {
+    static __device__ __forceinline__ void load(T (&r)[1], const T* p) { r[0] = p[0]; }
+    static __device__ __forceinline__ void store(T* p, const T (&r)[1]) { p[0] = r[0]; }
+};
+
+// V channels of pixel (row, col) of a (rows, cols, C) image at `img` (already offset to the thread's first
+// channel), zeros outside the image.
+template <typename T, int V>
+__device__ __forceinline__ void dwl_pixel(T (&r)[V], const T* img, int row, int col, int rows, int cols, int c) {
+    if ((unsigned)row < (unsigned)rows && (unsigned)col < (unsigned)cols) {
+        DwlIo<T, V>::load(r, img + ((long long)row * cols + col) * c);
+    } else {
+#pragma unroll
+        for (int l = 0; l < V; ++l) r[l] = T(0);
+    }
+}
+
+// Where a thread stands: its channel vector (cv < p.cv, or past the channels: no items then), its first item and
+// the step between its items.
+struct DwlThread {
+    int cv, first, step;
+};
+
+__device__ __forceinline__ DwlThread dwl_thread(const DwlTile& p) {
+    const int tx = threadIdx.x % p.bx, ty = threadIdx.x / p.bx, by = blockDim.x / p.bx;
+    DwlThread t;
+    t.cv = (blockIdx.x % p.gx) * p.bx + tx;
+    t.first = (blockIdx.x / p.gx) * by + ty;
+    t.step = p.gy * by;
+    return t;
+}
+
+// The thread's weight taps: k[t][l] = w[c0 + l, 0, t / KW, t % KW].
+template <typename T, int V, int TAPS>
+__device__ __forceinline__ void dwl_taps(T (&k)[TAPS][V], const T* wt, int c0) {
+#pragma unroll
+    for (int t = 0; t < TAPS; ++t) {
+#pragma unroll
+        for (int l = 0; l < V; ++l) k[t][l] = wt[(long long)(c0 + l) * TAPS + t];
+    }
+}
+
+// Forward, the kernel size and stride fixed (dilation 1): y[n, a, b, c] = bias[c] + sum_{i, j} w[c, i, j]
+// x[n, a S - ph + i, b S - pw + j, c] for a strip of TW outputs b of row a. For each tap row i the strip's
+// (TW - 1) S + KW input pixels are loaded once; each output adds its taps in row-major order onto the bias.
+//
+// Bytes: x read once from memory (each row by the KH output rows that need it, through the cache), y written
+// once: for (128, 64, 56, 56) f32, 2 x 102.8 MB.
+template <typename T, int V, int KH, int KW, int S, int TW>
+__device__ void dwl_fwd_rows_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, T* y, DwlTile p) {
+    const DwlThread th = dwl_thread(p);
+    if (th.cv >= p.cv) return;
+    const int c0 = th.cv * V, IN = (TW - 1) * S + KW;
+    T k[KH * KW][V], b0[V];
+    dwl_taps<T, V, KH * KW>(k, wt, c0);
+#pragma unroll
+    for (int l = 0; l < V; ++l) b0[l] = has_bias ? bias[offset_of(lb, c0 + l)] : T(0);
+    const int items = p.n * p.oh * p.strips;
+    for (int it = th.first; it < items; it += th.step) {
+        const int strip = it % p.strips, r = it / p.strips, a = r % p.oh, n = r / p.oh;
+        const int bs = strip * TW, col0 = bs * S - p.pw;
+        const T* xn = x + (long long)n * p.h * p.w * p.c + c0;
+        T acc[TW][V];
+#pragma unroll
+        for (int u = 0; u < TW; ++u) {
+#pragma unroll
+            for (int l = 0; l < V; ++l) acc[u][l] = b0[l];
+        }
+#pragma unroll
+        for (int i = 0; i < KH; ++i) {
+            const int ih = a * S - p.ph + i;
+            if ((unsigned)ih >= (unsigned)p.h) continue;
+            T xv[IN][V];
+#pragma unroll
+            for (int t = 0; t < IN; ++t) dwl_pixel<T, V>(xv[t], xn, ih, col0 + t, p.h, p.w, p.c);
+#pragma unroll
+            for (int u = 0; u < TW; ++u) {
+#pragma unroll
+                for (int j = 0; j < KW; ++j) {
+#pragma unroll
+                    for (int l = 0; l < V; ++l) acc[u][l] += k[i * KW + j][l] * xv[u * S + j][l];
+                }
+            }
+        }
+        T* yp = y + (((long long)n * p.oh + a) * p.ow + bs) * p.c + c0;
+#pragma unroll
+        for (int u = 0; u < TW; ++u) {
+            if (bs + u < p.ow) DwlIo<T, V>::store(yp + (long long)u * p.c, acc[u]);
+        }
+    }
+}
+
+// Forward for any kernel size, stride and dilation: each output of the strip gathers its taps (row-major).
+template <typename T, int V, int TW>
+__device__ void dwl_fwd_any_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, T* y, DwlTile p) {
+    const DwlThread th = dwl_thread(p);
+    if (th.cv >= p.cv) return;
+    const int c0 = th.cv * V, taps = p.kh * p.kw;
+    T b0[V];
+#pragma unroll
+    for (int l = 0; l < V; ++l) b0[l] = has_bias ? bias[offset_of(lb, c0 + l)] : T(0);
+    const int items = p.n * p.oh * p.strips;
+    for (int it = th.first; it < items; it += th.step) {
+        const int strip = it % p.strips, r = it / p.strips, a = r % p.oh, n = r / p.oh;
+        const int bs = strip * TW;
+        const T* xn = x + (long long)n * p.h * p.w * p.c + c0;
+        T acc[TW][V];
+#pragma unroll
+        for (int u = 0; u < TW; ++u) {
+#pragma unroll
+            for (int l = 0; l < V; ++l) acc[u][l] = b0[l];
+        }
+        for (int i = 0; i < p.kh; ++i) {
+            const int ih = a * p.sh - p.ph + i * p.dh;
+            if ((unsigned)ih >= (unsigned)p.h) continue;
+            for (int j = 0; j < p.kw; ++j) {
+                T kv[V];
+#pragma unroll
+                for (int l = 0; l < V; ++l) kv[l] = wt[(long long)(c0 + l) * taps + i * p.kw + j];
+#pragma unroll
+                for (int u = 0; u < TW; ++u) {
+                    const int iw = (bs + u) * p.sw - p.pw + j * p.dw;
+                    if ((unsigned)iw >= (unsigned)p.w) continue;
+                    T xv[V];
+                    DwlIo<T, V>::load(xv, xn + ((long long)ih * p.w + iw) * p.c);
+#pragma unroll
+                    for (int l = 0; l < V; ++l) acc[u][l] += kv[l] * xv[l];
+                }
+            }
+        }
+        T* yp = y + (((long long)n * p.oh + a) * p.ow + bs) * p.c + c0;
+#pragma unroll
+        for (int u = 0; u < TW; ++u) {
+            if (bs + u < p.ow) DwlIo<T, V>::store(yp + (long long)u * p.c, acc[u]);
+        }
+    }
+}
+
+// dx at stride 1 (dilation 1), the kernel size fixed: dx[n, ih, iw, c] = sum_{i, j} w[c, i, j]
+// g[n, ih + ph - i, iw + pw - j, c] (g is 0 outside), for a strip of TW pixels iw of row ih. For each tap row i
+// the strip's TW + KW - 1 g pixels are loaded once; taps added in row-major order, as the CPU.
+template <typename T, int V, int KH, int KW, int TW>
+__device__ void dwl_dx_rows_impl(const T* g, const T* wt, T* dx, DwlTile p) {
+    const DwlThread th = dwl_thread(p);
+    if (th.cv >= p.cv) return;
+    const int c0 = th.cv * V, IN = TW + KW - 1;
+    T k[KH * KW][V];
+    dwl_taps<T, V, KH * KW>(k, wt, c0);
+    const int items = p.n * p.h * p.strips;
+    for (int it = th.first; it < items; it += th.step) {
+        const int strip = it % p.strips, r = it / p.strips, ih = r % p.h, n = r / p.h;
+        const int js = strip * TW, col0 = js + p.pw - (KW - 1);  // the g column dx column js reads by tap KW - 1
+        const T* gn = g + (long long)n * p.oh * p.ow * p.c + c0;
+        T acc[TW][V];
+#pragma unroll
+        for (int u = 0; u < TW; ++u) {
+#pragma unroll
+            for (int l = 0; l < V; ++l) acc[u][l] = T(0);
+        }
+#pragma unroll
+        for (int i = 0; i < KH; ++i) {
+            const int a = ih + p.ph - i;
+            if ((unsigned)a >= (unsigned)p.oh) continue;
+            T gv[IN][V];
+#pragma unroll
+            for (int t = 0; t < IN; ++t) dwl_pixel<T, V>(gv[t], gn, a, col0 + t, p.oh, p.ow, p.c);
+#pragma unroll
+            for (int u = 0; u < TW; ++u) {
+#pragma unroll
+                for (int j = 0; j < KW; ++j) {
+#pragma unroll
+                    for (int l = 0; l < V; ++l) acc[u][l] += k[i * KW + j][l] * gv[u + KW - 1 - j][l];
+                }
+            }
+        }
+        T* dp = dx + (((long long)n * p.h + ih) * p.w + js) * p.c + c0;
+#pragma unroll
+        for (int u = 0; u < TW; ++u) {
+            if (js + u < p.w) DwlIo<T, V>::store(dp + (long long)u * p.c, acc[u]);
+        }
+    }
+}
+
+// dx as a gather for any stride: dx[n, ih, iw, c] = sum over the taps (i, j) through which some output (a, b)
+// reads (ih, iw) of w[c, i, j] g[n, a, b, c], in row-major tap order. KH > 0: a KH x KW kernel with stride S
+// and dilation 1 fixed at compile time (the taps in registers); KH = 0: sizes, strides and dilations from p.
+template <typename T, int V, int KH, int KW, int S, int TW>
+__device__ void dwl_dx_gather_impl(const T* g, const T* wt, T* dx, DwlTile p) {
+    const DwlThread th = dwl_thread(p);
+    if (th.cv >= p.cv) return;
+    const int c0 = th.cv * V;
+    const int kh = KH ? KH : p.kh, kw = KH ? KW : p.kw, sh = KH ? S : p.sh, sw = KH ? S : p.sw;
+    const int dh = KH ? 1 : p.dh, dwd = KH ? 1 : p.dw, taps = kh * kw;
+    T k[KH ? KH * KW : 1][V];
+    if (KH) dwl_taps<T, V, KH ? KH * KW : 1>(k, wt, c0);
+    const int items = p.n * p.h * p.strips;
+    for (int it = th.first; it < items; it += th.step) {
+        const int strip = it % p.strips, r = it / p.strips, ih = r % p.h, n = r / p.h;
+        const int js = strip * TW;
+        T acc[TW][V];
+#pragma unroll
+        for (int u = 0; u < TW; ++u) {
+#pragma unroll
+            for (int l = 0; l < V; ++l) acc[u][l] = T(0);
+        }
+#pragma unroll
+        for (int i = 0; i < kh; ++i) {
+            const int ta = ih + p.ph - i * dh;  // = a sh for the g row a it reads, when exact
+            if (ta < 0 || ta % sh != 0 || ta / sh >= p.oh) continue;
+            const T* grow = g + ((long long)n * p.oh + ta / sh) * p.ow * p.c + c0;
+#pragma unroll
+            for (int j = 0; j < kw; ++j) {
+                T kv[V];
+#pragma unroll
+                for (int l = 0; l < V; ++l) {
+                    kv[l] = KH ? k[KH ? i * KW + j : 0][l] : wt[(long long)(c0 + l) * taps + i * kw + j];
+                }
+#pragma unroll
+                for (int u = 0; u < TW; ++u) {
+                    const int tb = js + u + p.pw - j * dwd;
+                    if (tb < 0 || tb % sw != 0 || tb / sw >= p.ow) continue;
+                    T gv[V];
+                    DwlIo<T, V>::load(gv, grow + (long long)(tb / sw) * p.c);
+#pragma unroll
+                    for (int l = 0; l < V; ++l) acc[u][l] += kv[l] * gv[l];
+                }
+            }
+        }
+        T* dp = dx + (((long long)n * p.h + ih) * p.w + js) * p.c + c0;
+#pragma unroll
+        for (int u = 0; u < TW; ++u) {
+            if (js + u < p.w) DwlIo<T, V>::store(dp + (long long)u * p.c, acc[u]);
+        }
+    }
+}
+
+// Adds s[q][l] over the threads of the block that share a channel vector, in thread order, and writes the sums
+// as partials: part[(c gy + block row) qs + q0 + q] for the block's channels c. Scratch: blockDim.x V doubles
+// of dynamic shared memory. Every thread of the block calls it (it has barriers).
+template <typename T, int V, int Q>
+__device__ void dwl_block_partials(const T (&s)[Q][V], double* part, const DwlTile& p, int q0, int qs) {
+    double* red = (double*)dw_smem;
+    const int by = blockDim.x / p.bx, byi = blockIdx.x / p.gx;
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+#pragma unroll
+        for (int l = 0; l < V; ++l) red[threadIdx.x * V + l] = (double)s[q][l];
+        __syncthreads();
+        if ((int)threadIdx.x < p.bx * V) {
+            const int tx = threadIdx.x / V, l = threadIdx.x % V, cv = (blockIdx.x % p.gx) * p.bx + tx;
+            double acc = 0.0;
+            for (int y = 0; y < by; ++y) acc += red[(y * p.bx + tx) * V + l];
+            if (cv < p.cv) part[((long long)(cv * V + l) * p.gy + byi) * qs + q0 + q] = acc;
+        }
+        __syncthreads();  // the readers are done before the next round writes
+    }
+}
+
+// Weight and bias gradient partials, the kernel size and stride fixed (dilation 1): over the thread's items,
+// s[i KW + j] += g[n, a, b] x[n, a S - ph + i, b S - pw + j] and s[KH KW] += g[n, a, b] (each channel), with the
+// strip's g pixels and, per tap row, its (TW - 1) S + KW x pixels loaded once; in T over the thread's few
+// items (the plan gives each at most a few), then the block's threads in double (dwl_block_partials).
+// Without need_w only the bias sums are made (x is not read).
+template <typename T, int V, int KH, int KW, int S, int TW>
+__device__ void dwl_sums_rows_impl(const T* x, const T* g, double* part, DwlTile p, int need_w) {
+    const int TAPS = KH * KW, IN = (TW - 1) * S + KW;
+    const DwlThread th = dwl_thread(p);
+    const int c0 = th.cv * V;
+    T s[TAPS + 1][V];
+#pragma unroll
+    for (int q = 0; q <= TAPS; ++q) {
+#pragma unroll
+        for (int l = 0; l < V; ++l) s[q][l] = T(0);
+    }
+    const int items = th.cv < p.cv ? p.n * p.oh * p.strips : 0;
+    for (int it = th.first; it < items; it += th.step) {
+        const int strip = it % p.strips, r = it / p.strips, a = r % p.oh, n = r / p.oh;
+        const int bs = strip * TW, col0 = bs * S - p.pw;
+        const T* gn = g + (long long)n * p.oh * p.ow * p.c + c0;
+        const T* xn = x + (long long)n * p.h * p.w * p.c + c0;
+        T gv[TW][V];
+#pragma unroll
+        for (int u = 0; u < TW; ++u) {
+            dwl_pixel<T, V>(gv[u], gn, a, bs + u, p.oh, p.ow, p.c);
+#pragma unroll
+            for (int l = 0; l < V; ++l) s[TAPS][l] += gv[u][l];
+        }
+        if (!need_w) continue;
+#pragma unroll
+        for (int i = 0; i < KH; ++i) {
+            const int ih = a * S - p.ph + i;
+            if ((unsigned)ih >= (unsigned)p.h) continue;
+            T xv[IN][V];
+#pragma unroll
+            for (int t = 0; t < IN; ++t) dwl_pixel<T, V>(xv[t], xn, ih, col0 + t, p.h, p.w, p.c);
+#pragma unroll
+            for (int j = 0; j < KW; ++j) {
+#pragma unroll
+                for (int u = 0; u < TW; ++u) {
+#pragma unroll
+                    for (int l = 0; l < V; ++l) s[i * KW + j][l] += gv[u][l] * xv[u * S + j][l];
+                }
+            }
+        }
+    }
+    dwl_block_partials<T, V, TAPS + 1>(s, part, p, 0, TAPS + 1);
+}
+
+// Weight and bias gradient partials for any kernel size, stride and dilation: one tap at a time (q < kh kw; q =
+// kh kw is the bias), each a walk over the thread's items. Without need_w only the bias partials are written.
+template <typename T, int V, int TW>
+__device__ void dwl_sums_any_impl(const T* x, const T* g, double* part, DwlTile p, int need_w) {
+    const DwlThread th = dwl_thread(p);
+    const int c0 = th.cv * V, taps = p.kh * p.kw;
+    const int items = th.cv < p.cv ? p.n * p.oh * p.strips : 0;
+    for (int q = need_w ? 0 : taps; q <= taps; ++q) {
+        const int i = q / p.kw, j = q % p.kw;
+        T s[1][V];
+#pragma unroll
+        for (int l = 0; l < V; ++l) s[0][l] = T(0);
+        for (int it = th.first; it < items; it += th.step) {
+            const int strip = it % p.strips, r = it / p.strips, a = r % p.oh, n = r / p.oh;
+            const int bs = strip * TW, ih = a * p.sh - p.ph + i * p.dh;
+            const T* gn = g + (long long)n * p.oh * p.ow * p.c + c0;
+            const T* xn = x + (long long)n * p.h * p.w * p.c + c0;
+#pragma unroll
+            for (int u = 0; u < TW; ++u) {
+                if (bs + u >= p.ow) continue;
+                T gv[V], xv[V];
+                DwlIo<T, V>::load(gv, gn + ((long long)a * p.ow + bs + u) * p.c);
+                if (q == taps) {
+#pragma unroll
+                    for (int l = 0; l < V; ++l) s[0][l] += gv[l];
+                } else {
+                    dwl_pixel<T, V>(xv, xn, ih, (bs + u) * p.sw - p.pw + j * p.dw, p.h, p.w, p.c);
+#pragma unroll
+                    for (int l = 0; l < V; ++l) s[0][l] += gv[l] * xv[l];
+                }
+            }
+        }
+        dwl_block_partials<T, V, 1>(s, part, p, q, taps + 1);
+    }
+}
+
 // ---- depthwise conv2d: the untiled kernels, for planes too wide for a tile in shared memory -----------------
 
 // y[n, c, a, b] = bias[c] + sum_{i, j} w[c, i, j] x[n, c, a sh - ph + i dh, b sw - pw + j dw]: one thread per
@@ -1000,5 +1390,48 @@ __device__ void cc1d_bwd_w_impl(const T* x, const T* g, T* dwt, Conv1dParams p) 
         cc1d_bwd_w_impl<T>(x, g, dw, p);                                                                       \
     }
 
+// The channels-last depthwise kernels of one dtype, each with V = VEC (16-byte accesses: _vec) and V = 1 (_one):
+// dwl_{fwd,dx,sums}_{3x3s1,3x3s2,any}_{vec,one}_<dtype>.
+#define DWL_V(T, SUFFIX, VNAME, V)                                                                            \
+    extern "C" __global__ void dwl_fwd_3x3s1_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,        \
+                                                                Strided lb, int has_bias, T* y, DwlTile p) {  \
+        dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x, w, bias, lb, has_bias, y, p);                                   \
+    }                                                                                                          \
+    extern "C" __global__ void dwl_fwd_3x3s2_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,        \
+                                                                Strided lb, int has_bias, T* y, DwlTile p) {  \
+        dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x, w, bias, lb, has_bias, y, p);                                   \
+    }                                                                                                          \
+    extern "C" __global__ void dwl_fwd_any_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,          \
+                                                              Strided lb, int has_bias, T* y, DwlTile p) {    \
+        dwl_fwd_any_impl<T, V, 4>(x, w, bias, lb, has_bias, y, p);                                             \
+    }                                                                                                          \
+    extern "C" __global__ void dwl_dx_3x3s1_##VNAME##_##SUFFIX(const T* g, const T* w, T* dx, DwlTile p) {    \
+        dwl_dx_rows_impl<T, V, 3, 3, 8>(g, w, dx, p);                                                          \
+    }                                                                                                          \
+    extern "C" __global__ void dwl_dx_3x3s2_##VNAME##_##SUFFIX(const T* g, const T* w, T* dx, DwlTile p) {    \
+        dwl_dx_gather_impl<T, V, 3, 3, 2, 4>(g, w, dx, p);                                                     \
+    }                                                                                                          \
+    extern "C" __global__ void dwl_dx_any_##VNAME##_##SUFFIX(const T* g, const T* w, T* dx, DwlTile p) {      \
+        dwl_dx_gather_impl<T, V, 0, 0, 1, 4>(g, w, dx, p);                                                     \
+    }                                                                                                          \
+    extern "C" __global__ void dwl_sums_3x3s1_##VNAME##_##SUFFIX(const T* x, const T* g, double* part,        \
+                                                                 DwlTile p, int need_w) {                     \
+        dwl_sums_rows_impl<T, V, 3, 3, 1, 8>(x, g, part, p, need_w);                                           \
+    }                                                                                                          \
+    extern "C" __global__ void dwl_sums_3x3s2_##VNAME##_##SUFFIX(const T* x, const T* g, double* part,        \
+                                                                 DwlTile p, int need_w) {                     \
+        dwl_sums_rows_impl<T, V, 3, 3, 2, 4>(x, g, part, p, need_w);                                           \
+    }                                                                                                          \
+    extern "C" __global__ void dwl_sums_any_##VNAME##_##SUFFIX(const T* x, const T* g, double* part,          \
+                                                               DwlTile p, int need_w) {                       \
+        dwl_sums_any_impl<T, V, 4>(x, g, part, p, need_w);                                                     \
+    }
+
+#define DWL_KERNELS(T, SUFFIX) \
+    DWL_V(T, SUFFIX, vec, PACK16(T)) \
+    DWL_V(T, SUFFIX, one, 1)
+
 CONV_KERNELS(float, f32)
 CONV_KERNELS(double, f64)
+DWL_KERNELS(float, f32)
+DWL_KERNELS(double, f64)

@@ -1,5 +1,15 @@
-//! CUDA paths of the convolution family (conv.cu). Inputs arrive contiguous (the op saves them so); outputs
-//! and gradients are new contiguous buffers. Everything is enqueued on the device's stream; nothing waits.
+//! CUDA paths of the convolution family (conv.cu). Inputs arrive contiguous (the op saves them so), but for
+//! the depthwise conv of a channels-last view; outputs and gradients are new contiguous buffers. Everything is
+//! enqueued on the device's stream; nothing waits.
+//!
+//! Depthwise conv2d of a channels-last view (x's memory (N, H, W, C), the MILA blocks' tokens seen as an image):
+//! NHWC kernels ([`dwl_plan`]), y and dx (N, H, W, C) too, x read in place (nothing copied, nothing but the view
+//! saved). Threads take V channels of a pixel (one 16-byte access when C and the pointers allow, else one
+//! element; neighbouring threads, neighbouring channels: coalesced) and items of a strip of TW columns of one
+//! row, the taps in registers, each input row of the strip loaded once (3x3 stride 1 and 2; other kernels
+//! gather their taps with run-time loops). The weight and bias gradients: per-thread sums over at most a few
+//! items, a block's threads added in order in double into a row of partials per block row, then `dw_reduce`
+//! (deterministic, no atomics).
 //!
 //! Depthwise conv2d (G = C = O): tiled kernels ([`dw_plan`]). A block takes one channel, a few samples of it
 //! (small planes) or one sample (large planes), and a band of output rows; it copies the x rows its band reads
@@ -614,6 +624,314 @@ fn depthwise_backward_untiled<T: Float>(
     };
     let bias = needs.bias.then(|| channel_sum(OP, dev, &gv, [g.n, g.o, g.oh * g.ow])).transpose()?;
     Ok(Grads { x: dx, w: dw, bias })
+}
+
+// ---- depthwise conv2d on channels-last data ------------------------------------------------------------------
+
+/// Threads of a block of the channels-last depthwise kernels.
+const DWL_THREADS: usize = 256;
+
+/// Blocks per multiprocessor the forward and dx grids aim for (256-thread blocks: a full multiprocessor's
+/// threads); past that each thread walks more items, reusing its weight taps.
+const DWL_BLOCKS_PER_SM: usize = 8;
+
+/// Most items (strips of one row) a thread of the weight gradient walks, summing in T before the block sums in
+/// double: with strips of 8 outputs, a few dozen terms per tap.
+const DWL_SUM_ITEMS: usize = 4;
+
+/// `struct DwlTile` of conv.cu, field for field: a depthwise conv's sizes and the grid of the channels-last
+/// kernels.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DwlTile {
+    n: i32,
+    c: i32,
+    h: i32,
+    w: i32,
+    oh: i32,
+    ow: i32,
+    kh: i32,
+    kw: i32,
+    sh: i32,
+    sw: i32,
+    ph: i32,
+    pw: i32,
+    dh: i32,
+    dw: i32,
+    /// Channel vectors per pixel: C / V.
+    cv: i32,
+    /// Threads of a block along the channel vectors (the rest of the block walks items).
+    bx: i32,
+    /// Blocks along the channel vectors: ceil(cv / bx).
+    gx: i32,
+    /// Blocks along the items.
+    gy: i32,
+    /// Rows of a sample the items walk: OH (forward, weight gradient) or H (dx).
+    rows: i32,
+    /// Strips of TW columns per row.
+    strips: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<DwlTile>() == 80);
+
+// SAFETY: plain i32 fields in C layout with no padding, the layout of `struct DwlTile` in conv.cu.
+unsafe impl DeviceRepr for DwlTile {}
+
+/// The three launches of the channels-last depthwise conv.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DwlPhase {
+    /// y from x: items are (sample, output row, strip of output columns).
+    Forward,
+    /// dx from g: items are (sample, input row, strip of input columns).
+    InputGrad,
+    /// The weight and bias partials from x and g: items as the forward's.
+    Sums,
+}
+
+/// A channels-last depthwise launch: kernel name, tile, grid, block and dynamic shared memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DwlPlan {
+    name: String,
+    tile: DwlTile,
+    blocks: usize,
+    threads: usize,
+    shared: usize,
+}
+
+/// Whether every size the channels-last kernels index with fits their ints (with room for the item loops'
+/// last step), and nothing is empty (the NCHW path handles empty convs).
+fn dwl_fits(g: &Conv2dGeom) -> bool {
+    let fits = |v: usize| i32::try_from(v).is_ok();
+    let items = g.n * g.h.max(g.oh) * g.w.max(g.ow); // at least the items of any phase
+    let sizes = [g.n, g.c, g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.padding.0, g.padding.1, g.dilation.0, g.dilation.1];
+    g.is_depthwise()
+        && g.n * g.c * g.h * g.w * g.oh * g.ow > 0
+        && sizes.iter().all(|&v| fits(v))
+        && fits(2 * items + 2 * DWL_THREADS)
+        && fits(g.stride.0 * g.oh + g.kh * g.dilation.0 + g.padding.0)
+        && fits(g.stride.1 * g.ow + g.kw * g.dilation.1 + g.padding.1 + 8)
+        && fits(g.c * g.kh * g.kw)
+}
+
+/// The launch of one phase on a device of `sms` multiprocessors, V = `lanes` channels per thread (1, or
+/// 16 bytes' worth), or None when [`dwl_fits`] refuses the conv.
+///
+/// A block: bx = min(C / V, 32) threads along the channel vectors, 256 / bx along the items. Grid: enough
+/// blocks along the channels to cover them; along the items, for the forward and dx, at most about
+/// [`DWL_BLOCKS_PER_SM`] blocks a multiprocessor in all (threads then walk several items, one set of weight
+/// taps in registers), and for the weight gradient enough that no thread walks more than [`DWL_SUM_ITEMS`]
+/// (one row of partials per block row; `dw_reduce` adds them in order).
+fn dwl_plan(g: &Conv2dGeom, phase: DwlPhase, lanes: usize, sms: usize) -> Option<DwlPlan> {
+    if !dwl_fits(g) || lanes == 0 || !g.c.is_multiple_of(lanes) {
+        return None;
+    }
+    let kernel = DwKernel::of(g);
+    let (instance, tw) = match kernel {
+        DwKernel::K3S1 => ("3x3s1", 8),
+        DwKernel::K3S2 => ("3x3s2", 4),
+        DwKernel::Any => ("any", 4),
+    };
+    let (phase_name, rows, width) = match phase {
+        DwlPhase::Forward => ("fwd", g.oh, g.ow),
+        DwlPhase::InputGrad => ("dx", g.h, g.w),
+        DwlPhase::Sums => ("sums", g.oh, g.ow),
+    };
+    let strips = width.div_ceil(tw);
+    let cv = g.c / lanes;
+    let bx = cv.min(32);
+    let by = DWL_THREADS / bx;
+    let gx = cv.div_ceil(bx);
+    let items = g.n * rows * strips;
+    let gy = match phase {
+        DwlPhase::Sums => items.div_ceil(by * DWL_SUM_ITEMS),
+        _ => items.div_ceil(by).min((DWL_BLOCKS_PER_SM * sms / gx).max(1)),
+    }
+    .max(1);
+    let blocks = gx * gy;
+    if i32::try_from(blocks).is_err() {
+        return None;
+    }
+    let i = |v: usize| v as i32;
+    let tile = DwlTile {
+        n: i(g.n),
+        c: i(g.c),
+        h: i(g.h),
+        w: i(g.w),
+        oh: i(g.oh),
+        ow: i(g.ow),
+        kh: i(g.kh),
+        kw: i(g.kw),
+        sh: i(g.stride.0),
+        sw: i(g.stride.1),
+        ph: i(g.padding.0),
+        pw: i(g.padding.1),
+        dh: i(g.dilation.0),
+        dw: i(g.dilation.1),
+        cv: i(cv),
+        bx: i(bx),
+        gx: i(gx),
+        gy: i(gy),
+        rows: i(rows),
+        strips: i(strips),
+    };
+    let threads = bx * by;
+    let shared = if phase == DwlPhase::Sums { threads * lanes * std::mem::size_of::<f64>() } else { 0 };
+    let width_name = if lanes > 1 { "vec" } else { "one" };
+    Some(DwlPlan { name: format!("dwl_{phase_name}_{instance}_{width_name}"), tile, blocks, threads, shared })
+}
+
+/// Whether a depthwise conv of a channels-last input runs in that layout on CUDA ([`conv2d_nhwc`]).
+pub(super) fn channels_last_supported(g: &Conv2dGeom) -> bool {
+    dwl_fits(g)
+}
+
+/// Launches a channels-last depthwise kernel by its plan.
+///
+/// # Safety
+/// As [`crate::cuda::launch`].
+unsafe fn launch_dwl(op: &'static str, mut args: LaunchArgs<'_>, plan: &DwlPlan) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (plan.blocks as u32, 1, 1),
+        block_dim: (plan.threads as u32, 1, 1),
+        shared_mem_bytes: plan.shared as u32,
+    };
+    // SAFETY: forwarded to the caller.
+    unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+}
+
+/// A channels-last view's elements (memory (N, H, W, C) from its offset) as a range of its buffer, and whether
+/// that range starts 16-byte aligned.
+fn channels_last_elements<'a, T: Float>(op: &'static str, (s, layout): View<'a>) -> Result<(CudaView<'a, T>, bool)> {
+    if !crate::util::is_channels_last(layout) {
+        return Err(Error::invalid(op, "internal: kernel input is not channels-last", layout.shape()));
+    }
+    let (start, n) = (layout.offset(), layout.numel());
+    let whole = s.slice::<T>()?;
+    let address = engine::cuda::vector::address(whole, s.device().stream()) + (start * T::DTYPE.size_in_bytes()) as u64;
+    let view = whole
+        .try_slice(start..start + n)
+        .ok_or_else(|| Error::invalid(op, "internal: view exceeds its storage", layout.shape()))?;
+    Ok((view, address.is_multiple_of(16)))
+}
+
+/// V for a launch whose channels-last operands are `aligned`: 16 bytes of T when C allows it and every operand
+/// starts aligned (new buffers do), else 1.
+fn dwl_lanes<T: Float>(g: &Conv2dGeom, aligned: &[bool]) -> usize {
+    let v = 16 / T::DTYPE.size_in_bytes();
+    if g.c.is_multiple_of(v) && aligned.iter().all(|&a| a) {
+        v
+    } else {
+        1
+    }
+}
+
+/// Depthwise conv2d of a channels-last x (memory (N, H, W, C)): y (N, OH, OW, C) row-major, the memory of a
+/// channels-last (N, C, OH, OW) view. [`channels_last_supported`] must hold.
+pub(super) fn conv2d_nhwc(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
+    let mut all = vec![x.0, w.0];
+    all.extend(bias.map(|b| b.0));
+    crate::util::same_cuda_dtypes("conv2d", &all)?;
+    by_dtype!(x.0.dtype(), depthwise_nhwc_forward(x, w, bias, g))
+}
+
+fn depthwise_nhwc_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
+    const OP: &str = "conv2d";
+    let dev = x.0.device();
+    let (xv, x_aligned) = channels_last_elements::<T>(OP, x)?;
+    let wv = elements::<T>(OP, w)?;
+    let (bv, lb, has_bias) = optional(OP, bias, &xv)?;
+    let lanes = dwl_lanes::<T>(g, &[x_aligned]);
+    let sms = dev.multiprocessor_count() as usize;
+    let plan = dwl_plan(g, DwlPhase::Forward, lanes, sms)
+        .ok_or_else(|| Error::invalid(OP, "internal: no channels-last plan", &[g.n, g.c, g.h, g.w]))?;
+    let y = dev.alloc::<T>(g.n * g.oh * g.ow * g.c)?;
+    let f = function::<T>(dev, &MODULE, &plan.name)?;
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.as_slice()).arg(&plan.tile);
+    // SAFETY: dwl_fwd_<instance>_<width>_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
+    // DwlTile p) reads x[0..N H W C) (the channels-last view's elements, `xv`), w[0..C kh kw) (contiguous, the op
+    // checked the shapes, which p repeats) and bias through lb (checked by `strided`, read only when has_bias),
+    // and writes y[0..N OH OW C), which `y` holds. Threads take channel vectors below p.cv and items below
+    // N OH strips only; with V > 1 (the _vec kernels) C is a multiple of V and x starts 16-byte aligned
+    // (`dwl_lanes`), y being a new buffer, so every 16-byte access is aligned.
+    unsafe { launch_dwl(OP, args, &plan)? };
+    CudaStorage::from_slice(dev, y)
+}
+
+/// The gradients of [`conv2d_nhwc`], with x and gy channels-last: dx (N, H, W, C) row-major (a channels-last
+/// view's memory), the weight and bias gradients in their own shapes.
+pub(super) fn conv2d_nhwc_backward(x: View, w: View, gy: View, g: &Conv2dGeom, needs: Needs) -> Result<Grads<Storage>> {
+    crate::util::same_cuda_dtypes("conv2d_backward", &[x.0, w.0, gy.0])?;
+    let grads = by_dtype!(x.0.dtype(), depthwise_nhwc_backward(x, w, gy, g, needs))?;
+    let s = |v: Option<CudaStorage>| v.map(Storage::Cuda);
+    Ok(Grads { x: s(grads.x), w: s(grads.w), bias: s(grads.bias) })
+}
+
+fn depthwise_nhwc_backward<T: Float>(
+    x: View,
+    w: View,
+    gy: View,
+    g: &Conv2dGeom,
+    needs: Needs,
+) -> Result<Grads<CudaStorage>> {
+    const OP: &str = "conv2d_backward";
+    let dev = x.0.device();
+    let sms = dev.multiprocessor_count() as usize;
+    let no_plan = || Error::invalid(OP, "internal: no channels-last plan", &[g.n, g.c, g.h, g.w]);
+    let (xv, x_aligned) = channels_last_elements::<T>(OP, x)?;
+    let (gv, g_aligned) = channels_last_elements::<T>(OP, gy)?;
+    let wv = elements::<T>(OP, w)?;
+    let dx = if needs.x {
+        let plan = dwl_plan(g, DwlPhase::InputGrad, dwl_lanes::<T>(g, &[g_aligned]), sms).ok_or_else(no_plan)?;
+        let dx = dev.alloc::<T>(g.n * g.h * g.w * g.c)?;
+        let f = function::<T>(dev, &MODULE, &plan.name)?;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&gv).arg(&wv).arg(dx.as_slice()).arg(&plan.tile);
+        // SAFETY: dwl_dx_<instance>_<width>_<T>(const T* g, const T* w, T* dx, DwlTile p) reads g[0..N OH OW C)
+        // (the channels-last view's elements) and w[0..C kh kw), and writes dx[0..N H W C), which `dx` holds;
+        // threads take channel vectors below p.cv and items below N H strips only. With V > 1, g starts aligned
+        // and C is a multiple of V (`dwl_lanes`); dx is a new buffer.
+        unsafe { launch_dwl(OP, args, &plan)? };
+        Some(CudaStorage::from_slice(dev, dx)?)
+    } else {
+        None
+    };
+    if !(needs.w || needs.bias) {
+        return Ok(Grads { x: dx, w: None, bias: None });
+    }
+    let taps = g.kh * g.kw;
+    let plan = dwl_plan(g, DwlPhase::Sums, dwl_lanes::<T>(g, &[x_aligned, g_aligned]), sms).ok_or_else(no_plan)?;
+    let per = plan.tile.gy as usize;
+    let part = dev.alloc::<f64>(g.c * per * (taps + 1))?;
+    let f = function::<T>(dev, &MODULE, &plan.name)?;
+    let need_w = i32::from(needs.w);
+    // Without the weight gradient x is never read: g's buffer stands in.
+    let x_arg = if needs.w { xv.slice(..) } else { gv.slice(..) };
+    let part_arg = part.as_slice().as_view();
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(&x_arg).arg(&gv).arg(&part_arg).arg(&plan.tile).arg(&need_w);
+    // SAFETY: dwl_sums_<instance>_<width>_<T>(const T* x, const T* g, double* part, DwlTile p, int need_w) reads
+    // x[0..N H W C) only when need_w (then `x_arg` is x's elements) and g[0..N OH OW C), and writes
+    // part[(c gy + row) (taps + 1) + q] for c < C, row < gy = p.gy, q <= taps: inside the C gy (taps + 1)
+    // doubles `part` holds. Its scratch is threads x V doubles of dynamic shared memory, as the plan gives.
+    // Alignment as for dx, with x too when V > 1.
+    unsafe { launch_dwl(OP, args, &plan)? };
+    let (dw, db) = (dev.alloc::<T>(if needs.w { g.c * taps } else { 0 })?, dev.alloc::<T>(g.c)?);
+    let f = function::<T>(dev, &MODULE, "dw_reduce")?;
+    let [c32, per32, taps32] = [g.c, per, taps].map(|v| v as i32);
+    let (need_w, need_b) = (i32::from(needs.w), i32::from(needs.bias));
+    // Without a dw to write, db's buffer stands in (never written through that pointer then).
+    let dw_arg = if needs.w { dw.as_slice().as_view() } else { db.as_slice().as_view() };
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(&part_arg).arg(&dw_arg).arg(db.as_slice()).arg(&c32).arg(&per32).arg(&taps32);
+    args.arg(&need_w).arg(&need_b);
+    // SAFETY: dw_reduce_<T>(const double* part, T* dw, T* db, int c, int per, int taps, int need_w, int need_b)
+    // reads part[0..c per (taps + 1)), the layout the launch above wrote (entries q < taps only when need_w, the
+    // only ones read then), and writes dw[0..c taps) only when need_w (then `dw` holds that many) and db[0..c),
+    // which `db` holds. One warp per channel: the kernel loops over the channels past its grid.
+    unsafe { launch(OP, dev, args, g.c * 32)? };
+    let s = |v| CudaStorage::from_slice(dev, v);
+    Ok(Grads { x: dx, w: needs.w.then(|| s(dw)).transpose()?, bias: needs.bias.then(|| s(db)).transpose()? })
 }
 
 /// Output columns (sample, pixel) and output channels of one block of conv_igemm.
@@ -1294,6 +1612,75 @@ mod tests {
         assert!(dw_plan(&geom([1, 2, 3, 800], 1).unwrap(), 4, true, 132).is_some());
         let dilated = Conv2dGeom::new(&[2, 3, 9, 9], &[3, 1, 3, 3], (1, 1), (2, 2), (2, 2), 3).unwrap();
         assert_eq!(dw_plan(&dilated, 4, true, 132).unwrap().kernel, DwKernel::Any);
+    }
+
+    #[test]
+    fn dwl_plans_cover_every_channel_and_item() {
+        for g in dw_geometries() {
+            for (phase, lanes, sms) in [
+                (DwlPhase::Forward, 4, 132),
+                (DwlPhase::InputGrad, 2, 132),
+                (DwlPhase::Sums, 1, 132),
+                (DwlPhase::Forward, 1, 1),
+                (DwlPhase::Sums, 4, 1),
+            ] {
+                let what = format!("{g:?} {phase:?} V {lanes} sms {sms}");
+                let Some(plan) = dwl_plan(&g, phase, lanes, sms) else {
+                    // Only C not a multiple of V is refused among these sizes.
+                    assert!(g.c % lanes != 0, "{what}");
+                    continue;
+                };
+                let t = plan.tile;
+                let (bx, gx, gy) = (t.bx as usize, t.gx as usize, t.gy as usize);
+                let by = plan.threads / bx;
+                assert_eq!(t.cv as usize * lanes, g.c, "{what}");
+                assert!(plan.threads <= DWL_THREADS && plan.threads == bx * by && by >= 1, "{what}");
+                assert!(gx * bx >= g.c / lanes && (gx - 1) * bx < g.c / lanes, "{what}");
+                assert_eq!(plan.blocks, gx * gy, "{what}");
+                let tw = if DwKernel::of(&g) == DwKernel::K3S1 { 8 } else { 4 };
+                let (rows, width) = if phase == DwlPhase::InputGrad { (g.h, g.w) } else { (g.oh, g.ow) };
+                assert_eq!((t.rows as usize, t.strips as usize), (rows, width.div_ceil(tw)), "{what}");
+                let items = g.n * rows * width.div_ceil(tw);
+                assert!(gy * by < items + by, "{what}: no row of blocks without items");
+                if phase == DwlPhase::Sums {
+                    assert!(items.div_ceil(gy * by) <= DWL_SUM_ITEMS, "{what}");
+                    assert_eq!(plan.shared, plan.threads * lanes * 8, "{what}");
+                } else {
+                    assert!(gy <= (DWL_BLOCKS_PER_SM * sms / gx).max(1), "{what}");
+                    assert_eq!(plan.shared, 0, "{what}");
+                }
+                let phase_name = ["fwd", "dx", "sums"][phase as usize];
+                let instance = ["3x3s1", "3x3s2", "any"][DwKernel::of(&g) as usize];
+                let width_name = if lanes > 1 { "vec" } else { "one" };
+                assert_eq!(plan.name, format!("dwl_{phase_name}_{instance}_{width_name}"), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn dwl_plans_of_the_mila_shapes() {
+        let geom = |x: [usize; 4], s: usize| Conv2dGeom::new(&x, &[x[1], 1, 3, 3], (s, s), (1, 1), (1, 1), x[1]);
+        // MLLA-T's stage 1 at batch 128 in f32: 16 float4 vectors of channels a pixel, so blocks of 16 x 16
+        // threads; 7 strips of 8 columns a row; about 8 blocks a multiprocessor, 3 items a thread.
+        let g = geom([128, 64, 56, 56], 1).unwrap();
+        let f = dwl_plan(&g, DwlPhase::Forward, 4, 132).unwrap();
+        assert_eq!(f.name, "dwl_fwd_3x3s1_vec");
+        assert_eq!((f.tile.cv, f.tile.bx, f.tile.gx, f.tile.strips, f.threads, f.shared), (16, 16, 1, 7, 256, 0));
+        assert_eq!(f.blocks, 1056);
+        // The weight gradient: at most 4 items a thread, 784 rows of partials a channel.
+        let s = dwl_plan(&g, DwlPhase::Sums, 4, 132).unwrap();
+        assert_eq!((s.name.as_str(), s.tile.gy, s.shared), ("dwl_sums_3x3s1_vec", 784, 256 * 4 * 8));
+        // Stage 4: 512 channels of 7x7, two blocks along the channels; f64 pairs.
+        let g = geom([128, 512, 7, 7], 1).unwrap();
+        let d = dwl_plan(&g, DwlPhase::InputGrad, 2, 132).unwrap();
+        assert_eq!((d.tile.cv, d.tile.bx, d.tile.gx, d.tile.strips, d.threads), (256, 32, 8, 1, 256));
+        // Stride 2 and C not a multiple of 4.
+        let g = geom([8, 6, 28, 28], 2).unwrap();
+        assert_eq!(dwl_plan(&g, DwlPhase::InputGrad, 1, 132).unwrap().name, "dwl_dx_3x3s2_one");
+        assert!(dwl_plan(&g, DwlPhase::Forward, 4, 132).is_none());
+        // Empty convs stay on the NCHW path.
+        assert!(!channels_last_supported(&geom([0, 4, 5, 5], 1).unwrap()));
+        assert!(channels_last_supported(&geom([1, 4, 1, 1], 1).unwrap()));
     }
 
     #[test]

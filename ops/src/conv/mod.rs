@@ -23,7 +23,9 @@
 //! and no padding uses x itself as cols. The CUDA path (cuda.rs, conv.cu) has the same split: tiled
 //! direct depthwise kernels (a fused backward), and for the rest an implicit-GEMM forward (im2col's patches
 //! gathered as the product needs them) and im2col + cuBLAS for the backward, the pointwise forward and TF32
-//! mode. CUDA kernels read contiguous NCHW.
+//! mode. CUDA kernels read contiguous NCHW, except for a depthwise conv of a channels-last view: as on the CPU it
+//! runs in that layout (NHWC kernels, vectorised along the channels, no copy of x saved), answering a
+//! channels-last output and dx.
 //!
 //! causal_conv1d: x (B, C, L), w (C, 1, k), bias (C); k - 1 zeros on the left, so the output keeps length L
 //! and y[t] sees x[t - k + 1 ..= t] only (PyTorch's Conv1d(C, C, k, groups=C, padding=k-1) cut to its first L
@@ -198,9 +200,10 @@ impl Op for Conv2d {
     }
 }
 
-/// A conv2d on the CPU, depthwise or with one group, whose input is a channels-last view: computed in that
-/// layout (depthwise vectorised along the channels, dense as one GEMM per block of samples, the patches
-/// rows of kh kw C), the output a channels-last view too, with no transposing copy.
+/// A conv2d whose input is a channels-last view, on the CPU depthwise or with one group, on CUDA depthwise:
+/// computed in that layout (depthwise vectorised along the channels, dense as one GEMM per block of samples,
+/// the patches rows of kh kw C), the output a channels-last view too, with no transposing copy; x is saved as
+/// the view itself.
 struct ConvChannelsLast {
     x: Tensor,
     w: Tensor,
@@ -223,6 +226,13 @@ impl Op for ConvChannelsLast {
         };
         let grads = match (&*self.x.storage(), &*self.w.storage(), &*g.storage()) {
             (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(gs)) => cpu::conv2d_nhwc_backward(
+                (x, self.x.layout()),
+                (w, self.w.layout()),
+                (gs, g.layout()),
+                &self.geom,
+                self.needs,
+            )?,
+            (Storage::Cuda(x), Storage::Cuda(w), Storage::Cuda(gs)) => cuda::conv2d_nhwc_backward(
                 (x, self.x.layout()),
                 (w, self.w.layout()),
                 (gs, g.layout()),
@@ -259,8 +269,14 @@ pub fn conv2d(
     groups: usize,
 ) -> Result<Tensor> {
     let geom = conv2d_geom(x, weight, bias, stride, padding, dilation, groups)?;
-    if (geom.is_depthwise() || geom.groups == 1) && x.device() == Device::Cpu && is_channels_last(x.layout()) {
-        return conv2d_channels_last(x, weight, bias, geom);
+    if is_channels_last(x.layout()) {
+        let here = match x.device() {
+            Device::Cpu => geom.is_depthwise() || geom.groups == 1,
+            Device::Cuda(_) => geom.is_depthwise() && cuda::channels_last_supported(&geom),
+        };
+        if here {
+            return conv2d_channels_last(x, weight, bias, geom);
+        }
     }
     let (xc, wc) = (saved_contiguous(x)?, saved_contiguous(weight)?);
     let bias_storage = bias.map(|b| b.storage());
@@ -288,20 +304,29 @@ pub fn conv2d(
     }))
 }
 
-/// The CPU conv2d of a channels-last input, depthwise or with one group (see [`ConvChannelsLast`]).
+/// The conv2d of a channels-last input (see [`ConvChannelsLast`]): on the CPU depthwise or with one group, on
+/// CUDA depthwise. x is saved as the detached view itself: no copy.
 fn conv2d_channels_last(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, geom: Conv2dGeom) -> Result<Tensor> {
     let (xd, wc) = (x.detach(), saved_contiguous(weight)?);
     let storage = {
-        let (xs, ws) = (xd.storage(), wc.storage());
         let bias_storage = bias.map(|b| b.storage());
-        let b = operand(bias, bias_storage.as_deref(), |s| s.as_cpu("conv2d"))?;
-        cpu::conv2d_nhwc((xs.as_cpu("conv2d")?, xd.layout()), (ws.as_cpu("conv2d")?, wc.layout()), b, &geom)?
+        match (&*xd.storage(), &*wc.storage()) {
+            (Storage::Cpu(xs), Storage::Cpu(ws)) => {
+                let b = operand(bias, bias_storage.as_deref(), |s| s.as_cpu("conv2d"))?;
+                Storage::Cpu(cpu::conv2d_nhwc((xs, xd.layout()), (ws, wc.layout()), b, &geom)?)
+            }
+            (Storage::Cuda(xs), Storage::Cuda(ws)) => {
+                let b = operand(bias, bias_storage.as_deref(), |s| s.as_cuda("conv2d"))?;
+                Storage::Cuda(cuda::conv2d_nhwc((xs, xd.layout()), (ws, wc.layout()), b, &geom)?)
+            }
+            (s, _) => return Err(no_cuda("conv2d", s)),
+        }
     };
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
     let needs = Needs::of(x, Some(weight), bias);
     let layout = channels_last_layout(geom.n, geom.o, geom.oh, geom.ow);
-    Ok(Tensor::from_op_with_layout(Storage::Cpu(storage), layout, &inputs, || ConvChannelsLast {
+    Ok(Tensor::from_op_with_layout(storage, layout, &inputs, || ConvChannelsLast {
         x: xd.clone(),
         w: wc.clone(),
         has_bias: bias.is_some(),

@@ -569,6 +569,40 @@ fn cuda_configs() -> Vec<Cfg> {
     v.push(dw("depthwise 3x2 stride (2, 1)", [2, 3, 9, 10], (3, 2), (2, 1), (1, 0)));
     // Wider than any tile (f64: one run of 6 rows of 1100 doubles is over the budget): the untiled kernels.
     v.push(dw("depthwise 3x3 wide plane", [1, 2, 3, 1100], (3, 3), (1, 1), (1, 1)));
+    // Channels-last views (the MILA blocks' token images): the NHWC kernels, 16-byte accesses when C allows
+    // (f32: C a multiple of 4; f64: of 2), single elements otherwise; strips with a partial last one; H or W of
+    // 1; stride 2 with and without padding; the run-time instance; several blocks along the channels (C / V over
+    // 32) and threads walking several items.
+    let cl = |name, x: [usize; 4], k, stride, padding| Cfg {
+        name,
+        x,
+        o: x[1],
+        k,
+        stride,
+        padding,
+        groups: x[1],
+        permuted: true,
+        ..BASE
+    };
+    v.push(cl("channels-last 3x3 C 8", [3, 8, 9, 11], (3, 3), (1, 1), (1, 1)));
+    v.push(cl("channels-last 3x3 C 6", [2, 6, 7, 5], (3, 3), (1, 1), (1, 1)));
+    v.push(cl("channels-last 3x3 C 5 no padding", [3, 5, 6, 9], (3, 3), (1, 1), (0, 0)));
+    v.push(cl("channels-last 3x3 H 1", [2, 4, 1, 7], (3, 3), (1, 1), (1, 1)));
+    v.push(cl("channels-last 3x3 W 1", [2, 4, 6, 1], (3, 3), (1, 1), (1, 1)));
+    v.push(cl("channels-last 3x3 padding 2", [2, 12, 17, 19], (3, 3), (1, 1), (2, 2)));
+    v.push(cl("channels-last 3x3 stride 2", [2, 8, 9, 11], (3, 3), (2, 2), (1, 1)));
+    v.push(cl("channels-last 3x3 stride 2 C 5 no padding", [3, 5, 7, 6], (3, 3), (2, 2), (0, 0)));
+    v.push(cl("channels-last 3x3 stride 2 on 2x2", [4, 16, 2, 2], (3, 3), (2, 2), (1, 1)));
+    v.push(cl("channels-last 5x5 stride 2", [2, 8, 11, 9], (5, 5), (2, 2), (2, 2)));
+    v.push(cl("channels-last 3x2 stride (2, 1)", [2, 4, 9, 10], (3, 2), (2, 1), (1, 0)));
+    v.push(Cfg { dilation: (2, 3), ..cl("channels-last dilated", [2, 6, 9, 8], (3, 3), (1, 1), (2, 3)) });
+    v.push(cl("channels-last 1x1", [2, 4, 5, 6], (1, 1), (1, 1), (0, 0)));
+    v.push(cl("channels-last 3x3 C 260", [2, 260, 6, 7], (3, 3), (1, 1), (1, 1)));
+    // The MNIST model's shapes (batch 128, 16 to 128 channels, 16x16 down to 2x2) and an MLLA stage at batch 4.
+    for (c, hw) in [(16, 16), (32, 8), (64, 4), (128, 2)] {
+        v.push(cl("channels-last MNIST", [128, c, hw, hw], (3, 3), (1, 1), (1, 1)));
+    }
+    v.push(cl("channels-last MLLA stage 2", [4, 128, 28, 28], (3, 3), (1, 1), (1, 1)));
     v.push(Cfg { name: "dense large", x: [3, 6, 15, 13], o: 10, stride: (2, 1), padding: (1, 2), ..BASE });
     // The implicit GEMM's tiles: two tiles of output channels and of columns, K not a multiple of its step.
     v.push(Cfg { name: "dense 40 channels", x: [2, 8, 16, 16], o: 40, padding: (1, 1), ..BASE });
@@ -638,4 +672,133 @@ fn causal_conv1d_on_cuda_matches_the_cpu() {
             });
         }
     }
+}
+
+/// On CUDA, a depthwise conv of a channels-last view runs in that layout (the NHWC kernels): its output is a
+/// channels-last view, x's gradient comes back in the stored (N, H, W, C) order, and the values agree with the
+/// NCHW kernels on a contiguous copy, forward and every gradient, for the gradient arriving channels-last (the
+/// tokens' gradient) or contiguous. Also a view whose memory starts off 16-byte alignment (the scalar kernels).
+#[test]
+fn depthwise_channels_last_on_cuda_matches_the_nchw_kernels() {
+    let Some(_dev) = engine::cuda::test_device_or_skip("depthwise_channels_last_on_cuda_matches_the_nchw_kernels")
+    else {
+        return;
+    };
+    let cuda = Device::Cuda(0);
+    let cfgs: Vec<Cfg> = cuda_configs().into_iter().filter(|c| c.permuted && c.groups == c.x[1]).collect();
+    assert!(cfgs.len() >= 10);
+    for dtype in [DType::F32, DType::F64] {
+        let tol = match dtype {
+            DType::F32 => 1e-5,
+            DType::F64 => 1e-12,
+        };
+        for (k, cfg) in cfgs.iter().enumerate() {
+            for misaligned in [false, true] {
+                let what = format!("{} {dtype}{}", cfg.name, if misaligned { " misaligned" } else { "" });
+                let t: Vec<Tensor> =
+                    cfg.inputs(dtype, 900 + k as u64).into_iter().map(|v| v.to_device(cuda).unwrap()).collect();
+                // The stored NHWC input, or the same values one element into a larger buffer.
+                let stored = if misaligned {
+                    let flat = reshape(&t[0], &[-1]).unwrap();
+                    let pad = Tensor::zeros(&[1], dtype, cuda).unwrap();
+                    let shifted = crate::concat(&[pad, flat], 0).unwrap();
+                    let len = t[0].numel();
+                    let s = cfg.x_stored().map(|v| v as isize);
+                    reshape(&narrow(&shifted, 0, 1, len).unwrap(), &s).unwrap()
+                } else {
+                    t[0].clone()
+                };
+                let x_nhwc = stored.detach().requires_grad_(true).unwrap();
+                let x_cl = cfg.x_view(&x_nhwc).unwrap();
+                assert!(is_channels_last(x_cl.layout()), "{what}");
+                assert_eq!(x_cl.layout().offset(), usize::from(misaligned), "{what}");
+                let x_nchw = x_cl.detach().contiguous().unwrap().requires_grad_(true).unwrap();
+                let w = t[1].detach().requires_grad_(true).unwrap();
+                let b = t.get(2).map(|b| b.detach().requires_grad_(true).unwrap());
+                let run = |x: &Tensor| conv2d(x, &w, b.as_ref(), cfg.stride, cfg.padding, cfg.dilation, cfg.groups);
+                let (y_cl, y) = (run(&x_cl).unwrap(), run(&x_nchw).unwrap());
+                assert!(is_channels_last(y_cl.layout()), "{what}: the output stays channels-last");
+                let v = |t: &Tensor| t.to_vec_f64().unwrap();
+                let e = rel_error(&v(&y_cl), &v(&y));
+                assert!(e <= tol, "{what}: output relative error {e:.3e}");
+                let [n, _, oh, ow] = cfg.geom().out_shape();
+                let gy_view = permute(&randn_as(&[n, oh, ow, cfg.o], dtype, 7 + k as u64), &[0, 3, 1, 2])
+                    .unwrap()
+                    .to_device(cuda)
+                    .unwrap();
+                for gy in [gy_view.clone(), gy_view.contiguous().unwrap()] {
+                    let leaves: Vec<&Tensor> = [&x_nhwc, &x_nchw, &w].into_iter().chain(b.as_ref()).collect();
+                    leaves.iter().for_each(|l| l.zero_grad());
+                    y_cl.backward_retain(&gy).unwrap();
+                    let gx_cl = x_nhwc.grad().unwrap();
+                    assert!(gx_cl.is_contiguous(), "{what}: dx of the stored NHWC input is contiguous");
+                    let (gw_cl, gb_cl) = (v(&w.grad().unwrap()), b.as_ref().map(|b| v(&b.grad().unwrap())));
+                    leaves.iter().for_each(|l| l.zero_grad());
+                    y.backward_retain(&gy).unwrap();
+                    let gx = permute(&x_nchw.grad().unwrap(), &[0, 2, 3, 1]).unwrap();
+                    let mut errors =
+                        vec![("dx", rel_error(&v(&gx_cl), &v(&gx))), ("dw", rel_error(&gw_cl, &v(&w.grad().unwrap())))];
+                    if let (Some(gb_cl), Some(b)) = (gb_cl, &b) {
+                        errors.push(("db", rel_error(&gb_cl, &v(&b.grad().unwrap()))));
+                    }
+                    for (part, e) in errors {
+                        assert!(e <= tol, "{what}: {part} relative error {e:.3e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The NHWC kernels' gradients on CUDA against central differences of their own forward, in f64.
+#[test]
+fn depthwise_channels_last_on_cuda_passes_gradcheck() {
+    let Some(_dev) = engine::cuda::test_device_or_skip("depthwise_channels_last_on_cuda_passes_gradcheck") else {
+        return;
+    };
+    let small = |c: &Cfg| c.permuted && c.groups == c.x[1] && c.x.iter().product::<usize>() <= 600;
+    let cfgs: Vec<Cfg> = cuda_configs().into_iter().filter(small).collect();
+    assert!(cfgs.len() >= 8);
+    for (k, cfg) in cfgs.iter().enumerate() {
+        let t: Vec<Tensor> =
+            cfg.inputs(DType::F64, 300 + k as u64).into_iter().map(|v| v.to_device(Device::Cuda(0)).unwrap()).collect();
+        let r = gradcheck(cfg.name, &t, |t| cfg.run(t)).unwrap();
+        assert!(r.passed(), "{r}");
+    }
+}
+
+/// The NHWC kernels' weight and bias gradients are sums in a fixed order: the same inputs give the same bits.
+#[test]
+fn depthwise_channels_last_on_cuda_is_deterministic() {
+    let Some(_dev) = engine::cuda::test_device_or_skip("depthwise_channels_last_on_cuda_is_deterministic") else {
+        return;
+    };
+    let cfg = cuda_configs().into_iter().find(|c| c.name == "channels-last MLLA stage 2").unwrap();
+    let t: Vec<Tensor> = cfg.inputs(DType::F32, 5).into_iter().map(|v| v.to_device(Device::Cuda(0)).unwrap()).collect();
+    let grads = || {
+        let leaves: Vec<Tensor> = t.iter().map(|v| v.detach().requires_grad_(true).unwrap()).collect();
+        let y = cfg.run(&leaves).unwrap();
+        y.backward_with(&randn_as(y.shape(), DType::F32, 6).to_device(Device::Cuda(0)).unwrap()).unwrap();
+        leaves.iter().map(|l| l.grad().unwrap().to_vec_f64().unwrap()).collect::<Vec<_>>()
+    };
+    assert_eq!(grads(), grads());
+}
+
+#[test]
+#[ignore = "needs g++: compiles conv.cu for the scan's CPU emulator and runs the channels-last depthwise kernels (minutes)"]
+fn conv_channels_last_kernels_run_on_the_emulator() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/conv/emu");
+    let exe = std::env::temp_dir().join(format!("mila_conv_emu_{}", std::process::id()));
+    let built = std::process::Command::new("g++")
+        .args(["-std=c++17", "-O1", "-o"])
+        .arg(&exe)
+        .arg(format!("{dir}/harness.cpp"))
+        .status()
+        .expect("g++ runs");
+    assert!(built.success(), "the emulator harness does not compile");
+    let out = std::process::Command::new(&exe).output().expect("the emulator runs");
+    let _ = std::fs::remove_file(&exe);
+    let log = String::from_utf8_lossy(&out.stdout);
+    println!("{log}");
+    assert!(out.status.success(), "{log}{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -1,0 +1,261 @@
+// Runs conv.cu's channels-last depthwise kernels (dwl_*) on the CPU emulator of the scan (../../scan/emu) against
+// a float64 reference of the conv and its gradients, over shapes, kernels, strides, paddings, dilations, both
+// dtypes, both access widths (V = 16 / sizeof(T) and 1) and launch plans (the one conv/cuda.rs makes, and
+// narrower blocks and shorter grids, so that threads walk several items). Exit status 0 when every case passes.
+//
+//   g++ -std=c++17 -O1 -o /tmp/conv_emu ops/src/conv/emu/harness.cpp && /tmp/conv_emu
+//
+// Outputs start as NaN (an element a kernel leaves unwritten fails), shared memory is poisoned before each
+// block, and each case runs with two fiber schedules: results that differ between them mean a race.
+#include "../../scan/emu/cuda_emu.h"
+
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+
+#include "../../../../engine/src/cuda/prelude.cuh"
+#include "../../prelude.cuh"
+#include "../conv.cu"
+
+// The module's dynamic shared memory (conv.cu declares it extern), poisoned before every block.
+__align__(16) unsigned char dw_smem[1 << 16];
+
+#include <string>
+
+namespace {
+
+struct Case {
+    int n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw;
+    int oh() const { return (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1; }
+    int ow() const { return (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1; }
+};
+
+enum Kernel { K3S1, K3S2, ANY };
+
+Kernel kernel_of(const Case& k) {
+    if (k.kh == 3 && k.kw == 3 && k.dh == 1 && k.dw == 1 && k.sh == k.sw && (k.sh == 1 || k.sh == 2))
+        return k.sh == 1 ? K3S1 : K3S2;
+    return ANY;
+}
+
+int strip_width(Kernel kern) { return kern == K3S1 ? 8 : 4; }
+
+// Runs `f` as a launch of `grid` blocks of `threads`, one block after another.
+void launch(unsigned grid, unsigned threads, unsigned smem, uint64_t seed, std::function<void()> f) {
+    for (unsigned b = 0; b < grid; ++b) {
+        std::memset(dw_smem, 0xff, sizeof(dw_smem));
+        emu::run_block(b, grid, threads, smem, seed, [](void* f) { (*static_cast<std::function<void()>*>(f))(); },
+                       &f);
+    }
+}
+
+struct Ref {
+    std::vector<double> y, dx, dw, db;
+};
+
+Ref reference(const Case& k, const std::vector<double>& x, const std::vector<double>& w,
+              const std::vector<double>& b, const std::vector<double>& g) {
+    const int oh = k.oh(), ow = k.ow(), taps = k.kh * k.kw;
+    Ref r;
+    r.y.assign((size_t)k.n * oh * ow * k.c, 0);
+    r.dx.assign(x.size(), 0);
+    r.dw.assign((size_t)k.c * taps, 0);
+    r.db.assign(k.c, 0);
+    for (int n = 0; n < k.n; ++n)
+        for (int a = 0; a < oh; ++a)
+            for (int bb = 0; bb < ow; ++bb)
+                for (int c = 0; c < k.c; ++c) {
+                    const size_t yi = (((size_t)n * oh + a) * ow + bb) * k.c + c;
+                    double acc = b[c];
+                    const double gv = g[yi];
+                    r.db[c] += gv;
+                    for (int i = 0; i < k.kh; ++i)
+                        for (int j = 0; j < k.kw; ++j) {
+                            const int ih = a * k.sh - k.ph + i * k.dh, iw = bb * k.sw - k.pw + j * k.dw;
+                            if (ih < 0 || iw < 0 || ih >= k.h || iw >= k.w) continue;
+                            const size_t xi = (((size_t)n * k.h + ih) * k.w + iw) * k.c + c;
+                            const double wv = w[(size_t)c * taps + i * k.kw + j];
+                            acc += wv * x[xi];
+                            r.dx[xi] += gv * wv;
+                            r.dw[(size_t)c * taps + i * k.kw + j] += gv * x[xi];
+                        }
+                    r.y[yi] = acc;
+                }
+    return r;
+}
+
+// ||a - b|| / ||b||, NaN when a holds a NaN.
+double rel_error(const std::vector<double>& a, const std::vector<double>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        if (std::isnan(a[i])) return NAN;
+        num += (a[i] - b[i]) * (a[i] - b[i]);
+        den += b[i] * b[i];
+    }
+    return num == 0 ? 0 : std::sqrt(num / den);
+}
+
+template <typename T> std::vector<double> widen(const std::vector<T>& v) { return {v.begin(), v.end()}; }
+
+struct Plan {
+    int bx, by, gx, gy;
+};
+
+// The plan of conv/cuda.rs (`dwl_plan`) for `items` items and `cv` channel vectors, on `sms` multiprocessors.
+Plan rust_plan(int cv, long long items, bool sums, int sms) {
+    Plan p;
+    p.bx = std::min(cv, 32);
+    p.by = 256 / p.bx;
+    p.gx = (cv + p.bx - 1) / p.bx;
+    const long long per_row = (items + p.by - 1) / p.by;
+    if (sums) {
+        p.gy = (int)std::max(1LL, (items + p.by * 4LL - 1) / (p.by * 4LL));
+    } else {
+        p.gy = (int)std::max(1LL, std::min(per_row, (long long)std::max(1, sms * 8 / p.gx)));
+    }
+    return p;
+}
+
+DwlTile tile_of(const Case& k, int V, const Plan& pl, int rows, int strips) {
+    return DwlTile{k.n,  k.c,  k.h,  k.w,  k.oh(), k.ow(), k.kh,  k.kw,  k.sh,  k.sw,
+                   k.ph, k.pw, k.dh, k.dw, k.c / V, pl.bx,  pl.gx, pl.gy, rows,  strips};
+}
+
+template <typename T, int V>
+bool check_v(const Case& k, const Ref& ref, const std::vector<T>& x, const std::vector<T>& w,
+             const std::vector<T>& b, const std::vector<T>& g, Plan (*plan)(int, long long, bool), double tol,
+             const char* what) {
+    const Kernel kern = kernel_of(k);
+    const int tw = strip_width(kern), oh = k.oh(), ow = k.ow(), taps = k.kh * k.kw, cv = k.c / V;
+    const char* names[] = {"3x3s1", "3x3s2", "any"};
+    const std::string label = std::string(what) + " " + names[kern] + " V=" + std::to_string(V) + " n" +
+                              std::to_string(k.n) + " c" + std::to_string(k.c) + " " + std::to_string(k.h) + "x" +
+                              std::to_string(k.w) + " k" + std::to_string(k.kh) + "x" + std::to_string(k.kw) +
+                              " s" + std::to_string(k.sh) + "," + std::to_string(k.sw) + " p" + std::to_string(k.ph) +
+                              "," + std::to_string(k.pw) + " d" + std::to_string(k.dh) + "," + std::to_string(k.dw);
+    Strided lb{};
+    lb.shape[0] = k.c;
+    lb.strides[0] = 1;
+    lb.rank = 1;
+    lb.contiguous = 1;
+    bool ok = true;
+    std::vector<double> first[4];
+    for (uint64_t seed : {1u, 2u}) {
+        // Forward.
+        const int fstrips = (ow + tw - 1) / tw;
+        const Plan pf = plan(cv, (long long)k.n * oh * fstrips, false);
+        const DwlTile tf = tile_of(k, V, pf, oh, fstrips);
+        std::vector<T> y((size_t)k.n * oh * ow * k.c, T(NAN));
+        launch(pf.gx * pf.gy, pf.bx * pf.by, 0, seed, [&] {
+            if (kern == K3S1) dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x.data(), w.data(), b.data(), lb, 1, y.data(), tf);
+            if (kern == K3S2) dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x.data(), w.data(), b.data(), lb, 1, y.data(), tf);
+            if (kern == ANY) dwl_fwd_any_impl<T, V, 4>(x.data(), w.data(), b.data(), lb, 1, y.data(), tf);
+        });
+        // dx.
+        const int dstrips = (k.w + tw - 1) / tw;
+        const Plan pd = plan(cv, (long long)k.n * k.h * dstrips, false);
+        const DwlTile td = tile_of(k, V, pd, k.h, dstrips);
+        std::vector<T> dx(x.size(), T(NAN));
+        launch(pd.gx * pd.gy, pd.bx * pd.by, 0, seed, [&] {
+            if (kern == K3S1 && k.sh == 1) dwl_dx_rows_impl<T, V, 3, 3, 8>(g.data(), w.data(), dx.data(), td);
+            if (kern == K3S2) dwl_dx_gather_impl<T, V, 3, 3, 2, 4>(g.data(), w.data(), dx.data(), td);
+            if (kern == ANY) dwl_dx_gather_impl<T, V, 0, 0, 1, 4>(g.data(), w.data(), dx.data(), td);
+        });
+        // Weight and bias partials, then dw_reduce.
+        const Plan ps = plan(cv, (long long)k.n * oh * fstrips, true);
+        const DwlTile ts = tile_of(k, V, ps, oh, fstrips);
+        std::vector<double> part((size_t)k.c * ps.gy * (taps + 1), NAN);
+        launch(ps.gx * ps.gy, ps.bx * ps.by, ps.bx * ps.by * V * 8, seed, [&] {
+            if (kern == K3S1) dwl_sums_rows_impl<T, V, 3, 3, 1, 8>(x.data(), g.data(), part.data(), ts, 1);
+            if (kern == K3S2) dwl_sums_rows_impl<T, V, 3, 3, 2, 4>(x.data(), g.data(), part.data(), ts, 1);
+            if (kern == ANY) dwl_sums_any_impl<T, V, 4>(x.data(), g.data(), part.data(), ts, 1);
+        });
+        std::vector<T> dw((size_t)k.c * taps, T(NAN)), db(k.c, T(NAN));
+        launch((k.c * 32 + 255) / 256, 256, 0, seed,
+               [&] { dw_reduce_impl<T>(part.data(), dw.data(), db.data(), k.c, ps.gy, taps, 1, 1); });
+        const std::vector<double> got[4] = {widen(y), widen(dx), widen(dw), widen(db)};
+        const std::vector<double>* want[4] = {&ref.y, &ref.dx, &ref.dw, &ref.db};
+        const char* parts[4] = {"y", "dx", "dw", "db"};
+        for (int q = 0; q < 4; ++q) {
+            const double e = rel_error(got[q], *want[q]);
+            if (!(e <= tol)) {
+                std::printf("FAIL %s: %s relative error %.3e\n", label.c_str(), parts[q], e);
+                ok = false;
+            }
+            if (seed == 1) {
+                first[q] = got[q];
+            } else if (got[q] != first[q]) {
+                std::printf("FAIL %s: %s differs between schedules (a race)\n", label.c_str(), parts[q]);
+                ok = false;
+            }
+        }
+    }
+    if (ok) std::printf("ok   %s\n", label.c_str());
+    return ok;
+}
+
+Plan plan_h200(int cv, long long items, bool sums) { return rust_plan(cv, items, sums, 132); }
+Plan plan_one_sm(int cv, long long items, bool sums) { return rust_plan(cv, items, sums, 1); }
+// Narrow blocks (at most 4 channel vectors a block, 8 rows of threads) and a grid of at most 3 rows: several
+// blocks along the channels, threads with many items.
+Plan plan_narrow(int cv, long long items, bool) {
+    Plan p;
+    p.bx = std::min(cv, 4);
+    p.by = 8;
+    p.gx = (cv + p.bx - 1) / p.bx;
+    p.gy = (int)std::min(3LL, std::max(1LL, (items + p.by - 1) / p.by));
+    return p;
+}
+
+template <typename T>
+bool check(const Case& k, uint64_t seed, double tol) {
+    std::mt19937_64 gen(seed);
+    std::uniform_real_distribution<double> d(-1, 1);
+    const int taps = k.kh * k.kw;
+    std::vector<T> x((size_t)k.n * k.h * k.w * k.c), w((size_t)k.c * taps), b(k.c),
+        g((size_t)k.n * k.oh() * k.ow() * k.c);
+    for (auto* v : {&x, &w, &b, &g})
+        for (auto& e : *v) e = T(d(gen));
+    const Ref ref = reference(k, widen(x), widen(w), widen(b), widen(g));
+    const int VEC = 16 / sizeof(T);
+    bool ok = true;
+    for (auto plan : {plan_h200, plan_one_sm, plan_narrow}) {
+        const char* what = plan == plan_h200 ? "h200" : plan == plan_one_sm ? "1sm" : "narrow";
+        if (k.c % VEC == 0) ok &= check_v<T, 16 / sizeof(T)>(k, ref, x, w, b, g, plan, tol, what);
+        ok &= check_v<T, 1>(k, ref, x, w, b, g, plan, tol, what);
+    }
+    return ok;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    bool ok = true;
+    //  n  c   h   w  kh kw sh sw ph pw dh dw
+    const Case cases[] = {
+        {2, 8, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1},    // 3x3 s1 p1, C a multiple of 4
+        {2, 6, 7, 5, 3, 3, 1, 1, 1, 1, 1, 1},     // C not a multiple of 4 (f64: of 2)
+        {3, 5, 6, 9, 3, 3, 1, 1, 0, 0, 1, 1},     // padding 0, odd C
+        {2, 4, 1, 7, 3, 3, 1, 1, 1, 1, 1, 1},     // H = 1
+        {2, 4, 6, 1, 3, 3, 1, 1, 1, 1, 1, 1},     // W = 1
+        {1, 4, 1, 1, 3, 3, 1, 1, 1, 1, 1, 1},     // one pixel
+        {2, 12, 17, 19, 3, 3, 1, 1, 2, 2, 1, 1},  // padding 2, strips with a partial last one
+        {2, 8, 9, 11, 3, 3, 2, 2, 1, 1, 1, 1},    // 3x3 s2 p1
+        {2, 8, 8, 10, 3, 3, 2, 2, 1, 1, 1, 1},    // 3x3 s2, even sides
+        {3, 5, 7, 6, 3, 3, 2, 2, 0, 0, 1, 1},     // 3x3 s2 p0, odd C
+        {2, 4, 2, 2, 3, 3, 2, 2, 1, 1, 1, 1},     // 3x3 s2 on 2x2 (the MNIST model's smallest)
+        {2, 8, 11, 9, 5, 5, 2, 2, 2, 2, 1, 1},    // 5x5 s2
+        {2, 4, 9, 10, 3, 2, 2, 1, 1, 0, 1, 1},    // 3x2, stride (2, 1)
+        {2, 6, 9, 8, 3, 3, 1, 1, 2, 3, 2, 3},     // dilated
+        {2, 4, 5, 6, 1, 1, 1, 1, 0, 0, 1, 1},     // 1x1
+        {1, 72, 6, 7, 3, 3, 1, 1, 1, 1, 1, 1},    // 72 channels: more than 32 vectors of one (two blocks along C)
+        {4, 40, 14, 14, 3, 3, 1, 1, 1, 1, 1, 1},  // several items per thread in the H200 plan's sums
+    };
+    int count = 0;
+    for (const Case& k : cases) {
+        if (quick && ++count > 6) break;
+        ok &= check<float>(k, 11, 1e-5);
+        ok &= check<double>(k, 12, 1e-12);
+    }
+    std::printf(ok ? "all passed\n" : "FAILURES\n");
+    return ok ? 0 : 1;
+}
