@@ -68,9 +68,9 @@ impl LinearAttention {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_tokens("LinearAttention", x, self.resolution, self.dim)?;
         let qk = self.qk.forward(x)?; // (B, N, 2C)
-        // ELU+1, RoPE-2D, the normaliser and both token products in one fused op (ops/src/linattn), which
-        // keeps only qk, x and the per-head kmean and kv for its backward. It needs even head widths (a RoPE
-        // pair may not straddle two heads); odd ones take the composition of primitive ops.
+                                      // ELU+1, RoPE-2D, the normaliser and both token products in one fused op (ops/src/linattn), which
+                                      // keeps only qk, x and the per-head kmean and kv for its backward. It needs even head widths (a RoPE
+                                      // pair may not straddle two heads); odd ones take the composition of primitive ops.
         let out = if (self.dim / self.num_heads).is_multiple_of(2) {
             linear_attention(&qk, x, self.resolution, self.num_heads, ROPE_BASE, Z_EPS)?
         } else {

@@ -170,7 +170,8 @@ pub(super) fn backward(
                 let (b, c0) = (bh / heads, bh % heads * d);
                 let (kvh, kmh) = (&x.kv[bh * d * d..][..d * d], &x.kmean[b * c + c0..][..d]);
                 let (mut dkv, mut dkm, mut ds) = (vec![T::ZERO; d * d], vec![T::ZERO; d], vec![T::ZERO; n]);
-                let (mut q, mut qr, mut o, mut dout) = (vec![T::ZERO; d], vec![T::ZERO; d], vec![T::ZERO; d], vec![T::ZERO; d]);
+                let (mut q, mut qr, mut o, mut dout) =
+                    (vec![T::ZERO; d], vec![T::ZERO; d], vec![T::ZERO; d], vec![T::ZERO; d]);
                 for (tok, ds) in ds.iter_mut().enumerate() {
                     let row = b * n + tok;
                     ang.features(tok, c0, &x.qk[row * 2 * c + c0..][..d], &mut q, &mut qr);
@@ -210,7 +211,9 @@ pub(super) fn backward(
                     times_row(kvh, gr, rot);
                     rot.iter_mut().for_each(|a| *a *= z);
                     ang.rotate(tok, c0, rot, back, true);
-                    for (((out, &dq), &km), &qj) in dqk_row[c0..c0 + d].iter_mut().zip(back.iter()).zip(kmh).zip(f.iter()) {
+                    for (((out, &dq), &km), &qj) in
+                        dqk_row[c0..c0 + d].iter_mut().zip(back.iter()).zip(kmh).zip(f.iter())
+                    {
                         *out = (dq + ds[tok] * km) * qj.min(T::ONE);
                     }
                     // k: dk = R^T ((1/N) v dkv^T) + dkmean / N, times phi'; v: dv = (1/N) k~ dkv.

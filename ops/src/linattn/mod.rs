@@ -98,14 +98,14 @@ fn check(qk: &Tensor, v: &Tensor, grid: (usize, usize), heads: usize, rope_base:
     if grid_h.checked_mul(grid_w) != Some(tokens) {
         return Err(Error::invalid(OP, format!("{tokens} tokens do not form a {grid_h}x{grid_w} grid"), v.shape()));
     }
-    if c == 0 || c % 4 != 0 {
+    if c == 0 || !c.is_multiple_of(4) {
         return Err(Error::invalid(OP, format!("channels {c} must be a positive multiple of 4 (RoPE-2D)"), v.shape()));
     }
-    if heads == 0 || c % heads != 0 {
+    if heads == 0 || !c.is_multiple_of(heads) {
         return Err(Error::invalid(OP, format!("{heads} heads do not divide {c} channels"), v.shape()));
     }
     let d = c / heads;
-    if d % 2 != 0 {
+    if !d.is_multiple_of(2) {
         return Err(Error::invalid(
             OP,
             format!("head width {d} = {c} / {heads} must be even (a RoPE pair may not straddle two heads)"),
@@ -200,8 +200,7 @@ impl Op for LinearAttention {
                 (Storage::Cuda(kv), lkv),
                 (Storage::Cuda(gs), lg),
             ) => {
-                let (dqk, dv) =
-                    cuda::backward((qk, lqk), (v, lv), (t, lt), (km, lkm), (kv, lkv), (gs, lg), self.dims)?;
+                let (dqk, dv) = cuda::backward((qk, lqk), (v, lv), (t, lt), (km, lkm), (kv, lkv), (gs, lg), self.dims)?;
                 (Storage::Cuda(dqk), Storage::Cuda(dv))
             }
             ((s, _), ..) => return Err(no_cuda(OP, s)),

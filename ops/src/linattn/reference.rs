@@ -19,8 +19,12 @@ pub fn linear_attention_ref(
     let &[b, n, c] = v.shape() else {
         return Err(Error::invalid(OP, "expected v (B, N, C)", v.shape()));
     };
-    if heads == 0 || c % heads != 0 || qk.shape() != [b, n, 2 * c] {
-        return Err(Error::invalid(OP, format!("qk (B, N, 2C) and {heads} heads dividing C for v {:?}", v.shape()), qk.shape()));
+    if heads == 0 || !c.is_multiple_of(heads) || qk.shape() != [b, n, 2 * c] {
+        return Err(Error::invalid(
+            OP,
+            format!("qk (B, N, 2C) and {heads} heads dividing C for v {:?}", v.shape()),
+            qk.shape(),
+        ));
     }
     let d = c / heads;
     let q = qk.narrow(2, 0, c)?.elu(1.0)?.add_scalar(1.0)?;
@@ -40,6 +44,6 @@ pub fn linear_attention_ref(
     // stays O(1) in either factor, which keeps f32/f16 partial sums in range.
     let scale = (n as f64).powf(-0.5);
     let kv = k_rope.transpose(-2, -1)?.mul_scalar(scale)?.matmul(&v.mul_scalar(scale)?)?; // (B, h, d, d)
-    // (B, h, N, d) -> (B, N, h, d) -> (B, N, C)
+                                                                                          // (B, h, N, d) -> (B, N, h, d) -> (B, N, C)
     q_rope.matmul(&kv)?.mul(&z)?.transpose(1, 2)?.reshape(&[b as isize, n as isize, c as isize])
 }

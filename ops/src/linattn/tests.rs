@@ -32,12 +32,14 @@ fn views(t: &[Tensor], c: usize) -> engine::Result<(Tensor, Tensor)> {
     Ok((permute(&t[0], &[0, 2, 1])?, narrow(&t[1], 2, 1, c)?))
 }
 
+/// `linear_attention` or `linear_attention_ref`.
+type Attention = fn(&Tensor, &Tensor, (usize, usize), usize, f64, f64) -> engine::Result<Tensor>;
+
+/// A call that must fail: qk, v, grid, heads, rope base, z_eps and a word the error must contain.
+type BadCall = (Tensor, Tensor, (usize, usize), usize, f64, f64, &'static str);
+
 /// The output and the gradients of qk and v for a random cotangent, by `f`.
-fn run(
-    f: fn(&Tensor, &Tensor, (usize, usize), usize, f64, f64) -> engine::Result<Tensor>,
-    leaves: &[Tensor],
-    (h, w, c, heads): (usize, usize, usize, usize),
-) -> Vec<Vec<f64>> {
+fn run(f: Attention, leaves: &[Tensor], (h, w, c, heads): (usize, usize, usize, usize)) -> Vec<Vec<f64>> {
     let leaves: Vec<Tensor> = leaves.iter().map(|t| t.detach().requires_grad_(true).unwrap()).collect();
     let (qk, v) = views(&leaves, c).unwrap();
     let y = f(&qk, &v, (h, w), heads, BASE, EPS).unwrap();
@@ -117,7 +119,7 @@ fn fused_saves_only_the_small_results() {
 #[test]
 fn fused_bad_arguments_are_errors() {
     let (qk, v) = (randn(&[2, 6, 16], 1), randn(&[2, 6, 8], 2));
-    let cases: Vec<(Tensor, Tensor, (usize, usize), usize, f64, f64, &str)> = vec![
+    let cases: Vec<BadCall> = vec![
         (qk.clone(), v.clone(), (2, 4), 2, BASE, EPS, "grid"),
         (qk.clone(), v.clone(), (usize::MAX, 2), 2, BASE, EPS, "grid"),
         (qk.clone(), v.clone(), (2, 3), 3, BASE, EPS, "heads"),
@@ -170,10 +172,15 @@ fn linear_attention_on_cuda_matches_the_cpu() {
     for dtype in [DType::F32, DType::F64] {
         for (i, &(b, h, w, c, heads)) in CUDA_SHAPES.iter().enumerate() {
             let (qk, v) = operands(b, h * w, c, dtype, 70 + i as u64);
-            assert_cuda_matches_cpu(&format!("linear_attention {b}x{h}x{w}x{c} heads {heads}"), &[qk, v], &[true, true], |t| {
-                let (qk, v) = views(t, c)?;
-                linear_attention(&qk, &v, (h, w), heads, BASE, EPS)
-            });
+            assert_cuda_matches_cpu(
+                &format!("linear_attention {b}x{h}x{w}x{c} heads {heads}"),
+                &[qk, v],
+                &[true, true],
+                |t| {
+                    let (qk, v) = views(t, c)?;
+                    linear_attention(&qk, &v, (h, w), heads, BASE, EPS)
+                },
+            );
         }
     }
 }
