@@ -14,7 +14,7 @@
 use engine::{Error, Result, Tensor};
 use nn::module::visit_child;
 use nn::{Conv2d, Entry, Init, Linear, Module};
-use ops::TensorOps;
+use ops::{linear_attention, linear_attention_ref, TensorOps};
 
 use crate::util::{check_tokens, conv_macs, linear_macs, to_image, to_tokens};
 
@@ -66,31 +66,18 @@ impl LinearAttention {
 
     /// x (B, N, C) -> (B, N, C).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = check_tokens("LinearAttention", x, self.resolution, self.dim)?;
-        let (h, w) = self.resolution;
-        let (heads, d) = (self.num_heads, c / self.num_heads);
+        check_tokens("LinearAttention", x, self.resolution, self.dim)?;
         let qk = self.qk.forward(x)?; // (B, N, 2C)
-        let q = qk.narrow(2, 0, c)?.elu(1.0)?.add_scalar(1.0)?;
-        let k = qk.narrow(2, c, c)?.elu(1.0)?.add_scalar(1.0)?;
-        // RoPE over the whole C-channel vector, before the heads are split.
-        let q_rope = q.rope2d(h, w, ROPE_BASE)?;
-        let k_rope = k.rope2d(h, w, ROPE_BASE)?;
-        // (B, N, C) -> (B, h, N, d)
-        let heads_of =
-            |t: &Tensor| t.reshape(&[b as isize, n as isize, heads as isize, d as isize])?.permute(&[0, 2, 1, 3]);
-        let (q, k, v) = (heads_of(&q)?, heads_of(&k)?, heads_of(x)?);
-        let (q_rope, k_rope) = (heads_of(&q_rope)?, heads_of(&k_rope)?);
-
-        // The normaliser uses q and k before RoPE: rotated kernels are no longer positive, so their dot
-        // product could vanish or change sign. (B, h, N, d) @ (B, h, d, 1) -> (B, h, N, 1)
-        let z = q.matmul(&k.mean(&[-2], true)?.transpose(-2, -1)?)?.add_scalar(Z_EPS)?.powf(-1.0)?;
-        // Both factors are scaled by 1/sqrt(N) (not one by 1/N), as the official code does: the sum over
-        // N tokens stays O(1) in either factor, which keeps f32/f16 partial sums in range.
-        let scale = (n as f64).powf(-0.5);
-        let kv = k_rope.transpose(-2, -1)?.mul_scalar(scale)?.matmul(&v.mul_scalar(scale)?)?; // (B, h, d, d)
-                                                                                              // (B, h, N, d) -> (B, N, h, d) -> (B, N, C)
-        let out = q_rope.matmul(&kv)?.mul(&z)?.transpose(1, 2)?.reshape(&[b as isize, n as isize, c as isize])?;
+                                      // ELU+1, RoPE-2D, the normaliser and both token products in one fused op (ops/src/linattn), which
+                                      // keeps only qk, x and the per-head kmean and kv for its backward. It needs even head widths (a RoPE
+                                      // pair may not straddle two heads); odd ones take the composition of primitive ops.
+        let out = if (self.dim / self.num_heads).is_multiple_of(2) {
+            linear_attention(&qk, x, self.resolution, self.num_heads, ROPE_BASE, Z_EPS)?
+        } else {
+            linear_attention_ref(&qk, x, self.resolution, self.num_heads, ROPE_BASE, Z_EPS)?
+        };
         // LePE: the depthwise conv of v (the unscaled input) seen as a (B, C, H, W) image.
+        let (h, w) = self.resolution;
         let lepe = self.lepe.forward(&to_image(x, h, w)?)?;
         out.add(&to_tokens(&lepe)?)
     }

@@ -30,7 +30,7 @@ pub(crate) fn source(m: &Module) -> &'static str {
 }
 
 /// Every family's kernels.
-pub(crate) const MODULES: [&Module; 10] = [
+pub(crate) const MODULES: [&Module; 11] = [
     &crate::elementwise::cuda::MODULE,
     &crate::reduce::cuda::MODULE,
     &crate::copy::cuda::MODULE,
@@ -41,6 +41,7 @@ pub(crate) const MODULES: [&Module; 10] = [
     &crate::norm::cuda::MODULE,
     &crate::rope::cuda::MODULE,
     &crate::regularize::cuda::MODULE,
+    &crate::linattn::cuda::MODULE,
 ];
 
 /// Every kernel module the engine and ops load, as (name, full source), the sources being the very strings
@@ -181,6 +182,7 @@ mod tests {
             ("ops_norm", "bn_bwd_f32"),
             ("ops_rope", "rope_f32"),
             ("ops_regularize", "scale_blocks_f32"),
+            ("ops_linattn", "linattn_fwd_out_d32_f32"),
         ];
         let all = modules();
         assert_eq!(kernels.len(), all.len());

@@ -189,6 +189,13 @@ fn vision_cases(v: &mut Vec<Case>) {
         .linear(),
     );
     v.push(case("rope2d", &[(&[1, 8, 6], -N, N)], |x| rope2d(&transpose(&x[0], 1, 2)?, 2, 3, 10000.0)).linear());
+    v.push(
+        case("linear_attention", &[(&[1, 16, 6], -N, N), (&[1, 6, 10], -N, N)], |x| {
+            // qk stored (B, 2C, N), v cut from a wider (B, N, C + 2): both non-contiguous.
+            linear_attention(&transpose(&x[0], 1, 2)?, &narrow(&x[1], 2, 1, 8)?, (2, 3), 2, 10000.0, 1e-6)
+        })
+        .smooth(),
+    );
     v.push(case("dropout", &[(&[4, 5], -N, N)], |x| dropout(&x[0], 0.5, true, &mut Generator::new(7))).linear());
     v.push(case("drop_path", &[(&[4, 3, 2], -N, N)], |x| drop_path(&x[0], 0.5, true, &mut Generator::new(8))).linear());
 }

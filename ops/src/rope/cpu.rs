@@ -10,7 +10,7 @@ use crate::util::{contiguous_slice, with_dtype, Operand};
 /// H..H + W those of the token columns, computed in `dtype`. A token (r, c) reads its first C/4 pairs' angles
 /// from row r and its last C/4 from row H + c, so the trigonometry runs (H + W) C/4 times rather than
 /// H W C/2, and the table is small enough to upload per call.
-pub(super) fn table(dtype: DType, grid: Grid, base: f64) -> CpuStorage {
+pub(crate) fn table(dtype: DType, grid: Grid, base: f64) -> CpuStorage {
     fn run<T: Float>(Grid { h, w, c }: Grid, base: f64) -> Vec<T> {
         let k_max = c / 4;
         let theta: Vec<T> = (0..k_max)

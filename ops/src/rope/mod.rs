@@ -15,7 +15,7 @@
 //! holds one row of C/4 angles per token row and per token column, (H + W, C/4, 2); on CUDA it is built on the
 //! host the same way and uploaded (small: (H + W) C/2 values), so both devices use the same rounded angles.
 
-mod cpu;
+pub(crate) mod cpu;
 pub(crate) mod cuda;
 
 use engine::{Device, Error, Op, Result, Storage, Tensor};
