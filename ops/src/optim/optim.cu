@@ -44,18 +44,28 @@ struct SgdConsts {
           weight_decay((T)h.weight_decay) {}
 };
 
+// Products and sums rounded one by one (no FMA contraction): the compiler contracts a * b + c differently
+// in different kernels, so without these the one-tensor and multi-tensor kernels could differ in the last bit
+// (seen on the H200 in f64); rounded separately they also follow the CPU's operation order exactly.
+__device__ __forceinline__ float opt_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double opt_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float opt_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double opt_add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float opt_sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double opt_sub(double a, double b) { return __dsub_rn(a, b); }
+
 // Element i of one SGD update. Both kernel families call this very function, so that a multi-tensor launch
 // writes the same bits as one launch per tensor.
 template <typename T>
 __device__ __forceinline__ void sgd_elem(T* p, const T* g, T* buf, long long i, const SgdConsts<T>& c,
                                          const SgdParams& h) {
-    T d = g[i] + c.weight_decay * p[i];
+    T d = opt_add(g[i], opt_mul(c.weight_decay, p[i]));
     if (h.use_momentum) {
-        const T b = h.first ? d : c.momentum * buf[i] + c.one_minus_dampening * d;
+        const T b = h.first ? d : opt_add(opt_mul(c.momentum, buf[i]), opt_mul(c.one_minus_dampening, d));
         buf[i] = b;
-        d = h.nesterov ? d + c.momentum * b : b;
+        d = h.nesterov ? opt_add(d, opt_mul(c.momentum, b)) : b;
     }
-    p[i] -= c.lr * d;
+    p[i] = opt_sub(p[i], opt_mul(c.lr, d));
 }
 
 template <typename T>
@@ -78,9 +88,9 @@ template <typename T>
 __device__ __forceinline__ void adamw_elem(T* p, const T* g, T* m, T* v, T* vmax, long long i,
                                            const AdamWConsts<T>& c, int amsgrad) {
     const T gi = g[i];
-    const T pi = p[i] * c.decay;
-    const T mi = c.beta1 * m[i] + c.one_minus_beta1 * gi;
-    const T vi = c.beta2 * v[i] + c.one_minus_beta2 * gi * gi;
+    const T pi = opt_mul(p[i], c.decay);
+    const T mi = opt_add(opt_mul(c.beta1, m[i]), opt_mul(c.one_minus_beta1, gi));
+    const T vi = opt_add(opt_mul(c.beta2, v[i]), opt_mul(opt_mul(c.one_minus_beta2, gi), gi));
     m[i] = mi;
     v[i] = vi;
     T vhat = vi;
@@ -88,7 +98,7 @@ __device__ __forceinline__ void adamw_elem(T* p, const T* g, T* m, T* v, T* vmax
         vhat = opt_max(vmax[i], vi);
         vmax[i] = vhat;
     }
-    p[i] = pi - c.step_size * mi / (m_sqrt(vhat) / c.bc2_sqrt + c.eps);
+    p[i] = opt_sub(pi, opt_mul(c.step_size, mi) / opt_add(m_sqrt(vhat) / c.bc2_sqrt, c.eps));
 }
 
 template <typename T>
