@@ -111,6 +111,11 @@ pub fn cases() -> Vec<Case> {
     v.push(case("act_linear (gelu)", &[(&[2, 3, 4], -N, N), (&[5, 4], -N, N), (&[5], -N, N)], |x| {
         act_linear(&x[0], Unary::Gelu, &x[1], Some(&x[2]))
     }));
+    v.push(case(
+        "gated_linear (silu, transposed x)",
+        &[(&[2, 4, 3], -N, N), (&[2, 3, 4], -N, N), (&[5, 4], -N, N), (&[5], -N, N)],
+        |x| gated_linear(&permute(&x[0], &[0, 2, 1])?, &x[1], Unary::Silu, &x[2], Some(&x[3])),
+    ));
     v.push(case("concat", &[(&[2, 3], -N, N), (&[3, 4], -N, N)], |x| concat(&[x[0].clone(), t(&x[1])?], 0)));
     v.push(case("stack", &[(&[2, 3], -N, N), (&[3, 2], -N, N)], |x| stack(&[x[0].clone(), t(&x[1])?], 1)));
     v.push(case("split", &[(&[5, 3], -N, N)], |x| Ok(split(&x[0], &[2, 3], 0)?.remove(1))));

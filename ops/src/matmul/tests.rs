@@ -493,3 +493,71 @@ fn act_linear_bad_inputs_are_errors() {
     assert!(act_linear(&randn(&[4], 5), crate::Unary::Gelu, &w, None).is_err());
     assert!(act_linear(&h, crate::Unary::Gelu, &randn(&[3, 4, 1], 6), None).is_err());
 }
+
+/// Forward value and the gradients of (x, gate, w, b) under a fixed cotangent, as bits. x is a transposed
+/// view when `strided` (the saved x is then not contiguous).
+fn gated_linear_run(fused: bool, dtype: DType, act: crate::Unary, bias: bool, strided: bool) -> Vec<Vec<u64>> {
+    let x = if strided {
+        randn_as(&[2, 6, 5], dtype, 51).requires_grad_(true).unwrap()
+    } else {
+        randn_as(&[2, 5, 6], dtype, 51).requires_grad_(true).unwrap()
+    };
+    let gate = randn_as(&[2, 5, 6], dtype, 52).requires_grad_(true).unwrap();
+    let w = randn_as(&[3, 6], dtype, 53).requires_grad_(true).unwrap();
+    let b = randn_as(&[3], dtype, 54).requires_grad_(true).unwrap();
+    let xv = if strided { permute(&x, &[0, 2, 1]).unwrap() } else { x.clone() };
+    let bias_arg = bias.then_some(&b);
+    let y = if fused {
+        gated_linear(&xv, &gate, act, &w, bias_arg).unwrap()
+    } else {
+        let p = crate::mul(&xv, &crate::unary(act, &gate).unwrap()).unwrap();
+        let p = matmul(&p, &t(&w).unwrap()).unwrap();
+        match bias_arg {
+            Some(b) => crate::add(&p, b).unwrap(),
+            None => p,
+        }
+    };
+    y.backward_with(&randn_as(y.shape(), dtype, 55)).unwrap();
+    let mut out = vec![bits(&y)];
+    for p in [&x, &gate, &w] {
+        out.push(bits(&p.grad().unwrap()));
+    }
+    if bias {
+        out.push(bits(&b.grad().unwrap()));
+    }
+    out
+}
+
+#[test]
+fn gated_linear_is_bitwise_the_composition_and_gradchecks() {
+    for dtype in [DType::F32, DType::F64] {
+        for act in [crate::Unary::Silu, crate::Unary::Gelu] {
+            for (bias, strided) in [(true, false), (false, false), (true, true)] {
+                assert_eq!(
+                    gated_linear_run(true, dtype, act, bias, strided),
+                    gated_linear_run(false, dtype, act, bias, strided),
+                    "{dtype:?}, {act:?}, bias {bias}, strided {strided}"
+                );
+            }
+        }
+    }
+    let (x, gate, w, b) = (randn(&[2, 3, 4], 61), randn(&[2, 3, 4], 62), randn(&[5, 4], 63), randn(&[5], 64));
+    let r = gradcheck("gated_linear", &[x, gate, w, b], |x| {
+        gated_linear(&x[0], &x[1], crate::Unary::Silu, &x[2], Some(&x[3]))
+    })
+    .unwrap();
+    assert!(r.passed(), "{r}");
+}
+
+#[test]
+fn gated_linear_bad_inputs_are_errors() {
+    let (x, w) = (randn(&[2, 4], 1), randn(&[3, 4], 2));
+    let silu = crate::Unary::Silu;
+    assert!(gated_linear(&x, &x, crate::Unary::Exp, &w, None).is_err(), "exp's derivative reads its output");
+    assert!(gated_linear(&x, &randn(&[1, 4], 3), silu, &w, None).is_err(), "no broadcasting of the gate");
+    assert!(gated_linear(&x, &x, silu, &randn(&[3, 5], 3), None).is_err());
+    assert!(gated_linear(&x, &x, silu, &w, Some(&randn(&[4], 4))).is_err());
+    assert!(gated_linear(&randn(&[4], 5), &randn(&[4], 5), silu, &w, None).is_err());
+    assert!(gated_linear(&x, &x, silu, &randn(&[3, 4, 1], 6), None).is_err());
+    assert!(gated_linear(&x, &randn_as(&[2, 4], DType::F32, 7), silu, &w, None).is_err());
+}
