@@ -131,6 +131,15 @@ pub fn cases() -> Vec<Case> {
 /// come from a generator seeded inside `f`, so every evaluation sees the same one).
 fn vision_cases(v: &mut Vec<Case>) {
     let nchw = |x: &Tensor| permute(x, &[0, 3, 1, 2]); // inputs stored channels-last
+                                                       // The MILA block's silu(dwc(t)): depthwise 3x3 on the channels-last image view of tokens.
+    v.push(
+        case(
+            "conv2d_act (depthwise, silu, channels-last)",
+            &[(&[2, 5, 4, 3], -N, N), (&[3, 1, 3, 3], -N, N), (&[3], -N, N)],
+            move |x| conv2d_act(&nchw(&x[0])?, &x[1], Some(&x[2]), (1, 1), (1, 1), (1, 1), 3, Unary::Silu),
+        )
+        .smooth(),
+    );
     v.push(
         case("conv2d", &[(&[2, 6, 5, 3], -N, N), (&[4, 3, 3, 3], -N, N), (&[4], -N, N)], move |x| {
             conv2d(&nchw(&x[0])?, &x[1], Some(&x[2]), (2, 2), (1, 1), (1, 1), 1)
