@@ -116,6 +116,18 @@ pub fn cases() -> Vec<Case> {
         &[(&[2, 4, 3], -N, N), (&[2, 3, 4], -N, N), (&[5, 4], -N, N), (&[5], -N, N)],
         |x| gated_linear(&permute(&x[0], &[0, 2, 1])?, &x[1], Unary::Silu, &x[2], Some(&x[3])),
     ));
+    v.push(
+        case(
+            "layer_norm_linears (two Linears)",
+            &[(&[2, 3, 4], -N, N), (&[4], -N, N), (&[4], -N, N), (&[5, 4], -N, N), (&[5], -N, N), (&[2, 4], -N, N)],
+            |x| {
+                let ys =
+                    layer_norm_linears(&x[0], Some(&x[1]), Some(&x[2]), 1e-5, &[(&x[3], Some(&x[4])), (&x[5], None)])?;
+                concat(&ys, -1)
+            },
+        )
+        .smooth(),
+    );
     v.push(case("concat", &[(&[2, 3], -N, N), (&[3, 4], -N, N)], |x| concat(&[x[0].clone(), t(&x[1])?], 0)));
     v.push(case("stack", &[(&[2, 3], -N, N), (&[3, 2], -N, N)], |x| stack(&[x[0].clone(), t(&x[1])?], 1)));
     v.push(case("split", &[(&[5, 3], -N, N)], |x| Ok(split(&x[0], &[2, 3], 0)?.remove(1))));
