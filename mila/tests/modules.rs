@@ -1,7 +1,7 @@
 //! Module behaviour: init, configs, shapes, train/eval mode, drop path and errors on bad input.
 
 use engine::{no_grad, DType, Device, Generator, Tensor};
-use mila::{BlockConfig, LinearAttention, MilaBlock, Mlla, MllaConfig};
+use mila::{BlockConfig, LinearAttention, MilaBlock, Mlla, MllaConfig, PatchMerging};
 use nn::trainer::Classifier;
 use nn::{Init, Module};
 use ops::TensorOps;
@@ -205,6 +205,45 @@ fn mila_block_is_bitwise_its_composition_forward_and_backward() {
             for (name, p) in block.named_parameters() {
                 out.push(p.grad().map(|g| bits(&g)).unwrap_or_else(|| panic!("{name} has no gradient")));
             }
+            out
+        };
+        assert_eq!(run(true), run(false), "{dtype:?}");
+    }
+}
+
+#[test]
+fn patch_merging_is_bitwise_its_composition_forward_and_backward() {
+    let bits = |t: &Tensor| t.to_vec_f64().unwrap().into_iter().map(f64::to_bits).collect::<Vec<_>>();
+    for dtype in [DType::F32, DType::F64] {
+        let pm = PatchMerging::new(&mut Init { dtype, device: Device::Cpu, rng: &mut Generator::new(7) }, 8, (6, 4))
+            .unwrap();
+        let run = |fused: bool| {
+            let x = Tensor::randn(&[2, 24, 8], 0.0, 1.0, dtype, Device::Cpu, &mut Generator::new(8))
+                .unwrap()
+                .requires_grad_(true)
+                .unwrap();
+            let y = if fused {
+                pm.forward(&x).unwrap()
+            } else {
+                // Conv, BatchNorm, ReLU one by one, as ConvLayer composes them.
+                let image = x.reshape(&[2, 6, 4, 8]).unwrap().permute(&[0, 3, 1, 2]).unwrap();
+                let y = pm.conv.iter().fold(image, |t, l| {
+                    let mut y = l.conv.forward(&t).unwrap();
+                    if let Some(n) = &l.norm {
+                        y = n.forward(&y).unwrap();
+                    }
+                    if l.relu {
+                        y = y.relu().unwrap();
+                    }
+                    y
+                });
+                y.permute(&[0, 2, 3, 1]).unwrap().reshape(&[2, -1, 16]).unwrap()
+            };
+            pm.parameters().iter().for_each(Tensor::zero_grad);
+            y.backward_with(&Tensor::randn(y.shape(), 0.0, 1.0, dtype, Device::Cpu, &mut Generator::new(9)).unwrap())
+                .unwrap();
+            let mut out = vec![bits(&y), bits(&x.grad().unwrap())];
+            out.extend(pm.parameters().iter().map(|p| bits(&p.grad().unwrap())));
             out
         };
         assert_eq!(run(true), run(false), "{dtype:?}");
