@@ -1,5 +1,5 @@
 //! Peak live bytes of CPU tensor storage (`engine::cpu_memory`) in one MLLA-T training step and in one MILA
-//! block, printed for comparing what the forward saves for backward. Ignored by default (about 20 s in
+//! block, printed for comparing what the forward saves for backward. Ignored by default (about 5 s in
 //! release on two cores); run with
 //! `cargo test --release -p mila-models --test all memory -- --ignored --nocapture --test-threads=1`
 //! (one thread, so that no other test moves the process-wide counters).
@@ -11,7 +11,7 @@ use nn::Init;
 const MIB: f64 = (1 << 20) as f64;
 
 #[test]
-#[ignore = "prints measurements; ~20 s"]
+#[ignore = "prints measurements; ~5 s"]
 fn mlla_t_training_step_peak_cpu_bytes() {
     let (batch, size) = (2, 224);
     let mut rng = Generator::new(0);
