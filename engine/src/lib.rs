@@ -22,5 +22,6 @@ pub use error::{Error, Result};
 pub use gradcheck::{gradcheck, gradcheck_with, GradcheckOptions, GradcheckReport};
 pub use layout::{broadcast_shape, contiguous_strides, normalize_dim, Layout};
 pub use rng::Generator;
+pub use storage::cpu_memory::{self, CpuMemoryStats};
 pub use storage::{cpu_buffer, cpu_filled, CpuStorage, Storage};
 pub use tensor::{Tensor, TensorId};

@@ -56,6 +56,62 @@ pub mod pool {
     }
 }
 
+/// Live bytes of CPU tensor storage and their high-water mark, the CPU's counterpart of the CUDA allocator's
+/// [`crate::cuda::MemoryStats`] (`in_use_bytes`, `peak_bytes`, `reset_peak`).
+///
+/// A buffer counts from the moment a tensor takes it (every tensor's storage is made in `Tensor`'s
+/// constructors) until the last tensor over it, view or saved copy included, is dropped: what a forward keeps
+/// for its backward, the gradients, the parameters. Scratch buffers inside a kernel and the free buffers of the
+/// reuse pool are not counted (on CUDA, `in_use_bytes` leaves out the cached blocks likewise). The counters
+/// are process-wide atomics, always on; tests running in parallel threads add to them too.
+pub mod cpu_memory {
+    use std::fmt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static IN_USE: AtomicUsize = AtomicUsize::new(0);
+    static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+    /// A snapshot of the CPU storage counters.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct CpuMemoryStats {
+        /// Bytes of CPU storage owned by live tensors.
+        pub in_use_bytes: usize,
+        /// The most `in_use_bytes` has been since the process started or [`reset_peak`].
+        pub peak_bytes: usize,
+    }
+
+    impl fmt::Display for CpuMemoryStats {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            const MIB: f64 = (1 << 20) as f64;
+            let (now, peak) = (self.in_use_bytes as f64 / MIB, self.peak_bytes as f64 / MIB);
+            write!(f, "CPU tensors in use {now:.1} MiB (peak {peak:.1} MiB)")
+        }
+    }
+
+    /// The counters now.
+    pub fn memory_stats() -> CpuMemoryStats {
+        CpuMemoryStats { in_use_bytes: IN_USE.load(Ordering::Relaxed), peak_bytes: PEAK.load(Ordering::Relaxed) }
+    }
+
+    /// Restarts the high-water mark from the bytes in use now.
+    pub fn reset_peak() {
+        PEAK.store(IN_USE.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    pub(crate) fn acquire(bytes: usize) {
+        if bytes > 0 {
+            let now = IN_USE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn release(bytes: usize) {
+        if bytes > 0 {
+            IN_USE.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 static POOL_F32: std::sync::Mutex<Option<pool::Pool<f32>>> = std::sync::Mutex::new(None);
 static POOL_F64: std::sync::Mutex<Option<pool::Pool<f64>>> = std::sync::Mutex::new(None);
 
@@ -321,7 +377,9 @@ fn cpu_add(a: &CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout) -> Result<C
 
 #[cfg(test)]
 mod tests {
+    use super::cpu_memory::{memory_stats, reset_peak};
     use super::*;
+    use crate::Tensor;
 
     #[test]
     fn large_buffers_are_reused_and_filled_buffers_hold_their_value() {
@@ -341,5 +399,34 @@ mod tests {
         // Small buffers are left to the system allocator.
         drop(CpuStorage::F32(vec![1.0; 16]));
         assert!(take_f32(16).is_none());
+    }
+
+    /// |a - b| within `slack`: other tests of this binary run in parallel threads and move the counters a
+    /// little (they hold kilobytes to a few MiB, far less than the 32 MiB tensors here).
+    fn near(a: usize, b: usize, slack: usize) -> bool {
+        a.abs_diff(b) <= slack
+    }
+
+    #[test]
+    fn cpu_memory_counts_tensor_storage_until_its_last_view_is_dropped() -> crate::Result<()> {
+        const BYTES: usize = 32 << 20;
+        const SLACK: usize = 8 << 20;
+        let before = memory_stats().in_use_bytes;
+        let a = Tensor::zeros(&[BYTES / 8], DType::F64, Device::Cpu)?;
+        let view = a.detach();
+        let held = memory_stats();
+        assert!(near(held.in_use_bytes, before + BYTES, SLACK), "{held} after one 32 MiB tensor from {before}");
+        assert!(held.peak_bytes >= held.in_use_bytes);
+        drop(a);
+        assert!(near(memory_stats().in_use_bytes, before + BYTES, SLACK), "a view keeps the storage counted");
+        let b = Tensor::zeros(&[BYTES / 4], DType::F32, Device::Cpu)?;
+        assert!(memory_stats().peak_bytes >= before + 2 * BYTES - SLACK, "two tensors at once reach the peak");
+        drop((view, b));
+        let after = memory_stats();
+        assert!(near(after.in_use_bytes, before, SLACK), "{after}: the storage was not given back");
+        reset_peak();
+        let reset = memory_stats();
+        assert!(near(reset.peak_bytes, reset.in_use_bytes, SLACK), "{reset}: reset_peak restarts from in use");
+        Ok(())
     }
 }

@@ -17,8 +17,37 @@ impl TensorId {
     }
 }
 
+/// The storage shared by a tensor and its views, counted in [`crate::storage::cpu_memory`] while it lives
+/// when it is on the CPU.
+pub(crate) struct StorageCell {
+    data: RwLock<Storage>,
+    /// The bytes counted when the cell was made, given back on drop (an in-place write cannot change them).
+    cpu_bytes: usize,
+}
+
+impl StorageCell {
+    fn new(storage: Storage) -> Arc<StorageCell> {
+        let cpu_bytes = match &storage {
+            Storage::Cpu(s) => s.len() * s.dtype().size_in_bytes(),
+            Storage::Cuda(_) => 0,
+        };
+        crate::storage::cpu_memory::acquire(cpu_bytes);
+        Arc::new(StorageCell { data: RwLock::new(storage), cpu_bytes })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Storage> {
+        self.data.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for StorageCell {
+    fn drop(&mut self) {
+        crate::storage::cpu_memory::release(self.cpu_bytes);
+    }
+}
+
 pub(crate) struct Inner {
-    pub(crate) storage: Arc<RwLock<Storage>>,
+    pub(crate) storage: Arc<StorageCell>,
     pub(crate) layout: Layout,
     pub(crate) dtype: DType,
     pub(crate) device: Device,
@@ -71,9 +100,9 @@ impl std::fmt::Debug for Tensor {
 }
 
 impl Tensor {
-    fn build(storage: Arc<RwLock<Storage>>, layout: Layout, node: Option<Node>) -> Tensor {
+    fn build(storage: Arc<StorageCell>, layout: Layout, node: Option<Node>) -> Tensor {
         let (dtype, device) = {
-            let s = storage.read().unwrap_or_else(|e| e.into_inner());
+            let s = storage.read();
             (s.dtype(), s.device())
         };
         let requires_grad = node.is_some();
@@ -99,7 +128,7 @@ impl Tensor {
                 target: shape.iter().map(|&d| d as isize).collect(),
             });
         }
-        Ok(Self::build(Arc::new(RwLock::new(storage)), Layout::contiguous(shape), None))
+        Ok(Self::build(StorageCell::new(storage), Layout::contiguous(shape), None))
     }
 
     /// A CPU leaf from a vector.
@@ -156,7 +185,7 @@ impl Tensor {
         make_op: impl FnOnce() -> O,
     ) -> Tensor {
         let node = Node::record(inputs, make_op);
-        Self::build(Arc::new(RwLock::new(storage)), Layout::contiguous(shape), node)
+        Self::build(StorageCell::new(storage), Layout::contiguous(shape), node)
     }
 
     /// Like [`Tensor::from_op`] for ops whose backward needs their own output (exp, sigmoid, max, ...):
@@ -167,7 +196,7 @@ impl Tensor {
         inputs: &[&Tensor],
         make_op: impl FnOnce(Tensor) -> O,
     ) -> Tensor {
-        let storage = Arc::new(RwLock::new(storage));
+        let storage = StorageCell::new(storage);
         let layout = Layout::contiguous(shape);
         let node = Node::record(inputs, || make_op(Self::build(storage.clone(), layout.clone(), None)));
         Self::build(storage, layout, node)
@@ -187,7 +216,7 @@ impl Tensor {
         make_op: impl FnOnce() -> O,
     ) -> Tensor {
         let node = Node::record(inputs, make_op);
-        Self::build(Arc::new(RwLock::new(storage)), layout, node)
+        Self::build(StorageCell::new(storage), layout, node)
     }
 
     pub fn id(&self) -> TensorId {
@@ -228,12 +257,12 @@ impl Tensor {
 
     /// Read access to the storage (shared by all views of it).
     pub fn storage(&self) -> RwLockReadGuard<'_, Storage> {
-        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+        self.0.storage.read()
     }
 
     /// Write access for in-place updates (optimizers, under `no_grad`). Views of the same storage see them.
     pub fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
-        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+        self.0.storage.data.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// True when both tensors are views of the same storage.

@@ -103,16 +103,30 @@ impl MilaBlock {
         check_tokens("MilaBlock", x, self.resolution, self.dim)?;
         let (h, w) = self.resolution;
         let x = x.add(&to_tokens(&self.cpe1.forward(&to_image(x, h, w)?)?)?)?;
-        let t = self.norm1.forward(&x)?;
-        let gate = self.act_proj.forward(&t)?.silu()?;
-        let t = self.in_proj.forward(&t)?;
-        // SiLU on the tokens rather than on the image view (the same values): the CPU's depthwise conv
-        // answers a channels-last view, whose tokens are contiguous.
-        let t = to_tokens(&self.dwc.forward(&to_image(&t, h, w)?)?)?.silu()?;
-        let t = self.attn.forward(&t)?;
-        let x = x.add(&self.drop_path.forward(&self.out_proj.forward(&t.mul(&gate)?)?, rng)?)?;
+        // Fused ops that keep less for backward and give the composition's bits (ops::layer_norm_linears,
+        // conv2d_act, gated_linear): norm1's output is not saved by the two projections, SiLU(dwc) not by its
+        // SiLU, and neither SiLU(gate) nor the gated product by out_proj; each is recomputed in backward.
+        let [a, t] = <[Tensor; 2]>::try_from(self.norm1.forward_linears(&x, &[&self.act_proj, &self.in_proj])?)
+            .map_err(|_| Error::invalid("MilaBlock", "norm1 gave other than two outputs", x.shape()))?;
+        let d = &self.dwc;
+        // The conv and SiLU on the channels-last image view of the tokens: its output reads back as contiguous
+        // tokens.
+        let t = ops::conv2d_act(
+            &to_image(&t, h, w)?,
+            &d.weight,
+            d.bias.as_ref(),
+            d.stride,
+            d.padding,
+            d.dilation,
+            d.groups,
+            ops::Unary::Silu,
+        )?;
+        let t = self.attn.forward(&to_tokens(&t)?)?;
+        let o = &self.out_proj;
+        let t = ops::gated_linear(&t, &a, ops::Unary::Silu, &o.weight, o.bias.as_ref())?;
+        let x = x.add(&self.drop_path.forward(&t, rng)?)?;
         let x = x.add(&to_tokens(&self.cpe2.forward(&to_image(&x, h, w)?)?)?)?;
-        x.add(&self.drop_path.forward(&self.mlp.forward(&self.norm2.forward(&x)?)?, rng)?)
+        x.add(&self.drop_path.forward(&self.mlp.forward_normed(&self.norm2, &x)?, rng)?)
     }
 
     /// Multiply-adds of one sample's forward (convs, projections, attention, MLP; not the norms or the

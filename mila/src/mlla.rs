@@ -41,6 +41,21 @@ impl ConvLayer {
 
     /// x (B, C, H, W) -> (B, O, OH, OW).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.norm.is_none() && self.relu {
+            // ReLU(conv) as one op that saves the conv's input, not its output, and recomputes the conv in
+            // backward: the same bits (PatchMerging's wide 1x1 and depthwise convs).
+            let c = &self.conv;
+            return ops::conv2d_act(
+                x,
+                &c.weight,
+                c.bias.as_ref(),
+                c.stride,
+                c.padding,
+                c.dilation,
+                c.groups,
+                ops::Unary::Relu,
+            );
+        }
         let mut y = self.conv.forward(x)?;
         if let Some(norm) = &self.norm {
             y = norm.forward(&y)?;

@@ -4,6 +4,7 @@ mod ablation;
 mod cuda;
 mod gradcheck;
 mod mamba;
+mod memory;
 mod modules;
 mod parity;
 mod size;

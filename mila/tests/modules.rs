@@ -1,7 +1,7 @@
 //! Module behaviour: init, configs, shapes, train/eval mode, drop path and errors on bad input.
 
 use engine::{no_grad, DType, Device, Generator, Tensor};
-use mila::{BlockConfig, LinearAttention, MilaBlock, Mlla, MllaConfig};
+use mila::{BlockConfig, LinearAttention, MilaBlock, Mlla, MllaConfig, PatchMerging};
 use nn::trainer::Classifier;
 use nn::{Init, Module};
 use ops::TensorOps;
@@ -151,4 +151,101 @@ fn bad_shapes_and_configs_are_errors() {
     assert!(bad(|c| c.drop_path_rate = 1.0));
     assert!(bad(|c| c.depths = vec![]));
     assert!(bad(|c| c.mlp_ratio = 0.0));
+}
+
+/// The MILA block's forward as the plain composition of its layers (before the fused ops that save less for
+/// backward), for checking that the fused forward gives the same bits.
+fn block_forward_composed(b: &MilaBlock, x: &Tensor, rng: &mut Generator) -> Tensor {
+    let (h, w) = b.resolution;
+    let image = |t: &Tensor| {
+        let (n, c) = (t.dim(0).unwrap() as isize, t.dim(2).unwrap() as isize);
+        t.reshape(&[n, h as isize, w as isize, c]).unwrap().permute(&[0, 3, 1, 2]).unwrap()
+    };
+    let tokens = |t: &Tensor| {
+        let (n, c) = (t.dim(0).unwrap() as isize, t.dim(1).unwrap() as isize);
+        t.permute(&[0, 2, 3, 1]).unwrap().reshape(&[n, -1, c]).unwrap()
+    };
+    let x = x.add(&tokens(&b.cpe1.forward(&image(x)).unwrap())).unwrap();
+    let t = b.norm1.forward(&x).unwrap();
+    let gate = b.act_proj.forward(&t).unwrap().silu().unwrap();
+    let t = b.in_proj.forward(&t).unwrap();
+    let t = tokens(&b.dwc.forward(&image(&t)).unwrap()).silu().unwrap();
+    let t = b.attn.forward(&t).unwrap();
+    let x = x.add(&b.drop_path.forward(&b.out_proj.forward(&t.mul(&gate).unwrap()).unwrap(), rng).unwrap()).unwrap();
+    let x = x.add(&tokens(&b.cpe2.forward(&image(&x)).unwrap())).unwrap();
+    x.add(&b.drop_path.forward(&b.mlp.forward(&b.norm2.forward(&x).unwrap()).unwrap(), rng).unwrap()).unwrap()
+}
+
+#[test]
+fn mila_block_is_bitwise_its_composition_forward_and_backward() {
+    let bits = |t: &Tensor| t.to_vec_f64().unwrap().into_iter().map(f64::to_bits).collect::<Vec<_>>();
+    for dtype in [DType::F32, DType::F64] {
+        let cfg = BlockConfig {
+            dim: 16,
+            input_resolution: (4, 5),
+            num_heads: 2,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            drop_path: 0.3,
+        };
+        let block =
+            MilaBlock::new(&mut Init { dtype, device: Device::Cpu, rng: &mut Generator::new(3) }, &cfg).unwrap();
+        let run = |fused: bool| {
+            let x = Tensor::randn(&[3, 20, 16], 0.0, 1.0, dtype, Device::Cpu, &mut Generator::new(4))
+                .unwrap()
+                .requires_grad_(true)
+                .unwrap();
+            let mut rng = Generator::new(5);
+            let y =
+                if fused { block.forward(&x, &mut rng).unwrap() } else { block_forward_composed(&block, &x, &mut rng) };
+            block.parameters().iter().for_each(Tensor::zero_grad);
+            y.backward_with(&Tensor::randn(y.shape(), 0.0, 1.0, dtype, Device::Cpu, &mut Generator::new(6)).unwrap())
+                .unwrap();
+            let mut out = vec![bits(&y), bits(&x.grad().unwrap())];
+            for (name, p) in block.named_parameters() {
+                out.push(p.grad().map(|g| bits(&g)).unwrap_or_else(|| panic!("{name} has no gradient")));
+            }
+            out
+        };
+        assert_eq!(run(true), run(false), "{dtype:?}");
+    }
+}
+
+#[test]
+fn patch_merging_is_bitwise_its_composition_forward_and_backward() {
+    let bits = |t: &Tensor| t.to_vec_f64().unwrap().into_iter().map(f64::to_bits).collect::<Vec<_>>();
+    for dtype in [DType::F32, DType::F64] {
+        let pm = PatchMerging::new(&mut Init { dtype, device: Device::Cpu, rng: &mut Generator::new(7) }, 8, (6, 4))
+            .unwrap();
+        let run = |fused: bool| {
+            let x = Tensor::randn(&[2, 24, 8], 0.0, 1.0, dtype, Device::Cpu, &mut Generator::new(8))
+                .unwrap()
+                .requires_grad_(true)
+                .unwrap();
+            let y = if fused {
+                pm.forward(&x).unwrap()
+            } else {
+                // Conv, BatchNorm, ReLU one by one, as ConvLayer composes them.
+                let image = x.reshape(&[2, 6, 4, 8]).unwrap().permute(&[0, 3, 1, 2]).unwrap();
+                let y = pm.conv.iter().fold(image, |t, l| {
+                    let mut y = l.conv.forward(&t).unwrap();
+                    if let Some(n) = &l.norm {
+                        y = n.forward(&y).unwrap();
+                    }
+                    if l.relu {
+                        y = y.relu().unwrap();
+                    }
+                    y
+                });
+                y.permute(&[0, 2, 3, 1]).unwrap().reshape(&[2, -1, 16]).unwrap()
+            };
+            pm.parameters().iter().for_each(Tensor::zero_grad);
+            y.backward_with(&Tensor::randn(y.shape(), 0.0, 1.0, dtype, Device::Cpu, &mut Generator::new(9)).unwrap())
+                .unwrap();
+            let mut out = vec![bits(&y), bits(&x.grad().unwrap())];
+            out.extend(pm.parameters().iter().map(|p| bits(&p.grad().unwrap())));
+            out
+        };
+        assert_eq!(run(true), run(false), "{dtype:?}");
+    }
 }

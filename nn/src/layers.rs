@@ -115,6 +115,13 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, Some(&self.weight), Some(&self.bias), self.eps)
     }
+
+    /// `[l.forward(self.forward(x)) for l in linears]`, bitwise, as one `ops::layer_norm_linears` call: the
+    /// normalised x is not kept for backward (the Linears recompute it from x, which the norm saves anyway).
+    pub fn forward_linears(&self, x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
+        let pairs: Vec<(&Tensor, Option<&Tensor>)> = linears.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
+        ops::layer_norm_linears(x, Some(&self.weight), Some(&self.bias), self.eps, &pairs)
+    }
 }
 
 impl Module for LayerNorm {
@@ -200,7 +207,19 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // fc2(gelu(h)) as one op that saves h and recomputes gelu(h) in its backward: the hidden layer's
         // activation (4x the width) is not kept for backward, and the results are bitwise the same.
-        ops::act_linear(&self.fc1.forward(x)?, ops::Unary::Gelu, &self.fc2.weight, self.fc2.bias.as_ref())
+        self.forward_hidden(&self.fc1.forward(x)?)
+    }
+
+    /// `self.forward(norm.forward(x))`, bitwise, without keeping the normalised x for backward (see
+    /// [`LayerNorm::forward_linears`]): a transformer block's `mlp(norm2(x))`.
+    pub fn forward_normed(&self, norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+        let mut h = norm.forward_linears(x, &[&self.fc1])?;
+        self.forward_hidden(&h.remove(0))
+    }
+
+    /// fc2(gelu(h)) for the hidden pre-activation h = fc1(x).
+    fn forward_hidden(&self, h: &Tensor) -> Result<Tensor> {
+        ops::act_linear(h, ops::Unary::Gelu, &self.fc2.weight, self.fc2.bias.as_ref())
     }
 }
 

@@ -111,6 +111,23 @@ pub fn cases() -> Vec<Case> {
     v.push(case("act_linear (gelu)", &[(&[2, 3, 4], -N, N), (&[5, 4], -N, N), (&[5], -N, N)], |x| {
         act_linear(&x[0], Unary::Gelu, &x[1], Some(&x[2]))
     }));
+    v.push(case(
+        "gated_linear (silu, transposed x)",
+        &[(&[2, 4, 3], -N, N), (&[2, 3, 4], -N, N), (&[5, 4], -N, N), (&[5], -N, N)],
+        |x| gated_linear(&permute(&x[0], &[0, 2, 1])?, &x[1], Unary::Silu, &x[2], Some(&x[3])),
+    ));
+    v.push(
+        case(
+            "layer_norm_linears (two Linears)",
+            &[(&[2, 3, 4], -N, N), (&[4], -N, N), (&[4], -N, N), (&[5, 4], -N, N), (&[5], -N, N), (&[2, 4], -N, N)],
+            |x| {
+                let ys =
+                    layer_norm_linears(&x[0], Some(&x[1]), Some(&x[2]), 1e-5, &[(&x[3], Some(&x[4])), (&x[5], None)])?;
+                concat(&ys, -1)
+            },
+        )
+        .smooth(),
+    );
     v.push(case("concat", &[(&[2, 3], -N, N), (&[3, 4], -N, N)], |x| concat(&[x[0].clone(), t(&x[1])?], 0)));
     v.push(case("stack", &[(&[2, 3], -N, N), (&[3, 2], -N, N)], |x| stack(&[x[0].clone(), t(&x[1])?], 1)));
     v.push(case("split", &[(&[5, 3], -N, N)], |x| Ok(split(&x[0], &[2, 3], 0)?.remove(1))));
@@ -126,6 +143,15 @@ pub fn cases() -> Vec<Case> {
 /// come from a generator seeded inside `f`, so every evaluation sees the same one).
 fn vision_cases(v: &mut Vec<Case>) {
     let nchw = |x: &Tensor| permute(x, &[0, 3, 1, 2]); // inputs stored channels-last
+                                                       // The MILA block's silu(dwc(t)): depthwise 3x3 on the channels-last image view of tokens.
+    v.push(
+        case(
+            "conv2d_act (depthwise, silu, channels-last)",
+            &[(&[2, 5, 4, 3], -N, N), (&[3, 1, 3, 3], -N, N), (&[3], -N, N)],
+            move |x| conv2d_act(&nchw(&x[0])?, &x[1], Some(&x[2]), (1, 1), (1, 1), (1, 1), 3, Unary::Silu),
+        )
+        .smooth(),
+    );
     v.push(
         case("conv2d", &[(&[2, 6, 5, 3], -N, N), (&[4, 3, 3, 3], -N, N), (&[4], -N, N)], move |x| {
             conv2d(&nchw(&x[0])?, &x[1], Some(&x[2]), (2, 2), (1, 1), (1, 1), 1)

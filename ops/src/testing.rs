@@ -27,3 +27,9 @@ pub(crate) fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
         assert!((a - b).abs() <= tol * scale, "{what}: element {i}: got {a}, want {b} (tol {tol} x {scale})");
     }
 }
+
+/// The exact bits of a tensor's values (f32 widened to f64, which is exact), for bitwise comparisons that
+/// also tell -0 from +0 and compare NaNs.
+pub(crate) fn bits(t: &Tensor) -> Vec<u64> {
+    t.to_vec_f64().unwrap().into_iter().map(f64::to_bits).collect()
+}

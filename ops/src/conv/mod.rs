@@ -38,13 +38,15 @@
 //! | dL/dw | dw[c,0,j] = sum_{b,t} g[b,c,t] x[b,c,t + j - (k-1)] |
 //! | dL/dbias | db[c] = sum_{b,t} g[b,c,t] |
 
+mod conv_act;
 mod cpu;
 pub(crate) mod cuda;
 mod reference;
 
+pub use conv_act::conv2d_act;
 pub use reference::conv2d_ref;
 
-use engine::{Device, Error, Op, Result, Storage, Tensor};
+use engine::{Device, Error, Layout, Op, Result, Storage, Tensor};
 
 use crate::view::permute;
 
@@ -257,6 +259,46 @@ impl Op for ConvChannelsLast {
     }
 }
 
+/// The op that differentiates one conv2d, with what it saved: the NCHW kernels' or the channels-last ones'.
+enum ConvBackward {
+    Nchw(Conv2d),
+    ChannelsLast(ConvChannelsLast),
+}
+
+impl ConvBackward {
+    /// The layout of the output (and of the gradient the backward reads best).
+    fn out_layout(&self) -> Layout {
+        match self {
+            ConvBackward::Nchw(op) => Layout::contiguous(&op.geom.out_shape()),
+            ConvBackward::ChannelsLast(op) => {
+                let g = &op.geom;
+                channels_last_layout(g.n, g.o, g.oh, g.ow)
+            }
+        }
+    }
+
+    /// The forward again from the saved x and weight (and the caller's bias), through the same kernel, so
+    /// the same bits: for ops that recompute a conv's output in their backward instead of saving it.
+    fn recompute(&self, bias: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            ConvBackward::Nchw(op) => conv2d_nchw_value(&op.x, &op.w, bias, &op.geom),
+            ConvBackward::ChannelsLast(op) => conv2d_channels_last_value(&op.x, &op.w, bias, &op.geom),
+        }
+    }
+}
+
+impl Op for ConvBackward {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        match self {
+            ConvBackward::Nchw(op) => op.backward(g),
+            ConvBackward::ChannelsLast(op) => op.backward(g),
+        }
+    }
+}
+
 /// 2-D convolution (cross-correlation, as PyTorch): x (N, C, H, W), weight (O, C/groups, kh, kw), optional
 /// bias (O); stride, padding (zeros on both sides) and dilation as (height, width). Returns (N, O, OH, OW).
 pub fn conv2d(
@@ -269,70 +311,73 @@ pub fn conv2d(
     groups: usize,
 ) -> Result<Tensor> {
     let geom = conv2d_geom(x, weight, bias, stride, padding, dilation, groups)?;
+    let (y, op) = conv2d_untracked(x, weight, bias, geom)?;
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    Ok(Tensor::from_op_over(&y, &inputs, || op))
+}
+
+/// conv2d's output, not recorded, and the op for its backward. A channels-last input takes the channels-last
+/// kernels (see [`ConvChannelsLast`]) where they exist: on the CPU depthwise or with one group, on CUDA
+/// depthwise; x is then saved as the detached view itself, with no copy.
+fn conv2d_untracked(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    geom: Conv2dGeom,
+) -> Result<(Tensor, ConvBackward)> {
+    let needs = Needs::of(x, Some(weight), bias);
+    let has_bias = bias.is_some();
     if is_channels_last(x.layout()) {
         let here = match x.device() {
             Device::Cpu => geom.is_depthwise() || geom.groups == 1,
             Device::Cuda(_) => geom.is_depthwise() && cuda::channels_last_supported(&geom),
         };
         if here {
-            return conv2d_channels_last(x, weight, bias, geom);
+            let (xd, wc) = (x.detach(), saved_contiguous(weight)?);
+            let y = conv2d_channels_last_value(&xd, &wc, bias, &geom)?;
+            return Ok((y, ConvBackward::ChannelsLast(ConvChannelsLast { x: xd, w: wc, has_bias, geom, needs })));
         }
     }
     let (xc, wc) = (saved_contiguous(x)?, saved_contiguous(weight)?);
+    let y = conv2d_nchw_value(&xc, &wc, bias, &geom)?;
+    Ok((y, ConvBackward::Nchw(Conv2d { x: xc, w: wc, has_bias, geom, needs })))
+}
+
+/// The NCHW kernels' output for contiguous x and weight.
+fn conv2d_nchw_value(xc: &Tensor, wc: &Tensor, bias: Option<&Tensor>, geom: &Conv2dGeom) -> Result<Tensor> {
     let bias_storage = bias.map(|b| b.storage());
     let storage = match (&*xc.storage(), &*wc.storage()) {
         (Storage::Cpu(xs), Storage::Cpu(ws)) => {
-            // The bias is on x's device (checked above), so on the CPU too.
+            // The bias is on x's device (checked at op entry), so on the CPU too.
             let b = operand(bias, bias_storage.as_deref(), |s| s.as_cpu("conv2d"))?;
-            Storage::Cpu(cpu::conv2d((xs, xc.layout()), (ws, wc.layout()), b, &geom)?)
+            Storage::Cpu(cpu::conv2d((xs, xc.layout()), (ws, wc.layout()), b, geom)?)
         }
         (Storage::Cuda(xs), Storage::Cuda(ws)) => {
             let b = operand(bias, bias_storage.as_deref(), |s| s.as_cuda("conv2d"))?;
-            Storage::Cuda(cuda::conv2d((xs, xc.layout()), (ws, wc.layout()), b, &geom)?)
+            Storage::Cuda(cuda::conv2d((xs, xc.layout()), (ws, wc.layout()), b, geom)?)
         }
         (s, _) => return Err(no_cuda("conv2d", s)),
     };
-    let mut inputs = vec![x, weight];
-    inputs.extend(bias);
-    let needs = Needs::of(x, Some(weight), bias);
-    Ok(Tensor::from_op(storage, &geom.out_shape(), &inputs, || Conv2d {
-        x: xc.clone(),
-        w: wc.clone(),
-        has_bias: bias.is_some(),
-        geom,
-        needs,
-    }))
+    Tensor::from_storage(storage, &geom.out_shape())
 }
 
-/// The conv2d of a channels-last input (see [`ConvChannelsLast`]): on the CPU depthwise or with one group, on
-/// CUDA depthwise. x is saved as the detached view itself: no copy.
-fn conv2d_channels_last(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, geom: Conv2dGeom) -> Result<Tensor> {
-    let (xd, wc) = (x.detach(), saved_contiguous(weight)?);
-    let storage = {
-        let bias_storage = bias.map(|b| b.storage());
-        match (&*xd.storage(), &*wc.storage()) {
-            (Storage::Cpu(xs), Storage::Cpu(ws)) => {
-                let b = operand(bias, bias_storage.as_deref(), |s| s.as_cpu("conv2d"))?;
-                Storage::Cpu(cpu::conv2d_nhwc((xs, xd.layout()), (ws, wc.layout()), b, &geom)?)
-            }
-            (Storage::Cuda(xs), Storage::Cuda(ws)) => {
-                let b = operand(bias, bias_storage.as_deref(), |s| s.as_cuda("conv2d"))?;
-                Storage::Cuda(cuda::conv2d_nhwc((xs, xd.layout()), (ws, wc.layout()), b, &geom)?)
-            }
-            (s, _) => return Err(no_cuda("conv2d", s)),
+/// The channels-last kernels' output (a channels-last view) for a channels-last x and a contiguous weight.
+fn conv2d_channels_last_value(x: &Tensor, wc: &Tensor, bias: Option<&Tensor>, geom: &Conv2dGeom) -> Result<Tensor> {
+    let bias_storage = bias.map(|b| b.storage());
+    let storage = match (&*x.storage(), &*wc.storage()) {
+        (Storage::Cpu(xs), Storage::Cpu(ws)) => {
+            let b = operand(bias, bias_storage.as_deref(), |s| s.as_cpu("conv2d"))?;
+            Storage::Cpu(cpu::conv2d_nhwc((xs, x.layout()), (ws, wc.layout()), b, geom)?)
         }
+        (Storage::Cuda(xs), Storage::Cuda(ws)) => {
+            let b = operand(bias, bias_storage.as_deref(), |s| s.as_cuda("conv2d"))?;
+            Storage::Cuda(cuda::conv2d_nhwc((xs, x.layout()), (ws, wc.layout()), b, geom)?)
+        }
+        (s, _) => return Err(no_cuda("conv2d", s)),
     };
-    let mut inputs = vec![x, weight];
-    inputs.extend(bias);
-    let needs = Needs::of(x, Some(weight), bias);
-    let layout = channels_last_layout(geom.n, geom.o, geom.oh, geom.ow);
-    Ok(Tensor::from_op_with_layout(storage, layout, &inputs, || ConvChannelsLast {
-        x: xd.clone(),
-        w: wc.clone(),
-        has_bias: bias.is_some(),
-        geom,
-        needs,
-    }))
+    let (n, o, oh, ow) = (geom.n, geom.o, geom.oh, geom.ow);
+    Ok(Tensor::from_storage(storage, &[n, oh, ow, o])?.with_layout(channels_last_layout(n, o, oh, ow)))
 }
 
 /// Sizes of one causal_conv1d call.

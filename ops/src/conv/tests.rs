@@ -805,3 +805,93 @@ fn conv_channels_last_kernels_run_on_the_emulator() {
     println!("{log}");
     assert!(out.status.success(), "{log}{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// How the fused conv + activation is used in a conv2d_act test: x's layout and what follows the activation.
+#[derive(Clone, Copy, Debug)]
+enum ActUse {
+    /// x contiguous NCHW (the NCHW kernels), the cotangent on the image.
+    Nchw,
+    /// x the channels-last image view of tokens (B, H W, C), the output read back as tokens: the MILA block's
+    /// `silu(dwc(t))`, whose composition applies the activation on the tokens view.
+    Tokens,
+    /// x channels-last, the cotangent contiguous NCHW (not in the output's memory order).
+    ChannelsLastNchwGrad,
+}
+
+/// Output and the gradients of (x, w, b) as bits, fused or composed, for a depthwise 3x3 conv (or a dense one
+/// with `groups` 1) under a fixed cotangent.
+fn conv2d_act_run(fused: bool, dtype: DType, act: crate::Unary, usage: ActUse, groups: usize) -> Vec<Vec<u64>> {
+    let (n, c, h, w) = (2, 6, 5, 4);
+    let tokens = randn_as(&[n, h * w, c], dtype, 71).requires_grad_(true).unwrap();
+    let nchw = randn_as(&[n, c, h, w], dtype, 71).requires_grad_(true).unwrap();
+    let weight = randn_as(&[c, c / groups, 3, 3], dtype, 72).requires_grad_(true).unwrap();
+    let bias = randn_as(&[c], dtype, 73).requires_grad_(true).unwrap();
+    let (leaf, x) = match usage {
+        ActUse::Nchw => (&nchw, nchw.clone()),
+        _ => (
+            &tokens,
+            permute(&reshape(&tokens, &[n as isize, h as isize, w as isize, c as isize]).unwrap(), &[0, 3, 1, 2])
+                .unwrap(),
+        ),
+    };
+    let to_tokens = |y: &Tensor| reshape(&permute(y, &[0, 2, 3, 1]).unwrap(), &[n as isize, -1, c as isize]).unwrap();
+    let y = match (fused, usage) {
+        (true, ActUse::Tokens) => {
+            to_tokens(&conv2d_act(&x, &weight, Some(&bias), (1, 1), (1, 1), (1, 1), groups, act).unwrap())
+        }
+        (true, _) => conv2d_act(&x, &weight, Some(&bias), (1, 1), (1, 1), (1, 1), groups, act).unwrap(),
+        (false, ActUse::Tokens) => {
+            crate::unary(act, &to_tokens(&conv2d(&x, &weight, Some(&bias), (1, 1), (1, 1), (1, 1), groups).unwrap()))
+                .unwrap()
+        }
+        (false, _) => {
+            crate::unary(act, &conv2d(&x, &weight, Some(&bias), (1, 1), (1, 1), (1, 1), groups).unwrap()).unwrap()
+        }
+    };
+    let cot = randn_as(y.shape(), dtype, 74);
+    y.backward_with(&cot).unwrap();
+    let mut out = vec![bits(&y)];
+    for p in [leaf, &weight, &bias] {
+        out.push(bits(&p.grad().unwrap()));
+    }
+    out
+}
+
+#[test]
+fn conv2d_act_is_bitwise_the_composition_and_gradchecks() {
+    for dtype in [DType::F32, DType::F64] {
+        for act in [crate::Unary::Silu, crate::Unary::Gelu] {
+            for usage in [ActUse::Nchw, ActUse::Tokens, ActUse::ChannelsLastNchwGrad] {
+                for groups in [6, 1] {
+                    assert_eq!(
+                        conv2d_act_run(true, dtype, act, usage, groups),
+                        conv2d_act_run(false, dtype, act, usage, groups),
+                        "{dtype:?}, {act:?}, {usage:?}, groups {groups}"
+                    );
+                }
+            }
+        }
+    }
+    // Strided and padded, depthwise, on a channels-last view and on a permuted (copied) input.
+    let x = permute(&randn(&[2, 5, 4, 3], 81), &[0, 3, 1, 2]).unwrap();
+    let r = gradcheck("conv2d_act", &[x, randn(&[3, 1, 3, 3], 82), randn(&[3], 83)], |x| {
+        conv2d_act(&x[0], &x[1], Some(&x[2]), (2, 1), (1, 1), (1, 1), 3, crate::Unary::Silu)
+    })
+    .unwrap();
+    assert!(r.passed(), "{r}");
+    let r = gradcheck("conv2d_act (NCHW, dense)", &[randn(&[2, 2, 4, 5], 84), randn(&[3, 2, 3, 3], 85)], |x| {
+        conv2d_act(&x[0], &x[1], None, (1, 1), (1, 1), (1, 1), 1, crate::Unary::Gelu)
+    })
+    .unwrap();
+    assert!(r.passed(), "{r}");
+}
+
+#[test]
+fn conv2d_act_bad_inputs_are_errors() {
+    let (x, w) = (randn(&[1, 2, 4, 4], 1), randn(&[2, 1, 3, 3], 2));
+    let silu = crate::Unary::Silu;
+    assert!(conv2d_act(&x, &w, None, (1, 1), (1, 1), (1, 1), 2, crate::Unary::Exp).is_err());
+    assert!(conv2d_act(&x, &w, None, (1, 1), (1, 1), (1, 1), 3, silu).is_err(), "groups do not divide");
+    assert!(conv2d_act(&x, &w, Some(&randn(&[3], 3)), (1, 1), (1, 1), (1, 1), 2, silu).is_err());
+    assert!(conv2d_act(&randn(&[2, 4, 4], 4), &w, None, (1, 1), (1, 1), (1, 1), 2, silu).is_err());
+}

@@ -268,25 +268,29 @@ impl Op for BinaryBackward {
             (None, Binary::Add) => (g.clone(), g.clone()),
             (None, Binary::Sub) => (g.clone(), crate::elementwise::neg(g)?),
             (None, op) => return Err(Error::BackwardNotSupported { op: op.name() }),
-            (Some((a, b)), op) => {
-                let la = a.layout().broadcast_as(g.shape())?;
-                let lb = b.layout().broadcast_as(g.shape())?;
-                let (ga, gb) = match (&*a.storage(), &*b.storage(), &*g.storage()) {
-                    (Storage::Cpu(sa), Storage::Cpu(sb), Storage::Cpu(sg)) => {
-                        let (ga, gb) = cpu::binary_backward(op, sa, &la, sb, &lb, sg, g.layout())?;
-                        (Storage::Cpu(ga), Storage::Cpu(gb))
-                    }
-                    (Storage::Cuda(sa), Storage::Cuda(sb), Storage::Cuda(sg)) => {
-                        let (ga, gb) = cuda::binary_backward(op, (sa, &la), (sb, &lb), (sg, g.layout()))?;
-                        (Storage::Cuda(ga), Storage::Cuda(gb))
-                    }
-                    (s, _, _) => return Err(no_cuda(op.name(), s)),
-                };
-                (Tensor::from_storage(ga, g.shape())?, Tensor::from_storage(gb, g.shape())?)
-            }
+            (Some((a, b)), op) => binary_grad(op, a, b, g)?,
         };
         Ok(vec![Some(sum_to_shape(&ga, &self.a_shape)?), Some(sum_to_shape(&gb, &self.b_shape)?)])
     }
+}
+
+/// (g dc/da, g dc/db) of a binary op c = op(a, b) that reads its inputs (not add or sub), at g's shape: a and b
+/// broadcast to it, the sums over broadcast dims left to the caller.
+pub(crate) fn binary_grad(op: Binary, a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let la = a.layout().broadcast_as(g.shape())?;
+    let lb = b.layout().broadcast_as(g.shape())?;
+    let (ga, gb) = match (&*a.storage(), &*b.storage(), &*g.storage()) {
+        (Storage::Cpu(sa), Storage::Cpu(sb), Storage::Cpu(sg)) => {
+            let (ga, gb) = cpu::binary_backward(op, sa, &la, sb, &lb, sg, g.layout())?;
+            (Storage::Cpu(ga), Storage::Cpu(gb))
+        }
+        (Storage::Cuda(sa), Storage::Cuda(sb), Storage::Cuda(sg)) => {
+            let (ga, gb) = cuda::binary_backward(op, (sa, &la), (sb, &lb), (sg, g.layout()))?;
+            (Storage::Cuda(ga), Storage::Cuda(gb))
+        }
+        (s, _, _) => return Err(no_cuda(op.name(), s)),
+    };
+    Ok((Tensor::from_storage(ga, g.shape())?, Tensor::from_storage(gb, g.shape())?))
 }
 
 /// Applies a binary op with NumPy broadcasting.

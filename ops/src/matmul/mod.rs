@@ -17,9 +17,13 @@
 mod act_linear;
 mod cpu;
 mod cuda;
+mod gated_linear;
+mod norm_linear;
 mod reference;
 
 pub use act_linear::act_linear;
+pub use gated_linear::gated_linear;
+pub use norm_linear::layer_norm_linears;
 pub use reference::matmul_ref;
 
 use engine::{Error, Layout, Op, Result, Storage, Tensor};

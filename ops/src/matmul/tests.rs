@@ -493,3 +493,170 @@ fn act_linear_bad_inputs_are_errors() {
     assert!(act_linear(&randn(&[4], 5), crate::Unary::Gelu, &w, None).is_err());
     assert!(act_linear(&h, crate::Unary::Gelu, &randn(&[3, 4, 1], 6), None).is_err());
 }
+
+/// Forward value and the gradients of (x, gate, w, b) under a fixed cotangent, as bits. x is a transposed
+/// view when `strided` (the saved x is then not contiguous).
+fn gated_linear_run(fused: bool, dtype: DType, act: crate::Unary, bias: bool, strided: bool) -> Vec<Vec<u64>> {
+    let x = if strided {
+        randn_as(&[2, 6, 5], dtype, 51).requires_grad_(true).unwrap()
+    } else {
+        randn_as(&[2, 5, 6], dtype, 51).requires_grad_(true).unwrap()
+    };
+    let gate = randn_as(&[2, 5, 6], dtype, 52).requires_grad_(true).unwrap();
+    let w = randn_as(&[3, 6], dtype, 53).requires_grad_(true).unwrap();
+    let b = randn_as(&[3], dtype, 54).requires_grad_(true).unwrap();
+    let xv = if strided { permute(&x, &[0, 2, 1]).unwrap() } else { x.clone() };
+    let bias_arg = bias.then_some(&b);
+    let y = if fused {
+        gated_linear(&xv, &gate, act, &w, bias_arg).unwrap()
+    } else {
+        let p = crate::mul(&xv, &crate::unary(act, &gate).unwrap()).unwrap();
+        let p = matmul(&p, &t(&w).unwrap()).unwrap();
+        match bias_arg {
+            Some(b) => crate::add(&p, b).unwrap(),
+            None => p,
+        }
+    };
+    y.backward_with(&randn_as(y.shape(), dtype, 55)).unwrap();
+    let mut out = vec![bits(&y)];
+    for p in [&x, &gate, &w] {
+        out.push(bits(&p.grad().unwrap()));
+    }
+    if bias {
+        out.push(bits(&b.grad().unwrap()));
+    }
+    out
+}
+
+#[test]
+fn gated_linear_is_bitwise_the_composition_and_gradchecks() {
+    for dtype in [DType::F32, DType::F64] {
+        for act in [crate::Unary::Silu, crate::Unary::Gelu] {
+            for (bias, strided) in [(true, false), (false, false), (true, true)] {
+                assert_eq!(
+                    gated_linear_run(true, dtype, act, bias, strided),
+                    gated_linear_run(false, dtype, act, bias, strided),
+                    "{dtype:?}, {act:?}, bias {bias}, strided {strided}"
+                );
+            }
+        }
+    }
+    let (x, gate, w, b) = (randn(&[2, 3, 4], 61), randn(&[2, 3, 4], 62), randn(&[5, 4], 63), randn(&[5], 64));
+    let r = gradcheck("gated_linear", &[x, gate, w, b], |x| {
+        gated_linear(&x[0], &x[1], crate::Unary::Silu, &x[2], Some(&x[3]))
+    })
+    .unwrap();
+    assert!(r.passed(), "{r}");
+}
+
+#[test]
+fn gated_linear_bad_inputs_are_errors() {
+    let (x, w) = (randn(&[2, 4], 1), randn(&[3, 4], 2));
+    let silu = crate::Unary::Silu;
+    assert!(gated_linear(&x, &x, crate::Unary::Exp, &w, None).is_err(), "exp's derivative reads its output");
+    assert!(gated_linear(&x, &randn(&[1, 4], 3), silu, &w, None).is_err(), "no broadcasting of the gate");
+    assert!(gated_linear(&x, &x, silu, &randn(&[3, 5], 3), None).is_err());
+    assert!(gated_linear(&x, &x, silu, &w, Some(&randn(&[4], 4))).is_err());
+    assert!(gated_linear(&randn(&[4], 5), &randn(&[4], 5), silu, &w, None).is_err());
+    assert!(gated_linear(&x, &x, silu, &randn(&[3, 4, 1], 6), None).is_err());
+    assert!(gated_linear(&x, &randn_as(&[2, 4], DType::F32, 7), silu, &w, None).is_err());
+}
+
+/// The outputs and the gradients of (x, LN weight, LN bias, every W_i and b_i) as bits, for `n_out` Linears
+/// after one LayerNorm, fused or composed; x is a transposed view when `strided`.
+fn layer_norm_linears_run(fused: bool, dtype: DType, n_out: usize, strided: bool) -> Vec<Vec<u64>> {
+    let (b, n, d) = (2, 5, 8);
+    let x = if strided { randn_as(&[b, d, n], dtype, 91) } else { randn_as(&[b, n, d], dtype, 91) };
+    let x = x.requires_grad_(true).unwrap();
+    let xv = if strided { permute(&x, &[0, 2, 1]).unwrap() } else { x.clone() };
+    let (lw, lb) = (randn_as(&[d], dtype, 92), randn_as(&[d], dtype, 93));
+    let (lw, lb) = (lw.requires_grad_(true).unwrap(), lb.requires_grad_(true).unwrap());
+    // Linear i: (3 + i, d), the second one without bias.
+    let params: Vec<(Tensor, Option<Tensor>)> = (0..n_out)
+        .map(|i| {
+            let w = randn_as(&[3 + i, d], dtype, 100 + i as u64).requires_grad_(true).unwrap();
+            let bias = (i != 1).then(|| randn_as(&[3 + i], dtype, 110 + i as u64).requires_grad_(true).unwrap());
+            (w, bias)
+        })
+        .collect();
+    let linears: Vec<(&Tensor, Option<&Tensor>)> = params.iter().map(|(w, b)| (w, b.as_ref())).collect();
+    let ys = if fused {
+        layer_norm_linears(&xv, Some(&lw), Some(&lb), 1e-5, &linears).unwrap()
+    } else {
+        let normed = crate::layer_norm(&xv, Some(&lw), Some(&lb), 1e-5).unwrap();
+        let linear = |(w, b): (&Tensor, Option<&Tensor>)| {
+            let p = matmul(&normed, &t(w).unwrap()).unwrap();
+            b.map_or(p.clone(), |b| crate::add(&p, b).unwrap())
+        };
+        linears.iter().map(|&l| linear(l)).collect()
+    };
+    let y = crate::concat(&ys, -1).unwrap();
+    y.backward_with(&randn_as(y.shape(), dtype, 120)).unwrap();
+    let mut out = vec![bits(&y), bits(&x.grad().unwrap()), bits(&lw.grad().unwrap()), bits(&lb.grad().unwrap())];
+    for (w, b) in &params {
+        out.push(bits(&w.grad().unwrap()));
+        out.extend(b.as_ref().map(|b| bits(&b.grad().unwrap())));
+    }
+    out
+}
+
+#[test]
+fn layer_norm_linears_is_bitwise_the_composition_and_gradchecks() {
+    for dtype in [DType::F32, DType::F64] {
+        for (n_out, strided) in [(1, false), (2, false), (3, false), (2, true)] {
+            assert_eq!(
+                layer_norm_linears_run(true, dtype, n_out, strided),
+                layer_norm_linears_run(false, dtype, n_out, strided),
+                "{dtype:?}, {n_out} Linears, strided {strided}"
+            );
+        }
+    }
+    let inputs = [
+        randn(&[2, 3, 4], 131),
+        randn(&[4], 132),
+        randn(&[4], 133),
+        randn(&[5, 4], 134),
+        randn(&[5], 135),
+        randn(&[2, 4], 136),
+    ];
+    let r = gradcheck("layer_norm_linears", &inputs, |x| {
+        let ys = layer_norm_linears(&x[0], Some(&x[1]), Some(&x[2]), 1e-5, &[(&x[3], Some(&x[4])), (&x[5], None)])?;
+        crate::concat(&ys, -1)
+    })
+    .unwrap();
+    assert!(r.passed(), "{r}");
+}
+
+#[test]
+fn layer_norm_linears_allows_frozen_weights_and_retained_graphs() {
+    // A frozen second weight: only the first Linear reads t in backward, which must still free it, and the
+    // frozen one gets no gradient.
+    let x = randn(&[2, 3, 4], 1).requires_grad_(true).unwrap();
+    let w1 = randn(&[5, 4], 2).requires_grad_(true).unwrap();
+    let w2 = randn(&[2, 4], 3);
+    let ys = layer_norm_linears(&x, None, None, 1e-5, &[(&w1, None), (&w2, None)]).unwrap();
+    crate::concat(&ys, -1).unwrap().backward_with(&randn(&[2, 3, 7], 4)).unwrap();
+    assert!(x.grad().is_some() && w1.grad().is_some() && w2.grad().is_none());
+    // A retained graph recomputes t on its second pass and gives the same gradients again.
+    let w3 = randn(&[3, 4], 5).requires_grad_(true).unwrap();
+    let ys = layer_norm_linears(&x, None, None, 1e-5, &[(&w1, None), (&w3, None)]).unwrap();
+    let y = crate::concat(&ys, -1).unwrap();
+    let cot = randn(y.shape(), 6);
+    y.backward_retain(&cot).unwrap();
+    let first = w3.grad().unwrap().to_vec_f64().unwrap();
+    y.backward_with(&cot).unwrap();
+    let twice: Vec<f64> = first.iter().map(|v| 2.0 * v).collect();
+    assert_eq!(w3.grad().unwrap().to_vec_f64().unwrap(), twice);
+}
+
+#[test]
+fn layer_norm_linears_bad_inputs_are_errors() {
+    let (x, w) = (randn(&[2, 4], 1), randn(&[3, 4], 2));
+    assert!(layer_norm_linears(&x, None, None, 1e-5, &[]).is_err(), "no Linear");
+    assert!(layer_norm_linears(&randn(&[4], 3), None, None, 1e-5, &[(&w, None)]).is_err());
+    assert!(layer_norm_linears(&x, None, None, 1e-5, &[(&randn(&[3, 5], 4), None)]).is_err());
+    assert!(layer_norm_linears(&x, None, None, 1e-5, &[(&randn(&[3, 4, 1], 4), None)]).is_err());
+    assert!(layer_norm_linears(&x, None, None, 1e-5, &[(&w, Some(&randn(&[4], 5)))]).is_err());
+    assert!(layer_norm_linears(&x, Some(&randn(&[3], 6)), None, 1e-5, &[(&w, None)]).is_err());
+    assert!(layer_norm_linears(&x, None, None, 1e-5, &[(&randn_as(&[3, 4], DType::F32, 7), None)]).is_err());
+}
