@@ -17,9 +17,11 @@
 mod act_linear;
 mod cpu;
 mod cuda;
+mod linear;
 mod reference;
 
 pub use act_linear::act_linear;
+pub use linear::linear;
 pub use reference::matmul_ref;
 
 use engine::{Error, Layout, Op, Result, Storage, Tensor};
