@@ -535,12 +535,13 @@ fn linear_run(
 #[test]
 fn linear_is_bitwise_the_composition_on_the_cpu() {
     type View = Box<dyn Fn(&Tensor) -> engine::Result<Tensor>>;
-    let cases: Vec<(&str, Vec<usize>, View, (usize, usize))> = vec![
+    type LinearCase = (&'static str, Vec<usize>, View, (usize, usize));
+    let cases: Vec<LinearCase> = vec![
         ("tokens", vec![2, 5, 6], Box::new(|x| Ok(x.clone())), (3, 6)),
         ("2-D, odd sizes", vec![7, 13], Box::new(|x| Ok(x.clone())), (9, 13)),
         ("one vector", vec![6], Box::new(|x| Ok(x.clone())), (4, 6)),
         ("permuted tokens", vec![5, 2, 6], Box::new(|x| permute(x, &[1, 0, 2])), (3, 6)),
-        ("transposed 2-D", vec![6, 4], Box::new(|x| t(x)), (5, 6)),
+        ("transposed 2-D", vec![6, 4], Box::new(t), (5, 6)),
         ("sliced features", vec![3, 4, 9], Box::new(|x| narrow(x, 2, 2, 6)), (3, 6)),
         // Above the CPU gemm's threading threshold.
         ("large", vec![4, 50, 70], Box::new(|x| Ok(x.clone())), (90, 70)),
