@@ -23,7 +23,9 @@
 //!
 //! Compute types mirror blas.rs: f32 runs `CUBLAS_COMPUTE_32F`, or `CUBLAS_COMPUTE_32F_FAST_TF32` while
 //! [`super::set_tf32`] is on (the cuBLAS path's `CUBLAS_TF32_TENSOR_OP_MATH`); f64 runs `CUBLAS_COMPUTE_64F`
-//! (cuBLASLt supports both epilogues for f64; PyTorch's fused addmm uses the f64 BIAS epilogue).
+//! with the same epilogues (PyTorch's fused addmm runs the f64 BIAS epilogue). Whether cuBLASLt has an f64
+//! BGRADB kernel is not documented either way: where its heuristic offers none, the call falls back (below),
+//! and the engine's CUDA test prints which combinations did.
 //!
 //! The handle is made on first use, once per device, with a workspace from the device's pool (32 MiB on
 //! Hopper and later, 4 MiB before: NVIDIA's recommendation) that it keeps for the life of the device; every

@@ -525,8 +525,17 @@ fn gemm_strided_batched_matches_a_naive_loop() {
 
 /// One fused cuBLASLt product (batch 1) against the naive loop: `gemm_bias` (C = op(A) op(B) + bias per
 /// column) or `gemm_bias_grad` (C = op(A) op(B) and the row sums of op(A)). Fresh N(0, 1) inputs; C starts
-/// as NaN, so an element left unwritten fails.
-fn gemm_lt_case<T: Float + DeviceRepr>(dev: &CudaDevice, g: &mut Generator, cfg: GemmConfig, grad: bool, tol: f64) {
+/// as NaN, so an element left unwritten fails. Where cuBLASLt offers no algorithm the call must say so
+/// (`Ok(false)`); `require` makes that a failure (the orientations a Linear layer uses, in f32, and the f64
+/// bias, which PyTorch's fused addmm also runs), otherwise it is printed.
+fn gemm_lt_case<T: Float + DeviceRepr>(
+    dev: &CudaDevice,
+    g: &mut Generator,
+    cfg: GemmConfig,
+    grad: bool,
+    require: bool,
+    tol: f64,
+) {
     let (ar, ac) = if cfg.trans_a { (cfg.k, cfg.m) } else { (cfg.m, cfg.k) };
     let (br, bc) = if cfg.trans_b { (cfg.n, cfg.k) } else { (cfg.k, cfg.n) };
     let draw = |g: &mut Generator, n: usize| -> Vec<f64> {
@@ -545,7 +554,11 @@ fn gemm_lt_case<T: Float + DeviceRepr>(dev: &CudaDevice, g: &mut Generator, cfg:
     } else {
         dev.gemm_bias::<T>(&cfg, da.as_slice(), db.as_slice(), &mut dc.view_mut(), dv.as_slice()).unwrap()
     };
-    assert!(fused, "{} {cfg:?} (grad {grad}): cuBLASLt offered no algorithm", T::DTYPE);
+    if !fused {
+        assert!(!require, "{} {cfg:?} (grad {grad}): cuBLASLt offered no algorithm", T::DTYPE);
+        println!("{} {cfg:?} (grad {grad}): no cuBLASLt algorithm, the caller falls back", T::DTYPE);
+        return;
+    }
     let mut want = gemm_reference(&cfg, &a, &b, &c);
     if !grad {
         for i in 0..cfg.m {
@@ -587,35 +600,35 @@ fn gemm_bias_and_bias_grad_match_a_naive_loop() {
     // A Linear layer's forward: X (M, K) W^T + b with W stored (N, K); odd sizes, then padded rows.
     for (m, n, k) in [(5, 3, 7), (1, 1, 1), (37, 13, 29), (64, 48, 96), (130, 257, 33)] {
         let cfg = GemmConfig::contiguous(1, m, n, k, false, true);
-        gemm_lt_case::<f32>(&dev, &mut g, cfg, false, 1e-5);
-        gemm_lt_case::<f64>(&dev, &mut g, cfg, false, 1e-12);
+        gemm_lt_case::<f32>(&dev, &mut g, cfg, false, true, 1e-5);
+        gemm_lt_case::<f64>(&dev, &mut g, cfg, false, true, 1e-12);
         let padded = GemmConfig { lda: k + 3, ldc: n + 1, ..cfg };
-        gemm_lt_case::<f32>(&dev, &mut g, padded, false, 1e-5);
-        gemm_lt_case::<f64>(&dev, &mut g, padded, false, 1e-12);
+        gemm_lt_case::<f32>(&dev, &mut g, padded, false, false, 1e-5);
+        gemm_lt_case::<f64>(&dev, &mut g, padded, false, false, 1e-12);
         // The weight gradient: dW (N, K) = g^T X with g stored (M, N), and db = the column sums of g.
         let wgrad = GemmConfig::contiguous(1, n, k, m, true, false);
-        gemm_lt_case::<f32>(&dev, &mut g, wgrad, true, 1e-5);
-        gemm_lt_case::<f64>(&dev, &mut g, wgrad, true, 1e-12);
+        gemm_lt_case::<f32>(&dev, &mut g, wgrad, true, true, 1e-5);
+        gemm_lt_case::<f64>(&dev, &mut g, wgrad, true, false, 1e-12);
     }
     // Every transpose combination.
     for trans_a in [false, true] {
         for trans_b in [false, true] {
             let cfg = GemmConfig::contiguous(1, 9, 6, 11, trans_a, trans_b);
             for grad in [false, true] {
-                gemm_lt_case::<f32>(&dev, &mut g, cfg, grad, 1e-5);
-                gemm_lt_case::<f64>(&dev, &mut g, cfg, grad, 1e-12);
+                gemm_lt_case::<f32>(&dev, &mut g, cfg, grad, false, 1e-5);
+                gemm_lt_case::<f64>(&dev, &mut g, cfg, grad, false, 1e-12);
             }
         }
     }
     // Large enough for tensor cores, with TF32 off, on, and off again (the cached algorithms are per setting).
     let big = GemmConfig::contiguous(1, 256, 192, 320, false, true);
-    gemm_lt_case::<f32>(&dev, &mut g, big, false, 1e-4);
+    gemm_lt_case::<f32>(&dev, &mut g, big, false, true, 1e-4);
     set_tf32(true);
-    gemm_lt_case::<f32>(&dev, &mut g, big, false, 2e-2);
-    gemm_lt_case::<f32>(&dev, &mut g, GemmConfig::contiguous(1, 192, 320, 256, true, false), true, 2e-2);
-    gemm_lt_case::<f64>(&dev, &mut g, big, false, 1e-12);
+    gemm_lt_case::<f32>(&dev, &mut g, big, false, true, 2e-2);
+    gemm_lt_case::<f32>(&dev, &mut g, GemmConfig::contiguous(1, 192, 320, 256, true, false), true, true, 2e-2);
+    gemm_lt_case::<f64>(&dev, &mut g, big, false, true, 1e-12);
     set_tf32(false);
-    gemm_lt_case::<f32>(&dev, &mut g, big, false, 1e-4);
+    gemm_lt_case::<f32>(&dev, &mut g, big, false, true, 1e-4);
     // Not fused: a batch, an empty size, a misaligned bias; nothing is enqueued and the caller falls back.
     let a = dev.alloc::<f32>(64).unwrap();
     let mut c = dev.alloc::<f32>(64).unwrap();
