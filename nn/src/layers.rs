@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use engine::{Generator, Result, Tensor};
-use ops::TensorOps;
 
 use crate::init::Init;
 use crate::module::{visit_child, Entry, Module};
@@ -29,13 +28,10 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    /// x (..., in) -> (..., out).
+    /// x (..., in) -> (..., out): [`ops::linear`], one recorded op (on CUDA one cuBLASLt product with the bias
+    /// in its epilogue; on the CPU bitwise `x W^T + b` composed).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.add(b),
-            None => Ok(y),
-        }
+        ops::linear(x, &self.weight, self.bias.as_ref())
     }
 }
 

@@ -33,7 +33,7 @@ pub use derived::{cross_entropy, log_softmax, mean, min, softmax, var};
 pub use elementwise::*;
 pub use ext::TensorOps;
 pub use linattn::{linear_attention, linear_attention_ref};
-pub use matmul::{act_linear, gated_linear, layer_norm_linears, matmul, matmul_ref};
+pub use matmul::{act_linear, gated_linear, layer_norm_linears, linear, matmul, matmul_ref};
 pub use norm::{batch_norm2d, layer_norm};
 pub use reduce::{max, sum, sum_all, sum_to_shape};
 pub use regularize::{drop_path, dropout};

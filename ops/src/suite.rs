@@ -108,6 +108,21 @@ pub fn cases() -> Vec<Case> {
     v.push(case("matmul (permuted tokens x shared weight)", &[(&[3, 2, 4], -N, N), (&[5, 4], -N, N)], |x| {
         matmul(&permute(&x[0], &[1, 0, 2])?, &t(&x[1])?)
     }));
+    // A Linear layer (on CUDA: the bias in the cuBLASLt epilogues): tokens cut from a permuted tensor, odd
+    // sizes, no bias.
+    v.push(
+        case("linear", &[(&[3, 2, 5], -N, N), (&[4, 5], -N, N), (&[4], -N, N)], |x| {
+            linear(&permute(&x[0], &[1, 0, 2])?, &x[1], Some(&x[2]))
+        })
+        .linear(),
+    );
+    v.push(
+        case("linear (odd sizes)", &[(&[2, 3, 7], -N, N), (&[5, 7], -N, N), (&[5], -N, N)], |x| {
+            linear(&x[0], &x[1], Some(&x[2]))
+        })
+        .linear(),
+    );
+    v.push(case("linear (no bias)", &[(&[3, 5], -N, N), (&[4, 5], -N, N)], |x| linear(&x[0], &x[1], None)).linear());
     v.push(case("act_linear (gelu)", &[(&[2, 3, 4], -N, N), (&[5, 4], -N, N), (&[5], -N, N)], |x| {
         act_linear(&x[0], Unary::Gelu, &x[1], Some(&x[2]))
     }));

@@ -273,6 +273,24 @@ fn fast_path_checks() -> Vec<(String, bool, Func, bool)> {
             v.push((format!("max over dims {dims:?} of {shape:?} from element {start}"), false, f, true));
         }
     }
+    // Linear layers at size (the bias in the cuBLASLt epilogues): MILA-like tokens, odd widths, x and the bias
+    // at odd offsets (x 4-byte aligned: an algorithm for that alignment; the bias not 16-byte aligned: the
+    // unfused fallback); act_linear's products.
+    for (xshape, n) in [(vec![2, 196, 64], 192), (vec![197, 67], 131)] {
+        let k = xshape[xshape.len() - 1];
+        for (sx, sb) in [(0, 0), (1, 0), (0, 1)] {
+            let xs = xshape.clone();
+            let f: Func = Box::new(move |x| {
+                ops::linear(&at(&x[0], sx, &xs)?, &at(&x[1], 0, &[n, k])?, Some(&at(&x[1], n * k + sb, &[n])?))
+            });
+            v.push((format!("linear {xshape:?} -> {n}, x from element {sx}, bias from {sb}"), false, f, true));
+        }
+    }
+    let f: Func = Box::new(|x| {
+        let h = at(&x[0], 0, &[4, 49, 256])?;
+        ops::act_linear(&h, Unary::Gelu, &at(&x[1], 0, &[64, 256])?, Some(&at(&x[1], 64 * 256, &[64])?))
+    });
+    v.push(("act_linear (196, 256) -> 64".into(), false, f, true));
     // Copies: narrow's backward writes the gradient into a slice of zeros with copy_into (contiguous ranges
     // at odd offsets: one memcpy); a transposed source takes the copy kernel.
     for start in [1, 3] {

@@ -112,7 +112,7 @@ impl GemmConfig {
     }
 
     /// (rows, cols) of each A and B as stored.
-    fn stored_a(&self) -> (usize, usize) {
+    pub(super) fn stored_a(&self) -> (usize, usize) {
         if self.trans_a {
             (self.k, self.m)
         } else {
@@ -120,7 +120,7 @@ impl GemmConfig {
         }
     }
 
-    fn stored_b(&self) -> (usize, usize) {
+    pub(super) fn stored_b(&self) -> (usize, usize) {
         if self.trans_b {
             (self.n, self.k)
         } else {
@@ -129,7 +129,7 @@ impl GemmConfig {
     }
 
     /// Rejects what would make cuBLAS read or write outside the buffers, or overflow its int arguments.
-    fn check(&self, a_len: usize, b_len: usize, c_len: usize) -> Result<()> {
+    pub(super) fn check(&self, a_len: usize, b_len: usize, c_len: usize) -> Result<()> {
         let dims = [self.batch, self.m, self.n, self.k];
         let bad = |msg: String| Error::invalid("gemm_strided_batched", msg, &dims);
         let ints = [

@@ -20,6 +20,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::alloc::{Allocator, MemoryStats, PooledSlice};
 use super::blas::Blas;
+use super::blaslt::BlasLt;
 use super::modules::ModuleCache;
 use super::staging::Staging;
 use super::{nvrtc, OrCuda};
@@ -32,16 +33,18 @@ use crate::{Error, Result};
 pub(crate) enum Library {
     Driver,
     Cublas,
+    CublasLt,
     Nvrtc,
 }
 
 impl Library {
-    const ALL: [Library; 3] = [Library::Driver, Library::Cublas, Library::Nvrtc];
+    const ALL: [Library; 4] = [Library::Driver, Library::Cublas, Library::CublasLt, Library::Nvrtc];
 
     fn name(self) -> &'static str {
         match self {
             Library::Driver => "libcuda",
             Library::Cublas => "libcublas",
+            Library::CublasLt => "libcublasLt",
             Library::Nvrtc => "libnvrtc",
         }
     }
@@ -49,7 +52,8 @@ impl Library {
     fn purpose(self) -> &'static str {
         match self {
             Library::Driver => "driver API: devices, memory, copies, kernel launches (required)",
-            Library::Cublas => "matrix products (loads libcublasLt itself)",
+            Library::Cublas => "matrix products",
+            Library::CublasLt => "matrix products with a fused bias (Linear layers)",
             Library::Nvrtc => "compiles the CUDA kernels at run time",
         }
     }
@@ -59,6 +63,7 @@ impl Library {
         let stems: &[&str] = match self {
             Library::Driver => &["cuda", "nvcuda"],
             Library::Cublas => &["cublas"],
+            Library::CublasLt => &["cublasLt"],
             Library::Nvrtc => &["nvrtc"],
         };
         stems.iter().flat_map(|s| cudarc::get_lib_name_candidates(s)).collect()
@@ -70,6 +75,7 @@ impl Library {
             match self {
                 Library::Driver => cudarc::driver::sys::is_culib_present(),
                 Library::Cublas => cudarc::cublas::sys::is_culib_present(),
+                Library::CublasLt => cudarc::cublaslt::sys::is_culib_present(),
                 Library::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
             }
         }
@@ -198,7 +204,7 @@ struct LoadedModule {
 }
 
 /// One CUDA device: its context, the one stream all of its work goes to, the caching allocator, the cuBLAS
-/// handle (made on first use) and the NVRTC module cache. Get it with [`device`].
+/// handle and the cuBLASLt handle (made on first use) and the NVRTC module cache. Get it with [`device`].
 pub struct CudaDevice {
     ordinal: usize,
     name: String,
@@ -209,6 +215,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     pool: Arc<Allocator>,
     blas: OnceLock<std::result::Result<Mutex<Blas>, String>>,
+    /// The cuBLASLt handle and its workspace, made on first use (blaslt.rs).
+    pub(super) blas_lt: OnceLock<std::result::Result<Mutex<BlasLt>, String>>,
     /// The NVRTC modules, compiled and loaded once each (see modules.rs).
     modules: ModuleCache<LoadedModule>,
     staging: Mutex<Staging>,
@@ -266,6 +274,7 @@ impl CudaDevice {
             ctx,
             stream,
             blas: OnceLock::new(),
+            blas_lt: OnceLock::new(),
             modules: ModuleCache::new(),
             staging: Mutex::new(Staging::new()),
             waves: Mutex::new(HashMap::new()),

@@ -16,7 +16,8 @@
 //!   [`CudaDevice::precompile`] (and its background form) compiles a list of modules ahead of use, all at
 //!   once on threads of their own; the cache (modules.rs) makes sure each is compiled and loaded once.
 //! - cuBLAS (blas.rs): [`CudaDevice::gemm_strided_batched`] for row-major operands, with opt-in TF32
-//!   ([`set_tf32`]).
+//!   ([`set_tf32`]). cuBLASLt (blaslt.rs): the same products with a fused epilogue, the bias of a Linear
+//!   layer ([`CudaDevice::gemm_bias`]) or its gradient ([`CudaDevice::gemm_bias_grad`]).
 //! - [`CudaStorage`] (storage.rs): a tensor's buffer, [`CudaBuffer`] (one pooled slice per dtype), and the
 //!   engine's own kernels (storage.cu): fill, strided gather, cast, same-shape add. Kernels take views as
 //!   [`Strided`] parameter structs.
@@ -54,6 +55,7 @@
 
 mod alloc;
 mod blas;
+mod blaslt;
 mod device;
 mod modules;
 mod nvrtc;

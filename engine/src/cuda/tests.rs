@@ -68,7 +68,7 @@ fn kernel_names_carry_the_dtype() {
 fn library_report_lists_each_library_and_its_names() {
     let report = library_report();
     let names: Vec<&str> = report.iter().map(|l| l.name).collect();
-    assert_eq!(names, ["libcuda", "libcublas", "libnvrtc"]);
+    assert_eq!(names, ["libcuda", "libcublas", "libcublasLt", "libnvrtc"]);
     for lib in &report {
         assert!(!lib.candidates.is_empty(), "{lib}");
         let stem = lib.name.trim_start_matches("lib");
@@ -519,6 +519,135 @@ fn gemm_strided_batched_matches_a_naive_loop() {
     let mut out = dev.alloc::<f32>(24).unwrap();
     assert!(matches!(
         dev.gemm_strided_batched::<f32>(&cfg, small.as_slice(), small.as_slice(), &mut out.view_mut()),
+        Err(Error::InvalidArgument { .. })
+    ));
+}
+
+/// One fused cuBLASLt product (batch 1) against the naive loop: `gemm_bias` (C = op(A) op(B) + bias per
+/// column) or `gemm_bias_grad` (C = op(A) op(B) and the row sums of op(A)). Fresh N(0, 1) inputs; C starts
+/// as NaN, so an element left unwritten fails. Where cuBLASLt offers no algorithm the call must say so
+/// (`Ok(false)`); `require` makes that a failure (the orientations a Linear layer uses, in f32, and the f64
+/// bias, which PyTorch's fused addmm also runs), otherwise it is printed.
+fn gemm_lt_case<T: Float + DeviceRepr>(
+    dev: &CudaDevice,
+    g: &mut Generator,
+    cfg: GemmConfig,
+    grad: bool,
+    require: bool,
+    tol: f64,
+) {
+    let (ar, ac) = if cfg.trans_a { (cfg.k, cfg.m) } else { (cfg.m, cfg.k) };
+    let (br, bc) = if cfg.trans_b { (cfg.n, cfg.k) } else { (cfg.k, cfg.n) };
+    let draw = |g: &mut Generator, n: usize| -> Vec<f64> {
+        g.normal_vec(n, 0.0, 1.0).into_iter().map(|v| T::from_f64(v).to_f64()).collect()
+    };
+    let a = draw(g, (ar - 1) * cfg.lda + ac);
+    let b = draw(g, (br - 1) * cfg.ldb + bc);
+    let bias = draw(g, if grad { cfg.m } else { cfg.n });
+    let c = vec![0.0; (cfg.m - 1) * cfg.ldc + cfg.n];
+    let to_t = |v: &[f64]| -> Vec<T> { v.iter().map(|&x| T::from_f64(x)).collect() };
+    let (da, db) = (dev.htod(&to_t(&a)).unwrap(), dev.htod(&to_t(&b)).unwrap());
+    let mut dc = dev.htod(&to_t(&vec![f64::NAN; c.len()])).unwrap();
+    let mut dv = dev.htod(&to_t(&if grad { vec![f64::NAN; bias.len()] } else { bias.clone() })).unwrap();
+    let fused = if grad {
+        dev.gemm_bias_grad::<T>(&cfg, da.as_slice(), db.as_slice(), &mut dc.view_mut(), &mut dv.view_mut()).unwrap()
+    } else {
+        dev.gemm_bias::<T>(&cfg, da.as_slice(), db.as_slice(), &mut dc.view_mut(), dv.as_slice()).unwrap()
+    };
+    if !fused {
+        assert!(!require, "{} {cfg:?} (grad {grad}): cuBLASLt offered no algorithm", T::DTYPE);
+        println!("{} {cfg:?} (grad {grad}): no cuBLASLt algorithm, the caller falls back", T::DTYPE);
+        return;
+    }
+    let mut want = gemm_reference(&cfg, &a, &b, &c);
+    if !grad {
+        for i in 0..cfg.m {
+            for j in 0..cfg.n {
+                want[i * cfg.ldc + j] += bias[j];
+            }
+        }
+    }
+    let got: Vec<f64> = dev.dtoh(dc.as_slice()).unwrap().into_iter().map(|v: T| v.to_f64()).collect();
+    for i in 0..cfg.m {
+        for j in 0..cfg.n {
+            let (g, w) = (got[i * cfg.ldc + j], want[i * cfg.ldc + j]);
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "{} {cfg:?} (grad {grad}): C[{i}, {j}] is {g}, expected {w}",
+                T::DTYPE
+            );
+        }
+    }
+    if grad {
+        let got: Vec<f64> = dev.dtoh(dv.as_slice()).unwrap().into_iter().map(|v: T| v.to_f64()).collect();
+        for i in 0..cfg.m {
+            let w: f64 = (0..cfg.k).map(|p| if cfg.trans_a { a[p * cfg.lda + i] } else { a[i * cfg.lda + p] }).sum();
+            assert!(
+                (got[i] - w).abs() <= tol * (1.0 + w.abs()),
+                "{} {cfg:?}: bgrad[{i}] is {}, expected {w}",
+                T::DTYPE,
+                got[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn gemm_bias_and_bias_grad_match_a_naive_loop() {
+    let Some((_g, dev)) = gpu("gemm_bias_and_bias_grad_match_a_naive_loop") else { return };
+    set_tf32(false);
+    let mut g = Generator::new(19);
+    // A Linear layer's forward: X (M, K) W^T + b with W stored (N, K); odd sizes, then padded rows.
+    for (m, n, k) in [(5, 3, 7), (1, 1, 1), (37, 13, 29), (64, 48, 96), (130, 257, 33)] {
+        let cfg = GemmConfig::contiguous(1, m, n, k, false, true);
+        gemm_lt_case::<f32>(&dev, &mut g, cfg, false, true, 1e-5);
+        gemm_lt_case::<f64>(&dev, &mut g, cfg, false, true, 1e-12);
+        let padded = GemmConfig { lda: k + 3, ldc: n + 1, ..cfg };
+        gemm_lt_case::<f32>(&dev, &mut g, padded, false, false, 1e-5);
+        gemm_lt_case::<f64>(&dev, &mut g, padded, false, false, 1e-12);
+        // The weight gradient: dW (N, K) = g^T X with g stored (M, N), and db = the column sums of g.
+        let wgrad = GemmConfig::contiguous(1, n, k, m, true, false);
+        gemm_lt_case::<f32>(&dev, &mut g, wgrad, true, true, 1e-5);
+        gemm_lt_case::<f64>(&dev, &mut g, wgrad, true, false, 1e-12);
+    }
+    // Every transpose combination.
+    for trans_a in [false, true] {
+        for trans_b in [false, true] {
+            let cfg = GemmConfig::contiguous(1, 9, 6, 11, trans_a, trans_b);
+            for grad in [false, true] {
+                gemm_lt_case::<f32>(&dev, &mut g, cfg, grad, false, 1e-5);
+                gemm_lt_case::<f64>(&dev, &mut g, cfg, grad, false, 1e-12);
+            }
+        }
+    }
+    // Large enough for tensor cores, with TF32 off, on, and off again (the cached algorithms are per setting).
+    let big = GemmConfig::contiguous(1, 256, 192, 320, false, true);
+    gemm_lt_case::<f32>(&dev, &mut g, big, false, true, 1e-4);
+    set_tf32(true);
+    gemm_lt_case::<f32>(&dev, &mut g, big, false, true, 2e-2);
+    gemm_lt_case::<f32>(&dev, &mut g, GemmConfig::contiguous(1, 192, 320, 256, true, false), true, true, 2e-2);
+    gemm_lt_case::<f64>(&dev, &mut g, big, false, true, 1e-12);
+    set_tf32(false);
+    gemm_lt_case::<f32>(&dev, &mut g, big, false, true, 1e-4);
+    // Not fused: a batch, an empty size, a misaligned bias; nothing is enqueued and the caller falls back.
+    let a = dev.alloc::<f32>(64).unwrap();
+    let mut c = dev.alloc::<f32>(64).unwrap();
+    let batched = GemmConfig::contiguous(2, 2, 2, 2, false, true);
+    assert!(!dev.gemm_bias::<f32>(&batched, a.as_slice(), a.as_slice(), &mut c.view_mut(), a.as_slice()).unwrap());
+    let empty = GemmConfig::contiguous(1, 2, 2, 0, false, true);
+    assert!(!dev.gemm_bias::<f32>(&empty, a.as_slice(), a.as_slice(), &mut c.view_mut(), a.as_slice()).unwrap());
+    let cfg = GemmConfig::contiguous(1, 2, 2, 2, false, true);
+    let off = a.as_slice().slice(1..);
+    assert!(!dev.gemm_bias::<f32>(&cfg, a.as_slice(), a.as_slice(), &mut c.view_mut(), &off).unwrap());
+    // Bad arguments are errors: a bias shorter than the row, operands that overrun their buffers.
+    let short = a.as_slice().slice(0..1);
+    assert!(matches!(
+        dev.gemm_bias::<f32>(&cfg, a.as_slice(), a.as_slice(), &mut c.view_mut(), &short),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let big_cfg = GemmConfig::contiguous(1, 9, 9, 9, false, true);
+    assert!(matches!(
+        dev.gemm_bias::<f32>(&big_cfg, a.as_slice(), a.as_slice(), &mut c.view_mut(), a.as_slice()),
         Err(Error::InvalidArgument { .. })
     ));
 }

@@ -13,16 +13,16 @@
 //! dh = (g W) * act'(h)
 //! ```
 //!
-//! Every product and elementwise pass is the one the composition runs, in the same order, so results and
-//! gradients are bitwise those of `linear(act(h))` (a test checks it).
+//! On the CPU every product and elementwise pass is the one the composition runs, in the same order, so
+//! results and gradients are bitwise those of `linear(act(h))` (a test checks it). On CUDA the bias rides in
+//! the cuBLASLt epilogues of the forward product and of the weight-gradient product, as in [`super::linear`]
+//! (linear.rs).
 
 use engine::{no_grad, Error, Op, Result, Tensor};
 
+use super::linear::{affine, check_operands, weight_bias_grads};
 use super::matmul_nd;
-use crate::elementwise::{add, unary, unary_grad, Needs, Unary};
-use crate::reduce::sum_to_shape;
-use crate::util::same_dtype_device;
-use crate::view::{reshape_usize, t};
+use crate::elementwise::{unary, unary_grad, Needs, Unary};
 
 struct ActLinear {
     act: Unary,
@@ -39,10 +39,8 @@ impl Op for ActLinear {
         let (h, w) = (&self.h, &self.w);
         let a = unary(self.act, h)?;
         let (k, n) = (w.dim(1)?, w.dim(0)?);
-        let rows = h.numel() / k;
-        // dW^T = a^T g over the stacked rows (as the Linear's shared-weight gradient), then W's orientation.
-        let dw = t(&matmul_nd(&t(&reshape_usize(&a, &[rows, k])?)?, &reshape_usize(g, &[rows, n])?)?)?;
-        let db = self.has_bias.then(|| sum_to_shape(g, &[n])).transpose()?;
+        // dW = g^T a over the stacked rows and db (one cuBLASLt product on CUDA): as `linear`'s backward.
+        let (dw, db) = weight_bias_grads(&a, g, k, n, self.has_bias)?;
         let da = matmul_nd(g, w)?;
         drop(a);
         let dh = unary_grad(self.act, h, h, &da, h.shape())?;
@@ -59,31 +57,12 @@ impl Op for ActLinear {
 /// (GELU, SiLU, ReLU, softplus, ...).
 pub fn act_linear(h: &Tensor, act: Unary, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     const OP: &str = "act_linear";
-    same_dtype_device(OP, h, weight)?;
-    if let Some(b) = bias {
-        same_dtype_device(OP, h, b)?;
-    }
     if act.needs() != Needs::X {
         let msg = format!("{} is not an activation whose derivative reads only its input", act.name());
         return Err(Error::invalid(OP, msg, h.shape()));
     }
-    let (n, k) = match *weight.shape() {
-        [n, k] => (n, k),
-        _ => return Err(Error::invalid(OP, "weight must be (out, in)", weight.shape())),
-    };
-    if h.rank() < 2 || h.dim(-1)? != k {
-        return Err(Error::ShapeMismatch { op: OP, lhs: h.shape().to_vec(), rhs: weight.shape().to_vec() });
-    }
-    if bias.is_some_and(|b| b.shape() != [n]) {
-        return Err(Error::ShapeMismatch { op: OP, lhs: weight.shape().to_vec(), rhs: bias.unwrap().shape().to_vec() });
-    }
-    let y = no_grad(|| {
-        let p = matmul_nd(&unary(act, h)?, &t(weight)?)?;
-        match bias {
-            Some(b) => add(&p, b),
-            None => Ok(p),
-        }
-    })?;
+    check_operands(OP, h, 2, weight, bias)?;
+    let y = no_grad(|| affine(&unary(act, h)?, weight, bias))?;
     let mut inputs = vec![h, weight];
     inputs.extend(bias);
     // The saved h must be contiguous for the row reshapes of the backward (a Linear's input always is).

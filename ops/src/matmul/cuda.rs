@@ -257,6 +257,98 @@ fn run<T: Float>(a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout, pla
     CudaStorage::from_slice(dev, out)
 }
 
+/// A dense row-major operand for the fused Linear products: `storage` from element `offset` on.
+pub(super) struct Dense<'a> {
+    pub storage: &'a CudaStorage,
+    pub offset: usize,
+}
+
+impl Dense<'_> {
+    fn view<T: Float>(&self, op: &'static str, len: usize) -> Result<engine::cuda::CudaView<'_, T>> {
+        let end = self.offset.checked_add(len);
+        end.and_then(|end| self.storage.slice::<T>().ok()?.try_slice(self.offset..end)).ok_or_else(|| {
+            let msg = format!("{len} elements from {} exceed the storage ({})", self.offset, self.storage.len());
+            Error::invalid(op, msg, &[len])
+        })
+    }
+}
+
+/// `x W^T + b` for x (rows, k), W (n, k) and b (n), all dense: one cuBLASLt product with the bias in its
+/// epilogue, contiguous (rows, n). `None` when cuBLASLt has no fused form for it (see
+/// [`engine::cuda::CudaDevice::gemm_bias`]); the caller runs the product and the add instead.
+pub(super) fn linear_bias(
+    x: Dense,
+    w: Dense,
+    b: Dense,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<Option<CudaStorage>> {
+    crate::util::same_cuda_dtypes("linear", &[x.storage, w.storage, b.storage])?;
+    match x.storage.dtype() {
+        DType::F32 => linear_bias_t::<f32>(x, w, b, rows, k, n),
+        DType::F64 => linear_bias_t::<f64>(x, w, b, rows, k, n),
+    }
+}
+
+fn linear_bias_t<T: Float>(
+    x: Dense,
+    w: Dense,
+    b: Dense,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<Option<CudaStorage>> {
+    let dev = x.storage.device();
+    // Y (rows, n) = X (rows, k) @ op(W), W stored (n, k): trans_b.
+    let cfg = GemmConfig::contiguous(1, rows, n, k, false, true);
+    let mut out = dev.alloc::<T>(rows * n)?;
+    let (xv, wv, bv) = (x.view::<T>("linear", rows * k)?, w.view::<T>("linear", n * k)?, b.view::<T>("linear", n)?);
+    if dev.gemm_bias::<T>(&cfg, &xv, &wv, &mut out.view_mut(), &bv)? {
+        Ok(Some(CudaStorage::from_slice(dev, out)?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The weight and bias gradients of a Linear layer in one cuBLASLt product: `dW (n, k) = g^T a` over the
+/// stacked rows of g (rows, n) and a (rows, k), with `db[j] = sum_i g[i, j]` from its epilogue. Contiguous
+/// (n, k) and (n). `None` when cuBLASLt has no fused form for it.
+pub(super) fn linear_weight_bias_grads(
+    g: Dense,
+    a: Dense,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<Option<(CudaStorage, CudaStorage)>> {
+    crate::util::same_cuda_dtypes("linear backward", &[g.storage, a.storage])?;
+    match g.storage.dtype() {
+        DType::F32 => grads_t::<f32>(g, a, rows, k, n),
+        DType::F64 => grads_t::<f64>(g, a, rows, k, n),
+    }
+}
+
+fn grads_t<T: Float>(
+    g: Dense,
+    a: Dense,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<Option<(CudaStorage, CudaStorage)>> {
+    let dev = g.storage.device();
+    // dW (n, k) = op(A) B with A = g stored (rows, n) (trans_a: op(A) = g^T) and B = a (rows, k); the
+    // epilogue's row sums of op(A) are the column sums of g.
+    let cfg = GemmConfig::contiguous(1, n, k, rows, true, false);
+    let (gv, av) = (g.view::<T>("linear backward", rows * n)?, a.view::<T>("linear backward", rows * k)?);
+    let mut dw = dev.alloc::<T>(n * k)?;
+    let mut db = dev.alloc::<T>(n)?;
+    if dev.gemm_bias_grad::<T>(&cfg, &gv, &av, &mut dw.view_mut(), &mut db.view_mut())? {
+        Ok(Some((CudaStorage::from_slice(dev, dw)?, CudaStorage::from_slice(dev, db)?)))
+    } else {
+        Ok(None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The plans run on the host: a loop with the semantics [`GemmConfig`] documents stands in for cuBLAS, so

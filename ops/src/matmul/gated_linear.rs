@@ -20,11 +20,10 @@
 
 use engine::{no_grad, Error, Op, Result, Tensor};
 
+use super::linear::{affine, weight_bias_grads};
 use super::matmul_nd;
-use crate::elementwise::{add, binary, binary_grad, unary, unary_grad, Binary, Needs, Unary};
-use crate::reduce::sum_to_shape;
+use crate::elementwise::{binary, binary_grad, unary, unary_grad, Binary, Needs, Unary};
 use crate::util::same_dtype_device;
-use crate::view::{reshape_usize, t};
 
 struct GatedLinear {
     act: Unary,
@@ -41,13 +40,11 @@ impl Op for GatedLinear {
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (x, gate, w) = (&self.x, &self.gate, &self.w);
         let (k, n) = (w.dim(1)?, w.dim(0)?);
-        let rows = x.numel() / k;
         let a = unary(self.act, gate)?;
         let p = binary(Binary::Mul, x, &a)?;
-        // dW^T = p^T g over the stacked rows (as the Linear's shared-weight gradient), then W's orientation.
-        let dw = t(&matmul_nd(&t(&reshape_usize(&p, &[rows, k])?)?, &reshape_usize(g, &[rows, n])?)?)?;
+        // dW = g^T p over the stacked rows and db (one cuBLASLt product on CUDA): as `linear`'s backward.
+        let (dw, db) = weight_bias_grads(&p, g, k, n, self.has_bias)?;
         drop(p);
-        let db = self.has_bias.then(|| sum_to_shape(g, &[n])).transpose()?;
         let dp = matmul_nd(g, w)?;
         let (dx, da) = binary_grad(Binary::Mul, x, &a, &dp)?;
         drop((a, dp));
@@ -87,13 +84,7 @@ pub fn gated_linear(x: &Tensor, gate: &Tensor, act: Unary, weight: &Tensor, bias
     if bias.is_some_and(|b| b.shape() != [n]) {
         return Err(Error::ShapeMismatch { op: OP, lhs: weight.shape().to_vec(), rhs: bias.unwrap().shape().to_vec() });
     }
-    let y = no_grad(|| {
-        let p = matmul_nd(&binary(Binary::Mul, x, &unary(act, gate)?)?, &t(weight)?)?;
-        match bias {
-            Some(b) => add(&p, b),
-            None => Ok(p),
-        }
-    })?;
+    let y = no_grad(|| affine(&binary(Binary::Mul, x, &unary(act, gate)?)?, weight, bias))?;
     let mut inputs = vec![x, gate, weight];
     inputs.extend(bias);
     Ok(Tensor::from_op_over(&y, &inputs, || GatedLinear {

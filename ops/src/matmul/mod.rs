@@ -18,11 +18,13 @@ mod act_linear;
 mod cpu;
 mod cuda;
 mod gated_linear;
+mod linear;
 mod norm_linear;
 mod reference;
 
 pub use act_linear::act_linear;
 pub use gated_linear::gated_linear;
+pub use linear::linear;
 pub use norm_linear::layer_norm_linears;
 pub use reference::matmul_ref;
 

@@ -24,12 +24,11 @@ use std::sync::{Arc, Mutex};
 
 use engine::{no_grad, Error, Op, Result, Tensor};
 
+use super::linear::{affine, weight_bias_grads};
 use super::matmul_nd;
-use crate::elementwise::add;
 use crate::norm::layer_norm;
 use crate::reduce::sum_to_shape;
 use crate::util::same_dtype_device;
-use crate::view::{reshape_usize, t};
 
 /// What recomputes t = LN(x) in backward, shared by the Linears of one call.
 struct Normed {
@@ -80,15 +79,13 @@ impl Op for NormLinear {
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let w = &self.w;
         let (k, n) = (w.dim(1)?, w.dim(0)?);
-        let dw = if self.reads_t {
-            let normed = self.normed.get()?;
-            let rows = normed.numel() / k;
-            // dW^T = t^T g over the stacked rows (as the Linear's shared-weight gradient), then W's orientation.
-            Some(t(&matmul_nd(&t(&reshape_usize(&normed, &[rows, k])?)?, &reshape_usize(g, &[rows, n])?)?)?)
+        let (dw, db) = if self.reads_t {
+            // dW = g^T t over the stacked rows and db (one cuBLASLt product on CUDA): as `linear`'s backward.
+            let (dw, db) = weight_bias_grads(&self.normed.get()?, g, k, n, self.has_bias)?;
+            (Some(dw), db)
         } else {
-            None
+            (None, self.has_bias.then(|| sum_to_shape(g, &[n])).transpose()?)
         };
-        let db = self.has_bias.then(|| sum_to_shape(g, &[n])).transpose()?;
         let dt = matmul_nd(g, w)?;
         let mut grads = vec![Some(dt), dw];
         if self.has_bias {
@@ -145,13 +142,7 @@ pub fn layer_norm_linears(
     linears
         .iter()
         .map(|&(w, b)| {
-            let y = no_grad(|| {
-                let p = matmul_nd(&normed, &t(w)?)?;
-                match b {
-                    Some(b) => add(&p, b),
-                    None => Ok(p),
-                }
-            })?;
+            let y = no_grad(|| affine(&normed, w, b))?;
             let mut inputs = vec![&normed, w];
             inputs.extend(b);
             Ok(Tensor::from_op_over(&y, &inputs, || NormLinear {

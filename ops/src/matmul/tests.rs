@@ -660,3 +660,161 @@ fn layer_norm_linears_bad_inputs_are_errors() {
     assert!(layer_norm_linears(&x, Some(&randn(&[3], 6)), None, 1e-5, &[(&w, None)]).is_err());
     assert!(layer_norm_linears(&x, None, None, 1e-5, &[(&randn_as(&[3, 4], DType::F32, 7), None)]).is_err());
 }
+
+// ---- linear ----------------------------------------------------------------------------------------------
+
+/// The composition `linear` stands for.
+fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> engine::Result<Tensor> {
+    let p = matmul(x, &t(w)?)?;
+    match b {
+        Some(b) => crate::add(&p, b),
+        None => Ok(p),
+    }
+}
+
+/// Forward value and the gradients of (x, w, b) under a fixed random cotangent, fused or composed, for x
+/// built by `view` from a stored tensor of `stored` shape.
+fn linear_run(
+    fused: bool,
+    dtype: DType,
+    stored: &[usize],
+    view: &dyn Fn(&Tensor) -> engine::Result<Tensor>,
+    (n, k): (usize, usize),
+    bias: bool,
+) -> Vec<Vec<f64>> {
+    let x = randn_as(stored, dtype, 71).requires_grad_(true).unwrap();
+    let w = randn_as(&[n, k], dtype, 72).requires_grad_(true).unwrap();
+    let b = randn_as(&[n], dtype, 73).requires_grad_(true).unwrap();
+    let bias = bias.then_some(&b);
+    let xv = view(&x).unwrap();
+    let y = if fused { linear(&xv, &w, bias).unwrap() } else { linear_composed(&xv, &w, bias).unwrap() };
+    y.backward_with(&randn_as(y.shape(), dtype, 74)).unwrap();
+    let mut out = vec![y.shape().iter().map(|&d| d as f64).collect(), y.to_vec_f64().unwrap()];
+    for p in [&x, &w] {
+        out.push(p.grad().unwrap().to_vec_f64().unwrap());
+    }
+    if bias.is_some() {
+        out.push(b.grad().unwrap().to_vec_f64().unwrap());
+    }
+    out
+}
+
+#[test]
+fn linear_is_bitwise_the_composition_on_the_cpu() {
+    type View = Box<dyn Fn(&Tensor) -> engine::Result<Tensor>>;
+    type LinearCase = (&'static str, Vec<usize>, View, (usize, usize));
+    let cases: Vec<LinearCase> = vec![
+        ("tokens", vec![2, 5, 6], Box::new(|x| Ok(x.clone())), (3, 6)),
+        ("2-D, odd sizes", vec![7, 13], Box::new(|x| Ok(x.clone())), (9, 13)),
+        ("one vector", vec![6], Box::new(|x| Ok(x.clone())), (4, 6)),
+        ("permuted tokens", vec![5, 2, 6], Box::new(|x| permute(x, &[1, 0, 2])), (3, 6)),
+        ("transposed 2-D", vec![6, 4], Box::new(t), (5, 6)),
+        ("sliced features", vec![3, 4, 9], Box::new(|x| narrow(x, 2, 2, 6)), (3, 6)),
+        // Above the CPU gemm's threading threshold.
+        ("large", vec![4, 50, 70], Box::new(|x| Ok(x.clone())), (90, 70)),
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        for (what, stored, view, nk) in &cases {
+            for bias in [true, false] {
+                let fused = linear_run(true, dtype, stored, view.as_ref(), *nk, bias);
+                let composed = linear_run(false, dtype, stored, view.as_ref(), *nk, bias);
+                assert_eq!(fused, composed, "{what} ({dtype}), bias {bias}");
+            }
+        }
+    }
+    // Recorded as one node; nothing recorded without grad.
+    let (x, w, b) = (randn(&[2, 3], 1).requires_grad_(true).unwrap(), randn(&[4, 3], 2), randn(&[4], 3));
+    assert_eq!(linear(&x, &w, Some(&b)).unwrap().grad_fn(), Some("linear"));
+    assert_eq!(linear(&x.detach(), &w, Some(&b)).unwrap().grad_fn(), None);
+    assert_eq!(engine::no_grad(|| linear(&x, &w, None)).unwrap().grad_fn(), None);
+}
+
+#[test]
+fn linear_gradients_match_finite_differences() {
+    let cases: Vec<(&str, Vec<Tensor>, Case)> = vec![
+        (
+            "tokens with bias",
+            vec![randn(&[2, 3, 5], 80), randn(&[4, 5], 81), randn(&[4], 82)],
+            ("linear", Box::new(|x| linear(&x[0], &x[1], Some(&x[2])))),
+        ),
+        (
+            "2-D without bias",
+            vec![randn(&[3, 5], 83), randn(&[4, 5], 84)],
+            ("linear", Box::new(|x| linear(&x[0], &x[1], None))),
+        ),
+        (
+            "vector, permuted input",
+            vec![randn(&[5], 85), randn(&[3, 2, 5], 86), randn(&[7, 5], 87), randn(&[7], 88)],
+            (
+                "linear",
+                Box::new(|x| {
+                    let y = linear(&x[0], &x[2], Some(&x[3]))?;
+                    crate::add(&y, &linear(&permute(&x[1], &[1, 0, 2])?, &x[2], Some(&x[3]))?)
+                }),
+            ),
+        ),
+    ];
+    for (what, inputs, (name, f)) in cases {
+        let r = gradcheck(name, &inputs, f).unwrap();
+        assert!(r.passed(), "{what}: {r}");
+        assert!(r.max_abs_grad > 0.1, "{what}: {r}");
+    }
+}
+
+#[test]
+fn linear_bad_inputs_are_errors() {
+    let (x, w) = (randn(&[2, 4], 1), randn(&[3, 4], 2));
+    assert!(linear(&x, &randn(&[3, 5], 3), None).is_err());
+    assert!(linear(&x, &w, Some(&randn(&[4], 4))).is_err());
+    assert!(linear(&randn(&[], 5), &w, None).is_err());
+    assert!(linear(&x, &randn(&[3, 4, 1], 6), None).is_err());
+    let f32s = Tensor::zeros(&[3], DType::F32, Device::Cpu).unwrap();
+    assert!(matches!(linear(&x, &w, Some(&f32s)), Err(Error::DTypeMismatch { .. })));
+}
+
+#[test]
+fn cuda_linear_matches_cpu() {
+    if engine::cuda::test_device_or_skip("cuda_linear_matches_cpu").is_none() {
+        return;
+    }
+    let _poison = engine::cuda::poison_new_allocations();
+    // Fused (bias in the cuBLASLt epilogues) for every shape; without a bias the plain product.
+    for (what, x, (n, k)) in [
+        ("tokens", vec![2, 5, 6], (3, 6)),
+        ("odd sizes", vec![3, 7, 13], (9, 13)),
+        ("one row, one feature", vec![1, 1], (1, 1)),
+        ("one vector", vec![6], (4, 6)),
+        ("MILA-like", vec![2, 49, 64], (192, 64)),
+        ("wide odd", vec![37, 129], (257, 129)),
+    ] {
+        let shapes: [&[usize]; 3] = [&x, &[n, k], &[n]];
+        assert_cuda_matches_cpu(&format!("linear {what}"), &shapes, |x| linear(&x[0], &x[1], Some(&x[2])));
+        assert_cuda_matches_cpu(&format!("linear {what}, no bias"), &shapes[..2], |x| linear(&x[0], &x[1], None));
+    }
+    // Non-contiguous inputs: copied contiguous first.
+    assert_cuda_matches_cpu("linear, permuted tokens", &[&[5, 2, 6], &[3, 6], &[3]], |x| {
+        linear(&permute(&x[0], &[1, 0, 2])?, &x[1], Some(&x[2]))
+    });
+    assert_cuda_matches_cpu("linear, transposed weight view", &[&[4, 7], &[7, 5], &[5]], |x| {
+        linear(&x[0], &t(&x[1])?, Some(&x[2]))
+    });
+    // Row slices of x at an odd offset (4-byte aligned: the heuristic is asked for that alignment) and a bias
+    // at an odd offset (not 16-byte aligned: the unfused fallback).
+    assert_cuda_matches_cpu("linear, sliced x", &[&[3, 4, 9], &[5, 6], &[5]], |x| {
+        linear(&narrow(&x[0], 2, 1, 6)?, &x[1], Some(&x[2]))
+    });
+    assert_cuda_matches_cpu("linear, offset bias", &[&[3, 4, 6], &[5, 6], &[8]], |x| {
+        linear(&x[0], &x[1], Some(&narrow(&x[2], 0, 1, 5)?))
+    });
+    // The gradient arriving as an expanded (stride-0) view: the backward copies it contiguous.
+    assert_cuda_matches_cpu("linear under a sum", &[&[2, 3, 6], &[4, 6], &[4]], |x| {
+        crate::sum(&linear(&x[0], &x[1], Some(&x[2]))?, &[1], false)
+    });
+    // act_linear's forward and backward take the same fused products.
+    assert_cuda_matches_cpu("act_linear", &[&[2, 7, 13], &[9, 13], &[9]], |x| {
+        act_linear(&x[0], crate::Unary::Gelu, &x[1], Some(&x[2]))
+    });
+    assert_cuda_matches_cpu("act_linear, no bias", &[&[2, 7, 13], &[9, 13]], |x| {
+        act_linear(&x[0], crate::Unary::Silu, &x[1], None)
+    });
+}
