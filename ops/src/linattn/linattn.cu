@@ -39,6 +39,15 @@ template <typename T, int DP> struct LaCfg {
     static constexpr int PER_TILE = TT / ROWS; // tile rows per thread
     static constexpr int PER_MAT = DP / ROWS;  // d x d rows per thread
     static_assert(PER_TILE * ROWS == TT && PER_MAT * ROWS == DP, "tile and block must divide");
+    // Blocks a multiprocessor must hold (__launch_bounds__' second argument, which caps the registers at
+    // 65536 / (NT * MIN)), for f32 at widths 16 and 32 (MLLA's case); elsewhere the compiler's choice.
+    // NVRTC 13.2, sm_90, f32 d32: fwd_reduce 39 registers (6 blocks), fwd_out 64 (4; 8 bytes spilled),
+    // bwd_reduce 80 (3; 28/48 bytes spill stores/loads), bwd_tokens 80 (3; 12/36) - uncapped 44, 80, 86, 100.
+    static constexpr bool CAP = sizeof(T) == 4 && (DP == 16 || DP == 32);
+    static constexpr int MIN_FWD_REDUCE = CAP ? 6 : 1;
+    static constexpr int MIN_FWD_OUT = CAP ? 4 : 1;
+    static constexpr int MIN_BWD_REDUCE = CAP ? 3 : 1;
+    static constexpr int MIN_BWD_TOKENS = CAP ? 3 : 1;
 };
 
 // phi(x) = elu(x) + 1, as the composition evaluates it.
@@ -567,22 +576,23 @@ __device__ void la_bwd_tokens(LinAttnParams p, const T* qk, const T* v, const T*
 }
 
 #define LA_KERNELS(T, S, DP)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT)                                               \
+    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT, LaCfg<T, DP>::MIN_FWD_REDUCE)                     \
         linattn_fwd_reduce_d##DP##_##S(LinAttnParams p, const T* qk, const T* v, const T* table, T* part_kv,    \
                                        T* part_ks) {                                                             \
         la_fwd_reduce<T, DP>(p, qk, v, table, part_kv, part_ks);                                                \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT)                                               \
+    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT, LaCfg<T, DP>::MIN_FWD_OUT)                     \
         linattn_fwd_out_d##DP##_##S(LinAttnParams p, const T* qk, const T* table, const T* part_kv,             \
                                     const T* part_ks, T* kv, T* kmean, T* out) {                                 \
         la_fwd_out<T, DP>(p, qk, table, part_kv, part_ks, kv, kmean, out);                                      \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT)                                               \
+    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT, LaCfg<T, DP>::MIN_BWD_REDUCE)                     \
         linattn_bwd_reduce_d##DP##_##S(LinAttnParams p, const T* qk, const T* table, const T* kv,               \
                                        const T* kmean, const T* g, T* part_dkv, T* part_dkm, T* ds) {           \
         la_bwd_reduce<T, DP>(p, qk, table, kv, kmean, g, part_dkv, part_dkm, ds);                               \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT) linattn_bwd_tokens_d##DP##_##S(              \
+    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT, LaCfg<T, DP>::MIN_BWD_TOKENS)        \
+        linattn_bwd_tokens_d##DP##_##S(              \
         LinAttnParams p, const T* qk, const T* v, const T* table, const T* kv, const T* kmean, const T* g,      \
         const T* ds, const T* part_dkv, const T* part_dkm, T* dqk, T* dv) {                                      \
         la_bwd_tokens<T, DP>(p, qk, v, table, kv, kmean, g, ds, part_dkv, part_dkm, dqk, dv);                   \
