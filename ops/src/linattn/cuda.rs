@@ -2,16 +2,13 @@
 //! kv and k; then out, combining them), two backward (partial sums of dkv and dkmean with ds per token; then
 //! dqk and dv, q's half and k's half by separate blocks). Everything is enqueued on the device's stream.
 
-use engine::cuda::{CudaDevice, CudaStorage, DeviceRepr, LaunchConfig, PushKernelArg};
+use engine::cuda::{kernel_name, CudaDevice, CudaFunction, CudaStorage, DeviceRepr, LaunchConfig, PushKernelArg};
 use engine::{DType, Error, Float, Result};
 
 use super::{Dims, OP};
 use crate::cuda::{elements, function, Module, View};
 
 pub(crate) const MODULE: Module = Module { name: "ops_linattn", body: include_str!("linattn.cu") };
-
-/// Blocks per multiprocessor the token slicing aims for (256-thread blocks; an H100/H200 holds 8).
-const BLOCKS_PER_SM: usize = 4;
 
 /// `struct LinAttnParams` of linattn.cu, field for field.
 #[repr(C)]
@@ -53,24 +50,64 @@ pub(crate) fn padded_width(d: usize, shape: &[usize]) -> Result<usize> {
     })
 }
 
+/// Threads a block of the kernels for padded width `dp`, as `LaCfg::NT`.
+fn threads(dp: usize) -> u32 {
+    if dp <= 8 {
+        64
+    } else {
+        256
+    }
+}
+
+/// The kernel `<base>_d<dp>_<dtype>` and the (batch, head, slice) blocks of one wave of it (`per` blocks a
+/// slice: 2 for the backward's token pass).
+fn kernel<T: Float>(dev: &CudaDevice, base: &str, dp: usize, per: usize) -> Result<(String, CudaFunction, usize)> {
+    let base = format!("{base}_d{dp}");
+    let f = function::<T>(dev, &MODULE, &base)?;
+    let wave = dev.wave(MODULE.name, &kernel_name::<T>(&base), &f, threads(dp))?;
+    Ok((base, f, (wave / per).max(1)))
+}
+
 /// Tokens per tile, as `LaCfg::TT` of linattn.cu: 4 KiB tiles, 2 KiB when a d x d matrix is over 16 KiB.
 pub(crate) fn tile_tokens(dp: usize, elem_bytes: usize) -> usize {
     let tile_bytes = if elem_bytes * dp * dp > 16384 { 2048 } else { 4096 };
     tile_bytes / elem_bytes / dp
 }
 
+/// The blocks one wave of each of a pass's two kernels holds, in (batch, head, slice) blocks: the reduction's
+/// and the token pass's (whose grid the backward doubles: its wave counts half).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Waves {
+    pub reduce: usize,
+    pub tokens: usize,
+}
+
 impl Plan {
-    /// Slices of whole tiles, as many per (batch, head) as it takes to give each multiprocessor about
-    /// [`BLOCKS_PER_SM`] blocks (at least one tile each).
-    pub(crate) fn new(dims: Dims, elem_bytes: usize, multiprocessors: usize, shape: &[usize]) -> Result<Plan> {
+    /// Slices of whole tiles per (batch, head), chosen so that both kernels fill whole waves: for each slice
+    /// count (up to the tiles, and to 4 waves of blocks) the cost is, per kernel, the waves it takes times
+    /// one block's work in tiles plus a block's fixed cost (1 tile, and 1/8 of one for each partial sum the
+    /// token pass combines); the cheapest count wins, the fewer slices on ties.
+    pub(crate) fn new(dims: Dims, elem_bytes: usize, waves: Waves, shape: &[usize]) -> Result<Plan> {
         let dp = padded_width(dims.d, shape)?;
         let tt = tile_tokens(dp, elem_bytes);
         let tiles = dims.tokens.div_ceil(tt).max(1);
         let pairs = (dims.batch * dims.heads).max(1);
-        let wanted = (BLOCKS_PER_SM * multiprocessors.max(1)).div_ceil(pairs).clamp(1, tiles);
-        let span = tiles.div_ceil(wanted) * tt;
+        let (wr, wt) = (waves.reduce.max(1), waves.tokens.max(1));
+        let most = (4 * wr.max(wt)).div_ceil(pairs).clamp(1, tiles);
+        let mut best: Option<(usize, usize, usize)> = None; // (cost in eighths of a tile, span, slices)
+        for wanted in 1..=most {
+            let span_tiles = tiles.div_ceil(wanted);
+            let slices = tiles.div_ceil(span_tiles);
+            let blocks = pairs * slices;
+            let block = 8 * (span_tiles + 1) + slices;
+            let cost = (blocks.div_ceil(wr) + blocks.div_ceil(wt)) * block;
+            if best.is_none_or(|(c, _, _)| cost < c) {
+                best = Some((cost, span_tiles * tt, slices));
+            }
+        }
+        let (_, span, _) = best.expect("at least one slice count");
         let slices = dims.tokens.div_ceil(span).max(1);
-        Ok(Plan { dp, span, slices, threads: if dp <= 8 { 64 } else { 256 } })
+        Ok(Plan { dp, span, slices, threads: threads(dp) })
     }
 
     /// `y` blocks (the backward's two halves) of each of the (batch, head, slice) blocks.
@@ -123,7 +160,11 @@ pub(super) fn forward(qk: View, v: View, table: View, dims: Dims) -> Result<(Cud
         let kmean = dev.alloc::<T>(batch * channels)?;
         let kv = dev.alloc::<T>(batch * heads * d * d)?;
         if batch * tokens > 0 {
-            let plan = Plan::new(dims, T::DTYPE.size_in_bytes(), dev.multiprocessor_count() as usize, shape)?;
+            let dp = padded_width(d, shape)?;
+            let (reduce, f_reduce, wr) = kernel::<T>(dev, "linattn_fwd_reduce", dp, 1)?;
+            let (out_k, f_out, wt) = kernel::<T>(dev, "linattn_fwd_out", dp, 1)?;
+            let waves = Waves { reduce: wr, tokens: wt };
+            let plan = Plan::new(dims, T::DTYPE.size_in_bytes(), waves, shape)?;
             let p = params(dims, plan, shape)?;
             let parts = batch * heads * plan.slices;
             let part_kv = dev.alloc::<T>(parts * d * d)?;
@@ -131,8 +172,7 @@ pub(super) fn forward(qk: View, v: View, table: View, dims: Dims) -> Result<(Cud
             let (qkv, vv, tv) = (elements::<T>(OP, qk)?, elements::<T>(OP, v)?, elements::<T>(OP, table)?);
             let cfg = plan.config(dims, 1, shape)?;
 
-            let base = format!("linattn_fwd_reduce_d{}", plan.dp);
-            let f = function::<T>(dev, &MODULE, &base)?;
+            let (base, f) = (reduce, f_reduce);
             let mut args = dev.stream().launch_builder(&f);
             args.arg(&p).arg(&qkv).arg(&vv).arg(&tv).arg(part_kv.as_slice()).arg(part_ks.as_slice());
             // SAFETY: linattn_fwd_reduce_d<DP>_<T>(LinAttnParams, qk, v, table, part_kv, part_ks) matches the
@@ -143,8 +183,7 @@ pub(super) fn forward(qk: View, v: View, table: View, dims: Dims) -> Result<(Cud
             // blocks of `cfg`, which is what was allocated.
             unsafe { args.launch(cfg) }.map_err(|e| launch_error(&base, e))?;
 
-            let base = format!("linattn_fwd_out_d{}", plan.dp);
-            let f = function::<T>(dev, &MODULE, &base)?;
+            let (base, f) = (out_k, f_out);
             let mut args = dev.stream().launch_builder(&f);
             args.arg(&p).arg(&qkv).arg(&tv).arg(part_kv.as_slice()).arg(part_ks.as_slice());
             args.arg(kv.as_slice()).arg(kmean.as_slice()).arg(out.as_slice());
@@ -188,7 +227,11 @@ pub(super) fn backward(
         let dqk = dev.alloc::<T>(batch * tokens * 2 * channels)?;
         let dv = dev.alloc::<T>(batch * tokens * channels)?;
         if batch * tokens > 0 {
-            let plan = Plan::new(dims, T::DTYPE.size_in_bytes(), dev.multiprocessor_count() as usize, shape)?;
+            let dp = padded_width(d, shape)?;
+            let (reduce, f_reduce, wr) = kernel::<T>(dev, "linattn_bwd_reduce", dp, 1)?;
+            let (tokens_k, f_tokens, wt) = kernel::<T>(dev, "linattn_bwd_tokens", dp, 2)?;
+            let waves = Waves { reduce: wr, tokens: wt };
+            let plan = Plan::new(dims, T::DTYPE.size_in_bytes(), waves, shape)?;
             let p = params(dims, plan, shape)?;
             let parts = batch * heads * plan.slices;
             let part_dkv = dev.alloc::<T>(parts * d * d)?;
@@ -197,8 +240,7 @@ pub(super) fn backward(
             let (qkv, vv, tv) = (elements::<T>(OP, qk)?, elements::<T>(OP, v)?, elements::<T>(OP, table)?);
             let (kmv, kvv, gv) = (elements::<T>(OP, kmean)?, elements::<T>(OP, kv)?, elements::<T>(OP, g)?);
 
-            let base = format!("linattn_bwd_reduce_d{}", plan.dp);
-            let f = function::<T>(dev, &MODULE, &base)?;
+            let (base, f) = (reduce, f_reduce);
             let mut args = dev.stream().launch_builder(&f);
             args.arg(&p).arg(&qkv).arg(&tv).arg(&kvv).arg(&kmv).arg(&gv);
             args.arg(part_dkv.as_slice()).arg(part_dkm.as_slice()).arg(ds.as_slice());
@@ -209,8 +251,7 @@ pub(super) fn backward(
             // part_dkm (block, d) and ds (B heads N) as allocated.
             unsafe { args.launch(plan.config(dims, 1, shape)?) }.map_err(|e| launch_error(&base, e))?;
 
-            let base = format!("linattn_bwd_tokens_d{}", plan.dp);
-            let f = function::<T>(dev, &MODULE, &base)?;
+            let (base, f) = (tokens_k, f_tokens);
             let mut args = dev.stream().launch_builder(&f);
             args.arg(&p).arg(&qkv).arg(&vv).arg(&tv).arg(&kvv).arg(&kmv).arg(&gv).arg(ds.as_slice());
             args.arg(part_dkv.as_slice()).arg(part_dkm.as_slice()).arg(dqk.as_slice()).arg(dv.as_slice());

@@ -39,52 +39,155 @@ template <typename T, int DP> struct LaCfg {
     static constexpr int PER_TILE = TT / ROWS; // tile rows per thread
     static constexpr int PER_MAT = DP / ROWS;  // d x d rows per thread
     static_assert(PER_TILE * ROWS == TT && PER_MAT * ROWS == DP, "tile and block must divide");
+    // Blocks a multiprocessor must hold (__launch_bounds__' second argument, which caps the registers at
+    // 65536 / (NT * MIN)), for f32 at widths 16 and 32 (MLLA's case); elsewhere the compiler's choice.
+    // NVRTC 13.2, sm_90, f32 d32: fwd_reduce 39 registers (6 blocks), fwd_out 64 (4; 8 bytes spilled),
+    // bwd_reduce 80 (3; 28/48 bytes spill stores/loads), bwd_tokens 80 (3; 12/36) - uncapped 44, 80, 86, 100.
+    static constexpr bool CAP = sizeof(T) == 4 && (DP == 16 || DP == 32);
+    static constexpr int MIN_FWD_REDUCE = CAP ? 6 : 1;
+    static constexpr int MIN_FWD_OUT = CAP ? 4 : 1;
+    static constexpr int MIN_BWD_REDUCE = CAP ? 3 : 1;
+    static constexpr int MIN_BWD_TOKENS = CAP ? 3 : 1;
 };
 
 // phi(x) = elu(x) + 1, as the composition evaluates it.
 template <typename T> __device__ __forceinline__ T la_phi(T x) { return x > T(0) ? x + T(1) : m_expm1(x) + T(1); }
 
-// (cos, sin) of the RoPE pair of channel c of token n (pairs below C/4 turn with the row, the others with the
-// column).
-template <typename T>
-__device__ __forceinline__ void la_angle(const T* table, const LinAttnParams& p, long long n, long long c, T& cs,
-                                         T& sn) {
-    // 32-bit division: the host checks that N and C fit in an int.
-    const int pair = (int)(c >> 1), quarter = (int)(p.channels / 4);
-    const unsigned nu = (unsigned)n, w = (unsigned)p.grid_w;
-    const long long row = pair < quarter ? (long long)(nu / w) : p.grid_h + (long long)(nu % w);
-    const T* e = table + (row * quarter + (pair < quarter ? pair : pair - quarter)) * 2;
-    cs = e[0];
-    sn = e[1];
+// One (cos, sin) entry of the RoPE table, read as one 8- (f32) or 16-byte (f64) word.
+template <typename T> struct __align__(2 * sizeof(T)) LaCS {
+    T c, s;
+};
+
+// A thread's channel c = h d + col of a head and the RoPE table column it turns with, and the grid position
+// (gy, gx) of its token n0 + row0 + j ROWS, kept up to date token by token (one division a tile, not one a
+// token: the position advances by ROWS tokens with a subtraction, or a few when W < ROWS).
+struct LaPos {
+    long long table_row0;  // 0 when the pair turns with the row (pair < C/4), H when with the column
+    int by_row;            // pair < C/4
+    int tcol;              // the pair's column in the table, below C/4
+    unsigned gy, gx;       // the token's grid row and column
+
+    __device__ __forceinline__ LaPos(const LinAttnParams& p, long long c, long long n) {
+        const int pair = (int)(c >> 1), quarter = (int)(p.channels / 4);
+        by_row = pair < quarter;
+        tcol = by_row ? pair : pair - quarter;
+        table_row0 = by_row ? 0 : p.grid_h;
+        // 32-bit division: the host checks that N and C fit in an int.
+        const unsigned w = (unsigned)p.grid_w;
+        gy = (unsigned)n / w;
+        gx = (unsigned)n - gy * w;
+    }
+    __device__ __forceinline__ void advance(unsigned tokens, unsigned w) {
+        gx += tokens;
+        while (gx >= w) {
+            gx -= w;
+            ++gy;
+        }
+    }
+    // (cos, sin) of the thread's pair at its token.
+    template <typename T>
+    __device__ __forceinline__ LaCS<T> angle(const T* table, const LinAttnParams& p) const {
+        const long long row = table_row0 + (by_row ? gy : gx);
+        return *reinterpret_cast<const LaCS<T>*>(table + (row * (p.channels / 4) + tcol) * 2);
+    }
+};
+
+// The value of lane ^ 1, the other channel of the thread's RoPE pair (col ^ 1 is in the same warp for every
+// DP). Every lane of the warp must call it.
+template <typename T> __device__ __forceinline__ T la_partner(T x) { return __shfl_xor_sync(0xffffffffu, x, 1); }
+
+// Sums v[k] over the DP lanes of each tile row (the threads of one token), every thread of the row getting
+// the same bits: butterfly shuffles within a warp; for DP 64, whose rows span two warps, the two warps'
+// sums through `scratch` (PER_TILE * NT / 32 elements, which this call may overwrite only after a barrier
+// since the last call's reads) and a barrier. Every thread of the block must call it.
+template <typename T, int DP, int K> __device__ __forceinline__ void la_row_sums(T (&v)[K], T* scratch) {
+    constexpr int FIRST = DP < 32 ? DP / 2 : 16;
+#pragma unroll
+    for (int o = FIRST; o > 0; o >>= 1) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+    }
+    if constexpr (DP > 32) {
+        constexpr int WARPS = LaCfg<T, DP>::NT / 32;
+        const int warp = threadIdx.x / 32, first = warp & ~1;
+        if (threadIdx.x % 32 == 0) {
+#pragma unroll
+            for (int k = 0; k < K; ++k) scratch[k * WARPS + warp] = v[k];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < K; ++k) v[k] = scratch[k * WARPS + first] + scratch[k * WARPS + first + 1];
+    }
 }
 
-// Fills tile f[TT][DP] with phi of the raw channels of head h in `part` (0: q, 1: k) for tokens
-// n0 .. n0 + TT (below n_end), and r (when given) with their rotation R f; zeros elsewhere.
-template <typename T, int DP>
-__device__ __forceinline__ void la_load_features(const T* qk, const T* table, const LinAttnParams& p, long long b,
-                                                 long long h, int part, long long n0, long long n_end, T* f,
-                                                 T* r) {
+// Elements the row-sum scratch needs (1 when the shuffles suffice).
+template <typename T, int DP> struct LaScratch {
+    static constexpr int ELEMS = DP > 32 ? LaCfg<T, DP>::PER_TILE * LaCfg<T, DP>::NT / 32 : 1;
+};
+
+// VW consecutive elements of shared memory from a 16-byte aligned address, as one 16-byte load.
+template <typename T> struct LaVec {
+    static constexpr int VW = 16 / (int)sizeof(T);
+};
+template <typename T> __device__ __forceinline__ void la_ld16(const T* s, T (&v)[LaVec<T>::VW]) {
+    if constexpr (sizeof(T) == 4) {
+        const float4 q = *reinterpret_cast<const float4*>(s);
+        v[0] = q.x;
+        v[1] = q.y;
+        v[2] = q.z;
+        v[3] = q.w;
+    } else {
+        const double2 q = *reinterpret_cast<const double2*>(s);
+        v[0] = q.x;
+        v[1] = q.y;
+    }
+}
+
+// row . w over i = 0 .. DP - 1 in order, the row (a shared tile row, 16-byte aligned, the same for the whole
+// warp or a broadcast) read 16 bytes at a time.
+template <typename T, int DP> __device__ __forceinline__ T la_dot_row(const T* row, const T (&w)[DP]) {
+    constexpr int VW = LaVec<T>::VW;
+    T acc = T(0);
+#pragma unroll
+    for (int i = 0; i < DP; i += VW) {
+        T x[VW];
+        la_ld16(row + i, x);
+#pragma unroll
+        for (int k = 0; k < VW; ++k) acc += x[k] * w[i + k];
+    }
+    return acc;
+}
+
+// x[j] = phi of the raw channel of head h in `part` (0: q, 1: k) of the thread's token n0 + row0 + j ROWS
+// (below n_end; zero elsewhere and in padded channels) and, with ROT, r[j] = its rotation (R f) at that
+// channel. The partner channel's phi comes from the neighbouring lane.
+template <typename T, int DP, bool ROT>
+__device__ __forceinline__ void la_features(const T* qk, const T* table, const LinAttnParams& p, long long b,
+                                            long long h, int part, long long n0, long long n_end,
+                                            T (&x)[LaCfg<T, DP>::PER_TILE], T (&r)[LaCfg<T, DP>::PER_TILE]) {
     using C = LaCfg<T, DP>;
     const int col = threadIdx.x % DP, row0 = threadIdx.x / DP;
+    const long long c = h * p.d + col, c2 = 2 * p.channels;
+    const bool live_col = col < p.d;
+    const T* raw = qk + b * p.tokens * c2 + part * p.channels;
+    LaPos pos(p, c, n0 + row0);
 #pragma unroll
     for (int j = 0; j < C::PER_TILE; ++j) {
-        const int t = row0 + j * C::ROWS;
-        const long long n = n0 + t;
-        T x = T(0), y = T(0);
-        if (n < n_end && col < p.d) {
-            const long long c = h * p.d + col;
-            const T* raw = qk + (b * p.tokens + n) * 2 * p.channels + part * p.channels;
-            x = la_phi(raw[c]);
-            if (r) {
-                // The pair partner c ^ 1 lies in the same head (d is even).
-                const T xp = la_phi(raw[c ^ 1]);
-                T cs, sn;
-                la_angle(table, p, n, c, cs, sn);
-                y = (c & 1) ? xp * sn + x * cs : x * cs - xp * sn;
+        const long long n = n0 + row0 + j * C::ROWS;
+        const bool live = live_col && n < n_end;
+        const T v = live ? la_phi(raw[n * c2 + c]) : T(0);
+        x[j] = v;
+        if constexpr (ROT) {
+            // The pair partner c ^ 1 lies in the same head (d is even), on lane ^ 1.
+            const T vp = la_partner(v);
+            T y = T(0);
+            if (live) {
+                const LaCS<T> e = pos.angle(table, p);
+                y = (c & 1) ? vp * e.s + v * e.c : v * e.c - vp * e.s;
             }
+            r[j] = y;
         }
-        f[t * DP + col] = x;
-        if (r) r[t * DP + col] = y;
+        pos.advance(C::ROWS, (unsigned)p.grid_w);
     }
 }
 
@@ -102,10 +205,37 @@ __device__ __forceinline__ void la_load_rows(const T* x, const LinAttnParams& p,
     }
 }
 
+// The thread's own elements of the tile rows, as la_load_rows stores them, in registers.
+template <typename T, int DP>
+__device__ __forceinline__ void la_rows(const T* x, const LinAttnParams& p, long long b, long long h, long long n0,
+                                        long long n_end, T (&v)[LaCfg<T, DP>::PER_TILE]) {
+    using C = LaCfg<T, DP>;
+    const int col = threadIdx.x % DP, row0 = threadIdx.x / DP;
+#pragma unroll
+    for (int j = 0; j < C::PER_TILE; ++j) {
+        const long long n = n0 + row0 + j * C::ROWS;
+        v[j] = (n < n_end && col < p.d) ? x[(b * p.tokens + n) * p.channels + h * p.d + col] : T(0);
+    }
+}
+
 // The gradient dx of channel c's rotated value from the rotated gradients of c (own) and of its partner:
 // R^T on the pair (re, im): dx_re = g_re cos + g_im sin, dx_im = -g_re sin + g_im cos.
 template <typename T> __device__ __forceinline__ T la_unrotate(long long c, T own, T partner, T cs, T sn) {
     return (c & 1) ? own * cs - partner * sn : own * cs + partner * sn;
+}
+
+// Sums each thread's per-column partial `v` over the ROWS threads of its column, in row order, into the
+// first DP threads' return value, through `buf` (NT elements). Ends with the block past a barrier after
+// which buf may be reused; must be entered after a barrier that ends the last use of buf.
+template <typename T, int DP> __device__ __forceinline__ T la_column_total(T v, T* buf) {
+    using C = LaCfg<T, DP>;
+    buf[threadIdx.x] = v;
+    __syncthreads();
+    T total = T(0);
+    if (threadIdx.x < DP) {
+        for (int r = 0; r < C::ROWS; ++r) total += buf[r * DP + threadIdx.x];
+    }
+    return total;
 }
 
 // ---- forward ----------------------------------------------------------------------------------------------
@@ -113,46 +243,67 @@ template <typename T> __device__ __forceinline__ T la_unrotate(long long c, T ow
 template <typename T, int DP>
 __device__ void la_fwd_reduce(LinAttnParams p, const T* qk, const T* v, const T* table, T* part_kv, T* part_ks) {
     using C = LaCfg<T, DP>;
-    __shared__ T sk[C::TILE], skr[C::TILE], sv[C::TILE];
+    constexpr int VW = LaVec<T>::VW;
+    __shared__ __align__(16) T skr[C::TILE], sv[C::TILE];
     const long long bh = blockIdx.x / p.slices, s = blockIdx.x % p.slices;
     const long long b = bh / p.heads, h = bh % p.heads;
     const long long n_begin = s * p.span, n_end = min(p.tokens, n_begin + p.span);
     const int col = threadIdx.x % DP, row0 = threadIdx.x / DP;
+    // Rows row0 PER_MAT .. + PER_MAT of kv's column col: one 16-byte broadcast load of k~ a token.
     T acc[C::PER_MAT];
 #pragma unroll
     for (int j = 0; j < C::PER_MAT; ++j) acc[j] = T(0);
-    T ksum = T(0);
+    T ksum = T(0);  // column col over this thread's tokens
     for (long long n0 = n_begin; n0 < n_end; n0 += C::TT) {
+        // The next tile's loads are issued before the barrier, under the other warps' math on this one.
+        T x[C::PER_TILE], r[C::PER_TILE], vv[C::PER_TILE];
+        la_features<T, DP, true>(qk, table, p, b, h, 1, n0, n_end, x, r);
+        la_rows<T, DP>(v, p, b, h, n0, n_end, vv);
         __syncthreads();  // the previous tile is consumed
-        la_load_features<T, DP>(qk, table, p, b, h, 1, n0, n_end, sk, skr);
-        la_load_rows<T, DP>(v, p, b, h, n0, n_end, sv);
+#pragma unroll
+        for (int j = 0; j < C::PER_TILE; ++j) {
+            const int t = row0 + j * C::ROWS;
+            skr[t * DP + col] = r[j];
+            sv[t * DP + col] = vv[j];
+            ksum += x[j];
+        }
         __syncthreads();
 #pragma unroll 4
         for (int t = 0; t < C::TT; ++t) {
             const T ve = sv[t * DP + col];
+            const T* kr = skr + t * DP + row0 * C::PER_MAT;
+            if constexpr (C::PER_MAT % VW == 0) {
 #pragma unroll
-            for (int j = 0; j < C::PER_MAT; ++j) acc[j] += skr[t * DP + row0 + j * C::ROWS] * ve;
-        }
-        if (threadIdx.x < DP) {
-            for (int t = 0; t < C::TT; ++t) ksum += sk[t * DP + threadIdx.x];
+                for (int j = 0; j < C::PER_MAT; j += VW) {
+                    T k4[VW];
+                    la_ld16(kr + j, k4);
+#pragma unroll
+                    for (int u = 0; u < VW; ++u) acc[j + u] += k4[u] * ve;
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < C::PER_MAT; ++j) acc[j] += kr[j] * ve;
+            }
         }
     }
+    __syncthreads();  // sv is free
+    const T ktotal = la_column_total<T, DP>(ksum, sv);
     const long long d = p.d, slot = bh * p.slices + s;
     if (col < d) {
 #pragma unroll
         for (int j = 0; j < C::PER_MAT; ++j) {
-            const int i = row0 + j * C::ROWS;
+            const int i = row0 * C::PER_MAT + j;
             if (i < d) part_kv[(slot * d + i) * d + col] = acc[j];
         }
     }
-    if (threadIdx.x < d) part_ks[slot * d + threadIdx.x] = ksum;
+    if (threadIdx.x < d) part_ks[slot * d + threadIdx.x] = ktotal;
 }
 
 template <typename T, int DP>
 __device__ void la_fwd_out(LinAttnParams p, const T* qk, const T* table, const T* part_kv, const T* part_ks,
                            T* kv, T* kmean, T* out) {
     using C = LaCfg<T, DP>;
-    __shared__ T skv[DP * DP], skm[DP], sq[C::TILE], sqr[C::TILE], sz[C::TT];
+    __shared__ __align__(16) T skv[DP * DP], skm[DP], sqr[C::TILE], scratch[LaScratch<T, DP>::ELEMS];
     const long long bh = blockIdx.x / p.slices, s = blockIdx.x % p.slices;
     const long long b = bh / p.heads, h = bh % p.heads;
     const long long n_begin = s * p.span, n_end = min(p.tokens, n_begin + p.span);
@@ -183,25 +334,27 @@ __device__ void la_fwd_out(LinAttnParams p, const T* qk, const T* table, const T
     T kvc[DP];  // column col of kv
 #pragma unroll
     for (int i = 0; i < DP; ++i) kvc[i] = skv[i * DP + col];
+    const T kmc = skm[col];
+    const T eps = T(p.eps);
     for (long long n0 = n_begin; n0 < n_end; n0 += C::TT) {
-        __syncthreads();
-        la_load_features<T, DP>(qk, table, p, b, h, 0, n0, n_end, sq, sqr);
-        __syncthreads();
-        for (int t = threadIdx.x; t < C::TT; t += C::NT) {
-            T dot = T(0);
+        // q and q~ of the thread's tokens; q . kmean per token summed across the row's lanes (all warps busy,
+        // no shared-memory pass).
+        T x[C::PER_TILE], r[C::PER_TILE], dot[C::PER_TILE];
+        la_features<T, DP, true>(qk, table, p, b, h, 0, n0, n_end, x, r);
 #pragma unroll
-            for (int j = 0; j < DP; ++j) dot += sq[t * DP + j] * skm[j];
-            sz[t] = T(1) / (dot + T(p.eps));
-        }
+        for (int j = 0; j < C::PER_TILE; ++j) dot[j] = x[j] * kmc;
+        la_row_sums<T, DP, C::PER_TILE>(dot, scratch);
+        __syncthreads();  // the previous tile is consumed
+#pragma unroll
+        for (int j = 0; j < C::PER_TILE; ++j) sqr[(row0 + j * C::ROWS) * DP + col] = r[j];
         __syncthreads();
 #pragma unroll
         for (int j = 0; j < C::PER_TILE; ++j) {
             const int t = row0 + j * C::ROWS;
             const long long n = n0 + t;
-            T o = T(0);
-#pragma unroll
-            for (int i = 0; i < DP; ++i) o += sqr[t * DP + i] * kvc[i];
-            if (n < n_end && col < d) out[(b * p.tokens + n) * p.channels + h * d + col] = o * sz[t];
+            const T o = la_dot_row<T, DP>(sqr + t * DP, kvc);
+            const T z = T(1) / (dot[j] + eps);
+            if (n < n_end && col < d) out[(b * p.tokens + n) * p.channels + h * d + col] = o * z;
         }
     }
 }
@@ -212,85 +365,89 @@ template <typename T, int DP>
 __device__ void la_bwd_reduce(LinAttnParams p, const T* qk, const T* table, const T* kv, const T* kmean,
                               const T* g, T* part_dkv, T* part_dkm, T* ds) {
     using C = LaCfg<T, DP>;
-    __shared__ T skm[DP], sq[C::TILE], sqr[C::TILE], sg[C::TILE], sprod[C::TILE], sz[C::TT], sds[C::TT];
+    constexpr int VW = LaVec<T>::VW;
+    __shared__ __align__(16) T sqr[C::TILE], sdg[C::TILE], scratch[2 * LaScratch<T, DP>::ELEMS];
     const long long bh = blockIdx.x / p.slices, s = blockIdx.x % p.slices;
     const long long b = bh / p.heads, h = bh % p.heads;
     const long long n_begin = s * p.span, n_end = min(p.tokens, n_begin + p.span);
     const long long d = p.d;
     const int col = threadIdx.x % DP, row0 = threadIdx.x / DP;
-    if (threadIdx.x < DP) skm[threadIdx.x] = threadIdx.x < d ? kmean[b * p.channels + h * d + threadIdx.x] : T(0);
+    const T kmc = col < d ? kmean[b * p.channels + h * d + col] : T(0);
     T kvc[DP];  // column col of kv
 #pragma unroll
     for (int i = 0; i < DP; ++i) kvc[i] = (i < d && col < d) ? kv[(bh * d + i) * d + col] : T(0);
-    T acc[C::PER_MAT];
+    T acc[C::PER_MAT];  // rows row0 PER_MAT .. + PER_MAT of dkv's column col
 #pragma unroll
     for (int j = 0; j < C::PER_MAT; ++j) acc[j] = T(0);
-    T dkm = T(0);
+    T dkm = T(0);  // column col over this thread's tokens
+    const T eps = T(p.eps);
     for (long long n0 = n_begin; n0 < n_end; n0 += C::TT) {
+        T x[C::PER_TILE], r[C::PER_TILE], gv[C::PER_TILE];
+        la_features<T, DP, true>(qk, table, p, b, h, 0, n0, n_end, x, r);
+        la_rows<T, DP>(g, p, b, h, n0, n_end, gv);
+        __syncthreads();  // the previous tile is consumed
+#pragma unroll
+        for (int j = 0; j < C::PER_TILE; ++j) sqr[(row0 + j * C::ROWS) * DP + col] = r[j];
         __syncthreads();
-        la_load_features<T, DP>(qk, table, p, b, h, 0, n0, n_end, sq, sqr);
-        la_load_rows<T, DP>(g, p, b, h, n0, n_end, sg);
-        __syncthreads();
-        // o = q~ kv, times G, per element; the normaliser per token.
+        // o = q~ kv per element; per token G . o and q . kmean across the row's lanes.
+        T sums[2 * C::PER_TILE];
 #pragma unroll
         for (int j = 0; j < C::PER_TILE; ++j) {
             const int t = row0 + j * C::ROWS;
-            T o = T(0);
-#pragma unroll
-            for (int i = 0; i < DP; ++i) o += sqr[t * DP + i] * kvc[i];
-            sprod[t * DP + col] = sg[t * DP + col] * o;
+            sums[j] = gv[j] * la_dot_row<T, DP>(sqr + t * DP, kvc);
+            sums[C::PER_TILE + j] = x[j] * kmc;
         }
-        __syncthreads();
-        for (int t = threadIdx.x; t < C::TT; t += C::NT) {
-            T dz = T(0), dot = T(0);
-#pragma unroll
-            for (int e = 0; e < DP; ++e) {
-                dz += sprod[t * DP + e];
-                dot += sq[t * DP + e] * skm[e];
-            }
-            const T z = T(1) / (dot + T(p.eps));
-            const T dsv = -(dz * z * z);
-            sz[t] = z;
-            sds[t] = dsv;
-            if (n0 + t < n_end) ds[bh * p.tokens + n0 + t] = dsv;
-        }
-        __syncthreads();
-        // dout = z G, in place (each thread its own elements).
+        la_row_sums<T, DP, 2 * C::PER_TILE>(sums, scratch);
 #pragma unroll
         for (int j = 0; j < C::PER_TILE; ++j) {
             const int t = row0 + j * C::ROWS;
-            sg[t * DP + col] *= sz[t];
+            const long long n = n0 + t;
+            const T z = T(1) / (sums[C::PER_TILE + j] + eps);
+            const T dsv = -(sums[j] * z * z);
+            if (col == 0 && n < n_end) ds[bh * p.tokens + n] = dsv;
+            sdg[t * DP + col] = gv[j] * z;  // dout = z G
+            dkm += dsv * x[j];
         }
         __syncthreads();
 #pragma unroll 4
         for (int t = 0; t < C::TT; ++t) {
-            const T de = sg[t * DP + col];
+            const T de = sdg[t * DP + col];
+            const T* qr = sqr + t * DP + row0 * C::PER_MAT;
+            if constexpr (C::PER_MAT % VW == 0) {
 #pragma unroll
-            for (int j = 0; j < C::PER_MAT; ++j) acc[j] += sqr[t * DP + row0 + j * C::ROWS] * de;
-        }
-        if (threadIdx.x < DP) {
-            for (int t = 0; t < C::TT; ++t) dkm += sds[t] * sq[t * DP + threadIdx.x];
+                for (int j = 0; j < C::PER_MAT; j += VW) {
+                    T q4[VW];
+                    la_ld16(qr + j, q4);
+#pragma unroll
+                    for (int u = 0; u < VW; ++u) acc[j + u] += q4[u] * de;
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < C::PER_MAT; ++j) acc[j] += qr[j] * de;
+            }
         }
     }
+    __syncthreads();  // sdg is free
+    const T dkm_total = la_column_total<T, DP>(dkm, sdg);
     const long long slot = bh * p.slices + s;
     if (col < d) {
 #pragma unroll
         for (int j = 0; j < C::PER_MAT; ++j) {
-            const int i = row0 + j * C::ROWS;
+            const int i = row0 * C::PER_MAT + j;
             if (i < d) part_dkv[(slot * d + i) * d + col] = acc[j];
         }
     }
-    if (threadIdx.x < d) part_dkm[slot * d + threadIdx.x] = dkm;
+    if (threadIdx.x < d) part_dkm[slot * d + threadIdx.x] = dkm_total;
 }
 
 // Shared memory of la_bwd_tokens, in elements of T: the larger of its two roles.
 template <typename T, int DP> struct LaBwdTokensSmem {
     using C = LaCfg<T, DP>;
-    // Role 0: kmean, the tiles q, G, dq~, and z, ds per token.
-    static constexpr int Q = DP + 3 * C::TILE + 2 * C::TT;
-    // Role 1: dkv with rows padded to DP + 1 (column reads without bank conflicts), dkmean, the tiles k, k~,
-    // v, dk~.
-    static constexpr int K = DP * (DP + 1) + DP + 4 * C::TILE;
+    // Role 0: the tile G, the row-sum scratch.
+    static constexpr int Q = C::TILE + LaScratch<T, DP>::ELEMS;
+    // Role 1: dkv with rows padded to DP + 1 (column reads without bank conflicts), dkmean, the tiles k~
+    // and v (at DP (DP + 2) elements: 16-byte aligned).
+    static constexpr int K = DP * (DP + 1) + DP + 2 * C::TILE;
     static constexpr int ELEMS = Q > K ? Q : K;
 };
 
@@ -298,7 +455,8 @@ template <typename T, int DP>
 __device__ void la_bwd_tokens(LinAttnParams p, const T* qk, const T* v, const T* table, const T* kv, const T* kmean,
                               const T* g, const T* ds, const T* part_dkv, const T* part_dkm, T* dqk, T* dv) {
     using C = LaCfg<T, DP>;
-    __shared__ T smem[LaBwdTokensSmem<T, DP>::ELEMS];
+    constexpr int VW = LaVec<T>::VW;
+    __shared__ __align__(16) T smem[LaBwdTokensSmem<T, DP>::ELEMS];
     const long long bh = blockIdx.x / p.slices, s = blockIdx.x % p.slices;
     const long long b = bh / p.heads, h = bh % p.heads;
     const long long n_begin = s * p.span, n_end = min(p.tokens, n_begin + p.span);
@@ -306,51 +464,45 @@ __device__ void la_bwd_tokens(LinAttnParams p, const T* qk, const T* v, const T*
     const T inv_n = T(p.inv_n);
     const int col = threadIdx.x % DP, row0 = threadIdx.x / DP;
     const long long c = h * d + col;  // this thread's channel
+    const unsigned w = (unsigned)p.grid_w;
     if (blockIdx.y == 0) {
         // dq = R^T (z G kv^T) + ds kmean, times phi'(.) = min(q, 1).
-        T* skm = smem;
-        T* sq = skm + DP;
-        T* sg = sq + C::TILE;
-        T* sdqr = sg + C::TILE;
-        T* sz = sdqr + C::TILE;
-        T* sds = sz + C::TT;
-        if (threadIdx.x < DP) skm[threadIdx.x] = threadIdx.x < d ? kmean[b * p.channels + h * d + threadIdx.x] : T(0);
+        T* sg = smem;
+        T* scratch = sg + C::TILE;
+        const T kmc = col < d ? kmean[b * p.channels + c] : T(0);
+        const T eps = T(p.eps);
         T kvr[DP];  // row col of kv
 #pragma unroll
         for (int e = 0; e < DP; ++e) kvr[e] = (e < d && col < d) ? kv[(bh * d + col) * d + e] : T(0);
         for (long long n0 = n_begin; n0 < n_end; n0 += C::TT) {
-            __syncthreads();
-            la_load_features<T, DP>(qk, table, p, b, h, 0, n0, n_end, sq, (T*)nullptr);
-            la_load_rows<T, DP>(g, p, b, h, n0, n_end, sg);
-            __syncthreads();
-            for (int t = threadIdx.x; t < C::TT; t += C::NT) {
-                T dot = T(0);
-#pragma unroll
-                for (int e = 0; e < DP; ++e) dot += sq[t * DP + e] * skm[e];
-                sz[t] = T(1) / (dot + T(p.eps));
-                sds[t] = n0 + t < n_end ? ds[bh * p.tokens + n0 + t] : T(0);
-            }
-            __syncthreads();
+            T x[C::PER_TILE], unused[C::PER_TILE], gv[C::PER_TILE], dsv[C::PER_TILE], dot[C::PER_TILE];
+            la_features<T, DP, false>(qk, table, p, b, h, 0, n0, n_end, x, unused);
+            la_rows<T, DP>(g, p, b, h, n0, n_end, gv);
 #pragma unroll
             for (int j = 0; j < C::PER_TILE; ++j) {
-                const int t = row0 + j * C::ROWS;
-                T acc = T(0);
-#pragma unroll
-                for (int e = 0; e < DP; ++e) acc += sg[t * DP + e] * kvr[e];
-                sdqr[t * DP + col] = acc * sz[t];
+                const long long n = n0 + row0 + j * C::ROWS;
+                dsv[j] = n < n_end ? ds[bh * p.tokens + n] : T(0);
+                dot[j] = x[j] * kmc;
             }
+            la_row_sums<T, DP, C::PER_TILE>(dot, scratch);
+            __syncthreads();  // the previous tile is consumed
+#pragma unroll
+            for (int j = 0; j < C::PER_TILE; ++j) sg[(row0 + j * C::ROWS) * DP + col] = gv[j];
             __syncthreads();
+            LaPos pos(p, c, n0 + row0);
 #pragma unroll
             for (int j = 0; j < C::PER_TILE; ++j) {
                 const int t = row0 + j * C::ROWS;
                 const long long n = n0 + t;
+                const T own = la_dot_row<T, DP>(sg + t * DP, kvr) * (T(1) / (dot[j] + eps));
+                const T partner = la_partner(own);
                 if (n < n_end && col < d) {
-                    T cs, sn;
-                    la_angle(table, p, n, c, cs, sn);
-                    const T back = la_unrotate(c, sdqr[t * DP + col], sdqr[t * DP + (col ^ 1)], cs, sn);
-                    const T q = sq[t * DP + col];
-                    dqk[(b * p.tokens + n) * c2 + c] = (back + sds[t] * skm[col]) * (q < T(1) ? q : T(1));
+                    const LaCS<T> e = pos.angle(table, p);
+                    const T back = la_unrotate(c, own, partner, e.c, e.s);
+                    const T q = x[j];
+                    dqk[(b * p.tokens + n) * c2 + c] = (back + dsv[j] * kmc) * (q < T(1) ? q : T(1));
                 }
+                pos.advance(C::ROWS, w);
             }
         }
     } else {
@@ -358,10 +510,8 @@ __device__ void la_bwd_tokens(LinAttnParams p, const T* qk, const T* v, const T*
         constexpr int LD = DP + 1;
         T* sdkv = smem;
         T* sdkm = sdkv + DP * LD;
-        T* sk = sdkm + DP;
-        T* skr = sk + C::TILE;
+        T* skr = sdkm + DP;
         T* sv = skr + C::TILE;
-        T* sdkr = sv + C::TILE;
         // Combine the slices' partial sums in slice order.
         for (int e = threadIdx.x; e < DP * DP; e += C::NT) {
             const int i = e / DP, j = e % DP;
@@ -382,58 +532,67 @@ __device__ void la_bwd_tokens(LinAttnParams p, const T* qk, const T* v, const T*
         T dkvr[DP];  // row col of dkv
 #pragma unroll
         for (int e = 0; e < DP; ++e) dkvr[e] = sdkv[col * LD + e];
+        const T dkm_n = sdkm[col] * inv_n;
         for (long long n0 = n_begin; n0 < n_end; n0 += C::TT) {
-            __syncthreads();
-            la_load_features<T, DP>(qk, table, p, b, h, 1, n0, n_end, sk, skr);
-            la_load_rows<T, DP>(v, p, b, h, n0, n_end, sv);
-            __syncthreads();
+            T x[C::PER_TILE], r[C::PER_TILE], vv[C::PER_TILE];
+            la_features<T, DP, true>(qk, table, p, b, h, 1, n0, n_end, x, r);
+            la_rows<T, DP>(v, p, b, h, n0, n_end, vv);
+            __syncthreads();  // the previous tile is consumed
 #pragma unroll
             for (int j = 0; j < C::PER_TILE; ++j) {
                 const int t = row0 + j * C::ROWS;
-                const long long n = n0 + t;
-                T dkr = T(0), dvv = T(0);
-#pragma unroll
-                for (int e = 0; e < DP; ++e) {
-                    dkr += sv[t * DP + e] * dkvr[e];
-                    dvv += skr[t * DP + e] * sdkv[e * LD + col];
-                }
-                sdkr[t * DP + col] = dkr * inv_n;
-                if (n < n_end && col < d) dv[(b * p.tokens + n) * p.channels + c] = dvv * inv_n;
+                skr[t * DP + col] = r[j];
+                sv[t * DP + col] = vv[j];
             }
             __syncthreads();
+            LaPos pos(p, c, n0 + row0);
 #pragma unroll
             for (int j = 0; j < C::PER_TILE; ++j) {
                 const int t = row0 + j * C::ROWS;
                 const long long n = n0 + t;
-                if (n < n_end && col < d) {
-                    T cs, sn;
-                    la_angle(table, p, n, c, cs, sn);
-                    const T back = la_unrotate(c, sdkr[t * DP + col], sdkr[t * DP + (col ^ 1)], cs, sn);
-                    const T k = sk[t * DP + col];
-                    dqk[(b * p.tokens + n) * c2 + p.channels + c] = (back + sdkm[col] * inv_n) * (k < T(1) ? k : T(1));
+                const bool live = n < n_end && col < d;
+                const T dkr = la_dot_row<T, DP>(sv + t * DP, dkvr);
+                T dvv = T(0);
+#pragma unroll
+                for (int e = 0; e < DP; e += VW) {
+                    T k4[VW];
+                    la_ld16(skr + t * DP + e, k4);
+#pragma unroll
+                    for (int u = 0; u < VW; ++u) dvv += k4[u] * sdkv[(e + u) * LD + col];
                 }
+                if (live) dv[(b * p.tokens + n) * p.channels + c] = dvv * inv_n;
+                const T own = dkr * inv_n;
+                const T partner = la_partner(own);
+                if (live) {
+                    const LaCS<T> e = pos.angle(table, p);
+                    const T back = la_unrotate(c, own, partner, e.c, e.s);
+                    const T k = x[j];
+                    dqk[(b * p.tokens + n) * c2 + p.channels + c] = (back + dkm_n) * (k < T(1) ? k : T(1));
+                }
+                pos.advance(C::ROWS, w);
             }
         }
     }
 }
 
 #define LA_KERNELS(T, S, DP)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT)                                               \
+    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT, LaCfg<T, DP>::MIN_FWD_REDUCE)                     \
         linattn_fwd_reduce_d##DP##_##S(LinAttnParams p, const T* qk, const T* v, const T* table, T* part_kv,    \
                                        T* part_ks) {                                                             \
         la_fwd_reduce<T, DP>(p, qk, v, table, part_kv, part_ks);                                                \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT)                                               \
+    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT, LaCfg<T, DP>::MIN_FWD_OUT)                     \
         linattn_fwd_out_d##DP##_##S(LinAttnParams p, const T* qk, const T* table, const T* part_kv,             \
                                     const T* part_ks, T* kv, T* kmean, T* out) {                                 \
         la_fwd_out<T, DP>(p, qk, table, part_kv, part_ks, kv, kmean, out);                                      \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT)                                               \
+    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT, LaCfg<T, DP>::MIN_BWD_REDUCE)                     \
         linattn_bwd_reduce_d##DP##_##S(LinAttnParams p, const T* qk, const T* table, const T* kv,               \
                                        const T* kmean, const T* g, T* part_dkv, T* part_dkm, T* ds) {           \
         la_bwd_reduce<T, DP>(p, qk, table, kv, kmean, g, part_dkv, part_dkm, ds);                               \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT) linattn_bwd_tokens_d##DP##_##S(              \
+    extern "C" __global__ void __launch_bounds__(LaCfg<T, DP>::NT, LaCfg<T, DP>::MIN_BWD_TOKENS)        \
+        linattn_bwd_tokens_d##DP##_##S(              \
         LinAttnParams p, const T* qk, const T* v, const T* table, const T* kv, const T* kmean, const T* g,      \
         const T* ds, const T* part_dkv, const T* part_dkm, T* dqk, T* dv) {                                      \
         la_bwd_tokens<T, DP>(p, qk, v, table, kv, kmean, g, ds, part_dkv, part_dkm, dqk, dv);                   \

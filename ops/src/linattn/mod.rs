@@ -37,6 +37,8 @@
 //! (linattn.cu, planned in cuda.rs) the reductions cut each (batch, head) into token slices whose partial
 //! sums are combined in a fixed order: no atomics, bitwise deterministic.
 //!
+//! NOTES.md here: the kernels' profile, what changed for speed and the predicted gains.
+//!
 //! `linear_attention_ref` (reference.rs) is the same function composed from the primitive ops, for tests and
 //! for odd head widths.
 

@@ -217,14 +217,25 @@ fn cuda_plan_slices_tokens_into_whole_tiles() {
         grid_w: tokens,
         eps: EPS,
     };
-    // MLLA-T stage 1 at batch 128 on 132 multiprocessors: 256 (batch, head) pairs, 3 slices of 33 tiles.
-    let p = cuda::Plan::new(dims(128, 3136, 2, 32), 4, 132, &[]).unwrap();
-    assert_eq!(p, cuda::Plan { dp: 32, span: 33 * 32, slices: 3, threads: 256 });
+    // H200 (132 multiprocessors), f32 d32 waves: forward reduce 6 blocks a multiprocessor, out 4; backward
+    // reduce 3, tokens 3 (two blocks a slice).
+    let fwd = cuda::Waves { reduce: 6 * 132, tokens: 4 * 132 };
+    let bwd = cuda::Waves { reduce: 3 * 132, tokens: 3 * 132 / 2 };
+    // MLLA-T stage 1 at batch 64 (128 pairs): forward 4 slices of 25 tiles (512 blocks, one wave of out),
+    // backward 3 of 33 (384 blocks: one wave of the reduction, two of the token pass).
+    let p = cuda::Plan::new(dims(64, 3136, 2, 32), 4, fwd, &[]).unwrap();
+    assert_eq!(p, cuda::Plan { dp: 32, span: 25 * 32, slices: 4, threads: 256 });
+    let p = cuda::Plan::new(dims(64, 3136, 2, 32), 4, bwd, &[]).unwrap();
+    assert_eq!((p.span, p.slices), (33 * 32, 3));
+    // Batch 128: 6 slices of 17 tiles.
+    let p = cuda::Plan::new(dims(128, 3136, 2, 32), 4, fwd, &[]).unwrap();
+    assert_eq!((p.span, p.slices), (17 * 32, 6));
     // Stage 4: enough pairs, one slice.
-    let p = cuda::Plan::new(dims(128, 49, 16, 32), 4, 132, &[]).unwrap();
+    let p = cuda::Plan::new(dims(128, 49, 16, 32), 4, fwd, &[]).unwrap();
     assert_eq!((p.slices, p.span), (1, 64));
     // Few pairs: many slices, never more than the tiles.
-    let p = cuda::Plan::new(dims(1, 100, 1, 8), 8, 132, &[]).unwrap();
+    let wide = cuda::Waves { reduce: 8 * 132, tokens: 8 * 132 };
+    let p = cuda::Plan::new(dims(1, 100, 1, 8), 8, wide, &[]).unwrap();
     assert_eq!((p.dp, p.threads, p.slices), (8, 64, 2));
     for (d, dp) in [(2, 8), (8, 8), (12, 16), (32, 32), (34, 64), (64, 64)] {
         assert_eq!(cuda::padded_width(d, &[]).unwrap(), dp);

@@ -198,20 +198,28 @@ template <typename T> struct Names;
 LA_NAMES(float, f32)
 LA_NAMES(double, f64)
 
-// cuda.rs's Plan, for a device of `sms` multiprocessors.
+// cuda.rs's Plan, for a device whose kernels hold `wr` (reductions) and `wt` (token passes) blocks a wave.
 struct Plan {
     int dp, threads;
     long long span, slices;
 };
 
-Plan plan_for(const Case& k, int elem, long long sms) {
+Plan plan_for(const Case& k, int elem, long long wr, long long wt) {
     const long long d = k.c / k.heads, N = k.h * k.w;
     int dp = 8;
     while (dp < d) dp *= 2;
     const long long tt = (elem * dp * dp > 16384 ? 2048 : 4096) / elem / dp;
     const long long tiles = std::max(1LL, (N + tt - 1) / tt), pairs = std::max(1LL, k.b * k.heads);
-    const long long wanted = std::min(tiles, std::max(1LL, (4 * sms + pairs - 1) / pairs));
-    const long long span = (tiles + wanted - 1) / wanted * tt;
+    const long long most = std::min(tiles, std::max(1LL, (4 * std::max(wr, wt) + pairs - 1) / pairs));
+    long long best = -1, span = tt;
+    for (long long wanted = 1; wanted <= most; ++wanted) {
+        const long long st = (tiles + wanted - 1) / wanted, sl = (tiles + st - 1) / st, bl = pairs * sl;
+        const long long cost = ((bl + wr - 1) / wr + (bl + wt - 1) / wt) * (8 * (st + 1) + sl);
+        if (best < 0 || cost < best) {
+            best = cost;
+            span = st * tt;
+        }
+    }
     return Plan{dp, dp <= 8 ? 64 : 256, span, std::max(1LL, (N + span - 1) / span)};
 }
 
@@ -261,7 +269,7 @@ double rel_error(const std::vector<double>& got, const std::vector<double>& want
     return num == 0 ? 0 : std::sqrt(num / den);
 }
 
-template <typename T> bool check(const Case& k, long long sms, uint64_t seed, double tol) {
+template <typename T> bool check(const Case& k, long long wr, long long wt, uint64_t seed, double tol) {
     std::mt19937_64 gen(seed);
     const long long N = k.h * k.w;
     const auto qk = uniform(gen, k.b * N * 2 * k.c, -2, 2), v = uniform(gen, k.b * N * k.c, -1.5, 1.5),
@@ -270,7 +278,7 @@ template <typename T> bool check(const Case& k, long long sms, uint64_t seed, do
     const auto tab = table<T>(k, 10000.0);
     const Result want = reference(k, widen(cast<T>(qk)), widen(cast<T>(v)), widen(cast<T>(g)),
                                   widen(tab), eps);
-    const Plan plan = plan_for(k, sizeof(T), sms);
+    const Plan plan = plan_for(k, sizeof(T), wr, wt);
     const Result got = run<T>(k, plan, qk, v, g, tab, eps, seed);
     const Result again = run<T>(k, plan, qk, v, g, tab, eps, seed + 7777);
     const char* names[] = {"out", "kmean", "kv", "dqk", "dv"};
@@ -300,17 +308,17 @@ template <typename T> bool check(const Case& k, long long sms, uint64_t seed, do
 
 int main() {
     bool ok = true;
-    // Head widths 2 .. 64 (every padded width, some padded), N = 1, one row, odd grids; the multiprocessor
-    // count varies the slicing (many slices, a last slice shorter than the others, one slice).
+    // Head widths 2 .. 64 (every padded width, some padded), N = 1, one row, odd grids; the wave sizes
+    // vary the slicing (many slices, a last slice shorter than the others, one slice).
     const Case cases[] = {
         {2, 3, 5, 8, 2},  {1, 1, 1, 4, 1},  {3, 4, 4, 16, 1}, {2, 2, 7, 12, 3}, {1, 6, 2, 24, 2},
         {1, 7, 7, 64, 2}, {1, 1, 40, 8, 2}, {1, 5, 9, 64, 1}, {1, 9, 10, 96, 2}, {1, 8, 8, 128, 4},
         {2, 3, 3, 32, 2},
     };
     for (const Case& k : cases)
-        for (long long sms : {64, 1}) {
-            ok &= check<float>(k, sms, 11, 1e-5);
-            ok &= check<double>(k, sms, 12, 1e-12);
+        for (long long waves : {256, 4, 1}) {
+            ok &= check<float>(k, waves * 3 / 2, waves, 11, 1e-5);
+            ok &= check<double>(k, waves * 3 / 2, waves, 12, 1e-12);
         }
     std::printf(ok ? "all passed\n" : "FAILURES\n");
     return ok ? 0 : 1;
