@@ -311,44 +311,6 @@ fn linear_bias_t<T: Float>(
     }
 }
 
-/// The weight and bias gradients of a Linear layer in one cuBLASLt product: `dW (n, k) = g^T a` over the
-/// stacked rows of g (rows, n) and a (rows, k), with `db[j] = sum_i g[i, j]` from its epilogue. Contiguous
-/// (n, k) and (n). `None` when cuBLASLt has no fused form for it.
-pub(super) fn linear_weight_bias_grads(
-    g: Dense,
-    a: Dense,
-    rows: usize,
-    k: usize,
-    n: usize,
-) -> Result<Option<(CudaStorage, CudaStorage)>> {
-    crate::util::same_cuda_dtypes("linear backward", &[g.storage, a.storage])?;
-    match g.storage.dtype() {
-        DType::F32 => grads_t::<f32>(g, a, rows, k, n),
-        DType::F64 => grads_t::<f64>(g, a, rows, k, n),
-    }
-}
-
-fn grads_t<T: Float>(
-    g: Dense,
-    a: Dense,
-    rows: usize,
-    k: usize,
-    n: usize,
-) -> Result<Option<(CudaStorage, CudaStorage)>> {
-    let dev = g.storage.device();
-    // dW (n, k) = op(A) B with A = g stored (rows, n) (trans_a: op(A) = g^T) and B = a (rows, k); the
-    // epilogue's row sums of op(A) are the column sums of g.
-    let cfg = GemmConfig::contiguous(1, n, k, rows, true, false);
-    let (gv, av) = (g.view::<T>("linear backward", rows * n)?, a.view::<T>("linear backward", rows * k)?);
-    let mut dw = dev.alloc::<T>(n * k)?;
-    let mut db = dev.alloc::<T>(n)?;
-    if dev.gemm_bias_grad::<T>(&cfg, &gv, &av, &mut dw.view_mut(), &mut db.view_mut())? {
-        Ok(Some((CudaStorage::from_slice(dev, dw)?, CudaStorage::from_slice(dev, db)?)))
-    } else {
-        Ok(None)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! The plans run on the host: a loop with the semantics [`GemmConfig`] documents stands in for cuBLAS, so

@@ -11,16 +11,16 @@
 //! order, so values and gradients are bitwise those of the composition (a test checks it, f32 and f64).
 //!
 //! On CUDA, with a bias, the forward is one cuBLASLt product with the bias in its epilogue
-//! (`CUBLASLT_EPILOGUE_BIAS`) instead of a cuBLAS GEMM and a broadcast add, and the weight gradient's product
-//! also produces the bias gradient (`CUBLASLT_EPILOGUE_BGRADB`) instead of a separate column-sum kernel. Both
-//! are f32 (TF32 when [`engine::cuda::set_tf32`] is on, as for every product) and f64. How the row-major
-//! operands map to cuBLASLt's column-major terms is in the engine's blaslt.rs: the forward is its "TN" product
-//! `Y^T (out x rows) = W^T^T X^T` with a bias of `out` (D's row count), the weight gradient its "NT" product
-//! `dW^T (in x out) = X^T g` whose op(B) = g^T is summed over k (the rows) into `db`.
+//! (`CUBLASLT_EPILOGUE_BIAS`) instead of a cuBLAS GEMM and a broadcast add: f32 (TF32 when
+//! [`engine::cuda::set_tf32`] is on, as for every product) and f64. How the row-major operands map to
+//! cuBLASLt's column-major terms is in the engine's blaslt.rs: the forward is its "TN" product
+//! `Y^T (out x rows) = W^T^T X^T` with a bias of `out` (D's row count). The backward is the composition's:
+//! cuBLAS products and our column sum for `db` (cuBLASLt's BGRADB epilogue was measured slower, see
+//! [`weight_bias_grads`]).
 //!
-//! Falls back to the composition's kernels (cuBLAS GEMM + add, GEMM + column sums) where cuBLASLt offers no
-//! algorithm, where a size is zero, or where the bias is not 16-byte aligned. A non-contiguous x (or W, b, or
-//! gradient) is copied contiguous first. Without a bias the op is the plain product on every device.
+//! Falls back to the composition's kernels (cuBLAS GEMM + add) where cuBLASLt offers no algorithm, where a
+//! size is zero, or where the bias is not 16-byte aligned. A non-contiguous x (or W, b) is copied contiguous
+//! first. Without a bias the op is the plain product on every device.
 
 use engine::{no_grad, Device, Error, Op, Result, Storage, Tensor};
 
@@ -66,8 +66,12 @@ pub(super) fn affine(a: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
 }
 
 /// The weight and bias gradients of `a W^T + b` for the cotangent g (..., n): `dW = g^T a` over the stacked
-/// rows and `db` the column sums of g (with `has_bias`). On CUDA with a bias, one cuBLASLt product where
-/// available; else the products and reduction of the composition's backward.
+/// rows and `db` the column sums of g (with `has_bias`): the composition's product and reduction.
+///
+/// Not cuBLASLt's BGRADB epilogue ([`engine::cuda::CudaDevice::gemm_bias_grad`]): on the H200 it runs the
+/// bias sums as a kernel of its own after the product (`globalKernelBgradAB_v2`), 130 us for a (200704, 64)
+/// cotangent against 46 us for our column sum, so the fused form was slower (MILA block forward+backward
+/// 5.80 ms with it).
 pub(super) fn weight_bias_grads(
     a: &Tensor,
     g: &Tensor,
@@ -76,19 +80,6 @@ pub(super) fn weight_bias_grads(
     has_bias: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let rows = a.numel() / k.max(1);
-    if has_bias && matches!(g.device(), Device::Cuda(_)) && rows > 0 && n > 0 && k > 0 {
-        let (gd, ad) = (dense(g)?, dense(a)?);
-        let (sg, sa) = (gd.storage(), ad.storage());
-        if let (Storage::Cuda(sg), Storage::Cuda(sa)) = (&*sg, &*sa) {
-            let op = |s, l: &Tensor| cuda::Dense { storage: s, offset: l.layout().offset() };
-            if let Some((dw, db)) = cuda::linear_weight_bias_grads(op(sg, &gd), op(sa, &ad), rows, k, n)? {
-                return Ok((
-                    Tensor::from_storage(Storage::Cuda(dw), &[n, k])?,
-                    Some(Tensor::from_storage(Storage::Cuda(db), &[n])?),
-                ));
-            }
-        }
-    }
     // dW^T = a^T g over the stacked rows (as the Linear's shared-weight gradient), then W's orientation.
     let dw = t(&super::matmul_nd(&t(&reshape_usize(a, &[rows, k])?)?, &reshape_usize(g, &[rows, n])?)?)?;
     let db = has_bias.then(|| sum_to_shape(g, &[n])).transpose()?;
