@@ -14,7 +14,7 @@ and `mila bench models --quick` uses the same shrunken sizes):
 | small_train | training step of the small MLLA | 32x32x1, embed 32, depths 1,2,2,1, heads 1,2,4,8, 10 classes (2.0M parameters), batch 256 | batch 8 |
 
 `--compile` adds `small_train` under torch.compile (mode "compile"; the model is compiled, the optimizer step
-stays eager).
+stays eager); `--compile-mlla` the MLLA-T training steps the same way.
 
 How a number is made (as src/bench.rs's Clock): inputs are random (normal images, uniform labels) and made
 once; each case runs `warmup` untimed calls, then `reps` repetitions of `calls` back-to-back calls, with `calls`
@@ -211,6 +211,11 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions: a smoke run")
     ap.add_argument("--compile", action="store_true", help="also time the small model's step under torch.compile")
+    ap.add_argument(
+        "--compile-mlla",
+        action="store_true",
+        help="also time the MLLA-T training steps under torch.compile (about 2 minutes of compiling each)",
+    )
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20, 3 with --quick)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3, 1 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -274,6 +279,12 @@ def main(argv=None):
         if want(key):
             name = f"MLLA-T training step (AdamW), {suffix}"
             attempt(key, "eager", lambda: add(key, name, shape, "eager", train_case(clock, device, tiny, tiny_batch), tiny_batch, tf32))
+            if args.compile_mlla:
+                attempt(
+                    key,
+                    "compile",
+                    lambda: add(key, name, shape, "compile", train_case(clock, device, tiny, tiny_batch, True), tiny_batch, tf32),
+                )
         key = f"mlla_t_infer_{suffix}"
         if want(key):
             name = f"MLLA-T inference, {suffix}"
@@ -306,6 +317,7 @@ def main(argv=None):
         "device": description,
         "quick": args.quick,
         "compile": args.compile,
+        "compile_mlla": args.compile_mlla,
         "warmup": warmup,
         "reps": reps,
         "timing": timing,
