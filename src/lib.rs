@@ -181,6 +181,10 @@ pub struct TrainArgs {
     /// Stop after this many epochs of this invocation (resume later with --resume).
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// Evaluate an exponential moving average of the weights with this decay (e.g. 0.998); the last
+    /// weights' accuracy is reported beside it after the last epoch.
+    #[arg(long)]
+    pub ema: Option<f64>,
 }
 
 fn datasets(name: &str, dir: Option<&Path>) -> Result<(nn::data::Dataset, nn::data::Dataset)> {
@@ -289,6 +293,7 @@ fn run_training(args: &TrainArgs) -> Result<ExitCode> {
         out_dir: args.out.clone(),
         progress: true,
         stop_after: args.stop_after,
+        ema_decay: args.ema,
     };
     let mut rng = engine::Generator::new(args.seed);
     let mut init = nn::Init { dtype: args.dtype, device: args.device, rng: &mut rng };
@@ -311,6 +316,13 @@ fn run_training(args: &TrainArgs) -> Result<ExitCode> {
         println!(
             "| {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.0} | {:.1} |",
             m.epoch, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.images_per_s, m.seconds
+        );
+    }
+    if let Some(raw) = metrics.last().and_then(|m| m.test_acc_raw) {
+        println!(
+            "test accuracy of the weight average (--ema {}); of the last weights: {:.2}%",
+            cfg.ema_decay.unwrap_or(0.0),
+            100.0 * raw
         );
     }
     if let Some(last) = metrics.last() {

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod ema;
 pub mod init;
 pub mod layers;
 pub mod module;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 use crate::data::{Augment, Dataset, Loader, LoaderConfig};
+use crate::ema::Ema;
 use crate::module::Module;
 use crate::optim::{AdamW, AdamWConfig, Optimizer, ParamGroup, Sgd, SgdConfig};
 use crate::schedule::CosineWarmup;
@@ -60,6 +61,10 @@ pub struct TrainConfig {
     /// `epochs`; `--resume` continues).
     #[serde(default)]
     pub stop_after: Option<usize>,
+    /// Keep an exponential moving average of the weights with this decay ([`crate::ema`]) and evaluate it
+    /// instead of the last weights.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -72,6 +77,10 @@ pub struct EpochMetrics {
     pub train_acc: f64,
     pub test_loss: f64,
     pub test_acc: f64,
+    /// With an EMA, the last weights' test accuracy, measured after the last epoch only (test_acc is the
+    /// average's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_acc_raw: Option<f64>,
     pub images_per_s: f64,
     pub seconds: f64,
     /// Every step's loss in this epoch (the resume test compares them).
@@ -179,13 +188,24 @@ fn make_optimizer<M: Classifier>(model: &M, cfg: &TrainConfig) -> Result<Box<dyn
     })
 }
 
-fn save_checkpoint<M: Classifier>(model: &M, opt: &dyn Optimizer, state: &RunState, path: &Path) -> Result<()> {
+fn save_checkpoint<M: Classifier>(
+    model: &M,
+    opt: &dyn Optimizer,
+    ema: Option<&Ema>,
+    state: &RunState,
+    path: &Path,
+) -> Result<()> {
     let named = model.named_parameters();
     let (opt_tensors, opt_counters) = opt.export_state(&named);
     let mut tensors = model.state_dict();
     tensors.extend(opt_tensors);
     let mut counters = model.counters();
     counters.extend(opt_counters);
+    if let Some(ema) = ema {
+        let (t, c) = ema.export();
+        tensors.extend(t);
+        counters.extend(c);
+    }
     let run = serde_json::to_string(state).map_err(|e| Error::Msg { context: "checkpoint", msg: e.to_string() })?;
     checkpoint::save(path, &tensors, &counters, HashMap::from([("run".to_string(), run)]))
 }
@@ -212,6 +232,7 @@ pub fn train<M: Classifier>(
         total,
     };
     let mut opt = make_optimizer(model, cfg)?;
+    let mut ema = cfg.ema_decay.map(|d| Ema::new(model, d)).transpose()?;
     let mut rng = Generator::new(cfg.seed ^ 0x6d69_6c61);
     let (mut start_epoch, mut step) = (0, 0);
     let ck_path = checkpoint_path(&cfg.out_dir);
@@ -221,6 +242,9 @@ pub fn train<M: Classifier>(
             .map_err(|e| Error::Msg { context: "resume", msg: format!("{}: no run state: {e}", ck_path.display()) })?;
         ck.load_into(model, "", false)?;
         opt.import_state(&model.named_parameters(), &ck.tensors, &ck.counters)?;
+        if let Some(ema) = &mut ema {
+            ema.import(&ck.tensors, &ck.counters)?;
+        }
         (start_epoch, step) = (run.epochs_done, run.step);
         rng = Generator::from_state(run.rng);
     }
@@ -316,6 +340,9 @@ pub fn train<M: Classifier>(
                 crate::optim::clip_grad_norm(&model.parameters(), max_norm)?;
             }
             opt.step()?;
+            if let Some(ema) = &mut ema {
+                ema.update(model)?;
+            }
             step += 1;
             if pending.len() >= sync_every {
                 settle(&mut pending, &bar)?;
@@ -327,7 +354,14 @@ pub fn train<M: Classifier>(
         settle(&mut pending, &bar)?;
         let seconds = started.elapsed().as_secs_f64();
         bar.finish_and_clear();
-        let (test_loss, test_acc) = evaluate(model, &test_loader, cfg)?;
+        let ((test_loss, test_acc), test_acc_raw) = match &ema {
+            None => (evaluate(model, &test_loader, cfg)?, None),
+            Some(ema) => {
+                let averaged = ema.with_shadow(model, |m| evaluate(m, &test_loader, cfg))?;
+                let raw = if epoch + 1 == cfg.epochs { Some(evaluate(model, &test_loader, cfg)?.1) } else { None };
+                (averaged, raw)
+            }
+        };
         let m = EpochMetrics {
             epoch: epoch + 1,
             step,
@@ -336,6 +370,7 @@ pub fn train<M: Classifier>(
             train_acc: hits as f64 / seen.max(1) as f64,
             test_loss,
             test_acc,
+            test_acc_raw,
             images_per_s: seen as f64 / seconds.max(1e-9),
             seconds,
             step_losses,
@@ -350,7 +385,7 @@ pub fn train<M: Classifier>(
         let line = serde_json::to_string(&m).map_err(|e| Error::Msg { context: "metrics", msg: e.to_string() })?;
         writeln!(metrics_file, "{line}").map_err(|e| io(&metrics_path, e))?;
         let state = RunState { epochs_done: epoch + 1, step, rng: rng.state(), config: cfg.clone() };
-        save_checkpoint(model, opt.as_ref(), &state, &ck_path)?;
+        save_checkpoint(model, opt.as_ref(), ema.as_ref(), &state, &ck_path)?;
         all.push(m);
     }
     // The curves of the whole run, earlier sessions of a resumed one included.

@@ -62,13 +62,29 @@ fn config(dir: &str, epochs: usize, lr: f64) -> TrainConfig {
         out_dir: std::env::temp_dir().join(format!("mila-trainer-{}-{dir}", std::process::id())),
         progress: false,
         stop_after: None,
+        ema_decay: None,
     }
 }
 
 #[test]
 fn learns_and_resumes_exactly() {
+    learn_and_resume("", None);
+}
+
+/// With a weight average too: the resumed run also continues the average exactly (its test accuracy is the
+/// average's), and the last epoch reports the last weights' accuracy beside it.
+#[test]
+fn learns_and_resumes_exactly_with_an_ema() {
+    let straight = learn_and_resume("ema", Some(0.9));
+    let last = straight.last().unwrap();
+    assert!(last.test_acc_raw.unwrap() > 0.6, "{last:?}");
+    assert!(straight[..2].iter().all(|m| m.test_acc_raw.is_none()));
+}
+
+fn learn_and_resume(tag: &str, ema_decay: Option<f64>) -> Vec<nn::trainer::EpochMetrics> {
     let (train_all, test_all) = Dataset::mnist10k().unwrap();
     let (tr, te) = (subset(&train_all, 600), subset(&test_all, 200));
+    let config = |dir: &str, epochs, lr| TrainConfig { ema_decay, ..config(&format!("{dir}{tag}"), epochs, lr) };
 
     let cfg = config("straight", 3, 3e-3);
     let mut a = tiny(1);
@@ -88,6 +104,7 @@ fn learns_and_resumes_exactly() {
     let losses = |ms: &[nn::trainer::EpochMetrics]| ms.iter().flat_map(|m| m.step_losses.clone()).collect::<Vec<_>>();
     assert_eq!([losses(&first), losses(&rest)].concat(), losses(&straight), "resumed losses differ");
     assert_eq!(rest[1].test_acc, straight[2].test_acc);
+    assert_eq!(rest[1].test_acc_raw, straight[2].test_acc_raw);
     // The resumed run's files cover the whole run: three metric lines and the curves.
     assert_eq!(nn::trainer::read_metrics(&cfg2.out_dir.join("metrics.jsonl")).unwrap().len(), 3);
     let png = std::fs::read(cfg2.out_dir.join("curves.png")).unwrap();
@@ -97,6 +114,7 @@ fn learns_and_resumes_exactly() {
     }
     let _ = std::fs::remove_dir_all(&cfg.out_dir);
     let _ = std::fs::remove_dir_all(&cfg2.out_dir);
+    straight
 }
 
 #[test]
