@@ -185,6 +185,10 @@ pub struct TrainArgs {
     /// weights' accuracy is reported beside it after the last epoch.
     #[arg(long)]
     pub ema: Option<f64>,
+    /// Stochastic depth: drop-path rates grow linearly from 0 to this over the blocks (default: the
+    /// model config's).
+    #[arg(long)]
+    pub drop_path: Option<f64>,
 }
 
 fn datasets(name: &str, dir: Option<&Path>) -> Result<(nn::data::Dataset, nn::data::Dataset)> {
@@ -260,7 +264,13 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
 fn run_training(args: &TrainArgs) -> Result<ExitCode> {
     use std::sync::Arc;
     let (train_set, test_set) = datasets(&args.dataset, args.data_dir.as_deref())?;
-    let model_cfg = model_config(&args.model, &train_set)?;
+    let mut model_cfg = model_config(&args.model, &train_set)?;
+    if let Some(rate) = args.drop_path {
+        if !(0.0..1.0).contains(&rate) {
+            return Err(engine::Error::Msg { context: "train", msg: format!("--drop-path {rate} is not in [0, 1)") });
+        }
+        model_cfg.drop_path_rate = rate;
+    }
     let pad = (model_cfg.img_size - train_set.height) / 2;
     let optimizer = match args.optimizer.as_str() {
         "adamw" => nn::trainer::OptimizerKind::AdamW,
