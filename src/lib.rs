@@ -185,10 +185,11 @@ pub struct TrainArgs {
     /// weights' accuracy is reported beside it after the last epoch.
     #[arg(long)]
     pub ema: Option<f64>,
-    /// Stochastic depth: drop-path rates grow linearly from 0 to this over the blocks (default: the
-    /// model config's).
-    #[arg(long)]
-    pub drop_path: Option<f64>,
+    /// Stochastic depth: drop-path rates grow linearly from 0 to this over the blocks. The default 0.1 is
+    /// the official MLLA class's (`drop_path_rate=0.1`); on the default run it raised the mean test accuracy
+    /// over seeds 0-7 from 98.32% (0.0) to 98.46% (0.2: 98.40%).
+    #[arg(long, default_value_t = 0.1)]
+    pub drop_path: f64,
 }
 
 fn datasets(name: &str, dir: Option<&Path>) -> Result<(nn::data::Dataset, nn::data::Dataset)> {
@@ -265,12 +266,11 @@ fn run_training(args: &TrainArgs) -> Result<ExitCode> {
     use std::sync::Arc;
     let (train_set, test_set) = datasets(&args.dataset, args.data_dir.as_deref())?;
     let mut model_cfg = model_config(&args.model, &train_set)?;
-    if let Some(rate) = args.drop_path {
-        if !(0.0..1.0).contains(&rate) {
-            return Err(engine::Error::Msg { context: "train", msg: format!("--drop-path {rate} is not in [0, 1)") });
-        }
-        model_cfg.drop_path_rate = rate;
+    if !(0.0..1.0).contains(&args.drop_path) {
+        let msg = format!("--drop-path {} is not in [0, 1)", args.drop_path);
+        return Err(engine::Error::Msg { context: "train", msg });
     }
+    model_cfg.drop_path_rate = args.drop_path;
     let pad = (model_cfg.img_size - train_set.height) / 2;
     let optimizer = match args.optimizer.as_str() {
         "adamw" => nn::trainer::OptimizerKind::AdamW,

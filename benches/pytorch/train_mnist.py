@@ -3,8 +3,9 @@
 
 Recipe (nn/src/trainer.rs, src/lib.rs `train`, nn/src/data/loader.rs):
 - data: the embedded MNIST-10k IDX files (data/mnist-10k, 8,000 train / 2,000 test), read with gzip + numpy;
-- model: MllaConfig::mnist (32x32x1, embed 16, depths 1,1,1,1, heads 1,2,4,8, 10 classes, no drop path;
-  444,002 parameters), the port in mlla_reference.py with MLLA's init;
+- model: MllaConfig::mnist (32x32x1, embed 16, depths 1,1,1,1, heads 1,2,4,8, 10 classes; 444,002
+  parameters), the port in mlla_reference.py with MLLA's init, drop path rates 0 to 0.1 over the blocks
+  (`mila train --drop-path`, the official MLLA class's default);
 - input: pixels (v / 255 - 0.1307) / 0.3081, zero-padded 28 -> 32 (2 px each side; padding is a zero pixel
   before normalisation); training images shifted by (dy, dx) uniform in [-2, 2]^2 per image (a random crop of
   the image padded by 2 more), test images not shifted;
@@ -152,6 +153,7 @@ def main(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--label-smoothing", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drop-path", type=float, default=0.1, help="drop path rate of the last block")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--tf32", action="store_true", help="TF32 matmuls and convs on CUDA (off: plain fp32)")
@@ -171,6 +173,7 @@ def main(argv=None):
     test = Batches(test_x, test_y, args.batch_size, pad=2, shift=0, shuffle=False, seed=args.seed)
 
     cfg = MllaConfig.mnist()
+    cfg.drop_path_rate = args.drop_path
     model = MLLA(cfg).to(device=device, dtype=torch.float32)
     fwd = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
