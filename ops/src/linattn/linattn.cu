@@ -442,7 +442,7 @@ __device__ void la_bwd_reduce(LinAttnParams p, const T* qk, const T* table, cons
     if (threadIdx.x < d) part_dkm[slot * d + threadIdx.x] = dkm_total;
 }
 
-// Shared memory of la_bwd_tokens, in elements of T: the larger of its two roles.
+// Shared memory of la_bwd_tokens_split, in elements of T: the larger of its two roles.
 template <typename T, int DP> struct LaBwdTokensSmem {
     using C = LaCfg<T, DP>;
     // Role 0: the tile G, the row-sum scratch.
