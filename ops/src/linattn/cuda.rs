@@ -1,6 +1,7 @@
 //! CUDA path of the fused linear attention (linattn.cu): two launches forward (token slices' partial sums of
 //! kv and k; then out, combining them), two backward (partial sums of dkv and dkmean with ds per token; then
-//! dqk and dv, q's half and k's half by separate blocks). Everything is enqueued on the device's stream.
+//! dqk and dv: one block a slice for widths whose tiles fit, else q's half and k's half by separate blocks).
+//! Everything is enqueued on the device's stream.
 
 use engine::cuda::{kernel_name, CudaDevice, CudaFunction, CudaStorage, DeviceRepr, LaunchConfig, PushKernelArg};
 use engine::{DType, Error, Float, Result};
@@ -60,12 +61,32 @@ fn threads(dp: usize) -> u32 {
 }
 
 /// The kernel `<base>_d<dp>_<dtype>` and the (batch, head, slice) blocks of one wave of it (`per` blocks a
-/// slice: 2 for the backward's token pass).
+/// slice: 2 for the backward's two-role token pass).
 fn kernel<T: Float>(dev: &CudaDevice, base: &str, dp: usize, per: usize) -> Result<(String, CudaFunction, usize)> {
     let base = format!("{base}_d{dp}");
     let f = function::<T>(dev, &MODULE, &base)?;
     let wave = dev.wave(MODULE.name, &kernel_name::<T>(&base), &f, threads(dp))?;
     Ok((base, f, (wave / per).max(1)))
+}
+
+/// Whether the backward's token pass for padded width `dp` is linattn.cu's tiled kernel (one block a slice
+/// doing dq, dk and dv), as `LaTok::TILED`: its three tiles and three d x d matrices fit 48 KiB of shared
+/// memory (f32 up to width 32, f64 up to 16). Otherwise it is the two-role kernel, two blocks a slice.
+pub(crate) fn tiled_tokens(dp: usize, elem_bytes: usize) -> bool {
+    let threads = threads(dp) as usize;
+    let tm = if elem_bytes == 4 { 2 } else { 1 }; // tokens a thread
+    let tt = threads / (dp / 4) * tm; // tokens a tile
+    let tile = dp * (tt + tm);
+    (3 * tile + 3 * dp * dp) * elem_bytes <= 48 * 1024
+}
+
+/// Blocks of the backward's token pass a (batch, head, slice): `blockIdx.y` values.
+fn token_roles(dp: usize, elem_bytes: usize) -> usize {
+    if tiled_tokens(dp, elem_bytes) {
+        1
+    } else {
+        2
+    }
 }
 
 /// Tokens per tile, as `LaCfg::TT` of linattn.cu: 4 KiB tiles, 2 KiB when a d x d matrix is over 16 KiB.
@@ -229,7 +250,8 @@ pub(super) fn backward(
         if batch * tokens > 0 {
             let dp = padded_width(d, shape)?;
             let (reduce, f_reduce, wr) = kernel::<T>(dev, "linattn_bwd_reduce", dp, 1)?;
-            let (tokens_k, f_tokens, wt) = kernel::<T>(dev, "linattn_bwd_tokens", dp, 2)?;
+            let roles = token_roles(dp, T::DTYPE.size_in_bytes());
+            let (tokens_k, f_tokens, wt) = kernel::<T>(dev, "linattn_bwd_tokens", dp, roles)?;
             let waves = Waves { reduce: wr, tokens: wt };
             let plan = Plan::new(dims, T::DTYPE.size_in_bytes(), waves, shape)?;
             let p = params(dims, plan, shape)?;
@@ -258,8 +280,9 @@ pub(super) fn backward(
             // SAFETY: linattn_bwd_tokens_d<DP>_<T>(LinAttnParams, qk, v, table, kv, kmean, g, ds, part_dkv,
             // part_dkm, dqk, dv) matches the arguments; it reads the operands above and what the previous launch
             // wrote (same plan, same stream), and writes dqk (B N 2C) and dv (B N C) at in-range indices, every
-            // element once across its two halves (blockIdx.y 0: q's channels, 1: k's channels and dv).
-            unsafe { args.launch(plan.config(dims, 2, shape)?) }.map_err(|e| launch_error(&base, e))?;
+            // element once: the tiled kernel (`roles` 1) all of a slice's in one block, the two-role kernel across
+            // its two halves (blockIdx.y 0: q's channels, 1: k's channels and dv).
+            unsafe { args.launch(plan.config(dims, roles as u32, shape)?) }.map_err(|e| launch_error(&base, e))?;
         }
         Ok((storage(dev, dqk)?, storage(dev, dv)?))
     }

@@ -13,7 +13,8 @@
 //   linattn_fwd_reduce:  kv and k-sum partials per slice            reads k half of qk, v
 //   linattn_fwd_out:     combines them (slice 0 writes kv, kmean), out = z (q~ kv)     reads q half
 //   linattn_bwd_reduce:  ds = -z^2 (G . o), dkv and dkmean partials per slice         reads q half, g
-//   linattn_bwd_tokens:  blockIdx.y 0: dq (q half of dqk); 1: dk (k half) and dv      reads all
+//   linattn_bwd_tokens:  dq, dk (the two halves of dqk) and dv by one block a slice (la_bwd_tokens_tiled), or,
+//                        where its tiles do not fit, blockIdx.y 0: dq; 1: dk and dv         reads all
 //
 // The padded tiles let every token loop run over the whole tile: padded tokens and channels are zeros, whose
 // products add nothing.
@@ -42,7 +43,8 @@ template <typename T, int DP> struct LaCfg {
     // Blocks a multiprocessor must hold (__launch_bounds__' second argument, which caps the registers at
     // 65536 / (NT * MIN)), for f32 at widths 16 and 32 (MLLA's case); elsewhere the compiler's choice.
     // NVRTC 13.2, sm_90, f32 d32: fwd_reduce 39 registers (6 blocks), fwd_out 64 (4; 8 bytes spilled),
-    // bwd_reduce 80 (3; 28/48 bytes spill stores/loads), bwd_tokens 80 (3; 12/36) - uncapped 44, 80, 86, 100.
+    // bwd_reduce 80 (3; 28/48 bytes spill stores/loads), bwd_tokens (tiled) 80 (3; 76/48) - uncapped 44, 80,
+    // 86, 123 (NOTES.md).
     static constexpr bool CAP = sizeof(T) == 4 && (DP == 16 || DP == 32);
     static constexpr int MIN_FWD_REDUCE = CAP ? 6 : 1;
     static constexpr int MIN_FWD_OUT = CAP ? 4 : 1;
@@ -440,7 +442,7 @@ __device__ void la_bwd_reduce(LinAttnParams p, const T* qk, const T* table, cons
     if (threadIdx.x < d) part_dkm[slot * d + threadIdx.x] = dkm_total;
 }
 
-// Shared memory of la_bwd_tokens, in elements of T: the larger of its two roles.
+// Shared memory of la_bwd_tokens_split, in elements of T: the larger of its two roles.
 template <typename T, int DP> struct LaBwdTokensSmem {
     using C = LaCfg<T, DP>;
     // Role 0: the tile G, the row-sum scratch.
@@ -451,8 +453,10 @@ template <typename T, int DP> struct LaBwdTokensSmem {
     static constexpr int ELEMS = Q > K ? Q : K;
 };
 
+// The two-role token pass, for the widths whose tiles do not fit la_bwd_tokens_tiled's layout (f32 DP 64,
+// f64 DP 32 and 64): blockIdx.y 0 computes dq, 1 dk and dv, one element per thread and token.
 template <typename T, int DP>
-__device__ void la_bwd_tokens(LinAttnParams p, const T* qk, const T* v, const T* table, const T* kv, const T* kmean,
+__device__ void la_bwd_tokens_split(LinAttnParams p, const T* qk, const T* v, const T* table, const T* kv, const T* kmean,
                               const T* g, const T* ds, const T* part_dkv, const T* part_dkm, T* dqk, T* dv) {
     using C = LaCfg<T, DP>;
     constexpr int VW = LaVec<T>::VW;
@@ -572,6 +576,334 @@ __device__ void la_bwd_tokens(LinAttnParams p, const T* qk, const T* v, const T*
                 pos.advance(C::ROWS, w);
             }
         }
+    }
+}
+
+// ---- backward token pass, tiled --------------------------------------------------------------------------
+//
+// One block computes all three products for its tokens (a grid of one block a slice), a tile of TT tokens at
+// a time, as small matrix products with the d x d matrices in shared memory:
+//
+//   dq~ = (z G) kv^T,   dk~ = v dkv^T / N,   dv = k~ dkv / N
+//
+// Thread t owns the 4 channels c0 = 4 (t % CG) .. c0 + 3 (two whole RoPE pairs) of the TM consecutive tokens
+// TM (t / CG) .. + TM of the tile. So its global loads and stores are 4 channels wide (16 bytes in f32 when
+// d % 4 == 0), it rotates and unrotates its pairs without other threads, and in each product it keeps its
+// TM x 4 block of the result in registers: per reduction index e, one TM-wide shared load of the transposed
+// operand tile [e][token] (a broadcast over the CG threads of a token) and one 4-wide load of the matrix row
+// [e][c0 ..] feed 4 TM FMAs (was: 1 FMA a shared load for dv, 4 for dk and dq). q . kmean is a butterfly over
+// the CG lanes of a token. Padded channels are zeros; tokens past the slice are loaded as the slice's last
+// token (no branch around the loads) and never stored.
+template <typename T, int DP> struct LaTok {
+    static constexpr int NT = LaCfg<T, DP>::NT;
+    static constexpr int CG = DP / 4;                  // threads a token
+    static constexpr int TM = sizeof(T) == 4 ? 2 : 1;  // tokens a thread
+    static constexpr int TT = NT / CG * TM;            // tokens a tile
+    // Row stride of the transposed tiles: padded by TM (keeps TM-element alignment; with f32 DP 32 a warp's
+    // transposing stores then hit every bank equally often).
+    static constexpr int LDA = TT + TM;
+    static constexpr int TILE = DP * LDA;
+    // Three tiles (z G, v, k~) and three matrices (kv^T, dkv^T, dkv).
+    static constexpr int ELEMS = 3 * TILE + 3 * DP * DP;
+    // Mirrored by cuda.rs `tiled_tokens`: f32 DP <= 32, f64 DP <= 16.
+    static constexpr bool TILED = ELEMS * (int)sizeof(T) <= 48 * 1024;
+    static_assert(TILE * sizeof(T) % 16 == 0, "the tiles and matrices must stay 16-byte aligned");
+    static_assert(NT % CG == 0, "a token's threads must not straddle blocks");
+};
+
+#ifndef LA_CHECK_ALIGNED
+#define LA_CHECK_ALIGNED(ptr, bytes)
+#endif
+
+// Two consecutive elements (one RoPE pair, 8- or 16-byte aligned) of global memory; zeros when !live.
+template <typename T> __device__ __forceinline__ void la_ld2(const T* ptr, bool live, T& a, T& b) {
+    LA_CHECK_ALIGNED(ptr, 2 * sizeof(T));
+    if constexpr (sizeof(T) == 4) {
+        const float2 v = live ? *reinterpret_cast<const float2*>(ptr) : make_float2(0.f, 0.f);
+        a = v.x;
+        b = v.y;
+    } else {
+        const double2 v = live ? *reinterpret_cast<const double2*>(ptr) : make_double2(0.0, 0.0);
+        a = v.x;
+        b = v.y;
+    }
+}
+
+// Channels c0 .. c0 + 3 of a token: the pairs live0 (c0 < d) and live1 (c0 + 2 < d), zeros elsewhere. With
+// vec4 (d % 4 == 0: the address is 16-byte aligned and the two pairs live or dead together) f32 takes one
+// 16-byte load.
+template <typename T>
+__device__ __forceinline__ void la_ld4(const T* ptr, bool vec4, bool live0, bool live1, T (&x)[4]) {
+    if constexpr (sizeof(T) == 4) {
+        if (vec4) {
+            LA_CHECK_ALIGNED(ptr, 16);
+            const float4 v = live0 ? *reinterpret_cast<const float4*>(ptr) : make_float4(0.f, 0.f, 0.f, 0.f);
+            x[0] = v.x;
+            x[1] = v.y;
+            x[2] = v.z;
+            x[3] = v.w;
+            return;
+        }
+    }
+    la_ld2(ptr, live0, x[0], x[1]);
+    la_ld2(ptr + 2, live1, x[2], x[3]);
+}
+
+// Stores what la_ld4 loads.
+template <typename T>
+__device__ __forceinline__ void la_st4(T* ptr, bool vec4, bool live0, bool live1, const T (&x)[4]) {
+    if constexpr (sizeof(T) == 4) {
+        if (vec4) {
+            LA_CHECK_ALIGNED(ptr, 16);
+            if (live0) *reinterpret_cast<float4*>(ptr) = make_float4(x[0], x[1], x[2], x[3]);
+            return;
+        }
+        LA_CHECK_ALIGNED(ptr, 8);
+        if (live0) *reinterpret_cast<float2*>(ptr) = make_float2(x[0], x[1]);
+        if (live1) *reinterpret_cast<float2*>(ptr + 2) = make_float2(x[2], x[3]);
+    } else {
+        LA_CHECK_ALIGNED(ptr, 16);
+        if (live0) *reinterpret_cast<double2*>(ptr) = make_double2(x[0], x[1]);
+        if (live1) *reinterpret_cast<double2*>(ptr + 2) = make_double2(x[2], x[3]);
+    }
+}
+
+// N consecutive elements of shared memory (N = 1, or 2 as one 8-byte f32 load), N-element aligned.
+template <typename T, int N> __device__ __forceinline__ void la_lds(const T* ptr, T (&x)[N]) {
+    if constexpr (N == 2 && sizeof(T) == 4) {
+        LA_CHECK_ALIGNED(ptr, 8);
+        const float2 v = *reinterpret_cast<const float2*>(ptr);
+        x[0] = v.x;
+        x[1] = v.y;
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) x[i] = ptr[i];
+    }
+}
+
+// Stores what la_lds loads.
+template <typename T, int N> __device__ __forceinline__ void la_sts(T* ptr, const T (&x)[N]) {
+    if constexpr (N == 2 && sizeof(T) == 4) {
+        LA_CHECK_ALIGNED(ptr, 8);
+        *reinterpret_cast<float2*>(ptr) = make_float2(x[0], x[1]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) ptr[i] = x[i];
+    }
+}
+
+// acc[m][u] = sum over e = 0 .. DP - 1, in order, of at[e][tok + m] m[e][c0 + u]: the thread's block of
+// (tile rows) x (matrix), the tile stored transposed (row stride LDA), the matrix with rows of DP.
+template <typename T, int DP>
+__device__ __forceinline__ void la_tile_mm(const T* at, const T* mat, int tok, int c0,
+                                           T (&acc)[LaTok<T, DP>::TM][4]) {
+    using K = LaTok<T, DP>;
+    constexpr int VW = LaVec<T>::VW;
+#pragma unroll
+    for (int m = 0; m < K::TM; ++m) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) acc[m][u] = T(0);
+    }
+#pragma unroll
+    for (int e = 0; e < DP; ++e) {
+        T a[K::TM], w[4];
+        la_lds<T, K::TM>(at + e * K::LDA + tok, a);
+#pragma unroll
+        for (int u = 0; u < 4; u += VW) {
+            T q[VW];
+            la_ld16(mat + e * DP + c0 + u, q);
+#pragma unroll
+            for (int i = 0; i < VW; ++i) w[u + i] = q[i];
+        }
+#pragma unroll
+        for (int m = 0; m < K::TM; ++m) {
+#pragma unroll
+            for (int u = 0; u < 4; ++u) acc[m][u] += a[m] * w[u];
+        }
+    }
+}
+
+template <typename T, int DP>
+__device__ void la_bwd_tokens_tiled(LinAttnParams p, const T* qk, const T* v, const T* table, const T* kv,
+                                    const T* kmean, const T* g, const T* ds, const T* part_dkv,
+                                    const T* part_dkm, T* dqk, T* dv) {
+    using K = LaTok<T, DP>;
+    constexpr int TM = K::TM, LDA = K::LDA;
+    __shared__ __align__(16) T smem[K::ELEMS];
+    T* sg = smem;               // (z G)^T: [channel][token], rows of LDA
+    T* sv = sg + K::TILE;       // v^T
+    T* sk = sv + K::TILE;       // k~^T
+    T* skvt = sk + K::TILE;     // kv^T: [e][i]
+    T* sdkvt = skvt + DP * DP;  // dkv^T
+    T* sdkv = sdkvt + DP * DP;  // dkv: [i][e]
+    const long long bh = blockIdx.x / p.slices, s = blockIdx.x % p.slices;
+    const long long b = bh / p.heads, h = bh % p.heads;
+    const long long n_begin = s * p.span, n_end = min(p.tokens, n_begin + p.span);
+    const int d = (int)p.d;
+    const long long C = p.channels, c2 = 2 * C;
+    // The matrices, padded with zeros; dkv combines the slices' partial sums in slice order.
+    for (int x = threadIdx.x; x < DP * DP; x += K::NT) {
+        const int i = x / DP, e = x % DP;
+        T a = T(0), m = T(0);
+        if (i < d && e < d) {
+            a = kv[(bh * d + i) * d + e];
+            for (long long k = 0; k < p.slices; ++k) m += part_dkv[((bh * p.slices + k) * d + i) * d + e];
+        }
+        skvt[e * DP + i] = a;
+        sdkvt[e * DP + i] = m;
+        sdkv[i * DP + e] = m;
+    }
+    const int cg = threadIdx.x % K::CG, tok = (threadIdx.x / K::CG) * TM, c0 = 4 * cg;
+    const bool live0 = c0 < d, live1 = c0 + 2 < d, vec4 = d % 4 == 0;
+    const long long ch = h * d + c0;  // the thread's first channel
+    const T inv_n = T(p.inv_n), eps = T(p.eps);
+    T km[4], dkm[4];  // kmean, dkmean / N at the thread's channels
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const bool live = c0 + u < d;
+        km[u] = live ? kmean[b * C + ch + u] : T(0);
+        T val = T(0);
+        if (live) {
+            for (long long k = 0; k < p.slices; ++k) val += part_dkm[(bh * p.slices + k) * d + c0 + u];
+        }
+        dkm[u] = val * inv_n;
+    }
+    // RoPE: pair j (channels ch + 2 j, + 1) turns with table row gy when pair < C/4, else H + gx; its entry
+    // is table[tbase[j] + (gy or gx) * 2 (C/4)].
+    const long long quarter = C / 4, q2 = 2 * quarter;
+    long long tbase[2];
+    bool trow[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const long long pair = (ch >> 1) + j;
+        trow[j] = pair < quarter;
+        tbase[j] = trow[j] ? 2 * pair : p.grid_h * q2 + 2 * (pair - quarter);
+    }
+    const unsigned w = (unsigned)p.grid_w, ylast = (unsigned)p.grid_h - 1;
+    for (long long n0 = n_begin; n0 < n_end; n0 += K::TT) {
+        T xq[TM][4], xk[TM][4], gz[TM][4], vv[TM][4], dsv[TM];
+        LaCS<T> cs[TM][2];
+        long long row[TM];  // b N + the token (the slice's last one for tokens past it)
+        bool live_n[TM];
+        // 32-bit division: the host checks that N fits in an int.
+        unsigned gy = (unsigned)(n0 + tok) / w, gx = (unsigned)(n0 + tok) - gy * w;
+#pragma unroll
+        for (int m = 0; m < TM; ++m) {
+            const long long n = n0 + tok + m;
+            live_n[m] = n < n_end;
+            const long long nn = live_n[m] ? n : n_end - 1;
+            row[m] = b * p.tokens + nn;
+            T qraw[4], kraw[4];
+            la_ld4(qk + row[m] * c2 + ch, vec4, live0, live1, qraw);
+            la_ld4(qk + row[m] * c2 + C + ch, vec4, live0, live1, kraw);
+            la_ld4(g + row[m] * C + ch, vec4, live0, live1, gz[m]);
+            la_ld4(v + row[m] * C + ch, vec4, live0, live1, vv[m]);
+            dsv[m] = ds[bh * p.tokens + nn];
+            const unsigned ty = gy < ylast ? gy : ylast;  // tokens past the grid (never stored) stay in the table
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const bool live = j == 0 ? live0 : live1;
+                const long long at = tbase[j] + (long long)(trow[j] ? ty : gx) * q2;
+                cs[m][j] = live ? *reinterpret_cast<const LaCS<T>*>(table + at) : LaCS<T>{T(0), T(0)};
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const bool live = u < 2 ? live0 : live1;
+                xq[m][u] = live ? la_phi(qraw[u]) : T(0);
+                xk[m][u] = live ? la_phi(kraw[u]) : T(0);
+            }
+            if (++gx == w) {
+                gx = 0;
+                ++gy;
+            }
+        }
+        // z = 1 / (q . kmean + eps) per token: the thread's 4 channels, then a butterfly over the token's lanes.
+        T kr[TM][4];
+#pragma unroll
+        for (int m = 0; m < TM; ++m) {
+            T dot = xq[m][0] * km[0] + xq[m][1] * km[1] + xq[m][2] * km[2] + xq[m][3] * km[3];
+#pragma unroll
+            for (int o = 1; o < K::CG; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+            const T z = T(1) / (dot + eps);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) gz[m][u] *= z;  // dout = z G
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const T re = xk[m][2 * j], im = xk[m][2 * j + 1], c = cs[m][j].c, sn = cs[m][j].s;
+                kr[m][2 * j] = re * c - im * sn;
+                kr[m][2 * j + 1] = re * sn + im * c;
+            }
+        }
+        __syncthreads();  // the previous tile's products are done
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            T a[TM], bq[TM], cq[TM];
+#pragma unroll
+            for (int m = 0; m < TM; ++m) {
+                a[m] = gz[m][u];
+                bq[m] = vv[m][u];
+                cq[m] = kr[m][u];
+            }
+            la_sts<T, TM>(sg + (c0 + u) * LDA + tok, a);
+            la_sts<T, TM>(sv + (c0 + u) * LDA + tok, bq);
+            la_sts<T, TM>(sk + (c0 + u) * LDA + tok, cq);
+        }
+        __syncthreads();
+        T acc[TM][4], o[4];
+        // dq = (R^T dq~ + ds kmean) min(q, 1); R^T on a pair (re, im): (re c + im s, im c - re s).
+        la_tile_mm<T, DP>(sg, skvt, tok, c0, acc);
+#pragma unroll
+        for (int m = 0; m < TM; ++m) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const T re = acc[m][2 * j], im = acc[m][2 * j + 1], c = cs[m][j].c, sn = cs[m][j].s;
+                const T back[2] = {re * c + im * sn, im * c - re * sn};
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const int u = 2 * j + i;
+                    const T q = xq[m][u];
+                    o[u] = (back[i] + dsv[m] * km[u]) * (q < T(1) ? q : T(1));
+                }
+            }
+            if (live_n[m]) la_st4(dqk + row[m] * c2 + ch, vec4, live0, live1, o);
+        }
+        // dk = (R^T dk~ / N + dkmean / N) min(k, 1)
+        la_tile_mm<T, DP>(sv, sdkvt, tok, c0, acc);
+#pragma unroll
+        for (int m = 0; m < TM; ++m) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const T re = acc[m][2 * j] * inv_n, im = acc[m][2 * j + 1] * inv_n;
+                const T c = cs[m][j].c, sn = cs[m][j].s;
+                const T back[2] = {re * c + im * sn, im * c - re * sn};
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const int u = 2 * j + i;
+                    const T k = xk[m][u];
+                    o[u] = (back[i] + dkm[u]) * (k < T(1) ? k : T(1));
+                }
+            }
+            if (live_n[m]) la_st4(dqk + row[m] * c2 + C + ch, vec4, live0, live1, o);
+        }
+        // dv = k~ dkv / N
+        la_tile_mm<T, DP>(sk, sdkv, tok, c0, acc);
+#pragma unroll
+        for (int m = 0; m < TM; ++m) {
+#pragma unroll
+            for (int u = 0; u < 4; ++u) o[u] = acc[m][u] * inv_n;
+            if (live_n[m]) la_st4(dv + row[m] * C + ch, vec4, live0, live1, o);
+        }
+    }
+}
+
+template <typename T, int DP>
+__device__ __forceinline__ void la_bwd_tokens(LinAttnParams p, const T* qk, const T* v, const T* table, const T* kv,
+                                              const T* kmean, const T* g, const T* ds, const T* part_dkv,
+                                              const T* part_dkm, T* dqk, T* dv) {
+    if constexpr (LaTok<T, DP>::TILED) {
+        la_bwd_tokens_tiled<T, DP>(p, qk, v, table, kv, kmean, g, ds, part_dkv, part_dkm, dqk, dv);
+    } else {
+        la_bwd_tokens_split<T, DP>(p, qk, v, table, kv, kmean, g, ds, part_dkv, part_dkm, dqk, dv);
     }
 }
 

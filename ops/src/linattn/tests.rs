@@ -218,11 +218,11 @@ fn cuda_plan_slices_tokens_into_whole_tiles() {
         eps: EPS,
     };
     // H200 (132 multiprocessors), f32 d32 waves: forward reduce 6 blocks a multiprocessor, out 4; backward
-    // reduce 3, tokens 3 (two blocks a slice).
+    // reduce 3, tokens 3 (the tiled kernel: one block a slice).
     let fwd = cuda::Waves { reduce: 6 * 132, tokens: 4 * 132 };
-    let bwd = cuda::Waves { reduce: 3 * 132, tokens: 3 * 132 / 2 };
+    let bwd = cuda::Waves { reduce: 3 * 132, tokens: 3 * 132 };
     // MLLA-T stage 1 at batch 64 (128 pairs): forward 4 slices of 25 tiles (512 blocks, one wave of out),
-    // backward 3 of 33 (384 blocks: one wave of the reduction, two of the token pass).
+    // backward 3 of 33 (384 blocks: one wave of each kernel).
     let p = cuda::Plan::new(dims(64, 3136, 2, 32), 4, fwd, &[]).unwrap();
     assert_eq!(p, cuda::Plan { dp: 32, span: 25 * 32, slices: 4, threads: 256 });
     let p = cuda::Plan::new(dims(64, 3136, 2, 32), 4, bwd, &[]).unwrap();
@@ -245,6 +245,11 @@ fn cuda_plan_slices_tokens_into_whole_tiles() {
     assert_eq!(cuda::tile_tokens(32, 4), 32);
     assert_eq!(cuda::tile_tokens(64, 8), 4);
     assert_eq!(cuda::tile_tokens(8, 4), 128);
+    // The backward's token pass is tiled (one block a slice) where its tiles fit: f32 up to width 32, f64
+    // up to 16 (linattn.cu's LaTok::TILED).
+    for (dp, f32_tiled, f64_tiled) in [(8, true, true), (16, true, true), (32, true, false), (64, false, false)] {
+        assert_eq!((cuda::tiled_tokens(dp, 4), cuda::tiled_tokens(dp, 8)), (f32_tiled, f64_tiled), "width {dp}");
+    }
 }
 
 #[test]

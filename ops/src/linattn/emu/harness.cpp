@@ -11,6 +11,9 @@
 #undef __shared__
 #define __shared__ static
 
+// The tiled token pass checks its vector accesses' alignment here (a no-op on the GPU).
+#define LA_CHECK_ALIGNED(ptr, bytes) emu::check_aligned((ptr), (bytes))
+
 #include "../../../../engine/src/cuda/prelude.cuh"
 #include "../../prelude.cuh"
 #include "../linattn.cu"
@@ -194,6 +197,15 @@ template <typename T> struct Names;
                                const T* e, const T* f, const T* g, const T* h, const T* i, T* j, T* k) {     \
             LA_DISPATCH(dp, T, S, linattn_bwd_tokens, p, a, b, c, d, e, f, g, h, i, j, k)                   \
         }                                                                                                    \
+        /* blockIdx.y values of the token pass: 1 tiled, 2 for the two-role kernel (cuda.rs tiled_tokens) */ \
+        static unsigned token_roles(int dp) {                                                                \
+            switch (dp) {                                                                                    \
+                case 8: return LaTok<T, 8>::TILED ? 1 : 2;                                                   \
+                case 16: return LaTok<T, 16>::TILED ? 1 : 2;                                                 \
+                case 32: return LaTok<T, 32>::TILED ? 1 : 2;                                                 \
+                default: return LaTok<T, 64>::TILED ? 1 : 2;                                                 \
+            }                                                                                                \
+        }                                                                                                    \
     };
 LA_NAMES(float, f32)
 LA_NAMES(double, f64)
@@ -247,7 +259,7 @@ template <typename T> Result run(const Case& k, const Plan& plan, const std::vec
         Names<T>::bwd_reduce(plan.dp, p, qk.data(), tab.data(), kv.data(), kmean.data(), g.data(), part_dkv.data(),
                              part_dkm.data(), ds.data());
     });
-    launch(grid, 2, plan.threads, seed, [&] {
+    launch(grid, Names<T>::token_roles(plan.dp), plan.threads, seed, [&] {
         Names<T>::bwd_tokens(plan.dp, p, qk.data(), v.data(), tab.data(), kv.data(), kmean.data(), g.data(),
                              ds.data(), part_dkv.data(), part_dkm.data(), dqk.data(), dv.data());
     });
@@ -314,6 +326,9 @@ int main() {
         {2, 3, 5, 8, 2},  {1, 1, 1, 4, 1},  {3, 4, 4, 16, 1}, {2, 2, 7, 12, 3}, {1, 6, 2, 24, 2},
         {1, 7, 7, 64, 2}, {1, 1, 40, 8, 2}, {1, 5, 9, 64, 1}, {1, 9, 10, 96, 2}, {1, 8, 8, 128, 4},
         {2, 3, 3, 32, 2},
+        // Head widths 2 mod 4 (the tiled token pass's 2-channel path) with an odd C/4, and a token count
+        // past two of its 64-token f32 tiles at width 32.
+        {2, 3, 4, 12, 2}, {1, 5, 5, 20, 2}, {1, 6, 11, 60, 2}, {1, 13, 11, 64, 2},
     };
     for (const Case& k : cases)
         for (long long waves : {256, 4, 1}) {
