@@ -197,6 +197,7 @@ fn run_variant(
         out_dir: args.out.join(variant.name()),
         progress: true,
         stop_after: None,
+        cuda_graph: false,
     };
     let started = Instant::now();
     let trained = nn::trainer::train(&mut model, data.0.clone(), data.1.clone(), &train_cfg, false);

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod graph;
 pub mod init;
 pub mod layers;
 pub mod module;
@@ -11,6 +12,7 @@ pub mod plot;
 pub mod schedule;
 pub mod trainer;
 
+pub use graph::{GraphedStep, StepOutput};
 pub use init::Init;
 pub use layers::{BatchNorm2d, Conv2d, DropPath, LayerNorm, Linear, Mlp};
 pub use module::{Entry, Module};
