@@ -247,7 +247,14 @@ fn finish_precompile(handle: Option<std::thread::JoinHandle<Result<()>>>) -> Opt
 
 /// `mila train`.
 pub fn train(args: &TrainArgs) -> Result<ExitCode> {
-    let precompile = start_precompile(args.device);
+    let mut precompile = start_precompile(args.device);
+    if args.cuda_graph {
+        // No module may be loaded by another thread while the step is being captured: wait for the compiles
+        // here (the first, eager step would otherwise compile what it needs itself).
+        if let Some(why) = finish_precompile(precompile.take()) {
+            eprintln!("warning: compiling the CUDA kernels ahead of use: {why}");
+        }
+    }
     let outcome = run_training(args);
     // Joined on every way out: no NVRTC thread is left running while the process exits. A failure there is
     // only a warning after a good run (a module that the run needed would have failed it with the same error),

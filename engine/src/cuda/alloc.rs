@@ -80,7 +80,9 @@ pub(crate) fn size_class(bytes: usize) -> Option<usize> {
 pub struct MemoryStats {
     /// Bytes in blocks owned by live buffers.
     pub in_use_bytes: usize,
-    /// The most `in_use_bytes` has been since the device was opened or [`super::CudaDevice::reset_peak`].
+    /// The most `in_use_bytes` plus the cached blocks of live graphs' private pools (which their replays
+    /// use) has been since the device was opened or [`super::CudaDevice::reset_peak`]: without graphs, the
+    /// most bytes handed out at once.
     pub peak_bytes: usize,
     /// Bytes obtained from the driver and not yet given back: in use plus cached.
     pub reserved_bytes: usize,
@@ -135,13 +137,24 @@ struct Pool {
     capturing: Option<Owner>,
     /// The last private pool id handed out.
     last_private: Owner,
+    /// Bytes in the free lists of the private pools: not handed out, but a live graph's.
+    private_free: usize,
     stats: MemoryStats,
 }
 
 impl Pool {
     fn hand_out(&mut self, class: usize) {
         self.stats.in_use_bytes += class;
-        self.stats.peak_bytes = self.stats.peak_bytes.max(self.stats.in_use_bytes);
+        self.stats.peak_bytes = self.stats.peak_bytes.max(self.held());
+    }
+
+    /// Bytes handed out plus those cached for live graphs.
+    fn held(&self) -> usize {
+        self.stats.in_use_bytes + self.private_free
+    }
+
+    fn reset_peak(&mut self) {
+        self.stats.peak_bytes = self.held();
     }
 
     /// A cached block of `class` for the next allocation, and the pool it now belongs to: during a capture
@@ -151,7 +164,10 @@ impl Pool {
             Some(id) => {
                 let own = self.private.get_mut(&id).and_then(|p| p.free.get_mut(&class)).and_then(Vec::pop);
                 match own {
-                    Some(ptr) => Some((ptr, id)),
+                    Some(ptr) => {
+                        self.private_free -= class;
+                        Some((ptr, id))
+                    }
                     None => {
                         let ptr = self.free.get_mut(&class).and_then(Vec::pop)?;
                         // A cached general block joins the capture's pool for good.
@@ -195,11 +211,13 @@ impl Pool {
     /// the general free list.
     fn give_back(&mut self, ptr: sys::CUdeviceptr, class: usize, owner: Owner) {
         self.stats.in_use_bytes -= class;
-        let list = match self.private.get_mut(&owner) {
-            Some(p) if owner != GENERAL => p.free.entry(class).or_default(),
-            _ => self.free.entry(class).or_default(),
-        };
-        list.push(ptr);
+        match self.private.get_mut(&owner) {
+            Some(p) if owner != GENERAL => {
+                p.free.entry(class).or_default().push(ptr);
+                self.private_free += class;
+            }
+            _ => self.free.entry(class).or_default().push(ptr),
+        }
     }
 
     /// Opens a new private pool and serves every allocation from it until [`Pool::end_capture`].
@@ -231,6 +249,7 @@ impl Pool {
         if let Some(p) = self.private.remove(&id) {
             self.stats.graph_pool_bytes -= p.bytes;
             for (class, ptrs) in p.free {
+                self.private_free -= class * ptrs.len();
                 self.free.entry(class).or_default().extend(ptrs);
             }
         }
@@ -257,8 +276,7 @@ impl Allocator {
     }
 
     pub(crate) fn reset_peak(&self) {
-        let mut pool = self.lock();
-        pool.stats.peak_bytes = pool.stats.in_use_bytes;
+        self.lock().reset_peak()
     }
 
     /// A buffer of `len` elements of `T`, uninitialised (it may hold whatever its last owner wrote).
@@ -509,9 +527,13 @@ mod tests {
         assert_eq!(pool.stats.graph_pool_bytes, 3 * 512);
         pool.end_capture();
 
-        // After the capture, a freed private block stays the graph's: outside allocations never see it.
+        // After the capture, a freed private block stays the graph's: outside allocations never see it, and
+        // the peak counts it as held (a replay uses it).
+        pool.reset_peak();
+        let held = pool.stats.peak_bytes;
         pool.give_back(b, 512, id);
         assert_eq!(pool.take(512), None);
+        assert_eq!(pool.held(), held);
         pool.give_back(outside.0, 512, GENERAL);
         assert_eq!(pool.take(512), Some((outside.0, GENERAL)));
 
@@ -519,6 +541,7 @@ mod tests {
         // go there when dropped.
         pool.release_private(id);
         assert_eq!(pool.stats.graph_pool_bytes, 0);
+        assert_eq!(pool.private_free, 0);
         assert_eq!(pool.take(512), Some((b, GENERAL)));
         pool.give_back(a, 512, id);
         assert_eq!(pool.take(512), Some((a, GENERAL)));
