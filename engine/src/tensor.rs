@@ -383,6 +383,38 @@ impl Tensor {
         Ok(host.to_f64_vec(&Layout::contiguous(&[host.len()])))
     }
 
+    /// Overwrites this tensor's elements in place with `values` (row-major, converted to the dtype), keeping
+    /// its storage and so its address: new inputs for a step captured in a CUDA graph, which reads them from
+    /// there. On CUDA the copy is enqueued on the device's stream (through pinned staging; no wait). The
+    /// tensor must be contiguous; not recorded on the tape.
+    pub fn write_f64(&self, values: &[f64]) -> Result<()> {
+        if values.len() != self.numel() {
+            return Err(Error::invalid(
+                "write_f64",
+                format!("{} values for {} elements", values.len(), self.numel()),
+                self.shape(),
+            ));
+        }
+        if !self.is_contiguous() {
+            return Err(Error::invalid("write_f64", "the tensor must be contiguous", self.shape()));
+        }
+        let offset = self.layout().offset();
+        let host = CpuStorage::from_f64(values, self.dtype());
+        let mut storage = self.storage_mut();
+        if offset + values.len() > storage.len() {
+            return Err(Error::invalid("write_f64", "the view exceeds its storage", self.shape()));
+        }
+        match (&mut *storage, &host) {
+            (Storage::Cpu(CpuStorage::F32(d)), CpuStorage::F32(v)) => d[offset..offset + v.len()].copy_from_slice(v),
+            (Storage::Cpu(CpuStorage::F64(d)), CpuStorage::F64(v)) => d[offset..offset + v.len()].copy_from_slice(v),
+            (Storage::Cuda(c), host) => c.write_from_cpu(offset, host)?,
+            (Storage::Cpu(_), _) => {
+                return Err(Error::invalid("write_f64", "internal: storage and tensor dtypes differ", self.shape()))
+            }
+        }
+        Ok(())
+    }
+
     /// The value of a one-element tensor.
     pub fn to_scalar(&self) -> Result<f64> {
         if self.numel() != 1 {

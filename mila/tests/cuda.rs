@@ -82,3 +82,139 @@ fn a_warm_training_step_allocates_nothing_from_the_driver() {
     assert!(after.num_cache_hits > before.num_cache_hits, "the steps took their buffers from the pool");
     assert!(last.is_finite() && last < first, "five steps on one batch lower its loss: {first} -> {last}");
 }
+
+/// The small MLLA of `mila bench models` (drop path 0), at a small batch.
+fn small_mlla(seed: u64, device: Device, drop_path_rate: f64) -> Mlla {
+    let cfg = MllaConfig {
+        img_size: 32,
+        in_chans: 1,
+        num_classes: 10,
+        embed_dim: 32,
+        depths: vec![1, 2, 2, 1],
+        num_heads: vec![1, 2, 4, 8],
+        mlp_ratio: 4.0,
+        drop_path_rate,
+        qkv_bias: true,
+    };
+    let mut rng = Generator::new(seed);
+    Mlla::new(&mut Init { dtype: DType::F32, device, rng: &mut rng }, &cfg).unwrap()
+}
+
+fn adamw_for(model: &Mlla) -> AdamW {
+    let (decay, keep) = model.parameters_by_decay();
+    let groups = vec![ParamGroup { params: decay, weight_decay: 0.05 }, ParamGroup { params: keep, weight_decay: 0.0 }];
+    AdamW::new(groups, AdamWConfig { lr: 2e-3, ..Default::default() })
+}
+
+/// Losses, then every parameter, gradient and AdamW moment, as bits.
+fn fingerprint(model: &Mlla, opt: &AdamW, losses: &[f64]) -> Vec<Vec<u64>> {
+    let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+    let mut out = vec![bits(losses.to_vec())];
+    for p in model.parameters() {
+        out.push(bits(p.to_vec_f64().unwrap()));
+        out.push(bits(p.grad().expect("every parameter has a gradient").to_vec_f64().unwrap()));
+        let st = opt.state(&p).expect("AdamW state");
+        out.push(bits(st.m.to_vec_f64().unwrap()));
+        out.push(bits(st.v.to_vec_f64().unwrap()));
+        out.push(vec![st.step]);
+    }
+    out.push(model.counters().into_iter().map(|(_, v)| v).collect());
+    out
+}
+
+/// N training steps of the small MLLA replayed from one CUDA graph (`nn::GraphedStep`: the first step eager,
+/// then captured) against the same N steps run eagerly from the same initial state, with a new batch, new
+/// labels and a new learning rate each step: the same kernels in the same order on the same values, so the
+/// losses, weights, gradients and AdamW state are equal bit for bit.
+#[test]
+fn graphed_training_matches_eager_training_bitwise() {
+    let _serial = serial();
+    let Some(dev) = test_device_or_skip("graphed_training_matches_eager_training_bitwise") else { return };
+    let device = Device::Cuda(0);
+    let (batch, steps) = (16, 6);
+    let mut g = Generator::new(8);
+    let batches: Vec<(Tensor, Vec<usize>, f64)> = (0..steps)
+        .map(|s| {
+            let x = Tensor::randn(&[batch, 1, 32, 32], 0.0, 1.0, DType::F32, device, &mut g).unwrap();
+            let labels = (0..batch).map(|_| g.below(10)).collect();
+            (x, labels, 1e-3 * (1.0 + s as f64))
+        })
+        .collect();
+
+    let eager = {
+        let model = small_mlla(5, device, 0.0);
+        let mut opt = adamw_for(&model);
+        let mut rng = Generator::new(1);
+        let mut losses = Vec::new();
+        for (x, labels, lr) in &batches {
+            opt.set_lr(*lr);
+            opt.zero_grad();
+            let loss = ops::cross_entropy(&model.logits(x, &mut rng).unwrap(), labels, 0.1).unwrap();
+            loss.backward().unwrap();
+            opt.step().unwrap();
+            losses.push(loss.to_scalar().unwrap());
+        }
+        fingerprint(&model, &opt, &losses)
+    };
+
+    let stats_before = dev.memory_stats();
+    let graphed = {
+        let model = small_mlla(5, device, 0.0);
+        let mut opt = adamw_for(&model);
+        let mut rng = Generator::new(1);
+        let (x0, labels0, lr0) = &batches[0];
+        opt.set_lr(*lr0);
+        let (mut step, first) = nn::GraphedStep::new(&model, &mut opt, x0, labels0, 0.1, &mut rng).unwrap();
+        println!("graphed step: {} frozen uploads; {}", step.frozen_uploads(), dev.memory_stats());
+        let mut losses = vec![first.loss.to_scalar().unwrap()];
+        for (x, labels, lr) in &batches[1..] {
+            opt.set_lr(*lr);
+            let out = step.run(&model, &mut opt, x, labels).unwrap();
+            losses.push(out.loss.to_scalar().unwrap());
+        }
+        assert_eq!(step.replays(), steps as u64 - 1);
+        let f = fingerprint(&model, &opt, &losses);
+        drop(step);
+        f
+    };
+    assert_eq!(
+        graphed[0],
+        eager[0],
+        "losses: graphed {:?}",
+        graphed[0].iter().map(|b| f64::from_bits(*b)).collect::<Vec<_>>()
+    );
+    assert!(graphed == eager, "weights, gradients or AdamW state differ between graphed and eager steps");
+    let after = dev.memory_stats();
+    assert_eq!(after.graph_pool_bytes, stats_before.graph_pool_bytes, "the graph's private pool is given back");
+}
+
+/// A model that draws host random numbers (drop path > 0) is refused before anything is updated; so is an
+/// optimizer without a graphed update, and a CPU tensor.
+#[test]
+fn graphed_steps_refuse_what_a_graph_cannot_replay() {
+    let _serial = serial();
+    let mut g = Generator::new(9);
+    let labels: Vec<usize> = (0..4).map(|_| g.below(10)).collect();
+    // On the CPU: refused without a device.
+    let model = small_mlla(5, Device::Cpu, 0.0);
+    let x = Tensor::randn(&[4, 1, 32, 32], 0.0, 1.0, DType::F32, Device::Cpu, &mut g).unwrap();
+    let err = nn::GraphedStep::new(&model, &mut adamw_for(&model), &x, &labels, 0.1, &mut Generator::new(1)).err();
+    assert!(err.expect("a CPU step is refused").to_string().contains("CUDA"));
+    if test_device_or_skip("graphed_steps_refuse_what_a_graph_cannot_replay").is_none() {
+        return;
+    }
+    let device = Device::Cuda(0);
+    let x = x.to_device(device).unwrap();
+    let model = small_mlla(5, device, 0.2);
+    let before: Vec<Vec<f64>> = model.parameters().iter().map(|p| p.to_vec_f64().unwrap()).collect();
+    let err = nn::GraphedStep::new(&model, &mut adamw_for(&model), &x, &labels, 0.1, &mut Generator::new(1)).err();
+    assert!(err.expect("drop path is refused").to_string().contains("drop path"));
+    let after: Vec<Vec<f64>> = model.parameters().iter().map(|p| p.to_vec_f64().unwrap()).collect();
+    assert_eq!(before, after, "nothing was updated");
+    let model = small_mlla(5, device, 0.0);
+    let groups = vec![ParamGroup { params: model.parameters(), weight_decay: 0.0 }];
+    let mut sgd =
+        nn::Sgd::new(groups, nn::SgdConfig { lr: 0.1, momentum: 0.0, dampening: 0.0, nesterov: false }).unwrap();
+    let err = nn::GraphedStep::new(&model, &mut sgd, &x, &labels, 0.1, &mut Generator::new(1)).err();
+    assert!(err.expect("SGD is refused").to_string().contains("AdamW"));
+}

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod ema;
+pub mod graph;
 pub mod init;
 pub mod layers;
 pub mod module;
@@ -12,6 +13,7 @@ pub mod plot;
 pub mod schedule;
 pub mod trainer;
 
+pub use graph::{GraphedStep, StepOutput};
 pub use init::Init;
 pub use layers::{BatchNorm2d, Conv2d, DropPath, LayerNorm, Linear, Mlp};
 pub use module::{Entry, Module};

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use engine::{no_grad, Error, Result, Tensor, TensorId};
 use ops::optim::{
-    adamw_step_multi, scale_multi, sgd_step_multi, sum_squares_multi, AdamWStep, AdamWTensors, SgdStep, SgdTensors,
+    adamw_hyper, adamw_step_multi, adamw_step_multi_hyper, scale_multi, sgd_step_multi, sum_squares_multi, AdamWStep,
+    AdamWTensors, SgdStep, SgdTensors, ADAMW_HYPER_LEN,
 };
 
 /// Parameters sharing hyper-parameters (here: the weight decay).
@@ -51,6 +52,34 @@ pub trait Optimizer {
         tensors: &HashMap<String, Tensor>,
         counters: &HashMap<String, u64>,
     ) -> Result<()>;
+
+    /// For CUDA graphs ([`crate::graph::GraphedStep`]): enqueues the update of every parameter that has a
+    /// gradient with the values that change from step to step (learning rate, step counts) read from the
+    /// device tensor `hyper` when the kernels run, so that the update can be captured once and replayed.
+    /// Counts no step: each replay is counted by [`Optimizer::next_graphed_hyper`], which also says what
+    /// to write into `hyper` before it. The state must exist already (run one eager [`Optimizer::step`]
+    /// first). `hyper`: f64 on the parameters' device, [`Optimizer::graphed_hyper_len`] elements.
+    /// Optimizers that cannot do this (the default) return an error.
+    fn step_graphed(&mut self, hyper: &Tensor) -> Result<()> {
+        let _ = hyper;
+        Err(Error::Msg {
+            context: "cuda graph",
+            msg: "this optimizer cannot run inside a CUDA graph (AdamW can)".into(),
+        })
+    }
+
+    /// The number of values [`Optimizer::step_graphed`] reads, for the parameters that have a gradient now;
+    /// `None` when this optimizer cannot run graphed (the default).
+    fn graphed_hyper_len(&self) -> Option<usize> {
+        None
+    }
+
+    /// Counts one step of the update recorded by the last [`Optimizer::step_graphed`] (as [`Optimizer::step`]
+    /// would) and returns the values to write into its `hyper` tensor for that step, at the current
+    /// learning rate.
+    fn next_graphed_hyper(&mut self) -> Result<Vec<f64>> {
+        Err(Error::Msg { context: "cuda graph", msg: "this optimizer has no graphed update".into() })
+    }
 
     /// Drops every parameter's gradient.
     fn zero_grad(&self) {
@@ -196,11 +225,27 @@ pub struct AdamW {
     groups: Vec<ParamGroup>,
     cfg: AdamWConfig,
     state: HashMap<TensorId, AdamState>,
+    /// The parameters of the last [`Optimizer::step_graphed`], in its order, with their weight decay: whose
+    /// hyperparameters [`Optimizer::next_graphed_hyper`] writes.
+    graphed: Vec<(TensorId, f64)>,
 }
 
 impl AdamW {
     pub fn new(groups: Vec<ParamGroup>, cfg: AdamWConfig) -> Self {
-        AdamW { groups, cfg, state: HashMap::new() }
+        AdamW { groups, cfg, state: HashMap::new(), graphed: Vec::new() }
+    }
+
+    /// The hyperparameters of one step of a parameter at step count `step` in a group of `weight_decay`.
+    fn hyper(&self, weight_decay: f64, step: u64) -> AdamWStep {
+        AdamWStep {
+            lr: self.cfg.lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay,
+            amsgrad: self.cfg.amsgrad,
+            step,
+        }
     }
 
     /// The state of one parameter, if it has taken a step.
@@ -228,16 +273,9 @@ impl Optimizer for AdamW {
                         }
                     };
                     st.step += 1;
-                    let h = AdamWStep {
-                        lr: self.cfg.lr,
-                        beta1: self.cfg.beta1,
-                        beta2: self.cfg.beta2,
-                        eps: self.cfg.eps,
-                        weight_decay: group.weight_decay,
-                        amsgrad: self.cfg.amsgrad,
-                        step: st.step,
-                    };
-                    work.push((p, g, st.m.clone(), st.v.clone(), st.vmax.clone(), h));
+                    let step = st.step;
+                    let (m, v, vmax) = (st.m.clone(), st.v.clone(), st.vmax.clone());
+                    work.push((p, g, m, v, vmax, self.hyper(group.weight_decay, step)));
                 }
             }
             let items: Vec<AdamWTensors> = work
@@ -246,6 +284,55 @@ impl Optimizer for AdamW {
                 .collect();
             adamw_step_multi(&items)
         })
+    }
+    /// One [`adamw_step_multi_hyper`] over every parameter with a gradient, in the order of [`Optimizer::step`],
+    /// so that a replay applies the same kernels to the same parameters as an eager step would.
+    fn step_graphed(&mut self, hyper: &Tensor) -> Result<()> {
+        no_grad(|| {
+            let mut work = Vec::new();
+            let mut graphed = Vec::new();
+            for group in &self.groups {
+                for p in &group.params {
+                    let Some(g) = p.grad() else { continue };
+                    let st = self.state.get(&p.id()).ok_or_else(|| Error::Msg {
+                        context: "cuda graph",
+                        msg: "AdamW has no state for a parameter yet: run one eager step before capturing".into(),
+                    })?;
+                    // The values come from `hyper`; this one only passes the checks (step >= 1).
+                    let h = self.hyper(group.weight_decay, st.step + 1);
+                    work.push((p, g, st.m.clone(), st.v.clone(), st.vmax.clone(), h));
+                    graphed.push((p.id(), group.weight_decay));
+                }
+            }
+            let items: Vec<AdamWTensors> = work
+                .iter()
+                .map(|(p, grad, m, v, vmax, h)| AdamWTensors { p, grad, m, v, vmax: vmax.as_ref(), h: *h })
+                .collect();
+            adamw_step_multi_hyper(&items, hyper)?;
+            self.graphed = graphed;
+            Ok(())
+        })
+    }
+    fn graphed_hyper_len(&self) -> Option<usize> {
+        let with_grad = self.groups.iter().flat_map(|g| &g.params).filter(|p| p.grad().is_some()).count();
+        Some(ADAMW_HYPER_LEN * with_grad)
+    }
+    fn next_graphed_hyper(&mut self) -> Result<Vec<f64>> {
+        if self.graphed.is_empty() {
+            return Err(Error::Msg { context: "cuda graph", msg: "AdamW has no graphed update to advance".into() });
+        }
+        let mut values = Vec::with_capacity(ADAMW_HYPER_LEN * self.graphed.len());
+        for i in 0..self.graphed.len() {
+            let (id, weight_decay) = self.graphed[i];
+            let st = self.state.get_mut(&id).ok_or_else(|| Error::Msg {
+                context: "cuda graph",
+                msg: "AdamW lost the state of a graphed parameter (was it imported again?)".into(),
+            })?;
+            st.step += 1;
+            let step = st.step;
+            values.extend(adamw_hyper(self.hyper(weight_decay, step)));
+        }
+        Ok(values)
     }
     fn lr(&self) -> f64 {
         self.cfg.lr

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint;
 use crate::data::{Augment, Dataset, Loader, LoaderConfig};
 use crate::ema::Ema;
+use crate::graph::{GraphedStep, StepOutput};
 use crate::module::Module;
 use crate::optim::{AdamW, AdamWConfig, Optimizer, ParamGroup, Sgd, SgdConfig};
 use crate::schedule::CosineWarmup;
@@ -65,6 +66,12 @@ pub struct TrainConfig {
     /// instead of the last weights.
     #[serde(default)]
     pub ema_decay: Option<f64>,
+    /// On CUDA, run each training step by replaying one CUDA graph of the whole step (see
+    /// [`crate::graph::GraphedStep`]): the first step runs eagerly and is captured, batches of another shape
+    /// (an epoch's last) run eagerly. The same losses and weights as without it. AdamW only, no gradient
+    /// clipping, no host randomness in the model (drop path 0).
+    #[serde(default)]
+    pub cuda_graph: bool,
 }
 
 /// One line of `metrics.jsonl`.
@@ -231,9 +238,23 @@ pub fn train<M: Classifier>(
         warmup: ((total as f64 * cfg.warmup_frac).round() as usize).max(1),
         total,
     };
+    if cfg.cuda_graph {
+        let refuse = |why: &str| Err(Error::Msg { context: "train", msg: format!("--cuda-graph: {why}") });
+        if !cfg.device.is_cuda() {
+            return refuse("CUDA graphs need a CUDA device");
+        }
+        if cfg.clip_grad.is_some() {
+            return refuse("gradient clipping reads the gradient norm back to the host, which a graph cannot do");
+        }
+        if cfg.optimizer != OptimizerKind::AdamW {
+            return refuse("only AdamW has a graphed update");
+        }
+    }
     let mut opt = make_optimizer(model, cfg)?;
     let mut ema = cfg.ema_decay.map(|d| Ema::new(model, d)).transpose()?;
     let mut rng = Generator::new(cfg.seed ^ 0x6d69_6c61);
+    // The captured step (with --cuda-graph), made at the first step of this call and kept across epochs.
+    let mut graphed: Option<GraphedStep> = None;
     let (mut start_epoch, mut step) = (0, 0);
     let ck_path = checkpoint_path(&cfg.out_dir);
     if resume {
@@ -311,35 +332,63 @@ pub fn train<M: Classifier>(
             let lr = schedule.lr(step);
             opt.set_lr(lr);
             let x = to_tensor(batch.images, &batch.shape, cfg.dtype, cfg.device)?;
-            let logits = model.logits(&x, &mut rng)?;
-            let loss = ops::cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
-            if sync_every == 1 {
-                // On the CPU the value is there already: a non-finite loss stops the run before its update.
+            if cfg.cuda_graph {
+                let out = match &mut graphed {
+                    Some(g) if g.input_shape() == x.shape() => g.run(&*model, opt.as_mut(), &x, &batch.labels)?,
+                    Some(_) => {
+                        // Another batch shape (an epoch's last batch): eagerly, as without the graph.
+                        opt.zero_grad();
+                        let logits = model.logits(&x, &mut rng)?;
+                        let loss = ops::cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
+                        loss.backward()?;
+                        opt.step()?;
+                        StepOutput { loss: loss.detach(), logits: logits.detach() }
+                    }
+                    None => {
+                        let (g, out) =
+                            GraphedStep::new(&*model, opt.as_mut(), &x, &batch.labels, cfg.label_smoothing, &mut rng)?;
+                        graphed = Some(g);
+                        out
+                    }
+                };
                 pending.push(Pending {
-                    loss: loss.detach(),
-                    logits: logits.detach(),
+                    loss: out.loss,
+                    logits: out.logits,
                     labels: batch.labels,
                     step,
                     batch: batch.index,
                 });
-                settle(&mut pending, &bar)?;
-                opt.zero_grad();
-                loss.backward()?;
             } else {
-                opt.zero_grad();
-                loss.backward()?;
-                pending.push(Pending {
-                    loss: loss.detach(),
-                    logits: logits.detach(),
-                    labels: batch.labels,
-                    step,
-                    batch: batch.index,
-                });
+                let logits = model.logits(&x, &mut rng)?;
+                let loss = ops::cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
+                if sync_every == 1 {
+                    // On the CPU the value is there already: a non-finite loss stops the run before its update.
+                    pending.push(Pending {
+                        loss: loss.detach(),
+                        logits: logits.detach(),
+                        labels: batch.labels,
+                        step,
+                        batch: batch.index,
+                    });
+                    settle(&mut pending, &bar)?;
+                    opt.zero_grad();
+                    loss.backward()?;
+                } else {
+                    opt.zero_grad();
+                    loss.backward()?;
+                    pending.push(Pending {
+                        loss: loss.detach(),
+                        logits: logits.detach(),
+                        labels: batch.labels,
+                        step,
+                        batch: batch.index,
+                    });
+                }
+                if let Some(max_norm) = cfg.clip_grad {
+                    crate::optim::clip_grad_norm(&model.parameters(), max_norm)?;
+                }
+                opt.step()?;
             }
-            if let Some(max_norm) = cfg.clip_grad {
-                crate::optim::clip_grad_norm(&model.parameters(), max_norm)?;
-            }
-            opt.step()?;
             if let Some(ema) = &mut ema {
                 ema.update(model)?;
             }

@@ -31,8 +31,12 @@ impl Classifier for Tiny {
 }
 
 fn tiny(seed: u64) -> Tiny {
+    tiny_on(seed, Device::Cpu)
+}
+
+fn tiny_on(seed: u64, device: Device) -> Tiny {
     let mut rng = Generator::new(seed);
-    let mut i = Init { dtype: DType::F32, device: Device::Cpu, rng: &mut rng };
+    let mut i = Init { dtype: DType::F32, device, rng: &mut rng };
     Tiny { fc1: Linear::new(&mut i, 32 * 32, 32, true).unwrap(), fc2: Linear::new(&mut i, 32, 10, true).unwrap() }
 }
 
@@ -63,6 +67,7 @@ fn config(dir: &str, epochs: usize, lr: f64) -> TrainConfig {
         progress: false,
         stop_after: None,
         ema_decay: None,
+        cuda_graph: false,
     }
 }
 
@@ -131,4 +136,79 @@ fn non_finite_loss_stops_and_keeps_the_checkpoint() {
     assert!(err.contains("at step"), "{err}");
     assert_eq!(std::fs::read(checkpoint_path(&cfg.out_dir)).unwrap(), saved, "the last good checkpoint is kept");
     let _ = std::fs::remove_dir_all(&cfg.out_dir);
+}
+
+#[test]
+fn cuda_graph_is_refused_where_it_cannot_run() {
+    let (train_all, test_all) = Dataset::mnist10k().unwrap();
+    let (tr, te) = (subset(&train_all, 100), subset(&test_all, 50));
+    let cases = [
+        ("on the CPU", TrainConfig { cuda_graph: true, ..config("graph-cpu", 1, 1e-3) }, "CUDA device"),
+        (
+            "with clipping",
+            TrainConfig {
+                cuda_graph: true,
+                clip_grad: Some(1.0),
+                device: Device::Cuda(0),
+                ..config("graph-clip", 1, 1e-3)
+            },
+            "clipping",
+        ),
+        (
+            "with SGD",
+            TrainConfig {
+                cuda_graph: true,
+                optimizer: OptimizerKind::Sgd,
+                device: Device::Cuda(0),
+                ..config("graph-sgd", 1, 1e-3)
+            },
+            "AdamW",
+        ),
+    ];
+    for (what, cfg, says) in cases {
+        let err = train(&mut tiny(1), tr.clone(), te.clone(), &cfg, false).err().unwrap_or_else(|| panic!("{what}"));
+        assert!(err.to_string().contains(says), "{what}: {err}");
+        let _ = std::fs::remove_dir_all(&cfg.out_dir);
+    }
+}
+
+/// Two epochs on CUDA with every step replayed from one CUDA graph (the first eager and captured, each
+/// epoch's last, smaller batch eager) repeat the losses, accuracies and weights of the same run without the
+/// graph, bit for bit.
+#[test]
+fn cuda_graph_training_repeats_eager_training_exactly() {
+    if engine::cuda::test_device_or_skip("cuda_graph_training_repeats_eager_training_exactly").is_none() {
+        return;
+    }
+    let (train_all, test_all) = Dataset::mnist10k().unwrap();
+    // 620 images in batches of 50: 12 full batches and one of 20 per epoch.
+    let (tr, te) = (subset(&train_all, 620), subset(&test_all, 200));
+    let run = |graph: bool| {
+        let cfg = TrainConfig {
+            cuda_graph: graph,
+            device: Device::Cuda(0),
+            ..config(if graph { "cuda-graph" } else { "cuda-eager" }, 2, 3e-3)
+        };
+        let mut model = tiny_on(1, Device::Cuda(0));
+        let metrics = train(&mut model, tr.clone(), te.clone(), &cfg, false).unwrap();
+        let weights: Vec<Vec<f64>> = model.parameters().iter().map(|p| p.to_vec_f64().unwrap()).collect();
+        let _ = std::fs::remove_dir_all(&cfg.out_dir);
+        (metrics, weights)
+    };
+    let (eager, eager_w) = run(false);
+    let (graphed, graphed_w) = run(true);
+    for (e, g) in eager.iter().zip(&graphed) {
+        assert_eq!(e.step_losses.len(), 13);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&g.step_losses),
+            bits(&e.step_losses),
+            "epoch {}: {:?} vs {:?}",
+            e.epoch,
+            g.step_losses,
+            e.step_losses
+        );
+        assert_eq!((g.train_acc, g.test_loss, g.test_acc), (e.train_acc, e.test_loss, e.test_acc), "epoch {}", e.epoch);
+    }
+    assert_eq!(graphed_w, eager_w, "final weights");
 }

@@ -63,28 +63,56 @@ pub fn cross_entropy(logits: &Tensor, targets: &[usize], label_smoothing: f64) -
             logits.shape(),
         ));
     }
-    if let Some(&t) = targets.iter().find(|&&t| t >= c) {
+    // Target distribution q, built on the host (N x C values, errors naming the logits' shape, which is
+    // (targets, classes) here) and moved to the logits' device once.
+    let q = smoothed_targets(targets, c, label_smoothing)?;
+    let q = Tensor::from_f64(&q, &[n, c], logits.dtype(), logits.device())?;
+    cross_entropy_soft(logits, &q)
+}
+
+/// The target distribution of [`cross_entropy`] for class indices `targets` among `classes`, row-major
+/// (N x C): (1 - eps) one-hot + eps / C. For a step captured into a CUDA graph, which cannot upload it
+/// itself: written into a device tensor before each replay and passed to [`cross_entropy_soft`], it gives
+/// the same loss, bit for bit, as `cross_entropy(logits, targets, eps)`.
+pub fn smoothed_targets(targets: &[usize], classes: usize, label_smoothing: f64) -> Result<Vec<f64>> {
+    let shape = [targets.len(), classes];
+    if let Some(&t) = targets.iter().find(|&&t| t >= classes) {
         return Err(Error::invalid(
             "cross_entropy",
-            format!("target class {t} out of range for {c} classes"),
-            logits.shape(),
+            format!("target class {t} out of range for {classes} classes"),
+            &shape,
         ));
     }
     if !(0.0..=1.0).contains(&label_smoothing) {
         return Err(Error::invalid(
             "cross_entropy",
             format!("label smoothing {label_smoothing} not in [0, 1]"),
-            logits.shape(),
+            &shape,
         ));
     }
-    // Target distribution q, built on the host (N x C values) and moved to the logits' device once.
-    let mut q = vec![label_smoothing / c as f64; n * c];
+    let mut q = vec![label_smoothing / classes as f64; targets.len() * classes];
     for (row, &t) in targets.iter().enumerate() {
-        q[row * c + t] += 1.0 - label_smoothing;
+        q[row * classes + t] += 1.0 - label_smoothing;
     }
-    let q = Tensor::from_f64(&q, &[n, c], logits.dtype(), logits.device())?;
+    Ok(q)
+}
+
+/// Mean cross-entropy of `logits` (N, C) against a target distribution `q` (N, C) already on the logits'
+/// device: -sum(q * log_softmax(logits)) / N. [`cross_entropy`] is this with q from [`smoothed_targets`].
+pub fn cross_entropy_soft(logits: &Tensor, q: &Tensor) -> Result<Tensor> {
+    let n = match logits.shape() {
+        &[n, _] => n,
+        s => return Err(Error::invalid("cross_entropy", "logits must be (N, C)", s)),
+    };
+    if q.shape() != logits.shape() {
+        return Err(Error::ShapeMismatch {
+            op: "cross_entropy",
+            lhs: logits.shape().to_vec(),
+            rhs: q.shape().to_vec(),
+        });
+    }
     let logp = log_softmax(logits, -1)?;
-    mul_scalar(&sum(&mul(&q, &logp)?, &[], false)?, -1.0 / n.max(1) as f64)
+    mul_scalar(&sum(&mul(q, &logp)?, &[], false)?, -1.0 / n.max(1) as f64)
 }
 
 #[cfg(test)]
@@ -122,6 +150,23 @@ mod tests {
         let y = softmax(&x, -1).unwrap().to_vec::<f32>().unwrap();
         assert!(y.iter().all(|v| v.is_finite()));
         assert!((y[1] - 0.7310586).abs() < 1e-6);
+    }
+
+    #[test]
+    fn cross_entropy_soft_with_smoothed_targets_is_cross_entropy_bitwise() {
+        let x = randn(&[4, 5], 7);
+        let targets = [2, 0, 4, 4];
+        for eps in [0.0, 0.1] {
+            let want = cross_entropy(&x, &targets, eps).unwrap().to_scalar().unwrap();
+            let q = smoothed_targets(&targets, 5, eps).unwrap();
+            let q = Tensor::from_f64(&q, &[4, 5], x.dtype(), x.device()).unwrap();
+            let got = cross_entropy_soft(&x, &q).unwrap().to_scalar().unwrap();
+            assert_eq!(got.to_bits(), want.to_bits(), "eps {eps}");
+        }
+        assert!(smoothed_targets(&[5], 5, 0.0).is_err());
+        assert!(smoothed_targets(&[1], 5, 1.5).is_err());
+        let q = Tensor::zeros(&[4, 4], x.dtype(), x.device()).unwrap();
+        assert!(cross_entropy_soft(&x, &q).is_err());
     }
 
     #[test]

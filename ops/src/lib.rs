@@ -29,7 +29,7 @@ mod util;
 
 pub use conv::{causal_conv1d, conv2d, conv2d_act, conv2d_ref};
 pub use copy::copy_into;
-pub use derived::{cross_entropy, log_softmax, mean, min, softmax, var};
+pub use derived::{cross_entropy, cross_entropy_soft, log_softmax, mean, min, smoothed_targets, softmax, var};
 pub use elementwise::*;
 pub use ext::TensorOps;
 pub use linattn::{linear_attention, linear_attention_ref};

@@ -9,6 +9,7 @@
 //! | `block_fwd` | one MILA block (training mode, drop path 0), forward without a graph | C 64, 56x56 tokens, 2 heads, batch 64 | C 16, 8x8, 2 heads, batch 2 |
 //! | `block_fwd_bwd` | the same forward with a graph, then backward of a fixed random cotangent | as above | as above |
 //! | `small_train` | training step of the small MLLA (32x32x1, embed 32, depths 1,2,2,1, heads 1,2,4,8, 10 classes; 2.0M parameters) | batch 256 | batch 8 |
+//! | `small_train_graph` | the same step captured once into a CUDA graph and replayed (`nn::GraphedStep`; CUDA only); compared with PyTorch's `small_train` rows | batch 256 | batch 8 |
 //!
 //! Targets (ours / PyTorch eager on the same GPU): training throughput >= 1.3x in fp32 and in TF32 with peak
 //! memory <= 0.8x; inference throughput >= 1.3x; block forward+backward time <= 0.6x; the small model's step
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use engine::cuda::{self, CudaDevice};
 use engine::{no_grad, DType, Device, Error, Generator, Result, Tensor};
 use mila::{BlockConfig, MilaBlock, Mlla, MllaConfig};
-use nn::{AdamW, AdamWConfig, Init, Module, Optimizer, ParamGroup};
+use nn::{AdamW, AdamWConfig, GraphedStep, Init, Module, Optimizer, ParamGroup};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -265,6 +266,34 @@ fn train_case(ctx: &Ctx, cfg: &MllaConfig, batch: usize) -> Result<(Measured, f6
     Ok((m, loss))
 }
 
+/// [`train_case`] with the step captured into a CUDA graph ([`GraphedStep`]) and replayed: the same model,
+/// optimizer, batch and labels; the graph's construction (an eager warm-up step and the capture) comes
+/// first, untimed, then each call copies the batch and the labels' targets into the graph's buffers, writes
+/// AdamW's hyperparameters and launches the graph (the loss is copied out, as the trainer does). CUDA only.
+fn train_graphed_case(ctx: &Ctx, cfg: &MllaConfig, batch: usize) -> Result<(Measured, f64)> {
+    let mut rng = Generator::new(0);
+    let model = Mlla::new(&mut ctx.init(&mut rng), cfg)?;
+    let (decay, keep) = model.parameters_by_decay();
+    let groups = vec![ParamGroup { params: decay, weight_decay: 0.05 }, ParamGroup { params: keep, weight_decay: 0.0 }];
+    let mut opt = AdamW::new(groups, AdamWConfig { lr: 2e-3, ..Default::default() });
+    let x =
+        Tensor::randn(&[batch, cfg.in_chans, cfg.img_size, cfg.img_size], 0.0, 1.0, DType::F32, ctx.device, &mut rng)?;
+    let labels: Vec<usize> = (0..batch).map(|_| rng.below(cfg.num_classes)).collect();
+    let mut drop_rng = Generator::new(1);
+    let (mut graphed, _) = GraphedStep::new(&model, &mut opt, &x, &labels, 0.1, &mut drop_rng)?;
+    let mut last_loss = None;
+    let step = || -> Result<()> {
+        last_loss = Some(graphed.run(&model, &mut opt, &x, &labels)?.loss);
+        Ok(())
+    };
+    let mut m = ctx.measure(step, &|| ())?;
+    m.params = Some(model.num_params());
+    let loss = last_loss.map_or(Ok(f64::NAN), |l| l.to_scalar())?;
+    drop((graphed, model, opt, x));
+    ctx.free()?;
+    Ok((m, loss))
+}
+
 fn infer_case(ctx: &Ctx, cfg: &MllaConfig, batch: usize) -> Result<(Measured, f64)> {
     let mut rng = Generator::new(0);
     let mut model = Mlla::new(&mut ctx.init(&mut rng), cfg)?;
@@ -347,6 +376,9 @@ pub struct ModelsRow {
     pub meets_target: Option<bool>,
     /// A finite loss or output: the workload computed numbers, not NaN.
     pub finite: bool,
+    /// Our step ran by replaying one CUDA graph (`small_train_graph`; its PyTorch columns are those of
+    /// `small_train`, eager and compiled, which run the same step without a graph).
+    pub cuda_graph: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -499,6 +531,7 @@ fn row(
         target: target.map(|t| t.describe()),
         meets_target,
         finite: check.is_finite(),
+        cuda_graph: false,
     }
 }
 
@@ -593,6 +626,27 @@ pub fn run(args: &ModelsBenchArgs) -> Result<ExitCode> {
         let shape = mlla_shape(&small, small_batch);
         let target = Some(Target::AbsoluteMs(15.0));
         let r = row("small_train", name, shape, Metric::Ms, Some(small_batch), &m, loss, target, py, &mut notes);
+        print_progress(&r);
+        rows.push(r);
+    }
+    // The same step replayed from a CUDA graph, beside PyTorch's rows of `small_train` (eager and compiled).
+    let graphed = (cuda_dev.is_some() && want("small_train_graph"))
+        .then(|| attempt(&ctx, "small_train_graph", train_graphed_case(&ctx, &small, small_batch), &mut errors));
+    if let Some((m, loss)) = graphed.flatten() {
+        let name = "small MLLA training step (AdamW), fp32, one CUDA graph";
+        let shape = mlla_shape(&small, small_batch);
+        let target = Some(Target::AbsoluteMs(15.0));
+        let mut r = row("small_train", name, shape, Metric::Ms, Some(small_batch), &m, loss, target, py, &mut notes);
+        r.key = "small_train_graph".into();
+        r.cuda_graph = true;
+        if let Some(eager) = rows.iter().find(|e| e.key == "small_train") {
+            notes.push(format!(
+                "small_train_graph: {:.3} ms per step replaying one CUDA graph vs {:.3} ms eager ({:.2}x faster)",
+                m.timing.median_ms,
+                eager.ours.median_ms,
+                eager.ours.median_ms / m.timing.median_ms
+            ));
+        }
         print_progress(&r);
         rows.push(r);
     }

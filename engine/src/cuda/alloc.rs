@@ -14,6 +14,17 @@
 //! uses apart. The host never touches device memory directly (reads go through `to_cpu`, which is stream
 //! ordered and then waits), and handing a block back to the driver is preceded by a stream synchronisation.
 //!
+//! CUDA graphs (graph.rs): while a capture runs, every allocation is served from a *private pool* owned by
+//! the graph being captured (PyTorch's graph pools). A captured step's blocks are the graph's: each replay
+//! writes them again, so none of them may go to anyone outside the graph while it lives. A block allocated
+//! during the capture remembers its pool ([`PooledSlice`]'s owner); when it is dropped it goes back to that
+//! pool's free list as long as the graph lives, where later allocations of the same capture may take it
+//! (stream order keeps that safe, as above), and to the general free list once the graph is gone. A capture
+//! that misses its private free list takes a cached block from the general free list first (the warm-up step
+//! before a capture leaves exactly the step's sizes there), and only then calls the driver (legal in the
+//! relaxed capture mode graph.rs uses). Tensors that outlive the capture (gradients, the loss) keep their
+//! blocks, and so their addresses, which every replay rewrites.
+//!
 //! cudarc's own per-slice event tracking is switched off on our contexts ([`super::CudaDevice`]): with it on,
 //! each slice would create two CUDA events, and with several streams each launch would record and wait on
 //! them. With one stream they can only cost time.
@@ -69,7 +80,9 @@ pub(crate) fn size_class(bytes: usize) -> Option<usize> {
 pub struct MemoryStats {
     /// Bytes in blocks owned by live buffers.
     pub in_use_bytes: usize,
-    /// The most `in_use_bytes` has been since the device was opened or [`super::CudaDevice::reset_peak`].
+    /// The most `in_use_bytes` plus the cached blocks of live graphs' private pools (which their replays
+    /// use) has been since the device was opened or [`super::CudaDevice::reset_peak`]: without graphs, the
+    /// most bytes handed out at once.
     pub peak_bytes: usize,
     /// Bytes obtained from the driver and not yet given back: in use plus cached.
     pub reserved_bytes: usize,
@@ -77,6 +90,9 @@ pub struct MemoryStats {
     pub num_allocs: u64,
     /// Requests served from the pool so far.
     pub num_cache_hits: u64,
+    /// Bytes in blocks owned by the private pools of live CUDA graphs (in use or free), part of
+    /// `reserved_bytes`.
+    pub graph_pool_bytes: usize,
 }
 
 impl fmt::Display for MemoryStats {
@@ -90,21 +106,153 @@ impl fmt::Display for MemoryStats {
             self.reserved_bytes as f64 / MIB,
             self.num_allocs,
             self.num_cache_hits
-        )
+        )?;
+        if self.graph_pool_bytes > 0 {
+            write!(f, ", graph pools {:.1} MiB", self.graph_pool_bytes as f64 / MIB)?;
+        }
+        Ok(())
     }
 }
 
+/// The pool a block belongs to: [`GENERAL`], or the id of a graph's private pool.
+pub(crate) type Owner = u64;
+/// The general pool's owner id; private pools count from 1.
+pub(crate) const GENERAL: Owner = 0;
+
+/// A graph's private pool: its cached blocks by size class, and the bytes of every block it owns.
+#[derive(Default)]
+struct PrivatePool {
+    free: HashMap<usize, Vec<sys::CUdeviceptr>>,
+    bytes: usize,
+}
+
+/// The allocator's bookkeeping, without the driver (so that it can be tested on a machine without a GPU).
 #[derive(Default)]
 struct Pool {
-    /// Cached blocks by size class.
+    /// Cached blocks of the general pool, by size class.
     free: HashMap<usize, Vec<sys::CUdeviceptr>>,
+    /// The private pools of live graphs (and of the capture running now), by id.
+    private: HashMap<Owner, PrivatePool>,
+    /// The private pool that serves every allocation while a capture runs.
+    capturing: Option<Owner>,
+    /// The last private pool id handed out.
+    last_private: Owner,
+    /// Bytes in the free lists of the private pools: not handed out, but a live graph's.
+    private_free: usize,
     stats: MemoryStats,
 }
 
 impl Pool {
     fn hand_out(&mut self, class: usize) {
         self.stats.in_use_bytes += class;
-        self.stats.peak_bytes = self.stats.peak_bytes.max(self.stats.in_use_bytes);
+        self.stats.peak_bytes = self.stats.peak_bytes.max(self.held());
+    }
+
+    /// Bytes handed out plus those cached for live graphs.
+    fn held(&self) -> usize {
+        self.stats.in_use_bytes + self.private_free
+    }
+
+    fn reset_peak(&mut self) {
+        self.stats.peak_bytes = self.held();
+    }
+
+    /// A cached block of `class` for the next allocation, and the pool it now belongs to: during a capture
+    /// from the capture's private free list, else from the general free list (moved into the private pool).
+    fn take(&mut self, class: usize) -> Option<(sys::CUdeviceptr, Owner)> {
+        let got = match self.capturing {
+            Some(id) => {
+                let own = self.private.get_mut(&id).and_then(|p| p.free.get_mut(&class)).and_then(Vec::pop);
+                match own {
+                    Some(ptr) => {
+                        self.private_free -= class;
+                        Some((ptr, id))
+                    }
+                    None => {
+                        let ptr = self.free.get_mut(&class).and_then(Vec::pop)?;
+                        // A cached general block joins the capture's pool for good.
+                        self.adopt(id, class);
+                        Some((ptr, id))
+                    }
+                }
+            }
+            None => self.free.get_mut(&class).and_then(Vec::pop).map(|ptr| (ptr, GENERAL)),
+        };
+        if got.is_some() {
+            self.stats.num_cache_hits += 1;
+            self.hand_out(class);
+        }
+        got
+    }
+
+    /// Counts a block of `class` as the private pool `id`'s.
+    fn adopt(&mut self, id: Owner, class: usize) {
+        if let Some(p) = self.private.get_mut(&id) {
+            p.bytes += class;
+            self.stats.graph_pool_bytes += class;
+        }
+    }
+
+    /// Books a block just obtained from the driver; returns its pool (the capture's, while one runs).
+    fn add_new(&mut self, class: usize) -> Owner {
+        self.stats.num_allocs += 1;
+        self.stats.reserved_bytes += class;
+        self.hand_out(class);
+        match self.capturing {
+            Some(id) => {
+                self.adopt(id, class);
+                id
+            }
+            None => GENERAL,
+        }
+    }
+
+    /// Takes back a block of `class` owned by `owner`: into its private pool while that pool lives, else into
+    /// the general free list.
+    fn give_back(&mut self, ptr: sys::CUdeviceptr, class: usize, owner: Owner) {
+        self.stats.in_use_bytes -= class;
+        match self.private.get_mut(&owner) {
+            Some(p) if owner != GENERAL => {
+                p.free.entry(class).or_default().push(ptr);
+                self.private_free += class;
+            }
+            _ => self.free.entry(class).or_default().push(ptr),
+        }
+    }
+
+    /// Opens a new private pool and serves every allocation from it until [`Pool::end_capture`].
+    fn begin_capture(&mut self) -> Result<Owner> {
+        if let Some(id) = self.capturing {
+            return Err(Error::Cuda {
+                op: "capture",
+                msg: format!("a capture into graph pool {id} is already running on this device"),
+            });
+        }
+        self.last_private += 1;
+        let id = self.last_private;
+        self.private.insert(id, PrivatePool::default());
+        self.capturing = Some(id);
+        Ok(id)
+    }
+
+    /// Allocations come from the general pool again; the capture's private pool stays (its graph lives).
+    fn end_capture(&mut self) {
+        self.capturing = None;
+    }
+
+    /// The graph of private pool `id` is gone: its cached blocks join the general free list, and its blocks
+    /// still in use go there when they are dropped.
+    fn release_private(&mut self, id: Owner) {
+        if self.capturing == Some(id) {
+            self.capturing = None;
+        }
+        if let Some(p) = self.private.remove(&id) {
+            self.stats.graph_pool_bytes -= p.bytes;
+            for (class, ptrs) in p.free {
+                self.private_free -= class * ptrs.len();
+                self.free.entry(class).or_default().extend(ptrs);
+            }
+        }
     }
 }
 
@@ -128,14 +276,13 @@ impl Allocator {
     }
 
     pub(crate) fn reset_peak(&self) {
-        let mut pool = self.lock();
-        pool.stats.peak_bytes = pool.stats.in_use_bytes;
+        self.lock().reset_peak()
     }
 
     /// A buffer of `len` elements of `T`, uninitialised (it may hold whatever its last owner wrote).
     pub(crate) fn alloc<T>(self: &Arc<Self>, len: usize) -> Result<PooledSlice<T>> {
         let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| too_large(len))?;
-        let (ptr, class) = self.alloc_block(bytes)?;
+        let (ptr, class, owner) = self.alloc_block(bytes)?;
         // SAFETY: `ptr` is a live block of `class >= len * size_of::<T>()` bytes that nothing else owns until
         // `PooledSlice::drop` returns it. Event tracking is off on our contexts, so `upgrade_device_ptr` creates
         // no events (its only fallible, and panicking, step).
@@ -149,22 +296,18 @@ impl Allocator {
                 .result()
                 .map_err(|e| Error::Cuda { op: "poison", msg: format!("{e:?}") })?;
         }
-        Ok(PooledSlice { slice: ManuallyDrop::new(slice), class, pool: self.clone() })
+        Ok(PooledSlice { slice: ManuallyDrop::new(slice), class, owner, pool: self.clone() })
     }
 
-    fn alloc_block(&self, bytes: usize) -> Result<(sys::CUdeviceptr, usize)> {
+    fn alloc_block(&self, bytes: usize) -> Result<(sys::CUdeviceptr, usize, Owner)> {
         let class = size_class(bytes).ok_or_else(|| too_large(bytes))?;
-        {
-            let mut pool = self.lock();
-            if let Some(ptr) = pool.free.get_mut(&class).and_then(Vec::pop) {
-                pool.stats.num_cache_hits += 1;
-                pool.hand_out(class);
-                return Ok((ptr, class));
-            }
+        if let Some((ptr, owner)) = self.lock().take(class) {
+            return Ok((ptr, class, owner));
         }
         let ptr = match self.driver_alloc(class) {
             Ok(ptr) => ptr,
-            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
+            // Emptying the cache synchronises the stream, which a running capture forbids.
+            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY && !self.capturing() => {
                 // Cached blocks of other classes may be what fills the device: give them back and retry once.
                 self.empty_cache()?;
                 self.driver_alloc(class).map_err(|e| {
@@ -179,11 +322,29 @@ impl Allocator {
             }
             Err(e) => return Err(Error::Cuda { op: "alloc", msg: format!("cuMemAlloc of {class} bytes: {e:?}") }),
         };
-        let mut pool = self.lock();
-        pool.stats.num_allocs += 1;
-        pool.stats.reserved_bytes += class;
-        pool.hand_out(class);
-        Ok((ptr, class))
+        let owner = self.lock().add_new(class);
+        Ok((ptr, class, owner))
+    }
+
+    /// Whether a capture is running (allocations come from its private pool).
+    pub(crate) fn capturing(&self) -> bool {
+        self.lock().capturing.is_some()
+    }
+
+    /// Starts serving allocations from a new private pool; returns its id. See the module docs.
+    pub(crate) fn begin_capture(&self) -> Result<Owner> {
+        self.lock().begin_capture()
+    }
+
+    /// Stops serving allocations from the capture's private pool (which stays reserved for its graph).
+    pub(crate) fn end_capture(&self) {
+        self.lock().end_capture()
+    }
+
+    /// Hands private pool `id` back to the general pool: call once its graph is destroyed and no launch of it
+    /// can be queued any more (later work on the one stream runs after the launches already queued).
+    pub(crate) fn release_private(&self, id: Owner) {
+        self.lock().release_private(id)
     }
 
     fn driver_alloc(&self, bytes: usize) -> std::result::Result<sys::CUdeviceptr, DriverError> {
@@ -194,15 +355,20 @@ impl Allocator {
     }
 
     /// Takes a block back from a dropped [`PooledSlice`].
-    fn release(&self, ptr: sys::CUdeviceptr, class: usize) {
-        let mut pool = self.lock();
-        pool.stats.in_use_bytes -= class;
-        pool.free.entry(class).or_default().push(ptr);
+    fn release(&self, ptr: sys::CUdeviceptr, class: usize, owner: Owner) {
+        self.lock().give_back(ptr, class, owner)
     }
 
-    /// Gives every cached block back to the driver. Waits for the stream first: a cached block may still be
-    /// read or written by work that was queued before its owner was dropped.
+    /// Gives every cached block of the general pool back to the driver (the private pools of live graphs keep
+    /// theirs). Waits for the stream first: a cached block may still be read or written by work that was
+    /// queued before its owner was dropped. Refused while a capture runs (it may not synchronise).
     pub(crate) fn empty_cache(&self) -> Result<()> {
+        if self.capturing() {
+            return Err(Error::Cuda {
+                op: "empty_cache",
+                msg: "called while a CUDA graph is being captured (it would synchronise the stream)".into(),
+            });
+        }
         let blocks: Vec<(sys::CUdeviceptr, usize)> = {
             let mut pool = self.lock();
             pool.free.drain().flat_map(|(class, ptrs)| ptrs.into_iter().map(move |p| (p, class))).collect()
@@ -250,6 +416,8 @@ fn too_large(what: usize) -> Error {
 pub struct PooledSlice<T> {
     slice: ManuallyDrop<CudaSlice<T>>,
     class: usize,
+    /// The pool the block goes back to ([`GENERAL`] or a graph's private pool).
+    owner: Owner,
     pool: Arc<Allocator>,
 }
 
@@ -293,7 +461,7 @@ impl<T> Drop for PooledSlice<T> {
         let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
         // `leak` gives up ownership without freeing; with event tracking off it neither waits nor records.
         let ptr = slice.leak();
-        self.pool.release(ptr, self.class);
+        self.pool.release(ptr, self.class, self.owner);
     }
 }
 
@@ -317,5 +485,78 @@ mod tests {
         assert_eq!(size_class((1 << 20) + 1), Some(2 << 20));
         assert_eq!(size_class((2 << 20) + 1), Some(4 << 20));
         assert_eq!(size_class(usize::MAX), None);
+    }
+
+    #[test]
+    fn general_pool_reuses_blocks_by_class() {
+        let mut pool = Pool::default();
+        assert_eq!(pool.take(512), None);
+        assert_eq!(pool.add_new(512), GENERAL);
+        pool.give_back(0x1000, 512, GENERAL);
+        assert_eq!(pool.take(1024), None, "exact classes only");
+        assert_eq!(pool.take(512), Some((0x1000, GENERAL)));
+        assert_eq!(pool.stats.num_cache_hits, 1);
+        assert_eq!(pool.stats.in_use_bytes, 512);
+        assert_eq!(pool.stats.graph_pool_bytes, 0);
+    }
+
+    #[test]
+    fn a_capture_takes_general_blocks_into_its_private_pool_and_keeps_them() {
+        let mut pool = Pool::default();
+        // Two cached general blocks (a warm-up step's), one in use outside the graph.
+        for ptr in [0x1000, 0x2000, 0x3000] {
+            pool.add_new(512);
+            pool.give_back(ptr, 512, GENERAL);
+        }
+        let outside = pool.take(512).unwrap();
+        assert_eq!(outside.1, GENERAL);
+
+        let id = pool.begin_capture().unwrap();
+        assert!(pool.begin_capture().is_err(), "one capture at a time");
+        // The capture adopts a cached general block ...
+        let (a, owner) = pool.take(512).unwrap();
+        assert_eq!(owner, id);
+        assert_eq!(pool.stats.graph_pool_bytes, 512);
+        // ... and a block it frees is reused by its own later allocations, not a general one.
+        pool.give_back(a, 512, id);
+        assert_eq!(pool.take(512), Some((a, id)));
+        // A miss everywhere goes to the driver, booked to the capture's pool.
+        let (b, _) = pool.take(512).unwrap(); // the last cached general block
+        assert_eq!(pool.take(512), None);
+        assert_eq!(pool.add_new(512), id);
+        assert_eq!(pool.stats.graph_pool_bytes, 3 * 512);
+        pool.end_capture();
+
+        // After the capture, a freed private block stays the graph's: outside allocations never see it, and
+        // the peak counts it as held (a replay uses it).
+        pool.reset_peak();
+        let held = pool.stats.peak_bytes;
+        pool.give_back(b, 512, id);
+        assert_eq!(pool.take(512), None);
+        assert_eq!(pool.held(), held);
+        pool.give_back(outside.0, 512, GENERAL);
+        assert_eq!(pool.take(512), Some((outside.0, GENERAL)));
+
+        // The graph goes: its cached blocks join the general pool, and its blocks still in use (a gradient)
+        // go there when dropped.
+        pool.release_private(id);
+        assert_eq!(pool.stats.graph_pool_bytes, 0);
+        assert_eq!(pool.private_free, 0);
+        assert_eq!(pool.take(512), Some((b, GENERAL)));
+        pool.give_back(a, 512, id);
+        assert_eq!(pool.take(512), Some((a, GENERAL)));
+    }
+
+    #[test]
+    fn released_capture_stops_serving_allocations() {
+        let mut pool = Pool::default();
+        let id = pool.begin_capture().unwrap();
+        assert_eq!(pool.add_new(512), id);
+        // A failed capture releases its pool while still capturing.
+        pool.release_private(id);
+        assert_eq!(pool.capturing, None);
+        assert_eq!(pool.add_new(512), GENERAL);
+        let next = pool.begin_capture().unwrap();
+        assert_ne!(next, id, "pool ids are not reused");
     }
 }

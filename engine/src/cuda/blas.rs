@@ -6,11 +6,12 @@
 //! handle picks the setting up at its next product. f64 products are never affected.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use cudarc::cublas::{self, sys::cublasMath_t, sys::cublasOperation_t, CudaBlas};
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
+use super::alloc::PooledSlice;
 use super::device::{catch_panics, library_present, Library};
 use super::{CudaDevice, OrCuda};
 use crate::{DType, Error, Float, Result};
@@ -27,14 +28,20 @@ pub fn tf32_enabled() -> bool {
     TF32.load(Ordering::Relaxed)
 }
 
-/// A device's cuBLAS handle (bound to the device's stream) and the math mode last set on it.
+/// A device's cuBLAS handle (bound to the device's stream), its workspace and the math mode last set on it.
 pub(crate) struct Blas {
     handle: CudaBlas,
     tf32: bool,
+    /// The handle's workspace, from the device's pool and set explicitly (`cublasSetWorkspace`), so that
+    /// cuBLAS never allocates one of its own: a product captured into a CUDA graph then allocates nothing
+    /// (graph.rs). Declared after `handle`, so it outlives it. Its size is NVIDIA's recommendation, the
+    /// cuBLASLt workspace's.
+    _workspace: PooledSlice<u8>,
 }
 
 impl Blas {
-    pub(crate) fn new(stream: &Arc<CudaStream>) -> std::result::Result<Mutex<Blas>, String> {
+    pub(crate) fn new(dev: &CudaDevice) -> std::result::Result<Mutex<Blas>, String> {
+        let stream = dev.stream();
         if !library_present(Library::Cublas) {
             return Err(format!(
                 "libcublas could not be loaded (searched {}); install the CUDA toolkit's cuBLAS or add it to LD_LIBRARY_PATH",
@@ -45,7 +52,20 @@ impl Blas {
             // `CudaBlas::new` creates the handle and binds it to `stream`, so every product is stream ordered
             // with the kernels around it.
             let handle = CudaBlas::new(stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))?;
-            Ok(Mutex::new(Blas { handle, tf32: false }))
+            let workspace = dev
+                .alloc::<u8>(super::blaslt::workspace_bytes(dev.compute_capability()))
+                .map_err(|e| format!("allocating the cuBLAS workspace: {e}"))?;
+            let ptr = workspace.as_slice().device_ptr(stream).0;
+            // SAFETY: a live handle; the workspace is a block of `workspace.len()` bytes that this struct owns
+            // for the handle's life, used only by products enqueued on the device's one stream (in order).
+            // `CudaBlas::new` has already bound the stream (cublasSetStream resets the workspace, so this must
+            // come after it).
+            unsafe {
+                cublas::sys::cublasSetWorkspace_v2(*handle.handle(), ptr as *mut std::ffi::c_void, workspace.len())
+            }
+            .result()
+            .map_err(|e| format!("cublasSetWorkspace: {e:?}"))?;
+            Ok(Mutex::new(Blas { handle, tf32: false, _workspace: workspace }))
         })
     }
 

@@ -95,7 +95,7 @@ impl Drop for BlasLt {
 }
 
 /// Workspace bytes: NVIDIA's recommendation (32 MiB on Hopper and later, 4 MiB before).
-fn workspace_bytes(compute_capability: (u32, u32)) -> usize {
+pub(super) fn workspace_bytes(compute_capability: (u32, u32)) -> usize {
     if compute_capability.0 >= 9 {
         32 << 20
     } else {

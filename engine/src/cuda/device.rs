@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
@@ -21,6 +21,7 @@ use cudarc::nvrtc::Ptx;
 use super::alloc::{Allocator, MemoryStats, PooledSlice};
 use super::blas::Blas;
 use super::blaslt::BlasLt;
+use super::graph::{CaptureState, FrozenUpload};
 use super::modules::ModuleCache;
 use super::staging::Staging;
 use super::{nvrtc, OrCuda};
@@ -222,6 +223,8 @@ pub struct CudaDevice {
     staging: Mutex<Staging>,
     /// Blocks of a kernel one wave holds, by (module, kernel, threads a block): see [`CudaDevice::wave`].
     waves: Mutex<HashMap<(&'static str, String, u32), usize>>,
+    /// The CUDA graph capture running on the stream, if any (graph.rs).
+    capture: Mutex<Option<CaptureState>>,
 }
 
 /// Opened devices; never dropped, so each ordinal is opened once per process.
@@ -278,6 +281,7 @@ impl CudaDevice {
             modules: ModuleCache::new(),
             staging: Mutex::new(Staging::new()),
             waves: Mutex::new(HashMap::new()),
+            capture: Mutex::new(None),
         })
     }
 
@@ -319,13 +323,36 @@ impl CudaDevice {
     }
 
     /// Waits until all work queued on this device has finished (for benches and timing; ops never need it).
+    /// An error while a CUDA graph is being captured (a capture may not wait).
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_while_capturing("synchronize")?;
         self.stream.synchronize().or_cuda("synchronize")
+    }
+
+    /// `Error::Cuda` naming `op` when a capture is running: `op` would wait for the device.
+    fn refuse_while_capturing(&self, op: &'static str) -> Result<()> {
+        if self.is_capturing() {
+            return Err(Error::Cuda {
+                op,
+                msg: "waits for the device, which a step being captured into a CUDA graph may not do (read \
+                      results after replaying the graph instead)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn capture_state(&self) -> MutexGuard<'_, Option<CaptureState>> {
+        self.capture.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn pool(&self) -> &Arc<Allocator> {
+        &self.pool
     }
 
     pub(crate) fn blas(&self) -> Result<&Mutex<Blas>> {
         self.blas
-            .get_or_init(|| Blas::new(&self.stream))
+            .get_or_init(|| Blas::new(self))
             .as_ref()
             .map_err(|msg| Error::Cublas { op: "create", msg: msg.clone() })
     }
@@ -340,19 +367,60 @@ impl CudaDevice {
 
     /// A device copy of `host` (enqueued through pinned staging, so it does not wait for the device; the
     /// host slice may be dropped as soon as this returns).
+    ///
+    /// During a CUDA graph capture the copy is captured with its values (graph.rs): every replay copies the
+    /// same bytes again.
     pub fn htod<T: DeviceRepr + Copy>(&self, host: &[T]) -> Result<PooledSlice<T>> {
         let mut out = self.alloc::<T>(host.len())?;
         if !host.is_empty() {
             let mut view = out.view_mut();
             let (dst, _record) = view.device_ptr_mut(&self.stream);
-            let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-            staging.upload(&self.ctx, &self.stream, host, dst)?;
+            self.upload(host, dst)?;
         }
         Ok(out)
     }
 
+    /// Copies `host` into `dst[offset..offset + host.len()]` (stream ordered, through pinned staging like
+    /// [`Self::htod`]): new values for a buffer that kernels or a CUDA graph keep using, such as a graphed
+    /// step's batch. Out-of-range writes are refused.
+    pub fn htod_into<T: DeviceRepr + Copy>(&self, host: &[T], dst: &mut PooledSlice<T>, offset: usize) -> Result<()> {
+        let end = offset.checked_add(host.len()).filter(|&e| e <= dst.len()).ok_or_else(|| Error::Cuda {
+            op: "htod_into",
+            msg: format!("{} values at offset {offset} do not fit a buffer of {}", host.len(), dst.len()),
+        })?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        let mut view = dst.view_mut();
+        let mut range = view.slice_mut(offset..end);
+        let (ptr, _record) = range.device_ptr_mut(&self.stream);
+        self.upload(host, ptr)
+    }
+
+    /// Enqueues the copy of `host` to `dst` (room for it is the caller's promise): through the staging ring,
+    /// or, during a capture, from a page-locked copy owned by the capture.
+    fn upload<T: Copy>(&self, host: &[T], dst: sys::CUdeviceptr) -> Result<()> {
+        {
+            let mut capture = self.capture_state();
+            if let Some(state) = capture.as_mut() {
+                self.ctx.bind_to_thread().or_cuda("htod")?;
+                let frozen = FrozenUpload::new(host)?;
+                // SAFETY: `frozen` holds host.len() values of T (made from `host` just above) and lives as long
+                // as the graph (it moves into the CapturedGraph), so every replay of the captured copy reads
+                // it; `dst` has room for them (caller). Captured, not run: the copy happens at each replay.
+                unsafe { result::memcpy_htod_async(dst, frozen.as_slice::<T>(host.len()), self.stream.cu_stream()) }
+                    .or_cuda("htod (captured)")?;
+                state.uploads.push(frozen);
+                return Ok(());
+            }
+        }
+        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        staging.upload(&self.ctx, &self.stream, host, dst)
+    }
+
     /// The elements of `src` on the host. Waits for the stream: the only synchronising copy.
     pub fn dtoh<T: DeviceRepr + Default + Clone, S: DevicePtr<T>>(&self, src: &S) -> Result<Vec<T>> {
+        self.refuse_while_capturing("dtoh")?;
         let mut host = vec![T::default(); src.len()];
         if !host.is_empty() {
             self.stream.memcpy_dtoh(src, &mut host).or_cuda("dtoh")?;

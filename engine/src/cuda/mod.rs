@@ -25,6 +25,10 @@
 //!   aligned operands; the Strided form otherwise) and its one-wave grid ([`CudaDevice::wave`]); the device
 //!   side (`Pack16`, `load16`, `map16`) is in prelude.cuh.
 //!
+//! - CUDA graphs (graph.rs): [`CudaDevice::capture`] records the work a closure enqueues (a whole training
+//!   step) into a [`CapturedGraph`] that [`CapturedGraph::replay`] launches with one call; the allocator
+//!   serves the capture from a private pool owned by the graph.
+//!
 //! Nothing but `to_cpu` (and [`CudaDevice::synchronize`], for timing) waits for the device: ops enqueue and
 //! return. Errors of asynchronous work therefore surface at the next synchronising call. Uploads
 //! (`from_cpu`) go through a ring of pinned slots (staging.rs): a copy from pageable memory would wait for
@@ -57,6 +61,7 @@ mod alloc;
 mod blas;
 mod blaslt;
 mod device;
+mod graph;
 mod modules;
 mod nvrtc;
 mod staging;
@@ -72,6 +77,7 @@ pub use blas::{set_tf32, tf32_enabled, GemmConfig};
 pub use device::{
     device, device_count, driver_version, is_available, library_report, unavailable_reason, CudaDevice, LibraryStatus,
 };
+pub use graph::CapturedGraph;
 pub use nvrtc::{compile, nvrtc_available};
 pub use storage::{CudaBuffer, CudaStorage, Strided, MAX_DIMS};
 

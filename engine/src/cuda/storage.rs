@@ -299,6 +299,16 @@ impl CudaStorage {
         Ok(CudaStorage { device, buffer })
     }
 
+    /// Copies `cpu` (of this buffer's dtype) into elements `offset..offset + cpu.len()` (stream ordered).
+    pub fn write_from_cpu(&mut self, offset: usize, cpu: &CpuStorage) -> Result<()> {
+        let device = self.device.clone();
+        match (&mut self.buffer, cpu) {
+            (CudaBuffer::F32(d), CpuStorage::F32(v)) => device.htod_into(v, d, offset),
+            (CudaBuffer::F64(d), CpuStorage::F64(v)) => device.htod_into(v, d, offset),
+            _ => Err(Error::DTypeMismatch { op: "write_from_cpu", lhs: self.dtype(), rhs: cpu.dtype() }),
+        }
+    }
+
     /// The elements under `layout` as new contiguous storage on this device.
     pub fn copy_strided(&self, layout: &Layout) -> Result<Self> {
         let buffer = match &self.buffer {

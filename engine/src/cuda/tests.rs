@@ -747,3 +747,71 @@ fn device_is_usable_from_several_threads() {
         h.join().unwrap();
     }
 }
+
+// ---- CUDA graphs -----------------------------------------------------------------------------------------
+
+fn f32_storage(v: &[f32]) -> CudaStorage {
+    CudaStorage::from_cpu(0, &CpuStorage::F32(v.to_vec())).unwrap()
+}
+
+#[test]
+fn a_captured_graph_replays_its_work_on_new_inputs() {
+    let Some((_g, dev)) = gpu("a_captured_graph_replays_its_work_on_new_inputs") else { return };
+    let l = Layout::contiguous(&[4]);
+    let mut x = f32_storage(&[1.0, 2.0, 3.0, 4.0]);
+    // Warm-up: compiles and loads the storage module outside the capture.
+    drop(x.add_same_shape(&l, &x, &l).unwrap());
+    let pool_before = dev.memory_stats().graph_pool_bytes;
+    let (graph, y) = dev
+        .capture(|| {
+            // An upload inside the capture is frozen into the graph with its values.
+            let c = f32_storage(&[10.0, 20.0, 30.0, 40.0]);
+            let t = x.add_same_shape(&l, &c, &l)?; // freed inside the capture: the private pool keeps it
+            t.add_same_shape(&l, &x, &l) // x + c + x
+        })
+        .unwrap();
+    assert!(!dev.is_capturing());
+    assert_eq!(graph.frozen_uploads(), 1);
+    assert!(dev.memory_stats().graph_pool_bytes > pool_before, "{}", dev.memory_stats());
+    graph.replay().unwrap();
+    assert_same(&host(&y), &[12.0, 24.0, 36.0, 48.0], "first replay");
+    // New input values written in place (same address) are what the next replay reads.
+    x.write_from_cpu(0, &CpuStorage::F32(vec![0.0, 1.0, 0.0, 1.0])).unwrap();
+    // Many uploads through the staging ring and allocations of the graph's class outside it: neither may
+    // disturb the frozen upload nor the graph's blocks.
+    let outside: Vec<CudaStorage> = (0..20).map(|i| f32_storage(&[-(i as f32); 4])).collect();
+    graph.replay().unwrap();
+    graph.replay().unwrap();
+    assert_same(&host(&y), &[10.0, 22.0, 30.0, 42.0], "replay after new inputs");
+    for (i, s) in outside.iter().enumerate() {
+        assert_same(&host(s), &[-(i as f64); 4], "a block allocated outside the graph");
+    }
+    drop(graph);
+    assert_eq!(dev.memory_stats().graph_pool_bytes, pool_before, "the private pool is released with its graph");
+    // y outlives the graph; its block goes to the general pool when dropped.
+    assert_same(&host(&y), &[10.0, 22.0, 30.0, 42.0], "y after the graph is gone");
+}
+
+#[test]
+fn waiting_during_a_capture_fails_it_cleanly() {
+    let Some((_g, dev)) = gpu("waiting_during_a_capture_fails_it_cleanly") else { return };
+    let s = f32_storage(&[1.0, 2.0]);
+    let l = Layout::contiguous(&[2]);
+    let pool_before = dev.memory_stats().graph_pool_bytes;
+    let err = dev
+        .capture(|| {
+            let t = s.add_same_shape(&l, &s, &l)?;
+            t.to_cpu(&l) // waits for the device: refused
+        })
+        .err()
+        .expect("a read-back inside a capture must fail");
+    assert!(err.to_string().contains("CUDA graph"), "{err}");
+    let err = dev.capture(|| dev.synchronize()).err().expect("synchronize inside a capture must fail");
+    assert!(err.to_string().contains("CUDA graph"), "{err}");
+    assert!(!dev.is_capturing());
+    assert_eq!(dev.memory_stats().graph_pool_bytes, pool_before);
+    // The stream works as before.
+    let t = s.add_same_shape(&l, &s, &l).unwrap();
+    assert_same(&host(&t), &[2.0, 4.0], "after the failed captures");
+    dev.synchronize().unwrap();
+}

@@ -32,7 +32,7 @@ struct SgdParams {
 /// `struct AdamWParams` of optim.cu, field for field.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct AdamWParams {
+pub(super) struct AdamWParams {
     step_size: f64,
     decay: f64,
     beta1: f64,
@@ -469,6 +469,149 @@ pub(super) fn adamw_multi(items: &[AdamWTensors]) -> Result<bool> {
         DType::F32 => run::<f32>(&dev, items, amsgrad),
         DType::F64 => run::<f64>(&dev, items, amsgrad),
     }
+}
+
+impl AdamWParams {
+    /// The doubles the `_hyper` kernels read per tensor, in `struct AdamWParams` order (amsgrad is the kernel's).
+    pub(super) fn hyper(self) -> [f64; 8] {
+        [
+            self.step_size,
+            self.decay,
+            self.beta1,
+            self.one_minus_beta1,
+            self.beta2,
+            self.one_minus_beta2,
+            self.bc2_sqrt,
+            self.eps,
+        ]
+    }
+}
+
+/// The doubles of one AdamW step as the `_hyper` kernels read them: the very values the host puts in the
+/// tables of [`adamw_multi`].
+pub(super) fn adamw_hyper(h: AdamWStep) -> [f64; 8] {
+    AdamWParams::new(h, h.amsgrad).hyper()
+}
+
+/// Tables for the `_hyper` kernels: entries as [`Tables`] makes them, but each entry's `set` is its item's
+/// index counted from the table's first item (a u8), and the table's first item comes with it, so that the
+/// launch passes the hyperparameter buffer advanced to that item. A table closes when it is full or an item
+/// index would not fit the u8 (items without elements take no entry but keep their index).
+pub(super) fn hyper_tables<const D: usize, const N: usize>(
+    entries: impl Iterator<Item = (usize, [u64; D], usize)>,
+    elem_bytes: usize,
+) -> Vec<(MultiTable<AdamWParams, D, N>, u32, usize)> {
+    let empty = || MultiTable {
+        sets: [AdamWParams::default(); SETS],
+        ptr: [[0; N]; D],
+        len: [0; N],
+        chunk_end: [0; N],
+        count: 0,
+        set: [0; N],
+    };
+    let mut done = Vec::new();
+    let mut cur: Option<(MultiTable<AdamWParams, D, N>, u32, usize)> = None;
+    for (item, addrs, n) in entries {
+        for start in (0..n).step_by(SEGMENT) {
+            let len = SEGMENT.min(n - start);
+            if cur.as_ref().is_some_and(|(t, _, first)| t.count as usize == N || item - first > u8::MAX as usize) {
+                done.extend(cur.take());
+            }
+            let (t, chunks, first) = cur.get_or_insert_with(|| (empty(), 0, item));
+            let i = t.count as usize;
+            for (k, &a) in addrs.iter().enumerate() {
+                t.ptr[k][i] = a + (start * elem_bytes) as u64;
+            }
+            t.len[i] = len as u32;
+            *chunks += len.div_ceil(CHUNK) as u32;
+            t.chunk_end[i] = *chunks;
+            t.set[i] = (item - *first) as u8;
+            t.count += 1;
+        }
+    }
+    done.extend(cur);
+    done
+}
+
+/// [`adamw_multi`] with each item's hyperparameters read from `hyper` (8 doubles per item, in item order, a
+/// contiguous f64 tensor on the items' device: checked by the caller) when the kernels run. False, with
+/// nothing done, when written operands overlap.
+pub(super) fn adamw_multi_hyper(items: &[AdamWTensors], hyper: &Tensor) -> Result<bool> {
+    fn run<T: Float>(dev: &CudaDevice, items: &[AdamWTensors], hyper: &Tensor, amsgrad: bool) -> Result<bool> {
+        const OP: &str = "adamw_step_hyper";
+        let mut operands: Vec<(&Tensor, bool)> = Vec::with_capacity(items.len() * 5);
+        for it in items {
+            operands.extend([(it.p, true), (it.grad, false), (it.m, true), (it.v, true)]);
+            if let Some(x) = it.vmax {
+                operands.push((x, true));
+            }
+        }
+        // The hyperparameters are read only; the caller made sure they share no storage with an operand.
+        let hyper_storage = hyper.storage();
+        let Storage::Cuda(hs) = &*hyper_storage else {
+            return Err(Error::DeviceMismatch {
+                op: OP,
+                lhs: engine::Device::Cuda(dev.ordinal()),
+                rhs: hyper.device(),
+            });
+        };
+        let hv = elements::<f64>(OP, (hs, hyper.layout()))?;
+        let done = with_addresses::<T, ()>(OP, dev, &operands, |a| {
+            let width = if amsgrad { 5 } else { 4 };
+            let live = items.iter().zip(a.chunks_exact(width)).enumerate().filter(|(_, (it, _))| it.p.numel() > 0);
+            let elem = std::mem::size_of::<T>();
+            if amsgrad {
+                let entries = live.map(|(i, (it, a))| (i, [a[0], a[1], a[2], a[3], a[4]], it.p.numel()));
+                let tables = hyper_tables::<5, 76>(entries, elem);
+                // SAFETY: as in adamw_multi; the kernel also reads 8 doubles per item of the table from the
+                // hyper view advanced to the table's first item, all inside the checked 8 * items view.
+                unsafe { launch_hyper_tables::<T, 5, 76>(OP, dev, "adamw_multi_max_hyper", &tables, &hv) }
+            } else {
+                let entries = live.map(|(i, (it, a))| (i, [a[0], a[1], a[2], a[3]], it.p.numel()));
+                let tables = hyper_tables::<4, 92>(entries, elem);
+                // SAFETY: as above.
+                unsafe { launch_hyper_tables::<T, 4, 92>(OP, dev, "adamw_multi_hyper", &tables, &hv) }
+            }
+        })?;
+        Ok(done.is_some())
+    }
+    let Some(first) = items.first() else { return Ok(true) };
+    let amsgrad = first.vmax.is_some();
+    if items.iter().any(|it| it.vmax.is_some() != amsgrad) {
+        return Err(Error::invalid("adamw_step", "internal: a multi-tensor launch mixes amsgrad", first.p.shape()));
+    }
+    let dev = cuda_device(first.p)?;
+    match first.p.dtype() {
+        DType::F32 => run::<f32>(&dev, items, hyper, amsgrad),
+        DType::F64 => run::<f64>(&dev, items, hyper, amsgrad),
+    }
+}
+
+/// Launches `kernel(table, hyper + 8 * first)` once per table of [`hyper_tables`].
+///
+/// # Safety
+/// As [`launch_tables`]; and `hyper` holds 8 doubles for every item index the tables name.
+unsafe fn launch_hyper_tables<T: Float, const D: usize, const N: usize>(
+    op: &'static str,
+    dev: &CudaDevice,
+    kernel: &str,
+    tables: &[(MultiTable<AdamWParams, D, N>, u32, usize)],
+    hyper: &engine::cuda::CudaView<'_, f64>,
+) -> Result<()> {
+    let f = function::<T>(dev, &MODULE, kernel)?;
+    for (table, chunks, first) in tables {
+        let last = (0..table.count as usize).map(|i| table.set[i] as usize).max().unwrap_or(0);
+        let end = (first + last + 1) * 8;
+        let h = hyper.try_slice(first * 8..end).ok_or_else(|| {
+            Error::invalid(op, format!("the hyperparameters hold {} values, {end} needed", hyper.len()), &[])
+        })?;
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(table).arg(&h);
+        // SAFETY: the table by value as in launch_tables; `h` covers the 8 doubles of every item the table
+        // names (checked just above), read only.
+        unsafe { args.launch(chunk_grid(dev, *chunks)) }.map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })?;
+    }
+    Ok(())
 }
 
 /// x *= factor on every tensor of `xs` (one device and dtype, checked by the caller), one launch per table;

@@ -240,6 +240,65 @@ pub fn adamw_step_multi(items: &[AdamWTensors]) -> Result<()> {
     Ok(())
 }
 
+/// Doubles per item in the hyperparameter buffer of [`adamw_step_multi_hyper`].
+pub const ADAMW_HYPER_LEN: usize = 8;
+
+/// The per-step hyperparameters of one AdamW update as [`adamw_step_multi_hyper`] reads them from device
+/// memory: lr / (1 - beta1^t), 1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t),
+/// eps, computed on the host in f64 exactly as [`adamw_step_multi`] computes the kernel arguments.
+pub fn adamw_hyper(h: AdamWStep) -> [f64; ADAMW_HYPER_LEN] {
+    cuda::adamw_hyper(h)
+}
+
+/// [`adamw_step_multi`] on CUDA, with every item's per-step hyperparameters read from device memory when the
+/// kernel runs instead of passed as kernel arguments: item i takes elements `[8 i, 8 i + 8)` of `hyper` (a
+/// contiguous f64 tensor of `ADAMW_HYPER_LEN * items.len()` elements on the items' device), which must hold
+/// [`adamw_hyper`] of the step it is to apply. For an update captured into a CUDA graph: writing the next
+/// step's values into `hyper` before each replay applies the schedule's learning rate and the step count's
+/// bias corrections. Given the same values, the same bits as [`adamw_step_multi`]. The items' `h` are
+/// checked as there (step >= 1, a vmax with amsgrad) and choose the kernel (amsgrad), nothing else. All
+/// items on one CUDA device, one dtype, all with amsgrad or none; overlapping written operands are an error.
+pub fn adamw_step_multi_hyper(items: &[AdamWTensors], hyper: &Tensor) -> Result<()> {
+    const OP: &str = "adamw_step_hyper";
+    let Some(first) = items.first() else { return Ok(()) };
+    let mut checked = Vec::with_capacity(items.len());
+    for it in items {
+        let vmax = adamw_vmax(it.p, it.grad, it.m, it.v, it.vmax, it.h)?;
+        if it.p.device() != first.p.device() || it.p.dtype() != first.p.dtype() {
+            return Err(Error::invalid(OP, "every parameter must share one device and dtype", it.p.shape()));
+        }
+        if vmax.is_some() != first.h.amsgrad {
+            return Err(Error::invalid(OP, "every parameter must use amsgrad, or none", it.p.shape()));
+        }
+        let shares = [Some(it.p), Some(it.grad), Some(it.m), Some(it.v), vmax].into_iter().flatten();
+        if shares.into_iter().any(|t| t.same_storage(hyper)) {
+            return Err(Error::invalid(OP, "the hyperparameters share storage with an operand", hyper.shape()));
+        }
+        checked.push(AdamWTensors { vmax, ..*it });
+    }
+    if !first.p.device().is_cuda() {
+        return Err(Error::invalid(OP, "device hyperparameters are for CUDA parameters", first.p.shape()));
+    }
+    if hyper.dtype() != DType::F64 || hyper.device() != first.p.device() || !hyper.is_contiguous() {
+        return Err(Error::invalid(
+            OP,
+            format!("the hyperparameters must be a contiguous f64 tensor on {}", first.p.device()),
+            hyper.shape(),
+        ));
+    }
+    if hyper.numel() != ADAMW_HYPER_LEN * items.len() {
+        return Err(Error::invalid(
+            OP,
+            format!("{} hyperparameters for {} parameters ({ADAMW_HYPER_LEN} each)", hyper.numel(), items.len()),
+            hyper.shape(),
+        ));
+    }
+    if !cuda::adamw_multi_hyper(&checked, hyper)? {
+        return Err(Error::invalid(OP, "written operands overlap in memory", first.p.shape()));
+    }
+    Ok(())
+}
+
 /// Multiplies every tensor in place by `factor` (gradient clipping).
 pub fn scale_(t: &Tensor, factor: f64) -> Result<()> {
     check("scale_", t, &[])?;

@@ -197,6 +197,42 @@ __device__ void adamw_multi_impl(const Table& t) {
     }
 }
 
+// The same update with each tensor's hyperparameters read from device memory when the kernel runs, not from
+// the table: `hyper` holds 8 doubles per tensor (AdamWParams' doubles in order, the amsgrad flag being the
+// kernel's), and t.set[k] is tensor k's index into it (the host passes `hyper` advanced to the table's first
+// tensor). A launch captured into a CUDA graph thus applies the values written there before each replay
+// (the learning rate of the schedule, the bias corrections of the step count). Per element the same code as
+// adamw_multi_impl, so the same values give the same bits.
+template <typename T, typename Table, int AMSGRAD>
+__device__ void adamw_multi_hyper_impl(const Table& t, const double* hyper) {
+    const unsigned int chunks = t.chunk_end[t.count - 1];
+    for (unsigned int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        long long start, end;
+        const int k = mt_locate(t, c, &start, &end);
+        const double* hk = hyper + 8 * (int)t.set[k];
+        AdamWParams h;
+        h.step_size = hk[0];
+        h.decay = hk[1];
+        h.beta1 = hk[2];
+        h.one_minus_beta1 = hk[3];
+        h.beta2 = hk[4];
+        h.one_minus_beta2 = hk[5];
+        h.bc2_sqrt = hk[6];
+        h.eps = hk[7];
+        h.amsgrad = AMSGRAD;
+        h.pad = 0;
+        const AdamWConsts<T> consts(h);
+        T* p = (T*)t.ptr[0][k];
+        const T* g = (const T*)t.ptr[1][k];
+        T* m = (T*)t.ptr[2][k];
+        T* v = (T*)t.ptr[3][k];
+        T* vmax = (T*)t.ptr[sizeof(t.ptr) / sizeof(t.ptr[0]) - 1][k];
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            adamw_elem<T>(p, g, m, v, vmax, i, consts, AMSGRAD);
+        }
+    }
+}
+
 template <typename T>
 __device__ void scale_impl(T* x, long long n, double factor) {
     const T f = (T)factor;
@@ -258,6 +294,12 @@ __device__ void sum_squares_multi_impl(const ScalarTable& t, double* partials) {
     extern "C" __global__ void adamw_multi_##SUFFIX(AdamWTable t) { adamw_multi_impl<T, AdamWTable, 0>(t); } \
     extern "C" __global__ void adamw_multi_max_##SUFFIX(AdamWMaxTable t) {                                 \
         adamw_multi_impl<T, AdamWMaxTable, 1>(t);                                                          \
+    }                                                                                                      \
+    extern "C" __global__ void adamw_multi_hyper_##SUFFIX(AdamWTable t, const double* hyper) {             \
+        adamw_multi_hyper_impl<T, AdamWTable, 0>(t, hyper);                                                \
+    }                                                                                                      \
+    extern "C" __global__ void adamw_multi_max_hyper_##SUFFIX(AdamWMaxTable t, const double* hyper) {      \
+        adamw_multi_hyper_impl<T, AdamWMaxTable, 1>(t, hyper);                                             \
     }                                                                                                      \
     extern "C" __global__ void scale_multi_##SUFFIX(ScalarTable t) { scale_multi_impl<T>(t); }             \
     extern "C" __global__ void sum_squares_multi_##SUFFIX(ScalarTable t, double* partials) {               \

@@ -474,3 +474,103 @@ fn multi_tensor_tables_split_by_entries_sets_and_segments() {
     assert_eq!(&table.ptr[0][..3], &[0, step, 2 * step]);
     assert_eq!(&table.ptr[1][..3], &[1 << 40, (1 << 40) + step, (1 << 40) + 2 * step]);
 }
+
+// ---- Hyperparameters in device memory (CUDA graphs) ------------------------------------------------------
+
+fn hyper_tensor(hs: &[AdamWStep], device: Device) -> Tensor {
+    let values: Vec<f64> = hs.iter().flat_map(|&h| adamw_hyper(h)).collect();
+    Tensor::from_f64(&values, &[values.len()], DType::F64, device).unwrap()
+}
+
+#[test]
+fn hyper_tables_index_items_from_each_tables_first() {
+    // Items of one chunk each (92 entries a table), a few without elements (no entry, but their index).
+    let entries = (0..200).filter(|i| i % 50 != 3).map(|i| (i, [0x1000 * i as u64; 4], 10));
+    let tables = super::cuda::hyper_tables::<4, 92>(entries, 4);
+    let mut seen = Vec::new();
+    for (t, chunks, first) in &tables {
+        assert!(t.count as usize <= 92);
+        assert_eq!(*chunks as usize, t.count as usize, "one chunk per 10-element entry");
+        for k in 0..t.count as usize {
+            let item = first + t.set[k] as usize;
+            assert_eq!(t.ptr[0][k], 0x1000 * item as u64, "entry {k} of the table from item {first}");
+            seen.push(item);
+        }
+    }
+    let want: Vec<usize> = (0..200).filter(|i| i % 50 != 3).collect();
+    assert_eq!(seen, want, "every item once, in order");
+    // A gap of more than 255 items starts a new table (the index is a u8).
+    let tables = super::cuda::hyper_tables::<4, 92>([(0, [0; 4], 1), (300, [0; 4], 1)].into_iter(), 4);
+    assert_eq!(tables.iter().map(|t| t.2).collect::<Vec<_>>(), [0, 300]);
+}
+
+#[test]
+fn adamw_hyper_checks_its_arguments() {
+    let mut g = Generator::new(3);
+    let p = Tensor::rand(SHAPE, -1.0, 1.0, DType::F32, Device::Cpu, &mut g).unwrap();
+    let grad = Tensor::rand(SHAPE, -1.0, 1.0, DType::F32, Device::Cpu, &mut g).unwrap();
+    let (m, v) = (p.zeros_like().unwrap(), p.zeros_like().unwrap());
+    let h = adamw_h(1, 1);
+    let h = AdamWStep { amsgrad: false, ..h };
+    let items = [AdamWTensors { p: &p, grad: &grad, m: &m, v: &v, vmax: None, h }];
+    let err = adamw_step_multi_hyper(&items, &hyper_tensor(&[h], Device::Cpu)).unwrap_err();
+    assert!(err.to_string().contains("CUDA"), "{err}");
+    let err = adamw_step_multi_hyper(&[AdamWTensors { h: AdamWStep { step: 0, ..h }, ..items[0] }], &p).unwrap_err();
+    assert!(err.to_string().contains("steps count from 1"), "{err}");
+    // The host values are those of the kernel arguments: lr / (1 - beta1^t) and sqrt(1 - beta2^t) at t = 1.
+    let v = adamw_hyper(AdamWStep {
+        lr: 0.5,
+        beta1: 0.5,
+        beta2: 0.75,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        amsgrad: false,
+        step: 1,
+    });
+    assert_eq!(v, [1.0, 0.95, 0.5, 0.5, 0.75, 0.25, 0.5, 1e-8]);
+}
+
+/// Three steps with the hyperparameters read from device memory against `adamw_step_multi` with them as
+/// kernel arguments: the same bits, over more than one table, with and without amsgrad.
+#[test]
+fn cuda_adamw_hyper_matches_adamw_multi_bitwise() {
+    if test_device_or_skip("cuda_adamw_hyper_matches_adamw_multi_bitwise").is_none() {
+        return;
+    }
+    let device = Device::Cuda(0);
+    let count = 200;
+    for amsgrad in [false, true] {
+        for (seed, dtype) in [(21, DType::F32), (22, DType::F64)] {
+            let (args, dev) = (World::new(seed, count, dtype, device), World::new(seed, count, dtype, device));
+            // One hyperparameter buffer, rewritten before each step, as a graphed step does.
+            let n = count + 3;
+            let hyper = Tensor::zeros(&[ADAMW_HYPER_LEN * n], DType::F64, device).unwrap();
+            for step in 1..=3 {
+                let grads = multi_grads(seed, step, count, dtype, device);
+                let hs: Vec<AdamWStep> = (0..n).map(|i| AdamWStep { amsgrad, ..adamw_h(i, step) }).collect();
+                fn with<'a>(
+                    w: &'a World,
+                    grads: &'a [Tensor],
+                    hs: &[AdamWStep],
+                    amsgrad: bool,
+                ) -> Vec<AdamWTensors<'a>> {
+                    (0..hs.len())
+                        .map(|i| AdamWTensors {
+                            p: &w.p[i],
+                            grad: &grads[i],
+                            m: &w.m[i],
+                            v: &w.v[i],
+                            vmax: amsgrad.then_some(&w.vmax[i]),
+                            h: hs[i],
+                        })
+                        .collect()
+                }
+                adamw_step_multi(&with(&args, &grads, &hs, amsgrad)).unwrap();
+                let values: Vec<f64> = hs.iter().flat_map(|&h| adamw_hyper(h)).collect();
+                hyper.write_f64(&values).unwrap();
+                adamw_step_multi_hyper(&with(&dev, &grads, &hs, amsgrad), &hyper).unwrap();
+                assert_bitwise(&format!("hyper, amsgrad {amsgrad}, {dtype}, step {step}"), &dev, &args);
+            }
+        }
+    }
+}
