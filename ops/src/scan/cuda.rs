@@ -90,11 +90,13 @@ fn round(elems: usize, elem: usize) -> usize {
     elems.div_ceil(per) * per
 }
 
-/// The forward's dynamic shared memory in bytes (`scan_fwd_layout`): the (dt, dt u, u, gate) tile, the
-/// transposed B and C, the readout.
+/// The forward's dynamic shared memory in bytes (`scan_fwd_layout`): rows of 128 bytes of steps (the longest
+/// tile) + 4 elements, for dt and dt u of each channel, B and C of each padded state, and each thread's partial
+/// readout.
 pub(crate) fn forward_shared_bytes(plan: Plan, elem: usize) -> usize {
-    let (t, g, np) = (plan.tile, plan.channels(), plan.padded_states());
-    (round(4 * g * (t + 1), elem) + round(t * (2 * np + 4), elem) + round(g * (t + 1), elem)) * elem
+    let (g, np) = (plan.channels(), plan.padded_states());
+    let row = 128 / elem + 4;
+    (2 * g + 2 * np + 32 * plan.warps) * row * elem
 }
 
 /// The backward's dynamic shared memory in bytes (`scan_bwd_layout`): the (dt, dt u, gy, u) tile, the
@@ -477,12 +479,12 @@ mod tests {
     fn shared_memory_mirrors_the_kernel_layouts() {
         // Bytes from scan.cu's scan_fwd_layout / scan_bwd_layout (printed by the emulator harness, emu/).
         for (p, elem, fwd, bwd) in [
-            (plan(4, 4, 4, 32), 4, 25728, 67968),
-            (plan(4, 4, 4, 16), 8, 26368, 77312),
-            (plan(4, 1, 2, 32), 4, 43776, 84224),
-            (plan(8, 32, 1, 8), 8, 33408, 74848),
-            (plan(4, 16, 4, 24), 4, 16672, 75744),
-            (plan(8, 32, 2, 8), 4, 16896, 54176),
+            (plan(4, 4, 4, 32), 4, 32256, 67968),
+            (plan(4, 4, 4, 16), 8, 35840, 77312),
+            (plan(4, 1, 2, 32), 4, 28800, 84224),
+            (plan(8, 32, 1, 8), 8, 87360, 74848),
+            (plan(4, 16, 4, 24), 4, 39168, 75744),
+            (plan(8, 32, 2, 8), 4, 83520, 54176),
         ] {
             assert_eq!(forward_shared_bytes(p, elem), fwd, "{p:?} {elem}");
             assert_eq!(backward_shared_bytes(p, elem), bwd, "{p:?} {elem}");

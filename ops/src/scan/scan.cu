@@ -6,11 +6,12 @@
 //   backward bytes 4 (7 BCL + 4 BSL + 2CS + 4C) + the saved states + the dB/dC partials 2 * 4 B NG S L
 //            (written, then read by scan_bwd_sum); two exps per update (the tile pass and the recompute)
 // At (B 64, C 384, L 3136, S 16): E = 1.23e9 updates = 3.85e7 warp-updates of 32, 72.9k per SM sub-partition.
-//   forward: 1.26 GB + 0.15 GB of states (chunk 32) = 0.47 ms at 2980 GB/s. Issue, per (c, t) (16 updates,
-//     4 lanes): loads, softplus and gate ~55 instructions, recurrence 4 lanes x ~33 per step, B/C tile and
-//     the store ~15: ~200, i.e. ~12.5 issue cycles per warp-update -> 0.46 ms at 1.98 GHz; MUFU (16 ex2 + ~4
-//     per (c, t) at 4/clk per sub-partition) ~10 cycles per warp-update. Expect 0.6-0.8 ms (0.55-0.7 of copy
-//     by the minimal bytes).
+//   forward (scan3, SASS of NVRTC 13.1 sm_90, per warp-update = per thread state update): the recurrence
+//     6.1 instructions (per 4 steps x 4 states: 16 FMUL dt A, 16 MUFU.EX2, 16 FMUL dt u B, 16 FFMA h, 16 FFMA
+//     y, 10 LDS.128, 1 STS.128), the dt/softplus pass ~2.2, the output pass ~1.4, the B/C copy ~0.8, saved
+//     states and loop ~0.3: ~10.8 (was ~22.6 measured), 0.40 ms of issue at the first size; MUFU 1.25 a
+//     update (16/clk/SM: 0.36 ms); bytes 1.26 GB + 0.15 GB of states = 0.34 ms at 4178 GB/s. NOTES.md has
+//     the predictions.
 //   backward: 2.2 GB + 0.15 GB states + 0.62 GB partials (12 groups) = 1.0 ms at copy speed. Issue per
 //     (c, t): inputs ~70, tile pass and recompute 2 x 4 lanes x ~19, reverse step 4 lanes x ~90 (of which the
 //     dB/dC reduce-scatter ~30, the state-lane sums ~12), epilogue and block sums ~40: ~620, i.e. ~39 cycles
@@ -22,11 +23,12 @@
 // which stay 0). Every thread walks time sequentially, so a state's recurrence h = exp(dt A) h + dt B u is
 // a chain of FMAs in registers with SPL independent chains per thread and no scan across threads. Time goes
 // in tiles of `chunk` steps (the chunk of the saved states): per tile the block
-//   1. loads u, delta (z, gout) rows of its G channels coalesced along time, computes dt = softplus(delta +
-//      bias), dt u, the gate (each (c, t) once) into the shared tile P[c][t]; and B, C of batch b
-//      transposed to BC[t][n], read by all G channels as 16-byte broadcasts;
-//   2. runs the recurrence (forward: y = sum_n C h, summed over the channel's lanes with shuffles);
+//   1. loads the per-(c, t) inputs of its G channels coalesced along time and computes each (c, t)'s gates
+//      once into shared memory; B and C of batch b are read by all G channels as 16-byte broadcasts;
+//   2. runs the recurrence (forward: each lane's partial y = sum of its states' C h into its own row of
+//      shared memory, summed over the channel's lanes by the output pass; backward: see below);
 //   3. writes the per-(c, t) results back coalesced along time.
+// The forward's layout and passes are described at scan_fwd; the backward's at scan_bwd.
 //
 // Backward (per tile, last to first): the state entering the tile is the forward's saved one; a forward pass
 // over the tile keeps the state every TH steps in shared memory; then per sub-chunk of TH steps (last to
@@ -109,13 +111,30 @@ template <typename T> struct ScanGate {
     static __device__ __forceinline__ T sigmoid(T x) { return m_sigmoid(x); }
 };
 template <> struct ScanGate<float> {
-    static __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+    // max(x, 0) + log1p(exp(-|x|)) (= PyTorch's form below its threshold 20, and x to the last bit past it), the
+    // log1p as 2 atanh(s) with s = e / (2 + e) in [0, 1/3]: the odd series to s^13 (truncation < 2e-9
+    // relative), so ~15 instructions, two of them MUFU, and no branches; log1pf took ~30 behind branches.
+    static __device__ __forceinline__ float softplus(float x) {
+        const float e = SCAN_EX2(-fabsf(x) * 1.4426950408889634f);  // exp(-|x|), 0 past -87 (ftz)
+        const float s = __fdividef(e, 2.f + e), s2 = s * s;
+        float q = 1.f / 13.f;
+        q = fmaf(q, s2, 1.f / 11.f);
+        q = fmaf(q, s2, 1.f / 9.f);
+        q = fmaf(q, s2, 1.f / 7.f);
+        q = fmaf(q, s2, 1.f / 5.f);
+        q = fmaf(q, s2, 1.f / 3.f);
+        q = fmaf(q, s2, 1.f);
+        return fmaf(s + s, q, fmaxf(x, 0.f));
+    }
     // e / (1 + e) with e = exp(x): 1 past the threshold, and 0 where e underflows.
     static __device__ __forceinline__ float softplus_grad(float x) {
-        return x > 20.f ? 1.f : __fdividef(1.f, 1.f + __expf(-x));
+        return x > 20.f ? 1.f : __fdividef(1.f, 1.f + SCAN_EX2(-x * 1.4426950408889634f));
     }
-    // 1 / (1 + exp(-x)); exp(-x) = inf (x < -88) gives 0: __fdividef(1, inf) = 0.
-    static __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+    // 1 / (1 + exp(-x)); exp(-x) = inf (x < -88) gives 0: __fdividef(1, inf) = 0. The exp as one MUFU.EX2
+    // (__expf adds a range check and two predicated multiplies for subnormal results).
+    static __device__ __forceinline__ float sigmoid(float x) {
+        return __fdividef(1.f, 1.f + SCAN_EX2(-x * 1.4426950408889634f));
+    }
 };
 
 template <typename T> __device__ __forceinline__ T scan_shfl_xor(T v, int o) {
@@ -160,6 +179,19 @@ template <typename T, int N> __device__ __forceinline__ void scan_store(T* dst, 
     }
 }
 
+// A 16-byte global store of 4 f32 (st.global.v4: the output pass's vector store otherwise became four
+// scalar stores, merged by the compiler with the scalar tail path); other types through scan_store.
+template <typename T> __device__ __forceinline__ void scan_store_global(T* dst, const T (&src)[4]) {
+    scan_store(dst, src);
+}
+#ifdef __CUDACC_RTC__
+template <> __device__ __forceinline__ void scan_store_global<float>(float* dst, const float (&src)[4]) {
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(src[0]), "f"(src[1]), "f"(src[2]),
+                 "f"(src[3])
+                 : "memory");
+}
+#endif
+
 #ifndef SCAN_DYNAMIC_SMEM_BYTES
 __device__ __forceinline__ unsigned scan_dynamic_smem_bytes() {
     unsigned r;
@@ -179,16 +211,26 @@ __host__ __device__ inline long long scan_round(long long elems, int elem_bytes)
 // The transposed B, C tile: BC[t * scan_bc_stride + which * np + n]; a multiple of 4 for vector loads.
 __host__ __device__ inline int scan_bc_stride(int np) { return 2 * np + 4; }
 
+// The forward's shared memory: rows of a fixed length, ROW = 128 bytes of steps (the longest tile) + 4
+// elements of padding, so that every row offset in the recurrence is an immediate and the 16-byte accesses of
+// consecutive rows fall in different banks. Regions (in rows): DT[ci] = dt of channel ci over the tile, DTU[ci]
+// = dt u, BC[which np + k lpc + grp] = B (which 0) or C (which 1) of state n = grp SPL + k over the tile (the
+// states of one k for consecutive lane groups in consecutive rows), Y[ci lpc + grp] = the lane group's
+// partial sum over its states of C h, per step.
+__host__ __device__ inline int scan_row(int elem_bytes) { return 128 / elem_bytes + 4; }
+
 struct ScanFwdLayout {
-    long long p4, bc, o, total;  // element offsets of P (as ScanV4, counted in T), BC, O; total elements
+    long long dt, dtu, bc, y, total;  // element offsets of the regions; total elements
 };
 
-__host__ __device__ inline ScanFwdLayout scan_fwd_layout(int tile, int g, int np, int elem_bytes) {
+__host__ __device__ inline ScanFwdLayout scan_fwd_layout(int g, int lpc, int np, int elem_bytes) {
+    const long long row = scan_row(elem_bytes);
     ScanFwdLayout s;
-    s.p4 = 0;
-    s.bc = s.p4 + scan_round(4LL * g * (tile + 1), elem_bytes);
-    s.o = s.bc + scan_round((long long)tile * scan_bc_stride(np), elem_bytes);
-    s.total = s.o + scan_round((long long)g * (tile + 1), elem_bytes);
+    s.dt = 0;
+    s.dtu = s.dt + g * row;
+    s.bc = s.dtu + g * row;
+    s.y = s.bc + 2LL * np * row;
+    s.total = s.y + (long long)g * lpc * row;
     return s;
 }
 
@@ -286,26 +328,59 @@ __device__ __forceinline__ void scan_load_states(const ScanParams& p, long long 
     }
 }
 
-// LPC: lanes per channel fixed at compile time (the group sums and the reduce-scatter unroll into straight
-// shuffles), or 0 for p.lpc at run time.
+// A thread's walk over the (channel, 4-step) vectors of a tile, G channels x tile / 4 vectors, j = tid,
+// tid + threads, ...: (ci, v) = (j / nv, j % nv), stepped without divisions.
+struct ScanVecWalk {
+    int ci, v, dci, dv, nv;
+    __device__ __forceinline__ ScanVecWalk(int tid, int threads, int nv_) : nv(nv_) {
+        ci = tid / nv;
+        v = tid - ci * nv;
+        dci = threads / nv;
+        dv = threads - dci * nv;
+    }
+    __device__ __forceinline__ void next() {
+        ci += dci;
+        v += dv;
+        if (v >= nv) {
+            v -= nv;
+            ++ci;
+        }
+    }
+};
+
+// LPC: lanes per channel fixed at compile time (the row offsets of the recurrence become immediates), or 0
+// for p.lpc at run time.
+//
+// Per tile: (1) dt = softplus(delta + bias) and dt u of the block's (channel, step)s, each once, 4 steps a
+// thread with 16-byte loads, into DT and DTU; B and C into BC (rows along time, 16-byte copies); (2) the
+// recurrence, 4 steps a turn: one 16-byte load each of dt, dt u and of the B and C of each state (4 steps),
+// then per step and state 1 FMUL + 1 MUFU.EX2 (the decay), 1 FMUL + 1 FFMA (h), 1 FFMA (y); the lane's
+// partial y of the 4 steps is one 16-byte store into its Y row (no shuffles); (3) out = (sum of the channel's
+// Y rows, in lane order, + D u) z sigmoid(z), 4 steps a thread, u and z read again (cache hits) so that
+// neither takes shared memory or registers across the recurrence.
 template <typename T, int SPL, int LPC>
 __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* __restrict__ delta,
                          const T* __restrict__ A, const T* __restrict__ Bm, const T* __restrict__ Cm,
                          const T* __restrict__ D, const T* __restrict__ z, const T* __restrict__ delta_bias,
                          T* __restrict__ out, T* __restrict__ saved) {
+    constexpr int ROW = 128 / (int)sizeof(T) + 4;  // scan_row
     const int lpc = LPC ? LPC : p.lpc;
     const ScanThread th = scan_thread(p, lpc);
-    // With LPC compiled in, so are the padded states and the B, C row stride: the recurrence's shared
-    // memory offsets become immediates.
     const int tile = (int)p.chunk, np = LPC ? LPC * SPL : p.np, G = th.g;
-    const ScanFwdLayout lay = scan_fwd_layout(tile, G, np, (int)sizeof(T));
-    if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES()) __trap();
+    const ScanFwdLayout lay = scan_fwd_layout(G, lpc, np, (int)sizeof(T));
+    if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES() || tile > ROW - 4 || (tile & 3))
+        __trap();
     T* smem = reinterpret_cast<T*>(SCAN_SHARED_BASE());
-    ScanV4<T>* P = reinterpret_cast<ScanV4<T>*>(smem + lay.p4);  // P[ci (tile+1) + t] = (dt, dt u, u, gate)
+    T* DT = smem + lay.dt;
+    T* DTU = smem + lay.dtu;
     T* BC = smem + lay.bc;
-    T* O = smem + lay.o;  // O[ci (tile+1) + t] = sum_n C h
-    const int bcs = scan_bc_stride(np);
+    T* Y = smem + lay.y;
     const long long C = p.channels, L = p.length, S = p.states;
+    const int threads = blockDim.x, tid = threadIdx.x, nv = tile / 4;
+    // 16-byte global accesses along time when every row starts on a vector (L a multiple of 4, aligned
+    // buffers); then a tile's vectors are whole or wholly past L.
+    const bool vec = (L & 3) == 0 && scan_aligned(u) && scan_aligned(delta) && scan_aligned(out) &&
+                     scan_aligned(Bm) && scan_aligned(Cm) && (!p.has_z || scan_aligned(z));
 
     T a2[SPL], h[SPL];
 #pragma unroll
@@ -314,75 +389,143 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
         a2[k] = (th.valid && n < S) ? A[th.c * S + n] * ScanExp<T>::scale() : T(0);
         h[k] = T(0);
     }
+    const T* DTc = DT + th.ci * ROW;
+    const T* DTUc = DTU + th.ci * ROW;
+    const T* BCg = BC + th.grp * ROW;
+    T* Yt = Y + tid * ROW;
     for (long long kc = 0; kc < p.n_chunks; ++kc) {
         const long long t0 = kc * tile;
         const int len = (int)min((long long)tile, L - t0);
         if (th.valid) scan_save_states<T, SPL>(p, th.b * C + th.c, kc, th.grp * SPL, h, saved);
-        // 1. The tile's per-(c, t) inputs, each computed once; zero past C and past L (dt = 0 keeps h).
-#pragma unroll 2
-        for (int ci = th.warp; ci < G; ci += th.warps) {  // a warp per channel row, lanes along time
-            const long long cc = th.c0 + ci;
-            const T bias = (cc < C && p.has_delta_bias) ? delta_bias[cc] : T(0);
-            const long long r0 = (th.b * C + cc) * L + t0;
-            for (int t = th.lane; t < tile; t += 32) {
-                ScanV4<T> v;
-                v.x = v.y = v.z = v.w = T(0);
-                if (cc < C && t < len) {
-                    const long long r = r0 + t;
-                    const T x = u[r];
-                    T dt = delta[r] + bias;
-                    if (p.delta_softplus) dt = ScanGate<T>::softplus(dt);
-                    T gate = T(1);
-                    if (p.has_z) {
-                        const T zv = z[r];
-                        gate = zv * ScanGate<T>::sigmoid(zv);
+        // 1. dt and dt u; zero past C and past L (dt = 0 keeps h).
+        {
+            ScanVecWalk w(tid, threads, nv);
+            for (; w.ci < G; w.next()) {
+                const int t4 = 4 * w.v;
+                const long long cc = th.c0 + w.ci;
+                T dt[4], dtu[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dt[i] = dtu[i] = T(0);
+                if (cc < C && t4 < len) {
+                    const T bias = p.has_delta_bias ? delta_bias[cc] : T(0);
+                    const long long r = (th.b * C + cc) * L + t0 + t4;
+                    T x[4], dl[4];
+                    if (vec) {
+                        scan_load(x, u + r);
+                        scan_load(dl, delta + r);
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            x[i] = t4 + i < len ? u[r + i] : T(0);
+                            dl[i] = t4 + i < len ? delta[r + i] : T(0);
+                        }
                     }
-                    v.x = dt;
-                    v.y = dt * x;
-                    v.z = x;
-                    v.w = gate;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        T d = dl[i] + bias;
+                        if (p.delta_softplus) d = ScanGate<T>::softplus(d);
+                        if (vec || t4 + i < len) {  // vectors are whole when vec
+                            dt[i] = d;
+                            dtu[i] = d * x[i];
+                        }
+                    }
                 }
-                P[ci * (tile + 1) + t] = v;
+                scan_store(DT + w.ci * ROW + t4, dt);
+                scan_store(DTU + w.ci * ROW + t4, dtu);
             }
         }
-        scan_load_bc(p, th, t0, len, tile, Bm, Cm, BC);
-        __syncthreads();
-        // 2. The recurrence; padded steps (dt = 0) leave h as it is. Steps in fours (tiles are multiples of
-        // 8): the exps and loads of four steps are independent, only h's FMAs chain.
+        // B and C of batch b, zero past S and past L: row which np + k lpc + grp holds state grp SPL + k.
         {
-            const ScanV4<T>* Pc = P + th.ci * (tile + 1);
-            const T* BCt = BC + th.grp * SPL;
-            T* Oc = O + th.ci * (tile + 1);
-            for (int ts = 0; ts < tile; ts += 4) {
+            ScanVecWalk w(tid, threads, nv);
+            for (; w.ci < 2 * np; w.next()) {
+                const int t4 = 4 * w.v, which = w.ci >= np ? 1 : 0, n = w.ci - which * np;
+                T v[4];
+                if (n < S && t4 < len) {
+                    const T* src = (which ? Cm : Bm) + (th.b * S + n) * L + t0 + t4;
+                    if (vec) {
+                        scan_load(v, src);
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) v[i] = t4 + i < len ? src[i] : T(0);
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) v[i] = T(0);
+                }
+                const int grp = n / SPL, k = n - grp * SPL;
+                scan_store(BC + (which * np + k * lpc + grp) * ROW + t4, v);
+            }
+        }
+        __syncthreads();
+        // 2. The recurrence, 4 steps a turn; padded steps (dt = 0) leave h as it is.
+#pragma unroll(SPL * sizeof(T) <= 16 ? 2 : 1)
+        for (int t = 0; t < tile; t += 4) {
+            T dt[4], dtu[4], y[4];
+            scan_load(dt, DTc + t);
+            scan_load(dtu, DTUc + t);
+            // With few registers of B and C (f32, 4 states) all of the 4 steps' are loaded first; else state by
+            // state. Either way y sums the thread's states in state order.
+            constexpr int HB = SPL * sizeof(T) <= 16 ? SPL : 1;  // states whose B, C are held at once
+#pragma unroll
+            for (int k0 = 0; k0 < SPL; k0 += HB) {
+                T bq[HB][4], cq[HB][4];
+#pragma unroll
+                for (int j = 0; j < HB; ++j) {
+                    scan_load(bq[j], BCg + (k0 + j) * lpc * ROW + t);
+                    scan_load(cq[j], BCg + (np + (k0 + j) * lpc) * ROW + t);
+                }
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const int t = ts + i;
-                    const ScanV4<T> v = Pc[t];
-                    T bv[SPL], cv[SPL];
-                    scan_load(bv, BCt + t * bcs);
-                    scan_load(cv, BCt + t * bcs + np);
-                    T y = T(0);
 #pragma unroll
-                    for (int k = 0; k < SPL; ++k) {
-                        const T a = ScanExp<T>::exp(v.x * a2[k]);
-                        h[k] = a * h[k] + v.y * bv[k];
-                        y += cv[k] * h[k];
+                    for (int j = 0; j < HB; ++j) {
+                        const int k = k0 + j;
+                        const T a = ScanExp<T>::exp(dt[i] * a2[k]);
+                        h[k] = a * h[k] + dtu[i] * bq[j][i];
+                        y[i] = k == 0 ? cq[j][i] * h[k] : y[i] + cq[j][i] * h[k];
                     }
-                    y = scan_group_sum(y, lpc);
-                    if (th.grp == 0) Oc[t] = y;
                 }
             }
+            scan_store(Yt + t, y);
         }
         __syncthreads();
-        // 3. out = (y + D u) gate, one warp per channel row, coalesced along time.
-        for (int ci = th.warp; ci < G; ci += th.warps) {
-            const long long cc = th.c0 + ci;
-            if (cc >= C) break;
-            const T d = p.has_d ? D[cc] : T(0);
-            const long long r0 = (th.b * C + cc) * L + t0;
-            for (int t = th.lane; t < len; t += 32) {
-                const ScanV4<T> v = P[ci * (tile + 1) + t];
-                out[r0 + t] = (O[ci * (tile + 1) + t] + d * v.z) * v.w;
+        // 3. out = (y + D u) z sigmoid(z), 4 steps a thread.
+        {
+            ScanVecWalk w(tid, threads, nv);
+            for (; w.ci < G; w.next()) {
+                const int t4 = 4 * w.v;
+                const long long cc = th.c0 + w.ci;
+                if (cc >= C || t4 >= len) continue;
+                T y[4];
+                scan_load(y, Y + w.ci * lpc * ROW + t4);
+                for (int g = 1; g < lpc; ++g) {
+                    T yg[4];
+                    scan_load(yg, Y + (w.ci * lpc + g) * ROW + t4);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) y[i] += yg[i];
+                }
+                const T d = p.has_d ? D[cc] : T(0);
+                const long long r = (th.b * C + cc) * L + t0 + t4;
+                T x[4], zv[4], o[4];
+                if (vec) {
+                    scan_load(x, u + r);
+                    if (p.has_z) scan_load(zv, z + r);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        x[i] = t4 + i < len ? u[r + i] : T(0);
+                        zv[i] = (p.has_z && t4 + i < len) ? z[r + i] : T(0);
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    o[i] = y[i] + d * x[i];
+                    if (p.has_z) o[i] *= zv[i] * ScanGate<T>::sigmoid(zv[i]);
+                }
+                if (vec) {
+                    scan_store_global(out + r, o);
+                } else {
+                    for (int i = 0; i < len - t4 && i < 4; ++i) out[r + i] = o[i];
+                }
             }
         }
         __syncthreads();  // the tile's buffers are read before the next tile overwrites them
@@ -693,12 +836,12 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
 
 // Kernel names: scan_fwd_s<SPL>[l<LPC>]_<dtype>, scan_bwd_..., scan_bwd_sum_<dtype>. At most 4 warps a block
 // (cuda.rs plans 1, 2 or 4). Blocks per multiprocessor to keep registers for: the f32 forward asks for 6
-// (80 registers; 6 x 26 KiB of shared memory fit, and 6 x 132 SMs hold the 768 blocks of Mamba's (64, 384)
-// in one wave). It used to ask for 8 (64 registers), which spilled once the recurrence ran four steps a
-// turn. NVRTC 13.1 for sm_90 (`-Xptxas -v`): scan_fwd_s4l4_f32 80 registers, 12 bytes of spills at entry
-// (none in the loops); s4 80 / 8 bytes; s8 80 / 8 bytes. The backward's 66 KiB allow 3 blocks (at most 168
-// registers: s4l4 168, s4 157, s8 168, no spills). f64, the gradient-check dtype, gets twice the registers
-// per block.
+// (<= 80 registers; 6 x 31.5 KiB of shared memory fit, 7 would not with the 1 KiB a block the hardware keeps,
+// and 6 x 132 SMs hold the 768 blocks of Mamba's (64, 384) in one wave); s8 (S > 128, whose 90 KiB of B/C
+// rows allow 2 blocks) asks for 3. NVRTC 13.1 for sm_90 (`-Xptxas -v`), scan3: scan_fwd_s4l4_f32 72
+// registers, no spills (was 80 with 12 bytes); s4 79 / none; s8 122 / none; f64 s4 128, s8 126, none. The
+// backward's 66 KiB allow 3 blocks (at most 168 registers: s4l4 168, s4 157, s8 168, no spills). f64, the
+// gradient-check dtype, gets twice the registers per block.
 #define SCAN_MAX_THREADS 128
 
 #define SCAN_KERNELS(T, SUFFIX, NAME, SPL, LPC, FWD_MIN, BWD_MIN)                                   \
@@ -720,7 +863,7 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
 // scan_<dir>_s<SPL>_<dtype> take any lanes per channel; scan_<dir>_s4l4_f32 are S = 9 .. 16 (Mamba's 16)
 // (4 lanes of 4 states) with the lane count compiled in.
 SCAN_KERNELS(float, f32, s4, 4, 0, 6, 3)
-SCAN_KERNELS(float, f32, s8, 8, 0, 6, 3)
+SCAN_KERNELS(float, f32, s8, 8, 0, 3, 3)
 SCAN_KERNELS(float, f32, s4l4, 4, 4, 6, 3)
 SCAN_KERNELS(double, f64, s4, 4, 0, 4, 1)
 SCAN_KERNELS(double, f64, s8, 8, 0, 4, 1)

@@ -148,7 +148,7 @@ template <typename T> Result run(const Case& k, const Inputs& in, const Plan& pl
     const T nan = nan_of<T>();
     std::vector<T> out(B * C * L, nan), saved(B * C * nch * S, nan);
     const int e = sizeof(T);
-    const unsigned fsmem = scan_fwd_layout(plan.tile, G, np, e).total * e;
+    const unsigned fsmem = scan_fwd_layout(G, plan.lpc, np, e).total * e;
     const int th = (32 / plan.spl) * 4 / e;
     const unsigned bsmem = scan_bwd_layout(plan.tile, G, np, plan.warps, plan.spl, th, e).total * e;
     const unsigned grid = B * ng;
@@ -274,6 +274,7 @@ int main(int argc, char** argv) {
         {1, 4, 33, 40, true, true, true, false},   {1, 2, 20, 256, true, true, true, true},
         {2, 9, 41, 16, false, false, false, false}, {1, 70, 17, 5, false, true, false, true},
         {1, 3, 25, 130, true, false, true, true},  {2, 33, 16, 8, true, true, false, true},
+        {2, 40, 136, 16, true, true, true, true},  {1, 5, 44, 1, true, true, true, true},
     };
     for (const Case& k : cases) {
         const int tiles64[] = {32, 8};
