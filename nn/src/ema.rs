@@ -23,6 +23,9 @@ pub const PREFIX: &str = "ema.";
 /// The checkpoint counter holding the number of updates.
 const UPDATES: &str = "ema.updates";
 
+/// Named tensors and named counters, as a checkpoint takes them.
+pub type Exported = (Vec<(String, Tensor)>, Vec<(String, u64)>);
+
 pub struct Ema {
     decay: f64,
     updates: u64,
@@ -105,7 +108,7 @@ impl Ema {
     }
 
     /// The shadow under `ema.` names and the update count, for a checkpoint.
-    pub fn export(&self) -> (Vec<(String, Tensor)>, Vec<(String, u64)>) {
+    pub fn export(&self) -> Exported {
         let tensors = self.shadow.iter().map(|(n, t)| (format!("{PREFIX}{n}"), t.clone())).collect();
         (tensors, vec![(UPDATES.to_string(), self.updates)])
     }
