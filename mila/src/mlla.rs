@@ -315,6 +315,12 @@ impl MllaConfig {
         }
     }
 
+    /// The small MLLA of `mila bench models` (and `bench_models.py`'s `small32`): 32x32x1, embed 32, depths
+    /// 1,2,2,1, heads 1,2,4,8, 10 classes, no drop path; 2,001,978 parameters.
+    pub fn small32() -> Self {
+        MllaConfig { embed_dim: 32, depths: vec![1, 2, 2, 1], ..Self::mnist() }
+    }
+
     fn imagenet(embed_dim: usize, depths: &[usize], num_heads: &[usize], drop_path_rate: f64) -> Self {
         MllaConfig {
             img_size: 224,

@@ -85,17 +85,7 @@ fn a_warm_training_step_allocates_nothing_from_the_driver() {
 
 /// The small MLLA of `mila bench models` (drop path 0), at a small batch.
 fn small_mlla(seed: u64, device: Device, drop_path_rate: f64) -> Mlla {
-    let cfg = MllaConfig {
-        img_size: 32,
-        in_chans: 1,
-        num_classes: 10,
-        embed_dim: 32,
-        depths: vec![1, 2, 2, 1],
-        num_heads: vec![1, 2, 4, 8],
-        mlp_ratio: 4.0,
-        drop_path_rate,
-        qkv_bias: true,
-    };
+    let cfg = MllaConfig { drop_path_rate, ..MllaConfig::small32() };
     let mut rng = Generator::new(seed);
     Mlla::new(&mut Init { dtype: DType::F32, device, rng: &mut rng }, &cfg).unwrap()
 }

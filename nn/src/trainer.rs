@@ -361,29 +361,19 @@ pub fn train<M: Classifier>(
             } else {
                 let logits = model.logits(&x, &mut rng)?;
                 let loss = ops::cross_entropy(&logits, &batch.labels, cfg.label_smoothing)?;
+                pending.push(Pending {
+                    loss: loss.detach(),
+                    logits: logits.detach(),
+                    labels: batch.labels,
+                    step,
+                    batch: batch.index,
+                });
                 if sync_every == 1 {
                     // On the CPU the value is there already: a non-finite loss stops the run before its update.
-                    pending.push(Pending {
-                        loss: loss.detach(),
-                        logits: logits.detach(),
-                        labels: batch.labels,
-                        step,
-                        batch: batch.index,
-                    });
                     settle(&mut pending, &bar)?;
-                    opt.zero_grad();
-                    loss.backward()?;
-                } else {
-                    opt.zero_grad();
-                    loss.backward()?;
-                    pending.push(Pending {
-                        loss: loss.detach(),
-                        logits: logits.detach(),
-                        labels: batch.labels,
-                        step,
-                        batch: batch.index,
-                    });
                 }
+                opt.zero_grad();
+                loss.backward()?;
                 if let Some(max_norm) = cfg.clip_grad {
                     crate::optim::clip_grad_norm(&model.parameters(), max_norm)?;
                 }

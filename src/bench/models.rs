@@ -141,17 +141,7 @@ struct Workloads {
 
 fn workloads(quick: bool) -> Workloads {
     let mut tiny = MllaConfig::tiny();
-    let small = MllaConfig {
-        img_size: 32,
-        in_chans: 1,
-        num_classes: 10,
-        embed_dim: 32,
-        depths: vec![1, 2, 2, 1],
-        num_heads: vec![1, 2, 4, 8],
-        mlp_ratio: 4.0,
-        drop_path_rate: 0.0,
-        qkv_bias: true,
-    };
+    let small = MllaConfig::small32();
     if quick {
         (tiny.embed_dim, tiny.img_size, tiny.num_classes) = (16, 32, 10);
         Workloads { tiny, tiny_batch: 2, block: [16, 8, 2, 2], small, small_batch: 8 }
@@ -236,18 +226,24 @@ impl Ctx {
     }
 }
 
-/// A training step: drop the gradients, forward, label-smoothed cross-entropy, backward, AdamW. The last
-/// step's loss is returned as a check (it must be finite).
-fn train_case(ctx: &Ctx, cfg: &MllaConfig, batch: usize) -> Result<(Measured, f64)> {
+/// What both training cases start from: the model (seed 0), AdamW with the main job's groups, a random batch
+/// and labels, and the generator drop path draws from.
+fn train_setup(ctx: &Ctx, cfg: &MllaConfig, batch: usize) -> Result<(Mlla, AdamW, Tensor, Vec<usize>, Generator)> {
     let mut rng = Generator::new(0);
     let model = Mlla::new(&mut ctx.init(&mut rng), cfg)?;
     let (decay, keep) = model.parameters_by_decay();
     let groups = vec![ParamGroup { params: decay, weight_decay: 0.05 }, ParamGroup { params: keep, weight_decay: 0.0 }];
-    let mut opt = AdamW::new(groups, AdamWConfig { lr: 2e-3, ..Default::default() });
+    let opt = AdamW::new(groups, AdamWConfig { lr: 2e-3, ..Default::default() });
     let x =
         Tensor::randn(&[batch, cfg.in_chans, cfg.img_size, cfg.img_size], 0.0, 1.0, DType::F32, ctx.device, &mut rng)?;
     let labels: Vec<usize> = (0..batch).map(|_| rng.below(cfg.num_classes)).collect();
-    let mut drop_rng = Generator::new(1);
+    Ok((model, opt, x, labels, Generator::new(1)))
+}
+
+/// A training step: drop the gradients, forward, label-smoothed cross-entropy, backward, AdamW. The last
+/// step's loss is returned as a check (it must be finite).
+fn train_case(ctx: &Ctx, cfg: &MllaConfig, batch: usize) -> Result<(Measured, f64)> {
+    let (model, mut opt, x, labels, mut drop_rng) = train_setup(ctx, cfg, batch)?;
     let mut last_loss = None;
     let step = || -> Result<()> {
         opt.zero_grad();
@@ -271,15 +267,7 @@ fn train_case(ctx: &Ctx, cfg: &MllaConfig, batch: usize) -> Result<(Measured, f6
 /// first, untimed, then each call copies the batch and the labels' targets into the graph's buffers, writes
 /// AdamW's hyperparameters and launches the graph (the loss is copied out, as the trainer does). CUDA only.
 fn train_graphed_case(ctx: &Ctx, cfg: &MllaConfig, batch: usize) -> Result<(Measured, f64)> {
-    let mut rng = Generator::new(0);
-    let model = Mlla::new(&mut ctx.init(&mut rng), cfg)?;
-    let (decay, keep) = model.parameters_by_decay();
-    let groups = vec![ParamGroup { params: decay, weight_decay: 0.05 }, ParamGroup { params: keep, weight_decay: 0.0 }];
-    let mut opt = AdamW::new(groups, AdamWConfig { lr: 2e-3, ..Default::default() });
-    let x =
-        Tensor::randn(&[batch, cfg.in_chans, cfg.img_size, cfg.img_size], 0.0, 1.0, DType::F32, ctx.device, &mut rng)?;
-    let labels: Vec<usize> = (0..batch).map(|_| rng.below(cfg.num_classes)).collect();
-    let mut drop_rng = Generator::new(1);
+    let (model, mut opt, x, labels, mut drop_rng) = train_setup(ctx, cfg, batch)?;
     let (mut graphed, _) = GraphedStep::new(&model, &mut opt, &x, &labels, 0.1, &mut drop_rng)?;
     let mut last_loss = None;
     let step = || -> Result<()> {
