@@ -191,10 +191,33 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.1)]
     pub drop_path: f64,
     /// With --device cuda: capture the whole training step (forward, loss, backward, AdamW) into one CUDA
-    /// graph after the first step and replay it each step (same results, less host time per step). AdamW
-    /// only; batches of another size (an epoch's last) run without the graph.
-    #[arg(long)]
-    pub cuda_graph: bool,
+    /// graph after the first step and replay it each step: the same results bit for bit, a fraction of the
+    /// host time per step. `auto` (the default) does where it can (CUDA and AdamW), `on` refuses a run where
+    /// it cannot, `off` trains eagerly. Batches of another size (an epoch's last) run without the graph.
+    #[arg(long, value_enum, default_value_t = GraphMode::Auto)]
+    pub cuda_graph: GraphMode,
+}
+
+/// `mila train --cuda-graph`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GraphMode {
+    /// Graph the step on CUDA with AdamW, else train eagerly.
+    Auto,
+    /// Graph the step; refuse a run that cannot be graphed.
+    On,
+    /// Train eagerly.
+    Off,
+}
+
+impl TrainArgs {
+    /// Whether the training step is captured into a CUDA graph (see [`GraphMode`]).
+    pub fn graphed(&self) -> bool {
+        match self.cuda_graph {
+            GraphMode::On => true,
+            GraphMode::Off => false,
+            GraphMode::Auto => self.device.is_cuda() && self.optimizer == "adamw",
+        }
+    }
 }
 
 fn datasets(name: &str, dir: Option<&Path>) -> Result<(nn::data::Dataset, nn::data::Dataset)> {
@@ -257,7 +280,7 @@ fn finish_precompile(handle: Option<std::thread::JoinHandle<Result<()>>>) -> Opt
 /// `mila train`.
 pub fn train(args: &TrainArgs) -> Result<ExitCode> {
     let mut precompile = start_precompile(args.device);
-    if args.cuda_graph {
+    if args.graphed() {
         // No module may be loaded by another thread while the step is being captured: wait for the compiles
         // here (the first, eager step would otherwise compile what it needs itself).
         if let Some(why) = finish_precompile(precompile.take()) {
@@ -316,7 +339,7 @@ fn run_training(args: &TrainArgs) -> Result<ExitCode> {
         progress: true,
         stop_after: args.stop_after,
         ema_decay: args.ema,
-        cuda_graph: args.cuda_graph,
+        cuda_graph: args.graphed(),
     };
     let mut rng = engine::Generator::new(args.seed);
     let mut init = nn::Init { dtype: args.dtype, device: args.device, rng: &mut rng };

@@ -120,6 +120,16 @@ fn fingerprint(model: &Mlla, opt: &AdamW, losses: &[f64]) -> Vec<Vec<u64>> {
 fn graphed_training_matches_eager_training_bitwise() {
     let _serial = serial();
     let Some(dev) = test_device_or_skip("graphed_training_matches_eager_training_bitwise") else { return };
+    let without = graphed_against_eager(&dev, 0.0);
+    // With drop path the replays draw the masks the eager steps draw (fed masks), so the runs agree bit for
+    // bit again; and the masks act: the losses are not those of the run without drop path.
+    let with = graphed_against_eager(&dev, 0.5);
+    assert_ne!(with, without, "drop path 0.5 changed nothing");
+}
+
+/// Trains the small MLLA (drop path `rate`) for a few steps eagerly and then graphed, from the same start;
+/// asserts the two agree bit for bit and returns the losses' bits.
+fn graphed_against_eager(dev: &std::sync::Arc<engine::cuda::CudaDevice>, rate: f64) -> Vec<u64> {
     let device = Device::Cuda(0);
     let (batch, steps) = (16, 6);
     let mut g = Generator::new(8);
@@ -132,7 +142,7 @@ fn graphed_training_matches_eager_training_bitwise() {
         .collect();
 
     let eager = {
-        let model = small_mlla(5, device, 0.0);
+        let model = small_mlla(5, device, rate);
         let mut opt = adamw_for(&model);
         let mut rng = Generator::new(1);
         let mut losses = Vec::new();
@@ -144,42 +154,59 @@ fn graphed_training_matches_eager_training_bitwise() {
             opt.step().unwrap();
             losses.push(loss.to_scalar().unwrap());
         }
-        fingerprint(&model, &opt, &losses)
+        let mut f = fingerprint(&model, &opt, &losses);
+        f.push(rng.state().to_vec());
+        f
     };
 
     let stats_before = dev.memory_stats();
     let graphed = {
-        let model = small_mlla(5, device, 0.0);
+        let model = small_mlla(5, device, rate);
         let mut opt = adamw_for(&model);
         let mut rng = Generator::new(1);
         let (x0, labels0, lr0) = &batches[0];
         opt.set_lr(*lr0);
         let (mut step, first) = nn::GraphedStep::new(&model, &mut opt, x0, labels0, 0.1, &mut rng).unwrap();
-        println!("graphed step: {} frozen uploads; {}", step.frozen_uploads(), dev.memory_stats());
+        println!(
+            "graphed step, drop path {rate}: {} frozen uploads, {} fed masks; {}",
+            step.frozen_uploads(),
+            step.fed_masks(),
+            dev.memory_stats()
+        );
+        // The first block's rate is 0 (rates grow linearly from 0); every other block has two drop paths.
+        let expected_masks = if rate > 0.0 { 2 * (model_blocks() - 1) } else { 0 };
+        assert_eq!(step.fed_masks(), expected_masks, "one fed mask a drop path with p > 0");
         let mut losses = vec![first.loss.to_scalar().unwrap()];
         for (x, labels, lr) in &batches[1..] {
             opt.set_lr(*lr);
-            let out = step.run(&model, &mut opt, x, labels).unwrap();
+            let out = step.run(&model, &mut opt, x, labels, &mut rng).unwrap();
             losses.push(out.loss.to_scalar().unwrap());
         }
         assert_eq!(step.replays(), steps as u64 - 1);
-        let f = fingerprint(&model, &opt, &losses);
+        let mut f = fingerprint(&model, &opt, &losses);
+        f.push(rng.state().to_vec());
         drop(step);
         f
     };
     assert_eq!(
         graphed[0],
         eager[0],
-        "losses: graphed {:?}",
-        graphed[0].iter().map(|b| f64::from_bits(*b)).collect::<Vec<_>>()
+        "drop path {rate}: losses: graphed {:?}, eager {:?}",
+        graphed[0].iter().map(|b| f64::from_bits(*b)).collect::<Vec<_>>(),
+        eager[0].iter().map(|b| f64::from_bits(*b)).collect::<Vec<_>>()
     );
-    assert!(graphed == eager, "weights, gradients or AdamW state differ between graphed and eager steps");
+    assert!(graphed == eager, "drop path {rate}: weights, gradients, AdamW state or generator differ");
     let after = dev.memory_stats();
     assert_eq!(after.graph_pool_bytes, stats_before.graph_pool_bytes, "the graph's private pool is given back");
+    eager[0].clone()
 }
 
-/// A model that draws host random numbers (drop path > 0) is refused before anything is updated; so is an
-/// optimizer without a graphed update, and a CPU tensor.
+/// The number of MILA blocks of the small model.
+fn model_blocks() -> usize {
+    MllaConfig::small32().depths.iter().sum()
+}
+
+/// An optimizer without a graphed update is refused before anything is updated; so is a CPU tensor.
 #[test]
 fn graphed_steps_refuse_what_a_graph_cannot_replay() {
     let _serial = serial();
@@ -195,12 +222,6 @@ fn graphed_steps_refuse_what_a_graph_cannot_replay() {
     }
     let device = Device::Cuda(0);
     let x = x.to_device(device).unwrap();
-    let model = small_mlla(5, device, 0.2);
-    let before: Vec<Vec<f64>> = model.parameters().iter().map(|p| p.to_vec_f64().unwrap()).collect();
-    let err = nn::GraphedStep::new(&model, &mut adamw_for(&model), &x, &labels, 0.1, &mut Generator::new(1)).err();
-    assert!(err.expect("drop path is refused").to_string().contains("drop path"));
-    let after: Vec<Vec<f64>> = model.parameters().iter().map(|p| p.to_vec_f64().unwrap()).collect();
-    assert_eq!(before, after, "nothing was updated");
     let model = small_mlla(5, device, 0.0);
     let groups = vec![ParamGroup { params: model.parameters(), weight_decay: 0.0 }];
     let mut sgd =

@@ -11,7 +11,10 @@
 //! - the learning rate and the step counts (AdamW's bias corrections): the captured update reads them from a
 //!   device tensor ([`Optimizer::step_graphed`]), written before each replay with the values
 //!   [`Optimizer::next_graphed_hyper`] computes on the host exactly as an eager step computes its kernel
-//!   arguments.
+//!   arguments;
+//! - the drop-path (and dropout) masks: the capture runs under [`ops::with_fed_masks`], so that each mask is
+//!   a device buffer of its own; before each replay [`GraphedStep::run`] draws every mask's values from the
+//!   model's generator, in the forward's order, exactly the draws an eager step makes, and writes them there.
 //!
 //! The first step runs eagerly: it is a real training step, and the warm-up that compiles every kernel,
 //! creates the cuBLAS handles and workspaces, chooses the GEMM algorithms and creates the optimizer's state,
@@ -20,9 +23,9 @@
 //! eager step, in the same order, on the same values, the losses and weights are those of eager training,
 //! bit for bit (the test `graphed_training_matches_eager_training_bitwise` checks it on the GPU).
 //!
-//! Not graphable, refused with an error: a model that draws host random numbers in its forward (a drop
-//! path above 0: a replay would repeat the capture's draws), an optimizer without a graphed update (SGD), a CPU
-//! device. Gradient clipping reads the gradient norm back to the host and cannot be captured either (the
+//! Not graphable, refused with an error: a model that draws host random numbers in its forward other than
+//! through dropout or drop path (a replay would repeat the capture's draws), an optimizer without a graphed
+//! update (SGD), a CPU device. Gradient clipping reads the gradient norm back to the host and cannot be captured either (the
 //! trainer refuses `--cuda-graph` with `--clip-grad`). A graph is for one batch shape: run a batch of
 //! another shape (an epoch's last, smaller one) eagerly; the graph stays valid.
 
@@ -42,6 +45,8 @@ pub struct GraphedStep {
     q: Tensor,
     /// The optimizer's per-step hyperparameters.
     hyper: Tensor,
+    /// The captured step's random masks, in the order the forward draws them.
+    masks: Vec<ops::FedMask>,
     /// The loss and logits of the last replay (rewritten by each).
     loss: Tensor,
     logits: Tensor,
@@ -97,8 +102,9 @@ impl GraphedStep {
     /// `label_smoothing`, backward, `opt.step()` — and then captures the next step of the same shapes
     /// into a graph, without running it. Returns the graphed step and the eager step's output.
     ///
-    /// `rng` is the model's generator: a model that draws from it (drop path > 0) cannot be graphed, and is
-    /// refused before anything is updated.
+    /// `rng` is the model's generator: the eager step draws its drop-path masks from it; the capture leaves it
+    /// as the eager step left it (each replay draws its own masks from it in [`GraphedStep::run`]). A model
+    /// that draws from it otherwise than through dropout or drop path is refused.
     pub fn new<M: Classifier>(
         model: &M,
         opt: &mut dyn Optimizer,
@@ -116,14 +122,7 @@ impl GraphedStep {
         }
         // The warm-up: an eager step, exactly as the trainer's.
         opt.zero_grad();
-        let before = rng.state();
         let logits = model.logits(images, rng)?;
-        if rng.state() != before {
-            return Err(graph_error(
-                "the model draws random numbers on the host in its forward (drop path > 0?): a CUDA graph would \
-                 replay the same draws every step; set drop path to 0 or train without the graph",
-            ));
-        }
         let loss = ops::cross_entropy(&logits, labels, label_smoothing)?;
         loss.backward()?;
         opt.step()?;
@@ -138,28 +137,42 @@ impl GraphedStep {
         let hyper_len = opt.graphed_hyper_len().unwrap_or(0);
         let hyper = Tensor::zeros(&[hyper_len], DType::F64, device)?;
         let counters = counter_values(model);
-        let (graph, (loss, logits)) = dev.capture(|| {
-            opt.zero_grad();
-            let logits = model.logits(&x, rng)?;
-            let loss = ops::cross_entropy_soft(&logits, &q)?;
-            loss.backward()?;
-            opt.step_graphed(&hyper)?;
-            Ok((loss.detach(), logits.detach()))
+        let before = rng.state();
+        let ((graph, (loss, logits)), masks) = ops::with_fed_masks(|| {
+            dev.capture(|| {
+                opt.zero_grad();
+                let logits = model.logits(&x, rng)?;
+                let loss = ops::cross_entropy_soft(&logits, &q)?;
+                loss.backward()?;
+                opt.step_graphed(&hyper)?;
+                Ok((loss.detach(), logits.detach()))
+            })
         })?;
-        if rng.state() != before {
-            return Err(graph_error("the model drew random numbers on the host during the capture"));
+        // Every draw of the capture must have been a fed mask's: the replays draw those again.
+        let fed: usize = masks.iter().map(ops::FedMask::len).sum();
+        let mut replayed = Generator::from_state(before);
+        for _ in 0..fed {
+            replayed.uniform();
         }
+        if replayed.state() != rng.state() {
+            return Err(graph_error(
+                "the model draws random numbers on the host in its forward other than for dropout or drop path: \
+                 a CUDA graph would replay the same draws every step; train without the graph",
+            ));
+        }
+        // The capture ran no step: the generator goes back to where the eager step left it.
+        *rng = Generator::from_state(before);
         // The capture ran the forward's host code but no step: its counter increments are each replay's.
         let counter_steps: Vec<u64> =
             counter_values(model).iter().zip(&counters).map(|(after, before)| after.saturating_sub(*before)).collect();
         bump_counters(model, &counter_steps, true);
-        let step = GraphedStep { graph, x, q, hyper, loss, logits, label_smoothing, counter_steps, replays: 0 };
+        let step = GraphedStep { graph, x, q, hyper, masks, loss, logits, label_smoothing, counter_steps, replays: 0 };
         Ok((step, warm))
     }
 
     /// One training step on `images` and `labels` (the shapes of the capture) by a replay of the graph: the
-    /// inputs and `opt`'s next hyperparameters (at its current learning rate) are written to the graph's
-    /// device buffers, then the graph is launched, and the model's host counters advance as a forward would
+    /// inputs, `opt`'s next hyperparameters (at its current learning rate) and the step's masks (drawn from
+    /// `rng`, the model's generator) are written to the graph's device buffers, then the graph is launched, and the model's host counters advance as a forward would
     /// advance them. `model` and `opt` must be those given to [`GraphedStep::new`] (the graph updates their
     /// tensors, whatever is passed). Returns at once, like any op; the output is a copy that the next replay
     /// does not overwrite.
@@ -169,6 +182,7 @@ impl GraphedStep {
         opt: &mut dyn Optimizer,
         images: &Tensor,
         labels: &[usize],
+        rng: &mut Generator,
     ) -> Result<StepOutput> {
         if images.shape() != self.x.shape() || labels.len() != self.q.shape()[0] {
             return Err(Error::invalid(
@@ -194,6 +208,9 @@ impl GraphedStep {
         ops::copy_into(&self.x, &self.x.layout().clone(), &images.detach())?;
         self.q.write_f64(&q)?;
         self.hyper.write_f64(&hyper)?;
+        for mask in &self.masks {
+            mask.draw(rng)?;
+        }
         self.graph.replay()?;
         bump_counters(model, &self.counter_steps, false);
         self.replays += 1;
@@ -208,6 +225,11 @@ impl GraphedStep {
     /// Host-to-device copies frozen into the graph (constant tables an op uploads, such as RoPE's angles).
     pub fn frozen_uploads(&self) -> usize {
         self.graph.frozen_uploads()
+    }
+
+    /// The random masks each replay draws (dropout and drop-path layers active in the capture).
+    pub fn fed_masks(&self) -> usize {
+        self.masks.len()
     }
 
     /// The batch size and image shape the graph was captured for.

@@ -334,7 +334,9 @@ pub fn train<M: Classifier>(
             let x = to_tensor(batch.images, &batch.shape, cfg.dtype, cfg.device)?;
             if cfg.cuda_graph {
                 let out = match &mut graphed {
-                    Some(g) if g.input_shape() == x.shape() => g.run(&*model, opt.as_mut(), &x, &batch.labels)?,
+                    Some(g) if g.input_shape() == x.shape() => {
+                        g.run(&*model, opt.as_mut(), &x, &batch.labels, &mut rng)?
+                    }
                     Some(_) => {
                         // Another batch shape (an epoch's last batch): eagerly, as without the graph.
                         opt.zero_grad();

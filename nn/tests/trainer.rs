@@ -10,10 +10,12 @@ use nn::trainer::{checkpoint_path, train, Classifier, OptimizerKind, TrainConfig
 use nn::{Init, Linear, Module};
 use ops::TensorOps;
 
-/// Flatten + one hidden layer.
+/// Flatten + one hidden layer, with dropout `p` on the hidden layer in training.
 struct Tiny {
     fc1: Linear,
     fc2: Linear,
+    p: f64,
+    training: bool,
 }
 
 impl Module for Tiny {
@@ -21,12 +23,15 @@ impl Module for Tiny {
         visit_child(&self.fc1, "fc1", f);
         visit_child(&self.fc2, "fc2", f);
     }
-    fn set_training(&mut self, _: bool) {}
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
 }
 
 impl Classifier for Tiny {
-    fn logits(&self, x: &Tensor, _: &mut Generator) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(&x.flatten(1, -1)?)?.relu()?)
+    fn logits(&self, x: &Tensor, rng: &mut Generator) -> Result<Tensor> {
+        let hidden = self.fc1.forward(&x.flatten(1, -1)?)?.relu()?;
+        self.fc2.forward(&ops::dropout(&hidden, self.p, self.training, rng)?)
     }
 }
 
@@ -37,7 +42,12 @@ fn tiny(seed: u64) -> Tiny {
 fn tiny_on(seed: u64, device: Device) -> Tiny {
     let mut rng = Generator::new(seed);
     let mut i = Init { dtype: DType::F32, device, rng: &mut rng };
-    Tiny { fc1: Linear::new(&mut i, 32 * 32, 32, true).unwrap(), fc2: Linear::new(&mut i, 32, 10, true).unwrap() }
+    Tiny {
+        fc1: Linear::new(&mut i, 32 * 32, 32, true).unwrap(),
+        fc2: Linear::new(&mut i, 32, 10, true).unwrap(),
+        p: 0.0,
+        training: true,
+    }
 }
 
 fn subset(d: &Dataset, n: usize) -> Arc<Dataset> {
@@ -174,7 +184,8 @@ fn cuda_graph_is_refused_where_it_cannot_run() {
 
 /// Two epochs on CUDA with every step replayed from one CUDA graph (the first eager and captured, each
 /// epoch's last, smaller batch eager) repeat the losses, accuracies and weights of the same run without the
-/// graph, bit for bit.
+/// graph, bit for bit; without dropout and with it (the graph's masks are fed from the host generator, drawn
+/// as the eager steps draw them, the last batch's included).
 #[test]
 fn cuda_graph_training_repeats_eager_training_exactly() {
     if engine::cuda::test_device_or_skip("cuda_graph_training_repeats_eager_training_exactly").is_none() {
@@ -183,20 +194,28 @@ fn cuda_graph_training_repeats_eager_training_exactly() {
     let (train_all, test_all) = Dataset::mnist10k().unwrap();
     // 620 images in batches of 50: 12 full batches and one of 20 per epoch.
     let (tr, te) = (subset(&train_all, 620), subset(&test_all, 200));
-    let run = |graph: bool| {
+    let run = |graph: bool, p: f64| {
         let cfg = TrainConfig {
             cuda_graph: graph,
             device: Device::Cuda(0),
-            ..config(if graph { "cuda-graph" } else { "cuda-eager" }, 2, 3e-3)
+            ..config(&format!("cuda-graph-{graph}-{p}"), 2, 3e-3)
         };
-        let mut model = tiny_on(1, Device::Cuda(0));
+        let mut model = Tiny { p, ..tiny_on(1, Device::Cuda(0)) };
         let metrics = train(&mut model, tr.clone(), te.clone(), &cfg, false).unwrap();
         let weights: Vec<Vec<f64>> = model.parameters().iter().map(|p| p.to_vec_f64().unwrap()).collect();
         let _ = std::fs::remove_dir_all(&cfg.out_dir);
         (metrics, weights)
     };
-    let (eager, eager_w) = run(false);
-    let (graphed, graphed_w) = run(true);
+    for p in [0.0, 0.3] {
+        same_run(run(false, p), run(true, p));
+    }
+    assert_ne!(run(false, 0.0).1, run(false, 0.3).1, "dropout changed nothing");
+}
+
+fn same_run(
+    (eager, eager_w): (Vec<nn::trainer::EpochMetrics>, Vec<Vec<f64>>),
+    (graphed, graphed_w): (Vec<nn::trainer::EpochMetrics>, Vec<Vec<f64>>),
+) {
     for (e, g) in eager.iter().zip(&graphed) {
         assert_eq!(e.step_losses.len(), 13);
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

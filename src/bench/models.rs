@@ -271,7 +271,7 @@ fn train_graphed_case(ctx: &Ctx, cfg: &MllaConfig, batch: usize) -> Result<(Meas
     let (mut graphed, _) = GraphedStep::new(&model, &mut opt, &x, &labels, 0.1, &mut drop_rng)?;
     let mut last_loss = None;
     let step = || -> Result<()> {
-        last_loss = Some(graphed.run(&model, &mut opt, &x, &labels)?.loss);
+        last_loss = Some(graphed.run(&model, &mut opt, &x, &labels, &mut drop_rng)?.loss);
         Ok(())
     };
     let mut m = ctx.measure(step, &|| ())?;

@@ -287,7 +287,9 @@ impl Allocator {
         // `PooledSlice::drop` returns it. Event tracking is off on our contexts, so `upgrade_device_ptr` creates
         // no events (its only fallible, and panicking, step).
         let slice = unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) };
-        if POISON.load(Ordering::SeqCst) > 0 && class > 0 {
+        // Not while a capture runs: the memset would be captured and repeated by every replay, over values
+        // written into the block between replays (a graphed step's fed drop-path masks).
+        if POISON.load(Ordering::SeqCst) > 0 && class > 0 && !self.capturing() {
             // All bytes 0xFF: a NaN in f32 and f64, so an element a kernel forgot to write shows in any result.
             self.stream.context().bind_to_thread().map_err(|e| Error::Cuda { op: "poison", msg: format!("{e:?}") })?;
             // SAFETY: `ptr` is a live block of `class` bytes owned by the slice made above; the memset is

@@ -429,13 +429,7 @@ pub(super) fn sgd_multi(items: &[SgdTensors]) -> Result<bool> {
 pub(super) fn adamw_multi(items: &[AdamWTensors]) -> Result<bool> {
     fn run<T: Float>(dev: &CudaDevice, items: &[AdamWTensors], amsgrad: bool) -> Result<bool> {
         const OP: &str = "adamw_step";
-        let mut operands: Vec<(&Tensor, bool)> = Vec::with_capacity(items.len() * 5);
-        for it in items {
-            operands.extend([(it.p, true), (it.grad, false), (it.m, true), (it.v, true)]);
-            if let Some(x) = it.vmax {
-                operands.push((x, true));
-            }
-        }
+        let operands = adamw_operands(items);
         let done = with_addresses::<T, ()>(OP, dev, &operands, |a| {
             // (item, its operands' addresses) of the non-empty items.
             let width = if amsgrad { 5 } else { 4 };
@@ -459,16 +453,34 @@ pub(super) fn adamw_multi(items: &[AdamWTensors]) -> Result<bool> {
         })?;
         Ok(done.is_some())
     }
-    let Some(first) = items.first() else { return Ok(true) };
+    let Some((dev, dtype, amsgrad)) = adamw_launch(items)? else { return Ok(true) };
+    match dtype {
+        DType::F32 => run::<f32>(&dev, items, amsgrad),
+        DType::F64 => run::<f64>(&dev, items, amsgrad),
+    }
+}
+
+/// Every item's operands in table order (p, g, m, v, and vmax with amsgrad), each with whether it is written.
+fn adamw_operands<'a>(items: &[AdamWTensors<'a>]) -> Vec<(&'a Tensor, bool)> {
+    let mut operands = Vec::with_capacity(items.len() * 5);
+    for it in items {
+        operands.extend([(it.p, true), (it.grad, false), (it.m, true), (it.v, true)]);
+        if let Some(x) = it.vmax {
+            operands.push((x, true));
+        }
+    }
+    operands
+}
+
+/// The device, dtype and amsgrad flag of one multi-tensor AdamW launch (its first item's); None for no items.
+/// A launch mixing amsgrad and plain items is refused (the grouping never makes one).
+fn adamw_launch(items: &[AdamWTensors]) -> Result<Option<(std::sync::Arc<CudaDevice>, DType, bool)>> {
+    let Some(first) = items.first() else { return Ok(None) };
     let amsgrad = first.vmax.is_some();
     if items.iter().any(|it| it.vmax.is_some() != amsgrad) {
         return Err(Error::invalid("adamw_step", "internal: a multi-tensor launch mixes amsgrad", first.p.shape()));
     }
-    let dev = cuda_device(first.p)?;
-    match first.p.dtype() {
-        DType::F32 => run::<f32>(&dev, items, amsgrad),
-        DType::F64 => run::<f64>(&dev, items, amsgrad),
-    }
+    Ok(Some((cuda_device(first.p)?, first.p.dtype(), amsgrad)))
 }
 
 impl AdamWParams {
@@ -539,13 +551,7 @@ pub(super) fn hyper_tables<const D: usize, const N: usize>(
 pub(super) fn adamw_multi_hyper(items: &[AdamWTensors], hyper: &Tensor) -> Result<bool> {
     fn run<T: Float>(dev: &CudaDevice, items: &[AdamWTensors], hyper: &Tensor, amsgrad: bool) -> Result<bool> {
         const OP: &str = "adamw_step_hyper";
-        let mut operands: Vec<(&Tensor, bool)> = Vec::with_capacity(items.len() * 5);
-        for it in items {
-            operands.extend([(it.p, true), (it.grad, false), (it.m, true), (it.v, true)]);
-            if let Some(x) = it.vmax {
-                operands.push((x, true));
-            }
-        }
+        let operands = adamw_operands(items);
         // The hyperparameters are read only; the caller made sure they share no storage with an operand.
         let hyper_storage = hyper.storage();
         let Storage::Cuda(hs) = &*hyper_storage else {
@@ -575,13 +581,8 @@ pub(super) fn adamw_multi_hyper(items: &[AdamWTensors], hyper: &Tensor) -> Resul
         })?;
         Ok(done.is_some())
     }
-    let Some(first) = items.first() else { return Ok(true) };
-    let amsgrad = first.vmax.is_some();
-    if items.iter().any(|it| it.vmax.is_some() != amsgrad) {
-        return Err(Error::invalid("adamw_step", "internal: a multi-tensor launch mixes amsgrad", first.p.shape()));
-    }
-    let dev = cuda_device(first.p)?;
-    match first.p.dtype() {
+    let Some((dev, dtype, amsgrad)) = adamw_launch(items)? else { return Ok(true) };
+    match dtype {
         DType::F32 => run::<f32>(&dev, items, hyper, amsgrad),
         DType::F64 => run::<f64>(&dev, items, hyper, amsgrad),
     }

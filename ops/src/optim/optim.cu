@@ -177,14 +177,15 @@ __device__ void sgd_multi_impl(const SgdTable& t) {
     }
 }
 
-// Table is AdamWTable (vmax untouched: v stands in for it) or AdamWMaxTable.
-template <typename T, typename Table, int AMSGRAD>
-__device__ void adamw_multi_impl(const Table& t) {
+// The chunk loop of the multi-tensor AdamW kernels: `params_of(k)` gives tensor k's AdamWParams. Table is
+// AdamWTable (vmax untouched: v stands in for it) or AdamWMaxTable.
+template <typename T, typename Table, int AMSGRAD, typename ParamsOf>
+__device__ __forceinline__ void adamw_chunks(const Table& t, ParamsOf params_of) {
     const unsigned int chunks = t.chunk_end[t.count - 1];
     for (unsigned int c = blockIdx.x; c < chunks; c += gridDim.x) {
         long long start, end;
         const int k = mt_locate(t, c, &start, &end);
-        const AdamWConsts<T> consts(t.sets[t.set[k]]);
+        const AdamWConsts<T> consts(params_of(k));
         T* p = (T*)t.ptr[0][k];
         const T* g = (const T*)t.ptr[1][k];
         T* m = (T*)t.ptr[2][k];
@@ -197,40 +198,37 @@ __device__ void adamw_multi_impl(const Table& t) {
     }
 }
 
+// Hyperparameters from the table: the set of each tensor's param group.
+template <typename T, typename Table, int AMSGRAD>
+__device__ void adamw_multi_impl(const Table& t) {
+    adamw_chunks<T, Table, AMSGRAD>(t, [&](int k) -> const AdamWParams& { return t.sets[t.set[k]]; });
+}
+
+// AdamWParams from 8 doubles in its field order (the amsgrad flag being the kernel's).
+__device__ __forceinline__ AdamWParams adamw_params_from(const double* hk, int amsgrad) {
+    AdamWParams h;
+    h.step_size = hk[0];
+    h.decay = hk[1];
+    h.beta1 = hk[2];
+    h.one_minus_beta1 = hk[3];
+    h.beta2 = hk[4];
+    h.one_minus_beta2 = hk[5];
+    h.bc2_sqrt = hk[6];
+    h.eps = hk[7];
+    h.amsgrad = amsgrad;
+    h.pad = 0;
+    return h;
+}
+
 // The same update with each tensor's hyperparameters read from device memory when the kernel runs, not from
-// the table: `hyper` holds 8 doubles per tensor (AdamWParams' doubles in order, the amsgrad flag being the
-// kernel's), and t.set[k] is tensor k's index into it (the host passes `hyper` advanced to the table's first
-// tensor). A launch captured into a CUDA graph thus applies the values written there before each replay
-// (the learning rate of the schedule, the bias corrections of the step count). Per element the same code as
-// adamw_multi_impl, so the same values give the same bits.
+// the table: `hyper` holds 8 doubles per tensor (adamw_params_from), and t.set[k] is tensor k's index into it
+// (the host passes `hyper` advanced to the table's first tensor). A launch captured into a CUDA graph thus
+// applies the values written there before each replay (the learning rate of the schedule, the bias
+// corrections of the step count). Per element the same code as adamw_multi_impl, so the same values give the
+// same bits.
 template <typename T, typename Table, int AMSGRAD>
 __device__ void adamw_multi_hyper_impl(const Table& t, const double* hyper) {
-    const unsigned int chunks = t.chunk_end[t.count - 1];
-    for (unsigned int c = blockIdx.x; c < chunks; c += gridDim.x) {
-        long long start, end;
-        const int k = mt_locate(t, c, &start, &end);
-        const double* hk = hyper + 8 * (int)t.set[k];
-        AdamWParams h;
-        h.step_size = hk[0];
-        h.decay = hk[1];
-        h.beta1 = hk[2];
-        h.one_minus_beta1 = hk[3];
-        h.beta2 = hk[4];
-        h.one_minus_beta2 = hk[5];
-        h.bc2_sqrt = hk[6];
-        h.eps = hk[7];
-        h.amsgrad = AMSGRAD;
-        h.pad = 0;
-        const AdamWConsts<T> consts(h);
-        T* p = (T*)t.ptr[0][k];
-        const T* g = (const T*)t.ptr[1][k];
-        T* m = (T*)t.ptr[2][k];
-        T* v = (T*)t.ptr[3][k];
-        T* vmax = (T*)t.ptr[sizeof(t.ptr) / sizeof(t.ptr[0]) - 1][k];
-        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-            adamw_elem<T>(p, g, m, v, vmax, i, consts, AMSGRAD);
-        }
-    }
+    adamw_chunks<T, Table, AMSGRAD>(t, [&](int k) { return adamw_params_from(hyper + 8 * (int)t.set[k], AMSGRAD); });
 }
 
 template <typename T>

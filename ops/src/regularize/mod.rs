@@ -13,10 +13,20 @@
 //! when u < keep; so a run is reproduced by its seed. The mask is drawn on the host on every device and
 //! uploaded with the tensor (one value per sample for drop_path, per element for dropout): a CUDA run drops
 //! exactly the elements a CPU run of the same seed drops.
+//!
+//! In a CUDA graph: a captured step cannot draw on the host, and an upload made during a capture is replayed
+//! with the capture's values (engine's `cuda/graph.rs`). [`with_fed_masks`] runs a capture so that every mask
+//! is instead a device buffer of its own that nothing in the graph writes, handed back as a [`FedMask`]; before
+//! each replay the caller draws each mask's values from the generator, in the order of the forward, and writes
+//! them there ([`FedMask::draw`]). The draws are those an eager step would make at that point of the run, so a
+//! replayed step drops exactly the samples the eager step drops (nn's `GraphedStep` relies on it).
 
 mod cpu;
 pub(crate) mod cuda;
 
+use std::cell::RefCell;
+
+use engine::cuda::CudaStorage;
 use engine::{Device, Error, Generator, Op, Result, Storage, Tensor};
 
 use crate::util::{no_cuda, saved_contiguous};
@@ -59,12 +69,76 @@ fn masked(op: &'static str, x: &Tensor, p: f64, training: bool, blocks: usize, g
         return Ok(x.clone());
     }
     let keep = 1.0 - p;
-    // keep = 0 (p = 1) drops everything; there is nothing to rescale.
-    let scale = if keep > 0.0 { 1.0 / keep } else { 0.0 };
-    let values: Vec<f64> = (0..blocks).map(|_| if g.uniform() < keep { scale } else { 0.0 }).collect();
-    let mask = Tensor::from_f64(&values, &[blocks], x.dtype(), x.device())?;
+    let values = draw_mask(blocks, keep, g);
+    let mask = match x.device() {
+        // Inside a capture with fed masks: a buffer that no captured work writes, filled before each replay.
+        Device::Cuda(ordinal)
+            if FED.with(|f| f.borrow().is_some()) && engine::cuda::device(ordinal)?.is_capturing() =>
+        {
+            let storage = CudaStorage::alloc(&engine::cuda::device(ordinal)?, blocks, x.dtype())?;
+            Tensor::from_storage(Storage::Cuda(storage), &[blocks])?
+        }
+        device => Tensor::from_f64(&values, &[blocks], x.dtype(), device)?,
+    };
+    FED.with(|f| {
+        if let Some(fed) = f.borrow_mut().as_mut() {
+            fed.push(FedMask { mask: mask.clone(), keep });
+        }
+    });
     let storage = scaled(op, x, &mask)?;
     Ok(Tensor::from_op(storage, x.shape(), &[x], || Masked { name: op, mask }))
+}
+
+/// One scale per block: 1 / keep where a uniform draw falls below `keep`, else 0 (keep = 0, p = 1, drops
+/// everything: there is nothing to rescale).
+fn draw_mask(blocks: usize, keep: f64, g: &mut Generator) -> Vec<f64> {
+    let scale = if keep > 0.0 { 1.0 / keep } else { 0.0 };
+    (0..blocks).map(|_| if g.uniform() < keep { scale } else { 0.0 }).collect()
+}
+
+thread_local! {
+    /// The masks drawn so far inside [`with_fed_masks`] on this thread, or None outside it.
+    static FED: RefCell<Option<Vec<FedMask>>> = const { RefCell::new(None) };
+}
+
+/// A dropout or drop-path mask of a captured CUDA graph, whose values are written from the host before each
+/// replay (see the module docs).
+pub struct FedMask {
+    mask: Tensor,
+    keep: f64,
+}
+
+impl FedMask {
+    /// Draws this mask's values from `g` (as the eager op would at this point of the run) and writes them
+    /// into the graph's buffer (enqueued on the device's stream, no wait).
+    pub fn draw(&self, g: &mut Generator) -> Result<()> {
+        self.mask.write_f64(&draw_mask(self.mask.numel(), self.keep, g))
+    }
+
+    /// The number of draws (samples for drop_path, elements for dropout).
+    pub fn len(&self) -> usize {
+        self.mask.numel()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mask.numel() == 0
+    }
+}
+
+/// Runs `f` (a CUDA graph capture) with fed masks: each dropout or drop-path mask that `f` applies in
+/// training while a capture runs on its device is made as a device buffer that no captured work writes, and
+/// returned, in the order drawn, with what `f` returned. `f` still draws from the generator as usual; the
+/// caller resets the generator afterwards (a capture runs no step) and calls [`FedMask::draw`] on every mask,
+/// in order, before each replay. Masks made outside a capture (a CPU tensor, an eager step) get their values
+/// at once, as always, and are returned too. Not reentrant: a nested call is refused.
+pub fn with_fed_masks<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Vec<FedMask>)> {
+    if FED.with(|fed| fed.borrow().is_some()) {
+        return Err(Error::Msg { context: "with_fed_masks", msg: "already feeding masks on this thread".into() });
+    }
+    FED.with(|fed| *fed.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let masks = FED.with(|fed| fed.borrow_mut().take()).unwrap_or_default();
+    Ok((out?, masks))
 }
 
 /// Zeroes each element with probability p and scales the others by 1 / (1 - p) in training; the identity in
