@@ -416,6 +416,17 @@ pub(super) fn unary(op: Unary, x: &CpuStorage, lx: &Layout) -> CpuStorage {
     with_cpu!(x, |v: T| T::into_storage(run(op, v, lx)))
 }
 
+/// (gelu(x), gelu'(x)) of a contiguous f32 tensor in one pass (gelu.rs); None for other dtypes.
+pub(super) fn gelu_and_derivative(x: &CpuStorage, lx: &Layout) -> Option<(CpuStorage, CpuStorage)> {
+    match x {
+        CpuStorage::F32(v) if lx.is_contiguous() => {
+            let (a, d) = gelu::gelu_and_derivative_f32(v.get(lx.offset()..lx.offset() + lx.numel())?);
+            Some((CpuStorage::F32(a), CpuStorage::F32(d)))
+        }
+        _ => None,
+    }
+}
+
 pub(super) fn unary_backward(
     op: Unary,
     x: &CpuStorage,

@@ -22,7 +22,7 @@ use engine::{no_grad, Error, Op, Result, Tensor};
 
 use super::linear::{affine, check_operands, weight_bias_grads};
 use super::matmul_nd;
-use crate::elementwise::{unary, unary_grad, Needs, Unary};
+use crate::elementwise::{gelu_and_derivative, mul, unary, unary_grad, Needs, Unary};
 
 struct ActLinear {
     act: Unary,
@@ -37,6 +37,20 @@ impl Op for ActLinear {
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (h, w) = (&self.h, &self.w);
+        // GELU on the CPU: its value and derivative in one pass (one erf per element instead of two), and
+        // dh = (g W) * gelu'(h), the product the derivative pass would form: the same bits.
+        let fused = if matches!(self.act, Unary::Gelu) { gelu_and_derivative(h)? } else { None };
+        if let Some((a, d)) = fused {
+            let (k, n) = (w.dim(1)?, w.dim(0)?);
+            let (dw, db) = weight_bias_grads(&a, g, k, n, self.has_bias)?;
+            drop(a);
+            let dh = mul(&matmul_nd(g, w)?, &d)?;
+            let mut grads = vec![Some(dh), Some(dw)];
+            if self.has_bias {
+                grads.push(db);
+            }
+            return Ok(grads);
+        }
         let a = unary(self.act, h)?;
         let (k, n) = (w.dim(1)?, w.dim(0)?);
         // dW = g^T a over the stacked rows and db (one cuBLASLt product on CUDA): as `linear`'s backward.
