@@ -6,6 +6,8 @@ use engine::{with_cpu, CpuStorage, DType, Error, Float, Layout, Result};
 use super::zip::zip_runs;
 use super::{Binary, Cmp, Unary};
 
+mod gelu;
+
 const SQRT_2: f64 = std::f64::consts::SQRT_2;
 /// 1 / sqrt(2 pi)
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -399,6 +401,10 @@ fn map3<T: Float, U: Copy + Send>(
 }
 
 pub(super) fn unary(op: Unary, x: &CpuStorage, lx: &Layout) -> CpuStorage {
+    if let (Unary::Gelu, CpuStorage::F32(v)) = (op, x) {
+        // The MLP's activation: erf four lanes at a time (gelu.rs), the same bits.
+        return CpuStorage::F32(gelu::gelu_f32(v, lx));
+    }
     fn run<T: Float>(op: Unary, x: &[T], lx: &Layout) -> Vec<T> {
         macro_rules! go {
             ($k:expr) => {
@@ -408,6 +414,17 @@ pub(super) fn unary(op: Unary, x: &CpuStorage, lx: &Layout) -> CpuStorage {
         specialize_unary!(op, go)
     }
     with_cpu!(x, |v: T| T::into_storage(run(op, v, lx)))
+}
+
+/// (gelu(x), gelu'(x)) of a contiguous f32 tensor in one pass (gelu.rs); None for other dtypes.
+pub(super) fn gelu_and_derivative(x: &CpuStorage, lx: &Layout) -> Option<(CpuStorage, CpuStorage)> {
+    match x {
+        CpuStorage::F32(v) if lx.is_contiguous() => {
+            let (a, d) = gelu::gelu_and_derivative_f32(v.get(lx.offset()..lx.offset() + lx.numel())?);
+            Some((CpuStorage::F32(a), CpuStorage::F32(d)))
+        }
+        _ => None,
+    }
 }
 
 pub(super) fn unary_backward(
@@ -428,6 +445,10 @@ pub(super) fn unary_backward(
             };
         }
         specialize_unary!(op, go)
+    }
+    if let (Unary::Gelu, CpuStorage::F32(x), CpuStorage::F32(_), CpuStorage::F32(g)) = (op, x, y, g) {
+        // GELU's derivative reads x alone (y is not used); erf four lanes at a time (gelu.rs), the same bits.
+        return Ok(CpuStorage::F32(gelu::gelu_backward_f32(x, lx, g, lg)));
     }
     same_dtype!(op.name(), (x, y, g), |x, y, g; T| run::<T>(op, x, lx, y, ly, g, lg))
 }

@@ -210,6 +210,18 @@ pub(crate) fn unary_grad(op: Unary, x: &Tensor, y: &Tensor, g: &Tensor, shape: &
     Tensor::from_storage(storage, shape)
 }
 
+/// (gelu(x), gelu'(x)) for a contiguous f32 CPU tensor, in one pass that evaluates erf once per element
+/// for both: the bits of `unary(Gelu, x)` and of the derivative by which `unary_grad(Gelu, ..)` multiplies
+/// its gradient (g * gelu'(x) is that product). None on CUDA or for other dtypes and layouts. Not recorded.
+pub(crate) fn gelu_and_derivative(x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let pair = match &*x.storage() {
+        Storage::Cpu(s) => cpu::gelu_and_derivative(s, x.layout()),
+        Storage::Cuda(_) => None,
+    };
+    let Some((a, d)) = pair else { return Ok(None) };
+    Ok(Some((Tensor::from_storage(Storage::Cpu(a), x.shape())?, Tensor::from_storage(Storage::Cpu(d), x.shape())?)))
+}
+
 /// For a CPU tensor that is a permutation of contiguous memory (a channels-last image, a transposed matrix)
 /// but not contiguous itself: the permutation that makes it contiguous, and its inverse. Elementwise ops
 /// compute such a tensor in memory order and answer the same permutation of their output, as PyTorch keeps

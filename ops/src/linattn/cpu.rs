@@ -21,18 +21,23 @@ impl<'a, T: Float> Angles<'a, T> {
         Angles { table, h: dims.grid_h, w: dims.grid_w.max(1), quarter: dims.channels / 4 }
     }
 
-    /// (cos, sin) of channel pair p of token `tok`: pairs below C/4 turn with the token's row, the others
-    /// with its column.
-    fn at(&self, tok: usize, p: usize) -> (T, T) {
-        let row = if p < self.quarter { tok / self.w } else { self.h + tok % self.w };
-        let cs = &self.table[(row * self.quarter + p % self.quarter) * 2..];
-        (cs[0], cs[1])
-    }
-
     /// y = R_tok x on the channels c0..c0 + x.len() (c0 and the length even), or R_tok^T x when `inverse`.
+    /// Pair p turns by the token's row when p < C/4 and by its column otherwise, with (cos, sin) at entry
+    /// p % (C/4) of that row of the table; the token's two rows are found once, not per pair.
     fn rotate(&self, tok: usize, c0: usize, x: &[T], y: &mut [T], inverse: bool) {
+        let q = self.quarter;
+        let (by_row, by_col) = (tok / self.w * q, (self.h + tok % self.w) * q);
         for (j, (yp, xp)) in y.chunks_exact_mut(2).zip(x.chunks_exact(2)).enumerate() {
-            let (cos, sin) = self.at(tok, c0 / 2 + j);
+            let p = c0 / 2 + j;
+            // Pairs below C/4 by row, the others by column at p % q, which is p - q for the pairs up to C/2.
+            let at = if p < q {
+                by_row + p
+            } else if p - q < q {
+                by_col + (p - q)
+            } else {
+                by_col + p % q
+            };
+            let (cos, sin) = (self.table[at * 2], self.table[at * 2 + 1]);
             let sin = if inverse { -sin } else { sin };
             yp[0] = xp[0] * cos - xp[1] * sin;
             yp[1] = xp[0] * sin + xp[1] * cos;

@@ -13,6 +13,10 @@
 //! dh = (g W) * act'(h)
 //! ```
 //!
+//! One exception, GELU of an f32 tensor on the CPU: there the forward's one pass gives gelu(h) and gelu'(h)
+//! together (erf evaluated once per element for the whole step) and saves both, so that the backward
+//! evaluates no erf; the two tensors are the same bits as the separate passes'.
+//!
 //! On the CPU every product and elementwise pass is the one the composition runs, in the same order, so
 //! results and gradients are bitwise those of `linear(act(h))` (a test checks it). On CUDA the bias rides in
 //! the cuBLASLt epilogues of the forward product and of the weight-gradient product, as in [`super::linear`]
@@ -22,11 +26,19 @@ use engine::{no_grad, Error, Op, Result, Tensor};
 
 use super::linear::{affine, check_operands, weight_bias_grads};
 use super::matmul_nd;
-use crate::elementwise::{unary, unary_grad, Needs, Unary};
+use crate::elementwise::{gelu_and_derivative, mul, unary, unary_grad, Needs, Unary};
+
+/// What the backward reads besides W.
+enum Saved {
+    /// h, from which the backward recomputes act(h) and act'(h).
+    H(Tensor),
+    /// GELU of an f32 CPU tensor: (gelu(h), gelu'(h)) from the forward's single pass.
+    Gelu(Tensor, Tensor),
+}
 
 struct ActLinear {
     act: Unary,
-    h: Tensor,
+    saved: Saved,
     w: Tensor,
     has_bias: bool,
 }
@@ -36,7 +48,21 @@ impl Op for ActLinear {
         "act_linear"
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let (h, w) = (&self.h, &self.w);
+        let w = &self.w;
+        let h = match &self.saved {
+            Saved::H(h) => h,
+            Saved::Gelu(a, d) => {
+                // dh = (g W) * gelu'(h): the product the derivative pass forms, so the same bits.
+                let (k, n) = (w.dim(1)?, w.dim(0)?);
+                let (dw, db) = weight_bias_grads(a, g, k, n, self.has_bias)?;
+                let dh = mul(&matmul_nd(g, w)?, d)?;
+                let mut grads = vec![Some(dh), Some(dw)];
+                if self.has_bias {
+                    grads.push(db);
+                }
+                return Ok(grads);
+            }
+        };
         let a = unary(self.act, h)?;
         let (k, n) = (w.dim(1)?, w.dim(0)?);
         // dW = g^T a over the stacked rows and db (one cuBLASLt product on CUDA): as `linear`'s backward.
@@ -62,15 +88,21 @@ pub fn act_linear(h: &Tensor, act: Unary, weight: &Tensor, bias: Option<&Tensor>
         return Err(Error::invalid(OP, msg, h.shape()));
     }
     check_operands(OP, h, 2, weight, bias)?;
-    let y = no_grad(|| affine(&unary(act, h)?, weight, bias))?;
     let mut inputs = vec![h, weight];
     inputs.extend(bias);
-    // The saved h must be contiguous for the row reshapes of the backward (a Linear's input always is).
-    let h_saved = h.detach().contiguous()?;
-    Ok(Tensor::from_op_over(&y, &inputs, || ActLinear {
-        act,
-        h: h_saved,
-        w: weight.detach(),
-        has_bias: bias.is_some(),
-    }))
+    let recording = engine::is_grad_enabled() && inputs.iter().any(|t| t.requires_grad());
+    // GELU of an f32 CPU tensor being recorded: its value and derivative in one pass (one erf per element
+    // for the whole step, where recomputing in the backward took two more), both kept for the backward.
+    // The same bits as the value and derivative passes; it keeps two hidden-width tensors instead of one.
+    let gelu = if recording && matches!(act, Unary::Gelu) { no_grad(|| gelu_and_derivative(h))? } else { None };
+    let y = match &gelu {
+        Some((a, _)) => no_grad(|| affine(a, weight, bias))?,
+        None => no_grad(|| affine(&unary(act, h)?, weight, bias))?,
+    };
+    let saved = match gelu {
+        Some((a, d)) => Saved::Gelu(a, d),
+        // The saved h must be contiguous for the row reshapes of the backward (a Linear's input always is).
+        None => Saved::H(h.detach().contiguous()?),
+    };
+    Ok(Tensor::from_op_over(&y, &inputs, || ActLinear { act, saved, w: weight.detach(), has_bias: bias.is_some() }))
 }

@@ -367,6 +367,32 @@ fn column_sums(rows: usize, c: usize, f: impl Fn(usize, usize) -> f64 + Sync) ->
     total
 }
 
+/// Two [`column_sums`] at once, of the pairs f gives: each sum adds its terms in the order `column_sums`
+/// does (rows in order within a task, task partials in task order), so each is bitwise that function's.
+fn column_sum_pairs(rows: usize, c: usize, f: impl Fn(usize, usize) -> (f64, f64) + Sync) -> (Vec<f64>, Vec<f64>) {
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = (0..rows.div_ceil(NHWC_ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|t| {
+            let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
+            for r in t * NHWC_ROWS_PER_TASK..((t + 1) * NHWC_ROWS_PER_TASK).min(rows) {
+                for (ch, (a, b)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
+                    let (u, v) = f(r, ch);
+                    *a += u;
+                    *b += v;
+                }
+            }
+            (a, b)
+        })
+        .collect();
+    let (mut ta, mut tb) = (vec![0.0; c], vec![0.0; c]);
+    for (pa, pb) in &partials {
+        for (t, v) in ta.iter_mut().zip(pa).chain(tb.iter_mut().zip(pb)) {
+            *t += v;
+        }
+    }
+    (ta, tb)
+}
+
 /// `batch_norm` for a channels-last x (memory (N, H, W, C)): the same statistics and formulas over the rows
 /// of a (N H W, C) block; y comes out channels-last.
 pub(super) fn batch_norm_nhwc(
@@ -455,10 +481,11 @@ pub(super) fn batch_norm_nhwc_backward(
         let rows = x.len() / c.max(1);
         let need_sums = needs.w || needs.bias || (needs.x && stats == Stats::Batch);
         let (sg, sgx) = if need_sums {
-            (
-                column_sums(rows, c, |r, ch| g[r * c + ch].to_f64()),
-                column_sums(rows, c, |r, ch| (g[r * c + ch] * (x[r * c + ch] - mean[ch]) * rstd[ch]).to_f64()),
-            )
+            // Both sums in one pass over g and x, each accumulated as its own pass would.
+            column_sum_pairs(rows, c, |r, ch| {
+                let gv = g[r * c + ch];
+                (gv.to_f64(), (gv * (x[r * c + ch] - mean[ch]) * rstd[ch]).to_f64())
+            })
         } else {
             (Vec::new(), Vec::new())
         };
