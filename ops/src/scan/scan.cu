@@ -807,25 +807,24 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
 //     turn instead of 24), after which lane grp owns step grp of the turn and finishes its (c, t) gradients
 //     right there (the per-(c, t) inputs it needs besides dt and gy are read again from global memory, cache
 //     hits); no per-(c, t) buffer, no second pass over the tile;
-//   - over the warp's 8 channels (dB, dC): each thread stores its 4 states' 4 steps as 8 16-byte rows of a
-//     per-warp buffer RED, lane v then adds value v (dB or dC of one state, 4 steps) over the 8 channels in
-//     order (8 LDS.128 + 28 FADD a lane and turn) into W;
+//   - over the warp's 8 channels (dB, dC): each thread stores gh and h of its 4 states' 4 steps as 8 16-byte
+//     rows of a per-warp buffer RED; lane v then sums value v (dB = gh dt u or dC = gy h of one state, 4
+//     steps) over the 8 channels in order, the products fused into the sum (8 + 8 LDS.128, 4 FMUL + 28 FFMA
+//     a lane and turn; the threads' 32 FMUL of the products are gone), into W;
 //   - over the block's warps: after the turn's barrier, one warp adds W over the warps in order and writes
 //     the block's partial with 16-byte stores; scan_bwd_sum adds the groups as before.
-// Shared memory (floats, rows of 36): DT, DTU, GY (dt, dt u, dL/dy per channel), BC (as the forward), HS (the
+// Shared memory (floats, rows of 36): per channel the rows dt, dt u, dL/dy, BC (as the forward), HS (the
 // state entering every turn, per thread), RED (8 channels x 32 values x 4 steps per warp, the value index
 // swizzled so that stores and loads are conflict-free), W (per warp 32 values x 4 steps, two turns).
 struct ScanBwd4Layout {
-    long long dt, dtu, gy, bc, hs, red, w, total;  // offsets in floats
+    long long rows, bc, hs, red, w, total;  // offsets in floats
 };
 
 __host__ __device__ inline ScanBwd4Layout scan_bwd4_layout(int tile, int warps) {
     const long long row = scan_row(4), g = 8LL * warps;
     ScanBwd4Layout s;
-    s.dt = 0;
-    s.dtu = s.dt + g * row;
-    s.gy = s.dtu + g * row;
-    s.bc = s.gy + g * row;
+    s.rows = 0;  // channel ci: rows 3 ci (dt), 3 ci + 1 (dt u), 3 ci + 2 (dL/dy): one base, immediate offsets
+    s.bc = s.rows + 3 * g * row;
     s.hs = s.bc + 32 * row;
     s.red = s.hs + (long long)(tile / 4) * 32 * warps * 4;
     s.w = s.red + warps * 8LL * 32 * 4;
@@ -867,9 +866,7 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
     const ScanBwd4Layout lay = scan_bwd4_layout(tile, warps);
     if ((unsigned long long)lay.total * 4 > SCAN_DYNAMIC_SMEM_BYTES() || tile > ROW - 4 || (tile & 3)) __trap();
     float* smem = reinterpret_cast<float*>(SCAN_SHARED_BASE());
-    float* DT = smem + lay.dt;
-    float* DTU = smem + lay.dtu;
-    float* GY = smem + lay.gy;
+    float* ROWS = smem + lay.rows;
     float* BC = smem + lay.bc;
     float* HS = smem + lay.hs;
     float* RED = smem + lay.red + th.warp * 8 * 32 * 4;
@@ -892,11 +889,20 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
     const float dv = (th.valid && p.has_d) ? D[th.c] : 0.f;
     const float bias = (th.valid && p.has_delta_bias) ? delta_bias[th.c] : 0.f;
     float sum_d = 0.f, sum_bias = 0.f;
-    const float* DTc = DT + th.ci * ROW;
-    const float* DTUc = DTU + th.ci * ROW;
-    const float* GYc = GY + th.ci * ROW;
+    const float* DTc = ROWS + 3 * th.ci * ROW;
+    const float* DTUc = DTc + ROW;
+    const float* GYc = DTc + 2 * ROW;
     const float* BCg = BC + th.grp * ROW;  // B of state grp 4 + k: row k 4 (+ grp); C: row 16 + k 4
     const long long row_c = (th.b * C + th.c) * L;
+    // RED slots as two bases and immediate offsets: the thread's dB of state k goes to slot
+    // scan_red_slot(cw, 4 k + grp) = cw 32 + grp + 4 (k ^ odd), i.e. base + 16 k + (odd ? -16 : 16) for odd k
+    // and base + 16 k + (odd ? 16 : 0) for even k (floats); its dC 64 floats further. Lane v reads
+    // scan_red_slot(c2, v) = c2 32 + v for even c2 and c2 32 + (v ^ 4) for odd c2.
+    const int odd = cw & 1;
+    float* red_even = RED + (cw * 32 + th.grp) * 4 + odd * 16;
+    float* red_odd = RED + (cw * 32 + th.grp) * 4 - odd * 16;
+    const float* red_lane_even = RED + th.lane * 4;
+    const float* red_lane_odd = RED + (th.lane ^ 4) * 4;
 
     for (long long kc = p.n_chunks - 1; kc >= 0; --kc) {
         const long long t0 = kc * tile;
@@ -950,9 +956,9 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
                         }
                     }
                 }
-                scan_store(DT + w.ci * ROW + t4, dt);
-                scan_store(DTU + w.ci * ROW + t4, dtu);
-                scan_store(GY + w.ci * ROW + t4, gy);
+                scan_store(ROWS + 3 * w.ci * ROW + t4, dt);
+                scan_store(ROWS + (3 * w.ci + 1) * ROW + t4, dtu);
+                scan_store(ROWS + (3 * w.ci + 2) * ROW + t4, gy);
             }
         }
         // B and C of batch b, zero past S and past L: row which 16 + k 4 + grp holds state grp 4 + k.
@@ -1025,23 +1031,26 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
             float sgb[4], sagh[4], ys[4];  // per step: sum over the thread's states of gh B, A gh a h[t-1], C h
 #pragma unroll
             for (int k = 0; k < SPL; ++k) {
-                float bq[4], cq[4], rb[4], rc[4];
+                float bq[4], cq[4], gq[4], hq[4];
                 scan_load(bq, BCg + k * LPC * ROW + tl);
                 scan_load(cq, BCg + (NP + k * LPC) * ROW + tl);
 #pragma unroll
                 for (int i = 3; i >= 0; --i) {
                     const float gh = cq[i] * gy[i] + carry[k];  // gh[t] = C[t] gy[t] + exp(dt[t+1] A) gh[t+1]
-                    const float ghb = gh * (ex[i][k] * (i > 0 ? hs[i - 1][k] : he[k]));  // gh exp(dt A) h[t-1]
-                    rb[i] = gh * dtu[i];     // dB: gh dt u
-                    rc[i] = gy[i] * hs[i][k];  // dC: gy h
+                    carry[k] = ex[i][k] * gh;
+                    const float ghb = carry[k] * (i > 0 ? hs[i - 1][k] : he[k]);  // gh exp(dt A) h[t-1]
+                    // dB = the sum over channels of gh dt u, dC of gy h: the reducing lane makes the products,
+                    // fused into its sum.
+                    gq[i] = gh;
+                    hq[i] = hs[i][k];
                     sgb[i] = k == 0 ? gh * bq[i] : sgb[i] + gh * bq[i];
                     sagh[i] = k == 0 ? a2[k] * ghb : sagh[i] + a2[k] * ghb;
                     ys[i] = k == 0 ? cq[i] * hs[i][k] : ys[i] + cq[i] * hs[i][k];
                     da[k] += ghb * dt[i];
-                    carry[k] = ex[i][k] * gh;
                 }
-                scan_store(RED + scan_red_slot(cw, k * LPC + th.grp) * 4, rb);
-                scan_store(RED + scan_red_slot(cw, NP + k * LPC + th.grp) * 4, rc);
+                float* red = (k & 1 ? red_odd : red_even) + 16 * k;  // = RED + scan_red_slot(cw, 4 k + grp) 4
+                scan_store(red, gq);
+                scan_store(red + 64, hq);
             }
             // The channel's sums of step te, then its per-(c, t) gradients.
             const float tsgb = scan_lane_scatter(sgb, b0, b1);
@@ -1060,17 +1069,22 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
                 sum_d += gyv * eu;
                 sum_bias += gd;
             }
-            // dB, dC of the turn over the warp's 8 channels, in channel order: lane v owns value v.
+            // dB, dC of the turn over the warp's 8 channels, in channel order: lane v owns value v (v < 16: dB,
+            // the sum of gh dt u; else dC, of gy h), the channel's dt u or gy read from its row.
             __syncwarp();
             {
-                float acc[4];
-                scan_load(acc, RED + scan_red_slot(0, th.lane) * 4);
+                const float* wrow = ROWS + (3 * 8 * th.warp + (th.lane < 16 ? 1 : 2)) * ROW + tl;
+                float acc[4], x[4], wv[4];
+                scan_load(x, red_lane_even);
+                scan_load(wv, wrow);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[i] = x[i] * wv[i];
 #pragma unroll
                 for (int c2 = 1; c2 < 8; ++c2) {
-                    float x[4];
-                    scan_load(x, RED + scan_red_slot(c2, th.lane) * 4);
+                    scan_load(x, (c2 & 1 ? red_lane_odd : red_lane_even) + c2 * 128);  // scan_red_slot(c2, lane)
+                    scan_load(wv, wrow + c2 * 3 * ROW);
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) acc[i] += x[i];
+                    for (int i = 0; i < 4; ++i) acc[i] = fmaf(x[i], wv[i], acc[i]);
                 }
                 scan_store(W + (((s & 1) * warps + th.warp) * 32 + th.lane) * 4, acc);
             }
