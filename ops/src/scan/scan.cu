@@ -1090,7 +1090,7 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
             }
             __syncthreads();
             // Over the block's warps in order: the block's partial of the turn, written by one warp.
-            if (th.warp == s % warps) {
+            if (th.warp == (s & (warps - 1))) {  // warps is 1, 2 or 4 (cuda.rs): s % warps without a division
                 const int v = th.lane, which = v >> 4, n = (v & 3) * SPL + ((v >> 2) & 3);
                 if (n < S && tl < len) {
                     const float* Ws = W + (s & 1) * warps * 32 * 4 + v * 4;
