@@ -12,11 +12,12 @@
 //     states and loop ~0.3: ~10.8 (was ~22.6 measured), 0.40 ms of issue at the first size; MUFU 1.25 a
 //     update (16/clk/SM: 0.36 ms); bytes 1.26 GB + 0.15 GB of states = 0.34 ms at 4178 GB/s. NOTES.md has
 //     the predictions.
-//   backward: 2.2 GB + 0.15 GB states + 0.62 GB partials (12 groups) = 1.0 ms at copy speed. Issue per
-//     (c, t): inputs ~70, tile pass and recompute 2 x 4 lanes x ~19, reverse step 4 lanes x ~90 (of which the
-//     dB/dC reduce-scatter ~30, the state-lane sums ~12), epilogue and block sums ~40: ~620, i.e. ~39 cycles
-//     per warp-update -> 1.45 ms. Expect 1.5-1.9 ms (0.4-0.5 of copy), bound by instruction issue, not by
-//     memory or the exps; forward+backward 0.45-0.55 of copy.
+//   backward: 2.2 GB + 0.15 GB states + 0.62 GB partials (12 groups) = 1.0 ms at copy speed. f32 S 9 .. 16
+//     runs scan_bwd4 (SASS of NVRTC 13.5 sm_90, per warp-update): forward pass over the tile 5.2, a turn of
+//     recompute + reverse + reductions + the (c, t) gradients 28 (448 per 4 steps x 4 states), gate and B/C
+//     passes ~3.6, the block's dB/dC partial ~0.75: ~37.5 -> 1.38 ms at full issue; MUFU ~2.5 a update
+//     (0.73 ms). The other instantiations (scan_bwd) ~38.5 with 3 blocks a SM and shuffle chains; measured
+//     (H200, s4l4 before scan_bwd4) 4.80 ms = 30 % of issue. NOTES.md has the analysis and predictions.
 //
 // Layout of a block: 32 * warps threads = G channels of one batch b x `lpc` lanes per channel; lane `grp` of
 // a channel owns the SPL states n = grp * SPL + k (k < SPL; states past S are padding with A = B = C = 0,
@@ -1171,7 +1172,8 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
 // and 6 x 132 SMs hold the 768 blocks of Mamba's (64, 384) in one wave); s8 (S > 128, whose 90 KiB of B/C
 // rows allow 2 blocks) asks for 3. NVRTC 13.1 for sm_90 (`-Xptxas -v`), scan3: scan_fwd_s4l4_f32 72
 // registers, no spills (was 80 with 12 bytes); s4 79 / none; s8 122 / none; f64 s4 128, s8 126, none. The
-// backward's 66 KiB allow 3 blocks (at most 168 registers: s4l4 168, s4 157, s8 168, no spills). f64, the
+// backward's 66 KiB allow 3 blocks (at most 168 registers: s4 157, s8 168, no spills); scan_bwd4 (s4l4 f32)
+// takes 54 KiB at tile 32, 4 blocks (128 registers, NVRTC 13.5: 128, no spills; it was 168). f64, the
 // gradient-check dtype, gets twice the registers per block.
 #define SCAN_MAX_THREADS 128
 
