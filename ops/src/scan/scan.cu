@@ -12,11 +12,12 @@
 //     states and loop ~0.3: ~10.8 (was ~22.6 measured), 0.40 ms of issue at the first size; MUFU 1.25 a
 //     update (16/clk/SM: 0.36 ms); bytes 1.26 GB + 0.15 GB of states = 0.34 ms at 4178 GB/s. NOTES.md has
 //     the predictions.
-//   backward: 2.2 GB + 0.15 GB states + 0.62 GB partials (12 groups) = 1.0 ms at copy speed. Issue per
-//     (c, t): inputs ~70, tile pass and recompute 2 x 4 lanes x ~19, reverse step 4 lanes x ~90 (of which the
-//     dB/dC reduce-scatter ~30, the state-lane sums ~12), epilogue and block sums ~40: ~620, i.e. ~39 cycles
-//     per warp-update -> 1.45 ms. Expect 1.5-1.9 ms (0.4-0.5 of copy), bound by instruction issue, not by
-//     memory or the exps; forward+backward 0.45-0.55 of copy.
+//   backward: 2.2 GB + 0.15 GB states + 0.62 GB partials (12 groups) = 1.0 ms at copy speed. f32 S 9 .. 16
+//     runs scan_bwd4 (SASS of NVRTC 13.5 sm_90, per warp-update): forward pass over the tile 5.2, a turn of
+//     recompute + reverse + reductions + the (c, t) gradients 28 (448 per 4 steps x 4 states), gate and B/C
+//     passes ~3.6, the block's dB/dC partial ~0.75: ~37.5 -> 1.38 ms at full issue; MUFU ~2.5 a update
+//     (0.73 ms). The other instantiations (scan_bwd) ~38.5 with 3 blocks a SM and shuffle chains; measured
+//     (H200, s4l4 before scan_bwd4) 4.80 ms = 30 % of issue. NOTES.md has the analysis and predictions.
 //
 // Layout of a block: 32 * warps threads = G channels of one batch b x `lpc` lanes per channel; lane `grp` of
 // a channel owns the SPL states n = grp * SPL + k (k < SPL; states past S are padding with A = B = C = 0,
@@ -799,6 +800,337 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
     }
 }
 
+// The f32 backward for 4 lanes of 4 states (S = 9 .. 16, Mamba's 16): scan_bwd_s4l4_f32 (scan4). NOTES.md
+// has the analysis; in short, against scan_bwd above: 16-byte shared rows of fixed length (scan_row, as the
+// forward's), 4 steps a turn everywhere, a sub-chunk of recomputed states is one turn (32 registers of states
+// and decays instead of 64), the reductions moved off the shuffles:
+//   - over the channel's 4 lanes (du, ddelta, dz): a reduce-scatter of the 4 steps' 3 sums (9 shuffles a
+//     turn instead of 24), after which lane grp owns step grp of the turn and finishes its (c, t) gradients
+//     right there (the per-(c, t) inputs it needs besides dt and gy are read again from global memory, cache
+//     hits); no per-(c, t) buffer, no second pass over the tile;
+//   - over the warp's 8 channels (dB, dC): each thread stores gh and h of its 4 states' 4 steps as 8 16-byte
+//     rows of a per-warp buffer RED; lane v then sums value v (dB = gh dt u or dC = gy h of one state, 4
+//     steps) over the 8 channels in order, the products fused into the sum (8 + 8 LDS.128, 4 FMUL + 28 FFMA
+//     a lane and turn; the threads' 32 FMUL of the products are gone), into W;
+//   - over the block's warps: after the turn's barrier, one warp adds W over the warps in order and writes
+//     the block's partial with 16-byte stores; scan_bwd_sum adds the groups as before.
+// Shared memory (floats, rows of 36): per channel the rows dt, dt u, dL/dy, BC (as the forward), HS (the
+// state entering every turn, per thread), RED (8 channels x 32 values x 4 steps per warp, the value index
+// swizzled so that stores and loads are conflict-free), W (per warp 32 values x 4 steps, two turns).
+struct ScanBwd4Layout {
+    long long rows, bc, hs, red, w, total;  // offsets in floats
+};
+
+__host__ __device__ inline ScanBwd4Layout scan_bwd4_layout(int tile, int warps) {
+    const long long row = scan_row(4), g = 8LL * warps;
+    ScanBwd4Layout s;
+    s.rows = 0;  // channel ci: rows 3 ci (dt), 3 ci + 1 (dt u), 3 ci + 2 (dL/dy): one base, immediate offsets
+    s.bc = s.rows + 3 * g * row;
+    s.hs = s.bc + 32 * row;
+    s.red = s.hs + (long long)(tile / 4) * 32 * warps * 4;
+    s.w = s.red + warps * 8LL * 32 * 4;
+    s.total = s.w + 2LL * warps * 32 * 4;
+    return s;
+}
+
+// The 16-byte slot of value v (0 .. 31: which 16 + k 4 + grp) of channel cw (0 .. 7) in a warp's RED: odd
+// channels swap the halves of each group of 8 values so that the 8 lanes of a quarter-warp store to 8
+// different bank groups (lanes (cw, grp) and (cw + 1, grp) would otherwise be 512 bytes apart).
+__device__ __forceinline__ int scan_red_slot(int cw, int v) { return cw * 32 + (v ^ ((cw & 1) << 2)); }
+
+// Sums of a thread's 4 steps, reduce-scattered over the 4 lanes of its channel: lane grp returns the total
+// (over the 4 lanes, in a fixed order) of step grp. Level 1 (lanes grp ^ 1) splits odd and even steps,
+// level 2 (grp ^ 2) the two that are left.
+__device__ __forceinline__ float scan_lane_scatter(const float (&v)[4], bool b0, bool b1) {
+    float o[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const float send = b0 ? v[2 * j] : v[2 * j + 1];
+        const float keep = b0 ? v[2 * j + 1] : v[2 * j];
+        o[j] = keep + scan_shfl_xor(send, 1);  // step 2 j + b0
+    }
+    const float send = b1 ? o[0] : o[1];
+    const float keep = b1 ? o[1] : o[0];
+    return keep + scan_shfl_xor(send, 2);  // step 2 b1 + b0
+}
+
+__device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const float* __restrict__ delta,
+                          const float* __restrict__ A, const float* __restrict__ Bm, const float* __restrict__ Cm,
+                          const float* __restrict__ D, const float* __restrict__ z,
+                          const float* __restrict__ delta_bias, const float* __restrict__ saved,
+                          const float* __restrict__ gout, float* __restrict__ du, float* __restrict__ ddelta,
+                          float* __restrict__ dz, float* __restrict__ part_bc, float* __restrict__ part_a,
+                          float* __restrict__ part_d, float* __restrict__ part_bias) {
+    constexpr int SPL = 4, LPC = 4, NP = 16, ROW = 36;  // ROW = scan_row(4)
+    const ScanThread th = scan_thread(p, LPC);
+    const int tile = (int)p.chunk, G = th.g, warps = th.warps;
+    const ScanBwd4Layout lay = scan_bwd4_layout(tile, warps);
+    if ((unsigned long long)lay.total * 4 > SCAN_DYNAMIC_SMEM_BYTES() || tile > ROW - 4 || (tile & 3)) __trap();
+    float* smem = reinterpret_cast<float*>(SCAN_SHARED_BASE());
+    float* ROWS = smem + lay.rows;
+    float* BC = smem + lay.bc;
+    float* HS = smem + lay.hs;
+    float* RED = smem + lay.red + th.warp * 8 * 32 * 4;
+    float* W = smem + lay.w;
+    const long long C = p.channels, L = p.length, S = p.states;
+    const int threads = blockDim.x, tid = threadIdx.x, nv = tile / 4, cw = th.ci & 7;
+    const bool b0 = th.grp & 1, b1 = (th.grp >> 1) & 1;
+    const bool vec = (L & 3) == 0 && scan_aligned(u) && scan_aligned(delta) && scan_aligned(gout) &&
+                     scan_aligned(Bm) && scan_aligned(Cm) && (!p.has_z || scan_aligned(z));
+    const bool vec_part = (L & 3) == 0 && scan_aligned(part_bc);
+
+    float a2[SPL], carry[SPL], da[SPL];
+#pragma unroll
+    for (int k = 0; k < SPL; ++k) {
+        const int n = th.grp * SPL + k;
+        a2[k] = (th.valid && n < S) ? A[th.c * S + n] * 1.4426950408889634f : 0.f;
+        carry[k] = 0.f;  // exp(dt[t+1] A) gh[t+1], zero after the last step
+        da[k] = 0.f;
+    }
+    const float dv = (th.valid && p.has_d) ? D[th.c] : 0.f;
+    const float bias = (th.valid && p.has_delta_bias) ? delta_bias[th.c] : 0.f;
+    float sum_d = 0.f, sum_bias = 0.f;
+    const float* DTc = ROWS + 3 * th.ci * ROW;
+    const float* DTUc = DTc + ROW;
+    const float* GYc = DTc + 2 * ROW;
+    const float* BCg = BC + th.grp * ROW;  // B of state grp 4 + k: row k 4 (+ grp); C: row 16 + k 4
+    const long long row_c = (th.b * C + th.c) * L;
+    // RED slots as two bases and immediate offsets: the thread's dB of state k goes to slot
+    // scan_red_slot(cw, 4 k + grp) = cw 32 + grp + 4 (k ^ odd), i.e. base + 16 k + (odd ? -16 : 16) for odd k
+    // and base + 16 k + (odd ? 16 : 0) for even k (floats); its dC 64 floats further. Lane v reads
+    // scan_red_slot(c2, v) = c2 32 + v for even c2 and c2 32 + (v ^ 4) for odd c2.
+    const int odd = cw & 1;
+    float* red_even = RED + (cw * 32 + th.grp) * 4 + odd * 16;
+    float* red_odd = RED + (cw * 32 + th.grp) * 4 - odd * 16;
+    const float* red_lane_even = RED + th.lane * 4;
+    const float* red_lane_odd = RED + (th.lane ^ 4) * 4;
+
+    for (long long kc = p.n_chunks - 1; kc >= 0; --kc) {
+        const long long t0 = kc * tile;
+        const int len = (int)min((long long)tile, L - t0);
+        float h[SPL];
+        if (th.valid) {
+            scan_load_states<float, SPL>(p, th.b * C + th.c, kc, th.grp * SPL, h, saved);
+        } else {
+#pragma unroll
+            for (int k = 0; k < SPL; ++k) h[k] = 0.f;
+        }
+        // 1. dt, dt u and dL/dy of the block's (channel, step)s, 4 steps a thread; zero past C and past L (dt
+        // = 0 keeps h, gy = 0 adds nothing).
+        {
+            ScanVecWalk w(tid, threads, nv);
+            for (; w.ci < G; w.next()) {
+                const int t4 = 4 * w.v;
+                const long long cc = th.c0 + w.ci;
+                float dt[4], dtu[4], gy[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dt[i] = dtu[i] = gy[i] = 0.f;
+                if (cc < C && t4 < len) {
+                    const float bc = p.has_delta_bias ? delta_bias[cc] : 0.f;
+                    const long long r = (th.b * C + cc) * L + t0 + t4;
+                    float x[4], dl[4], g[4], zv[4];
+                    if (vec) {
+                        scan_load(x, u + r);
+                        scan_load(dl, delta + r);
+                        scan_load(g, gout + r);
+                        if (p.has_z) scan_load(zv, z + r);
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const bool in = t4 + i < len;
+                            x[i] = in ? u[r + i] : 0.f;
+                            dl[i] = in ? delta[r + i] : 0.f;
+                            g[i] = in ? gout[r + i] : 0.f;
+                            zv[i] = (in && p.has_z) ? z[r + i] : 0.f;
+                        }
+                    }
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        float d = dl[i] + bc;
+                        if (p.delta_softplus) d = ScanGate<float>::softplus(d);
+                        float gyi = g[i];
+                        if (p.has_z) gyi = g[i] * zv[i] * ScanGate<float>::sigmoid(zv[i]);
+                        if (vec || t4 + i < len) {  // vectors are whole when vec
+                            dt[i] = d;
+                            dtu[i] = d * x[i];
+                            gy[i] = gyi;
+                        }
+                    }
+                }
+                scan_store(ROWS + 3 * w.ci * ROW + t4, dt);
+                scan_store(ROWS + (3 * w.ci + 1) * ROW + t4, dtu);
+                scan_store(ROWS + (3 * w.ci + 2) * ROW + t4, gy);
+            }
+        }
+        // B and C of batch b, zero past S and past L: row which 16 + k 4 + grp holds state grp 4 + k.
+        {
+            ScanVecWalk w(tid, threads, nv);
+            for (; w.ci < 2 * NP; w.next()) {
+                const int t4 = 4 * w.v, which = w.ci >= NP ? 1 : 0, n = w.ci - which * NP;
+                float v[4];
+                if (n < S && t4 < len) {
+                    const float* src = (which ? Cm : Bm) + (th.b * S + n) * L + t0 + t4;
+                    if (vec) {
+                        scan_load(v, src);
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) v[i] = t4 + i < len ? src[i] : 0.f;
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) v[i] = 0.f;
+                }
+                const int grp = n / SPL, k = n - grp * SPL;
+                scan_store(BC + (which * NP + k * LPC + grp) * ROW + t4, v);
+            }
+        }
+        __syncthreads();
+        // 2a. Forward over the tile, keeping the state entering every turn of 4 steps.
+        for (int s = 0; s < nv; ++s) {
+            scan_store(HS + ((long long)s * threads + tid) * SPL, h);
+            float dt[4], dtu[4];
+            scan_load(dt, DTc + 4 * s);
+            scan_load(dtu, DTUc + 4 * s);
+#pragma unroll
+            for (int k = 0; k < SPL; ++k) {
+                float bq[4];
+                scan_load(bq, BCg + k * LPC * ROW + 4 * s);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) h[k] = SCAN_EX2(dt[i] * a2[k]) * h[k] + dtu[i] * bq[i];
+            }
+        }
+        // 2b. Turns last to first: recompute the turn's states and decays, run the reverse-time recurrence,
+        // reduce.
+        for (int s = nv - 1; s >= 0; --s) {
+            const int tl = 4 * s, te = tl + th.grp;  // the turn's first step; the step this lane finishes
+            const bool mine = th.valid && te < len;
+            const long long re = row_c + t0 + te;
+            // The finishing step's inputs, loaded first so that their latency hides behind the recurrence.
+            float eu = 0.f, edl = 0.f, eg = 0.f, ez = 0.f;
+            if (mine) {
+                eu = u[re];
+                edl = delta[re];
+                eg = gout[re];
+                if (p.has_z) ez = z[re];
+            }
+            float he[SPL], dt[4], dtu[4], gy[4];
+            scan_load(he, HS + ((long long)s * threads + tid) * SPL);
+            scan_load(dt, DTc + tl);
+            scan_load(dtu, DTUc + tl);
+            scan_load(gy, GYc + tl);
+            float hs[4][SPL], ex[4][SPL];
+#pragma unroll
+            for (int k = 0; k < SPL; ++k) {
+                float bq[4];
+                scan_load(bq, BCg + k * LPC * ROW + tl);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    ex[i][k] = SCAN_EX2(dt[i] * a2[k]);
+                    hs[i][k] = ex[i][k] * (i > 0 ? hs[i - 1][k] : he[k]) + dtu[i] * bq[i];
+                }
+            }
+            float sgb[4], sagh[4], ys[4];  // per step: sum over the thread's states of gh B, A gh a h[t-1], C h
+#pragma unroll
+            for (int k = 0; k < SPL; ++k) {
+                float bq[4], cq[4], gq[4], hq[4];
+                scan_load(bq, BCg + k * LPC * ROW + tl);
+                scan_load(cq, BCg + (NP + k * LPC) * ROW + tl);
+#pragma unroll
+                for (int i = 3; i >= 0; --i) {
+                    const float gh = cq[i] * gy[i] + carry[k];  // gh[t] = C[t] gy[t] + exp(dt[t+1] A) gh[t+1]
+                    carry[k] = ex[i][k] * gh;
+                    const float ghb = carry[k] * (i > 0 ? hs[i - 1][k] : he[k]);  // gh exp(dt A) h[t-1]
+                    // dB = the sum over channels of gh dt u, dC of gy h: the reducing lane makes the products,
+                    // fused into its sum.
+                    gq[i] = gh;
+                    hq[i] = hs[i][k];
+                    sgb[i] = k == 0 ? gh * bq[i] : sgb[i] + gh * bq[i];
+                    sagh[i] = k == 0 ? a2[k] * ghb : sagh[i] + a2[k] * ghb;
+                    ys[i] = k == 0 ? cq[i] * hs[i][k] : ys[i] + cq[i] * hs[i][k];
+                    da[k] += ghb * dt[i];
+                }
+                float* red = (k & 1 ? red_odd : red_even) + 16 * k;  // = RED + scan_red_slot(cw, 4 k + grp) 4
+                scan_store(red, gq);
+                scan_store(red + 64, hq);
+            }
+            // The channel's sums of step te, then its per-(c, t) gradients.
+            const float tsgb = scan_lane_scatter(sgb, b0, b1);
+            const float tsagh = scan_lane_scatter(sagh, b0, b1) * 0.6931471805599453f;  // a2 = A log2(e)
+            const float tys = scan_lane_scatter(ys, b0, b1);
+            if (mine) {
+                const float dtv = DTc[te], gyv = GYc[te];
+                const float spg = p.delta_softplus ? ScanGate<float>::softplus_grad(edl + bias) : 1.f;
+                du[re] = dtv * tsgb + dv * gyv;
+                const float gd = (tsagh + eu * tsgb) * spg;
+                ddelta[re] = gd;
+                if (p.has_z) {
+                    const float sg = ScanGate<float>::sigmoid(ez);
+                    dz[re] = eg * sg * (1.f + ez * (1.f - sg)) * (tys + dv * eu);
+                }
+                sum_d += gyv * eu;
+                sum_bias += gd;
+            }
+            // dB, dC of the turn over the warp's 8 channels, in channel order: lane v owns value v (v < 16: dB,
+            // the sum of gh dt u; else dC, of gy h), the channel's dt u or gy read from its row.
+            __syncwarp();
+            {
+                const float* wrow = ROWS + (3 * 8 * th.warp + (th.lane < 16 ? 1 : 2)) * ROW + tl;
+                float acc[4], x[4], wv[4];
+                scan_load(x, red_lane_even);
+                scan_load(wv, wrow);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[i] = x[i] * wv[i];
+#pragma unroll
+                for (int c2 = 1; c2 < 8; ++c2) {
+                    scan_load(x, (c2 & 1 ? red_lane_odd : red_lane_even) + c2 * 128);  // scan_red_slot(c2, lane)
+                    scan_load(wv, wrow + c2 * 3 * ROW);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) acc[i] = fmaf(x[i], wv[i], acc[i]);
+                }
+                scan_store(W + (((s & 1) * warps + th.warp) * 32 + th.lane) * 4, acc);
+            }
+            __syncthreads();
+            // Over the block's warps in order: the block's partial of the turn, written by one warp.
+            if (th.warp == (s & (warps - 1))) {  // warps is 1, 2 or 4 (cuda.rs): s % warps without a division
+                const int v = th.lane, which = v >> 4, n = (v & 3) * SPL + ((v >> 2) & 3);
+                if (n < S && tl < len) {
+                    const float* Ws = W + (s & 1) * warps * 32 * 4 + v * 4;
+                    float acc[4];
+                    scan_load(acc, Ws);
+                    for (int w2 = 1; w2 < warps; ++w2) {
+                        float x[4];
+                        scan_load(x, Ws + w2 * 32 * 4);
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) acc[i] += x[i];
+                    }
+                    float* dst = part_bc + (((th.b * p.groups + blockIdx.x % p.groups) * 2 + which) * S + n) * L + t0 + tl;
+                    if (vec_part) {  // len is a multiple of 4 then: the turn is whole
+                        scan_store_global(dst, acc);
+                    } else {
+                        for (int i = 0; i < 4 && tl + i < len; ++i) dst[i] = acc[i];
+                    }
+                }
+            }
+        }
+    }
+    if (th.valid) {
+#pragma unroll
+        for (int k = 0; k < SPL; ++k) {
+            const int n = th.grp * SPL + k;
+            if (n < S) part_a[(th.b * C + th.c) * S + n] = da[k];
+        }
+    }
+    // dD, ddelta_bias over the channel's lanes (each summed its own steps over the whole sequence).
+    sum_d += scan_shfl_xor(sum_d, 1);
+    sum_d += scan_shfl_xor(sum_d, 2);
+    sum_bias += scan_shfl_xor(sum_bias, 1);
+    sum_bias += scan_shfl_xor(sum_bias, 2);
+    if (th.valid && th.grp == 0) {
+        if (p.has_d) part_d[th.b * C + th.c] = sum_d;
+        if (p.has_delta_bias) part_bias[th.b * C + th.c] = sum_bias;
+    }
+}
+
 // The deterministic second pass of the backward: dB, dC summed over the NG channel groups in order, dA, dD,
 // ddelta_bias over the batches in order. One thread per output element.
 template <typename T>
@@ -840,31 +1172,40 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
 // and 6 x 132 SMs hold the 768 blocks of Mamba's (64, 384) in one wave); s8 (S > 128, whose 90 KiB of B/C
 // rows allow 2 blocks) asks for 3. NVRTC 13.1 for sm_90 (`-Xptxas -v`), scan3: scan_fwd_s4l4_f32 72
 // registers, no spills (was 80 with 12 bytes); s4 79 / none; s8 122 / none; f64 s4 128, s8 126, none. The
-// backward's 66 KiB allow 3 blocks (at most 168 registers: s4l4 168, s4 157, s8 168, no spills). f64, the
+// backward's 66 KiB allow 3 blocks (at most 168 registers: s4 157, s8 168, no spills); scan_bwd4 (s4l4 f32)
+// takes 54 KiB at tile 32, 4 blocks (128 registers, NVRTC 13.5: 128, no spills; it was 168). f64, the
 // gradient-check dtype, gets twice the registers per block.
 #define SCAN_MAX_THREADS 128
 
-#define SCAN_KERNELS(T, SUFFIX, NAME, SPL, LPC, FWD_MIN, BWD_MIN)                                   \
+#define SCAN_FWD_KERNEL(T, SUFFIX, NAME, SPL, LPC, FWD_MIN)                                         \
     extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS, FWD_MIN)                              \
         scan_fwd_##NAME##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A, const T* Bm, \
                                    const T* Cm, const T* D, const T* z, const T* delta_bias, T* out,      \
                                    T* saved) {                                                            \
         scan_fwd<T, SPL, LPC>(p, u, delta, A, Bm, Cm, D, z, delta_bias, out, saved);                      \
-    }                                                                                                      \
+    }
+
+#define SCAN_BWD_KERNEL(T, SUFFIX, NAME, BWD_MIN, BODY)                                                   \
     extern "C" __global__ void __launch_bounds__(SCAN_MAX_THREADS, BWD_MIN)                              \
         scan_bwd_##NAME##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A, const T* Bm, \
                                    const T* Cm, const T* D, const T* z, const T* delta_bias,              \
                                    const T* saved, const T* gout, T* du, T* ddelta, T* dz, T* part_bc,    \
                                    T* part_a, T* part_d, T* part_bias) {                                  \
-        scan_bwd<T, SPL, LPC>(p, u, delta, A, Bm, Cm, D, z, delta_bias, saved, gout, du, ddelta, dz,      \
-                              part_bc, part_a, part_d, part_bias);                                        \
+        BODY(p, u, delta, A, Bm, Cm, D, z, delta_bias, saved, gout, du, ddelta, dz, part_bc, part_a,      \
+             part_d, part_bias);                                                                          \
     }
 
+#define SCAN_KERNELS(T, SUFFIX, NAME, SPL, LPC, FWD_MIN, BWD_MIN) \
+    SCAN_FWD_KERNEL(T, SUFFIX, NAME, SPL, LPC, FWD_MIN)           \
+    SCAN_BWD_KERNEL(T, SUFFIX, NAME, BWD_MIN, (scan_bwd<T, SPL, LPC>))
+
 // scan_<dir>_s<SPL>_<dtype> take any lanes per channel; scan_<dir>_s4l4_f32 are S = 9 .. 16 (Mamba's 16)
-// (4 lanes of 4 states) with the lane count compiled in.
+// (4 lanes of 4 states) with the lane count compiled in; their backward is scan_bwd4 (54 KiB of shared
+// memory at tile 32: 4 blocks a multiprocessor, so at most 128 registers).
 SCAN_KERNELS(float, f32, s4, 4, 0, 6, 3)
 SCAN_KERNELS(float, f32, s8, 8, 0, 3, 3)
-SCAN_KERNELS(float, f32, s4l4, 4, 4, 6, 3)
+SCAN_FWD_KERNEL(float, f32, s4l4, 4, 4, 6)
+SCAN_BWD_KERNEL(float, f32, s4l4, 4, scan_bwd4)
 SCAN_KERNELS(double, f64, s4, 4, 0, 4, 1)
 SCAN_KERNELS(double, f64, s8, 8, 0, 4, 1)
 

@@ -220,6 +220,7 @@ inline float __fdividef(float a, float b) { return a / b; }
 
 #define __syncthreads() emu::syncthreads()
 #define __shfl_xor_sync(mask, v, o) emu::shfl_xor((v), (o))
+#define __syncwarp() emu::syncwarp(threadIdx.x / 32)
 #define SCAN_DYNAMIC_SMEM_BYTES() emu::g_smem_bytes
 #define SCAN_SHARED_BASE() emu::g_smem
 #define SCAN_CHECK_ALIGNED(ptr, bytes) emu::check_aligned((ptr), (bytes))

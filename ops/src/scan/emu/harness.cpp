@@ -150,7 +150,10 @@ template <typename T> Result run(const Case& k, const Inputs& in, const Plan& pl
     const int e = sizeof(T);
     const unsigned fsmem = scan_fwd_layout(G, plan.lpc, np, e).total * e;
     const int th = (32 / plan.spl) * 4 / e;
-    const unsigned bsmem = scan_bwd_layout(plan.tile, G, np, plan.warps, plan.spl, th, e).total * e;
+    // cuda.rs's choice of instantiation: f32 with 4 lanes of 4 states runs scan_bwd4.
+    const bool bwd4 = sizeof(T) == 4 && plan.spl == 4 && plan.lpc == 4;
+    const unsigned bsmem = bwd4 ? scan_bwd4_layout(plan.tile, plan.warps).total * e
+                                : scan_bwd_layout(plan.tile, G, np, plan.warps, plan.spl, th, e).total * e;
     const unsigned grid = B * ng;
     const T* D = k.d ? d.data() : u.data();
     const T* Z = k.z ? z.data() : u.data();
@@ -173,7 +176,14 @@ template <typename T> Result run(const Case& k, const Inputs& in, const Plan& pl
         T* DZ = k.z ? dz.data() : du.data();
         T* PD = k.d ? part_d.data() : du.data();
         T* PB = k.bias ? part_bias.data() : du.data();
-        if (sizeof(T) == 4 && plan.spl == 4 && plan.lpc == 4)
+        if constexpr (sizeof(T) == 4) {
+            if (bwd4) {
+                scan_bwd4(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
+                          gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB);
+                return;
+            }
+        }
+        if (plan.spl == 4 && plan.lpc == 4)  // f64 (f32 took scan_bwd4)
             scan_bwd<T, 4, 4>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
                               gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB);
         else if (plan.spl == 4)
@@ -223,6 +233,9 @@ bool same_bits(const Result& a, const Result& b) {
     return true;
 }
 
+// The largest relative errors seen (output, gradients), per dtype.
+double g_worst_f32[2] = {0, 0}, g_worst_f64[2] = {0, 0};
+
 template <typename T> bool check(const Case& k, const Plan& plan, uint64_t seed, double tol_out, double tol_grad) {
     const Inputs in = inputs(k, seed);
     const Result want = reference(k, in);
@@ -236,9 +249,12 @@ template <typename T> bool check(const Case& k, const Plan& plan, uint64_t seed,
     const bool present[] = {true, true, true, true, true, true, k.d, k.z, k.bias};
     bool ok = true;
     std::string msg;
+    double worst_out = 0, worst_grad = 0;
     for (int i = 0; i < 9; ++i) {
         if (!present[i]) continue;
         const double e = rel_error(*g[i], *w[i]);
+        double& worst = i == 0 ? worst_out : worst_grad;
+        worst = std::isnan(e) || e > worst ? e : worst;
         const double tol = i == 0 ? tol_out : tol_grad;
         if (!(e <= tol)) {
             ok = false;
@@ -249,9 +265,12 @@ template <typename T> bool check(const Case& k, const Plan& plan, uint64_t seed,
         ok = false;
         msg += " (results depend on the thread order: a race)";
     }
-    std::printf("%s %s B%lld C%lld L%lld S%lld d%d z%d bias%d sp%d | spl %d lpc %d warps %d tile %d%s\n",
+    std::printf("%s %s B%lld C%lld L%lld S%lld d%d z%d bias%d sp%d | spl %d lpc %d warps %d tile %d | out %.1e grad %.1e%s\n",
                 ok ? "ok  " : "FAIL", sizeof(T) == 4 ? "f32" : "f64", k.b, k.c, k.l, k.s, k.d, k.z, k.bias,
-                k.softplus, plan.spl, plan.lpc, plan.warps, plan.tile, msg.c_str());
+                k.softplus, plan.spl, plan.lpc, plan.warps, plan.tile, worst_out, worst_grad, msg.c_str());
+    double* all = sizeof(T) == 4 ? g_worst_f32 : g_worst_f64;
+    all[0] = std::max(all[0], worst_out);
+    all[1] = std::max(all[1], worst_grad);
     return ok;
 }
 
@@ -290,6 +309,26 @@ int main(int argc, char** argv) {
     // A plan with more lanes per channel than S needs (padding states in every lane group).
     ok &= check<float>({1, 6, 19, 3, true, true, true, true}, Plan{4, 4, 2, 16}, 13, 1e-5, 1e-4);
     ok &= check<double>({1, 6, 19, 3, true, true, true, true}, Plan{8, 2, 2, 8}, 14, 1e-12, 1e-12);
+    // scan_bwd4 (f32, 4 lanes of 4 states: S 9 .. 16) over its own edge cases: L = 1, L not a multiple of 4
+    // (scalar global accesses) nor of the tile, channels past a block's, every option on and off, each of
+    // the plans cuda.rs may make (1, 2, 4 warps; tiles 8 .. 32).
+    const Case cases4[] = {
+        {1, 3, 1, 16, true, true, true, true},       {2, 5, 1, 9, false, false, false, false},
+        {1, 33, 37, 16, true, true, true, true},     {2, 8, 64, 16, false, true, false, true},
+        {1, 17, 45, 12, true, false, true, false},   {3, 9, 100, 16, true, true, false, false},
+        {1, 40, 33, 16, false, false, true, true},   {2, 3, 96, 15, true, true, true, true},
+    };
+    for (const Case& k : cases4) {
+        for (int warps : {4, 2, 1}) {
+            for (int tile : {32, 24, 8}) {
+                ok &= check<float>(k, plan_for(k.s, warps, tile), 15 + warps + tile, 1e-5, 1e-4);
+                if (quick) break;
+            }
+            if (quick && warps != 4) break;
+        }
+    }
+    std::printf("largest relative errors: f32 output %.2e, gradients %.2e; f64 output %.2e, gradients %.2e\n",
+                g_worst_f32[0], g_worst_f32[1], g_worst_f64[0], g_worst_f64[1]);
     std::printf(ok ? "all passed\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }
