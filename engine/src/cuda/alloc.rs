@@ -159,10 +159,15 @@ impl Pool {
 
     /// A cached block of `class` for the next allocation, and the pool it now belongs to: during a capture
     /// from the capture's private free list, else from the general free list (moved into the private pool).
-    fn take(&mut self, class: usize) -> Option<(sys::CUdeviceptr, Owner)> {
+    /// With `untouched`, never a block the running capture has freed: captured work may have written it, and
+    /// every replay would write it again.
+    fn take(&mut self, class: usize, untouched: bool) -> Option<(sys::CUdeviceptr, Owner)> {
         let got = match self.capturing {
             Some(id) => {
-                let own = self.private.get_mut(&id).and_then(|p| p.free.get_mut(&class)).and_then(Vec::pop);
+                let own = match untouched {
+                    true => None,
+                    false => self.private.get_mut(&id).and_then(|p| p.free.get_mut(&class)).and_then(Vec::pop),
+                };
                 match own {
                     Some(ptr) => {
                         self.private_free -= class;
@@ -281,8 +286,19 @@ impl Allocator {
 
     /// A buffer of `len` elements of `T`, uninitialised (it may hold whatever its last owner wrote).
     pub(crate) fn alloc<T>(self: &Arc<Self>, len: usize) -> Result<PooledSlice<T>> {
+        self.alloc_with::<T>(len, false)
+    }
+
+    /// As [`Allocator::alloc`], but during a capture never a block that the capture used before: no captured
+    /// work touches the buffer ahead of the point where it is handed out, so values written into it from the
+    /// host between replays are what the graph reads (fed masks). Outside a capture the same as `alloc`.
+    pub(crate) fn alloc_untouched<T>(self: &Arc<Self>, len: usize) -> Result<PooledSlice<T>> {
+        self.alloc_with::<T>(len, true)
+    }
+
+    fn alloc_with<T>(self: &Arc<Self>, len: usize, untouched: bool) -> Result<PooledSlice<T>> {
         let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| too_large(len))?;
-        let (ptr, class, owner) = self.alloc_block(bytes)?;
+        let (ptr, class, owner) = self.alloc_block(bytes, untouched)?;
         // SAFETY: `ptr` is a live block of `class >= len * size_of::<T>()` bytes that nothing else owns until
         // `PooledSlice::drop` returns it. Event tracking is off on our contexts, so `upgrade_device_ptr` creates
         // no events (its only fallible, and panicking, step).
@@ -301,9 +317,9 @@ impl Allocator {
         Ok(PooledSlice { slice: ManuallyDrop::new(slice), class, owner, pool: self.clone() })
     }
 
-    fn alloc_block(&self, bytes: usize) -> Result<(sys::CUdeviceptr, usize, Owner)> {
+    fn alloc_block(&self, bytes: usize, untouched: bool) -> Result<(sys::CUdeviceptr, usize, Owner)> {
         let class = size_class(bytes).ok_or_else(|| too_large(bytes))?;
-        if let Some((ptr, owner)) = self.lock().take(class) {
+        if let Some((ptr, owner)) = self.lock().take(class, untouched) {
             return Ok((ptr, class, owner));
         }
         let ptr = match self.driver_alloc(class) {
@@ -492,11 +508,11 @@ mod tests {
     #[test]
     fn general_pool_reuses_blocks_by_class() {
         let mut pool = Pool::default();
-        assert_eq!(pool.take(512), None);
+        assert_eq!(pool.take(512, false), None);
         assert_eq!(pool.add_new(512), GENERAL);
         pool.give_back(0x1000, 512, GENERAL);
-        assert_eq!(pool.take(1024), None, "exact classes only");
-        assert_eq!(pool.take(512), Some((0x1000, GENERAL)));
+        assert_eq!(pool.take(1024, false), None, "exact classes only");
+        assert_eq!(pool.take(512, false), Some((0x1000, GENERAL)));
         assert_eq!(pool.stats.num_cache_hits, 1);
         assert_eq!(pool.stats.in_use_bytes, 512);
         assert_eq!(pool.stats.graph_pool_bytes, 0);
@@ -510,21 +526,21 @@ mod tests {
             pool.add_new(512);
             pool.give_back(ptr, 512, GENERAL);
         }
-        let outside = pool.take(512).unwrap();
+        let outside = pool.take(512, false).unwrap();
         assert_eq!(outside.1, GENERAL);
 
         let id = pool.begin_capture().unwrap();
         assert!(pool.begin_capture().is_err(), "one capture at a time");
         // The capture adopts a cached general block ...
-        let (a, owner) = pool.take(512).unwrap();
+        let (a, owner) = pool.take(512, false).unwrap();
         assert_eq!(owner, id);
         assert_eq!(pool.stats.graph_pool_bytes, 512);
         // ... and a block it frees is reused by its own later allocations, not a general one.
         pool.give_back(a, 512, id);
-        assert_eq!(pool.take(512), Some((a, id)));
+        assert_eq!(pool.take(512, false), Some((a, id)));
         // A miss everywhere goes to the driver, booked to the capture's pool.
-        let (b, _) = pool.take(512).unwrap(); // the last cached general block
-        assert_eq!(pool.take(512), None);
+        let (b, _) = pool.take(512, false).unwrap(); // the last cached general block
+        assert_eq!(pool.take(512, false), None);
         assert_eq!(pool.add_new(512), id);
         assert_eq!(pool.stats.graph_pool_bytes, 3 * 512);
         pool.end_capture();
@@ -534,19 +550,37 @@ mod tests {
         pool.reset_peak();
         let held = pool.stats.peak_bytes;
         pool.give_back(b, 512, id);
-        assert_eq!(pool.take(512), None);
+        assert_eq!(pool.take(512, false), None);
         assert_eq!(pool.held(), held);
         pool.give_back(outside.0, 512, GENERAL);
-        assert_eq!(pool.take(512), Some((outside.0, GENERAL)));
+        assert_eq!(pool.take(512, false), Some((outside.0, GENERAL)));
 
         // The graph goes: its cached blocks join the general pool, and its blocks still in use (a gradient)
         // go there when dropped.
         pool.release_private(id);
         assert_eq!(pool.stats.graph_pool_bytes, 0);
         assert_eq!(pool.private_free, 0);
-        assert_eq!(pool.take(512), Some((b, GENERAL)));
+        assert_eq!(pool.take(512, false), Some((b, GENERAL)));
         pool.give_back(a, 512, id);
-        assert_eq!(pool.take(512), Some((a, GENERAL)));
+        assert_eq!(pool.take(512, false), Some((a, GENERAL)));
+    }
+
+    #[test]
+    fn an_untouched_allocation_skips_blocks_the_capture_freed() {
+        let mut pool = Pool::default();
+        pool.add_new(512);
+        pool.give_back(0x1000, 512, GENERAL);
+        let id = pool.begin_capture().unwrap();
+        // A block written by captured work and freed within the capture ...
+        assert_eq!(pool.add_new(512), id);
+        pool.give_back(0x2000, 512, id);
+        // ... is not handed to an allocation whose values are fed between replays: a replay would run that
+        // work again, over the fed values. A cached general block (no captured work touched it) is.
+        assert_eq!(pool.take(512, true), Some((0x1000, id)));
+        assert_eq!(pool.take(512, true), None, "a miss goes to the driver");
+        // Ordinary allocations still reuse it.
+        assert_eq!(pool.take(512, false), Some((0x2000, id)));
+        pool.end_capture();
     }
 
     #[test]

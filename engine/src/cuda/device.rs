@@ -365,6 +365,13 @@ impl CudaDevice {
         self.pool.alloc(len)
     }
 
+    /// As [`CudaDevice::alloc`], but during a graph capture never a block the capture has used before, so
+    /// that no captured work writes it ahead of this point: for buffers whose values the host writes between
+    /// replays (ops' fed masks). A block freed and reused within a capture would be rewritten by each replay.
+    pub fn alloc_untouched<T>(&self, len: usize) -> Result<PooledSlice<T>> {
+        self.pool.alloc_untouched(len)
+    }
+
     /// A device copy of `host` (enqueued through pinned staging, so it does not wait for the device; the
     /// host slice may be dropped as soon as this returns).
     ///

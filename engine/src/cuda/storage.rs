@@ -222,6 +222,16 @@ impl CudaStorage {
         Ok(CudaStorage { device: device.clone(), buffer })
     }
 
+    /// Uninitialised storage that no work of a running graph capture has touched
+    /// ([`CudaDevice::alloc_untouched`]): for values written from the host between replays.
+    pub fn alloc_untouched(device: &Arc<CudaDevice>, n: usize, dtype: DType) -> Result<Self> {
+        let buffer = match dtype {
+            DType::F32 => CudaBuffer::F32(device.alloc_untouched(n)?),
+            DType::F64 => CudaBuffer::F64(device.alloc_untouched(n)?),
+        };
+        Ok(CudaStorage { device: device.clone(), buffer })
+    }
+
     pub fn dtype(&self) -> DType {
         self.buffer.dtype()
     }

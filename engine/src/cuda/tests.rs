@@ -793,6 +793,32 @@ fn a_captured_graph_replays_its_work_on_new_inputs() {
 }
 
 #[test]
+fn a_fed_buffer_is_not_rewritten_by_replays_of_earlier_work() {
+    let Some((_g, dev)) = gpu("a_fed_buffer_is_not_rewritten_by_replays_of_earlier_work") else { return };
+    let l = Layout::contiguous(&[4]);
+    let x = f32_storage(&[1.0, 2.0, 3.0, 4.0]);
+    drop(x.add_same_shape(&l, &x, &l).unwrap());
+    let (graph, (fed, y)) = dev
+        .capture(|| {
+            // Captured work writes a block of the fed buffer's class, which is freed inside the capture ...
+            drop(x.add_same_shape(&l, &x, &l)?);
+            // ... so an ordinary allocation here would get that block back, and every replay would write
+            // 2x into it after the host had filled it. An untouched allocation does not.
+            let fed = CudaStorage::alloc_untouched(&dev, 4, DType::F32)?;
+            let y = x.add_same_shape(&l, &fed, &l)?;
+            Ok((fed, y))
+        })
+        .unwrap();
+    let mut fed = fed;
+    for (step, values) in [[10.0f32, 20.0, 30.0, 40.0], [-1.0, -2.0, 0.5, 8.0]].iter().enumerate() {
+        fed.write_from_cpu(0, &CpuStorage::F32(values.to_vec())).unwrap();
+        graph.replay().unwrap();
+        let want: Vec<f64> = values.iter().zip([1.0, 2.0, 3.0, 4.0]).map(|(&v, x)| v as f64 + x).collect();
+        assert_same(&host(&y), &want, &format!("replay {step} reads the values fed before it"));
+    }
+}
+
+#[test]
 fn waiting_during_a_capture_fails_it_cleanly() {
     let Some((_g, dev)) = gpu("waiting_during_a_capture_fails_it_cleanly") else { return };
     let s = f32_storage(&[1.0, 2.0]);
