@@ -349,6 +349,33 @@ struct ScanVecWalk {
     }
 };
 
+// B and C of one batch over a tile into shared rows (forward and backward alike): B0 and C0 point at state 0's
+// first step of the tile (rows of L steps per state), len steps are valid; zero past S and past len. Row
+// which np + k lpc + grp holds state grp SPL + k (which 0: B, 1: C), one 4-step vector per thread and turn.
+template <typename T, int SPL, int ROW>
+__device__ __forceinline__ void scan_stage_bc(const T* __restrict__ B0, const T* __restrict__ C0, int S,
+                                              long long L, int len, int np, int lpc, bool vec, T* __restrict__ BC,
+                                              int tid, int threads, int nv) {
+    for (ScanVecWalk w(tid, threads, nv); w.ci < 2 * np; w.next()) {
+        const int t4 = 4 * w.v, which = w.ci >= np ? 1 : 0, n = w.ci - which * np;
+        T v[4];
+        if (n < S && t4 < len) {
+            const T* src = (which ? C0 : B0) + n * L + t4;
+            if (vec) {
+                scan_load(v, src);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) v[i] = t4 + i < len ? src[i] : T(0);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v[i] = T(0);
+        }
+        const int grp = n / SPL, k = n - grp * SPL;
+        scan_store(BC + (which * np + k * lpc + grp) * ROW + t4, v);
+    }
+}
+
 // LPC: lanes per channel fixed at compile time (the row offsets of the recurrence become immediates), or 0
 // for p.lpc at run time.
 //
@@ -435,28 +462,8 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
                 scan_store(DTU + w.ci * ROW + t4, dtu);
             }
         }
-        // B and C of batch b, zero past S and past L: row which np + k lpc + grp holds state grp SPL + k.
-        {
-            ScanVecWalk w(tid, threads, nv);
-            for (; w.ci < 2 * np; w.next()) {
-                const int t4 = 4 * w.v, which = w.ci >= np ? 1 : 0, n = w.ci - which * np;
-                T v[4];
-                if (n < S && t4 < len) {
-                    const T* src = (which ? Cm : Bm) + (th.b * S + n) * L + t0 + t4;
-                    if (vec) {
-                        scan_load(v, src);
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) v[i] = t4 + i < len ? src[i] : T(0);
-                    }
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) v[i] = T(0);
-                }
-                const int grp = n / SPL, k = n - grp * SPL;
-                scan_store(BC + (which * np + k * lpc + grp) * ROW + t4, v);
-            }
-        }
+        scan_stage_bc<T, SPL, ROW>(Bm + th.b * S * L + t0, Cm + th.b * S * L + t0, (int)S, L, len, np, lpc, vec,
+                                   BC, tid, threads, nv);
         __syncthreads();
         // 2. The recurrence, 4 steps a turn; padded steps (dt = 0) leave h as it is.
 #pragma unroll(SPL * sizeof(T) <= 16 ? 2 : 1)
@@ -962,28 +969,8 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
                 scan_store(ROWS + (3 * w.ci + 2) * ROW + t4, gy);
             }
         }
-        // B and C of batch b, zero past S and past L: row which 16 + k 4 + grp holds state grp 4 + k.
-        {
-            ScanVecWalk w(tid, threads, nv);
-            for (; w.ci < 2 * NP; w.next()) {
-                const int t4 = 4 * w.v, which = w.ci >= NP ? 1 : 0, n = w.ci - which * NP;
-                float v[4];
-                if (n < S && t4 < len) {
-                    const float* src = (which ? Cm : Bm) + (th.b * S + n) * L + t0 + t4;
-                    if (vec) {
-                        scan_load(v, src);
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) v[i] = t4 + i < len ? src[i] : 0.f;
-                    }
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) v[i] = 0.f;
-                }
-                const int grp = n / SPL, k = n - grp * SPL;
-                scan_store(BC + (which * NP + k * LPC + grp) * ROW + t4, v);
-            }
-        }
+        scan_stage_bc<float, SPL, ROW>(Bm + th.b * S * L + t0, Cm + th.b * S * L + t0, (int)S, L, len, NP, LPC,
+                                       vec, BC, tid, threads, nv);
         __syncthreads();
         // 2a. Forward over the tile, keeping the state entering every turn of 4 steps.
         for (int s = 0; s < nv; ++s) {
