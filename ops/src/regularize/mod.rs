@@ -70,16 +70,21 @@ fn masked(op: &'static str, x: &Tensor, p: f64, training: bool, blocks: usize, g
     }
     let keep = 1.0 - p;
     let values = draw_mask(blocks, keep, g);
-    let feeding = FED.with(|f| f.borrow().is_some());
-    let mask = match x.device() {
-        // Inside a capture with fed masks: a buffer that no captured work writes, filled before each replay.
-        // Untouched: a block freed earlier in the capture would be rewritten by the replay of its old owner's
-        // kernels, after the host had filled it.
-        Device::Cuda(ordinal) if feeding && engine::cuda::device(ordinal)?.is_capturing() => {
-            let storage = CudaStorage::alloc_untouched(&engine::cuda::device(ordinal)?, blocks, x.dtype())?;
+    // Inside a capture with fed masks: a buffer that no captured work writes, filled before each replay.
+    // Untouched: a block freed earlier in the capture would be rewritten by the replay of its old owner's
+    // kernels, after the host had filled it.
+    let fed_device = match x.device() {
+        Device::Cuda(ordinal) if FED.with(|f| f.borrow().is_some()) => {
+            Some(engine::cuda::device(ordinal)?).filter(|dev| dev.is_capturing())
+        }
+        _ => None,
+    };
+    let mask = match fed_device {
+        Some(dev) => {
+            let storage = CudaStorage::alloc_untouched(&dev, blocks, x.dtype())?;
             Tensor::from_storage(Storage::Cuda(storage), &[blocks])?
         }
-        device => Tensor::from_f64(&values, &[blocks], x.dtype(), device)?,
+        None => Tensor::from_f64(&values, &[blocks], x.dtype(), x.device())?,
     };
     FED.with(|f| {
         if let Some(fed) = f.borrow_mut().as_mut() {
