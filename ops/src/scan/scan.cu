@@ -193,6 +193,25 @@ template <> __device__ __forceinline__ void scan_store_global<float>(float* dst,
 }
 #endif
 
+// 4 consecutive elements of a row along time: one 16-byte access when `vec` (the row's vectors are whole),
+// else the first n of them (n may exceed 4) as scalars, zeros loaded past n and nothing stored past n.
+template <typename T> __device__ __forceinline__ void scan_load_tail(T (&dst)[4], const T* src, bool vec, int n) {
+    if (vec) {
+        scan_load(dst, src);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dst[i] = i < n ? src[i] : T(0);
+    }
+}
+
+template <typename T> __device__ __forceinline__ void scan_store_tail(T* dst, const T (&src)[4], bool vec, int n) {
+    if (vec) {
+        scan_store_global(dst, src);
+    } else {
+        for (int i = 0; i < 4 && i < n; ++i) dst[i] = src[i];
+    }
+}
+
 #ifndef SCAN_DYNAMIC_SMEM_BYTES
 __device__ __forceinline__ unsigned scan_dynamic_smem_bytes() {
     unsigned r;
@@ -360,13 +379,7 @@ __device__ __forceinline__ void scan_stage_bc(const T* __restrict__ B0, const T*
         const int t4 = 4 * w.v, which = w.ci >= np ? 1 : 0, n = w.ci - which * np;
         T v[4];
         if (n < S && t4 < len) {
-            const T* src = (which ? C0 : B0) + n * L + t4;
-            if (vec) {
-                scan_load(v, src);
-            } else {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) v[i] = t4 + i < len ? src[i] : T(0);
-            }
+            scan_load_tail(v, (which ? C0 : B0) + n * L + t4, vec, len - t4);
         } else {
 #pragma unroll
             for (int i = 0; i < 4; ++i) v[i] = T(0);
@@ -438,16 +451,8 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
                     const T bias = p.has_delta_bias ? delta_bias[cc] : T(0);
                     const long long r = (th.b * C + cc) * L + t0 + t4;
                     T x[4], dl[4];
-                    if (vec) {
-                        scan_load(x, u + r);
-                        scan_load(dl, delta + r);
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            x[i] = t4 + i < len ? u[r + i] : T(0);
-                            dl[i] = t4 + i < len ? delta[r + i] : T(0);
-                        }
-                    }
+                    scan_load_tail(x, u + r, vec, len - t4);
+                    scan_load_tail(dl, delta + r, vec, len - t4);
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         T d = dl[i] + bias;
@@ -514,26 +519,14 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
                 const T d = p.has_d ? D[cc] : T(0);
                 const long long r = (th.b * C + cc) * L + t0 + t4;
                 T x[4], zv[4], o[4];
-                if (vec) {
-                    scan_load(x, u + r);
-                    if (p.has_z) scan_load(zv, z + r);
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        x[i] = t4 + i < len ? u[r + i] : T(0);
-                        zv[i] = (p.has_z && t4 + i < len) ? z[r + i] : T(0);
-                    }
-                }
+                scan_load_tail(x, u + r, vec, len - t4);
+                if (p.has_z) scan_load_tail(zv, z + r, vec, len - t4);
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     o[i] = y[i] + d * x[i];
                     if (p.has_z) o[i] *= zv[i] * ScanGate<T>::sigmoid(zv[i]);
                 }
-                if (vec) {
-                    scan_store_global(out + r, o);
-                } else {
-                    for (int i = 0; i < len - t4 && i < 4; ++i) out[r + i] = o[i];
-                }
+                scan_store_tail(out + r, o, vec, len - t4);
             }
         }
         __syncthreads();  // the tile's buffers are read before the next tile overwrites them
@@ -883,7 +876,8 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
     const int threads = blockDim.x, tid = threadIdx.x, nv = tile / 4, cw = th.ci & 7;
     const bool b0 = th.grp & 1, b1 = (th.grp >> 1) & 1;
     const bool vec = (L & 3) == 0 && scan_aligned(u) && scan_aligned(delta) && scan_aligned(gout) &&
-                     scan_aligned(Bm) && scan_aligned(Cm) && (!p.has_z || scan_aligned(z));
+                     scan_aligned(Bm) && scan_aligned(Cm) && scan_aligned(du) && scan_aligned(ddelta) &&
+                     (!p.has_z || (scan_aligned(z) && scan_aligned(dz)));
     const bool vec_part = (L & 3) == 0 && scan_aligned(part_bc);
 
     float a2[SPL], carry[SPL], da[SPL];
@@ -894,14 +888,20 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
         carry[k] = 0.f;  // exp(dt[t+1] A) gh[t+1], zero after the last step
         da[k] = 0.f;
     }
-    const float dv = (th.valid && p.has_d) ? D[th.c] : 0.f;
-    const float bias = (th.valid && p.has_delta_bias) ? delta_bias[th.c] : 0.f;
-    float sum_d = 0.f, sum_bias = 0.f;
     const float* DTc = ROWS + 3 * th.ci * ROW;
     const float* DTUc = DTc + ROW;
     const float* GYc = DTc + 2 * ROW;
     const float* BCg = BC + th.grp * ROW;  // B of state grp 4 + k: row k 4 (+ grp); C: row 16 + k 4
-    const long long row_c = (th.b * C + th.c) * L;
+    // Pass 3 (the per-(c, t) gradients) maps lane l to channel fch = 8 warp + (l & 7) of the warp's 8 and to
+    // the 4-step vectors v = l >> 3, + 4, ... of the tile; its dD and ddelta_bias sums cover the whole sequence.
+    const int fch = 8 * th.warp + (th.lane & 7), fq = th.lane >> 3;
+    const long long fc = th.c0 + fch;
+    const bool fvalid = fc < C;
+    const float fd = (fvalid && p.has_d) ? D[fc] : 0.f;
+    const float fbias = (fvalid && p.has_delta_bias) ? delta_bias[fc] : 0.f;
+    const float* FDT = ROWS + 3 * fch * ROW;  // its dt row; dL/dy 2 rows further
+    const long long frow = (th.b * C + fc) * L;
+    float sum_d = 0.f, sum_bias = 0.f;
     // RED slots as two bases and immediate offsets: the thread's dB of state k goes to slot
     // scan_red_slot(cw, 4 k + grp) = cw 32 + grp + 4 (k ^ odd), i.e. base + 16 k + (odd ? -16 : 16) for odd k
     // and base + 16 k + (odd ? 16 : 0) for even k (floats); its dC 64 floats further. Lane v reads
@@ -936,21 +936,10 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
                     const float bc = p.has_delta_bias ? delta_bias[cc] : 0.f;
                     const long long r = (th.b * C + cc) * L + t0 + t4;
                     float x[4], dl[4], g[4], zv[4];
-                    if (vec) {
-                        scan_load(x, u + r);
-                        scan_load(dl, delta + r);
-                        scan_load(g, gout + r);
-                        if (p.has_z) scan_load(zv, z + r);
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const bool in = t4 + i < len;
-                            x[i] = in ? u[r + i] : 0.f;
-                            dl[i] = in ? delta[r + i] : 0.f;
-                            g[i] = in ? gout[r + i] : 0.f;
-                            zv[i] = (in && p.has_z) ? z[r + i] : 0.f;
-                        }
-                    }
+                    scan_load_tail(x, u + r, vec, len - t4);
+                    scan_load_tail(dl, delta + r, vec, len - t4);
+                    scan_load_tail(g, gout + r, vec, len - t4);
+                    if (p.has_z) scan_load_tail(zv, z + r, vec, len - t4);
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         float d = dl[i] + bc;
@@ -989,17 +978,7 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
         // 2b. Turns last to first: recompute the turn's states and decays, run the reverse-time recurrence,
         // reduce.
         for (int s = nv - 1; s >= 0; --s) {
-            const int tl = 4 * s, te = tl + th.grp;  // the turn's first step; the step this lane finishes
-            const bool mine = th.valid && te < len;
-            const long long re = row_c + t0 + te;
-            // The finishing step's inputs, loaded first so that their latency hides behind the recurrence.
-            float eu = 0.f, edl = 0.f, eg = 0.f, ez = 0.f;
-            if (mine) {
-                eu = u[re];
-                edl = delta[re];
-                eg = gout[re];
-                if (p.has_z) ez = z[re];
-            }
+            const int tl = 4 * s;  // the turn's first step
             float he[SPL], dt[4], dtu[4], gy[4];
             scan_load(he, HS + ((long long)s * threads + tid) * SPL);
             scan_load(dt, DTc + tl);
@@ -1040,26 +1019,22 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
                 scan_store(red, gq);
                 scan_store(red + 64, hq);
             }
-            // The channel's sums of step te, then its per-(c, t) gradients.
+            // The channel's 3 sums of step tl + grp (lane grp's after the scatter) for pass 3, into the warp's
+            // part of HS slot s (read above, so free now: the __syncwarp orders the reads before these stores):
+            // Q[j 32 + lane] = sum j of channel cw, step tl + grp, i.e. the 4 steps of a channel's sum j are one
+            // 16-byte vector at Q + j 32 + 4 cw.
             const float tsgb = scan_lane_scatter(sgb, b0, b1);
-            const float tsagh = scan_lane_scatter(sagh, b0, b1) * 0.6931471805599453f;  // a2 = A log2(e)
+            const float tsagh = scan_lane_scatter(sagh, b0, b1);
             const float tys = scan_lane_scatter(ys, b0, b1);
-            if (mine) {
-                const float dtv = DTc[te], gyv = GYc[te];
-                const float spg = p.delta_softplus ? ScanGate<float>::softplus_grad(edl + bias) : 1.f;
-                du[re] = dtv * tsgb + dv * gyv;
-                const float gd = (tsagh + eu * tsgb) * spg;
-                ddelta[re] = gd;
-                if (p.has_z) {
-                    const float sg = ScanGate<float>::sigmoid(ez);
-                    dz[re] = eg * sg * (1.f + ez * (1.f - sg)) * (tys + dv * eu);
-                }
-                sum_d += gyv * eu;
-                sum_bias += gd;
+            __syncwarp();
+            {
+                float* Q = HS + ((long long)s * threads + 32 * th.warp) * SPL;
+                Q[th.lane] = tsgb;
+                Q[32 + th.lane] = tsagh;
+                Q[64 + th.lane] = tys;
             }
             // dB, dC of the turn over the warp's 8 channels, in channel order: lane v owns value v (v < 16: dB,
             // the sum of gh dt u; else dC, of gy h), the channel's dt u or gy read from its row.
-            __syncwarp();
             {
                 const float* wrow = ROWS + (3 * 8 * th.warp + (th.lane < 16 ? 1 : 2)) * ROW + tl;
                 float acc[4], x[4], wv[4];
@@ -1091,14 +1066,50 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
                         for (int i = 0; i < 4; ++i) acc[i] += x[i];
                     }
                     float* dst = part_bc + (((th.b * p.groups + blockIdx.x % p.groups) * 2 + which) * S + n) * L + t0 + tl;
-                    if (vec_part) {  // len is a multiple of 4 then: the turn is whole
-                        scan_store_global(dst, acc);
-                    } else {
-                        for (int i = 0; i < 4 && tl + i < len; ++i) dst[i] = acc[i];
-                    }
+                    scan_store_tail(dst, acc, vec_part, len - tl);  // vec_part: len is a multiple of 4
                 }
             }
         }
+        // 3. The tile's per-(c, t) gradients, 4 steps a lane with 16-byte accesses: the channel sums of turn v
+        // from Q in its HS slot (written by this warp, ordered by the turns' barriers), dt and dL/dy from the
+        // channel's rows, u, delta, dL/dout and z read again (cache hits), softplus' derivative and the sigmoid
+        // recomputed. Zeros past len (rows, sums and loads) add nothing to dD and ddelta_bias.
+        if (fvalid) {
+            for (int v = fq; v < nv && 4 * v < len; v += 4) {
+                const int t4 = 4 * v, n = len - t4;
+                const float* Q = HS + ((long long)v * threads + 32 * th.warp) * SPL + 4 * (fch & 7);
+                float sgb[4], sagh[4], ys[4], dt[4], gy[4], x[4], dl[4], g[4], zv[4];
+                scan_load(sgb, Q);
+                scan_load(sagh, Q + 32);
+                scan_load(ys, Q + 64);
+                scan_load(dt, FDT + t4);
+                scan_load(gy, FDT + 2 * ROW + t4);
+                const long long r = frow + t0 + t4;
+                scan_load_tail(x, u + r, vec, n);
+                scan_load_tail(dl, delta + r, vec, n);
+                if (p.has_z) {
+                    scan_load_tail(g, gout + r, vec, n);
+                    scan_load_tail(zv, z + r, vec, n);
+                }
+                float gu[4], gd[4], gz[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float spg = p.delta_softplus ? ScanGate<float>::softplus_grad(dl[i] + fbias) : 1.f;
+                    gu[i] = fmaf(dt[i], sgb[i], fd * gy[i]);
+                    gd[i] = fmaf(sagh[i], 0.6931471805599453f, x[i] * sgb[i]) * spg;  // a2 = A log2(e)
+                    if (p.has_z) {
+                        const float sg = ScanGate<float>::sigmoid(zv[i]);
+                        gz[i] = g[i] * sg * (1.f + zv[i] * (1.f - sg)) * fmaf(fd, x[i], ys[i]);
+                    }
+                    sum_d = fmaf(gy[i], x[i], sum_d);
+                    sum_bias += gd[i];
+                }
+                scan_store_tail(du + r, gu, vec, n);
+                scan_store_tail(ddelta + r, gd, vec, n);
+                if (p.has_z) scan_store_tail(dz + r, gz, vec, n);
+            }
+        }
+        __syncthreads();  // pass 3's reads of the rows and of HS come before the next tile's passes 1 and 2a
     }
     if (th.valid) {
 #pragma unroll
@@ -1107,14 +1118,15 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
             if (n < S) part_a[(th.b * C + th.c) * S + n] = da[k];
         }
     }
-    // dD, ddelta_bias over the channel's lanes (each summed its own steps over the whole sequence).
-    sum_d += scan_shfl_xor(sum_d, 1);
-    sum_d += scan_shfl_xor(sum_d, 2);
-    sum_bias += scan_shfl_xor(sum_bias, 1);
-    sum_bias += scan_shfl_xor(sum_bias, 2);
-    if (th.valid && th.grp == 0) {
-        if (p.has_d) part_d[th.b * C + th.c] = sum_d;
-        if (p.has_delta_bias) part_bias[th.b * C + th.c] = sum_bias;
+    // dD, ddelta_bias over the channel's 4 pass-3 lanes (l & 7 fixed; each summed its own vectors over the
+    // whole sequence).
+    sum_d += scan_shfl_xor(sum_d, 8);
+    sum_d += scan_shfl_xor(sum_d, 16);
+    sum_bias += scan_shfl_xor(sum_bias, 8);
+    sum_bias += scan_shfl_xor(sum_bias, 16);
+    if (fvalid && fq == 0) {
+        if (p.has_d) part_d[th.b * C + fc] = sum_d;
+        if (p.has_delta_bias) part_bias[th.b * C + fc] = sum_bias;
     }
 }
 
