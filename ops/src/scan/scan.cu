@@ -168,6 +168,7 @@ template <typename T, int N> __device__ __forceinline__ void scan_load(T (&dst)[
 }
 
 template <typename T, int N> __device__ __forceinline__ void scan_store(T* dst, const T (&src)[N]) {
+    static_assert(N % 4 == 0, "vector stores of 4");
     SCAN_CHECK_ALIGNED(dst, 4 * sizeof(T));
 #pragma unroll
     for (int j = 0; j < N; j += 4) {
@@ -321,31 +322,35 @@ template <typename T> __device__ __forceinline__ bool scan_aligned(const T* p) {
 }
 
 // A thread's SPL states n0 .. n0 + SPL of channel row `row` (b C + c) at chunk kc of the saved states: one
-// vector access per 4 states when S is a multiple of 4 (then so is the offset) and the buffer is aligned,
-// else one per state < S.
+// vector access per 4 states when SPL and S are multiples of 4 (then so is the offset) and the buffer is
+// aligned, else one per state < S.
 template <typename T, int SPL>
 __device__ __forceinline__ void scan_save_states(const ScanParams& p, long long row, long long kc, int n0,
                                                  const T (&h)[SPL], T* __restrict__ saved) {
     T* dst = saved + (row * p.n_chunks + kc) * p.states + n0;
-    if ((p.states & 3) == 0 && n0 + SPL <= p.states && scan_aligned(dst)) {
-        scan_store(dst, h);
-    } else {
-#pragma unroll
-        for (int k = 0; k < SPL; ++k)
-            if (n0 + k < p.states) dst[k] = h[k];
+    if constexpr (SPL % 4 == 0) {
+        if ((p.states & 3) == 0 && n0 + SPL <= p.states && scan_aligned(dst)) {
+            scan_store(dst, h);
+            return;
+        }
     }
+#pragma unroll
+    for (int k = 0; k < SPL; ++k)
+        if (n0 + k < p.states) dst[k] = h[k];
 }
 
 template <typename T, int SPL>
 __device__ __forceinline__ void scan_load_states(const ScanParams& p, long long row, long long kc, int n0,
                                                  T (&h)[SPL], const T* __restrict__ saved) {
     const T* src = saved + (row * p.n_chunks + kc) * p.states + n0;
-    if ((p.states & 3) == 0 && n0 + SPL <= p.states && scan_aligned(src)) {
-        scan_load(h, src);
-    } else {
-#pragma unroll
-        for (int k = 0; k < SPL; ++k) h[k] = n0 + k < p.states ? src[k] : T(0);
+    if constexpr (SPL % 4 == 0) {
+        if ((p.states & 3) == 0 && n0 + SPL <= p.states && scan_aligned(src)) {
+            scan_load(h, src);
+            return;
+        }
     }
+#pragma unroll
+    for (int k = 0; k < SPL; ++k) h[k] = n0 + k < p.states ? src[k] : T(0);
 }
 
 // A thread's walk over the (channel, 4-step) vectors of a tile, G channels x tile / 4 vectors, j = tid,
@@ -1173,7 +1178,9 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
 // registers, no spills (was 80 with 12 bytes); s4 79 / none; s8 122 / none; f64 s4 128, s8 126, none. The
 // backward's 66 KiB allow 3 blocks (at most 168 registers: s4 157, s8 168, no spills); scan_bwd4 (s4l4 f32)
 // takes 54 KiB at tile 32, 4 blocks (128 registers, NVRTC 13.5: 128, no spills; it was 168). f64, the
-// gradient-check dtype, gets twice the registers per block.
+// gradient-check dtype, gets twice the registers per block. scan_fwd_s2l8_f32 (scan5: 8 lanes of 2 states,
+// the forward of grids under half a wave of s4l4, e.g. (8, 1536)) takes 27 KiB and asks for 7 blocks (<= 72
+// registers; 8 would need 8 x 28 KiB of shared memory).
 #define SCAN_MAX_THREADS 128
 
 #define SCAN_FWD_KERNEL(T, SUFFIX, NAME, SPL, LPC, FWD_MIN)                                         \
@@ -1200,10 +1207,12 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
 
 // scan_<dir>_s<SPL>_<dtype> take any lanes per channel; scan_<dir>_s4l4_f32 are S = 9 .. 16 (Mamba's 16)
 // (4 lanes of 4 states) with the lane count compiled in; their backward is scan_bwd4 (54 KiB of shared
-// memory at tile 32: 4 blocks a multiprocessor, so at most 128 registers).
+// memory at tile 32: 4 blocks a multiprocessor, so at most 128 registers). scan_fwd_s2l8_f32 is their
+// forward for small grids: twice the threads a channel (cuda.rs `forward_plan`).
 SCAN_KERNELS(float, f32, s4, 4, 0, 6, 3)
 SCAN_KERNELS(float, f32, s8, 8, 0, 3, 3)
 SCAN_FWD_KERNEL(float, f32, s4l4, 4, 4, 6)
+SCAN_FWD_KERNEL(float, f32, s2l8, 2, 8, 7)
 SCAN_BWD_KERNEL(float, f32, s4l4, 4, scan_bwd4)
 SCAN_KERNELS(double, f64, s4, 4, 0, 4, 1)
 SCAN_KERNELS(double, f64, s8, 8, 0, 4, 1)
