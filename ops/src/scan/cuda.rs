@@ -2,12 +2,13 @@
 //! times).
 //!
 //! A block is 32 `warps` threads over G = 32 warps / lpc channels of one batch; each channel gets `lpc` lanes
-//! (a power of two), each lane `spl` of its states (4, or 8 past 128 states: the two instantiations), so
-//! lpc * spl >= S and the states past S are zero padding. Threads walk time in tiles of `tile` steps, which
-//! is also the chunk of the saved states: the forward writes the state entering every tile, the backward
-//! walks the tiles in reverse and recomputes a tile's states from it. The tile and the warps come from the
-//! shared memory a block needs ([`forward_shared_bytes`], [`backward_shared_bytes`], mirrors of scan.cu's
-//! layouts): at most [`SHARED_BUDGET`] so that three blocks share a multiprocessor.
+//! (a power of two), each lane `spl` of its states (4, or 8 past 128 states: the two instantiations; and in
+//! f32 a forward of 8 lanes of 2 for S 9 to 16 on small grids, [`forward_plan`]), so lpc * spl >= S and the
+//! states past S are zero padding. Threads walk time in tiles of `tile` steps, which is also the chunk of the
+//! saved states: the forward writes the state entering every tile, the backward walks the tiles in reverse and
+//! recomputes a tile's states from it. The tile and the warps come from the shared memory a block needs
+//! ([`forward_shared_bytes`], [`backward_shared_bytes`], mirrors of scan.cu's layouts): at most
+//! [`SHARED_BUDGET`] so that three blocks share a multiprocessor.
 //!
 //! Reductions are deterministic (no atomics): the backward writes per-block partials of dB and dC (summed
 //! over the block's channels) and per-batch partials of dA, dD and ddelta_bias, and `scan_bwd_sum` adds them

@@ -13,11 +13,13 @@
 //     update (16/clk/SM: 0.36 ms); bytes 1.26 GB + 0.15 GB of states = 0.34 ms at 4178 GB/s. NOTES.md has
 //     the predictions.
 //   backward: 2.2 GB + 0.15 GB states + 0.62 GB partials (12 groups) = 1.0 ms at copy speed. f32 S 9 .. 16
-//     runs scan_bwd4 (SASS of NVRTC 13.5 sm_90, per warp-update): forward pass over the tile 5.2, a turn of
-//     recompute + reverse + reductions + the (c, t) gradients 28 (448 per 4 steps x 4 states), gate and B/C
-//     passes ~3.6, the block's dB/dC partial ~0.75: ~37.5 -> 1.38 ms at full issue; MUFU ~2.5 a update
-//     (0.73 ms). The other instantiations (scan_bwd) ~38.5 with 3 blocks a SM and shuffle chains; measured
-//     (H200, s4l4 before scan_bwd4) 4.80 ms = 30 % of issue. NOTES.md has the analysis and predictions.
+//     runs scan_bwd4 (SASS of NVRTC 13.5 sm_90, per warp-update, scan5): forward pass over the tile 5.2, a
+//     turn of recompute + reverse + reductions + the block's dB/dC partial ~21.7 (~347 per 4 steps x 4
+//     states), the (c, t) gradients after the tile ~2.3, gate and B/C passes ~3.6: ~33 -> 1.2 ms at full
+//     issue (scan4, the (c, t) gradients inside the turn: ~37.5, measured 1.52e9 instructions, 3.3 ms);
+//     MUFU ~2.5 a update (0.73 ms). The other instantiations (scan_bwd) ~38.5 with 3 blocks a SM and shuffle
+//     chains; measured (H200, s4l4 before scan_bwd4) 4.80 ms = 30 % of issue. NOTES.md has the analysis and
+//     predictions.
 //
 // Layout of a block: 32 * warps threads = G channels of one batch b x `lpc` lanes per channel; lane `grp` of
 // a channel owns the SPL states n = grp * SPL + k (k < SPL; states past S are padding with A = B = C = 0,
@@ -805,14 +807,16 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
     }
 }
 
-// The f32 backward for 4 lanes of 4 states (S = 9 .. 16, Mamba's 16): scan_bwd_s4l4_f32 (scan4). NOTES.md
-// has the analysis; in short, against scan_bwd above: 16-byte shared rows of fixed length (scan_row, as the
-// forward's), 4 steps a turn everywhere, a sub-chunk of recomputed states is one turn (32 registers of states
-// and decays instead of 64), the reductions moved off the shuffles:
+// The f32 backward for 4 lanes of 4 states (S = 9 .. 16, Mamba's 16): scan_bwd_s4l4_f32 (scan4, scan5).
+// NOTES.md has the analysis; in short, against scan_bwd above: 16-byte shared rows of fixed length (scan_row,
+// as the forward's), 4 steps a turn everywhere, a sub-chunk of recomputed states is one turn (32 registers of
+// states and decays instead of 64), the reductions moved off the shuffles:
 //   - over the channel's 4 lanes (du, ddelta, dz): a reduce-scatter of the 4 steps' 3 sums (9 shuffles a
-//     turn instead of 24), after which lane grp owns step grp of the turn and finishes its (c, t) gradients
-//     right there (the per-(c, t) inputs it needs besides dt and gy are read again from global memory, cache
-//     hits); no per-(c, t) buffer, no second pass over the tile;
+//     turn instead of 24), after which lane grp holds step grp's sums; the warp stores them (3 scalar
+//     stores a lane) into its part of the turn's HS slot, whose entry states the turn has just read, and after
+//     the tile a pass over the (channel, 4-step) vectors finishes the (c, t) gradients with 16-byte accesses
+//     (pass 3: the sums, dt and gy from shared memory, u, delta, dL/dout, z read again, cache hits; scan5:
+//     in the turn this was ~90 instructions of scalar loads, 64-bit addresses and gates a (c, t), now ~37);
 //   - over the warp's 8 channels (dB, dC): each thread stores gh and h of its 4 states' 4 steps as 8 16-byte
 //     rows of a per-warp buffer RED; lane v then sums value v (dB = gh dt u or dC = gy h of one state, 4
 //     steps) over the 8 channels in order, the products fused into the sum (8 + 8 LDS.128, 4 FMUL + 28 FFMA
