@@ -318,6 +318,22 @@ __device__ __forceinline__ void scan_load_bc(const ScanParams& p, const ScanThre
     }
 }
 
+// A hint that the L2 fetch the line holding p (no registers, no wait; nothing in the emulator).
+__device__ __forceinline__ void scan_prefetch_l2(const void* p) {
+#ifdef __CUDACC_RTC__
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+    (void)p;
+#endif
+}
+
+// A hint that the L2 fetch a row of a tile, len elements from src: its first and last element (at most two
+// 128-byte lines).
+template <typename T> __device__ __forceinline__ void scan_prefetch_row(const T* src, int len) {
+    scan_prefetch_l2(src);
+    scan_prefetch_l2(src + len - 1);
+}
+
 // Whether p suits a ScanV4 access (device allocations do; a host buffer in the emulator may not).
 template <typename T> __device__ __forceinline__ bool scan_aligned(const T* p) {
     return (reinterpret_cast<unsigned long long>(p) & (4 * sizeof(T) - 1)) == 0;
@@ -911,6 +927,12 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
     const float* FDT = ROWS + 3 * fch * ROW;  // its dt row; dL/dy 2 rows further
     const long long frow = (th.b * C + fc) * L;
     float sum_d = 0.f, sum_bias = 0.f;
+    // The row this thread prefetches into the L2 a tile ahead of pass 1 (null: none): lane grp of its channel
+    // u, delta, dL/dout or z (grp 0 .. 3). B and C are not: the batch's NG blocks share them, and the first
+    // to load a tile's brings it into the L2 for the others.
+    const float* pf_row = nullptr;
+    if (th.valid && (th.grp < 3 || p.has_z))
+        pf_row = (th.grp == 0 ? u : th.grp == 1 ? delta : th.grp == 2 ? gout : z) + (th.b * C + th.c) * L;
     // RED slots as two bases and immediate offsets: the thread's dB of state k goes to slot
     // scan_red_slot(cw, 4 k + grp) = cw 32 + grp + 4 (k ^ odd), i.e. base + 16 k + (odd ? -16 : 16) for odd k
     // and base + 16 k + (odd ? 16 : 0) for even k (floats); its dC 64 floats further. Lane v reads
@@ -970,6 +992,10 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
         scan_stage_bc<float, SPL, ROW>(Bm + th.b * S * L + t0, Cm + th.b * S * L + t0, (int)S, L, len, NP, LPC,
                                        vec, BC, tid, threads, nv);
         __syncthreads();
+        // The previous tile's per-(c, t) inputs of pass 1, into the L2 while this tile's turns run (~30k cycles
+        // a tile at Mamba's sizes): pass 1 otherwise waits for DRAM once a tile, the block's warps at its
+        // barrier.
+        if (kc > 0 && pf_row) scan_prefetch_row(pf_row + t0 - tile, tile);
         // 2a. Forward over the tile, keeping the state entering every turn of 4 steps.
         for (int s = 0; s < nv; ++s) {
             scan_store(HS + ((long long)s * threads + tid) * SPL, h);
