@@ -2,12 +2,13 @@
 //! times).
 //!
 //! A block is 32 `warps` threads over G = 32 warps / lpc channels of one batch; each channel gets `lpc` lanes
-//! (a power of two), each lane `spl` of its states (4, or 8 past 128 states: the two instantiations), so
-//! lpc * spl >= S and the states past S are zero padding. Threads walk time in tiles of `tile` steps, which
-//! is also the chunk of the saved states: the forward writes the state entering every tile, the backward
-//! walks the tiles in reverse and recomputes a tile's states from it. The tile and the warps come from the
-//! shared memory a block needs ([`forward_shared_bytes`], [`backward_shared_bytes`], mirrors of scan.cu's
-//! layouts): at most [`SHARED_BUDGET`] so that three blocks share a multiprocessor.
+//! (a power of two), each lane `spl` of its states (4, or 8 past 128 states: the two instantiations; and in
+//! f32 a forward of 8 lanes of 2 for S 9 to 16 on small grids, [`forward_plan`]), so lpc * spl >= S and the
+//! states past S are zero padding. Threads walk time in tiles of `tile` steps, which is also the chunk of the
+//! saved states: the forward writes the state entering every tile, the backward walks the tiles in reverse and
+//! recomputes a tile's states from it. The tile and the warps come from the shared memory a block needs
+//! ([`forward_shared_bytes`], [`backward_shared_bytes`], mirrors of scan.cu's layouts): at most
+//! [`SHARED_BUDGET`] so that three blocks share a multiprocessor.
 //!
 //! Reductions are deterministic (no atomics): the backward writes per-block partials of dB and dC (summed
 //! over the block's channels) and per-batch partials of dA, dD and ddelta_bias, and `scan_bwd_sum` adds them
@@ -153,6 +154,24 @@ fn plans(states: usize, dtype: DType, tile: usize, shape: &[usize]) -> Result<(P
     Ok((fwd, bwd))
 }
 
+/// Blocks of `scan_fwd_s4l4_f32` a multiprocessor holds (its launch bounds in scan.cu).
+const FWD_S4L4_BLOCKS_PER_SM: usize = 6;
+
+/// The forward's plan on a device of `multiprocessors`: [`plans`]' forward plan, except that f32 with 4 lanes
+/// of 4 states (S 9 to 16) on a grid that fills at most half of the device's slots runs 8 lanes of 2 states
+/// (`scan_fwd_s2l8_f32`): twice the blocks and warps for the same work. The forward is latency bound; at
+/// (8, 1536) the 384 blocks of s4l4 give 2.9 a multiprocessor (11.6 warps), the 768 of s2l8 5.8 (23 warps, one
+/// wave of the 7 a multiprocessor that s2l8 allows). The saved states do not depend on the lanes, so the
+/// backward keeps its own plan.
+fn forward_plan(plan: Plan, dims: Dims, dtype: DType, multiprocessors: usize) -> Plan {
+    let small = 2 * dims.batch * plan.groups(dims.channels) <= FWD_S4L4_BLOCKS_PER_SM * multiprocessors;
+    if dtype == DType::F32 && (plan.spl, plan.lpc) == (4, 4) && small {
+        Plan { spl: 2, lpc: 8, ..plan }
+    } else {
+        plan
+    }
+}
+
 /// Mirrors `struct ScanParams` in scan.cu field for field (a static_assert there checks the size).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -215,11 +234,13 @@ fn grid(dims: Dims, plan: Plan, shared: usize) -> Result<LaunchConfig> {
 }
 
 /// The instantiation of kernel `base` for this plan and dtype: in f32 `<base>_s4l4` (the lanes per channel
-/// compiled in) for 4 lanes of 4 states (S = 9 to 16, Mamba's 16), else `<base>_s<spl>`, which takes any
-/// lane count (f64, the gradient-check dtype, always: one instantiation less to compile).
+/// compiled in) for 4 lanes of 4 states (S = 9 to 16, Mamba's 16) and `scan_fwd_s2l8` for the forward's 8
+/// lanes of 2 ([`forward_plan`]), else `<base>_s<spl>`, which takes any lane count (f64, the gradient-check
+/// dtype, always: one instantiation less to compile).
 fn instance(base: &str, plan: Plan, dtype: DType) -> String {
     match (dtype, plan.spl, plan.lpc) {
         (DType::F32, 4, 4) => format!("{base}_s4l4"),
+        (DType::F32, 2, 8) => format!("{base}_s2l8"),
         (_, spl, _) => format!("{base}_s{spl}"),
     }
 }
@@ -298,6 +319,7 @@ pub(super) fn forward(x: &Operands, dims: Dims, delta_softplus: bool, chunk: usi
         let dev = device(x)?;
         let tile = cuda_chunk(chunk, dims.states, T::DTYPE)?;
         let (plan, _) = plans(dims.states, T::DTYPE, tile, x.a.shape())?;
+        let plan = forward_plan(plan, dims, T::DTYPE, dev.multiprocessor_count() as usize);
         let shared = forward_shared_bytes(plan, T::DTYPE.size_in_bytes());
         let p = params(dims, plan, x, delta_softplus)?;
         let Dims { batch, channels, length, states } = dims;
@@ -557,8 +579,30 @@ mod tests {
         // scan.cu instantiates the specialised kernels for f32 only: the forward's template with the lane count
         // compiled in, and the backward's own kernel (scan_bwd4).
         assert!(MODULE.body.contains("SCAN_FWD_KERNEL(float, f32, s4l4, 4, 4,"));
+        assert!(MODULE.body.contains("SCAN_FWD_KERNEL(float, f32, s2l8, 2, 8,"));
+        assert_eq!(instance("scan_fwd", plan(2, 8, 4, 32), DType::F32), "scan_fwd_s2l8");
         assert!(MODULE.body.contains("SCAN_BWD_KERNEL(float, f32, s4l4, 4, scan_bwd4)"));
         assert!(!MODULE.body.contains("f64, s4l4"));
+    }
+
+    #[test]
+    fn small_f32_grids_get_the_forward_of_8_lanes_of_2_states() {
+        let tile = cuda_chunk(DEFAULT_CHUNK, 16, DType::F32).unwrap();
+        let (fwd, _) = plans(16, DType::F32, tile, &[]).unwrap();
+        let dims = |batch, channels| Dims { batch, channels, length: 4096, states: 16 };
+        // The bench's sizes on an H100/H200 (132 multiprocessors): (64, 384) fills 768 of 792 slots and keeps
+        // s4l4; (8, 1536) has 384 blocks and gets s2l8 (768 blocks, 27 KiB each, 7 a multiprocessor).
+        assert_eq!(forward_plan(fwd, dims(64, 384), DType::F32, 132), fwd);
+        let small = forward_plan(fwd, dims(8, 1536), DType::F32, 132);
+        assert_eq!(small, plan(2, 8, 4, 32));
+        assert_eq!(small.groups(1536), 96);
+        assert_eq!(forward_shared_bytes(small, 4), 27648);
+        assert!(7 * (forward_shared_bytes(small, 4) + 1024) <= 227 << 10);
+        // f64 and other state counts keep their plans.
+        let (fwd64, _) = plans(16, DType::F64, 16, &[]).unwrap();
+        assert_eq!(forward_plan(fwd64, dims(8, 1536), DType::F64, 132), fwd64);
+        let (fwd40, _) = plans(40, DType::F32, tile, &[]).unwrap();
+        assert_eq!(forward_plan(fwd40, dims(1, 3), DType::F32, 132), fwd40);
     }
 
     #[test]

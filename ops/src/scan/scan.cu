@@ -13,11 +13,13 @@
 //     update (16/clk/SM: 0.36 ms); bytes 1.26 GB + 0.15 GB of states = 0.34 ms at 4178 GB/s. NOTES.md has
 //     the predictions.
 //   backward: 2.2 GB + 0.15 GB states + 0.62 GB partials (12 groups) = 1.0 ms at copy speed. f32 S 9 .. 16
-//     runs scan_bwd4 (SASS of NVRTC 13.5 sm_90, per warp-update): forward pass over the tile 5.2, a turn of
-//     recompute + reverse + reductions + the (c, t) gradients 28 (448 per 4 steps x 4 states), gate and B/C
-//     passes ~3.6, the block's dB/dC partial ~0.75: ~37.5 -> 1.38 ms at full issue; MUFU ~2.5 a update
-//     (0.73 ms). The other instantiations (scan_bwd) ~38.5 with 3 blocks a SM and shuffle chains; measured
-//     (H200, s4l4 before scan_bwd4) 4.80 ms = 30 % of issue. NOTES.md has the analysis and predictions.
+//     runs scan_bwd4 (SASS of NVRTC 13.5 sm_90, per warp-update, scan5): forward pass over the tile 5.2, a
+//     turn of recompute + reverse + reductions + the block's dB/dC partial ~21.7 (~347 per 4 steps x 4
+//     states), the (c, t) gradients after the tile ~2.3, gate and B/C passes ~3.6: ~33 -> 1.2 ms at full
+//     issue (scan4, the (c, t) gradients inside the turn: ~37.5, measured 1.52e9 instructions, 3.3 ms);
+//     MUFU ~2.5 a update (0.73 ms). The other instantiations (scan_bwd) ~38.5 with 3 blocks a SM and shuffle
+//     chains; measured (H200, s4l4 before scan_bwd4) 4.80 ms = 30 % of issue. NOTES.md has the analysis and
+//     predictions.
 //
 // Layout of a block: 32 * warps threads = G channels of one batch b x `lpc` lanes per channel; lane `grp` of
 // a channel owns the SPL states n = grp * SPL + k (k < SPL; states past S are padding with A = B = C = 0,
@@ -168,6 +170,7 @@ template <typename T, int N> __device__ __forceinline__ void scan_load(T (&dst)[
 }
 
 template <typename T, int N> __device__ __forceinline__ void scan_store(T* dst, const T (&src)[N]) {
+    static_assert(N % 4 == 0, "vector stores of 4");
     SCAN_CHECK_ALIGNED(dst, 4 * sizeof(T));
 #pragma unroll
     for (int j = 0; j < N; j += 4) {
@@ -192,6 +195,25 @@ template <> __device__ __forceinline__ void scan_store_global<float>(float* dst,
                  : "memory");
 }
 #endif
+
+// 4 consecutive elements of a row along time: one 16-byte access when `vec` (the row's vectors are whole),
+// else the first n of them (n may exceed 4) as scalars, zeros loaded past n and nothing stored past n.
+template <typename T> __device__ __forceinline__ void scan_load_tail(T (&dst)[4], const T* src, bool vec, int n) {
+    if (vec) {
+        scan_load(dst, src);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dst[i] = i < n ? src[i] : T(0);
+    }
+}
+
+template <typename T> __device__ __forceinline__ void scan_store_tail(T* dst, const T (&src)[4], bool vec, int n) {
+    if (vec) {
+        scan_store_global(dst, src);
+    } else {
+        for (int i = 0; i < 4 && i < n; ++i) dst[i] = src[i];
+    }
+}
 
 #ifndef SCAN_DYNAMIC_SMEM_BYTES
 __device__ __forceinline__ unsigned scan_dynamic_smem_bytes() {
@@ -296,37 +318,57 @@ __device__ __forceinline__ void scan_load_bc(const ScanParams& p, const ScanThre
     }
 }
 
+// A hint that the L2 fetch the line holding p (no registers, no wait; nothing in the emulator).
+__device__ __forceinline__ void scan_prefetch_l2(const void* p) {
+#ifdef __CUDACC_RTC__
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+    (void)p;
+#endif
+}
+
+// A hint that the L2 fetch a row of a tile, len elements from src: its first and last element (at most two
+// 128-byte lines).
+template <typename T> __device__ __forceinline__ void scan_prefetch_row(const T* src, int len) {
+    scan_prefetch_l2(src);
+    scan_prefetch_l2(src + len - 1);
+}
+
 // Whether p suits a ScanV4 access (device allocations do; a host buffer in the emulator may not).
 template <typename T> __device__ __forceinline__ bool scan_aligned(const T* p) {
     return (reinterpret_cast<unsigned long long>(p) & (4 * sizeof(T) - 1)) == 0;
 }
 
 // A thread's SPL states n0 .. n0 + SPL of channel row `row` (b C + c) at chunk kc of the saved states: one
-// vector access per 4 states when S is a multiple of 4 (then so is the offset) and the buffer is aligned,
-// else one per state < S.
+// vector access per 4 states when SPL and S are multiples of 4 (then so is the offset) and the buffer is
+// aligned, else one per state < S.
 template <typename T, int SPL>
 __device__ __forceinline__ void scan_save_states(const ScanParams& p, long long row, long long kc, int n0,
                                                  const T (&h)[SPL], T* __restrict__ saved) {
     T* dst = saved + (row * p.n_chunks + kc) * p.states + n0;
-    if ((p.states & 3) == 0 && n0 + SPL <= p.states && scan_aligned(dst)) {
-        scan_store(dst, h);
-    } else {
-#pragma unroll
-        for (int k = 0; k < SPL; ++k)
-            if (n0 + k < p.states) dst[k] = h[k];
+    if constexpr (SPL % 4 == 0) {
+        if ((p.states & 3) == 0 && n0 + SPL <= p.states && scan_aligned(dst)) {
+            scan_store(dst, h);
+            return;
+        }
     }
+#pragma unroll
+    for (int k = 0; k < SPL; ++k)
+        if (n0 + k < p.states) dst[k] = h[k];
 }
 
 template <typename T, int SPL>
 __device__ __forceinline__ void scan_load_states(const ScanParams& p, long long row, long long kc, int n0,
                                                  T (&h)[SPL], const T* __restrict__ saved) {
     const T* src = saved + (row * p.n_chunks + kc) * p.states + n0;
-    if ((p.states & 3) == 0 && n0 + SPL <= p.states && scan_aligned(src)) {
-        scan_load(h, src);
-    } else {
-#pragma unroll
-        for (int k = 0; k < SPL; ++k) h[k] = n0 + k < p.states ? src[k] : T(0);
+    if constexpr (SPL % 4 == 0) {
+        if ((p.states & 3) == 0 && n0 + SPL <= p.states && scan_aligned(src)) {
+            scan_load(h, src);
+            return;
+        }
     }
+#pragma unroll
+    for (int k = 0; k < SPL; ++k) h[k] = n0 + k < p.states ? src[k] : T(0);
 }
 
 // A thread's walk over the (channel, 4-step) vectors of a tile, G channels x tile / 4 vectors, j = tid,
@@ -360,13 +402,7 @@ __device__ __forceinline__ void scan_stage_bc(const T* __restrict__ B0, const T*
         const int t4 = 4 * w.v, which = w.ci >= np ? 1 : 0, n = w.ci - which * np;
         T v[4];
         if (n < S && t4 < len) {
-            const T* src = (which ? C0 : B0) + n * L + t4;
-            if (vec) {
-                scan_load(v, src);
-            } else {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) v[i] = t4 + i < len ? src[i] : T(0);
-            }
+            scan_load_tail(v, (which ? C0 : B0) + n * L + t4, vec, len - t4);
         } else {
 #pragma unroll
             for (int i = 0; i < 4; ++i) v[i] = T(0);
@@ -438,16 +474,8 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
                     const T bias = p.has_delta_bias ? delta_bias[cc] : T(0);
                     const long long r = (th.b * C + cc) * L + t0 + t4;
                     T x[4], dl[4];
-                    if (vec) {
-                        scan_load(x, u + r);
-                        scan_load(dl, delta + r);
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            x[i] = t4 + i < len ? u[r + i] : T(0);
-                            dl[i] = t4 + i < len ? delta[r + i] : T(0);
-                        }
-                    }
+                    scan_load_tail(x, u + r, vec, len - t4);
+                    scan_load_tail(dl, delta + r, vec, len - t4);
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         T d = dl[i] + bias;
@@ -514,26 +542,14 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
                 const T d = p.has_d ? D[cc] : T(0);
                 const long long r = (th.b * C + cc) * L + t0 + t4;
                 T x[4], zv[4], o[4];
-                if (vec) {
-                    scan_load(x, u + r);
-                    if (p.has_z) scan_load(zv, z + r);
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        x[i] = t4 + i < len ? u[r + i] : T(0);
-                        zv[i] = (p.has_z && t4 + i < len) ? z[r + i] : T(0);
-                    }
-                }
+                scan_load_tail(x, u + r, vec, len - t4);
+                if (p.has_z) scan_load_tail(zv, z + r, vec, len - t4);
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     o[i] = y[i] + d * x[i];
                     if (p.has_z) o[i] *= zv[i] * ScanGate<T>::sigmoid(zv[i]);
                 }
-                if (vec) {
-                    scan_store_global(out + r, o);
-                } else {
-                    for (int i = 0; i < len - t4 && i < 4; ++i) out[r + i] = o[i];
-                }
+                scan_store_tail(out + r, o, vec, len - t4);
             }
         }
         __syncthreads();  // the tile's buffers are read before the next tile overwrites them
@@ -807,14 +823,16 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
     }
 }
 
-// The f32 backward for 4 lanes of 4 states (S = 9 .. 16, Mamba's 16): scan_bwd_s4l4_f32 (scan4). NOTES.md
-// has the analysis; in short, against scan_bwd above: 16-byte shared rows of fixed length (scan_row, as the
-// forward's), 4 steps a turn everywhere, a sub-chunk of recomputed states is one turn (32 registers of states
-// and decays instead of 64), the reductions moved off the shuffles:
+// The f32 backward for 4 lanes of 4 states (S = 9 .. 16, Mamba's 16): scan_bwd_s4l4_f32 (scan4, scan5).
+// NOTES.md has the analysis; in short, against scan_bwd above: 16-byte shared rows of fixed length (scan_row,
+// as the forward's), 4 steps a turn everywhere, a sub-chunk of recomputed states is one turn (32 registers of
+// states and decays instead of 64), the reductions moved off the shuffles:
 //   - over the channel's 4 lanes (du, ddelta, dz): a reduce-scatter of the 4 steps' 3 sums (9 shuffles a
-//     turn instead of 24), after which lane grp owns step grp of the turn and finishes its (c, t) gradients
-//     right there (the per-(c, t) inputs it needs besides dt and gy are read again from global memory, cache
-//     hits); no per-(c, t) buffer, no second pass over the tile;
+//     turn instead of 24), after which lane grp holds step grp's sums; the warp stores them (3 scalar
+//     stores a lane) into its part of the turn's HS slot, whose entry states the turn has just read, and after
+//     the tile a pass over the (channel, 4-step) vectors finishes the (c, t) gradients with 16-byte accesses
+//     (pass 3: the sums, dt and gy from shared memory, u, delta, dL/dout, z read again, cache hits; scan5:
+//     in the turn this was ~90 instructions of scalar loads, 64-bit addresses and gates a (c, t), now ~37);
 //   - over the warp's 8 channels (dB, dC): each thread stores gh and h of its 4 states' 4 steps as 8 16-byte
 //     rows of a per-warp buffer RED; lane v then sums value v (dB = gh dt u or dC = gy h of one state, 4
 //     steps) over the 8 channels in order, the products fused into the sum (8 + 8 LDS.128, 4 FMUL + 28 FFMA
@@ -883,7 +901,8 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
     const int threads = blockDim.x, tid = threadIdx.x, nv = tile / 4, cw = th.ci & 7;
     const bool b0 = th.grp & 1, b1 = (th.grp >> 1) & 1;
     const bool vec = (L & 3) == 0 && scan_aligned(u) && scan_aligned(delta) && scan_aligned(gout) &&
-                     scan_aligned(Bm) && scan_aligned(Cm) && (!p.has_z || scan_aligned(z));
+                     scan_aligned(Bm) && scan_aligned(Cm) && scan_aligned(du) && scan_aligned(ddelta) &&
+                     (!p.has_z || (scan_aligned(z) && scan_aligned(dz)));
     const bool vec_part = (L & 3) == 0 && scan_aligned(part_bc);
 
     float a2[SPL], carry[SPL], da[SPL];
@@ -894,14 +913,26 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
         carry[k] = 0.f;  // exp(dt[t+1] A) gh[t+1], zero after the last step
         da[k] = 0.f;
     }
-    const float dv = (th.valid && p.has_d) ? D[th.c] : 0.f;
-    const float bias = (th.valid && p.has_delta_bias) ? delta_bias[th.c] : 0.f;
-    float sum_d = 0.f, sum_bias = 0.f;
     const float* DTc = ROWS + 3 * th.ci * ROW;
     const float* DTUc = DTc + ROW;
     const float* GYc = DTc + 2 * ROW;
     const float* BCg = BC + th.grp * ROW;  // B of state grp 4 + k: row k 4 (+ grp); C: row 16 + k 4
-    const long long row_c = (th.b * C + th.c) * L;
+    // Pass 3 (the per-(c, t) gradients) maps lane l to channel fch = 8 warp + (l & 7) of the warp's 8 and to
+    // the 4-step vectors v = l >> 3, + 4, ... of the tile; its dD and ddelta_bias sums cover the whole sequence.
+    const int fch = 8 * th.warp + (th.lane & 7), fq = th.lane >> 3;
+    const long long fc = th.c0 + fch;
+    const bool fvalid = fc < C;
+    const float fd = (fvalid && p.has_d) ? D[fc] : 0.f;
+    const float fbias = (fvalid && p.has_delta_bias) ? delta_bias[fc] : 0.f;
+    const float* FDT = ROWS + 3 * fch * ROW;  // its dt row; dL/dy 2 rows further
+    const long long frow = (th.b * C + fc) * L;
+    float sum_d = 0.f, sum_bias = 0.f;
+    // The row this thread prefetches into the L2 a tile ahead of pass 1 (null: none): lane grp of its channel
+    // u, delta, dL/dout or z (grp 0 .. 3). B and C are not: the batch's NG blocks share them, and the first
+    // to load a tile's brings it into the L2 for the others.
+    const float* pf_row = nullptr;
+    if (th.valid && (th.grp < 3 || p.has_z))
+        pf_row = (th.grp == 0 ? u : th.grp == 1 ? delta : th.grp == 2 ? gout : z) + (th.b * C + th.c) * L;
     // RED slots as two bases and immediate offsets: the thread's dB of state k goes to slot
     // scan_red_slot(cw, 4 k + grp) = cw 32 + grp + 4 (k ^ odd), i.e. base + 16 k + (odd ? -16 : 16) for odd k
     // and base + 16 k + (odd ? 16 : 0) for even k (floats); its dC 64 floats further. Lane v reads
@@ -936,21 +967,10 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
                     const float bc = p.has_delta_bias ? delta_bias[cc] : 0.f;
                     const long long r = (th.b * C + cc) * L + t0 + t4;
                     float x[4], dl[4], g[4], zv[4];
-                    if (vec) {
-                        scan_load(x, u + r);
-                        scan_load(dl, delta + r);
-                        scan_load(g, gout + r);
-                        if (p.has_z) scan_load(zv, z + r);
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const bool in = t4 + i < len;
-                            x[i] = in ? u[r + i] : 0.f;
-                            dl[i] = in ? delta[r + i] : 0.f;
-                            g[i] = in ? gout[r + i] : 0.f;
-                            zv[i] = (in && p.has_z) ? z[r + i] : 0.f;
-                        }
-                    }
+                    scan_load_tail(x, u + r, vec, len - t4);
+                    scan_load_tail(dl, delta + r, vec, len - t4);
+                    scan_load_tail(g, gout + r, vec, len - t4);
+                    if (p.has_z) scan_load_tail(zv, z + r, vec, len - t4);
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         float d = dl[i] + bc;
@@ -972,6 +992,10 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
         scan_stage_bc<float, SPL, ROW>(Bm + th.b * S * L + t0, Cm + th.b * S * L + t0, (int)S, L, len, NP, LPC,
                                        vec, BC, tid, threads, nv);
         __syncthreads();
+        // The previous tile's per-(c, t) inputs of pass 1, into the L2 while this tile's turns run (~30k cycles
+        // a tile at Mamba's sizes): pass 1 otherwise waits for DRAM once a tile, the block's warps at its
+        // barrier.
+        if (kc > 0 && pf_row) scan_prefetch_row(pf_row + t0 - tile, tile);
         // 2a. Forward over the tile, keeping the state entering every turn of 4 steps.
         for (int s = 0; s < nv; ++s) {
             scan_store(HS + ((long long)s * threads + tid) * SPL, h);
@@ -989,17 +1013,7 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
         // 2b. Turns last to first: recompute the turn's states and decays, run the reverse-time recurrence,
         // reduce.
         for (int s = nv - 1; s >= 0; --s) {
-            const int tl = 4 * s, te = tl + th.grp;  // the turn's first step; the step this lane finishes
-            const bool mine = th.valid && te < len;
-            const long long re = row_c + t0 + te;
-            // The finishing step's inputs, loaded first so that their latency hides behind the recurrence.
-            float eu = 0.f, edl = 0.f, eg = 0.f, ez = 0.f;
-            if (mine) {
-                eu = u[re];
-                edl = delta[re];
-                eg = gout[re];
-                if (p.has_z) ez = z[re];
-            }
+            const int tl = 4 * s;  // the turn's first step
             float he[SPL], dt[4], dtu[4], gy[4];
             scan_load(he, HS + ((long long)s * threads + tid) * SPL);
             scan_load(dt, DTc + tl);
@@ -1040,26 +1054,22 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
                 scan_store(red, gq);
                 scan_store(red + 64, hq);
             }
-            // The channel's sums of step te, then its per-(c, t) gradients.
+            // The channel's 3 sums of step tl + grp (lane grp's after the scatter) for pass 3, into the warp's
+            // part of HS slot s (read above, so free now: the __syncwarp orders the reads before these stores):
+            // Q[j 32 + lane] = sum j of channel cw, step tl + grp, i.e. the 4 steps of a channel's sum j are one
+            // 16-byte vector at Q + j 32 + 4 cw.
             const float tsgb = scan_lane_scatter(sgb, b0, b1);
-            const float tsagh = scan_lane_scatter(sagh, b0, b1) * 0.6931471805599453f;  // a2 = A log2(e)
+            const float tsagh = scan_lane_scatter(sagh, b0, b1);
             const float tys = scan_lane_scatter(ys, b0, b1);
-            if (mine) {
-                const float dtv = DTc[te], gyv = GYc[te];
-                const float spg = p.delta_softplus ? ScanGate<float>::softplus_grad(edl + bias) : 1.f;
-                du[re] = dtv * tsgb + dv * gyv;
-                const float gd = (tsagh + eu * tsgb) * spg;
-                ddelta[re] = gd;
-                if (p.has_z) {
-                    const float sg = ScanGate<float>::sigmoid(ez);
-                    dz[re] = eg * sg * (1.f + ez * (1.f - sg)) * (tys + dv * eu);
-                }
-                sum_d += gyv * eu;
-                sum_bias += gd;
+            __syncwarp();
+            {
+                float* Q = HS + ((long long)s * threads + 32 * th.warp) * SPL;
+                Q[th.lane] = tsgb;
+                Q[32 + th.lane] = tsagh;
+                Q[64 + th.lane] = tys;
             }
             // dB, dC of the turn over the warp's 8 channels, in channel order: lane v owns value v (v < 16: dB,
             // the sum of gh dt u; else dC, of gy h), the channel's dt u or gy read from its row.
-            __syncwarp();
             {
                 const float* wrow = ROWS + (3 * 8 * th.warp + (th.lane < 16 ? 1 : 2)) * ROW + tl;
                 float acc[4], x[4], wv[4];
@@ -1091,14 +1101,50 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
                         for (int i = 0; i < 4; ++i) acc[i] += x[i];
                     }
                     float* dst = part_bc + (((th.b * p.groups + blockIdx.x % p.groups) * 2 + which) * S + n) * L + t0 + tl;
-                    if (vec_part) {  // len is a multiple of 4 then: the turn is whole
-                        scan_store_global(dst, acc);
-                    } else {
-                        for (int i = 0; i < 4 && tl + i < len; ++i) dst[i] = acc[i];
-                    }
+                    scan_store_tail(dst, acc, vec_part, len - tl);  // vec_part: len is a multiple of 4
                 }
             }
         }
+        // 3. The tile's per-(c, t) gradients, 4 steps a lane with 16-byte accesses: the channel sums of turn v
+        // from Q in its HS slot (written by this warp, ordered by the turns' barriers), dt and dL/dy from the
+        // channel's rows, u, delta, dL/dout and z read again (cache hits), softplus' derivative and the sigmoid
+        // recomputed. Zeros past len (rows, sums and loads) add nothing to dD and ddelta_bias.
+        if (fvalid) {
+            for (int v = fq; v < nv && 4 * v < len; v += 4) {
+                const int t4 = 4 * v, n = len - t4;
+                const float* Q = HS + ((long long)v * threads + 32 * th.warp) * SPL + 4 * (fch & 7);
+                float sgb[4], sagh[4], ys[4], dt[4], gy[4], x[4], dl[4], g[4], zv[4];
+                scan_load(sgb, Q);
+                scan_load(sagh, Q + 32);
+                scan_load(ys, Q + 64);
+                scan_load(dt, FDT + t4);
+                scan_load(gy, FDT + 2 * ROW + t4);
+                const long long r = frow + t0 + t4;
+                scan_load_tail(x, u + r, vec, n);
+                scan_load_tail(dl, delta + r, vec, n);
+                if (p.has_z) {
+                    scan_load_tail(g, gout + r, vec, n);
+                    scan_load_tail(zv, z + r, vec, n);
+                }
+                float gu[4], gd[4], gz[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float spg = p.delta_softplus ? ScanGate<float>::softplus_grad(dl[i] + fbias) : 1.f;
+                    gu[i] = fmaf(dt[i], sgb[i], fd * gy[i]);
+                    gd[i] = fmaf(sagh[i], 0.6931471805599453f, x[i] * sgb[i]) * spg;  // a2 = A log2(e)
+                    if (p.has_z) {
+                        const float sg = ScanGate<float>::sigmoid(zv[i]);
+                        gz[i] = g[i] * sg * (1.f + zv[i] * (1.f - sg)) * fmaf(fd, x[i], ys[i]);
+                    }
+                    sum_d = fmaf(gy[i], x[i], sum_d);
+                    sum_bias += gd[i];
+                }
+                scan_store_tail(du + r, gu, vec, n);
+                scan_store_tail(ddelta + r, gd, vec, n);
+                if (p.has_z) scan_store_tail(dz + r, gz, vec, n);
+            }
+        }
+        __syncthreads();  // pass 3's reads of the rows and of HS come before the next tile's passes 1 and 2a
     }
     if (th.valid) {
 #pragma unroll
@@ -1107,14 +1153,15 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
             if (n < S) part_a[(th.b * C + th.c) * S + n] = da[k];
         }
     }
-    // dD, ddelta_bias over the channel's lanes (each summed its own steps over the whole sequence).
-    sum_d += scan_shfl_xor(sum_d, 1);
-    sum_d += scan_shfl_xor(sum_d, 2);
-    sum_bias += scan_shfl_xor(sum_bias, 1);
-    sum_bias += scan_shfl_xor(sum_bias, 2);
-    if (th.valid && th.grp == 0) {
-        if (p.has_d) part_d[th.b * C + th.c] = sum_d;
-        if (p.has_delta_bias) part_bias[th.b * C + th.c] = sum_bias;
+    // dD, ddelta_bias over the channel's 4 pass-3 lanes (l & 7 fixed; each summed its own vectors over the
+    // whole sequence).
+    sum_d += scan_shfl_xor(sum_d, 8);
+    sum_d += scan_shfl_xor(sum_d, 16);
+    sum_bias += scan_shfl_xor(sum_bias, 8);
+    sum_bias += scan_shfl_xor(sum_bias, 16);
+    if (fvalid && fq == 0) {
+        if (p.has_d) part_d[th.b * C + fc] = sum_d;
+        if (p.has_delta_bias) part_bias[th.b * C + fc] = sum_bias;
     }
 }
 
@@ -1161,7 +1208,9 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
 // registers, no spills (was 80 with 12 bytes); s4 79 / none; s8 122 / none; f64 s4 128, s8 126, none. The
 // backward's 66 KiB allow 3 blocks (at most 168 registers: s4 157, s8 168, no spills); scan_bwd4 (s4l4 f32)
 // takes 54 KiB at tile 32, 4 blocks (128 registers, NVRTC 13.5: 128, no spills; it was 168). f64, the
-// gradient-check dtype, gets twice the registers per block.
+// gradient-check dtype, gets twice the registers per block. scan_fwd_s2l8_f32 (scan5: 8 lanes of 2 states,
+// the forward of grids under half a wave of s4l4, e.g. (8, 1536)) takes 27 KiB and asks for 7 blocks (<= 72
+// registers; 8 would need 8 x 28 KiB of shared memory): NVRTC 13.5 70 registers, no spills.
 #define SCAN_MAX_THREADS 128
 
 #define SCAN_FWD_KERNEL(T, SUFFIX, NAME, SPL, LPC, FWD_MIN)                                         \
@@ -1188,10 +1237,12 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
 
 // scan_<dir>_s<SPL>_<dtype> take any lanes per channel; scan_<dir>_s4l4_f32 are S = 9 .. 16 (Mamba's 16)
 // (4 lanes of 4 states) with the lane count compiled in; their backward is scan_bwd4 (54 KiB of shared
-// memory at tile 32: 4 blocks a multiprocessor, so at most 128 registers).
+// memory at tile 32: 4 blocks a multiprocessor, so at most 128 registers). scan_fwd_s2l8_f32 is their
+// forward for small grids: twice the threads a channel (cuda.rs `forward_plan`).
 SCAN_KERNELS(float, f32, s4, 4, 0, 6, 3)
 SCAN_KERNELS(float, f32, s8, 8, 0, 3, 3)
 SCAN_FWD_KERNEL(float, f32, s4l4, 4, 4, 6)
+SCAN_FWD_KERNEL(float, f32, s2l8, 2, 8, 7)
 SCAN_BWD_KERNEL(float, f32, s4l4, 4, scan_bwd4)
 SCAN_KERNELS(double, f64, s4, 4, 0, 4, 1)
 SCAN_KERNELS(double, f64, s8, 8, 0, 4, 1)

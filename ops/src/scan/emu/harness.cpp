@@ -16,8 +16,11 @@ struct Case {
     bool d, z, bias, softplus;
 };
 
+// The backward's plan; the forward's is the same unless fspl is set (cuda.rs `forward_plan`: f32 S 9 .. 16 on
+// small grids runs scan_fwd_s2l8, 8 lanes of 2 states, with the backward's warps and tile).
 struct Plan {
     int spl, lpc, warps, tile;
+    int fspl = 0, flpc = 0;
 };
 
 std::vector<double> uniform(std::mt19937_64& g, size_t n, double lo, double hi) {
@@ -127,28 +130,36 @@ template <typename T> T nan_of() { return std::numeric_limits<T>::quiet_NaN(); }
 
 template <typename T> Result run(const Case& k, const Inputs& in, const Plan& plan, uint64_t seed) {
     const long long B = k.b, C = k.c, L = k.l, S = k.s;
-    const int threads = 32 * plan.warps, G = threads / plan.lpc, np = plan.lpc * plan.spl;
-    const long long ng = (C + G - 1) / G, nch = (L + plan.tile - 1) / plan.tile;
-    ScanParams p{};
-    p.batch = B;
-    p.channels = C;
-    p.length = L;
-    p.states = S;
-    p.chunk = plan.tile;
-    p.n_chunks = nch;
-    p.groups = ng;
-    p.lpc = plan.lpc;
-    p.np = np;
-    p.has_d = k.d;
-    p.has_z = k.z;
-    p.has_delta_bias = k.bias;
-    p.delta_softplus = k.softplus;
+    const int threads = 32 * plan.warps, nch = (L + plan.tile - 1) / plan.tile;
+    // The kernel parameters for lpc lanes of spl states (cuda.rs `params`).
+    auto params = [&](int spl, int lpc) {
+        const int G = threads / lpc;
+        ScanParams p{};
+        p.batch = B;
+        p.channels = C;
+        p.length = L;
+        p.states = S;
+        p.chunk = plan.tile;
+        p.n_chunks = nch;
+        p.groups = (C + G - 1) / G;
+        p.lpc = lpc;
+        p.np = lpc * spl;
+        p.has_d = k.d;
+        p.has_z = k.z;
+        p.has_delta_bias = k.bias;
+        p.delta_softplus = k.softplus;
+        return p;
+    };
+    const bool s2l8 = plan.fspl == 2 && plan.flpc == 8;
+    const ScanParams fp = s2l8 ? params(2, 8) : params(plan.spl, plan.lpc), p = params(plan.spl, plan.lpc);
+    const int G = threads / plan.lpc, np = plan.lpc * plan.spl;
+    const long long ng = p.groups;
     auto u = cast<T>(in.u), delta = cast<T>(in.delta), a = cast<T>(in.a), bm = cast<T>(in.bm), cm = cast<T>(in.cm);
     auto d = cast<T>(in.d), z = cast<T>(in.z), bias = cast<T>(in.bias), gout = cast<T>(in.gout);
     const T nan = nan_of<T>();
     std::vector<T> out(B * C * L, nan), saved(B * C * nch * S, nan);
     const int e = sizeof(T);
-    const unsigned fsmem = scan_fwd_layout(G, plan.lpc, np, e).total * e;
+    const unsigned fsmem = scan_fwd_layout(threads / fp.lpc, fp.lpc, fp.np, e).total * e;
     const int th = (32 / plan.spl) * 4 / e;
     // cuda.rs's choice of instantiation: f32 with 4 lanes of 4 states runs scan_bwd4.
     const bool bwd4 = sizeof(T) == 4 && plan.spl == 4 && plan.lpc == 4;
@@ -158,16 +169,19 @@ template <typename T> Result run(const Case& k, const Inputs& in, const Plan& pl
     const T* D = k.d ? d.data() : u.data();
     const T* Z = k.z ? z.data() : u.data();
     const T* BI = k.bias ? bias.data() : u.data();
-    launch(grid, threads, fsmem, seed, [&] {
-        if (sizeof(T) == 4 && plan.spl == 4 && plan.lpc == 4)  // cuda.rs's choice of instantiation
-            scan_fwd<T, 4, 4>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
+    launch(B * fp.groups, threads, fsmem, seed, [&] {
+        if (sizeof(T) == 4 && s2l8)  // cuda.rs's choice of instantiation
+            scan_fwd<T, 2, 8>(fp, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
+                              saved.data());
+        else if (sizeof(T) == 4 && plan.spl == 4 && plan.lpc == 4)
+            scan_fwd<T, 4, 4>(fp, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
                               saved.data());
         else if (plan.spl == 4)
-            scan_fwd<T, 4, 0>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
-                           saved.data());
+            scan_fwd<T, 4, 0>(fp, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
+                              saved.data());
         else
-            scan_fwd<T, 8, 0>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
-                           saved.data());
+            scan_fwd<T, 8, 0>(fp, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, out.data(),
+                              saved.data());
     });
     std::vector<T> du(B * C * L, nan), ddelta(B * C * L, nan), dz(B * C * L, nan);
     std::vector<T> part_bc(B * ng * 2 * S * L, nan), part_a(B * C * S, nan), part_d(B * C, nan),
@@ -265,9 +279,10 @@ template <typename T> bool check(const Case& k, const Plan& plan, uint64_t seed,
         ok = false;
         msg += " (results depend on the thread order: a race)";
     }
-    std::printf("%s %s B%lld C%lld L%lld S%lld d%d z%d bias%d sp%d | spl %d lpc %d warps %d tile %d | out %.1e grad %.1e%s\n",
+    const std::string fwd = plan.fspl ? " (fwd spl " + std::to_string(plan.fspl) + " lpc " + std::to_string(plan.flpc) + ")" : "";
+    std::printf("%s %s B%lld C%lld L%lld S%lld d%d z%d bias%d sp%d | spl %d lpc %d warps %d tile %d%s | out %.1e grad %.1e%s\n",
                 ok ? "ok  " : "FAIL", sizeof(T) == 4 ? "f32" : "f64", k.b, k.c, k.l, k.s, k.d, k.z, k.bias,
-                k.softplus, plan.spl, plan.lpc, plan.warps, plan.tile, worst_out, worst_grad, msg.c_str());
+                k.softplus, plan.spl, plan.lpc, plan.warps, plan.tile, fwd.c_str(), worst_out, worst_grad, msg.c_str());
     double* all = sizeof(T) == 4 ? g_worst_f32 : g_worst_f64;
     all[0] = std::max(all[0], worst_out);
     all[1] = std::max(all[1], worst_grad);
@@ -325,6 +340,18 @@ int main(int argc, char** argv) {
                 if (quick) break;
             }
             if (quick && warps != 4) break;
+        }
+    }
+    // scan_fwd_s2l8 (f32 S 9 .. 16 on small grids, cuda.rs `forward_plan`) over the same cases, with the
+    // backward's plan (scan_bwd4 reads the states it saved): 2 states a lane, so S = 9, 12, 15 leave lanes with
+    // one or two padding states; ragged L, L = 1, channels past a block's (16 a block).
+    for (const Case& k : cases4) {
+        for (int tile : {32, 8}) {
+            Plan plan = plan_for(k.s, 4, tile);
+            plan.fspl = 2;
+            plan.flpc = 8;
+            ok &= check<float>(k, plan, 40 + tile, 1e-5, 1e-4);
+            if (quick) break;
         }
     }
     std::printf("largest relative errors: f32 output %.2e, gradients %.2e; f64 output %.2e, gradients %.2e\n",
