@@ -7,6 +7,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{Conv1dGeom, Conv2dGeom};
+use crate::matmul::cpu::gemm_fixed_order;
 use crate::util::{channels_last_slice, contiguous_slice, gathered, with_dtype, Grads, Needs, Operand};
 
 /// Output positions `lo..hi` along one axis whose input index `o * stride + off` lies in `0..len`.
@@ -139,25 +140,14 @@ fn matmul<T: Float>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool, par: 
     // (m x n, row stride n) is exactly dst.len() elements; dst is a unique borrow, so it aliases neither input.
     // T is f32 or f64, the types gemm dispatches on.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
+        gemm_fixed_order(
+            (m, n, k),
+            (dst.as_mut_ptr(), 1, n as isize),
             accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
+            (a.data.as_ptr(), a.cs as isize, a.rs as isize),
+            (b.data.as_ptr(), b.cs as isize, b.rs as isize),
             T::ONE,
             T::ONE,
-            false,
-            false,
-            false,
             par,
         );
     }

@@ -24,6 +24,63 @@ fn matrix_strides(layout: &Layout) -> (isize, isize) {
     (s[r - 2] as isize, s[r - 1] as isize)
 }
 
+/// The longest run of the summed dimension that `gemm` sums in one block on every machine.
+///
+/// `gemm` splits k into blocks whose length it derives from the L1 cache it detects at run time (never
+/// below 512, and the blocks made even: k_iter = ceil(k / kc), then kc = ceil(k / k_iter)); a block's
+/// products are summed in registers and then added to the output. So for k > 512 the summation order, and
+/// with it the result's bits, would depend on the machine. [`gemm_fixed_order`] cuts k itself, as `gemm`
+/// does on a machine whose block is 512, and hands `gemm` one block at a time: every x86-64 machine with
+/// AVX2 and FMA (the same micro-kernels) then gives the same bits for the same inputs.
+pub(crate) const GEMM_K_BLOCK: usize = 512;
+
+/// `gemm::gemm` (dst = alpha dst + beta lhs rhs, dst read only when `read_dst`) with the summed dimension cut
+/// into blocks of at most [`GEMM_K_BLOCK`], one call each, in order: the same bits on every machine.
+///
+/// # Safety
+/// As `gemm::gemm`: for i < m, j < n, p < k, `lhs + i lhs_rs + p lhs_cs`, `rhs + p rhs_rs + j rhs_cs` and
+/// `dst + i dst_rs + j dst_cs` lie in live allocations, and dst aliases neither input.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_fixed_order<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_cs, dst_rs): (*mut T, isize, isize),
+    read_dst: bool,
+    (lhs, lhs_cs, lhs_rs): (*const T, isize, isize),
+    (rhs, rhs_cs, rhs_rs): (*const T, isize, isize),
+    alpha: T,
+    beta: T,
+    parallelism: Parallelism,
+) {
+    let blocks = k.div_ceil(GEMM_K_BLOCK).max(1);
+    let kc = k.div_ceil(blocks).max(1);
+    for (i, k0) in (0..k.max(1)).step_by(kc).enumerate() {
+        let len = kc.min(k - k0.min(k));
+        // The first block applies the caller's alpha and read_dst; later ones add onto what is there.
+        let (read, a) = if i == 0 { (read_dst, alpha) } else { (true, T::ONE) };
+        gemm::gemm(
+            m,
+            n,
+            len,
+            dst,
+            dst_cs,
+            dst_rs,
+            read,
+            lhs.offset(k0 as isize * lhs_cs),
+            lhs_cs,
+            lhs_rs,
+            rhs.offset(k0 as isize * rhs_rs),
+            rhs_cs,
+            rhs_rs,
+            a,
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// C = A B for one matrix of each; `c` is row-major (m, n).
 ///
 /// # Safety
@@ -41,25 +98,14 @@ unsafe fn gemm_one<T: Float>(
     (b_rs, b_cs): (isize, isize),
     parallelism: Parallelism,
 ) {
-    gemm::gemm(
-        plan.m,
-        plan.n,
-        plan.k,
-        c.as_mut_ptr(),
-        1,
-        plan.n as isize,
+    gemm_fixed_order(
+        (plan.m, plan.n, plan.k),
+        (c.as_mut_ptr(), 1, plan.n as isize),
         false,
-        a.as_ptr().add(a_off),
-        a_cs,
-        a_rs,
-        b.as_ptr().add(b_off),
-        b_cs,
-        b_rs,
+        (a.as_ptr().add(a_off), a_cs, a_rs),
+        (b.as_ptr().add(b_off), b_cs, b_rs),
         T::ZERO, // scales the old dst, which is not read
         T::ONE,  // scales A B
-        false,
-        false,
-        false,
         parallelism,
     )
 }

@@ -15,7 +15,7 @@
 //! each runs only for an input that requires grad.
 
 mod act_linear;
-mod cpu;
+pub(crate) mod cpu;
 mod cuda;
 mod gated_linear;
 mod linear;

@@ -86,6 +86,39 @@ fn f32_matches_reference_within_the_summation_error_bound() {
     }
 }
 
+/// The order `cpu::gemm_fixed_order` promises, written out: k cut into even blocks of at most
+/// `GEMM_K_BLOCK`, each summed from zero by one fused multiply-add per step, then added to the output.
+fn fixed_order_reference(a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+    let blocks = k.div_ceil(cpu::GEMM_K_BLOCK);
+    let kc = k.div_ceil(blocks);
+    let mut c = vec![0f32; m * n];
+    for (i, j) in (0..m).flat_map(|i| (0..n).map(move |j| (i, j))) {
+        for k0 in (0..k).step_by(kc) {
+            let acc = (k0..k.min(k0 + kc)).fold(0f32, |acc, p| a[i * k + p].mul_add(b[p * n + j], acc));
+            c[i * n + j] += acc;
+        }
+    }
+    c
+}
+
+#[test]
+fn cpu_products_sum_in_a_fixed_order_on_every_machine() {
+    // Without the cut, `gemm` sums k > 512 in blocks sized from the detected L1 cache, so a training run's
+    // bits differed between machines. k = 1300 is three blocks of 434 (gemm's own cut on a 512 machine).
+    for (m, k, n) in [(5, 300, 7), (3, 1300, 9), (17, 1024, 4)] {
+        let a = randn(&[m, k], 11).to_dtype(DType::F32).unwrap();
+        let b = randn(&[k, n], 12).to_dtype(DType::F32).unwrap();
+        let got: Vec<f32> = matmul(&a, &b).unwrap().to_vec_f64().unwrap().iter().map(|&x| x as f32).collect();
+        let (av, bv): (Vec<f32>, Vec<f32>) = (
+            a.to_vec_f64().unwrap().iter().map(|&x| x as f32).collect(),
+            b.to_vec_f64().unwrap().iter().map(|&x| x as f32).collect(),
+        );
+        let want = fixed_order_reference(&av, &bv, (m, k, n));
+        let same = got.iter().zip(&want).filter(|(x, y)| x.to_bits() == y.to_bits()).count();
+        assert_eq!(same, m * n, "({m}, {k}, {n}): {same} of {} elements bitwise equal", m * n);
+    }
+}
+
 #[test]
 fn threaded_paths_match_reference() {
     // One product above the threading threshold (70 * 80 * 90 multiply-adds), split by gemm.
