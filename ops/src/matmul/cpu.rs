@@ -51,12 +51,13 @@ pub(crate) unsafe fn gemm_fixed_order<T: Float>(
     beta: T,
     parallelism: Parallelism,
 ) {
+    // One call even for k = 0 (gemm then scales or clears dst as asked).
     let blocks = k.div_ceil(GEMM_K_BLOCK).max(1);
-    let kc = k.div_ceil(blocks).max(1);
-    for (i, k0) in (0..k.max(1)).step_by(kc).enumerate() {
-        let len = kc.min(k - k0.min(k));
+    let kc = k.div_ceil(blocks);
+    for b in 0..blocks {
+        let (k0, len) = (b * kc, kc.min(k - b * kc));
         // The first block applies the caller's alpha and read_dst; later ones add onto what is there.
-        let (read, a) = if i == 0 { (read_dst, alpha) } else { (true, T::ONE) };
+        let (read, a) = if b == 0 { (read_dst, alpha) } else { (true, T::ONE) };
         gemm::gemm(
             m,
             n,
