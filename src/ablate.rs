@@ -199,6 +199,7 @@ fn run_variant(
         stop_after: None,
         ema_decay: None,
         cuda_graph: false,
+        drop_last: false,
     };
     let started = Instant::now();
     let trained = nn::trainer::train(&mut model, data.0.clone(), data.1.clone(), &train_cfg, false);

@@ -192,10 +192,16 @@ pub struct TrainArgs {
     pub drop_path: f64,
     /// With --device cuda: capture the whole training step (forward, loss, backward, AdamW) into one CUDA
     /// graph after the first step and replay it each step: the same results bit for bit, a fraction of the
-    /// host time per step. `auto` (the default) does where it can (CUDA and AdamW), `on` refuses a run where
+    /// host time per step. `auto` (the default) does where it can (CUDA, AdamW, no clipping), `on` refuses a run where
     /// it cannot, `off` trains eagerly. Batches of another size (an epoch's last) run without the graph.
     #[arg(long, value_enum, default_value_t = GraphMode::Auto)]
     pub cuda_graph: GraphMode,
+    /// Drop each epoch's last, smaller batch (`--drop-last true`), so that every step is a full batch.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub drop_last: bool,
+    /// Clip the gradients to this global norm before each update (not with a CUDA graph).
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
 }
 
 /// `mila train --cuda-graph`.
@@ -215,7 +221,7 @@ impl TrainArgs {
         match self.cuda_graph {
             GraphMode::On => true,
             GraphMode::Off => false,
-            GraphMode::Auto => self.device.is_cuda() && self.optimizer == "adamw",
+            GraphMode::Auto => self.device.is_cuda() && self.optimizer == "adamw" && self.clip_grad.is_none(),
         }
     }
 }
@@ -306,6 +312,9 @@ fn run_training(args: &TrainArgs) -> Result<ExitCode> {
         return Err(engine::Error::Msg { context: "train", msg });
     }
     model_cfg.drop_path_rate = args.drop_path;
+    if let Some(c) = args.clip_grad.filter(|c| !(c.is_finite() && *c > 0.0)) {
+        return Err(engine::Error::Msg { context: "train", msg: format!("--clip-grad {c} is not a positive norm") });
+    }
     let pad = (model_cfg.img_size - train_set.height) / 2;
     let optimizer = match args.optimizer.as_str() {
         "adamw" => nn::trainer::OptimizerKind::AdamW,
@@ -327,7 +336,7 @@ fn run_training(args: &TrainArgs) -> Result<ExitCode> {
         momentum: 0.9,
         warmup_frac: 0.05,
         label_smoothing: args.label_smoothing,
-        clip_grad: None,
+        clip_grad: args.clip_grad,
         seed: args.seed,
         device: args.device,
         dtype: args.dtype,
@@ -340,6 +349,7 @@ fn run_training(args: &TrainArgs) -> Result<ExitCode> {
         stop_after: args.stop_after,
         ema_decay: args.ema,
         cuda_graph: args.graphed(),
+        drop_last: args.drop_last,
     };
     let mut rng = engine::Generator::new(args.seed);
     let mut init = nn::Init { dtype: args.dtype, device: args.device, rng: &mut rng };

@@ -2,6 +2,7 @@
 
 mod ablate;
 mod bench_cli;
+mod train_cli;
 
 use std::path::PathBuf;
 use std::process::Command;

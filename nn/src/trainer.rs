@@ -72,6 +72,10 @@ pub struct TrainConfig {
     /// clipping, no host randomness in the model (drop path 0).
     #[serde(default)]
     pub cuda_graph: bool,
+    /// Drop each epoch's last batch when it is smaller than `batch_size` (as timm- and Swin-style trainers
+    /// do), so that every step is a full batch.
+    #[serde(default)]
+    pub drop_last: bool,
 }
 
 /// One line of `metrics.jsonl`.
@@ -171,7 +175,7 @@ fn loader_for(data: Arc<Dataset>, cfg: &TrainConfig, train: bool) -> Result<Arc<
         LoaderConfig {
             batch_size: cfg.batch_size,
             shuffle: train,
-            drop_last: false,
+            drop_last: train && cfg.drop_last,
             seed: cfg.seed,
             mean: cfg.mean.clone(),
             std: cfg.std.clone(),

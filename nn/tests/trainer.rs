@@ -78,6 +78,7 @@ fn config(dir: &str, epochs: usize, lr: f64) -> TrainConfig {
         stop_after: None,
         ema_decay: None,
         cuda_graph: false,
+        drop_last: false,
     }
 }
 
@@ -146,6 +147,31 @@ fn non_finite_loss_stops_and_keeps_the_checkpoint() {
     assert!(err.contains("at step"), "{err}");
     assert_eq!(std::fs::read(checkpoint_path(&cfg.out_dir)).unwrap(), saved, "the last good checkpoint is kept");
     let _ = std::fs::remove_dir_all(&cfg.out_dir);
+}
+
+/// `drop_last` drops each epoch's last, smaller training batch (every step a full batch) and nothing else:
+/// the test set is still evaluated whole, and the run is otherwise the same (its first steps' losses too).
+#[test]
+fn drop_last_drops_the_short_training_batch_only() {
+    let (train_all, test_all) = Dataset::mnist10k().unwrap();
+    // 130 images in batches of 50: two full batches and one of 30; 70 test images in batches of 50.
+    let (tr, te) = (subset(&train_all, 130), subset(&test_all, 70));
+    let run = |drop_last: bool| {
+        let cfg = TrainConfig { drop_last, ..config(&format!("drop-last-{drop_last}"), 2, 1e-3) };
+        train(&mut tiny(3), tr.clone(), te.clone(), &cfg, false).unwrap()
+    };
+    let (kept, dropped) = (run(false), run(true));
+    assert_eq!(kept.iter().map(|m| m.step_losses.len()).collect::<Vec<_>>(), [3, 3]);
+    assert_eq!(dropped.iter().map(|m| m.step_losses.len()).collect::<Vec<_>>(), [2, 2]);
+    assert_eq!(dropped.last().unwrap().step, 4);
+    // The schedule spans the steps that run (warmup and cosine over 4 steps, not 6), so the first step's
+    // learning rate, and with it every later loss, differs; the first loss (before any update) does not.
+    assert_eq!(kept[0].step_losses[0], dropped[0].step_losses[0]);
+    // The test set is evaluated whole either way: 70 images give accuracies in multiples of 1/70.
+    for m in kept.iter().chain(&dropped) {
+        let hits = m.test_acc * 70.0;
+        assert!((hits - hits.round()).abs() < 1e-9, "{}", m.test_acc);
+    }
 }
 
 #[test]
