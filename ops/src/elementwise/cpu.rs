@@ -6,7 +6,10 @@ use engine::{with_cpu, CpuStorage, DType, Error, Float, Layout, Result};
 use super::zip::zip_runs;
 use super::{Binary, Cmp, Unary};
 
+pub(crate) mod exp;
 mod gelu;
+
+pub(crate) use exp::{exp, expm1};
 
 const SQRT_2: f64 = std::f64::consts::SQRT_2;
 /// 1 / sqrt(2 pi)
@@ -79,9 +82,9 @@ fn erf<T: Float>(x: T) -> T {
 fn sigmoid<T: Float>(x: T) -> T {
     // Two branches so that e^(-x) never overflows.
     if x >= T::ZERO {
-        T::ONE / (T::ONE + (-x).exp())
+        T::ONE / (T::ONE + exp(-x))
     } else {
-        let e = x.exp();
+        let e = exp(x);
         e / (T::ONE + e)
     }
 }
@@ -92,7 +95,7 @@ impl Unary {
         let c = |v: f64| T::from_f64(v);
         match self {
             Unary::Neg => -x,
-            Unary::Exp => x.exp(),
+            Unary::Exp => exp(x),
             Unary::Log => x.ln(),
             Unary::Sqrt => x.sqrt(),
             Unary::Rsqrt => T::ONE / x.sqrt(),
@@ -110,7 +113,7 @@ impl Unary {
                 if x > T::ZERO {
                     x
                 } else {
-                    c(a) * x.exp_m1()
+                    c(a) * expm1(x)
                 }
             }
             Unary::Softplus { beta, threshold } => {
@@ -167,7 +170,7 @@ impl Unary {
             Unary::Relu => step(x > T::ZERO),
             Unary::Gelu => {
                 let cdf = c(0.5) * (T::ONE + erf(x / c(SQRT_2)));
-                cdf + x * c(INV_SQRT_2PI) * (c(-0.5) * x * x).exp()
+                cdf + x * c(INV_SQRT_2PI) * exp(c(-0.5) * x * x)
             }
             Unary::Silu => {
                 let s = sigmoid(x);

@@ -36,7 +36,7 @@
 //! Comparisons return 1.0 / 0.0 in the inputs' dtype and carry no gradient. `where_(c, a, b)` picks a where
 //! c != 0, else b; its gradient goes to the input that was picked.
 
-mod cpu;
+pub(crate) mod cpu;
 pub(crate) mod cuda;
 pub(crate) mod zip;
 

@@ -4,7 +4,7 @@
 //! Each lane runs exactly the operations of the scalar formulas ([`Unary::Gelu`]'s `f` and `df`, in
 //! cpu.rs) in the same order: f32 division and products, the widening to f64, min instead of the
 //! branch-free selects (`min(a, b)` is `a < b ? a : b`, NaN included), separate multiplies and adds in
-//! Horner's rule (never fused), the narrowing back to f32 and libm's `expf` for the derivative's Gaussian,
+//! Horner's rule (never fused), the narrowing back to f32 and `exp_f32` for the derivative's Gaussian,
 //! lane by lane. The results are so bitwise the scalar ones (a test checks every kind of input); the scalar
 //! code takes the runs' tails and CPUs without AVX.
 
@@ -173,7 +173,7 @@ mod avx {
         let mut arg = [0f32; 4];
         // SAFETY: `arg` holds four f32 (unaligned store).
         unsafe { _mm_storeu_ps(arg.as_mut_ptr(), _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(-0.5), x), x)) };
-        let ex = arg.map(f32::exp);
+        let ex = arg.map(crate::elementwise::cpu::exp::exp_f32);
         // SAFETY: `ex` holds four f32 (unaligned load).
         let ex = unsafe { _mm_loadu_ps(ex.as_ptr()) };
         let pdf = _mm_mul_ps(_mm_mul_ps(x, _mm_set1_ps(INV_SQRT_2PI as f32)), ex);
