@@ -26,7 +26,9 @@
 const SHIFT: f32 = 12_582_912.0;
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 = LN2_HI + LN2_LO; LN2_HI has 16 significant bits, so n LN2_HI is exact for |n| < 2^8.
+#[allow(clippy::excessive_precision)] // written out exactly
 const LN2_HI: f32 = 0.693_145_751_953_125;
+#[allow(clippy::excessive_precision)] // ln 2 - LN2_HI to f64 precision, rounded once
 const LN2_LO: f32 = 1.428_606_820_309_417_3e-6;
 /// 1 / k! for k = 2..=10, the Taylor coefficients of e^r after 1 + r.
 const INV_FACT: [f32; 9] = [
@@ -73,14 +75,8 @@ fn q(r: f32, terms: usize) -> f32 {
 /// gives NaN.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
-    // NaN fails both comparisons and flows through the arithmetic to the result.
-    let xc = if x > 89.0 {
-        89.0
-    } else if x < -104.0 {
-        -104.0
-    } else {
-        x
-    };
+    // clamp keeps NaN, which flows through the arithmetic to the result.
+    let xc = x.clamp(-104.0, 89.0);
     let (n, r) = reduce(xc);
     // e^r = 1 + r + r^2 q(r) to r^8, the small terms first.
     let er = (r * r).mul_add(q(r, 7), r) + 1.0;
@@ -96,13 +92,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 /// gives NaN, |x| < 2^-24 gives x itself (the exact result rounds to it; -0 stays -0).
 #[inline(always)]
 pub(crate) fn expm1_f32(x: f32) -> f32 {
-    let xc = if x > 89.0 {
-        89.0
-    } else if x < -86.0 {
-        -86.0
-    } else {
-        x
-    };
+    let xc = x.clamp(-86.0, 89.0);
     // For |x| < ln 2, n = 0 and r = x: the series alone, to r^10 (the first term left out is below 1e-9 of
     // the result there). Reducing such x to n = +-1 would leave 2 (h em1 + (h - 1/2)) below to cancel.
     let (n, r) = if x.abs() < std::f32::consts::LN_2 { (0, x) } else { reduce(xc) };
@@ -114,7 +104,7 @@ pub(crate) fn expm1_f32(x: f32) -> f32 {
     // infinity past 2^128.
     let h = pow2(n - 1);
     let y = 2.0 * h.mul_add(em1, h - 0.5);
-    if x.abs() < 5.960_464_5e-8 {
+    if x.abs() < 5.960_464_5e-8_f32 {
         x
     } else {
         y
