@@ -561,6 +561,10 @@ __device__ void dw_reduce_impl(const double* part, T* dwt, T* db, int c, int per
 
 #define DW_S2_RUN 4
 
+// The kernels (entry points below) run blocks of 256 threads (DW_S2_THREADS in conv/cuda.rs); the forward is
+// bounded to 64 registers in f32 (4 blocks a multiprocessor; 2 in f64), which it fits without spilling
+// (cuobjdump --dump-resource-usage on NVRTC's sm_90 CUBIN: forward 64, backward 74 registers in f32).
+
 // A direct launch, mirrored by `DwS2` in conv/cuda.rs (12 x i32, 48 bytes), which computes it (`dw_s2_plan`).
 // Every count fits an int (the plan checks); element offsets into the tensors are computed in 64 bits.
 struct DwS2 {
@@ -596,35 +600,54 @@ __device__ __forceinline__ DwS2Item dw_s2_item(int rest, FastDiv dow, int ow) {
     return DwS2Item{r * DW_S2_RUN, rest - r * ow};
 }
 
-// Input rows 2 a0 - 1 + t (t < 2R + 1) at columns 2b - 1 + j (j < 3) of plane xp into v[t][j], zeros outside the
-// image. Columns 2b, 2b + 1 as a pair when `pairs` (W even and x aligned: every pair then lies in its row);
-// column 2b - 1 from lane L - 1 when `from_left` (it holds column b - 1 of the same rows), else loaded. Every
-// lane of the warp must call this (the shuffles).
-template <typename T>
-__device__ __forceinline__ void dw_s2_load_x(const T* xp, int h, int w, DwS2Item it, bool pairs, bool from_left,
-                                             T (&v)[2 * DW_S2_RUN + 1][3]) {
+// Issues the loads of input rows 2 a0 - 1 + t (t < 2R + 1) at columns 2b - 1 + j (j < 3) of plane xp into
+// v[t][j], zeros outside the image: columns 2b, 2b + 1 as a pair when `pairs` (W even and x aligned: every pair
+// then lies in its row), column 2b - 1 only when the lane does not take it from lane L - 1 (`from_left`: lane
+// L - 1 holds column b - 1 of the same rows), see dw_s2_x_from_left. All the loads of an item are issued before
+// the first shuffle, which waits for them: a shuffle right after each row's load would wait for the rows one
+// after another.
+template <typename T, bool PAIRS>
+__device__ __forceinline__ void dw_s2_load_x_as(const T* xp, int h, int w, DwS2Item it, bool from_left,
+                                                T (&v)[2 * DW_S2_RUN + 1][3]) {
     const int c0 = 2 * it.b;
 #pragma unroll
     for (int t = 0; t < 2 * DW_S2_RUN + 1; ++t) {
         const int row = 2 * it.a0 - 1 + t;
         const bool in = (unsigned)row < (unsigned)h;
-        const T* rp = xp + (long long)(in ? row : 0) * w;
-        T even = T(0), odd = T(0);  // columns 2b and 2b + 1
-        if (in) {
-            if (pairs) {
-                const typename Pair2<T>::type q = __ldg((const typename Pair2<T>::type*)(rp + c0));
-                even = q.x;
-                odd = q.y;
-            } else {
-                even = __ldg(rp + c0);
-                if (c0 + 1 < w) odd = __ldg(rp + c0 + 1);
+        const T* rp = xp + (long long)(in ? row : 0) * w + c0;
+        v[t][1] = v[t][2] = T(0);
+        if (PAIRS) {
+            if (in) {
+                const typename Pair2<T>::type q = __ldg((const typename Pair2<T>::type*)rp);
+                v[t][1] = q.x;
+                v[t][2] = q.y;
             }
+        } else {
+            if (in) v[t][1] = __ldg(rp);
+            if (in && c0 + 1 < w) v[t][2] = __ldg(rp + 1);
         }
-        T left = __shfl_up_sync(0xffffffffu, odd, 1);
-        if (!from_left) left = in && c0 > 0 ? __ldg(rp + c0 - 1) : T(0);
-        v[t][0] = left;
-        v[t][1] = even;
-        v[t][2] = odd;
+        v[t][0] = !from_left && in && c0 > 0 ? __ldg(rp - 1) : T(0);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void dw_s2_load_x(const T* xp, int h, int w, DwS2Item it, bool pairs, bool from_left,
+                                             T (&v)[2 * DW_S2_RUN + 1][3]) {
+    if (pairs) {
+        dw_s2_load_x_as<T, true>(xp, h, w, it, from_left, v);
+    } else {
+        dw_s2_load_x_as<T, false>(xp, h, w, it, from_left, v);
+    }
+}
+
+// Column 2b - 1 of each row from lane L - 1's column 2b - 1 (its v[t][2]), where `from_left`. Every lane of the
+// warp must call this.
+template <typename T>
+__device__ __forceinline__ void dw_s2_x_from_left(bool from_left, T (&v)[2 * DW_S2_RUN + 1][3]) {
+#pragma unroll
+    for (int t = 0; t < 2 * DW_S2_RUN + 1; ++t) {
+        const T left = __shfl_up_sync(0xffffffffu, v[t][2], 1);
+        if (from_left) v[t][0] = left;
     }
 }
 
@@ -639,12 +662,15 @@ __device__ void dw_s2_fwd_impl(const T* x, const T* wt, const T* bias, Strided l
     const DwS2Item it = dw_s2_item(flat - plane * p.items, fast_div(p.ow), p.ow);
     const int ch = plane % p.c;
     const bool pairs = p.w % 2 == 0 && ((unsigned long long)x % (2 * sizeof(T))) == 0;
-    T v[2 * R + 1][3];
-    dw_s2_load_x(x + (long long)plane * p.h * p.w, p.h, p.w, it, pairs, lane > 0 && it.b > 0, v);
+    const T* xp = x + (long long)plane * p.h * p.w;
+    const bool from_left = lane > 0 && it.b > 0;
     T k[9];
 #pragma unroll
     for (int t = 0; t < 9; ++t) k[t] = __ldg(wt + ch * 9 + t);
     const T b0 = has_bias ? bias[offset_of(lb, ch)] : T(0);
+    T v[2 * R + 1][3];
+    dw_s2_load_x(xp, p.h, p.w, it, pairs, from_left, v);
+    dw_s2_x_from_left(from_left, v);
     if (id >= p.total) return;
     T* yp = y + (long long)plane * p.oh * p.ow + (long long)it.a0 * p.ow + it.b;
 #pragma unroll
@@ -662,7 +688,7 @@ __device__ void dw_s2_fwd_impl(const T* x, const T* wt, const T* bias, Strided l
 // Backward: dx (need_dx) and the weight and bias partials (need_sums) of block b = ch per + piece, which takes
 // items start .. end of channel ch (item q: sample q / items, the rest as in the forward), blockDim.x at a time.
 // Every thread runs the same number of turns (the shuffles); turns past `end` repeat the last item, write
-// nothing and add nothing.
+// nothing and add nothing. A turn issues all its loads (g, then x) before the shuffles that wait for them.
 template <typename T>
 __device__ void dw_s2_bwd_impl(const T* x, const T* wt, const T* g, T* dx, double* part, DwS2 p, int need_dx,
                                int need_sums) {
@@ -696,9 +722,15 @@ __device__ void dw_s2_bwd_impl(const T* x, const T* wt, const T* g, T* dx, doubl
             const bool in = row < p.oh;
             const T* rp = gp + (long long)(in ? row : 0) * p.ow + it.b;
             gv[u][0] = in ? __ldg(rp) : T(0);
-            T right = __shfl_down_sync(0xffffffffu, gv[u][0], 1);
-            if (!from_right) right = in && it.b + 1 < p.ow ? __ldg(rp + 1) : T(0);
-            gv[u][1] = right;
+            gv[u][1] = !from_right && in && it.b + 1 < p.ow ? __ldg(rp + 1) : T(0);
+        }
+        const bool from_left = lane > 0 && it.b > 0;
+        T v[2 * R + 1][3];
+        if (need_sums) dw_s2_load_x(x + plane * p.h * p.w, p.h, p.w, it, xpairs, from_left, v);
+#pragma unroll
+        for (int u = 0; u <= R; ++u) {
+            const T right = __shfl_down_sync(0xffffffffu, gv[u][0], 1);
+            if (from_right) gv[u][1] = right;
         }
         if (need_dx && valid) {
             // dx row 2 a0 + e, columns 2b + f: tap (ti, tj) meets g row a0 + (e + 1 - ti) / 2 and column
@@ -731,8 +763,7 @@ __device__ void dw_s2_bwd_impl(const T* x, const T* wt, const T* g, T* dx, doubl
             }
         }
         if (need_sums) {
-            T v[2 * R + 1][3];
-            dw_s2_load_x(x + plane * p.h * p.w, p.h, p.w, it, xpairs, lane > 0 && it.b > 0, v);
+            dw_s2_x_from_left(from_left, v);
             if (valid) {
 #pragma unroll
                 for (int u = 0; u < R; ++u) {
@@ -1569,14 +1600,15 @@ __device__ void cc1d_bwd_w_impl(const T* x, const T* g, T* dwt, Conv1dParams p) 
     DW_TILED(T, SUFFIX, 3x3s1, (dw_fwd_tiled_impl<T, 3, 3, 1>), (dw_bwd_tiled_impl<T, 3, 3, 1>))             \
     DW_TILED(T, SUFFIX, 3x3s2, (dw_fwd_tiled_impl<T, 3, 3, 2>), (dw_bwd_tiled_impl<T, 3, 3, 2>))             \
     DW_TILED(T, SUFFIX, any, dw_fwd_tiled_any_impl<T>, dw_bwd_tiled_any_impl<T>)                              \
-    extern "C" __global__ void dw_s2_fwd_##SUFFIX(const T* x, const T* w, const T* bias, Strided lb,          \
-                                                  int has_bias, T* y, DwS2 p) {                               \
-        dw_s2_fwd_impl<T>(x, w, bias, lb, has_bias, y, p);                                                     \
-    }                                                                                                          \
-    extern "C" __global__ void dw_s2_bwd_##SUFFIX(const T* x, const T* w, const T* g, T* dx, double* part,    \
-                                                  DwS2 p, int need_dx, int need_sums) {                       \
-        dw_s2_bwd_impl<T>(x, w, g, dx, part, p, need_dx, need_sums);                                           \
-    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 16 / sizeof(T))                                         \
+        dw_s2_fwd_##SUFFIX(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y, DwS2 p) {   \
+        dw_s2_fwd_impl<T>(x, w, bias, lb, has_bias, y, p);                                                    \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                                         \
+        dw_s2_bwd_##SUFFIX(const T* x, const T* w, const T* g, T* dx, double* part, DwS2 p, int need_dx,      \
+                           int need_sums) {                                                                   \
+        dw_s2_bwd_impl<T>(x, w, g, dx, part, p, need_dx, need_sums);                                          \
+    }                                                                                                         \
     extern "C" __global__ void dw_reduce_##SUFFIX(const double* part, T* dw, T* db, int c, int per, int taps, \
                                                   int need_w, int need_b) {                                   \
         dw_reduce_impl<T>(part, dw, db, c, per, taps, need_w, need_b);                                         \
