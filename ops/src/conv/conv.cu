@@ -11,9 +11,11 @@
 //
 // Kernel names: <kernel>_<dtype>; the tiled depthwise kernels have one instance per fixed kernel size and
 // stride (dw_fwd_3x3s1_<dtype>, ..., and dw_fwd_any_<dtype> with run-time loops); the channels-last ones also
-// one per access width (dwl_fwd_3x3s1_vec_<dtype>: 16 bytes of channels a thread, dwl_fwd_3x3s1_one_<dtype>).
+// one per access width (dwl_fwd_3x3s1_vec_<dtype>: 16 bytes of channels a thread, dwl_fwd_3x3s1_one_<dtype>);
+// the direct 3x3 stride-2 padding-1 ones are dw_s2_fwd_<dtype> and dw_s2_bwd_<dtype>.
 //
-// emu/harness.cpp runs the channels-last kernels on the scan's CPU emulator against a float64 reference.
+// emu/harness.cpp runs the channels-last kernels and the direct stride-2 ones on the scan's CPU emulator against
+// a float64 reference.
 
 // Geometry of a conv2d call, mirrored by `Conv2dParams` in conv/cuda.rs (16 x i64, 128 bytes).
 struct Conv2dParams {

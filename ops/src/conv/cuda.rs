@@ -21,6 +21,14 @@
 //! wide for a tile fall back to untiled kernels: one thread per output (dx: per input) pixel, and the weight
 //! gradient by blocks of (channel, chunk of samples) summed in double, then the chunks in order.
 //!
+//! Depthwise conv2d 3x3, stride 2, padding 1 (the patch merging's), NCHW: direct kernels ([`dw_s2_plan`])
+//! before the tiled ones. A thread takes a column and a run of four output rows of one plane and loads the
+//! input rows they read straight from global memory, every load of the item in flight at once (pairs of
+//! columns, the column a warp's neighbour holds by a shuffle), with no shared-memory tile and no barrier
+//! between loading and computing. The backward is one fused kernel with the same items: each writes the 8x2
+//! block of dx it owns (a gather, no atomics) and adds its g x terms into per-thread tap and bias sums; a
+//! block takes a range of one channel's items and writes one row of partials, which `dw_reduce` adds in order.
+//!
 //! Dense and grouped conv2d, forward: an implicit GEMM (`conv_igemm`: each block gathers the patches of its
 //! 256 output pixels from x step by step over K = C/G kh kw, 32 output channels a block, FFMA), except for
 //! pointwise convs and in TF32 mode, which take the cuBLAS path below ([`Conv2dGeom::implicit_gemm`]).
@@ -1761,7 +1769,7 @@ mod tests {
         let g = geom([64, 512, 7, 7], 1).unwrap();
         let f = dw_plan(&g, 4, false, 132).unwrap();
         assert_eq!((f.tile.planes, f.tile.groups, f.blocks), (64, 1, 512));
-        // Downsampling, stride 2.
+        // Stride 2 (padding 1 runs the direct kernels instead: `dw_s2_plan`).
         assert_eq!(dw_plan(&geom([64, 512, 28, 28], 2).unwrap(), 4, true, 132).unwrap().kernel, DwKernel::K3S2);
         // One sample of few channels: bands of whole runs, so that the grid has a few blocks per multiprocessor.
         let g = geom([1, 4, 56, 56], 1).unwrap();
@@ -1773,6 +1781,40 @@ mod tests {
         assert!(dw_plan(&geom([1, 2, 3, 800], 1).unwrap(), 4, true, 132).is_some());
         let dilated = Conv2dGeom::new(&[2, 3, 9, 9], &[3, 1, 3, 3], (1, 1), (2, 2), (2, 2), 3).unwrap();
         assert_eq!(dw_plan(&dilated, 4, true, 132).unwrap().kernel, DwKernel::Any);
+    }
+
+    #[test]
+    fn dw_s2_plans_cover_every_item_and_dx_element() {
+        for g in dw_geometries() {
+            let s2 = (g.kh, g.kw, g.stride, g.padding, g.dilation) == (3, 3, (2, 2), (1, 1), (1, 1));
+            let Some(p) = dw_s2_plan(&g) else {
+                assert!(!s2, "{g:?}: no direct plan");
+                continue;
+            };
+            assert!(s2, "{g:?}: a direct plan for another conv");
+            let [runs, items, span, chunk, per] = [p.runs, p.items, p.span, p.chunk, p.per].map(|v| v as usize);
+            assert_eq!((runs, items, span), (g.oh.div_ceil(DW_S2_RUN), runs * g.ow, g.n * items), "{g:?}");
+            assert_eq!(p.total as usize, g.c * span, "{g:?}");
+            // The blocks of a channel take every item once, none is empty, and no thread more than DW_S2_ITEMS.
+            assert!(chunk * per >= span && chunk * (per - 1) < span, "{g:?}: {p:?}");
+            assert!(chunk <= DW_S2_THREADS * DW_S2_ITEMS, "{g:?}: {p:?}");
+            // The items' dx blocks (rows 2 a0 .. 2 a0 + 2 DW_S2_RUN, columns 2b, 2b + 1) reach every dx element.
+            assert!(2 * runs * DW_S2_RUN >= g.h && 2 * g.ow >= g.w, "{g:?}");
+        }
+    }
+
+    #[test]
+    fn dw_s2_plans_of_the_mlla_t_merges() {
+        let geom = |x: [usize; 4]| Conv2dGeom::new(&x, &[x[1], 1, 3, 3], (2, 2), (1, 1), (1, 1), x[1]).unwrap();
+        // (runs, items a plane, a channel's items, chunk, blocks a channel) of the three patch mergings at batch 128.
+        let plan = |x| dw_s2_plan(&geom(x)).map(|p| (p.runs, p.items, p.span, p.chunk, p.per));
+        assert_eq!(plan([128, 512, 56, 56]), Some((7, 196, 25088, 1004, 25)));
+        assert_eq!(plan([128, 1024, 28, 28]), Some((4, 56, 7168, 1024, 7)));
+        assert_eq!(plan([128, 2048, 14, 14]), Some((2, 14, 1792, 896, 2)));
+        // Other paddings keep the tiled kernels.
+        let p0 = Conv2dGeom::new(&[2, 3, 8, 8], &[3, 1, 3, 3], (2, 2), (0, 0), (1, 1), 3).unwrap();
+        assert!(dw_s2_plan(&p0).is_none());
+        assert_eq!(dw_plan(&p0, 4, true, 132).unwrap().kernel, DwKernel::K3S2);
     }
 
     #[test]

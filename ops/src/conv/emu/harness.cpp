@@ -1,7 +1,10 @@
 // Runs conv.cu's channels-last depthwise kernels (dwl_*) on the CPU emulator of the scan (../../scan/emu) against
 // a float64 reference of the conv and its gradients, over shapes, kernels, strides, paddings, dilations, both
 // dtypes, both access widths (V = 16 / sizeof(T) and 1) and launch plans (the one conv/cuda.rs makes, and
-// narrower blocks and shorter grids, so that threads walk several items). Exit status 0 when every case passes.
+// narrower blocks and shorter grids, so that threads walk several items); then the NCHW direct 3x3 stride-2
+// kernels (dw_s2_*) over odd and even sides, one sample or channel, H or W of 1, the patch merging's sides and
+// rows wider than a warp, x and dx aligned or not for pair accesses, the plan of conv/cuda.rs and narrower ones
+// whose blocks end inside a warp, and with dx or the weight sums alone. Exit status 0 when every case passes.
 //
 //   g++ -std=c++17 -O1 -o /tmp/conv_emu ops/src/conv/emu/harness.cpp && /tmp/conv_emu
 //
