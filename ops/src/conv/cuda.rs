@@ -485,7 +485,7 @@ unsafe fn launch_tiled(op: &'static str, mut args: LaunchArgs<'_>, plan: &DwPlan
 /// Output rows one item of the direct stride-2 kernels covers (DW_S2_RUN in conv.cu).
 const DW_S2_RUN: usize = 4;
 
-/// Threads of a block of the direct stride-2 kernels.
+/// Threads of a block of the direct stride-2 kernels: the most their `__launch_bounds__` in conv.cu allow.
 const DW_S2_THREADS: usize = 256;
 
 /// Most items a thread of the direct stride-2 backward takes (summing its weight and bias terms in T before
