@@ -4,7 +4,8 @@
 // narrower blocks and shorter grids, so that threads walk several items); then the NCHW direct 3x3 stride-2
 // kernels (dw_s2_*) over odd and even sides, one sample or channel, H or W of 1, the patch merging's sides and
 // rows wider than a warp, x and dx aligned or not for pair accesses, the plan of conv/cuda.rs and narrower ones
-// whose blocks end inside a warp, and with dx or the weight sums alone. Exit status 0 when every case passes.
+// whose blocks end inside a warp, and with dx or the weight sums alone; their y and dx also bit for bit against
+// the tiled stride-2 instance's. Exit status 0 when every case passes.
 //
 //   g++ -std=c++17 -O1 -o /tmp/conv_emu ops/src/conv/emu/harness.cpp && /tmp/conv_emu
 //
@@ -391,6 +392,42 @@ bool s2_check_plan(const S2Case& k, const S2Ref& ref, const std::vector<T>& x0, 
     return ok;
 }
 
+// y and dx of the direct kernels against the tiled stride-2 instance (dw_fwd_tiled_impl / dw_bwd_tiled_impl
+// <T, 3, 3, 2>) on a one-band, one-plane-a-block tiling: the same taps in the same order, so the same bits.
+template <typename T>
+bool s2_same_bits_as_tiled(const S2Case& k, const std::vector<T>& x, const std::vector<T>& w,
+                           const std::vector<T>& b, const std::vector<T>& g) {
+    const int oh = k.oh(), ow = k.ow(), run = 4;
+    const int a1r = (oh + run - 1) / run * run, r1r = (k.h + run - 1) / run * run;
+    const int xrows = (a1r - 1) * 2 + 3, grows = std::max(a1r, r1r / 2 + 1);
+    const DwTile t{k.n, k.c, k.h, k.w, oh, ow, 3, 3, 2, 2, 1, 1, 1, 1, 1, k.n, oh, 1, xrows, grows};
+    const unsigned smem = (unsigned)((xrows * k.w + grows * ow) * sizeof(T));
+    if (smem > sizeof(dw_smem)) return true;  // too large for the harness's shared memory: not compared
+    Strided lb{};
+    lb.shape[0] = k.c;
+    lb.strides[0] = 1;
+    lb.rank = 1;
+    lb.contiguous = 1;
+    const S2Plan pl = s2_plan(k, 256, 4, 0);
+    std::vector<T> y1((size_t)k.n * k.c * oh * ow, T(NAN)), y2 = y1, dx1(x.size(), T(NAN)), dx2 = dx1;
+    std::vector<double> part((size_t)k.c * pl.p.per * 10), tpart((size_t)k.c * k.n * 10);
+    launch((pl.p.total + 255) / 256, 256, 0, 1,
+           [&] { dw_s2_fwd_impl<T>(x.data(), w.data(), b.data(), lb, 1, y1.data(), pl.p); });
+    launch(k.c * pl.p.per, 256, 0, 1,
+           [&] { dw_s2_bwd_impl<T>(x.data(), w.data(), g.data(), dx1.data(), part.data(), pl.p, 1, 0); });
+    launch(k.c * k.n, 256, smem, 1,
+           [&] { dw_fwd_tiled_impl<T, 3, 3, 2>(x.data(), w.data(), b.data(), lb, 1, y2.data(), t); });
+    launch(k.c * k.n, 256, smem, 1, [&] {
+        dw_bwd_tiled_impl<T, 3, 3, 2>(x.data(), w.data(), g.data(), dx2.data(), tpart.data(), t, 1, 0);
+    });
+    const bool same = std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(T)) == 0 &&
+                      std::memcmp(dx1.data(), dx2.data(), dx1.size() * sizeof(T)) == 0;
+    if (!same)
+        std::printf("FAIL s2 %s n%d c%d %dx%d: y or dx bits differ from the tiled kernel's\n",
+                    sizeof(T) == 4 ? "f32" : "f64", k.n, k.c, k.h, k.w);
+    return same;
+}
+
 template <typename T>
 bool s2_check(const S2Case& k, uint64_t seed, double tol, bool quick) {
     std::mt19937_64 gen(seed);
@@ -401,6 +438,7 @@ bool s2_check(const S2Case& k, uint64_t seed, double tol, bool quick) {
         for (auto& e : *v) e = T(d(gen));
     const S2Ref ref = s2_reference(k, widen(x), widen(w), widen(b), widen(g));
     bool ok = s2_check_plan<T>(k, ref, x, w, b, g, s2_plan(k, 256, 4, 0), 0, tol, "h200");
+    ok &= s2_same_bits_as_tiled<T>(k, x, w, b, g);
     if (quick) return ok;
     ok &= s2_check_plan<T>(k, ref, x, w, b, g, s2_plan(k, 256, 4, 0), 1, tol, "h200");
     // 64 threads, ranges of 37 items: blocks end inside warps, several blocks a channel, several turns a thread.
