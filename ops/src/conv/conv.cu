@@ -11,9 +11,11 @@
 //
 // Kernel names: <kernel>_<dtype>; the tiled depthwise kernels have one instance per fixed kernel size and
 // stride (dw_fwd_3x3s1_<dtype>, ..., and dw_fwd_any_<dtype> with run-time loops); the channels-last ones also
-// one per access width (dwl_fwd_3x3s1_vec_<dtype>: 16 bytes of channels a thread, dwl_fwd_3x3s1_one_<dtype>).
+// one per access width (dwl_fwd_3x3s1_vec_<dtype>: 16 bytes of channels a thread, dwl_fwd_3x3s1_one_<dtype>);
+// the direct 3x3 stride-2 padding-1 ones are dw_s2_fwd_<dtype> and dw_s2_bwd_<dtype>.
 //
-// emu/harness.cpp runs the channels-last kernels on the scan's CPU emulator against a float64 reference.
+// emu/harness.cpp runs the channels-last kernels and the direct stride-2 ones on the scan's CPU emulator against
+// a float64 reference.
 
 // Geometry of a conv2d call, mirrored by `Conv2dParams` in conv/cuda.rs (16 x i64, 128 bytes).
 struct Conv2dParams {
@@ -210,9 +212,15 @@ __device__ __forceinline__ DwBand dw_band(const DwTile& p, int run) {
 // Sums each of the K values of `v` over the block (blockDim.x a multiple of 32) and writes them to out[0..K):
 // butterflies within the warps, then the warps' sums in warp order. The shape is fixed: the same launch
 // always gives the same bits.
+//
+// The scratch is static shared memory; DW_STATIC_SHARED lets the CPU emulator (emu/harness.cpp) declare it as
+// one array for all the threads of its block.
+#ifndef DW_STATIC_SHARED
+#define DW_STATIC_SHARED __shared__
+#endif
 template <int K>
 __device__ void dw_block_sums(const double (&v)[K], double* out) {
-    __shared__ double red[32 * K];
+    DW_STATIC_SHARED double red[32 * K];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
 #pragma unroll
     for (int q = 0; q < K; ++q) {
@@ -519,6 +527,264 @@ __device__ void dw_reduce_impl(const double* part, T* dwt, T* db, int c, int per
                 }
             }
         }
+    }
+}
+
+// ---- depthwise conv2d 3x3, stride 2, padding 1 (NCHW): direct kernels -----------------------------------------
+
+// The patch merging's depthwise conv (MLLA-T at batch 128: (128, 512, 56, 56) -> 28x28, (128, 1024, 28, 28) ->
+// 14x14, (128, 2048, 14, 14) -> 7x7), for any sizes. No shared-memory tile and no barrier between a load phase
+// and a compute phase: each thread reads what its outputs need straight from global memory, all of an item's
+// loads independent of each other and issued before the first use, so that the many loads in flight per
+// thread hide the memory latency (the tiled kernels' blocks each waited for their whole tile, computed, then
+// stored, leaving the memory idle in between).
+//
+// Items. An item is one output column b and a vertical run of R = DW_S2_RUN output rows a0 .. a0 + R of one
+// plane (sample, channel). With padding 1, output (a, b) reads input rows 2a - 1 .. 2a + 1 and columns
+// 2b - 1 .. 2b + 1, so an item reads the 2R + 1 input rows 2 a0 - 1 .. 2 a0 + 2R - 1 at columns 2b - 1, 2b,
+// 2b + 1 (zeros outside the image). Items are numbered plane by plane, run by run, column by column, so the 32
+// lanes of a warp take neighbouring columns of a row: lane L loads columns (2b, 2b + 1) of each row as one
+// pair (8 bytes in f32, 16 in f64, when W is even) and takes column 2b - 1 from lane L - 1's pair with a
+// shuffle (lanes whose left neighbour holds another row, or lane 0, load it themselves; b = 0 reads padding).
+// A warp's pair loads are one contiguous stretch of the row, and each input element comes from DRAM once (the
+// row two runs share, and the column at a warp's edge, come from cache).
+//
+// Backward, fused: the same items. Item (a0, b) writes the dx block of rows 2 a0 .. 2 a0 + 2R and columns
+// 2b, 2b + 1 (these blocks tile dx exactly: OH = ceil(H / 2), OW = ceil(W / 2)); dx[i, j] gathers
+// w[ti, tj] g[(i + 1 - ti) / 2, (j + 1 - tj) / 2] over the taps where both divisions are exact: the g rows
+// a0 .. a0 + R at columns b and b + 1 (b + 1 from lane L + 1 by a shuffle). Taps in row-major order, as the
+// tiled kernel and the CPU. The weight and bias sums: the item's outputs add g x into the 9 tap sums and g
+// into the bias sum in registers (T); a block takes a range of one channel's items (sample by sample, `chunk`
+// of them, a few per thread), adds its threads' sums in double (dw_block_sums) and writes one row of partials;
+// dw_reduce adds each channel's rows in block order. No atomics: the same launch gives the same bits.
+//
+// Bytes (MLLA-T, f32): the forward reads x and writes y once: 1.80 GB over the three launches, 0.45 ms at
+// 4 TB/s; the backward reads x and g and writes dx once: 3.24 GB, 0.81 ms (plus 10 doubles per block).
+
+#define DW_S2_RUN 4
+
+// The kernels (entry points below) run blocks of 256 threads (DW_S2_THREADS in conv/cuda.rs); the forward is
+// bounded to 64 registers in f32 (4 blocks a multiprocessor; 2 in f64), which it fits without spilling
+// (cuobjdump --dump-resource-usage on NVRTC's sm_90 CUBIN: forward 64, backward 74 registers in f32).
+
+// A direct launch, mirrored by `DwS2` in conv/cuda.rs (12 x i32, 48 bytes), which computes it (`dw_s2_plan`).
+// Every count fits an int (the plan checks); element offsets into the tensors are computed in 64 bits.
+struct DwS2 {
+    int n, c, h, w, oh, ow;
+    int runs;   // ceil(oh / R): runs of output rows per plane
+    int items;  // runs ow: items per plane
+    int total;  // n c items: the forward's items, one a thread
+    int span;   // n items: one channel's items in the backward
+    int chunk;  // items of a channel one block of the backward takes (the last block of a channel may take fewer)
+    int per;    // blocks per channel of the backward: ceil(span / chunk)
+};
+
+static_assert(sizeof(DwS2) == 48, "DwS2 must match conv/cuda.rs");
+
+// Two neighbouring elements of a row, as one 8-byte (f32) or 16-byte (f64) access.
+template <typename T> struct Pair2;
+template <> struct Pair2<float> {
+    typedef float2 type;
+    static __device__ __forceinline__ float2 make(float a, float b) { return make_float2(a, b); }
+};
+template <> struct Pair2<double> {
+    typedef double2 type;
+    static __device__ __forceinline__ double2 make(double a, double b) { return make_double2(a, b); }
+};
+
+// Where an item lies in its plane: output rows a0 .. a0 + R, column b.
+struct DwS2Item {
+    int a0, b;
+};
+
+__device__ __forceinline__ DwS2Item dw_s2_item(int rest, FastDiv dow, int ow) {
+    const int r = div_of(rest, dow);
+    return DwS2Item{r * DW_S2_RUN, rest - r * ow};
+}
+
+// Issues the loads of input rows 2 a0 - 1 + t (t < 2R + 1) at columns 2b - 1 + j (j < 3) of plane xp into
+// v[t][j], zeros outside the image: columns 2b, 2b + 1 as a pair when `pairs` (W even and x aligned: every pair
+// then lies in its row), column 2b - 1 only when the lane does not take it from lane L - 1 (`from_left`: lane
+// L - 1 holds column b - 1 of the same rows), see dw_s2_x_from_left. All the loads of an item are issued before
+// the first shuffle, which waits for them: a shuffle right after each row's load would wait for the rows one
+// after another.
+template <typename T, bool PAIRS>
+__device__ __forceinline__ void dw_s2_load_x_as(const T* xp, int h, int w, DwS2Item it, bool from_left,
+                                                T (&v)[2 * DW_S2_RUN + 1][3]) {
+    const int c0 = 2 * it.b;
+#pragma unroll
+    for (int t = 0; t < 2 * DW_S2_RUN + 1; ++t) {
+        const int row = 2 * it.a0 - 1 + t;
+        const bool in = (unsigned)row < (unsigned)h;
+        const T* rp = xp + (long long)(in ? row : 0) * w + c0;
+        v[t][1] = v[t][2] = T(0);
+        if (PAIRS) {
+            if (in) {
+                const typename Pair2<T>::type q = __ldg((const typename Pair2<T>::type*)rp);
+                v[t][1] = q.x;
+                v[t][2] = q.y;
+            }
+        } else {
+            if (in) v[t][1] = __ldg(rp);
+            if (in && c0 + 1 < w) v[t][2] = __ldg(rp + 1);
+        }
+        v[t][0] = !from_left && in && c0 > 0 ? __ldg(rp - 1) : T(0);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void dw_s2_load_x(const T* xp, int h, int w, DwS2Item it, bool pairs, bool from_left,
+                                             T (&v)[2 * DW_S2_RUN + 1][3]) {
+    if (pairs) {
+        dw_s2_load_x_as<T, true>(xp, h, w, it, from_left, v);
+    } else {
+        dw_s2_load_x_as<T, false>(xp, h, w, it, from_left, v);
+    }
+}
+
+// Column 2b - 1 of each row from lane L - 1's column 2b - 1 (its v[t][2]), where `from_left`. Every lane of the
+// warp must call this.
+template <typename T>
+__device__ __forceinline__ void dw_s2_x_from_left(bool from_left, T (&v)[2 * DW_S2_RUN + 1][3]) {
+#pragma unroll
+    for (int t = 0; t < 2 * DW_S2_RUN + 1; ++t) {
+        const T left = __shfl_up_sync(0xffffffffu, v[t][2], 1);
+        if (from_left) v[t][0] = left;
+    }
+}
+
+// Forward: one item per thread; threads past the last item take a copy of it (their lanes still shuffle) and
+// store nothing. Each output adds its taps in row-major order onto the bias, as the CPU.
+template <typename T>
+__device__ void dw_s2_fwd_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, T* y, DwS2 p) {
+    const int R = DW_S2_RUN;
+    const int id = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x & 31;
+    const int flat = min(id, p.total - 1);
+    const int plane = div_of(flat, fast_div(p.items));
+    const DwS2Item it = dw_s2_item(flat - plane * p.items, fast_div(p.ow), p.ow);
+    const int ch = plane % p.c;
+    const bool pairs = p.w % 2 == 0 && ((unsigned long long)x % (2 * sizeof(T))) == 0;
+    const T* xp = x + (long long)plane * p.h * p.w;
+    const bool from_left = lane > 0 && it.b > 0;
+    T k[9];
+#pragma unroll
+    for (int t = 0; t < 9; ++t) k[t] = __ldg(wt + ch * 9 + t);
+    const T b0 = has_bias ? bias[offset_of(lb, ch)] : T(0);
+    T v[2 * R + 1][3];
+    dw_s2_load_x(xp, p.h, p.w, it, pairs, from_left, v);
+    dw_s2_x_from_left(from_left, v);
+    if (id >= p.total) return;
+    T* yp = y + (long long)plane * p.oh * p.ow + (long long)it.a0 * p.ow + it.b;
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+        T acc = b0;
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+#pragma unroll
+            for (int j = 0; j < 3; ++j) acc += k[i * 3 + j] * v[2 * u + i][j];
+        }
+        if (it.a0 + u < p.oh) yp[(long long)u * p.ow] = acc;
+    }
+}
+
+// Backward: dx (need_dx) and the weight and bias partials (need_sums) of block b = ch per + piece, which takes
+// items start .. end of channel ch (item q: sample q / items, the rest as in the forward), blockDim.x at a time.
+// Every thread runs the same number of turns (the shuffles); turns past `end` repeat the last item, write
+// nothing and add nothing. A turn issues all its loads (g, then x) before the shuffles that wait for them.
+template <typename T>
+__device__ void dw_s2_bwd_impl(const T* x, const T* wt, const T* g, T* dx, double* part, DwS2 p, int need_dx,
+                               int need_sums) {
+    const int R = DW_S2_RUN, lane = threadIdx.x & 31;
+    const int ch = blockIdx.x / p.per, piece = blockIdx.x - ch * p.per;
+    const int start = piece * p.chunk, end = min(p.span, start + p.chunk);
+    const FastDiv ditems = fast_div(p.items), dow = fast_div(p.ow);
+    const bool xpairs = p.w % 2 == 0 && ((unsigned long long)x % (2 * sizeof(T))) == 0;
+    const bool dxpairs = p.w % 2 == 0 && ((unsigned long long)dx % (2 * sizeof(T))) == 0;
+    T k[9];
+#pragma unroll
+    for (int t = 0; t < 9; ++t) k[t] = __ldg(wt + ch * 9 + t);
+    T s[10];
+#pragma unroll
+    for (int q = 0; q < 10; ++q) s[q] = T(0);
+    for (int base = start; base < end; base += blockDim.x) {
+        const int q = base + threadIdx.x;
+        const bool valid = q < end;
+        const int flat = min(q, end - 1);
+        const int smp = div_of(flat, ditems);
+        const DwS2Item it = dw_s2_item(flat - smp * p.items, dow, p.ow);
+        const long long plane = (long long)smp * p.c + ch;
+        // g rows a0 .. a0 + R (zeros past OH) at columns b (gv[u][0]) and b + 1 (gv[u][1]: lane L + 1's column
+        // b when it holds item q + 1 of the same row, else loaded; zero past OW).
+        const T* gp = g + plane * p.oh * p.ow;
+        const bool from_right = lane < 31 && q + 1 < end && it.b + 1 < p.ow;
+        T gv[R + 1][2];
+#pragma unroll
+        for (int u = 0; u <= R; ++u) {
+            const int row = it.a0 + u;
+            const bool in = row < p.oh;
+            const T* rp = gp + (long long)(in ? row : 0) * p.ow + it.b;
+            gv[u][0] = in ? __ldg(rp) : T(0);
+            gv[u][1] = !from_right && in && it.b + 1 < p.ow ? __ldg(rp + 1) : T(0);
+        }
+        const bool from_left = lane > 0 && it.b > 0;
+        T v[2 * R + 1][3];
+        if (need_sums) dw_s2_load_x(x + plane * p.h * p.w, p.h, p.w, it, xpairs, from_left, v);
+#pragma unroll
+        for (int u = 0; u <= R; ++u) {
+            const T right = __shfl_down_sync(0xffffffffu, gv[u][0], 1);
+            if (from_right) gv[u][1] = right;
+        }
+        if (need_dx && valid) {
+            // dx row 2 a0 + e, columns 2b + f: tap (ti, tj) meets g row a0 + (e + 1 - ti) / 2 and column
+            // b + (f + 1 - tj) / 2 when both are exact.
+            T* dp = dx + plane * p.h * p.w + (long long)(2 * it.a0) * p.w + 2 * it.b;
+#pragma unroll
+            for (int e = 0; e < 2 * R; ++e) {
+                T acc[2];
+#pragma unroll
+                for (int f = 0; f < 2; ++f) {
+                    acc[f] = T(0);
+#pragma unroll
+                    for (int ti = 0; ti < 3; ++ti) {
+#pragma unroll
+                        for (int tj = 0; tj < 3; ++tj) {
+                            if ((e + 1 - ti) % 2 == 0 && (f + 1 - tj) % 2 == 0)
+                                acc[f] += k[ti * 3 + tj] * gv[(e + 1 - ti) / 2][(f + 1 - tj) / 2];
+                        }
+                    }
+                }
+                if (2 * it.a0 + e < p.h) {
+                    T* rp = dp + (long long)e * p.w;
+                    if (dxpairs) {
+                        *(typename Pair2<T>::type*)rp = Pair2<T>::make(acc[0], acc[1]);
+                    } else {
+                        rp[0] = acc[0];
+                        if (2 * it.b + 1 < p.w) rp[1] = acc[1];
+                    }
+                }
+            }
+        }
+        if (need_sums) {
+            dw_s2_x_from_left(from_left, v);
+            if (valid) {
+#pragma unroll
+                for (int u = 0; u < R; ++u) {
+                    const T gu = gv[u][0];  // zero past OH
+                    s[9] += gu;
+#pragma unroll
+                    for (int i = 0; i < 3; ++i) {
+#pragma unroll
+                        for (int j = 0; j < 3; ++j) s[i * 3 + j] += gu * v[2 * u + i][j];
+                    }
+                }
+            }
+        }
+    }
+    if (need_sums) {
+        double sd[10];
+#pragma unroll
+        for (int q = 0; q < 10; ++q) sd[q] = (double)s[q];
+        dw_block_sums<10>(sd, part + (long long)blockIdx.x * 10);
     }
 }
 
@@ -1336,6 +1602,15 @@ __device__ void cc1d_bwd_w_impl(const T* x, const T* g, T* dwt, Conv1dParams p) 
     DW_TILED(T, SUFFIX, 3x3s1, (dw_fwd_tiled_impl<T, 3, 3, 1>), (dw_bwd_tiled_impl<T, 3, 3, 1>))             \
     DW_TILED(T, SUFFIX, 3x3s2, (dw_fwd_tiled_impl<T, 3, 3, 2>), (dw_bwd_tiled_impl<T, 3, 3, 2>))             \
     DW_TILED(T, SUFFIX, any, dw_fwd_tiled_any_impl<T>, dw_bwd_tiled_any_impl<T>)                              \
+    extern "C" __global__ void __launch_bounds__(256, 16 / sizeof(T))                                         \
+        dw_s2_fwd_##SUFFIX(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y, DwS2 p) {   \
+        dw_s2_fwd_impl<T>(x, w, bias, lb, has_bias, y, p);                                                    \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                                         \
+        dw_s2_bwd_##SUFFIX(const T* x, const T* w, const T* g, T* dx, double* part, DwS2 p, int need_dx,      \
+                           int need_sums) {                                                                   \
+        dw_s2_bwd_impl<T>(x, w, g, dx, part, p, need_dx, need_sums);                                          \
+    }                                                                                                         \
     extern "C" __global__ void dw_reduce_##SUFFIX(const double* part, T* dw, T* db, int c, int per, int taps, \
                                                   int need_w, int need_b) {                                   \
         dw_reduce_impl<T>(part, dw, db, c, per, taps, need_w, need_b);                                         \

@@ -21,6 +21,14 @@
 //! wide for a tile fall back to untiled kernels: one thread per output (dx: per input) pixel, and the weight
 //! gradient by blocks of (channel, chunk of samples) summed in double, then the chunks in order.
 //!
+//! Depthwise conv2d 3x3, stride 2, padding 1 (the patch merging's), NCHW: direct kernels ([`dw_s2_plan`])
+//! before the tiled ones. A thread takes a column and a run of four output rows of one plane and loads the
+//! input rows they read straight from global memory, every load of the item in flight at once (pairs of
+//! columns, the column a warp's neighbour holds by a shuffle), with no shared-memory tile and no barrier
+//! between loading and computing. The backward is one fused kernel with the same items: each writes the 8x2
+//! block of dx it owns (a gather, no atomics) and adds its g x terms into per-thread tap and bias sums; a
+//! block takes a range of one channel's items and writes one row of partials, which `dw_reduce` adds in order.
+//!
 //! Dense and grouped conv2d, forward: an implicit GEMM (`conv_igemm`: each block gathers the patches of its
 //! 256 output pixels from x step by step over K = C/G kh kw, 32 output channels a block, FFMA), except for
 //! pointwise convs and in TF32 mode, which take the cuBLAS path below ([`Conv2dGeom::implicit_gemm`]).
@@ -472,6 +480,97 @@ unsafe fn launch_tiled(op: &'static str, mut args: LaunchArgs<'_>, plan: &DwPlan
     unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
 }
 
+// ---- depthwise conv2d 3x3, stride 2, padding 1: the direct kernels ------------------------------------------
+
+/// Output rows one item of the direct stride-2 kernels covers (DW_S2_RUN in conv.cu).
+const DW_S2_RUN: usize = 4;
+
+/// Threads of a block of the direct stride-2 kernels: the most their `__launch_bounds__` in conv.cu allow.
+const DW_S2_THREADS: usize = 256;
+
+/// Most items a thread of the direct stride-2 backward takes (summing its weight and bias terms in T before
+/// the block adds its threads in double): fewer blocks, so fewer partials and block reductions, while a
+/// channel's items still make enough blocks for the device (MLLA-T's last merge: 2 per channel, 4096 in all).
+const DW_S2_ITEMS: usize = 4;
+
+/// `struct DwS2` of conv.cu, field for field: the items and the backward's blocks of a direct launch.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DwS2 {
+    n: i32,
+    c: i32,
+    h: i32,
+    w: i32,
+    oh: i32,
+    ow: i32,
+    /// ceil(OH / DW_S2_RUN): runs of output rows per plane.
+    runs: i32,
+    /// runs OW: items per plane.
+    items: i32,
+    /// N C items: the forward's items, one a thread.
+    total: i32,
+    /// N items: one channel's items in the backward.
+    span: i32,
+    /// Items of a channel one backward block takes (the channel's last block may take fewer).
+    chunk: i32,
+    /// Backward blocks per channel: ceil(span / chunk).
+    per: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<DwS2>() == 48);
+
+// SAFETY: plain i32 fields in C layout with no padding, the layout of `struct DwS2` in conv.cu.
+unsafe impl DeviceRepr for DwS2 {}
+
+/// The direct kernels' launch for a 3x3, stride 2, padding 1, dilation 1 depthwise conv (the patch merging's),
+/// or None for any other conv, an empty one, or sizes past the kernels' ints (the tiled kernels take those).
+/// Items (see conv.cu) are a column and a run of [`DW_S2_RUN`] output rows of one plane; the forward runs one
+/// a thread, the backward gives each block an even share of one channel's items, at most [`DW_S2_ITEMS`] a
+/// thread.
+fn dw_s2_plan(g: &Conv2dGeom) -> Option<DwS2> {
+    if (g.kh, g.kw, g.stride, g.padding, g.dilation) != (3, 3, (2, 2), (1, 1), (1, 1)) || g.n == 0 || g.c == 0 {
+        return None;
+    }
+    let runs = g.oh.div_ceil(DW_S2_RUN);
+    let items = runs * g.ow;
+    let span = g.n * items;
+    let total = g.c.checked_mul(span)?;
+    let per = span.div_ceil(DW_S2_THREADS * DW_S2_ITEMS);
+    let chunk = span.div_ceil(per);
+    // Rows and columns the kernels index: up to 2 runs DW_S2_RUN + 1 and 2 OW + 1.
+    let sizes = [g.n, g.c, g.h, g.w, g.oh, g.ow, runs, items, span, total, chunk, per, g.c * per];
+    let fits = |v: usize| i32::try_from(v).is_ok();
+    if !sizes.iter().all(|&v| fits(v)) || !fits(2 * runs * DW_S2_RUN + 1) || !fits(2 * g.ow + 1) {
+        return None;
+    }
+    let i = |v: usize| v as i32;
+    Some(DwS2 {
+        n: i(g.n),
+        c: i(g.c),
+        h: i(g.h),
+        w: i(g.w),
+        oh: i(g.oh),
+        ow: i(g.ow),
+        runs: i(runs),
+        items: i(items),
+        total: i(total),
+        span: i(span),
+        chunk: i(chunk),
+        per: i(per),
+    })
+}
+
+/// Launches a direct stride-2 kernel on `blocks` blocks of [`DW_S2_THREADS`].
+///
+/// # Safety
+/// As [`crate::cuda::launch`].
+unsafe fn launch_s2(op: &'static str, mut args: LaunchArgs<'_>, blocks: usize) -> Result<()> {
+    let cfg =
+        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (DW_S2_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: forwarded to the caller.
+    unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+}
+
 fn depthwise_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
     const OP: &str = "conv2d";
     let dev = x.0.device();
@@ -480,7 +579,17 @@ fn depthwise_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dG
     if n > 0 {
         let (xv, wv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?);
         let (bv, lb, has_bias) = optional(OP, bias, &xv)?;
-        if let Some(plan) = dw_plan(g, T::DTYPE.size_in_bytes(), false, dev.multiprocessor_count() as usize) {
+        if let Some(p) = dw_s2_plan(g) {
+            let f = function::<T>(dev, &MODULE, "dw_s2_fwd")?;
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.as_slice()).arg(&p);
+            // SAFETY: dw_s2_fwd_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y, DwS2 p)
+            // reads x[0..N C H W) and w[0..C 9), the lengths of the contiguous views (the op checked the shapes,
+            // which p repeats), bias through lb (checked against its buffer by `strided`, read only when
+            // has_bias), and writes y[0..N C OH OW), which `y` holds: thread t < p.total stores the outputs of
+            // item t (rows below OH only); the threads past p.total store nothing.
+            unsafe { launch_s2(OP, args, (p.total as usize).div_ceil(DW_S2_THREADS))? };
+        } else if let Some(plan) = dw_plan(g, T::DTYPE.size_in_bytes(), false, dev.multiprocessor_count() as usize) {
             let f = function::<T>(dev, &MODULE, &plan.kernel.name(false))?;
             let mut args = dev.stream().launch_builder(&f);
             args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.as_slice()).arg(&plan.tile);
@@ -516,6 +625,9 @@ fn depthwise_backward<T: Float>(
 ) -> Result<Grads<CudaStorage>> {
     const OP: &str = "conv2d_backward";
     let dev = x.0.device();
+    if let Some(p) = dw_s2_plan(g) {
+        return depthwise_backward_s2::<T>(x, w, gy, g, needs, &p);
+    }
     let Some(plan) = dw_plan(g, T::DTYPE.size_in_bytes(), true, dev.multiprocessor_count() as usize) else {
         return depthwise_backward_untiled::<T>(x, w, gy, g, needs);
     };
@@ -548,6 +660,63 @@ fn depthwise_backward<T: Float>(
         let dw_arg = if needs.w { dw.as_slice().as_view() } else { db.as_slice().as_view() };
         let mut args = dev.stream().launch_builder(&f);
         args.arg(&part_arg).arg(&dw_arg).arg(db.as_slice()).arg(&c32).arg(&per32).arg(&taps32);
+        args.arg(&need_w).arg(&need_b);
+        // SAFETY: dw_reduce_<T>(const double* part, T* dw, T* db, int c, int per, int taps, int need_w,
+        // int need_b) reads part[0..c per (taps + 1)), all written by the launch above (blocks = c per), and
+        // writes dw[0..c taps) only when need_w (then `dw` holds that many) and db[0..c), which `db` holds.
+        // One warp per channel: the kernel loops over the channels past its grid.
+        unsafe { launch(OP, dev, args, g.c * 32)? };
+    }
+    let s = |v| CudaStorage::from_slice(dev, v);
+    Ok(Grads {
+        x: needs.x.then(|| s(dx)).transpose()?,
+        w: needs.w.then(|| s(dw)).transpose()?,
+        bias: needs.bias.then(|| s(db)).transpose()?,
+    })
+}
+
+/// The gradients of a 3x3, stride 2, padding 1 depthwise conv by the direct kernels (`p` from [`dw_s2_plan`]):
+/// dx and the weight and bias partials in one launch, then `dw_reduce` over each channel's `per` rows.
+fn depthwise_backward_s2<T: Float>(
+    x: View,
+    w: View,
+    gy: View,
+    g: &Conv2dGeom,
+    needs: Needs,
+    p: &DwS2,
+) -> Result<Grads<CudaStorage>> {
+    const OP: &str = "conv2d_backward";
+    const TAPS: usize = 9;
+    let dev = x.0.device();
+    let (xv, wv, gv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?, elements::<T>(OP, gy)?);
+    let need_sums = needs.w || needs.bias;
+    let blocks = g.c * p.per as usize;
+    let dx = dev.alloc::<T>(if needs.x { g.n * g.c * g.h * g.w } else { 0 })?;
+    let part = dev.alloc::<f64>(if need_sums { blocks * (TAPS + 1) } else { 1 })?;
+    let f = function::<T>(dev, &MODULE, "dw_s2_bwd")?;
+    let flags = [i32::from(needs.x), i32::from(need_sums)];
+    // Without a dx to write, g's buffer stands in for the pointer (the kernel never writes it then); likewise
+    // the partials.
+    let dx_arg = if needs.x { dx.as_slice().as_view() } else { gv.slice(..) };
+    let part_arg = part.as_slice().as_view();
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(&xv).arg(&wv).arg(&gv).arg(&dx_arg).arg(&part_arg).arg(p).arg(&flags[0]).arg(&flags[1]);
+    // SAFETY: dw_s2_bwd_<T>(const T* x, const T* w, const T* g, T* dx, double* part, DwS2 p, int need_dx,
+    // int need_sums) reads x[0..N C H W) (only when need_sums), w[0..C 9) and g[0..N C OH OW), the contiguous
+    // views' lengths (the op checked the shapes, which p repeats); it writes dx[0..N C H W) only when need_dx
+    // (then `dx` holds that many: item (a0, b) of a plane writes rows 2 a0 .. 2 a0 + 8 below H, columns 2b,
+    // 2b + 1 below W), and part[0..C per 10) only when need_sums (then `part` holds that many): block
+    // b < C per writes row b. Its only shared memory is dw_block_sums' static scratch.
+    unsafe { launch_s2(OP, args, blocks)? };
+    let (dw, db) = (dev.alloc::<T>(if needs.w { g.c * TAPS } else { 0 })?, dev.alloc::<T>(g.c)?);
+    if need_sums {
+        let f = function::<T>(dev, &MODULE, "dw_reduce")?;
+        let [c32, taps32] = [g.c, TAPS].map(|v| v as i32);
+        let (need_w, need_b) = (i32::from(needs.w), i32::from(needs.bias));
+        // Without a dw to write, db's buffer stands in (never written through that pointer then).
+        let dw_arg = if needs.w { dw.as_slice().as_view() } else { db.as_slice().as_view() };
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&part_arg).arg(&dw_arg).arg(db.as_slice()).arg(&c32).arg(&p.per).arg(&taps32);
         args.arg(&need_w).arg(&need_b);
         // SAFETY: dw_reduce_<T>(const double* part, T* dw, T* db, int c, int per, int taps, int need_w,
         // int need_b) reads part[0..c per (taps + 1)), all written by the launch above (blocks = c per), and
@@ -1600,7 +1769,7 @@ mod tests {
         let g = geom([64, 512, 7, 7], 1).unwrap();
         let f = dw_plan(&g, 4, false, 132).unwrap();
         assert_eq!((f.tile.planes, f.tile.groups, f.blocks), (64, 1, 512));
-        // Downsampling, stride 2.
+        // Stride 2 (padding 1 runs the direct kernels instead: `dw_s2_plan`).
         assert_eq!(dw_plan(&geom([64, 512, 28, 28], 2).unwrap(), 4, true, 132).unwrap().kernel, DwKernel::K3S2);
         // One sample of few channels: bands of whole runs, so that the grid has a few blocks per multiprocessor.
         let g = geom([1, 4, 56, 56], 1).unwrap();
@@ -1612,6 +1781,40 @@ mod tests {
         assert!(dw_plan(&geom([1, 2, 3, 800], 1).unwrap(), 4, true, 132).is_some());
         let dilated = Conv2dGeom::new(&[2, 3, 9, 9], &[3, 1, 3, 3], (1, 1), (2, 2), (2, 2), 3).unwrap();
         assert_eq!(dw_plan(&dilated, 4, true, 132).unwrap().kernel, DwKernel::Any);
+    }
+
+    #[test]
+    fn dw_s2_plans_cover_every_item_and_dx_element() {
+        for g in dw_geometries() {
+            let s2 = (g.kh, g.kw, g.stride, g.padding, g.dilation) == (3, 3, (2, 2), (1, 1), (1, 1));
+            let Some(p) = dw_s2_plan(&g) else {
+                assert!(!s2, "{g:?}: no direct plan");
+                continue;
+            };
+            assert!(s2, "{g:?}: a direct plan for another conv");
+            let [runs, items, span, chunk, per] = [p.runs, p.items, p.span, p.chunk, p.per].map(|v| v as usize);
+            assert_eq!((runs, items, span), (g.oh.div_ceil(DW_S2_RUN), runs * g.ow, g.n * items), "{g:?}");
+            assert_eq!(p.total as usize, g.c * span, "{g:?}");
+            // The blocks of a channel take every item once, none is empty, and no thread more than DW_S2_ITEMS.
+            assert!(chunk * per >= span && chunk * (per - 1) < span, "{g:?}: {p:?}");
+            assert!(chunk <= DW_S2_THREADS * DW_S2_ITEMS, "{g:?}: {p:?}");
+            // The items' dx blocks (rows 2 a0 .. 2 a0 + 2 DW_S2_RUN, columns 2b, 2b + 1) reach every dx element.
+            assert!(2 * runs * DW_S2_RUN >= g.h && 2 * g.ow >= g.w, "{g:?}");
+        }
+    }
+
+    #[test]
+    fn dw_s2_plans_of_the_mlla_t_merges() {
+        let geom = |x: [usize; 4]| Conv2dGeom::new(&x, &[x[1], 1, 3, 3], (2, 2), (1, 1), (1, 1), x[1]).unwrap();
+        // (runs, items a plane, a channel's items, chunk, blocks a channel) of the three patch mergings at batch 128.
+        let plan = |x| dw_s2_plan(&geom(x)).map(|p| (p.runs, p.items, p.span, p.chunk, p.per));
+        assert_eq!(plan([128, 512, 56, 56]), Some((7, 196, 25088, 1004, 25)));
+        assert_eq!(plan([128, 1024, 28, 28]), Some((4, 56, 7168, 1024, 7)));
+        assert_eq!(plan([128, 2048, 14, 14]), Some((2, 14, 1792, 896, 2)));
+        // Other paddings keep the tiled kernels.
+        let p0 = Conv2dGeom::new(&[2, 3, 8, 8], &[3, 1, 3, 3], (2, 2), (0, 0), (1, 1), 3).unwrap();
+        assert!(dw_s2_plan(&p0).is_none());
+        assert_eq!(dw_plan(&p0, 4, true, 132).unwrap().kernel, DwKernel::K3S2);
     }
 
     #[test]

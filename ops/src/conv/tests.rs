@@ -546,7 +546,8 @@ pub(crate) fn assert_cuda_matches_cpu(
 /// planes, several samples of a channel per block (a last group with fewer), bands of rows (a plane too tall
 /// for the shared memory, and few planes split for the grid), both 3x3 instances with odd sizes, paddings 0
 /// and 2 and one sample, the run-time instance (5x5, dilated, a 3x2 kernel), and planes too wide for any tile
-/// (the untiled kernels). Also more groups than samples (the GEMMs then loop over the samples). The dense
+/// (the untiled kernels); the direct 3x3 stride-2 padding-1 kernels (`dw_s2_plan`) at odd sides, the patch
+/// merging's sides and a row wider than a warp. Also more groups than samples (the GEMMs then loop over the samples). The dense
 /// path's chunks of samples are covered on the host, in cuda.rs.
 fn cuda_configs() -> Vec<Cfg> {
     let mut v = configs();
@@ -561,6 +562,12 @@ fn cuda_configs() -> Vec<Cfg> {
     // A plane too tall for one tile (f32 forward: 42 rows of 200 floats is over 24 KiB).
     v.push(dw("depthwise 3x3 tall plane", [1, 2, 40, 200], (3, 3), (1, 1), (1, 1)));
     v.push(dw("depthwise 3x3 stride 2 odd", [3, 5, 13, 11], (3, 3), (2, 2), (1, 1)));
+    // The patch merging's shapes at a small batch (the direct stride-2 kernels: even sides, pair accesses; a
+    // channel's items over several blocks at 56x56) and a row wider than a warp.
+    v.push(dw("depthwise 3x3 stride 2 merge 56", [6, 3, 56, 56], (3, 3), (2, 2), (1, 1)));
+    v.push(dw("depthwise 3x3 stride 2 merge 28", [4, 6, 28, 28], (3, 3), (2, 2), (1, 1)));
+    v.push(dw("depthwise 3x3 stride 2 merge 14", [5, 8, 14, 14], (3, 3), (2, 2), (1, 1)));
+    v.push(dw("depthwise 3x3 stride 2 wide", [2, 2, 9, 131], (3, 3), (2, 2), (1, 1)));
     v.push(dw("depthwise 3x3 stride 2 no padding", [2, 3, 8, 9], (3, 3), (2, 2), (0, 0)));
     v.push(dw("depthwise 3x3 no padding", [1, 3, 9, 13], (3, 3), (1, 1), (0, 0)));
     v.push(dw("depthwise 3x3 padding 2", [1, 3, 10, 4], (3, 3), (1, 1), (2, 2)));
@@ -788,7 +795,7 @@ fn depthwise_channels_last_on_cuda_is_deterministic() {
 }
 
 #[test]
-#[ignore = "needs g++: compiles conv.cu for the scan's CPU emulator and runs the channels-last depthwise kernels (minutes)"]
+#[ignore = "needs g++: compiles conv.cu for the scan's CPU emulator and runs the dwl_* and dw_s2_* kernels (minutes)"]
 fn conv_channels_last_kernels_run_on_the_emulator() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/conv/emu");
     let exe = std::env::temp_dir().join(format!("mila_conv_emu_{}", std::process::id()));

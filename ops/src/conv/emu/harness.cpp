@@ -1,13 +1,22 @@
 // Runs conv.cu's channels-last depthwise kernels (dwl_*) on the CPU emulator of the scan (../../scan/emu) against
 // a float64 reference of the conv and its gradients, over shapes, kernels, strides, paddings, dilations, both
 // dtypes, both access widths (V = 16 / sizeof(T) and 1) and launch plans (the one conv/cuda.rs makes, and
-// narrower blocks and shorter grids, so that threads walk several items). Exit status 0 when every case passes.
+// narrower blocks and shorter grids, so that threads walk several items); then the NCHW direct 3x3 stride-2
+// kernels (dw_s2_*) over odd and even sides, one sample or channel, H or W of 1, the patch merging's sides and
+// rows wider than a warp, x and dx aligned or not for pair accesses, the plan of conv/cuda.rs and narrower ones
+// whose blocks end inside a warp, and with dx or the weight sums alone; their y and dx also bit for bit against
+// the tiled stride-2 instance's. Exit status 0 when every case passes.
 //
 //   g++ -std=c++17 -O1 -o /tmp/conv_emu ops/src/conv/emu/harness.cpp && /tmp/conv_emu
+//
+// (`/tmp/conv_emu quick`: the first cases only; `s2` or `s2-quick`: the NCHW direct 3x3 stride-2 kernels alone.)
 //
 // Outputs start as NaN (an element a kernel leaves unwritten fails), shared memory is poisoned before each
 // block, and each case runs with two fiber schedules: results that differ between them mean a race.
 #include "../../scan/emu/cuda_emu.h"
+
+// dw_block_sums' scratch: one static array for all the fibers of the block being run (see conv.cu).
+#define DW_STATIC_SHARED static
 
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
 
@@ -225,10 +234,255 @@ bool check(const Case& k, uint64_t seed, double tol) {
     return ok;
 }
 
+
+// ---- the NCHW 3x3 stride-2 padding-1 direct kernels (dw_s2_fwd, dw_s2_bwd, then dw_reduce) -------------------
+
+struct S2Case {
+    int n, c, h, w;
+    int oh() const { return (h - 1) / 2 + 1; }
+    int ow() const { return (w - 1) / 2 + 1; }
+};
+
+// The plan of conv/cuda.rs (`dw_s2_plan`) with `threads` a block and at most `items` items a thread of the
+// backward, or a chunk of `chunk` items a block when chunk > 0 (ranges that end inside a warp, many blocks a
+// channel).
+struct S2Plan {
+    DwS2 p;
+    int threads;
+};
+
+S2Plan s2_plan(const S2Case& k, int threads, int items, int chunk) {
+    DwS2 p{};
+    p.n = k.n;
+    p.c = k.c;
+    p.h = k.h;
+    p.w = k.w;
+    p.oh = k.oh();
+    p.ow = k.ow();
+    p.runs = (p.oh + DW_S2_RUN - 1) / DW_S2_RUN;
+    p.items = p.runs * p.ow;
+    p.span = p.n * p.items;
+    p.total = p.c * p.span;
+    if (chunk > 0) {
+        p.chunk = chunk;
+        p.per = (p.span + chunk - 1) / chunk;
+    } else {
+        const int most = threads * items;
+        p.per = (p.span + most - 1) / most;
+        p.chunk = (p.span + p.per - 1) / p.per;
+    }
+    return S2Plan{p, threads};
+}
+
+struct S2Ref {
+    std::vector<double> y, dx, dw, db;
+};
+
+// The definition in float64: y[n, c, a, b] = bias[c] + sum_{i, j} w[c, i, j] x[n, c, 2a - 1 + i, 2b - 1 + j].
+S2Ref s2_reference(const S2Case& k, const std::vector<double>& x, const std::vector<double>& w,
+                   const std::vector<double>& b, const std::vector<double>& g) {
+    const int oh = k.oh(), ow = k.ow();
+    S2Ref r;
+    r.y.assign((size_t)k.n * k.c * oh * ow, 0);
+    r.dx.assign(x.size(), 0);
+    r.dw.assign((size_t)k.c * 9, 0);
+    r.db.assign(k.c, 0);
+    for (int n = 0; n < k.n; ++n)
+        for (int c = 0; c < k.c; ++c)
+            for (int a = 0; a < oh; ++a)
+                for (int bb = 0; bb < ow; ++bb) {
+                    const size_t yi = (((size_t)n * k.c + c) * oh + a) * ow + bb;
+                    double acc = b[c];
+                    r.db[c] += g[yi];
+                    for (int i = 0; i < 3; ++i)
+                        for (int j = 0; j < 3; ++j) {
+                            const int ih = 2 * a - 1 + i, iw = 2 * bb - 1 + j;
+                            if (ih < 0 || iw < 0 || ih >= k.h || iw >= k.w) continue;
+                            const size_t xi = (((size_t)n * k.c + c) * k.h + ih) * k.w + iw;
+                            acc += w[c * 9 + i * 3 + j] * x[xi];
+                            r.dx[xi] += g[yi] * w[c * 9 + i * 3 + j];
+                            r.dw[c * 9 + i * 3 + j] += g[yi] * x[xi];
+                        }
+                    r.y[yi] = acc;
+                }
+    return r;
+}
+
+// One plan, one offset of x and dx in their buffers (0, or 1 element: pointers not aligned for pair accesses),
+// and the three combinations of need_dx and need_sums, each run under two schedules.
+template <typename T>
+bool s2_check_plan(const S2Case& k, const S2Ref& ref, const std::vector<T>& x0, const std::vector<T>& w,
+                   const std::vector<T>& b, const std::vector<T>& g, const S2Plan& pl, int shift, double tol,
+                   const char* what) {
+    const std::string label = std::string("s2 ") + what + (sizeof(T) == 4 ? " f32" : " f64") + " shift " +
+                              std::to_string(shift) + " n" + std::to_string(k.n) + " c" + std::to_string(k.c) +
+                              " " + std::to_string(k.h) + "x" + std::to_string(k.w) + " threads " +
+                              std::to_string(pl.threads) + " chunk " + std::to_string(pl.p.chunk) + " per " +
+                              std::to_string(pl.p.per);
+    const DwS2 p = pl.p;
+    std::vector<T> xbuf(x0.size() + shift);
+    std::copy(x0.begin(), x0.end(), xbuf.begin() + shift);
+    const T* x = xbuf.data() + shift;
+    Strided lb{};
+    lb.shape[0] = k.c;
+    lb.strides[0] = 1;
+    lb.rank = 1;
+    lb.contiguous = 1;
+    bool ok = true;
+    auto fail = [&](const char* part, const char* why, double e) {
+        std::printf("FAIL %s: %s %s %.3e\n", label.c_str(), part, why, e);
+        ok = false;
+    };
+    std::vector<double> first[4];
+    double worst[4] = {0, 0, 0, 0};
+    for (uint64_t seed : {1u, 2u}) {
+        std::vector<T> y((size_t)k.n * k.c * k.oh() * k.ow(), T(NAN));
+        const unsigned fgrid = (p.total + pl.threads - 1) / pl.threads;
+        launch(fgrid, pl.threads, 0, seed,
+               [&] { dw_s2_fwd_impl<T>(x, w.data(), b.data(), lb, 1, y.data(), p); });
+        const double ey = rel_error(widen(y), ref.y);
+        worst[0] = std::max(worst[0], ey);
+        if (!(ey <= tol)) fail("y", "relative error", ey);
+        for (int flags = 0; flags < 3; ++flags) {
+            const int need_dx = flags != 1, need_sums = flags != 2;
+            std::vector<T> dxbuf(x0.size() + shift, T(NAN));
+            T* dx = dxbuf.data() + shift;
+            std::vector<double> part((size_t)k.c * p.per * 10, NAN);
+            launch(k.c * p.per, pl.threads, 0, seed, [&] {
+                dw_s2_bwd_impl<T>(x, w.data(), g.data(), dx, part.data(), p, need_dx, need_sums);
+            });
+            std::vector<T> dw((size_t)k.c * 9, T(NAN)), db(k.c, T(NAN));
+            if (need_sums) {
+                launch((k.c * 32 + 255) / 256, 256, 0, seed,
+                       [&] { dw_reduce_impl<T>(part.data(), dw.data(), db.data(), k.c, p.per, 9, 1, 1); });
+            }
+            std::vector<T> dxv(dx, dx + x0.size());
+            if (need_dx) {
+                const double e = rel_error(widen(dxv), ref.dx);
+                worst[1] = std::max(worst[1], e);
+                if (!(e <= tol)) fail("dx", "relative error", e);
+            } else if (std::any_of(dxbuf.begin(), dxbuf.end(), [](T v) { return !std::isnan(v); })) {
+                fail("dx", "written without need_dx", 0);
+            }
+            if (need_sums) {
+                const double ew = rel_error(widen(dw), ref.dw), eb = rel_error(widen(db), ref.db);
+                worst[2] = std::max(worst[2], ew);
+                worst[3] = std::max(worst[3], eb);
+                if (!(ew <= tol)) fail("dw", "relative error", ew);
+                if (!(eb <= tol)) fail("db", "relative error", eb);
+            } else if (std::any_of(part.begin(), part.end(), [](double v) { return !std::isnan(v); })) {
+                fail("partials", "written without need_sums", 0);
+            }
+            if (flags == 0) {
+                const std::vector<double> got[4] = {widen(y), widen(dxv), widen(dw), widen(db)};
+                const char* parts[4] = {"y", "dx", "dw", "db"};
+                for (int q = 0; q < 4; ++q) {
+                    if (seed == 1) {
+                        first[q] = got[q];
+                    } else if (got[q] != first[q]) {
+                        fail(parts[q], "differs between schedules (a race)", 0);
+                    }
+                }
+            }
+        }
+    }
+    if (ok)
+        std::printf("ok   %s (y %.1e dx %.1e dw %.1e db %.1e)\n", label.c_str(), worst[0], worst[1], worst[2],
+                    worst[3]);
+    return ok;
+}
+
+// y and dx of the direct kernels against the tiled stride-2 instance (dw_fwd_tiled_impl / dw_bwd_tiled_impl
+// <T, 3, 3, 2>) on a one-band, one-plane-a-block tiling: the same taps in the same order, so the same bits.
+template <typename T>
+bool s2_same_bits_as_tiled(const S2Case& k, const std::vector<T>& x, const std::vector<T>& w,
+                           const std::vector<T>& b, const std::vector<T>& g) {
+    const int oh = k.oh(), ow = k.ow(), run = 4;
+    const int a1r = (oh + run - 1) / run * run, r1r = (k.h + run - 1) / run * run;
+    const int xrows = (a1r - 1) * 2 + 3, grows = std::max(a1r, r1r / 2 + 1);
+    const DwTile t{k.n, k.c, k.h, k.w, oh, ow, 3, 3, 2, 2, 1, 1, 1, 1, 1, k.n, oh, 1, xrows, grows};
+    const unsigned smem = (unsigned)((xrows * k.w + grows * ow) * sizeof(T));
+    if (smem > sizeof(dw_smem)) return true;  // too large for the harness's shared memory: not compared
+    Strided lb{};
+    lb.shape[0] = k.c;
+    lb.strides[0] = 1;
+    lb.rank = 1;
+    lb.contiguous = 1;
+    const S2Plan pl = s2_plan(k, 256, 4, 0);
+    std::vector<T> y1((size_t)k.n * k.c * oh * ow, T(NAN)), y2 = y1, dx1(x.size(), T(NAN)), dx2 = dx1;
+    std::vector<double> part((size_t)k.c * pl.p.per * 10), tpart((size_t)k.c * k.n * 10);
+    launch((pl.p.total + 255) / 256, 256, 0, 1,
+           [&] { dw_s2_fwd_impl<T>(x.data(), w.data(), b.data(), lb, 1, y1.data(), pl.p); });
+    launch(k.c * pl.p.per, 256, 0, 1,
+           [&] { dw_s2_bwd_impl<T>(x.data(), w.data(), g.data(), dx1.data(), part.data(), pl.p, 1, 0); });
+    launch(k.c * k.n, 256, smem, 1,
+           [&] { dw_fwd_tiled_impl<T, 3, 3, 2>(x.data(), w.data(), b.data(), lb, 1, y2.data(), t); });
+    launch(k.c * k.n, 256, smem, 1, [&] {
+        dw_bwd_tiled_impl<T, 3, 3, 2>(x.data(), w.data(), g.data(), dx2.data(), tpart.data(), t, 1, 0);
+    });
+    const bool same = std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(T)) == 0 &&
+                      std::memcmp(dx1.data(), dx2.data(), dx1.size() * sizeof(T)) == 0;
+    if (!same)
+        std::printf("FAIL s2 %s n%d c%d %dx%d: y or dx bits differ from the tiled kernel's\n",
+                    sizeof(T) == 4 ? "f32" : "f64", k.n, k.c, k.h, k.w);
+    return same;
+}
+
+template <typename T>
+bool s2_check(const S2Case& k, uint64_t seed, double tol, bool quick) {
+    std::mt19937_64 gen(seed);
+    std::uniform_real_distribution<double> d(-1, 1);
+    std::vector<T> x((size_t)k.n * k.c * k.h * k.w), w((size_t)k.c * 9), b(k.c),
+        g((size_t)k.n * k.c * k.oh() * k.ow());
+    for (auto* v : {&x, &w, &b, &g})
+        for (auto& e : *v) e = T(d(gen));
+    const S2Ref ref = s2_reference(k, widen(x), widen(w), widen(b), widen(g));
+    bool ok = s2_check_plan<T>(k, ref, x, w, b, g, s2_plan(k, 256, 4, 0), 0, tol, "h200");
+    ok &= s2_same_bits_as_tiled<T>(k, x, w, b, g);
+    if (quick) return ok;
+    ok &= s2_check_plan<T>(k, ref, x, w, b, g, s2_plan(k, 256, 4, 0), 1, tol, "h200");
+    // 64 threads, ranges of 37 items: blocks end inside warps, several blocks a channel, several turns a thread.
+    ok &= s2_check_plan<T>(k, ref, x, w, b, g, s2_plan(k, 64, 1, 37), 0, tol, "narrow");
+    ok &= s2_check_plan<T>(k, ref, x, w, b, g, s2_plan(k, 32, 1, 100), 1, tol, "one warp");
+    return ok;
+}
+
+bool s2_all(bool quick) {
+    //  n  c   h   w
+    const S2Case cases[] = {
+        {2, 3, 9, 11},   // odd sides
+        {2, 4, 8, 10},   // even sides (pair accesses)
+        {1, 1, 7, 5},    // one sample, one channel
+        {3, 2, 2, 2},    // 2x2 (the MNIST model's smallest)
+        {1, 2, 1, 1},    // one pixel
+        {2, 3, 1, 9},    // H = 1
+        {2, 3, 9, 1},    // W = 1
+        {2, 5, 14, 14},  // MLLA's last merge (7x7 out: a partial run)
+        {2, 3, 28, 28},  // MLLA's second merge
+        {1, 2, 56, 56},  // MLLA's first merge
+        {3, 2, 13, 64},  // OW = 32: a warp is one row
+        {1, 2, 5, 130},  // OW = 65: rows wider than a warp
+        {2, 3, 17, 67},  // odd, wide
+    };
+    bool ok = true;
+    int count = 0;
+    for (const S2Case& k : cases) {
+        if (quick && ++count > 5) break;
+        ok &= s2_check<float>(k, 21, 1e-5, quick);
+        ok &= s2_check<double>(k, 22, 1e-12, quick);
+    }
+    return ok;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
-    const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    const std::string arg = argc > 1 ? argv[1] : "";
+    const bool quick = arg == "quick" || arg == "s2-quick";
+    if (arg == "s2" || arg == "s2-quick") {  // the direct stride-2 kernels alone
+        const bool ok = s2_all(quick);
+        std::printf(ok ? "all passed\n" : "FAILURES\n");
+        return ok ? 0 : 1;
+    }
     bool ok = true;
     //  n  c   h   w  kh kw sh sw ph pw dh dw
     const Case cases[] = {
@@ -256,6 +510,7 @@ int main(int argc, char** argv) {
         ok &= check<float>(k, 11, 1e-5);
         ok &= check<double>(k, 12, 1e-12);
     }
+    ok &= s2_all(quick);
     std::printf(ok ? "all passed\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

@@ -123,7 +123,9 @@ inline void syncwarp(unsigned warp) {
     wait_until_passed(&b->warp_gen[warp], my);
 }
 
-template <typename T> inline T shfl_xor(T v, int mask) {
+// Lane L gets lane src(L)'s v, or its own v when src(L) lies outside the warp (as __shfl_up_sync and
+// __shfl_down_sync leave the lanes whose source is past the warp's edge).
+template <typename T, typename Src> inline T shfl_from(T v, Src src) {
     static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
     const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     if (g_block->live_in_warp[warp] != 32) {
@@ -134,11 +136,22 @@ template <typename T> inline T shfl_xor(T v, int mask) {
     std::memcpy(&bits, &v, sizeof(T));
     g_block->slots[warp][lane] = bits;
     syncwarp(warp);
-    const uint64_t got = g_block->slots[warp][lane ^ (unsigned)mask];
+    const int from = src((int)lane);
+    const uint64_t got = from >= 0 && from < 32 ? g_block->slots[warp][from] : bits;
     syncwarp(warp);  // every lane has read before any writes its next value
     T out;
     std::memcpy(&out, &got, sizeof(T));
     return out;
+}
+
+template <typename T> inline T shfl_xor(T v, int mask) {
+    return shfl_from(v, [mask](int lane) { return lane ^ mask; });
+}
+template <typename T> inline T shfl_up(T v, int d) {
+    return shfl_from(v, [d](int lane) { return lane - d; });
+}
+template <typename T> inline T shfl_down(T v, int d) {
+    return shfl_from(v, [d](int lane) { return lane + d; });
 }
 
 inline void trampoline(unsigned lo, unsigned hi) {
@@ -220,6 +233,8 @@ inline float __fdividef(float a, float b) { return a / b; }
 
 #define __syncthreads() emu::syncthreads()
 #define __shfl_xor_sync(mask, v, o) emu::shfl_xor((v), (o))
+#define __shfl_up_sync(mask, v, d) emu::shfl_up((v), (d))
+#define __shfl_down_sync(mask, v, d) emu::shfl_down((v), (d))
 #define __syncwarp() emu::syncwarp(threadIdx.x / 32)
 #define SCAN_DYNAMIC_SMEM_BYTES() emu::g_smem_bytes
 #define SCAN_SHARED_BASE() emu::g_smem
