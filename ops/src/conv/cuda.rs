@@ -650,29 +650,9 @@ fn depthwise_backward<T: Float>(
     // when need_dx (then `dx` holds that many), and part[0..blocks (kh kw + 1)) only when need_sums (then
     // `part` holds that many). Its x and g tiles are the dynamic shared memory `dw_plan` sized.
     unsafe { launch_tiled(OP, args, &plan)? };
-    let (dw, db) = (dev.alloc::<T>(if needs.w { g.c * taps } else { 0 })?, dev.alloc::<T>(g.c)?);
-    if need_sums {
-        let f = function::<T>(dev, &MODULE, "dw_reduce")?;
-        let per = plan.blocks / g.c;
-        let [c32, per32, taps32] = [g.c, per, taps].map(|v| v as i32);
-        let (need_w, need_b) = (i32::from(needs.w), i32::from(needs.bias));
-        // Without a dw to write, db's buffer stands in (never written through that pointer then).
-        let dw_arg = if needs.w { dw.as_slice().as_view() } else { db.as_slice().as_view() };
-        let mut args = dev.stream().launch_builder(&f);
-        args.arg(&part_arg).arg(&dw_arg).arg(db.as_slice()).arg(&c32).arg(&per32).arg(&taps32);
-        args.arg(&need_w).arg(&need_b);
-        // SAFETY: dw_reduce_<T>(const double* part, T* dw, T* db, int c, int per, int taps, int need_w,
-        // int need_b) reads part[0..c per (taps + 1)), all written by the launch above (blocks = c per), and
-        // writes dw[0..c taps) only when need_w (then `dw` holds that many) and db[0..c), which `db` holds.
-        // One warp per channel: the kernel loops over the channels past its grid.
-        unsafe { launch(OP, dev, args, g.c * 32)? };
-    }
-    let s = |v| CudaStorage::from_slice(dev, v);
-    Ok(Grads {
-        x: needs.x.then(|| s(dx)).transpose()?,
-        w: needs.w.then(|| s(dw)).transpose()?,
-        bias: needs.bias.then(|| s(db)).transpose()?,
-    })
+    // The launch above wrote every row of the partials (blocks = C per) when need_sums.
+    let (dw, bias) = reduce_partials::<T>(dev, &part_arg, g.c, plan.blocks / g.c, taps, needs)?;
+    Ok(Grads { x: needs.x.then(|| CudaStorage::from_slice(dev, dx)).transpose()?, w: dw, bias })
 }
 
 /// The gradients of a 3x3, stride 2, padding 1 depthwise conv by the direct kernels (`p` from [`dw_s2_plan`]):
@@ -708,28 +688,9 @@ fn depthwise_backward_s2<T: Float>(
     // 2b + 1 below W), and part[0..C per 10) only when need_sums (then `part` holds that many): block
     // b < C per writes row b. Its only shared memory is dw_block_sums' static scratch.
     unsafe { launch_s2(OP, args, blocks)? };
-    let (dw, db) = (dev.alloc::<T>(if needs.w { g.c * TAPS } else { 0 })?, dev.alloc::<T>(g.c)?);
-    if need_sums {
-        let f = function::<T>(dev, &MODULE, "dw_reduce")?;
-        let [c32, taps32] = [g.c, TAPS].map(|v| v as i32);
-        let (need_w, need_b) = (i32::from(needs.w), i32::from(needs.bias));
-        // Without a dw to write, db's buffer stands in (never written through that pointer then).
-        let dw_arg = if needs.w { dw.as_slice().as_view() } else { db.as_slice().as_view() };
-        let mut args = dev.stream().launch_builder(&f);
-        args.arg(&part_arg).arg(&dw_arg).arg(db.as_slice()).arg(&c32).arg(&p.per).arg(&taps32);
-        args.arg(&need_w).arg(&need_b);
-        // SAFETY: dw_reduce_<T>(const double* part, T* dw, T* db, int c, int per, int taps, int need_w,
-        // int need_b) reads part[0..c per (taps + 1)), all written by the launch above (blocks = c per), and
-        // writes dw[0..c taps) only when need_w (then `dw` holds that many) and db[0..c), which `db` holds.
-        // One warp per channel: the kernel loops over the channels past its grid.
-        unsafe { launch(OP, dev, args, g.c * 32)? };
-    }
-    let s = |v| CudaStorage::from_slice(dev, v);
-    Ok(Grads {
-        x: needs.x.then(|| s(dx)).transpose()?,
-        w: needs.w.then(|| s(dw)).transpose()?,
-        bias: needs.bias.then(|| s(db)).transpose()?,
-    })
+    // The launch above wrote every row of the partials (blocks = C per) when need_sums.
+    let (dw, bias) = reduce_partials::<T>(dev, &part_arg, g.c, p.per as usize, TAPS, needs)?;
+    Ok(Grads { x: needs.x.then(|| CudaStorage::from_slice(dev, dx)).transpose()?, w: dw, bias })
 }
 
 /// The gradients of a depthwise conv whose planes are too wide for the tiles: dx by a gather per element, the
@@ -1085,22 +1046,44 @@ fn depthwise_nhwc_backward<T: Float>(
     // doubles `part` holds. Its scratch is threads x V doubles of dynamic shared memory, as the plan gives.
     // Alignment as for dx, with x too when V > 1.
     unsafe { launch_dwl(OP, args, &plan)? };
-    let (dw, db) = (dev.alloc::<T>(if needs.w { g.c * taps } else { 0 })?, dev.alloc::<T>(g.c)?);
+    // The launch above wrote the C per rows of the partials (entries q < taps only when need_w, the only ones
+    // read then).
+    let (dw, bias) = reduce_partials::<T>(dev, &part_arg, g.c, per, taps, needs)?;
+    Ok(Grads { x: dx, w: dw, bias })
+}
+
+/// The depthwise backwards' last step: dw (C, taps) and db (C) from `part`, `per` rows of `taps + 1` doubles
+/// per channel (each row a block's sums of the taps' terms, then of the bias's), added in row order by
+/// `dw_reduce` (deterministic). Only what `needs` asks for is made; neither, with no launch, when it asks for
+/// neither. The caller has written `part[0..c per (taps + 1))` (the taps' entries at least when `needs.w`).
+fn reduce_partials<T: Float>(
+    dev: &Arc<CudaDevice>,
+    part: &CudaView<'_, f64>,
+    c: usize,
+    per: usize,
+    taps: usize,
+    needs: Needs,
+) -> Result<(Option<CudaStorage>, Option<CudaStorage>)> {
+    const OP: &str = "conv2d_backward";
+    if !(needs.w || needs.bias) {
+        return Ok((None, None));
+    }
+    let (dw, db) = (dev.alloc::<T>(if needs.w { c * taps } else { 0 })?, dev.alloc::<T>(c)?);
     let f = function::<T>(dev, &MODULE, "dw_reduce")?;
-    let [c32, per32, taps32] = [g.c, per, taps].map(|v| v as i32);
+    let [c32, per32, taps32] = [c, per, taps].map(|v| v as i32);
     let (need_w, need_b) = (i32::from(needs.w), i32::from(needs.bias));
     // Without a dw to write, db's buffer stands in (never written through that pointer then).
     let dw_arg = if needs.w { dw.as_slice().as_view() } else { db.as_slice().as_view() };
     let mut args = dev.stream().launch_builder(&f);
-    args.arg(&part_arg).arg(&dw_arg).arg(db.as_slice()).arg(&c32).arg(&per32).arg(&taps32);
+    args.arg(part).arg(&dw_arg).arg(db.as_slice()).arg(&c32).arg(&per32).arg(&taps32);
     args.arg(&need_w).arg(&need_b);
     // SAFETY: dw_reduce_<T>(const double* part, T* dw, T* db, int c, int per, int taps, int need_w, int need_b)
-    // reads part[0..c per (taps + 1)), the layout the launch above wrote (entries q < taps only when need_w, the
-    // only ones read then), and writes dw[0..c taps) only when need_w (then `dw` holds that many) and db[0..c),
-    // which `db` holds. One warp per channel: the kernel loops over the channels past its grid.
-    unsafe { launch(OP, dev, args, g.c * 32)? };
+    // reads part[0..c per (taps + 1)) (written by the caller, the taps' entries read only when need_w), and
+    // writes dw[0..c taps) only when need_w (then `dw` holds that many) and db[0..c), which `db` holds. One
+    // warp per channel: the kernel loops over the channels past its grid.
+    unsafe { launch(OP, dev, args, c * 32)? };
     let s = |v| CudaStorage::from_slice(dev, v);
-    Ok(Grads { x: dx, w: needs.w.then(|| s(dw)).transpose()?, bias: needs.bias.then(|| s(db)).transpose()? })
+    Ok((needs.w.then(|| s(dw)).transpose()?, needs.bias.then(|| s(db)).transpose()?))
 }
 
 /// Output columns (sample, pixel) and output channels of one block of conv_igemm.
