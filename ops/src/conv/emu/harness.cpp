@@ -102,6 +102,16 @@ double rel_error(const std::vector<double>& a, const std::vector<double>& b) {
     return num == 0 ? 0 : std::sqrt(num / den);
 }
 
+// The layout of a contiguous bias of c channels, as `strided` gives it on the Rust side.
+static Strided bias_layout(int c) {
+    Strided lb{};
+    lb.shape[0] = c;
+    lb.strides[0] = 1;
+    lb.rank = 1;
+    lb.contiguous = 1;
+    return lb;
+}
+
 template <typename T> std::vector<double> widen(const std::vector<T>& v) { return {v.begin(), v.end()}; }
 
 struct Plan {
@@ -140,11 +150,7 @@ bool check_v(const Case& k, const Ref& ref, const std::vector<T>& x, const std::
                               std::to_string(k.w) + " k" + std::to_string(k.kh) + "x" + std::to_string(k.kw) +
                               " s" + std::to_string(k.sh) + "," + std::to_string(k.sw) + " p" + std::to_string(k.ph) +
                               "," + std::to_string(k.pw) + " d" + std::to_string(k.dh) + "," + std::to_string(k.dw);
-    Strided lb{};
-    lb.shape[0] = k.c;
-    lb.strides[0] = 1;
-    lb.rank = 1;
-    lb.contiguous = 1;
+    const Strided lb = bias_layout(k.c);
     bool ok = true;
     std::vector<double> first[4];
     for (uint64_t seed : {1u, 2u}) {
@@ -323,11 +329,7 @@ bool s2_check_plan(const S2Case& k, const S2Ref& ref, const std::vector<T>& x0, 
     std::vector<T> xbuf(x0.size() + shift);
     std::copy(x0.begin(), x0.end(), xbuf.begin() + shift);
     const T* x = xbuf.data() + shift;
-    Strided lb{};
-    lb.shape[0] = k.c;
-    lb.strides[0] = 1;
-    lb.rank = 1;
-    lb.contiguous = 1;
+    const Strided lb = bias_layout(k.c);
     bool ok = true;
     auto fail = [&](const char* part, const char* why, double e) {
         std::printf("FAIL %s: %s %s %.3e\n", label.c_str(), part, why, e);
@@ -403,11 +405,7 @@ bool s2_same_bits_as_tiled(const S2Case& k, const std::vector<T>& x, const std::
     const DwTile t{k.n, k.c, k.h, k.w, oh, ow, 3, 3, 2, 2, 1, 1, 1, 1, 1, k.n, oh, 1, xrows, grows};
     const unsigned smem = (unsigned)((xrows * k.w + grows * ow) * sizeof(T));
     if (smem > sizeof(dw_smem)) return true;  // too large for the harness's shared memory: not compared
-    Strided lb{};
-    lb.shape[0] = k.c;
-    lb.strides[0] = 1;
-    lb.rank = 1;
-    lb.contiguous = 1;
+    const Strided lb = bias_layout(k.c);
     const S2Plan pl = s2_plan(k, 256, 4, 0);
     std::vector<T> y1((size_t)k.n * k.c * oh * ow, T(NAN)), y2 = y1, dx1(x.size(), T(NAN)), dx2 = dx1;
     std::vector<double> part((size_t)k.c * pl.p.per * 10), tpart((size_t)k.c * k.n * 10);
