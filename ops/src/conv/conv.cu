@@ -1273,18 +1273,8 @@ __device__ void channel_sum_impl(const T* g, T* db, long long samples, long long
 
 // y[n, o, q] = bias[o] for all of y, which the products then accumulate onto (beta = 1), as the CPU does.
 template <typename T>
-__device__ void bias_fill_impl(const T* bias, Strided lb, T* y, long long planes, long long o, long long per) {
-    // y (planes = N O, per) = the plane's channel's bias: blocks along y take planes, along x stretches of a
-    // plane, so the bias is found once per plane (no 64-bit divisions per element: those had made this
-    // write-only pass run at a fifth of the memory's rate).
-    for (long long pl = blockIdx.y; pl < planes; pl += gridDim.y) {
-        const T b = bias[offset_of(lb, pl % o)];
-        T* row = y + pl * per;
-        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < per;
-             i += (long long)gridDim.x * blockDim.x) {
-            row[i] = b;
-        }
-    }
+__device__ void bias_fill_impl(const T* bias, Strided lb, T* y, long long total, long long o, long long per) {
+    GRID_STRIDE(e, total) { y[e] = bias[offset_of(lb, (e / per) % o)]; }
 }
 
 // cols (nb, C, kh, kw, OH OW) for samples n0 .. n0 + nb: row (c, i, j) of sample s holds x[n0 + s, c, ih, iw]
@@ -1636,9 +1626,9 @@ __device__ void cc1d_bwd_w_impl(const T* x, const T* g, T* dwt, Conv1dParams p) 
                                                     long long per) {                                          \
         channel_sum_impl<T>(g, db, samples, channels, per);                                                    \
     }                                                                                                          \
-    extern "C" __global__ void bias_fill_##SUFFIX(const T* bias, Strided lb, T* y, long long planes,         \
+    extern "C" __global__ void bias_fill_##SUFFIX(const T* bias, Strided lb, T* y, long long total,          \
                                                   long long o, long long per) {                               \
-        bias_fill_impl<T>(bias, lb, y, planes, o, per);                                                        \
+        bias_fill_impl<T>(bias, lb, y, total, o, per);                                                         \
     }                                                                                                          \
     extern "C" __global__ void im2col_##SUFFIX(const T* x, T* cols, Conv2dParams p, long long n0,            \
                                                long long nb) {                                                \

@@ -1298,14 +1298,13 @@ fn dense_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom)
         // y starts at the bias and the products add onto it (beta = 1), as the CPU's accumulating GEMM.
         let lb = bs.strided(OP, bl)?;
         let f = function::<T>(dev, &MODULE, "bias_fill")?;
-        let planes = g.n * g.o;
-        let [planes64, o64, p64] = to_i64(OP, &[g.n, g.o, p], [planes, g.o, p])?;
+        let [n64, o64, p64] = to_i64(OP, &[g.n, g.o, p], [n_out, g.o, p])?;
         let mut args = dev.stream().launch_builder(&f);
-        args.arg(bs.slice::<T>()?).arg(&lb).arg(y.slice::<T>()?).arg(&planes64).arg(&o64).arg(&p64);
-        // SAFETY: bias_fill_<T>(const T* bias, Strided lb, T* y, long long planes, long long o, long long per)
+        args.arg(bs.slice::<T>()?).arg(&lb).arg(y.slice::<T>()?).arg(&n64).arg(&o64).arg(&p64);
+        // SAFETY: bias_fill_<T>(const T* bias, Strided lb, T* y, long long total, long long o, long long per)
         // reads bias at lb-offsets of indices below o (checked against its buffer by `strided`; the bias has o
-        // elements) and writes y[0..planes per), the n_out elements `y` holds; its loops cover any grid.
-        unsafe { launch_blocks(OP, args, (p.div_ceil(BLOCK as usize), planes))? };
+        // elements) and writes y[0..total), which `y` holds.
+        unsafe { launch(OP, dev, args, n_out)? };
     } else if k == 0 || g.n == 0 {
         // No input channels: every output is an empty sum.
         y.fill(0.0)?;
