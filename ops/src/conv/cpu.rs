@@ -824,8 +824,14 @@ fn im2col_nhwc<T: Float>(x: &[T], g: &Conv2dGeom, cols: &mut [T]) {
         let (n, pix) = (r / ps, r % ps);
         let (a, b) = (pix / g.ow, pix % g.ow);
         let xn = &x[n * xs..][..xs];
+        // With dilation 1 along the width, a row of taps that lies inside the image is kw c contiguous elements.
+        let whole_row = (b * g.stride.1).checked_sub(g.padding.1).filter(|&iw0| g.dilation.1 == 1 && iw0 + g.kw <= g.w);
         for i in 0..g.kh {
             let ih = tap_index(a, i, g.stride.0, g.dilation.0, g.padding.0, g.h);
+            if let (Some(ih), Some(iw0)) = (ih, whole_row) {
+                patch[i * g.kw * c..][..g.kw * c].copy_from_slice(&xn[(ih * g.w + iw0) * c..][..g.kw * c]);
+                continue;
+            }
             for j in 0..g.kw {
                 let dst = &mut patch[(i * g.kw + j) * c..][..c];
                 match (ih, tap_index(b, j, g.stride.1, g.dilation.1, g.padding.1, g.w)) {
