@@ -68,14 +68,22 @@ pub(crate) fn erf_f32(x: f32) -> f32 {
     }
 }
 
-/// erf in T: [`erf_f32`] for f32, libm's erf for f64 (the gradient checks' dtype).
+/// `of_f32(x)` where T is f32 (our branch-free functions: the same bits on every machine, loops that
+/// vectorise), `of_t(x)` (libm) where T is f64, the gradient checks' dtype. The test on the dtype is a constant,
+/// so each instance keeps one arm.
+#[inline(always)]
+fn f32_or_libm<T: Float>(x: T, of_f32: impl Fn(f32) -> f32, of_t: impl Fn(T) -> T) -> T {
+    if T::DTYPE == DType::F32 {
+        T::from_f64(of_f32(x.to_f64() as f32) as f64)
+    } else {
+        of_t(x)
+    }
+}
+
+/// erf in T: [`erf_f32`] for f32, libm's erf for f64.
 #[inline(always)]
 fn erf<T: Float>(x: T) -> T {
-    if T::DTYPE == DType::F32 {
-        T::from_f64(erf_f32(x.to_f64() as f32) as f64)
-    } else {
-        x.erf()
-    }
+    f32_or_libm(x, erf_f32, T::erf)
 }
 
 #[inline(always)]

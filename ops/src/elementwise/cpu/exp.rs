@@ -114,21 +114,13 @@ pub(crate) fn expm1_f32(x: f32) -> f32 {
 /// e^x in T: [`exp_f32`] for f32, libm's exp for f64 (the gradient checks' dtype).
 #[inline(always)]
 pub(crate) fn exp<T: engine::Float>(x: T) -> T {
-    if T::DTYPE == engine::DType::F32 {
-        T::from_f64(exp_f32(x.to_f64() as f32) as f64)
-    } else {
-        x.exp()
-    }
+    super::f32_or_libm(x, exp_f32, T::exp)
 }
 
 /// e^x - 1 in T: [`expm1_f32`] for f32, libm's expm1 for f64.
 #[inline(always)]
 pub(crate) fn expm1<T: engine::Float>(x: T) -> T {
-    if T::DTYPE == engine::DType::F32 {
-        T::from_f64(expm1_f32(x.to_f64() as f32) as f64)
-    } else {
-        x.exp_m1()
-    }
+    super::f32_or_libm(x, expm1_f32, T::exp_m1)
 }
 
 #[cfg(test)]
