@@ -465,19 +465,34 @@ fn dw_plan(g: &Conv2dGeom, elem: usize, backward: bool, sms: usize) -> Option<Dw
     Some(DwPlan { kernel, tile, blocks, shared })
 }
 
-/// Launches a tiled depthwise kernel on `blocks` blocks of [`DW_THREADS`] with `shared` bytes of dynamic
-/// shared memory.
+/// Launches `args` on a one-dimensional grid of `blocks` blocks of `threads` threads with `shared` bytes of
+/// dynamic shared memory: the depthwise kernels' launches, each sized by its plan.
 ///
 /// # Safety
 /// As [`crate::cuda::launch`].
-unsafe fn launch_tiled(op: &'static str, mut args: LaunchArgs<'_>, plan: &DwPlan) -> Result<()> {
+unsafe fn launch_1d(
+    op: &'static str,
+    mut args: LaunchArgs<'_>,
+    blocks: usize,
+    threads: usize,
+    shared: usize,
+) -> Result<()> {
     let cfg = LaunchConfig {
-        grid_dim: (plan.blocks as u32, 1, 1),
-        block_dim: (DW_THREADS, 1, 1),
-        shared_mem_bytes: plan.shared as u32,
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: shared as u32,
     };
     // SAFETY: forwarded to the caller.
     unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+}
+
+/// Launches a tiled depthwise kernel by its plan: `blocks` blocks of [`DW_THREADS`], `shared` bytes.
+///
+/// # Safety
+/// As [`crate::cuda::launch`].
+unsafe fn launch_tiled(op: &'static str, args: LaunchArgs<'_>, plan: &DwPlan) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe { launch_1d(op, args, plan.blocks, DW_THREADS as usize, plan.shared) }
 }
 
 // ---- depthwise conv2d 3x3, stride 2, padding 1: the direct kernels ------------------------------------------
@@ -560,17 +575,6 @@ fn dw_s2_plan(g: &Conv2dGeom) -> Option<DwS2> {
     })
 }
 
-/// Launches a direct stride-2 kernel on `blocks` blocks of [`DW_S2_THREADS`].
-///
-/// # Safety
-/// As [`crate::cuda::launch`].
-unsafe fn launch_s2(op: &'static str, mut args: LaunchArgs<'_>, blocks: usize) -> Result<()> {
-    let cfg =
-        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (DW_S2_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: forwarded to the caller.
-    unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
-}
-
 fn depthwise_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
     const OP: &str = "conv2d";
     let dev = x.0.device();
@@ -588,7 +592,7 @@ fn depthwise_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dG
             // which p repeats), bias through lb (checked against its buffer by `strided`, read only when
             // has_bias), and writes y[0..N C OH OW), which `y` holds: thread t < p.total stores the outputs of
             // item t (rows below OH only); the threads past p.total store nothing.
-            unsafe { launch_s2(OP, args, (p.total as usize).div_ceil(DW_S2_THREADS))? };
+            unsafe { launch_1d(OP, args, (p.total as usize).div_ceil(DW_S2_THREADS), DW_S2_THREADS, 0)? };
         } else if let Some(plan) = dw_plan(g, T::DTYPE.size_in_bytes(), false, dev.multiprocessor_count() as usize) {
             let f = function::<T>(dev, &MODULE, &plan.kernel.name(false))?;
             let mut args = dev.stream().launch_builder(&f);
@@ -687,7 +691,7 @@ fn depthwise_backward_s2<T: Float>(
     // (then `dx` holds that many: item (a0, b) of a plane writes rows 2 a0 .. 2 a0 + 8 below H, columns 2b,
     // 2b + 1 below W), and part[0..C per 10) only when need_sums (then `part` holds that many): block
     // b < C per writes row b. Its only shared memory is dw_block_sums' static scratch.
-    unsafe { launch_s2(OP, args, blocks)? };
+    unsafe { launch_1d(OP, args, blocks, DW_S2_THREADS, 0)? };
     // The launch above wrote every row of the partials (blocks = C per) when need_sums.
     let (dw, bias) = reduce_partials::<T>(dev, &part_arg, g.c, p.per as usize, TAPS, needs)?;
     Ok(Grads { x: needs.x.then(|| CudaStorage::from_slice(dev, dx)).transpose()?, w: dw, bias })
@@ -919,14 +923,9 @@ pub(super) fn channels_last_supported(g: &Conv2dGeom) -> bool {
 ///
 /// # Safety
 /// As [`crate::cuda::launch`].
-unsafe fn launch_dwl(op: &'static str, mut args: LaunchArgs<'_>, plan: &DwlPlan) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (plan.blocks as u32, 1, 1),
-        block_dim: (plan.threads as u32, 1, 1),
-        shared_mem_bytes: plan.shared as u32,
-    };
+unsafe fn launch_dwl(op: &'static str, args: LaunchArgs<'_>, plan: &DwlPlan) -> Result<()> {
     // SAFETY: forwarded to the caller.
-    unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+    unsafe { launch_1d(op, args, plan.blocks, plan.threads, plan.shared) }
 }
 
 /// A channels-last view's elements (memory (N, H, W, C) from its offset) as a range of its buffer, and whether
