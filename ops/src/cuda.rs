@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use engine::cuda::{kernel_name, CudaDevice, CudaFunction, CudaStorage, CudaView, LaunchArgs, Strided};
+use engine::cuda::{kernel_name, CudaDevice, CudaFunction, CudaStorage, CudaView, LaunchArgs, LaunchConfig, Strided};
 use engine::{Error, Float, Layout, Result};
 
 /// A family's kernels: a module name (unique in the process) and its .cu body.
@@ -105,6 +105,27 @@ pub(crate) fn optional<'a, T: Float>(
 pub(crate) unsafe fn launch(op: &'static str, dev: &CudaDevice, mut args: LaunchArgs<'_>, n: usize) -> Result<()> {
     // SAFETY: forwarded to the caller.
     unsafe { args.launch(dev.launch_config(n)) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+}
+
+/// Launches `args` on a one-dimensional grid of `blocks` blocks of `threads` threads with `shared` bytes of
+/// dynamic shared memory (kernels whose plans size their own grids).
+///
+/// # Safety
+/// As [`launch`].
+pub(crate) unsafe fn launch_1d(
+    op: &'static str,
+    mut args: LaunchArgs<'_>,
+    blocks: usize,
+    threads: usize,
+    shared: usize,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    // SAFETY: forwarded to the caller.
+    unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
 }
 
 #[cfg(test)]

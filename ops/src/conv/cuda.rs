@@ -59,7 +59,7 @@ use engine::cuda::{
 use engine::{DType, Error, Float, Result, Storage};
 
 use super::{Conv1dGeom, Conv2dGeom};
-use crate::cuda::{elements, function, launch, optional, Module, View};
+use crate::cuda::{elements, function, launch, launch_1d, optional, Module, View};
 use crate::util::{Grads, Needs};
 
 pub(crate) const MODULE: Module = Module { name: "ops_conv", body: include_str!("conv.cu") };
@@ -463,27 +463,6 @@ fn dw_plan(g: &Conv2dGeom, elem: usize, backward: bool, sms: usize) -> Option<Dw
         grows: i(grows),
     };
     Some(DwPlan { kernel, tile, blocks, shared })
-}
-
-/// Launches `args` on a one-dimensional grid of `blocks` blocks of `threads` threads with `shared` bytes of
-/// dynamic shared memory: the depthwise kernels' launches, each sized by its plan.
-///
-/// # Safety
-/// As [`crate::cuda::launch`].
-unsafe fn launch_1d(
-    op: &'static str,
-    mut args: LaunchArgs<'_>,
-    blocks: usize,
-    threads: usize,
-    shared: usize,
-) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
-    // SAFETY: forwarded to the caller.
-    unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
 }
 
 /// Launches a tiled depthwise kernel by its plan: `blocks` blocks of [`DW_THREADS`], `shared` bytes.

@@ -21,7 +21,7 @@ use engine::{DType, Error, Float, Layout, Result, Storage};
 
 use super::cpu::BatchNormOut;
 use super::Stats;
-use crate::cuda::{elements, function, launch, optional, Module, View};
+use crate::cuda::{elements, function, launch, launch_1d, optional, Module, View};
 use crate::util::{Grads, Needs};
 
 pub(crate) const MODULE: Module = Module { name: "ops_norm", body: include_str!("norm.cu") };
@@ -130,18 +130,14 @@ const LN_ROWS_PER_THREAD: usize = 32;
 /// the buffers.
 unsafe fn launch_blocks(
     op: &'static str,
-    mut args: LaunchArgs<'_>,
+    args: LaunchArgs<'_>,
     blocks: usize,
     threads: u32,
     shared: usize,
 ) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (blocks.clamp(1, 1 << 16) as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
+    // The kernels loop over the blocks past a capped grid.
     // SAFETY: forwarded to the caller.
-    unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })
+    unsafe { launch_1d(op, args, blocks.clamp(1, 1 << 16), threads as usize, shared) }
 }
 
 /// Runs `$f::<f32>` or `$f::<f64>` by the dtype.
