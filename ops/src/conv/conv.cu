@@ -1536,6 +1536,16 @@ __device__ void sum_partials_impl(const T* part, T* out, long long len, long lon
     }
 }
 
+// wt[c][o][t] = w[o][c][taps - 1 - t]: a one-group conv's weight with its taps flipped in both directions and
+// its channels swapped, the weight of the stride-1 conv that is its dx (conv/cuda.rs `input_grad_conv`).
+template <typename T>
+__device__ void flip_weight_impl(const T* w, T* wt, long long o, long long c, long long taps) {
+    GRID_STRIDE(e, o * c * taps) {
+        const long long t = e % taps, oc = e / taps, oo = oc % o, cc = oc / o;
+        wt[e] = w[(oo * c + cc) * taps + (taps - 1 - t)];
+    }
+}
+
 // ---- causal depthwise conv1d ----------------------------------------------------------------------------
 
 // y[b, c, t] = bias[c] + sum_{j >= k - 1 - t} w[c, j] x[b, c, t + j - (k - 1)]: one thread per output.
@@ -1649,6 +1659,10 @@ __device__ void cc1d_bwd_w_impl(const T* x, const T* g, T* dwt, Conv1dParams p) 
     extern "C" __global__ void col2im_fast_##SUFFIX(const T* dcols, T* dx, Conv2dParams p, long long n0,     \
                                                     int nb) {                                                 \
         col2im_fast_impl<T>(dcols, dx, p, n0, nb);                                                             \
+    }                                                                                                          \
+    extern "C" __global__ void flip_weight_##SUFFIX(const T* w, T* wt, long long o, long long c,               \
+                                                    long long taps) {                                          \
+        flip_weight_impl<T>(w, wt, o, c, taps);                                                                \
     }                                                                                                          \
     extern "C" __global__ void sum_partials_##SUFFIX(const T* part, T* out, long long len, long long nb,     \
                                                      int accumulate) {                                        \

@@ -61,6 +61,7 @@ use engine::{DType, Error, Float, Result, Storage};
 use super::{Conv1dGeom, Conv2dGeom};
 use crate::cuda::{elements, function, launch, launch_1d, optional, Module, View};
 use crate::util::{Grads, Needs};
+use engine::cuda::Strided;
 
 pub(crate) const MODULE: Module = Module { name: "ops_conv", body: include_str!("conv.cu") };
 
@@ -1086,6 +1087,36 @@ impl Conv2dGeom {
             && (self.n * p).div_ceil(IGEMM_COLS) <= i32::MAX as usize
     }
 
+    /// The conv whose forward is this one's dx, when conv_igemm can run it: for stride 1, dilation 1 and one
+    /// group, dx[n, c] = sum_o conv(g[n, o], w[o, c] flipped in both directions) with padding k - 1 - p on
+    /// each side (needs p < k), i.e. a conv of g (N, O, OH, OW) with the weight wt[c, o, i, j] =
+    /// w[o, c, kh - 1 - i, kw - 1 - j] (conv.cu `flip_weight`), answering (N, C, H, W).
+    fn input_grad_conv(&self) -> Option<Conv2dGeom> {
+        let plain = self.stride == (1, 1) && self.dilation == (1, 1) && self.groups == 1 && !self.is_pointwise();
+        if !plain || self.padding.0 >= self.kh || self.padding.1 >= self.kw {
+            return None;
+        }
+        let t = Conv2dGeom {
+            n: self.n,
+            c: self.o,
+            h: self.oh,
+            w: self.ow,
+            o: self.c,
+            kh: self.kh,
+            kw: self.kw,
+            stride: (1, 1),
+            padding: (self.kh - 1 - self.padding.0, self.kw - 1 - self.padding.1),
+            dilation: (1, 1),
+            groups: 1,
+            oh: self.h,
+            ow: self.w,
+        };
+        // OH = H + 2 ph - kh + 1, so t's output is H x W: checked, not assumed.
+        let same =
+            self.oh + 2 * t.padding.0 + 1 == self.h + self.kh && self.ow + 2 * t.padding.1 + 1 == self.w + self.kw;
+        (same && t.implicit_gemm()).then_some(t)
+    }
+
     /// (C/G, O/G, K = C/G kh kw, P = OH OW): the sizes of the per-group products.
     fn gemm_dims(&self) -> (usize, usize, usize, usize) {
         let cg = self.c / self.groups;
@@ -1251,25 +1282,8 @@ fn dense_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom)
     }
     let (xv, wv) = (elements::<T>(OP, x)?, elements::<T>(OP, w)?);
     if k > 0 && g.implicit_gemm() {
-        let (bv, lb, has_bias) = optional(OP, bias, &xv)?;
-        let f = function::<T>(dev, &MODULE, "conv_igemm")?;
-        let params = Conv2dParams::new(OP, g)?;
-        let mut args = dev.stream().launch_builder(&f);
-        args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.slice::<T>()?).arg(&params);
-        let (og, cols) = (g.o / g.groups, g.n * p);
-        let cfg = LaunchConfig {
-            grid_dim: (cols.div_ceil(IGEMM_COLS) as u32, og.div_ceil(IGEMM_ROWS) as u32, g.groups as u32),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: conv_igemm_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
-        // Conv2dParams p) reads x[0..N C H W) and w[0..O C/G kh kw), the contiguous views' lengths (the op
-        // checked the shapes against p), only at in-range pixels and k < C/G kh kw, bias through lb (checked by
-        // `strided`, read only when has_bias), and writes y[0..N O OH OW), which `y` holds, with 16-byte stores
-        // only when OH OW is a multiple of 4 (y is a fresh 256-byte aligned buffer). Block (bx, by, q) covers
-        // columns below N OH OW and channels below O/G of group q < G only; its int indices fit
-        // (`implicit_gemm`). 256 threads, as its tiles assume.
-        unsafe { args.launch(cfg) }.map_err(|e| Error::Cuda { op: OP, msg: format!("{e:?}") })?;
+        let b = optional(OP, bias, &xv)?;
+        implicit_gemm(OP, dev, &xv, &wv, b, g, &mut y.slice_mut::<T>()?)?;
         return Ok(y);
     }
     if let Some((bs, bl)) = bias {
@@ -1309,6 +1323,42 @@ fn dense_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom)
     Ok(y)
 }
 
+/// Enqueues conv_igemm: y = conv(x, w) + bias for the contiguous NCHW x and weight of `g`, whose sizes pass
+/// [`Conv2dGeom::implicit_gemm`] (y holds N O OH OW elements).
+fn implicit_gemm<T: Float>(
+    op: &'static str,
+    dev: &CudaDevice,
+    x: &CudaView<T>,
+    w: &CudaView<T>,
+    (bv, lb, has_bias): (CudaView<T>, Strided, i32),
+    g: &Conv2dGeom,
+    y: &mut CudaViewMut<T>,
+) -> Result<()> {
+    let p = g.oh * g.ow;
+    let (og, cols) = (g.o / g.groups, g.n * p);
+    if x.len() < g.n * g.c * g.h * g.w || w.len() < g.o * (g.c / g.groups) * g.kh * g.kw || y.len() < g.n * g.o * p {
+        return Err(Error::Cuda { op, msg: "internal: conv_igemm operand shorter than its geometry".into() });
+    }
+    let f = function::<T>(dev, &MODULE, "conv_igemm")?;
+    let params = Conv2dParams::new(op, g)?;
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(x).arg(w).arg(&bv).arg(&lb).arg(&has_bias).arg(y).arg(&params);
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(IGEMM_COLS) as u32, og.div_ceil(IGEMM_ROWS) as u32, g.groups as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: conv_igemm_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
+    // Conv2dParams p) reads x[0..N C H W) and w[0..O C/G kh kw) (checked above against the views' lengths),
+    // only at in-range pixels and k < C/G kh kw, bias through lb (checked by `strided`, read only when
+    // has_bias), and writes y[0..N O OH OW), which `y` holds (checked above), with 16-byte stores only when
+    // OH OW is a multiple of 4 (y starts a fresh 256-byte aligned buffer). Block (bx, by, q) covers columns
+    // below N OH OW and channels below O/G of group q < G only; its int indices fit (`implicit_gemm`, which
+    // the callers checked). 256 threads, as its tiles assume.
+    unsafe { args.launch(cfg) }.map_err(|e| Error::Cuda { op, msg: format!("{e:?}") })?;
+    Ok(())
+}
+
 /// The gradients of a dense or grouped conv2d, each only where needed.
 fn dense_backward<T: Float>(x: View, w: View, gy: View, g: &Conv2dGeom, needs: Needs) -> Result<Grads<CudaStorage>> {
     const OP: &str = "conv2d_backward";
@@ -1329,6 +1379,19 @@ fn dense_backward<T: Float>(x: View, w: View, gy: View, g: &Conv2dGeom, needs: N
                 let nbc = nb.min(g.n - n0);
                 run_calls(dev, &conv_calls(g, Product::InputGrad, n0, nbc, 0.0), &wv, &gv, &mut dxv)?;
             }
+        } else if let Some(t) = g.input_grad_conv().filter(|_| !empty) {
+            // dx is the stride-1 conv of g with the flipped, transposed weight: conv_igemm, no column buffer.
+            let wt = dev.alloc::<T>(g.o * k)?;
+            let f = function::<T>(dev, &MODULE, "flip_weight")?;
+            let [o64, c64, taps64] = to_i64(OP, &[g.o, g.c], [g.o, g.c, g.kh * g.kw])?;
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&wv).arg(wt.as_slice()).arg(&o64).arg(&c64).arg(&taps64);
+            // SAFETY: flip_weight_<T>(const T* w, T* wt, long long o, long long c, long long taps) reads
+            // w[0..o c taps) (the contiguous (O, C, kh, kw) weight of a one-group conv) and writes
+            // wt[0..o c taps), which `wt` holds (O K = O C kh kw elements).
+            unsafe { launch(OP, dev, args, g.o * k)? };
+            let none = optional(OP, None, &gv)?;
+            implicit_gemm(OP, dev, &gv, &wt.view(), none, &t, &mut dx.slice_mut::<T>()?)?;
         } else if !empty {
             let mut dcols = dev.alloc::<T>(cols_len)?;
             for n0 in (0..g.n).step_by(nb) {
@@ -1859,6 +1922,25 @@ mod tests {
         assert!(geom([8, 64, 14, 14], [128, 64, 1, 1], (2, 2), (0, 0), 1).implicit_gemm());
         // Columns past the kernel's ints.
         assert!(!geom([1 << 16, 1, 128, 256], [1, 1, 1, 3], (1, 1), (0, 1), 1).implicit_gemm());
+    }
+
+    #[test]
+    fn a_stride_one_dense_dx_is_a_conv_of_g() {
+        let geom = |x: [usize; 4], w: [usize; 4], s, p, groups| Conv2dGeom::new(&x, &w, s, p, (1, 1), groups).unwrap();
+        // The stem's 3x3 padding-1 conv: dx is a 3x3 padding-1 conv of g (32 -> 32 channels, 112 x 112).
+        let t = geom([128, 32, 112, 112], [32, 32, 3, 3], (1, 1), (1, 1), 1).input_grad_conv().unwrap();
+        assert_eq!((t.n, t.c, t.h, t.w, t.o, t.oh, t.ow), (128, 32, 112, 112, 32, 112, 112));
+        assert_eq!((t.padding, t.stride, t.groups), ((1, 1), (1, 1), 1));
+        // Channels swap; no padding becomes k - 1; an even kernel with padding 1 (OH = H + 1) comes back to H.
+        let t = geom([2, 5, 9, 8], [7, 5, 3, 3], (1, 1), (0, 0), 1).input_grad_conv().unwrap();
+        assert_eq!((t.c, t.h, t.w, t.o, t.padding, t.oh, t.ow), (7, 7, 6, 5, (2, 2), 9, 8));
+        let t = geom([2, 3, 6, 5], [4, 3, 2, 2], (1, 1), (1, 1), 1).input_grad_conv().unwrap();
+        assert_eq!((t.h, t.w, t.padding, t.oh, t.ow), (7, 6, (0, 0), 6, 5));
+        // Not for stride 2, groups, a padding as large as the kernel, or a 1x1 conv (cuBLAS without cols).
+        assert!(geom([8, 3, 224, 224], [32, 3, 3, 3], (2, 2), (1, 1), 1).input_grad_conv().is_none());
+        assert!(geom([4, 16, 9, 9], [64, 4, 3, 3], (1, 1), (1, 1), 4).input_grad_conv().is_none());
+        assert!(geom([2, 3, 5, 6], [4, 3, 3, 3], (1, 1), (3, 3), 1).input_grad_conv().is_none());
+        assert!(geom([8, 64, 14, 14], [128, 64, 1, 1], (1, 1), (0, 0), 1).input_grad_conv().is_none());
     }
 
     #[test]

@@ -613,6 +613,14 @@ fn cuda_configs() -> Vec<Cfg> {
     v.push(Cfg { name: "dense large", x: [3, 6, 15, 13], o: 10, stride: (2, 1), padding: (1, 2), ..BASE });
     // The implicit GEMM's tiles: two tiles of output channels and of columns, K not a multiple of its step.
     v.push(Cfg { name: "dense 40 channels", x: [2, 8, 16, 16], o: 40, padding: (1, 1), ..BASE });
+    // dx of a stride-1 dense conv as the conv of g with the flipped weight (`input_grad_conv`): the stem's
+    // 3x3 padding 1 at 32 channels, no padding (padding 2 in the transposed conv), a 5x3 kernel with padding
+    // (2, 0), an even kernel; a padding as large as the kernel keeps im2col + col2im.
+    v.push(Cfg { name: "dense stem 3x3", x: [2, 32, 12, 10], o: 32, padding: (1, 1), ..BASE });
+    v.push(Cfg { name: "dense 3x3 no padding", x: [2, 5, 9, 8], o: 7, ..BASE });
+    v.push(Cfg { name: "dense 5x3 padding (2, 0)", x: [3, 4, 9, 7], o: 6, k: (5, 3), padding: (2, 0), ..BASE });
+    v.push(Cfg { name: "dense 2x2 padding 1", x: [2, 3, 6, 5], o: 4, k: (2, 2), padding: (1, 1), ..BASE });
+    v.push(Cfg { name: "dense padding 3 on 3x3", x: [2, 3, 5, 6], o: 4, padding: (3, 3), ..BASE });
     v.push(Cfg {
         name: "grouped 64 channels stride 2",
         x: [4, 16, 9, 9],
