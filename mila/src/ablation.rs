@@ -451,8 +451,8 @@ impl AttentionBlock {
     /// x (B, N, C) -> (B, N, C).
     pub fn forward(&self, x: &Tensor, rng: &mut Generator) -> Result<Tensor> {
         check_tokens("AttentionBlock", x, self.resolution, self.attn.config.dim)?;
-        let x = x.add(&self.drop_path.forward(&self.attn.forward(&self.norm1.forward(x)?)?, rng)?)?;
-        x.add(&self.drop_path.forward(&self.mlp.forward(&self.norm2.forward(&x)?)?, rng)?)
+        let x = self.drop_path.residual(x, &self.attn.forward(&self.norm1.forward(x)?)?, rng)?;
+        self.drop_path.residual(&x, &self.mlp.forward(&self.norm2.forward(&x)?)?, rng)
     }
 
     pub fn macs(&self) -> u64 {
@@ -541,9 +541,9 @@ impl MambaStyleBlock {
         let t = self.in_proj.forward(&t)?;
         let t = to_tokens(&self.dwc.forward(&to_image(&t, h, w)?)?.silu()?)?;
         let t = self.attn.forward(&t)?;
-        let x = x.add(&self.drop_path.forward(&self.out_proj.forward(&t.mul(&gate)?)?, rng)?)?;
+        let x = self.drop_path.residual(x, &self.out_proj.forward(&t.mul(&gate)?)?, rng)?;
         match &self.mlp {
-            Some((norm2, mlp)) => x.add(&self.drop_path.forward(&mlp.forward(&norm2.forward(&x)?)?, rng)?),
+            Some((norm2, mlp)) => self.drop_path.residual(&x, &mlp.forward(&norm2.forward(&x)?)?, rng),
             None => Ok(x),
         }
     }

@@ -124,9 +124,9 @@ impl MilaBlock {
         let t = self.attn.forward(&to_tokens(&t)?)?;
         let o = &self.out_proj;
         let t = ops::gated_linear(&t, &a, ops::Unary::Silu, &o.weight, o.bias.as_ref())?;
-        let x = x.add(&self.drop_path.forward(&t, rng)?)?;
+        let x = self.drop_path.residual(&x, &t, rng)?;
         let x = x.add(&to_tokens(&self.cpe2.forward(&to_image(&x, h, w)?)?)?)?;
-        x.add(&self.drop_path.forward(&self.mlp.forward_normed(&self.norm2, &x)?, rng)?)
+        self.drop_path.residual(&x, &self.mlp.forward_normed(&self.norm2, &x)?, rng)
     }
 
     /// Multiply-adds of one sample's forward (convs, projections, attention, MLP; not the norms or the

@@ -237,6 +237,12 @@ impl DropPath {
     pub fn forward(&self, x: &Tensor, rng: &mut Generator) -> Result<Tensor> {
         ops::drop_path(x, self.p, self.training, rng)
     }
+
+    /// The residual `x + self.forward(t)` as one op (`ops::add_drop_path`): the same draws and bits, one pass
+    /// fewer over the branch.
+    pub fn residual(&self, x: &Tensor, t: &Tensor, rng: &mut Generator) -> Result<Tensor> {
+        ops::add_drop_path(x, t, self.p, self.training, rng)
+    }
 }
 
 impl Module for DropPath {

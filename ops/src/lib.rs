@@ -36,7 +36,7 @@ pub use linattn::{linear_attention, linear_attention_ref};
 pub use matmul::{act_linear, gated_linear, layer_norm_linears, linear, matmul, matmul_ref};
 pub use norm::{batch_norm2d, layer_norm};
 pub use reduce::{max, sum, sum_all, sum_to_shape};
-pub use regularize::{drop_path, dropout, with_fed_masks, FedMask};
+pub use regularize::{add_drop_path, drop_path, dropout, with_fed_masks, FedMask};
 pub use rope::rope2d;
 pub use scan::{selective_scan, selective_scan_ref};
 pub use shape::{chunk, concat, index_select, pad, split, stack};

@@ -30,6 +30,7 @@ use engine::cuda::CudaStorage;
 use engine::{Device, Error, Generator, Op, Result, Storage, Tensor};
 
 use crate::util::{no_cuda, saved_contiguous};
+use crate::TensorOps;
 
 struct Masked {
     name: &'static str,
@@ -62,11 +63,28 @@ fn scaled(op: &'static str, x: &Tensor, mask: &Tensor) -> Result<Storage> {
 
 /// Draws the mask (one entry per block) and applies it; the identity when not training or p = 0.
 fn masked(op: &'static str, x: &Tensor, p: f64, training: bool, blocks: usize, g: &mut Generator) -> Result<Tensor> {
+    let Some(mask) = draw(op, x, p, training, blocks, g)? else {
+        return Ok(x.clone());
+    };
+    let storage = scaled(op, x, &mask)?;
+    Ok(Tensor::from_op(storage, x.shape(), &[x], || Masked { name: op, mask }))
+}
+
+/// The mask of one regulariser call on x's device (one scale per block), or None when it is the identity (not
+/// training, or p = 0), which draws nothing. Inside [`with_fed_masks`] it is also recorded for the replays.
+fn draw(
+    op: &'static str,
+    x: &Tensor,
+    p: f64,
+    training: bool,
+    blocks: usize,
+    g: &mut Generator,
+) -> Result<Option<Tensor>> {
     if !(0.0..=1.0).contains(&p) {
         return Err(Error::invalid(op, format!("probability {p} is not in [0, 1]"), x.shape()));
     }
     if !training || p == 0.0 {
-        return Ok(x.clone());
+        return Ok(None);
     }
     let keep = 1.0 - p;
     let values = draw_mask(blocks, keep, g);
@@ -91,8 +109,7 @@ fn masked(op: &'static str, x: &Tensor, p: f64, training: bool, blocks: usize, g
             fed.push(FedMask { mask: mask.clone(), keep });
         }
     });
-    let storage = scaled(op, x, &mask)?;
-    Ok(Tensor::from_op(storage, x.shape(), &[x], || Masked { name: op, mask }))
+    Ok(Some(mask))
 }
 
 /// One scale per block: 1 / keep where a uniform draw falls below `keep`, else 0 (keep = 0, p = 1, drops
@@ -160,6 +177,61 @@ pub fn drop_path(x: &Tensor, p: f64, training: bool, g: &mut Generator) -> Resul
         return Err(Error::invalid("drop_path", "needs a sample dim (dim 0)", x.shape()));
     };
     masked("drop_path", x, p, training, n, g)
+}
+
+/// The residual `x + drop_path(t)` in one pass: y = x + t m / keep with one draw per sample (index of dim 0)
+/// from `g`, exactly as `x.add(&drop_path(t, ..))` (the same draws and bits: the scaled term is rounded
+/// before the add, no fused multiply-add), without writing the dropped branch out and reading it back. x and t
+/// have one shape; in eval or with p = 0 it is `x.add(t)`.
+pub fn add_drop_path(x: &Tensor, t: &Tensor, p: f64, training: bool, g: &mut Generator) -> Result<Tensor> {
+    const OP: &str = "add_drop_path";
+    if x.shape() != t.shape() || x.dtype() != t.dtype() || x.device() != t.device() {
+        return Err(Error::Msg {
+            context: OP,
+            msg: format!(
+                "x {:?} {} on {} and t {:?} {} on {} must have one shape, dtype and device",
+                x.shape(),
+                x.dtype(),
+                x.device(),
+                t.shape(),
+                t.dtype(),
+                t.device()
+            ),
+        });
+    }
+    let Some(&n) = t.shape().first() else {
+        return Err(Error::invalid(OP, "needs a sample dim (dim 0)", t.shape()));
+    };
+    let Some(mask) = draw(OP, t, p, training, n, g)? else {
+        return x.add(t);
+    };
+    let (xc, tc) =
+        if x.device() == Device::Cpu { (saved_contiguous(x)?, saved_contiguous(t)?) } else { (x.clone(), t.clone()) };
+    let storage = match (&*xc.storage(), &*tc.storage(), &*mask.storage()) {
+        (Storage::Cpu(xs), Storage::Cpu(ts), Storage::Cpu(m)) => {
+            cpu::add_scaled_blocks(OP, (xs, xc.layout()), (ts, tc.layout()), (m, mask.layout()))?
+        }
+        (Storage::Cuda(xs), Storage::Cuda(ts), Storage::Cuda(m)) => {
+            Storage::Cuda(cuda::add_scaled_blocks(OP, (xs, xc.layout()), (ts, tc.layout()), (m, mask.layout()))?)
+        }
+        (s, _, _) => return Err(no_cuda(OP, s)),
+    };
+    Ok(Tensor::from_op(storage, x.shape(), &[x, t], || AddDropPath { mask }))
+}
+
+/// `add_drop_path`'s backward: dx = g, dt = g m / keep (drop_path's).
+struct AddDropPath {
+    mask: Tensor,
+}
+
+impl Op for AddDropPath {
+    fn name(&self) -> &'static str {
+        "add_drop_path"
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let dt = Tensor::from_storage(scaled("add_drop_path", g, &self.mask)?, g.shape())?;
+        Ok(vec![Some(g.clone()), Some(dt)])
+    }
 }
 
 #[cfg(test)]

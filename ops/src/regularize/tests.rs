@@ -152,3 +152,82 @@ fn masks_on_cuda_match_the_cpu_for_one_seed() {
         }
     }
 }
+
+/// `add_drop_path(x, t)` against `x.add(&drop_path(t))` from the same seed: output and both gradients bit for
+/// bit, with permuted views of x and t.
+fn assert_add_drop_path_is_the_composition(device: engine::Device) {
+    for dtype in [DType::F32, DType::F64] {
+        for p in [0.0, 0.3, 0.5, 0.9, 1.0] {
+            let run = |fused: bool| {
+                let xs = randn_as(&[4, 6, 5], dtype, 31).to_device(device).unwrap().requires_grad_(true).unwrap();
+                let ts = randn_as(&[6, 4, 5], dtype, 32).to_device(device).unwrap().requires_grad_(true).unwrap();
+                let (x, t) = (permute(&xs, &[1, 0, 2]).unwrap(), ts.clone());
+                let mut g = Generator::new(33);
+                let y = if fused {
+                    add_drop_path(&x, &t, p, true, &mut g).unwrap()
+                } else {
+                    x.add(&drop_path(&t, p, true, &mut g).unwrap()).unwrap()
+                };
+                y.backward_with(&randn_as(y.shape(), dtype, 34).to_device(device).unwrap()).unwrap();
+                // The generator's next draw: both made the same number of draws.
+                let next = g.uniform();
+                let v = |t: &Tensor| t.to_vec_f64().unwrap();
+                (v(&y), v(&xs.grad().unwrap()), v(&ts.grad().unwrap()), next)
+            };
+            let (fused, composed) = (run(true), run(false));
+            assert_eq!(fused, composed, "add_drop_path {dtype} p {p} on {device}");
+            if p == 0.5 {
+                // Not a degenerate mask: some samples dropped (y != x + t), some kept (y != x).
+                let x = permute(&randn_as(&[4, 6, 5], dtype, 31), &[1, 0, 2]).unwrap();
+                let t = randn_as(&[6, 4, 5], dtype, 32);
+                assert_ne!(fused.0, x.add(&t).unwrap().to_vec_f64().unwrap());
+                assert_ne!(fused.0, x.to_vec_f64().unwrap());
+            }
+        }
+    }
+}
+
+#[test]
+fn add_drop_path_is_the_residual_with_drop_path_bit_for_bit() {
+    assert_add_drop_path_is_the_composition(engine::Device::Cpu);
+    // In eval it is the sum and draws nothing.
+    let (x, t) = (randn(&[3, 4], 41), randn(&[3, 4], 42));
+    let mut g = Generator::new(43);
+    let y = add_drop_path(&x, &t, 0.5, false, &mut g).unwrap();
+    assert_eq!(y.to_vec_f64().unwrap(), x.add(&t).unwrap().to_vec_f64().unwrap());
+    assert_eq!(g.uniform(), Generator::new(43).uniform());
+}
+
+#[test]
+fn add_drop_path_passes_gradcheck() {
+    let leaves = [randn(&[5, 3, 2], 51), randn(&[5, 2, 3], 52)];
+    let r = gradcheck("add_drop_path", &leaves, |t| {
+        add_drop_path(&t[0], &permute(&t[1], &[0, 2, 1])?, 0.5, true, &mut Generator::new(53))
+    })
+    .unwrap();
+    assert!(r.passed() && r.max_abs_grad > 0.1, "{r}");
+}
+
+#[test]
+fn add_drop_path_bad_operands_are_errors() {
+    let mut g = Generator::new(0);
+    let e = add_drop_path(&randn(&[2, 3], 1), &randn(&[3, 2], 2), 0.5, true, &mut g).unwrap_err().to_string();
+    assert!(e.contains("add_drop_path") && e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+    let e = add_drop_path(&randn(&[2, 3], 1), &randn(&[2, 3], 2), 1.5, true, &mut g).unwrap_err().to_string();
+    assert!(e.contains("add_drop_path") && e.contains("1.5"), "{e}");
+    let f32x = randn_as(&[2, 3], DType::F32, 3);
+    assert!(add_drop_path(&f32x, &randn(&[2, 3], 2), 0.5, true, &mut g).is_err());
+}
+
+#[test]
+fn add_drop_path_on_cuda_is_the_composition_bit_for_bit() {
+    if engine::cuda::test_device_or_skip("add_drop_path_on_cuda_is_the_composition_bit_for_bit").is_none() {
+        return;
+    }
+    assert_add_drop_path_is_the_composition(engine::Device::Cuda(0));
+    // And the same bits as the CPU's (the product rounded before the add on both).
+    let stored = [randn(&[6, 4, 5], 61), randn(&[6, 4, 5], 62)];
+    assert_cuda_matches_cpu("add_drop_path", &stored, &[true, true], |t| {
+        add_drop_path(&t[0], &t[1], 0.4, true, &mut Generator::new(63))
+    });
+}
