@@ -211,8 +211,48 @@ impl PatchMerging {
     }
 
     /// Tokens (B, H W, C) -> (B, H/2 W/2, 2C).
+    ///
+    /// The official module permutes the tokens to an NCHW image and back; here the chain runs on the tokens,
+    /// with the same parameters and the same function (sums in other orders): each 1x1 conv is a Linear over
+    /// the tokens (its weight (O, C, 1, 1) read as (O, C), the bias in the product's epilogue on CUDA), the
+    /// depthwise conv runs on the channels-last image view of the tokens (no copy), the ReLU after it rides
+    /// in the last product's input (`act_linear`, which saves the pre-activation), and only the final
+    /// BatchNorm sees the narrow 2C-wide output as an image.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_tokens("PatchMerging", x, self.resolution, self.dim)?;
+        let (h, w) = self.resolution;
+        let is_1x1 = |l: &ConvLayer| {
+            let c = &l.conv;
+            c.weight.shape()[2..] == [1, 1] && c.stride == (1, 1) && c.padding == (0, 0) && c.groups == 1
+        };
+        // The official layers (1x1 with ReLU, depthwise with ReLU, 1x1 with BatchNorm); others as images.
+        let (expand, depthwise, project) = match &self.conv[..] {
+            [e, d, p]
+                if is_1x1(e) && e.relu && e.norm.is_none() && d.relu && d.norm.is_none() && is_1x1(p) && !p.relu =>
+            {
+                (e, d, p)
+            }
+            _ => return self.forward_images(x),
+        };
+        let pointwise = |l: &ConvLayer| {
+            let wt = &l.conv.weight;
+            wt.reshape(&[wt.dim(0)? as isize, wt.dim(1)? as isize])
+        };
+        let t = ops::linear(x, &pointwise(expand)?, expand.conv.bias.as_ref())?.relu()?;
+        let d = &depthwise.conv;
+        let t = to_image(&t, h, w)?;
+        let t = ops::conv2d(&t, &d.weight, d.bias.as_ref(), d.stride, d.padding, d.dilation, d.groups)?;
+        let (oh, ow) = (t.dim(2)?, t.dim(3)?);
+        let y = ops::act_linear(&to_tokens(&t)?, ops::Unary::Relu, &pointwise(project)?, project.conv.bias.as_ref())?;
+        match &project.norm {
+            Some(norm) => to_tokens(&norm.forward(&to_image(&y, oh, ow)?)?),
+            None => Ok(y),
+        }
+    }
+
+    /// The chain as the official module runs it, on the NCHW image of the tokens (for layers changed from
+    /// the official ones).
+    fn forward_images(&self, x: &Tensor) -> Result<Tensor> {
         let image = to_image(x, self.resolution.0, self.resolution.1)?;
         to_tokens(&self.conv.iter().try_fold(image, |t, l| l.forward(&t))?)
     }
