@@ -214,10 +214,10 @@ impl PatchMerging {
     ///
     /// The official module permutes the tokens to an NCHW image and back; here the chain runs on the tokens,
     /// with the same parameters and the same function (sums in other orders): each 1x1 conv is a Linear over
-    /// the tokens (its weight (O, C, 1, 1) read as (O, C), the bias in the product's epilogue on CUDA), the
-    /// depthwise conv runs on the channels-last image view of the tokens (no copy), the ReLU after it rides
-    /// in the last product's input (`act_linear`, which saves the pre-activation), and only the final
-    /// BatchNorm sees the narrow 2C-wide output as an image.
+    /// the tokens (its weight (O, C, 1, 1) read as (O, C)), the first with its ReLU (`linear_relu`: bias and
+    /// ReLU in the product's epilogue on CUDA), the depthwise conv runs on the channels-last image view of the
+    /// tokens (no copy), the ReLU after it rides in the last product's input (`act_linear`, which saves the
+    /// pre-activation), and only the final BatchNorm sees the narrow 2C-wide output as an image.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_tokens("PatchMerging", x, self.resolution, self.dim)?;
         let (h, w) = self.resolution;
@@ -238,7 +238,7 @@ impl PatchMerging {
             let wt = &l.conv.weight;
             wt.reshape(&[wt.dim(0)? as isize, wt.dim(1)? as isize])
         };
-        let t = ops::linear(x, &pointwise(expand)?, expand.conv.bias.as_ref())?.relu()?;
+        let t = ops::linear_relu(x, &pointwise(expand)?, expand.conv.bias.as_ref())?;
         let d = &depthwise.conv;
         let t = to_image(&t, h, w)?;
         let t = ops::conv2d(&t, &d.weight, d.bias.as_ref(), d.stride, d.padding, d.dilation, d.groups)?;

@@ -33,7 +33,7 @@ pub use derived::{cross_entropy, cross_entropy_soft, log_softmax, mean, min, smo
 pub use elementwise::*;
 pub use ext::TensorOps;
 pub use linattn::{linear_attention, linear_attention_ref};
-pub use matmul::{act_linear, gated_linear, layer_norm_linears, linear, matmul, matmul_ref};
+pub use matmul::{act_linear, gated_linear, layer_norm_linears, linear, linear_relu, matmul, matmul_ref};
 pub use norm::{batch_norm2d, layer_norm};
 pub use reduce::{max, sum, sum_all, sum_to_shape};
 pub use regularize::{add_drop_path, drop_path, dropout, with_fed_masks, FedMask};

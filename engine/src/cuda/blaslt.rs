@@ -2,7 +2,8 @@
 //! [`CudaDevice::gemm_strided_batched`]:
 //!
 //! - [`CudaDevice::gemm_bias`]: `C = alpha op(A) op(B) + beta C + bias`, the bias broadcast over the rows of C
-//!   (`bias[j]` is added to column j: a Linear layer's output feature). `CUBLASLT_EPILOGUE_BIAS`.
+//!   (`bias[j]` is added to column j: a Linear layer's output feature). `CUBLASLT_EPILOGUE_BIAS`, or
+//!   `CUBLASLT_EPILOGUE_RELU_BIAS` for `max(C, 0)` of that (a Linear layer followed by a ReLU).
 //! - [`CudaDevice::gemm_bias_grad`]: `C = alpha op(A) op(B) + beta C` and, in the same kernel,
 //!   `bgrad[i] = sum_p op(A)[i, p]` (the row sums of op(A)). `CUBLASLT_EPILOGUE_BGRADB`.
 //!
@@ -58,6 +59,7 @@ use crate::{DType, Error, Float, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Epilogue {
     Bias,
+    ReluBias,
     BiasGradA,
 }
 
@@ -188,8 +190,8 @@ impl CudaDevice {
 
     /// `C = alpha op(A) op(B) + beta C + bias` for row-major operands (see [`GemmConfig`]; batch 1), with
     /// `bias[j]` added to every row's column j (`bias` holds at least n elements), in cuBLASLt's BIAS
-    /// epilogue: one kernel. `Ok(false)` when the fused form is not available (see the module docs): nothing
-    /// was enqueued, run the product and the add instead.
+    /// epilogue: one kernel; with `relu`, `max(that, 0)` (RELU_BIAS). `Ok(false)` when the fused form is not
+    /// available (see the module docs): nothing was enqueued, run the product and the add instead.
     pub fn gemm_bias<T: Float>(
         &self,
         cfg: &GemmConfig,
@@ -197,6 +199,7 @@ impl CudaDevice {
         b: &impl DevicePtr<T>,
         c: &mut impl DevicePtrMut<T>,
         bias: &impl DevicePtr<T>,
+        relu: bool,
     ) -> Result<bool> {
         const OP: &str = "gemm_bias";
         self.check_same_device(OP, &[a.stream(), b.stream(), c.stream(), bias.stream()])?;
@@ -206,7 +209,7 @@ impl CudaDevice {
         }
         let stream = self.stream();
         let (v, _record_v) = bias.device_ptr(stream);
-        self.lt_matmul::<T>(OP, cfg, a, b, c, Epilogue::Bias, v)
+        self.lt_matmul::<T>(OP, cfg, a, b, c, if relu { Epilogue::ReluBias } else { Epilogue::Bias }, v)
     }
 
     /// `C = alpha op(A) op(B) + beta C` for row-major operands (batch 1) and, in cuBLASLt's BGRADB epilogue
@@ -304,6 +307,7 @@ impl CudaDevice {
         let (op_a, op_b) = (cfg.trans_b as i32, cfg.trans_a as i32);
         let ep = match epilogue {
             Epilogue::Bias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::ReluBias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
             Epilogue::BiasGradA => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
         };
         let (stored_a, stored_b) = (cfg.stored_a(), cfg.stored_b());

@@ -536,6 +536,19 @@ fn gemm_lt_case<T: Float + DeviceRepr>(
     require: bool,
     tol: f64,
 ) {
+    gemm_lt_act_case::<T>(dev, g, cfg, grad, false, require, tol)
+}
+
+/// `gemm_lt_case`, and with `relu` (not with `grad`) the RELU_BIAS epilogue: C = max(op(A) op(B) + bias, 0).
+fn gemm_lt_act_case<T: Float + DeviceRepr>(
+    dev: &CudaDevice,
+    g: &mut Generator,
+    cfg: GemmConfig,
+    grad: bool,
+    relu: bool,
+    require: bool,
+    tol: f64,
+) {
     let (ar, ac) = if cfg.trans_a { (cfg.k, cfg.m) } else { (cfg.m, cfg.k) };
     let (br, bc) = if cfg.trans_b { (cfg.n, cfg.k) } else { (cfg.k, cfg.n) };
     let draw = |g: &mut Generator, n: usize| -> Vec<f64> {
@@ -552,7 +565,7 @@ fn gemm_lt_case<T: Float + DeviceRepr>(
     let fused = if grad {
         dev.gemm_bias_grad::<T>(&cfg, da.as_slice(), db.as_slice(), &mut dc.view_mut(), &mut dv.view_mut()).unwrap()
     } else {
-        dev.gemm_bias::<T>(&cfg, da.as_slice(), db.as_slice(), &mut dc.view_mut(), dv.as_slice()).unwrap()
+        dev.gemm_bias::<T>(&cfg, da.as_slice(), db.as_slice(), &mut dc.view_mut(), dv.as_slice(), relu).unwrap()
     };
     if !fused {
         assert!(!require, "{} {cfg:?} (grad {grad}): cuBLASLt offered no algorithm", T::DTYPE);
@@ -564,6 +577,9 @@ fn gemm_lt_case<T: Float + DeviceRepr>(
         for i in 0..cfg.m {
             for j in 0..cfg.n {
                 want[i * cfg.ldc + j] += bias[j];
+                if relu {
+                    want[i * cfg.ldc + j] = want[i * cfg.ldc + j].max(0.0);
+                }
             }
         }
     }
@@ -603,6 +619,9 @@ fn gemm_bias_and_bias_grad_match_a_naive_loop() {
         gemm_lt_case::<f32>(&dev, &mut g, cfg, false, true, 1e-5);
         gemm_lt_case::<f64>(&dev, &mut g, cfg, false, true, 1e-12);
         let padded = GemmConfig { lda: k + 3, ldc: n + 1, ..cfg };
+        // With the ReLU: f32 must fuse (a Linear + ReLU uses it), f64 may fall back.
+        gemm_lt_act_case::<f32>(&dev, &mut g, cfg, false, true, true, 1e-5);
+        gemm_lt_act_case::<f64>(&dev, &mut g, cfg, false, true, false, 1e-12);
         gemm_lt_case::<f32>(&dev, &mut g, padded, false, false, 1e-5);
         gemm_lt_case::<f64>(&dev, &mut g, padded, false, false, 1e-12);
         // The weight gradient: dW (N, K) = g^T X with g stored (M, N), and db = the column sums of g.
@@ -633,21 +652,23 @@ fn gemm_bias_and_bias_grad_match_a_naive_loop() {
     let a = dev.alloc::<f32>(64).unwrap();
     let mut c = dev.alloc::<f32>(64).unwrap();
     let batched = GemmConfig::contiguous(2, 2, 2, 2, false, true);
-    assert!(!dev.gemm_bias::<f32>(&batched, a.as_slice(), a.as_slice(), &mut c.view_mut(), a.as_slice()).unwrap());
+    assert!(!dev
+        .gemm_bias::<f32>(&batched, a.as_slice(), a.as_slice(), &mut c.view_mut(), a.as_slice(), false)
+        .unwrap());
     let empty = GemmConfig::contiguous(1, 2, 2, 0, false, true);
-    assert!(!dev.gemm_bias::<f32>(&empty, a.as_slice(), a.as_slice(), &mut c.view_mut(), a.as_slice()).unwrap());
+    assert!(!dev.gemm_bias::<f32>(&empty, a.as_slice(), a.as_slice(), &mut c.view_mut(), a.as_slice(), false).unwrap());
     let cfg = GemmConfig::contiguous(1, 2, 2, 2, false, true);
     let off = a.as_slice().slice(1..);
-    assert!(!dev.gemm_bias::<f32>(&cfg, a.as_slice(), a.as_slice(), &mut c.view_mut(), &off).unwrap());
+    assert!(!dev.gemm_bias::<f32>(&cfg, a.as_slice(), a.as_slice(), &mut c.view_mut(), &off, false).unwrap());
     // Bad arguments are errors: a bias shorter than the row, operands that overrun their buffers.
     let short = a.as_slice().slice(0..1);
     assert!(matches!(
-        dev.gemm_bias::<f32>(&cfg, a.as_slice(), a.as_slice(), &mut c.view_mut(), &short),
+        dev.gemm_bias::<f32>(&cfg, a.as_slice(), a.as_slice(), &mut c.view_mut(), &short, false),
         Err(Error::InvalidArgument { .. })
     ));
     let big_cfg = GemmConfig::contiguous(1, 9, 9, 9, false, true);
     assert!(matches!(
-        dev.gemm_bias::<f32>(&big_cfg, a.as_slice(), a.as_slice(), &mut c.view_mut(), a.as_slice()),
+        dev.gemm_bias::<f32>(&big_cfg, a.as_slice(), a.as_slice(), &mut c.view_mut(), a.as_slice(), false),
         Err(Error::InvalidArgument { .. })
     ));
 }

@@ -276,6 +276,9 @@ impl Dense<'_> {
 /// `x W^T + b` for x (rows, k), W (n, k) and b (n), all dense: one cuBLASLt product with the bias in its
 /// epilogue, contiguous (rows, n). `None` when cuBLASLt has no fused form for it (see
 /// [`engine::cuda::CudaDevice::gemm_bias`]); the caller runs the product and the add instead.
+/// `X W^T + b` (or `max(X W^T + b, 0)` with `relu`) as one cuBLASLt product with the bias (and ReLU) in its
+/// epilogue, for dense X (rows, k), W (n, k), b (n); None when cuBLASLt offers no fused form (the caller
+/// composes).
 pub(super) fn linear_bias(
     x: Dense,
     w: Dense,
@@ -283,11 +286,12 @@ pub(super) fn linear_bias(
     rows: usize,
     k: usize,
     n: usize,
+    relu: bool,
 ) -> Result<Option<CudaStorage>> {
     crate::util::same_cuda_dtypes("linear", &[x.storage, w.storage, b.storage])?;
     match x.storage.dtype() {
-        DType::F32 => linear_bias_t::<f32>(x, w, b, rows, k, n),
-        DType::F64 => linear_bias_t::<f64>(x, w, b, rows, k, n),
+        DType::F32 => linear_bias_t::<f32>(x, w, b, rows, k, n, relu),
+        DType::F64 => linear_bias_t::<f64>(x, w, b, rows, k, n, relu),
     }
 }
 
@@ -298,13 +302,14 @@ fn linear_bias_t<T: Float>(
     rows: usize,
     k: usize,
     n: usize,
+    relu: bool,
 ) -> Result<Option<CudaStorage>> {
     let dev = x.storage.device();
     // Y (rows, n) = X (rows, k) @ op(W), W stored (n, k): trans_b.
     let cfg = GemmConfig::contiguous(1, rows, n, k, false, true);
     let mut out = dev.alloc::<T>(rows * n)?;
     let (xv, wv, bv) = (x.view::<T>("linear", rows * k)?, w.view::<T>("linear", n * k)?, b.view::<T>("linear", n)?);
-    if dev.gemm_bias::<T>(&cfg, &xv, &wv, &mut out.view_mut(), &bv)? {
+    if dev.gemm_bias::<T>(&cfg, &xv, &wv, &mut out.view_mut(), &bv, relu)? {
         Ok(Some(CudaStorage::from_slice(dev, out)?))
     } else {
         Ok(None)

@@ -25,7 +25,7 @@
 use engine::{no_grad, Device, Error, Op, Result, Storage, Tensor};
 
 use super::{cuda, matmul};
-use crate::elementwise::add;
+use crate::elementwise::{add, unary, unary_grad, Unary};
 use crate::reduce::sum_to_shape;
 use crate::util::same_dtype_device;
 use crate::view::{reshape_usize, t};
@@ -42,6 +42,12 @@ fn dense(x: &Tensor) -> Result<Tensor> {
 /// `a W^T + b` without recording: the fused cuBLASLt product on CUDA with a bias where available, else
 /// exactly the composition `add(matmul(a, t(W)), b)`. `a` is (..., k) of rank 1 or more.
 pub(super) fn affine(a: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    affine_act(a, w, bias, false)
+}
+
+/// [`affine`], or with `relu` `max(a W^T + b, 0)`: on CUDA with a bias the ReLU rides in the product's
+/// epilogue (cuBLASLt RELU_BIAS), else the composition `relu(affine(..))`.
+fn affine_act(a: &Tensor, w: &Tensor, bias: Option<&Tensor>, relu: bool) -> Result<Tensor> {
     if let (Some(b), Device::Cuda(_)) = (bias, a.device()) {
         let (n, k) = (w.dim(0)?, w.dim(1)?);
         let rows = a.numel() / k.max(1);
@@ -50,7 +56,7 @@ pub(super) fn affine(a: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
             let (sa, sw, sb) = (ad.storage(), wd.storage(), bd.storage());
             if let (Storage::Cuda(sa), Storage::Cuda(sw), Storage::Cuda(sb)) = (&*sa, &*sw, &*sb) {
                 let op = |s, l: &Tensor| cuda::Dense { storage: s, offset: l.layout().offset() };
-                if let Some(y) = cuda::linear_bias(op(sa, &ad), op(sw, &wd), op(sb, &bd), rows, k, n)? {
+                if let Some(y) = cuda::linear_bias(op(sa, &ad), op(sw, &wd), op(sb, &bd), rows, k, n, relu)? {
                     let mut shape = a.shape()[..a.rank() - 1].to_vec();
                     shape.push(n);
                     return Tensor::from_storage(Storage::Cuda(y), &shape);
@@ -59,9 +65,14 @@ pub(super) fn affine(a: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
         }
     }
     let p = matmul(a, &t(w)?)?;
-    match bias {
-        Some(b) => add(&p, b),
-        None => Ok(p),
+    let y = match bias {
+        Some(b) => add(&p, b)?,
+        None => p,
+    };
+    if relu {
+        unary(Unary::Relu, &y)
+    } else {
+        Ok(y)
     }
 }
 
@@ -150,4 +161,50 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     // The saved x must be contiguous for the row reshapes of the backward (a Linear's input usually is).
     let x_saved = x.detach().contiguous()?;
     Ok(Tensor::from_op_over(&y, &inputs, || Linear { x: x_saved, w: weight.detach(), has_bias: bias.is_some() }))
+}
+
+struct LinearRelu {
+    x: Tensor,
+    w: Tensor,
+    /// The output max(x W^T + b, 0): its positive entries are where the ReLU passed the gradient.
+    y: Tensor,
+    has_bias: bool,
+}
+
+impl Op for LinearRelu {
+    fn name(&self) -> &'static str {
+        "linear_relu"
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (x, w, y) = (&self.x, &self.w, &self.y);
+        // The ReLU's backward from its output (relu'(y) = relu'(x W^T + b): y > 0 exactly where its input
+        // is), then the Linear's: the composition's passes.
+        let dz = unary_grad(Unary::Relu, y, y, g, y.shape())?;
+        let (k, n) = (w.dim(1)?, w.dim(0)?);
+        let (dw, db) = weight_bias_grads(x, &dz, k, n, self.has_bias)?;
+        let dx = matmul(&dz, w)?;
+        let mut grads = vec![Some(dx), Some(dw)];
+        if self.has_bias {
+            grads.push(db);
+        }
+        Ok(grads)
+    }
+}
+
+/// `max(x @ weight^T + bias, 0)`: a Linear layer followed by a ReLU as one recorded op (the patch merging's
+/// expanding 1x1 conv). On CUDA with a bias the ReLU rides in the product's cuBLASLt epilogue (RELU_BIAS), so
+/// the pre-activation is never written; on the CPU it is bitwise `linear(x, ..).relu()`, forward and backward.
+/// Saves x and the output.
+pub fn linear_relu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "linear_relu";
+    check_operands(OP, x, 1, weight, bias)?;
+    let y = no_grad(|| affine_act(x, weight, bias, true))?;
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    if !engine::is_grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
+        return Ok(y);
+    }
+    let x_saved = x.detach().contiguous()?;
+    let saved = LinearRelu { x: x_saved, w: weight.detach(), y: y.detach(), has_bias: bias.is_some() };
+    Ok(Tensor::from_op_over(&y, &inputs, || saved))
 }

@@ -24,7 +24,7 @@ mod reference;
 
 pub use act_linear::act_linear;
 pub use gated_linear::gated_linear;
-pub use linear::linear;
+pub use linear::{linear, linear_relu};
 pub use norm_linear::layer_norm_linears;
 pub use reference::matmul_ref;
 

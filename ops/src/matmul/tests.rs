@@ -762,6 +762,51 @@ fn linear_is_bitwise_the_composition_on_the_cpu() {
     assert_eq!(engine::no_grad(|| linear(&x, &w, None)).unwrap().grad_fn(), None);
 }
 
+/// Forward value and gradients of (x, w, b) for `linear_relu` or `linear(..).relu()`, as bits.
+fn linear_relu_run(fused: bool, dtype: DType, x: &[usize], (n, k): (usize, usize), bias: bool) -> Vec<Vec<u64>> {
+    let x = randn_as(x, dtype, 91).requires_grad_(true).unwrap();
+    let w = randn_as(&[n, k], dtype, 92).requires_grad_(true).unwrap();
+    let b = randn_as(&[n], dtype, 93).requires_grad_(true).unwrap();
+    let bias = bias.then_some(&b);
+    let y = if fused {
+        linear_relu(&x, &w, bias).unwrap()
+    } else {
+        crate::unary(crate::Unary::Relu, &linear(&x, &w, bias).unwrap()).unwrap()
+    };
+    y.backward_with(&randn_as(y.shape(), dtype, 94)).unwrap();
+    let bits = |t: &Tensor| t.to_vec_f64().unwrap().into_iter().map(f64::to_bits).collect::<Vec<_>>();
+    let mut out = vec![bits(&y), bits(&x.grad().unwrap()), bits(&w.grad().unwrap())];
+    if bias.is_some() {
+        out.push(bits(&b.grad().unwrap()));
+    }
+    out
+}
+
+#[test]
+fn linear_relu_is_bitwise_the_composition_on_the_cpu_and_gradchecks() {
+    for dtype in [DType::F32, DType::F64] {
+        for (x, nk) in [(vec![2, 5, 6], (3, 6)), (vec![7, 13], (9, 13)), (vec![4, 50, 70], (90, 70))] {
+            for bias in [true, false] {
+                let fused = linear_relu_run(true, dtype, &x, nk, bias);
+                assert_eq!(fused, linear_relu_run(false, dtype, &x, nk, bias), "{x:?} ({dtype}), bias {bias}");
+                // Not degenerate: some outputs cut to zero, some passed.
+                let y: Vec<f64> = fused[0].iter().map(|&b| f64::from_bits(b)).collect();
+                assert!(y.contains(&0.0) && y.iter().any(|&v| v > 0.0));
+            }
+        }
+    }
+    let r = gradcheck("linear_relu", &[randn(&[2, 3, 5], 95), randn(&[4, 5], 96), randn(&[4], 97)], |x| {
+        linear_relu(&x[0], &x[1], Some(&x[2]))
+    })
+    .unwrap();
+    assert!(r.passed() && r.max_abs_grad > 0.1, "{r}");
+    let (x, w) = (randn(&[2, 4], 1), randn(&[3, 4], 2));
+    assert!(linear_relu(&x, &randn(&[3, 5], 3), None).is_err());
+    assert!(linear_relu(&x, &w, Some(&randn(&[4], 4))).is_err());
+    let x = x.requires_grad_(true).unwrap();
+    assert_eq!(linear_relu(&x, &w, None).unwrap().grad_fn(), Some("linear_relu"));
+}
+
 #[test]
 fn linear_gradients_match_finite_differences() {
     let cases: Vec<(&str, Vec<Tensor>, Case)> = vec![
@@ -843,6 +888,14 @@ fn cuda_linear_matches_cpu() {
     assert_cuda_matches_cpu("linear under a sum", &[&[2, 3, 6], &[4, 6], &[4]], |x| {
         crate::sum(&linear(&x[0], &x[1], Some(&x[2]))?, &[1], false)
     });
+    // linear_relu: the ReLU in the epilogue with a bias, composed without.
+    for (what, x, (n, k)) in [("tokens", vec![2, 5, 6], (3, 6)), ("MILA-like", vec![2, 49, 64], (512, 64))] {
+        let shapes: [&[usize]; 3] = [&x, &[n, k], &[n]];
+        assert_cuda_matches_cpu(&format!("linear_relu {what}"), &shapes, |x| linear_relu(&x[0], &x[1], Some(&x[2])));
+        assert_cuda_matches_cpu(&format!("linear_relu {what}, no bias"), &shapes[..2], |x| {
+            linear_relu(&x[0], &x[1], None)
+        });
+    }
     // act_linear's forward and backward take the same fused products.
     assert_cuda_matches_cpu("act_linear", &[&[2, 7, 13], &[9, 13], &[9]], |x| {
         act_linear(&x[0], crate::Unary::Gelu, &x[1], Some(&x[2]))
