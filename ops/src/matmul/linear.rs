@@ -123,18 +123,30 @@ pub(super) fn check_operands(
     Ok((n, k))
 }
 
+/// The recorded Linear layer, and with `relu_out` a Linear followed by a ReLU (`linear_relu`), which saves
+/// its output for the ReLU's backward.
 struct Linear {
     x: Tensor,
     w: Tensor,
     has_bias: bool,
+    /// `linear_relu`'s output max(x W^T + b, 0): its positive entries are where the ReLU passed the gradient.
+    relu_out: Option<Tensor>,
 }
 
 impl Op for Linear {
     fn name(&self) -> &'static str {
-        "linear"
+        if self.relu_out.is_some() {
+            "linear_relu"
+        } else {
+            "linear"
+        }
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (x, w) = (&self.x, &self.w);
+        // After a ReLU, its backward from the output first (relu'(y) = relu'(x W^T + b): y > 0 exactly where
+        // its input is), as the composition's ReLU node would.
+        let relu_grad = self.relu_out.as_ref().map(|y| unary_grad(Unary::Relu, y, y, g, y.shape())).transpose()?;
+        let g = relu_grad.as_ref().unwrap_or(g);
         let (k, n) = (w.dim(1)?, w.dim(0)?);
         let (dw, db) = weight_bias_grads(x, g, k, n, self.has_bias)?;
         // dx = g W: the composition's matmul(g, t(t(W))), whose right operand has W's own layout.
@@ -150,45 +162,7 @@ impl Op for Linear {
 /// `x @ weight^T + bias` for x (..., in) of rank 1 or more, weight (out, in), bias (out): a Linear layer as
 /// one recorded op, bitwise the composition on the CPU and one fused cuBLASLt product on CUDA (module docs).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    const OP: &str = "linear";
-    check_operands(OP, x, 1, weight, bias)?;
-    let y = no_grad(|| affine(x, weight, bias))?;
-    let mut inputs = vec![x, weight];
-    inputs.extend(bias);
-    if !engine::is_grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
-        return Ok(y);
-    }
-    // The saved x must be contiguous for the row reshapes of the backward (a Linear's input usually is).
-    let x_saved = x.detach().contiguous()?;
-    Ok(Tensor::from_op_over(&y, &inputs, || Linear { x: x_saved, w: weight.detach(), has_bias: bias.is_some() }))
-}
-
-struct LinearRelu {
-    x: Tensor,
-    w: Tensor,
-    /// The output max(x W^T + b, 0): its positive entries are where the ReLU passed the gradient.
-    y: Tensor,
-    has_bias: bool,
-}
-
-impl Op for LinearRelu {
-    fn name(&self) -> &'static str {
-        "linear_relu"
-    }
-    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let (x, w, y) = (&self.x, &self.w, &self.y);
-        // The ReLU's backward from its output (relu'(y) = relu'(x W^T + b): y > 0 exactly where its input
-        // is), then the Linear's: the composition's passes.
-        let dz = unary_grad(Unary::Relu, y, y, g, y.shape())?;
-        let (k, n) = (w.dim(1)?, w.dim(0)?);
-        let (dw, db) = weight_bias_grads(x, &dz, k, n, self.has_bias)?;
-        let dx = matmul(&dz, w)?;
-        let mut grads = vec![Some(dx), Some(dw)];
-        if self.has_bias {
-            grads.push(db);
-        }
-        Ok(grads)
-    }
+    recorded("linear", x, weight, bias, false)
 }
 
 /// `max(x @ weight^T + bias, 0)`: a Linear layer followed by a ReLU as one recorded op (the patch merging's
@@ -196,15 +170,23 @@ impl Op for LinearRelu {
 /// the pre-activation is never written; on the CPU it is bitwise `linear(x, ..).relu()`, forward and backward.
 /// Saves x and the output.
 pub fn linear_relu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    const OP: &str = "linear_relu";
-    check_operands(OP, x, 1, weight, bias)?;
-    let y = no_grad(|| affine_act(x, weight, bias, true))?;
+    recorded("linear_relu", x, weight, bias, true)
+}
+
+fn recorded(op: &'static str, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+    check_operands(op, x, 1, weight, bias)?;
+    let y = no_grad(|| affine_act(x, weight, bias, relu))?;
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
     if !engine::is_grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
         return Ok(y);
     }
-    let x_saved = x.detach().contiguous()?;
-    let saved = LinearRelu { x: x_saved, w: weight.detach(), y: y.detach(), has_bias: bias.is_some() };
+    // The saved x must be contiguous for the row reshapes of the backward (a Linear's input usually is).
+    let saved = Linear {
+        x: x.detach().contiguous()?,
+        w: weight.detach(),
+        has_bias: bias.is_some(),
+        relu_out: relu.then(|| y.detach()),
+    };
     Ok(Tensor::from_op_over(&y, &inputs, || saved))
 }
