@@ -55,13 +55,13 @@ use std::sync::Arc;
 
 use engine::cuda::{
     CudaDevice, CudaStorage, CudaView, CudaViewMut, DeviceRepr, GemmConfig, LaunchArgs, LaunchConfig, PushKernelArg,
+    Strided,
 };
 use engine::{DType, Error, Float, Result, Storage};
 
 use super::{Conv1dGeom, Conv2dGeom};
 use crate::cuda::{elements, function, launch, launch_1d, optional, Module, View};
 use crate::util::{Grads, Needs};
-use engine::cuda::Strided;
 
 pub(crate) const MODULE: Module = Module { name: "ops_conv", body: include_str!("conv.cu") };
 
