@@ -29,7 +29,7 @@ use std::cell::RefCell;
 use engine::cuda::CudaStorage;
 use engine::{Device, Error, Generator, Op, Result, Storage, Tensor};
 
-use crate::util::{no_cuda, saved_contiguous};
+use crate::util::{no_cuda, same_dtype_device, saved_contiguous};
 use crate::TensorOps;
 
 struct Masked {
@@ -43,20 +43,29 @@ impl Op for Masked {
         self.name
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(Tensor::from_storage(scaled(self.name, g, &self.mask)?, g.shape())?)])
+        Ok(vec![Some(Tensor::from_storage(scaled(self.name, None, g, &self.mask)?, g.shape())?)])
     }
 }
 
-/// x scaled block by block by `mask`, as new contiguous storage.
-fn scaled(op: &'static str, x: &Tensor, mask: &Tensor) -> Result<Storage> {
-    // The CPU kernel walks contiguous slices; the CUDA kernel reads any view, so x is copied for the CPU only.
-    let xc = if x.device() == Device::Cpu { saved_contiguous(x)? } else { x.clone() };
-    let storage = match (&*xc.storage(), &*mask.storage()) {
-        (Storage::Cpu(s), Storage::Cpu(m)) => cpu::scale_blocks(op, (s, xc.layout()), (m, mask.layout()))?,
-        (Storage::Cuda(s), Storage::Cuda(m)) => {
-            Storage::Cuda(cuda::scale_blocks(op, s, xc.layout(), m, mask.layout())?)
+/// t scaled block by block by `mask`, plus x where given (`x + scaled(t)`, the product rounded before the
+/// add), as new contiguous storage. x, if any, has t's shape (checked by the caller).
+fn scaled(op: &'static str, x: Option<&Tensor>, t: &Tensor, mask: &Tensor) -> Result<Storage> {
+    // The CPU kernel walks contiguous slices; the CUDA kernels read any view, so the copies are for the CPU only.
+    let dense = |v: &Tensor| if v.device() == Device::Cpu { saved_contiguous(v) } else { Ok(v.clone()) };
+    let (xc, tc) = (x.map(dense).transpose()?, dense(t)?);
+    let xs = xc.as_ref().map(|v| v.storage());
+    let xo = xs.as_deref().zip(xc.as_ref().map(|v| v.layout()));
+    let (lt, lm) = (tc.layout(), mask.layout());
+    let storage = match (xo, &*tc.storage(), &*mask.storage()) {
+        (None, Storage::Cpu(ts), Storage::Cpu(m)) => cpu::add_scaled_blocks(op, None, (ts, lt), (m, lm))?,
+        (Some((Storage::Cpu(xs), lx)), Storage::Cpu(ts), Storage::Cpu(m)) => {
+            cpu::add_scaled_blocks(op, Some((xs, lx)), (ts, lt), (m, lm))?
         }
-        (s, _) => return Err(no_cuda(op, s)),
+        (None, Storage::Cuda(ts), Storage::Cuda(m)) => Storage::Cuda(cuda::scale_blocks(op, ts, lt, m, lm)?),
+        (Some((Storage::Cuda(xs), lx)), Storage::Cuda(ts), Storage::Cuda(m)) => {
+            Storage::Cuda(cuda::add_scaled_blocks(op, (xs, lx), (ts, lt), (m, lm))?)
+        }
+        (_, s, _) => return Err(no_cuda(op, s)),
     };
     Ok(storage)
 }
@@ -66,7 +75,7 @@ fn masked(op: &'static str, x: &Tensor, p: f64, training: bool, blocks: usize, g
     let Some(mask) = draw(op, x, p, training, blocks, g)? else {
         return Ok(x.clone());
     };
-    let storage = scaled(op, x, &mask)?;
+    let storage = scaled(op, None, x, &mask)?;
     Ok(Tensor::from_op(storage, x.shape(), &[x], || Masked { name: op, mask }))
 }
 
@@ -185,19 +194,9 @@ pub fn drop_path(x: &Tensor, p: f64, training: bool, g: &mut Generator) -> Resul
 /// have one shape; in eval or with p = 0 it is `x.add(t)`.
 pub fn add_drop_path(x: &Tensor, t: &Tensor, p: f64, training: bool, g: &mut Generator) -> Result<Tensor> {
     const OP: &str = "add_drop_path";
-    if x.shape() != t.shape() || x.dtype() != t.dtype() || x.device() != t.device() {
-        return Err(Error::Msg {
-            context: OP,
-            msg: format!(
-                "x {:?} {} on {} and t {:?} {} on {} must have one shape, dtype and device",
-                x.shape(),
-                x.dtype(),
-                x.device(),
-                t.shape(),
-                t.dtype(),
-                t.device()
-            ),
-        });
+    same_dtype_device(OP, x, t)?;
+    if x.shape() != t.shape() {
+        return Err(Error::ShapeMismatch { op: OP, lhs: x.shape().to_vec(), rhs: t.shape().to_vec() });
     }
     let Some(&n) = t.shape().first() else {
         return Err(Error::invalid(OP, "needs a sample dim (dim 0)", t.shape()));
@@ -205,17 +204,7 @@ pub fn add_drop_path(x: &Tensor, t: &Tensor, p: f64, training: bool, g: &mut Gen
     let Some(mask) = draw(OP, t, p, training, n, g)? else {
         return x.add(t);
     };
-    let (xc, tc) =
-        if x.device() == Device::Cpu { (saved_contiguous(x)?, saved_contiguous(t)?) } else { (x.clone(), t.clone()) };
-    let storage = match (&*xc.storage(), &*tc.storage(), &*mask.storage()) {
-        (Storage::Cpu(xs), Storage::Cpu(ts), Storage::Cpu(m)) => {
-            cpu::add_scaled_blocks(OP, (xs, xc.layout()), (ts, tc.layout()), (m, mask.layout()))?
-        }
-        (Storage::Cuda(xs), Storage::Cuda(ts), Storage::Cuda(m)) => {
-            Storage::Cuda(cuda::add_scaled_blocks(OP, (xs, xc.layout()), (ts, tc.layout()), (m, mask.layout()))?)
-        }
-        (s, _, _) => return Err(no_cuda(OP, s)),
-    };
+    let storage = scaled(OP, Some(x), t, &mask)?;
     Ok(Tensor::from_op(storage, x.shape(), &[x, t], || AddDropPath { mask }))
 }
 
@@ -229,7 +218,7 @@ impl Op for AddDropPath {
         "add_drop_path"
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let dt = Tensor::from_storage(scaled("add_drop_path", g, &self.mask)?, g.shape())?;
+        let dt = Tensor::from_storage(scaled("add_drop_path", None, g, &self.mask)?, g.shape())?;
         Ok(vec![Some(g.clone()), Some(dt)])
     }
 }
