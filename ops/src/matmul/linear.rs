@@ -91,8 +91,10 @@ pub(super) fn weight_bias_grads(
     has_bias: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let rows = a.numel() / k.max(1);
-    // dW^T = a^T g over the stacked rows (as the Linear's shared-weight gradient), then W's orientation.
-    let dw = t(&super::matmul_nd(&t(&reshape_usize(a, &[rows, k])?)?, &reshape_usize(g, &[rows, n])?)?)?;
+    // dW = g^T a over the stacked rows, formed in W's own orientation (n, k): contiguous, so the leaf takes it
+    // as it is. (Formed as (a^T g)^T it was a transposed view, which the engine copied contiguous at every
+    // weight: a small copy kernel per Linear a step on CUDA.)
+    let dw = super::matmul_nd(&t(&reshape_usize(g, &[rows, n])?)?, &reshape_usize(a, &[rows, k])?)?;
     let db = has_bias.then(|| sum_to_shape(g, &[n])).transpose()?;
     Ok((dw, db))
 }
