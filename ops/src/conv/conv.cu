@@ -1304,19 +1304,20 @@ __device__ void im2col_impl(const T* x, T* cols, Conv2dParams p, long long n0, l
 // step into registers while the block multiplies the current step's tiles from shared memory (two buffers,
 // one barrier a step); each thread accumulates 8 channels x 4 columns. A warp shares its 8 channels (a
 // broadcast read) and reads 32 x 4 neighbouring columns (conflict-free 16-byte reads). Sums over k in order,
-// then the bias is added.
+// then the bias is added. TAP (conv_igemm_tap, C/G a multiple of 8) orders k tap-major (below); its f32 instance is
+// capped at 80 registers (3 blocks a multiprocessor, no spills), as the channel-major one compiles (78).
 //
 // Work: 2 N O OH OW C/G kh kw flops; for the bench's (128, 32, 112, 112) -> 32 3x3 f32, 29.6 GFLOP: about
 // 0.9 ms on the H100 at a predicted 33 TFLOP/s of FFMA (its peak is about 67; x is read through the caches,
 // so the 0.41 GB of x and y are not the limit).
-template <typename T>
+template <typename T, bool TAP>
 __device__ void conv_igemm_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, T* y,
                                 Conv2dParams p) {
     const int BM = 32, BN = 256, BK = 8, TM = 8, TN = 4;
     typedef typename Vec16<T>::type V;
     const int VN = Vec16<T>::n;
-    __shared__ __align__(16) T As[2][BK][BM];
-    __shared__ __align__(16) T Bs[2][BK][BN];
+    DW_STATIC_SHARED __align__(16) T As[2][BK][BM];
+    DW_STATIC_SHARED __align__(16) T Bs[2][BK][BN];
     const int og = (int)(p.o / p.groups), cg = (int)(p.c / p.groups);
     const int kh = (int)p.kh, kw = (int)p.kw, khw = kh * kw, K = cg * khw;
     const int h = (int)p.h, w = (int)p.w, P = (int)(p.oh * p.ow), ow = (int)p.ow;
@@ -1338,9 +1339,28 @@ __device__ void conv_igemm_impl(const T* x, const T* wt, const T* bias, Strided 
     const T* wrow = wt + ((long long)grp * og + m0 + (a_ok ? am : 0)) * K;
 
     T bv[BK], av;
+    // TAP (conv_igemm_tap, for C/G a multiple of 8): tap-major order, k = tap C/G + c, so that a step's 8
+    // values are 8 channels of one tap at one pixel: one bounds check and one address a step, the next channel
+    // hw further (channel-major, k = c kh kw + tap as W stores it, takes a division and a bounds check per
+    // value). Either way the sum over k runs in a fixed order.
+    const FastDiv dcg = fast_div(TAP ? cg : 1);
+    const long long hw = (long long)h * w;
+    auto gather_tap = [&](int k0) {
+        const int t = div_of(k0, dcg), c0 = k0 - t * cg;
+        const int i = div_of(t, dkw), j = t - i * kw;
+        const int ih = ih0 + i * dh, iw = iw0 + j * dw;
+        const bool ok = col_ok && (unsigned)ih < (unsigned)h && (unsigned)iw < (unsigned)w;
+        const T* px = xs + (ok ? c0 * hw + ih * w + iw : 0);
+#pragma unroll
+        for (int u = 0; u < BK; ++u) {
+            bv[u] = ok ? *px : T(0);
+            px += hw;
+        }
+        av = a_ok ? wrow[(c0 + ak) * khw + t] : T(0);
+    };
     // The step's values at k0 .. k0 + 8 into bv and av.
     // (c, i, j) of k and the pixel it reads walk along with k; offsets within a sample fit an int (checked).
-    auto gather = [&](int k0) {
+    auto gather_channels = [&](int k0) {
         const int c = div_of(k0, dkhw), r = k0 - c * khw;
         int i = div_of(r, dkw), j = r - i * kw;
         int coff = c * h * w, ih = ih0 + i * dh, iw = iw0 + j * dw;
@@ -1361,6 +1381,13 @@ __device__ void conv_igemm_impl(const T* x, const T* wt, const T* bias, Strided 
             }
         }
         av = a_ok && k0 + ak < K ? wrow[k0 + ak] : T(0);
+    };
+    auto gather = [&](int k0) {
+        if constexpr (TAP) {
+            gather_tap(k0);
+        } else {
+            gather_channels(k0);
+        }
     };
     auto put = [&](int buf) {
 #pragma unroll
@@ -1650,7 +1677,12 @@ __device__ void cc1d_bwd_w_impl(const T* x, const T* g, T* dwt, Conv1dParams p) 
     }                                                                                                          \
     extern "C" __global__ void conv_igemm_##SUFFIX(const T* x, const T* w, const T* bias, Strided lb,         \
                                                    int has_bias, T* y, Conv2dParams p) {                      \
-        conv_igemm_impl<T>(x, w, bias, lb, has_bias, y, p);                                                    \
+        conv_igemm_impl<T, false>(x, w, bias, lb, has_bias, y, p);                                             \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 12 / sizeof(T))                                         \
+        conv_igemm_tap_##SUFFIX(const T* x, const T* w, const T* bias, Strided lb,                            \
+                                int has_bias, T* y, Conv2dParams p) {                                         \
+        conv_igemm_impl<T, true>(x, w, bias, lb, has_bias, y, p);                                              \
     }                                                                                                          \
     extern "C" __global__ void im2col_fast_##SUFFIX(const T* x, T* cols, Conv2dParams p, long long n0,       \
                                                     int nb) {                                                 \

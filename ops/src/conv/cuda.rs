@@ -30,7 +30,8 @@
 //! block takes a range of one channel's items and writes one row of partials, which `dw_reduce` adds in order.
 //!
 //! Dense and grouped conv2d, forward: an implicit GEMM (`conv_igemm`: each block gathers the patches of its
-//! 256 output pixels from x step by step over K = C/G kh kw, 32 output channels a block, FFMA), except for
+//! 256 output pixels from x step by step over K = C/G kh kw, 32 output channels a block, FFMA; `conv_igemm_tap`
+//! where C/G is a multiple of 8, with K in tap-major order so that a step reads 8 channels of one tap), except for
 //! pointwise convs and in TF32 mode, which take the cuBLAS path below ([`Conv2dGeom::implicit_gemm`]).
 //!
 //! Dense and grouped conv2d, backward (and the forward's other cases): im2col + cuBLAS, per chunk of samples
@@ -1339,7 +1340,9 @@ fn implicit_gemm<T: Float>(
     if x.len() < g.n * g.c * g.h * g.w || w.len() < g.o * (g.c / g.groups) * g.kh * g.kw || y.len() < g.n * g.o * p {
         return Err(Error::Cuda { op, msg: "internal: conv_igemm operand shorter than its geometry".into() });
     }
-    let f = function::<T>(dev, &MODULE, "conv_igemm")?;
+    // Tap-major k where a group's channels fill whole steps of 8 (conv.cu): one address a step, not one a value.
+    let name = if (g.c / g.groups) % 8 == 0 { "conv_igemm_tap" } else { "conv_igemm" };
+    let f = function::<T>(dev, &MODULE, name)?;
     let params = Conv2dParams::new(op, g)?;
     let mut args = dev.stream().launch_builder(&f);
     args.arg(x).arg(w).arg(&bv).arg(&lb).arg(&has_bias).arg(y).arg(&params);
@@ -1348,7 +1351,7 @@ fn implicit_gemm<T: Float>(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: conv_igemm_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
+    // SAFETY: conv_igemm[_tap]_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
     // Conv2dParams p) reads x[0..N C H W) and w[0..O C/G kh kw) (checked above against the views' lengths),
     // only at in-range pixels and k < C/G kh kw, bias through lb (checked by `strided`, read only when
     // has_bias), and writes y[0..N O OH OW), which `y` holds (checked above), with 16-byte stores only when

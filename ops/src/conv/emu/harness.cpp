@@ -473,9 +473,117 @@ bool s2_all(bool quick) {
 }
 }  // namespace
 
+// ---- conv_igemm: the dense / grouped NCHW implicit-GEMM forward, channel-major and tap-major -----------------
+
+struct DenseCase {
+    int n, c, h, w, o, kh, kw, sh, sw, ph, pw, dh, dw, groups;
+    int oh() const { return (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1; }
+    int ow() const { return (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1; }
+};
+
+// Runs conv_igemm_impl<T, TAP> over its whole grid (blockIdx.y, .z set here, .x by the emulator) and checks y
+// against a float64 sum with a bound of the summation's rounding (2 K eps times the sum of the terms' sizes);
+// two fiber schedules must give the same bits.
+template <typename T, bool TAP>
+bool igemm_check(const DenseCase& k, uint64_t seed) {
+    const int oh = k.oh(), ow = k.ow(), cg = k.c / k.groups, og = k.o / k.groups, taps = k.kh * k.kw;
+    const Conv2dParams p{k.n, k.c, k.h, k.w, k.o, k.kh, k.kw, k.sh, k.sw, k.ph, k.pw, k.dh, k.dw, k.groups, oh, ow};
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> nd(0.0, 1.0);
+    auto draw = [&](size_t len) {
+        std::vector<T> v(len);
+        for (auto& e : v) e = T(nd(rng));
+        return v;
+    };
+    const std::vector<T> x = draw((size_t)k.n * k.c * k.h * k.w), w = draw((size_t)k.o * cg * taps), b = draw(k.o);
+    const Strided lb = bias_layout(k.o);
+    const long long cols = (long long)k.n * oh * ow;
+    const unsigned gx = (unsigned)((cols + 255) / 256), gy = (unsigned)((og + 31) / 32);
+    std::vector<T> runs[2];
+    for (int r = 0; r < 2; ++r) {
+        runs[r].assign((size_t)k.n * k.o * oh * ow, T(NAN));
+        for (unsigned z = 0; z < (unsigned)k.groups; ++z)
+            for (unsigned yb = 0; yb < gy; ++yb) {
+                blockIdx.y = yb;
+                blockIdx.z = z;
+                gridDim.y = gy;
+                gridDim.z = k.groups;
+                launch(gx, 256, 0, seed + 7 * r, [&] {
+                    conv_igemm_impl<T, TAP>(x.data(), w.data(), b.data(), lb, 1, runs[r].data(), p);
+                });
+            }
+        blockIdx.y = blockIdx.z = 0;
+        gridDim.y = gridDim.z = 1;
+    }
+    const double eps = sizeof(T) == 4 ? 6e-8 : 1.2e-16;
+    bool ok = true;
+    int bad = 0;
+    for (int n = 0; n < k.n; ++n)
+        for (int o = 0; o < k.o; ++o)
+            for (int a = 0; a < oh; ++a)
+                for (int bb = 0; bb < ow; ++bb) {
+                    const int q = o / og;
+                    double ref = b[o], size = std::fabs((double)b[o]);
+                    for (int c = 0; c < cg; ++c)
+                        for (int i = 0; i < k.kh; ++i)
+                            for (int j = 0; j < k.kw; ++j) {
+                                const int ih = a * k.sh - k.ph + i * k.dh, iw = bb * k.sw - k.pw + j * k.dw;
+                                if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
+                                const double t = (double)w[((size_t)o * cg + c) * taps + i * k.kw + j] *
+                                                 (double)x[(((size_t)n * k.c + q * cg + c) * k.h + ih) * k.w + iw];
+                                ref += t;
+                                size += std::fabs(t);
+                            }
+                    const size_t yi = (((size_t)n * k.o + o) * oh + a) * ow + bb;
+                    const double got = runs[0][yi];
+                    const double bound = 2.0 * (cg * taps + 1) * eps * size + 1e-300;
+                    const bool same = std::memcmp(&runs[0][yi], &runs[1][yi], sizeof(T)) == 0;
+                    if (!(std::fabs(got - ref) <= bound) || !same) {
+                        if (bad++ < 3)
+                            std::printf("igemm %s TAP=%d n%d c%d %dx%d o%d k%dx%d s%d p%d,%d d%d g%d: y[%d,%d,%d,%d] = %.17g, "
+                                        "expected %.17g (bound %.3g)%s\n",
+                                        sizeof(T) == 4 ? "f32" : "f64", (int)TAP, k.n, k.c, k.h, k.w, k.o, k.kh, k.kw,
+                                        k.sh, k.ph, k.pw, k.dh, k.groups, n, o, a, bb, got, ref, bound,
+                                        same ? "" : " (schedules differ)");
+                        ok = false;
+                    }
+                }
+    return ok;
+}
+
+bool igemm_all() {
+    //  n  c   h   w   o  kh kw sh sw ph pw dh dw groups
+    const DenseCase cases[] = {
+        {2, 32, 12, 10, 32, 3, 3, 1, 1, 1, 1, 1, 1, 1},  // the stem's 3x3 (C/G 32: tap-major)
+        {2, 32, 13, 11, 40, 3, 3, 2, 2, 1, 1, 1, 1, 1},  // stride 2, two tiles of output channels
+        {3, 8, 9, 7, 6, 3, 3, 1, 1, 2, 2, 1, 1, 1},      // dx's geometry of a padding-0 conv (padding 2)
+        {2, 16, 9, 8, 6, 5, 3, 1, 1, 2, 0, 1, 1, 1},     // 5x3, padding (2, 0)
+        {2, 16, 9, 8, 8, 3, 3, 1, 1, 2, 3, 2, 3, 2},     // dilated, two groups of 8 channels
+        {1, 8, 3, 2, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // a plane smaller than the kernel's reach
+        {2, 3, 17, 15, 32, 3, 3, 2, 2, 1, 1, 1, 1, 1},   // the stem's first conv (C 3: channel-major only)
+        {2, 12, 7, 9, 9, 3, 2, 1, 1, 1, 0, 1, 1, 3},     // groups of 4 channels
+    };
+    bool ok = true;
+    for (const DenseCase& k : cases) {
+        const bool tap = (k.c / k.groups) % 8 == 0;
+        ok &= igemm_check<float, false>(k, 31);
+        ok &= igemm_check<double, false>(k, 32);
+        if (tap) {
+            ok &= igemm_check<float, true>(k, 33);
+            ok &= igemm_check<double, true>(k, 34);
+        }
+    }
+    std::printf("conv_igemm: %s\n", ok ? "ok" : "FAILURES");
+    return ok;
+}
+
 int main(int argc, char** argv) {
     const std::string arg = argc > 1 ? argv[1] : "";
     const bool quick = arg == "quick" || arg == "s2-quick";
+    if (arg == "igemm") {  // the implicit-GEMM forward alone
+        const bool ok = igemm_all();
+        return ok ? 0 : 1;
+    }
     if (arg == "s2" || arg == "s2-quick") {  // the direct stride-2 kernels alone
         const bool ok = s2_all(quick);
         std::printf(ok ? "all passed\n" : "FAILURES\n");
@@ -509,6 +617,7 @@ int main(int argc, char** argv) {
         ok &= check<double>(k, 12, 1e-12);
     }
     ok &= s2_all(quick);
+    ok &= igemm_all();
     std::printf(ok ? "all passed\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }
