@@ -1341,7 +1341,7 @@ fn implicit_gemm<T: Float>(
         return Err(Error::Cuda { op, msg: "internal: conv_igemm operand shorter than its geometry".into() });
     }
     // Tap-major k where a group's channels fill whole steps of 8 (conv.cu): one address a step, not one a value.
-    let name = if (g.c / g.groups) % 8 == 0 { "conv_igemm_tap" } else { "conv_igemm" };
+    let name = if (g.c / g.groups).is_multiple_of(8) { "conv_igemm_tap" } else { "conv_igemm" };
     let f = function::<T>(dev, &MODULE, name)?;
     let params = Conv2dParams::new(op, g)?;
     let mut args = dev.stream().launch_builder(&f);
