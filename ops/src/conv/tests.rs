@@ -803,7 +803,7 @@ fn depthwise_channels_last_on_cuda_is_deterministic() {
 }
 
 #[test]
-#[ignore = "needs g++: compiles conv.cu for the scan's CPU emulator and runs the dwl_* and dw_s2_* kernels (minutes)"]
+#[ignore = "needs g++: compiles conv.cu for the scan's CPU emulator, runs dwl_*, dw_s2_* and conv_igemm (minutes)"]
 fn conv_channels_last_kernels_run_on_the_emulator() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/conv/emu");
     let exe = std::env::temp_dir().join(format!("mila_conv_emu_{}", std::process::id()));
