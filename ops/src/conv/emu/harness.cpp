@@ -5,11 +5,13 @@
 // kernels (dw_s2_*) over odd and even sides, one sample or channel, H or W of 1, the patch merging's sides and
 // rows wider than a warp, x and dx aligned or not for pair accesses, the plan of conv/cuda.rs and narrower ones
 // whose blocks end inside a warp, and with dx or the weight sums alone; their y and dx also bit for bit against
-// the tiled stride-2 instance's. Exit status 0 when every case passes.
+// the tiled stride-2 instance's; then the dense implicit-GEMM forward (conv_igemm, k channel-major and
+// tap-major) against a float64 sum. Exit status 0 when every case passes.
 //
 //   g++ -std=c++17 -O1 -o /tmp/conv_emu ops/src/conv/emu/harness.cpp && /tmp/conv_emu
 //
-// (`/tmp/conv_emu quick`: the first cases only; `s2` or `s2-quick`: the NCHW direct 3x3 stride-2 kernels alone.)
+// (`/tmp/conv_emu quick`: the first cases only; `s2` or `s2-quick`: the NCHW direct 3x3 stride-2 kernels alone;
+// `igemm`: conv_igemm alone.)
 //
 // Outputs start as NaN (an element a kernel leaves unwritten fails), shared memory is poisoned before each
 // block, and each case runs with two fiber schedules: results that differ between them mean a race.
