@@ -233,7 +233,8 @@ pub(crate) fn is_columns(lx: &Layout, kept: usize) -> bool {
 
 /// The columns kernel (`reduce_cols_*`): `out[k]` reduces the `r` rows of column k of the (r, k) matrix at
 /// `lx`'s offset. Blocks of 32 columns; the rows split over more blocks until a wave of them is busy, with at
-/// least [`COL_MIN_ROWS`] rows a block.
+/// least [`COL_MIN_ROWS`] rows a block; split rows leave a partial a slice and column, which a second launch
+/// (`reduce_cols_finish_*`, a warp a column) combines.
 #[allow(clippy::too_many_arguments)]
 fn reduce_cols<T: Float>(
     dev: &CudaDevice,
@@ -253,7 +254,7 @@ fn reduce_cols<T: Float>(
     let f = function::<T>(dev, &MODULE, &name)?;
     let wave = dev.wave(MODULE.name, &kernel_name::<T>(&name), &f, COL_THREADS as u32)?;
     let (blocks_x, splits) = cols_launch(r, k, wave);
-    if blocks_x > i32::MAX as usize || splits > 65535 {
+    if blocks_x > i32::MAX as usize / 4 || splits > 65535 {
         return Err(Error::invalid("reduce", "too many columns for one launch", lx.shape()));
     }
     let per = r.div_ceil(splits);
@@ -269,7 +270,25 @@ fn reduce_cols<T: Float>(
     // SAFETY: reduce_cols_<op>(const T* x, const T* ref, T* out, double* part, long long R, long long K,
     // long long per) with a (ceil(K / 32), splits) grid of COL_THREADS threads: reads x[0..R K) (`xs` holds it),
     // ref[0..K) (count_eq only: the max's output, K elements), writes part[0..splits K) when splits > 1 (`part`
-    // holds that many) and out[0..K) (`out` holds K = rows elements).
+    // holds that many), else out[0..K) (`out` holds K = rows elements).
+    unsafe { args.launch(config) }.map_err(|e| Error::Cuda { op: "reduce", msg: format!("{e:?}") })?;
+    if splits == 1 {
+        return Ok(());
+    }
+    let name = format!("reduce_cols_finish_{}", kernel.op());
+    let f = function::<T>(dev, &MODULE, &name)?;
+    let splits64 = splits as i64;
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(part.as_slice()).arg(out).arg(&k64).arg(&splits64);
+    let warps = COL_THREADS / 32;
+    let config = engine::cuda::LaunchConfig {
+        grid_dim: (k.div_ceil(warps) as u32, 1, 1),
+        block_dim: (COL_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: reduce_cols_finish_<op>(const double* part, T* out, long long K, long long splits), one warp a
+    // column over ceil(K / 8) blocks of COL_THREADS (8 warps): reads part[0..splits K), which the launch above
+    // wrote, and writes out[0..K).
     unsafe { args.launch(config) }.map_err(|e| Error::Cuda { op: "reduce", msg: format!("{e:?}") })?;
     Ok(())
 }

@@ -242,21 +242,20 @@ ROWS_KERNELS(count_eq, 2, double, f64)
 // the block's COL_WARPS warps take interleaved rows, and gridDim.y blocks split the rows into `per`-row
 // slices. Bytes: every element read once, coalesced.
 //
-// Accumulation in double, the warps' partials combined in warp order; with gridDim.y > 1 each block writes
-// its partials and the last block to finish (counted as in rows_block_impl) adds the slices in order. Same
-// bits run after run.
+// Accumulation in double, the warps' partials combined in warp order. With gridDim.y > 1 each block writes
+// its partials (one double a column) and a second launch, reduce_cols_finish, adds the slices of a column in
+// one warp: lane l takes slices l, l + 32, ..., then the warp's fixed shuffle tree. (A last-block-finishes
+// tail, as the rows kernel has, left one block walking splits x K partials alone: ~500 dependent L2 loads a
+// column for a 64-column bias gradient, more than the main pass took.) Same bits run after run.
 
 #define COL_WARPS 8
-
-__device__ unsigned int cols_blocks_done;
 
 template <typename T, int OP>
 __device__ void cols_impl(const T* x, const T* ref, T* out, double* part, long long R, long long K, long long per) {
     __shared__ double warp_acc[COL_WARPS][32];
-    __shared__ bool last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const long long col = (long long)blockIdx.x * 32 + lane;
-    const long long s = blockIdx.y, splits = gridDim.y;
+    const long long s = blockIdx.y;
     const long long lo = min(R, s * per), hi = min(R, lo + per);
     double acc = identity<double, OP>();
     if (col < K) {
@@ -267,29 +266,26 @@ __device__ void cols_impl(const T* x, const T* ref, T* out, double* part, long l
     }
     warp_acc[warp][lane] = acc;
     __syncthreads();
-    if (warp == 0) {
+    if (warp == 0 && col < K) {
         for (int w = 1; w < COL_WARPS; ++w) acc = combine<double, OP>(acc, warp_acc[w][lane]);
-        if (col < K) {
-            if (splits == 1) {
-                out[col] = (T)acc;
-            } else {
-                part[s * K + col] = acc;
-                __threadfence(); // the partial is visible device-wide before the count says so
-            }
-        }
+        if (gridDim.y == 1)
+            out[col] = (T)acc;
+        else
+            part[s * K + col] = acc;
     }
-    if (splits == 1) return;
-    __syncthreads();
-    const unsigned int blocks = gridDim.x * gridDim.y;
-    if (threadIdx.x == 0) last = atomicInc(&cols_blocks_done, blocks - 1) == blocks - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (long long c = threadIdx.x; c < K; c += blockDim.x) {
-        double a = identity<double, OP>();
-        for (long long j = 0; j < splits; ++j) a = combine<double, OP>(a, __ldcg(part + j * K + c));
-        out[c] = (T)a;
-    }
+}
+
+// out[c] = the combination of part[j K + c] over the `splits` slices j: one warp a column, COL_WARPS columns
+// a block.
+template <typename T, int OP> __device__ void cols_finish_impl(const double* part, T* out, long long K, long long splits) {
+    const int lane = threadIdx.x & 31;
+    const long long c = (long long)blockIdx.x * COL_WARPS + (threadIdx.x >> 5);
+    if (c >= K) return;
+    double a = identity<double, OP>();
+#pragma unroll 4
+    for (long long j = lane; j < splits; j += 32) a = combine<double, OP>(a, part[j * K + c]);
+    a = warp_combine<OP>(a);
+    if (lane == 0) out[c] = (T)a;
 }
 
 #define COLS_KERNEL(NAME, OP, T, SUFFIX)                                                               \
@@ -297,6 +293,10 @@ __device__ void cols_impl(const T* x, const T* ref, T* out, double* part, long l
         reduce_cols_##NAME##_##SUFFIX(const T* x, const T* ref, T* out, double* part, long long R,     \
                                       long long K, long long per) {                                    \
         cols_impl<T, OP>(x, ref, out, part, R, K, per);                                                \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(COL_WARPS * 32)                                       \
+        reduce_cols_finish_##NAME##_##SUFFIX(const double* part, T* out, long long K, long long splits) { \
+        cols_finish_impl<T, OP>(part, out, K, splits);                                                 \
     }
 
 COLS_KERNEL(sum, 0, float, f32)
