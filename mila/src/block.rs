@@ -15,7 +15,6 @@
 use engine::{Error, Generator, Result, Tensor};
 use nn::module::visit_child;
 use nn::{Conv2d, DropPath, Entry, Init, LayerNorm, Linear, Mlp, Module};
-use ops::TensorOps;
 
 use crate::attention::LinearAttention;
 use crate::util::{check_tokens, conv_macs, linear_macs, to_image, to_tokens};
@@ -40,6 +39,21 @@ fn default_mlp_ratio() -> f64 {
 
 fn default_true() -> bool {
     true
+}
+
+/// `x + cpe(x)` on the (B, C, H, W) image view of the tokens x, back as tokens: one op
+/// ([`ops::conv2d_residual`]), bitwise the composition `x.add(to_tokens(cpe.forward(to_image(x))))`.
+fn positional(cpe: &Conv2d, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let y = ops::conv2d_residual(
+        &to_image(x, h, w)?,
+        &cpe.weight,
+        cpe.bias.as_ref(),
+        cpe.stride,
+        cpe.padding,
+        cpe.dilation,
+        cpe.groups,
+    )?;
+    to_tokens(&y)
 }
 
 /// A depthwise 3x3 conv (padding 1, bias), the shape of `cpe1`, `cpe2` and `dwc`.
@@ -102,7 +116,7 @@ impl MilaBlock {
     pub fn forward(&self, x: &Tensor, rng: &mut Generator) -> Result<Tensor> {
         check_tokens("MilaBlock", x, self.resolution, self.dim)?;
         let (h, w) = self.resolution;
-        let x = x.add(&to_tokens(&self.cpe1.forward(&to_image(x, h, w)?)?)?)?;
+        let x = positional(&self.cpe1, x, h, w)?;
         // Fused ops that keep less for backward and give the composition's bits (ops::layer_norm_linears,
         // conv2d_act, gated_linear): norm1's output is not saved by the two projections, SiLU(dwc) not by its
         // SiLU, and neither SiLU(gate) nor the gated product by out_proj; each is recomputed in backward.
@@ -125,7 +139,7 @@ impl MilaBlock {
         let o = &self.out_proj;
         let t = ops::gated_linear(&t, &a, ops::Unary::Silu, &o.weight, o.bias.as_ref())?;
         let x = self.drop_path.residual(&x, &t, rng)?;
-        let x = x.add(&to_tokens(&self.cpe2.forward(&to_image(&x, h, w)?)?)?)?;
+        let x = positional(&self.cpe2, &x, h, w)?;
         self.drop_path.residual(&x, &self.mlp.forward_normed(&self.norm2, &x)?, rng)
     }
 

@@ -27,7 +27,7 @@ pub mod view;
 mod testing;
 mod util;
 
-pub use conv::{causal_conv1d, conv2d, conv2d_act, conv2d_ref};
+pub use conv::{causal_conv1d, conv2d, conv2d_act, conv2d_ref, conv2d_residual};
 pub use copy::copy_into;
 pub use derived::{cross_entropy, cross_entropy_soft, log_softmax, mean, min, smoothed_targets, softmax, var};
 pub use elementwise::*;

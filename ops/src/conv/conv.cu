@@ -847,6 +847,15 @@ __device__ __forceinline__ void dwl_pixel(T (&r)[V], const T* img, int row, int 
     }
 }
 
+// A residual's term, for convs whose output has the input's shape (stride 1, 'same' padding): r[l] = v[l] +
+// r[l] with v the pixel at `at`, the sum the composition x + conv2d(x) (or its gradient g + dx) forms.
+template <typename T, int V> __device__ __forceinline__ void dwl_add_same_pixel(T (&r)[V], const T* at) {
+    T v[V];
+    DwlIo<T, V>::load(v, at);
+#pragma unroll
+    for (int l = 0; l < V; ++l) r[l] = v[l] + r[l];
+}
+
 // Where a thread stands: its channel vector (cv < p.cv, or past the channels: no items then), its first item and
 // the step between its items.
 struct DwlThread {
@@ -879,7 +888,7 @@ __device__ __forceinline__ void dwl_taps(T (&k)[TAPS][V], const T* wt, int c0) {
 // Bytes: x read once from memory (each row by the KH output rows that need it, through the cache), y written
 // once: for (128, 64, 56, 56) f32, 2 x 102.8 MB.
 template <typename T, int V, int KH, int KW, int S, int TW>
-__device__ void dwl_fwd_rows_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, T* y, DwlTile p) {
+__device__ void dwl_fwd_rows_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, int residual, T* y, DwlTile p) {
     const DwlThread th = dwl_thread(p);
     if (th.cv >= p.cv) return;
     const int c0 = th.cv * V, IN = (TW - 1) * S + KW;
@@ -917,14 +926,16 @@ __device__ void dwl_fwd_rows_impl(const T* x, const T* wt, const T* bias, Stride
         T* yp = y + (((long long)n * p.oh + a) * p.ow + bs) * p.c + c0;
 #pragma unroll
         for (int u = 0; u < TW; ++u) {
-            if (bs + u < p.ow) DwlIo<T, V>::store(yp + (long long)u * p.c, acc[u]);
+            if (bs + u >= p.ow) continue;
+            if (residual) dwl_add_same_pixel<T, V>(acc[u], xn + ((long long)a * p.w + bs + u) * p.c);
+            DwlIo<T, V>::store(yp + (long long)u * p.c, acc[u]);
         }
     }
 }
 
 // Forward for any kernel size, stride and dilation: each output of the strip gathers its taps (row-major).
 template <typename T, int V, int TW>
-__device__ void dwl_fwd_any_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, T* y, DwlTile p) {
+__device__ void dwl_fwd_any_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, int residual, T* y, DwlTile p) {
     const DwlThread th = dwl_thread(p);
     if (th.cv >= p.cv) return;
     const int c0 = th.cv * V, taps = p.kh * p.kw;
@@ -963,7 +974,9 @@ __device__ void dwl_fwd_any_impl(const T* x, const T* wt, const T* bias, Strided
         T* yp = y + (((long long)n * p.oh + a) * p.ow + bs) * p.c + c0;
 #pragma unroll
         for (int u = 0; u < TW; ++u) {
-            if (bs + u < p.ow) DwlIo<T, V>::store(yp + (long long)u * p.c, acc[u]);
+            if (bs + u >= p.ow) continue;
+            if (residual) dwl_add_same_pixel<T, V>(acc[u], xn + ((long long)a * p.w + bs + u) * p.c);
+            DwlIo<T, V>::store(yp + (long long)u * p.c, acc[u]);
         }
     }
 }
@@ -972,7 +985,7 @@ __device__ void dwl_fwd_any_impl(const T* x, const T* wt, const T* bias, Strided
 // g[n, ih + ph - i, iw + pw - j, c] (g is 0 outside), for a strip of TW pixels iw of row ih. For each tap row i
 // the strip's TW + KW - 1 g pixels are loaded once; taps added in row-major order, as the CPU.
 template <typename T, int V, int KH, int KW, int TW>
-__device__ void dwl_dx_rows_impl(const T* g, const T* wt, T* dx, DwlTile p) {
+__device__ void dwl_dx_rows_impl(const T* g, const T* wt, T* dx, int residual, DwlTile p) {
     const DwlThread th = dwl_thread(p);
     if (th.cv >= p.cv) return;
     const int c0 = th.cv * V, IN = TW + KW - 1;
@@ -1008,7 +1021,9 @@ __device__ void dwl_dx_rows_impl(const T* g, const T* wt, T* dx, DwlTile p) {
         T* dp = dx + (((long long)n * p.h + ih) * p.w + js) * p.c + c0;
 #pragma unroll
         for (int u = 0; u < TW; ++u) {
-            if (js + u < p.w) DwlIo<T, V>::store(dp + (long long)u * p.c, acc[u]);
+            if (js + u >= p.w) continue;
+            if (residual) dwl_add_same_pixel<T, V>(acc[u], gn + ((long long)ih * p.ow + js + u) * p.c);
+            DwlIo<T, V>::store(dp + (long long)u * p.c, acc[u]);
         }
     }
 }
@@ -1017,7 +1032,7 @@ __device__ void dwl_dx_rows_impl(const T* g, const T* wt, T* dx, DwlTile p) {
 // reads (ih, iw) of w[c, i, j] g[n, a, b, c], in row-major tap order. KH > 0: a KH x KW kernel with stride S
 // and dilation 1 fixed at compile time (the taps in registers); KH = 0: sizes, strides and dilations from p.
 template <typename T, int V, int KH, int KW, int S, int TW>
-__device__ void dwl_dx_gather_impl(const T* g, const T* wt, T* dx, DwlTile p) {
+__device__ void dwl_dx_gather_impl(const T* g, const T* wt, T* dx, int residual, DwlTile p) {
     const DwlThread th = dwl_thread(p);
     if (th.cv >= p.cv) return;
     const int c0 = th.cv * V;
@@ -1061,7 +1076,9 @@ __device__ void dwl_dx_gather_impl(const T* g, const T* wt, T* dx, DwlTile p) {
         T* dp = dx + (((long long)n * p.h + ih) * p.w + js) * p.c + c0;
 #pragma unroll
         for (int u = 0; u < TW; ++u) {
-            if (js + u < p.w) DwlIo<T, V>::store(dp + (long long)u * p.c, acc[u]);
+            if (js + u >= p.w) continue;
+            if (residual) dwl_add_same_pixel<T, V>(acc[u], g + (((long long)n * p.oh + ih) * p.ow + js + u) * p.c + c0);
+            DwlIo<T, V>::store(dp + (long long)u * p.c, acc[u]);
         }
     }
 }
@@ -1715,25 +1732,25 @@ __device__ void cc1d_bwd_w_impl(const T* x, const T* g, T* dwt, Conv1dParams p) 
 // dwl_{fwd,dx,sums}_{3x3s1,3x3s2,any}_{vec,one}_<dtype>.
 #define DWL_V(T, SUFFIX, VNAME, V)                                                                            \
     extern "C" __global__ void dwl_fwd_3x3s1_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,        \
-                                                                Strided lb, int has_bias, T* y, DwlTile p) {  \
-        dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x, w, bias, lb, has_bias, y, p);                                   \
+                                                                Strided lb, int has_bias, int residual, T* y, DwlTile p) {  \
+        dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x, w, bias, lb, has_bias, residual, y, p);                                   \
     }                                                                                                          \
     extern "C" __global__ void dwl_fwd_3x3s2_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,        \
-                                                                Strided lb, int has_bias, T* y, DwlTile p) {  \
-        dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x, w, bias, lb, has_bias, y, p);                                   \
+                                                                Strided lb, int has_bias, int residual, T* y, DwlTile p) {  \
+        dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x, w, bias, lb, has_bias, residual, y, p);                                   \
     }                                                                                                          \
     extern "C" __global__ void dwl_fwd_any_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,          \
-                                                              Strided lb, int has_bias, T* y, DwlTile p) {    \
-        dwl_fwd_any_impl<T, V, 4>(x, w, bias, lb, has_bias, y, p);                                             \
+                                                              Strided lb, int has_bias, int residual, T* y, DwlTile p) {    \
+        dwl_fwd_any_impl<T, V, 4>(x, w, bias, lb, has_bias, residual, y, p);                                             \
     }                                                                                                          \
-    extern "C" __global__ void dwl_dx_3x3s1_##VNAME##_##SUFFIX(const T* g, const T* w, T* dx, DwlTile p) {    \
-        dwl_dx_rows_impl<T, V, 3, 3, 8>(g, w, dx, p);                                                          \
+    extern "C" __global__ void dwl_dx_3x3s1_##VNAME##_##SUFFIX(const T* g, const T* w, T* dx, int residual, DwlTile p) {    \
+        dwl_dx_rows_impl<T, V, 3, 3, 8>(g, w, dx, residual, p);                                                          \
     }                                                                                                          \
-    extern "C" __global__ void dwl_dx_3x3s2_##VNAME##_##SUFFIX(const T* g, const T* w, T* dx, DwlTile p) {    \
-        dwl_dx_gather_impl<T, V, 3, 3, 2, 4>(g, w, dx, p);                                                     \
+    extern "C" __global__ void dwl_dx_3x3s2_##VNAME##_##SUFFIX(const T* g, const T* w, T* dx, int residual, DwlTile p) {    \
+        dwl_dx_gather_impl<T, V, 3, 3, 2, 4>(g, w, dx, residual, p);                                                     \
     }                                                                                                          \
-    extern "C" __global__ void dwl_dx_any_##VNAME##_##SUFFIX(const T* g, const T* w, T* dx, DwlTile p) {      \
-        dwl_dx_gather_impl<T, V, 0, 0, 1, 4>(g, w, dx, p);                                                     \
+    extern "C" __global__ void dwl_dx_any_##VNAME##_##SUFFIX(const T* g, const T* w, T* dx, int residual, DwlTile p) {      \
+        dwl_dx_gather_impl<T, V, 0, 0, 1, 4>(g, w, dx, residual, p);                                                     \
     }                                                                                                          \
     extern "C" __global__ void dwl_sums_3x3s1_##VNAME##_##SUFFIX(const T* x, const T* g, double* part,        \
                                                                  DwlTile p, int need_w) {                     \

@@ -44,13 +44,13 @@ impl Op for ConvAct {
 }
 
 /// A fresh dense tensor (offset 0, a permutation of row-major order: a conv's output) as its storage, 1-D.
-fn flat(c: &Tensor) -> Tensor {
+pub(super) fn flat(c: &Tensor) -> Tensor {
     c.with_layout(Layout::contiguous(&[c.numel()]))
 }
 
 /// `g`'s values as a 1-D tensor in the memory order of `like` (a dense tensor of g's shape): a view when g
 /// has like's strides, else a copy.
-fn in_memory_order_of(g: &Tensor, like: &Tensor) -> Result<Tensor> {
+pub(super) fn in_memory_order_of(g: &Tensor, like: &Tensor) -> Result<Tensor> {
     if g.strides() == like.strides() {
         return Ok(g.with_layout(Layout::new(vec![g.numel()], vec![1], g.layout().offset())));
     }

@@ -936,15 +936,34 @@ fn dwl_lanes<T: Float>(g: &Conv2dGeom, aligned: &[bool]) -> usize {
 }
 
 /// Depthwise conv2d of a channels-last x (memory (N, H, W, C)): y (N, OH, OW, C) row-major, the memory of a
-/// channels-last (N, C, OH, OW) view. [`channels_last_supported`] must hold.
-pub(super) fn conv2d_nhwc(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
+/// channels-last (N, C, OH, OW) view. [`channels_last_supported`] must hold. With `residual` (the output in x's
+/// shape, checked by the caller) y = x + conv2d(x), the sum formed as the kernel stores each output.
+pub(super) fn conv2d_nhwc(x: View, w: View, bias: Option<View>, g: &Conv2dGeom, residual: bool) -> Result<CudaStorage> {
     let mut all = vec![x.0, w.0];
     all.extend(bias.map(|b| b.0));
     crate::util::same_cuda_dtypes("conv2d", &all)?;
-    by_dtype!(x.0.dtype(), depthwise_nhwc_forward(x, w, bias, g))
+    by_dtype!(x.0.dtype(), depthwise_nhwc_forward(x, w, bias, g, residual))
 }
 
-fn depthwise_nhwc_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Conv2dGeom) -> Result<CudaStorage> {
+/// `residual` for a kernel, refused unless the output has the input's shape.
+fn residual_flag(op: &'static str, g: &Conv2dGeom, residual: bool) -> Result<i32> {
+    if residual && (g.oh, g.ow, g.o) != (g.h, g.w, g.c) {
+        return Err(Error::invalid(
+            op,
+            "internal: a residual conv's output must have its input's shape",
+            &[g.n, g.c, g.h, g.w],
+        ));
+    }
+    Ok(i32::from(residual))
+}
+
+fn depthwise_nhwc_forward<T: Float>(
+    x: View,
+    w: View,
+    bias: Option<View>,
+    g: &Conv2dGeom,
+    residual: bool,
+) -> Result<CudaStorage> {
     const OP: &str = "conv2d";
     let dev = x.0.device();
     let (xv, x_aligned) = channels_last_elements::<T>(OP, x)?;
@@ -954,14 +973,16 @@ fn depthwise_nhwc_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Co
     let sms = dev.multiprocessor_count() as usize;
     let plan = dwl_plan(g, DwlPhase::Forward, lanes, sms)
         .ok_or_else(|| Error::invalid(OP, "internal: no channels-last plan", &[g.n, g.c, g.h, g.w]))?;
+    let residual = residual_flag(OP, g, residual)?;
     let y = dev.alloc::<T>(g.n * g.oh * g.ow * g.c)?;
     let f = function::<T>(dev, &MODULE, &plan.name)?;
     let mut args = dev.stream().launch_builder(&f);
-    args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(y.as_slice()).arg(&plan.tile);
-    // SAFETY: dwl_fwd_<instance>_<width>_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias, T* y,
-    // DwlTile p) reads x[0..N H W C) (the channels-last view's elements, `xv`), w[0..C kh kw) (contiguous, the op
-    // checked the shapes, which p repeats) and bias through lb (checked by `strided`, read only when has_bias),
-    // and writes y[0..N OH OW C), which `y` holds. Threads take channel vectors below p.cv and items below
+    args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(&residual).arg(y.as_slice()).arg(&plan.tile);
+    // SAFETY: dwl_fwd_<instance>_<width>_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias,
+    // int residual, T* y, DwlTile p) reads x[0..N H W C) (the channels-last view's elements, `xv`; with residual
+    // x at y's own indices, inside since OH OW = H W), w[0..C kh kw) (contiguous, the op checked the shapes,
+    // which p repeats) and bias through lb (checked by `strided`, read only when has_bias), and writes
+    // y[0..N OH OW C), which `y` holds. Threads take channel vectors below p.cv and items below
     // N OH strips only; with V > 1 (the _vec kernels) C is a multiple of V and x starts 16-byte aligned
     // (`dwl_lanes`), y being a new buffer, so every 16-byte access is aligned.
     unsafe { launch_dwl(OP, args, &plan)? };
@@ -969,10 +990,18 @@ fn depthwise_nhwc_forward<T: Float>(x: View, w: View, bias: Option<View>, g: &Co
 }
 
 /// The gradients of [`conv2d_nhwc`], with x and gy channels-last: dx (N, H, W, C) row-major (a channels-last
-/// view's memory), the weight and bias gradients in their own shapes.
-pub(super) fn conv2d_nhwc_backward(x: View, w: View, gy: View, g: &Conv2dGeom, needs: Needs) -> Result<Grads<Storage>> {
+/// view's memory), the weight and bias gradients in their own shapes. With `residual`, dx = gy + the conv's
+/// dx (the gradient of x + conv2d(x)).
+pub(super) fn conv2d_nhwc_backward(
+    x: View,
+    w: View,
+    gy: View,
+    g: &Conv2dGeom,
+    needs: Needs,
+    residual: bool,
+) -> Result<Grads<Storage>> {
     crate::util::same_cuda_dtypes("conv2d_backward", &[x.0, w.0, gy.0])?;
-    let grads = by_dtype!(x.0.dtype(), depthwise_nhwc_backward(x, w, gy, g, needs))?;
+    let grads = by_dtype!(x.0.dtype(), depthwise_nhwc_backward(x, w, gy, g, needs, residual))?;
     let s = |v: Option<CudaStorage>| v.map(Storage::Cuda);
     Ok(Grads { x: s(grads.x), w: s(grads.w), bias: s(grads.bias) })
 }
@@ -983,8 +1012,10 @@ fn depthwise_nhwc_backward<T: Float>(
     gy: View,
     g: &Conv2dGeom,
     needs: Needs,
+    residual: bool,
 ) -> Result<Grads<CudaStorage>> {
     const OP: &str = "conv2d_backward";
+    let residual = residual_flag(OP, g, residual)?;
     let dev = x.0.device();
     let sms = dev.multiprocessor_count() as usize;
     let no_plan = || Error::invalid(OP, "internal: no channels-last plan", &[g.n, g.c, g.h, g.w]);
@@ -996,9 +1027,10 @@ fn depthwise_nhwc_backward<T: Float>(
         let dx = dev.alloc::<T>(g.n * g.h * g.w * g.c)?;
         let f = function::<T>(dev, &MODULE, &plan.name)?;
         let mut args = dev.stream().launch_builder(&f);
-        args.arg(&gv).arg(&wv).arg(dx.as_slice()).arg(&plan.tile);
-        // SAFETY: dwl_dx_<instance>_<width>_<T>(const T* g, const T* w, T* dx, DwlTile p) reads g[0..N OH OW C)
-        // (the channels-last view's elements) and w[0..C kh kw), and writes dx[0..N H W C), which `dx` holds;
+        args.arg(&gv).arg(&wv).arg(dx.as_slice()).arg(&residual).arg(&plan.tile);
+        // SAFETY: dwl_dx_<instance>_<width>_<T>(const T* g, const T* w, T* dx, int residual, DwlTile p) reads
+        // g[0..N OH OW C) (the channels-last view's elements; with residual also at dx's own indices, inside since
+        // OH OW = H W) and w[0..C kh kw), and writes dx[0..N H W C), which `dx` holds;
         // threads take channel vectors below p.cv and items below N H strips only. With V > 1, g starts aligned
         // and C is a multiple of V (`dwl_lanes`); dx is a new buffer.
         unsafe { launch_dwl(OP, args, &plan)? };

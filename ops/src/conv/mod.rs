@@ -39,11 +39,13 @@
 //! | dL/dbias | db[c] = sum_{b,t} g[b,c,t] |
 
 mod conv_act;
+mod conv_residual;
 mod cpu;
 pub(crate) mod cuda;
 mod reference;
 
 pub use conv_act::conv2d_act;
+pub use conv_residual::conv2d_residual;
 pub use reference::conv2d_ref;
 
 use engine::{Device, Error, Layout, Op, Result, Storage, Tensor};
@@ -212,6 +214,8 @@ struct ConvChannelsLast {
     has_bias: bool,
     geom: Conv2dGeom,
     needs: Needs,
+    /// The op is x + conv2d(x) ([`conv2d_residual`]): dx is g + the conv's dx.
+    residual: bool,
 }
 
 impl Op for ConvChannelsLast {
@@ -240,14 +244,22 @@ impl Op for ConvChannelsLast {
                 (gs, g.layout()),
                 &self.geom,
                 self.needs,
+                self.residual,
             )?,
             (s, _, _) => return Err(no_cuda("conv2d_backward", s)),
         };
+        let cpu_residual = self.residual && g.device() == Device::Cpu;
         let dx = grads
             .x
             .map(|s| {
                 let t = Tensor::from_storage(s, &[gd.n, gd.h, gd.w, gd.c])?;
-                Ok::<_, engine::Error>(t.with_layout(channels_last_layout(gd.n, gd.c, gd.h, gd.w)))
+                let t = t.with_layout(channels_last_layout(gd.n, gd.c, gd.h, gd.w));
+                // On CUDA the dx kernel added g already.
+                if cpu_residual {
+                    add_in_memory_order(&t, &g)
+                } else {
+                    Ok(t)
+                }
             })
             .transpose()?;
         let w = grads.w.map(|s| Tensor::from_storage(s, self.w.shape())).transpose()?;
@@ -282,7 +294,7 @@ impl ConvBackward {
     fn recompute(&self, bias: Option<&Tensor>) -> Result<Tensor> {
         match self {
             ConvBackward::Nchw(op) => conv2d_nchw_value(&op.x, &op.w, bias, &op.geom),
-            ConvBackward::ChannelsLast(op) => conv2d_channels_last_value(&op.x, &op.w, bias, &op.geom),
+            ConvBackward::ChannelsLast(op) => conv2d_channels_last_value(&op.x, &op.w, bias, &op.geom, op.residual),
         }
     }
 }
@@ -326,6 +338,19 @@ fn conv2d_untracked(
     bias: Option<&Tensor>,
     geom: Conv2dGeom,
 ) -> Result<(Tensor, ConvBackward)> {
+    conv2d_untracked_with(x, weight, bias, geom, false)
+}
+
+/// [`conv2d_untracked`], with `residual` (the output in x's shape, checked by the caller) the channels-last
+/// path's x + conv2d(x) formed by its kernels (CUDA) or added in memory order (CPU); the NCHW path ignores it
+/// and gives the plain conv (its caller adds x).
+fn conv2d_untracked_with(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    geom: Conv2dGeom,
+    residual: bool,
+) -> Result<(Tensor, ConvBackward)> {
     let needs = Needs::of(x, Some(weight), bias);
     let has_bias = bias.is_some();
     if is_channels_last(x.layout()) {
@@ -335,8 +360,9 @@ fn conv2d_untracked(
         };
         if here {
             let (xd, wc) = (x.detach(), saved_contiguous(weight)?);
-            let y = conv2d_channels_last_value(&xd, &wc, bias, &geom)?;
-            return Ok((y, ConvBackward::ChannelsLast(ConvChannelsLast { x: xd, w: wc, has_bias, geom, needs })));
+            let y = conv2d_channels_last_value(&xd, &wc, bias, &geom, residual)?;
+            let op = ConvChannelsLast { x: xd, w: wc, has_bias, geom, needs, residual };
+            return Ok((y, ConvBackward::ChannelsLast(op)));
         }
     }
     let (xc, wc) = (saved_contiguous(x)?, saved_contiguous(weight)?);
@@ -362,8 +388,15 @@ fn conv2d_nchw_value(xc: &Tensor, wc: &Tensor, bias: Option<&Tensor>, geom: &Con
     Tensor::from_storage(storage, &geom.out_shape())
 }
 
-/// The channels-last kernels' output (a channels-last view) for a channels-last x and a contiguous weight.
-fn conv2d_channels_last_value(x: &Tensor, wc: &Tensor, bias: Option<&Tensor>, geom: &Conv2dGeom) -> Result<Tensor> {
+/// The channels-last kernels' output (a channels-last view) for a channels-last x and a contiguous weight;
+/// with `residual`, x + that output.
+fn conv2d_channels_last_value(
+    x: &Tensor,
+    wc: &Tensor,
+    bias: Option<&Tensor>,
+    geom: &Conv2dGeom,
+    residual: bool,
+) -> Result<Tensor> {
     let bias_storage = bias.map(|b| b.storage());
     let storage = match (&*x.storage(), &*wc.storage()) {
         (Storage::Cpu(xs), Storage::Cpu(ws)) => {
@@ -372,12 +405,24 @@ fn conv2d_channels_last_value(x: &Tensor, wc: &Tensor, bias: Option<&Tensor>, ge
         }
         (Storage::Cuda(xs), Storage::Cuda(ws)) => {
             let b = operand(bias, bias_storage.as_deref(), |s| s.as_cuda("conv2d"))?;
-            Storage::Cuda(cuda::conv2d_nhwc((xs, x.layout()), (ws, wc.layout()), b, geom)?)
+            Storage::Cuda(cuda::conv2d_nhwc((xs, x.layout()), (ws, wc.layout()), b, geom, residual)?)
         }
         (s, _) => return Err(no_cuda("conv2d", s)),
     };
     let (n, o, oh, ow) = (geom.n, geom.o, geom.oh, geom.ow);
-    Ok(Tensor::from_storage(storage, &[n, oh, ow, o])?.with_layout(channels_last_layout(n, o, oh, ow)))
+    let y = Tensor::from_storage(storage, &[n, oh, ow, o])?.with_layout(channels_last_layout(n, o, oh, ow));
+    if residual && x.device() == Device::Cpu {
+        return add_in_memory_order(&y, x);
+    }
+    Ok(y)
+}
+
+/// `a + b` (untracked; the sum the composition's `b + a` gives, addition commuting) for a fresh dense `a`
+/// (offset 0, a permutation of row-major order), in a's memory order and with a's layout: a view of b when b
+/// has a's strides, else a copy of it in that order.
+fn add_in_memory_order(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let sum = engine::no_grad(|| crate::elementwise::add(&conv_act::flat(a), &conv_act::in_memory_order_of(b, a)?))?;
+    Ok(sum.with_layout(a.layout().clone()))
 }
 
 /// Sizes of one causal_conv1d call.

@@ -910,3 +910,89 @@ fn conv2d_act_bad_inputs_are_errors() {
     assert!(conv2d_act(&x, &w, Some(&randn(&[3], 3)), (1, 1), (1, 1), (1, 1), 2, silu).is_err());
     assert!(conv2d_act(&randn(&[2, 4, 4], 4), &w, None, (1, 1), (1, 1), (1, 1), 2, silu).is_err());
 }
+
+/// Output and the gradients of (x, w, b) as bits for x + conv2d(x), fused ([`conv2d_residual`]) or composed,
+/// on `device`: depthwise 3x3 on the channels-last image view of tokens (the MILA block's cpe, the tokens
+/// view's cotangent), or a dense (`groups` 1) conv on NCHW.
+fn conv2d_residual_run(fused: bool, dtype: DType, device: Device, tokens_view: bool, groups: usize) -> Vec<Vec<u64>> {
+    let (n, c, h, w) = (2, 8, 5, 6);
+    let on = |t: Tensor| t.to_device(device).unwrap().requires_grad_(true).unwrap();
+    let tokens = on(randn_as(&[n, h * w, c], dtype, 91));
+    let nchw = on(randn_as(&[n, c, h, w], dtype, 91));
+    let weight = on(randn_as(&[c, c / groups, 3, 3], dtype, 92));
+    let bias = on(randn_as(&[c], dtype, 93));
+    let (leaf, x) = if tokens_view {
+        let img = reshape(&tokens, &[n as isize, h as isize, w as isize, c as isize]).unwrap();
+        (&tokens, permute(&img, &[0, 3, 1, 2]).unwrap())
+    } else {
+        (&nchw, nchw.clone())
+    };
+    let y = if fused {
+        conv2d_residual(&x, &weight, Some(&bias), (1, 1), (1, 1), (1, 1), groups).unwrap()
+    } else {
+        crate::add(&x, &conv2d(&x, &weight, Some(&bias), (1, 1), (1, 1), (1, 1), groups).unwrap()).unwrap()
+    };
+    // The cotangent in the tokens' order when x came from them (as the block's), else NCHW.
+    let y = if tokens_view {
+        reshape(&permute(&y, &[0, 2, 3, 1]).unwrap(), &[n as isize, -1, c as isize]).unwrap()
+    } else {
+        y
+    };
+    let cot = randn_as(y.shape(), dtype, 94).to_device(device).unwrap();
+    y.backward_with(&cot).unwrap();
+    let mut out = vec![bits(&y.to_device(Device::Cpu).unwrap())];
+    for p in [leaf, &weight, &bias] {
+        out.push(bits(&p.grad().unwrap().to_device(Device::Cpu).unwrap()));
+    }
+    out
+}
+
+fn assert_conv2d_residual_is_the_composition(device: Device) {
+    for dtype in [DType::F32, DType::F64] {
+        for (tokens_view, groups) in [(true, 8), (false, 8), (false, 1), (true, 1)] {
+            assert_eq!(
+                conv2d_residual_run(true, dtype, device, tokens_view, groups),
+                conv2d_residual_run(false, dtype, device, tokens_view, groups),
+                "{device:?} {dtype:?}, tokens view {tokens_view}, groups {groups}"
+            );
+        }
+    }
+}
+
+#[test]
+fn conv2d_residual_is_bitwise_the_composition_and_gradchecks() {
+    assert_conv2d_residual_is_the_composition(Device::Cpu);
+    // The op is linear in each input, so the central difference has no truncation error, and a step larger than
+    // the default lowers its rounding error, which the residual's x term (a larger projected output) raises.
+    let opts = engine::GradcheckOptions { eps: 1e-4, ..Default::default() };
+    let x = permute(&randn(&[2, 5, 4, 3], 95), &[0, 3, 1, 2]).unwrap();
+    let r = engine::gradcheck_with("conv2d_residual", &[x, randn(&[3, 1, 3, 3], 96), randn(&[3], 97)], opts, |x| {
+        conv2d_residual(&x[0], &x[1], Some(&x[2]), (1, 1), (1, 1), (1, 1), 3)
+    })
+    .unwrap();
+    assert!(r.passed() && r.max_abs_grad > 0.1, "{r}");
+    let leaves = [randn(&[2, 2, 4, 5], 98), randn(&[2, 2, 5, 5], 99)];
+    let r = engine::gradcheck_with("conv2d_residual (NCHW, dense, 5x5)", &leaves, opts, |x| {
+        conv2d_residual(&x[0], &x[1], None, (1, 1), (2, 2), (1, 1), 1)
+    })
+    .unwrap();
+    assert!(r.passed(), "{r}");
+}
+
+#[test]
+fn conv2d_residual_on_cuda_is_the_composition_bit_for_bit() {
+    if engine::cuda::test_device_or_skip("conv2d_residual_on_cuda_is_the_composition_bit_for_bit").is_none() {
+        return;
+    }
+    assert_conv2d_residual_is_the_composition(Device::Cuda(0));
+}
+
+#[test]
+fn conv2d_residual_needs_the_input_shape_back() {
+    let (x, w) = (randn(&[1, 2, 4, 4], 1), randn(&[2, 1, 3, 3], 2));
+    let e = conv2d_residual(&x, &w, None, (2, 2), (1, 1), (1, 1), 2).unwrap_err().to_string();
+    assert!(e.contains("conv2d_residual") && e.contains("[1, 2, 4, 4]") && e.contains("[1, 2, 2, 2]"), "{e}");
+    assert!(conv2d_residual(&x, &w, None, (1, 1), (0, 0), (1, 1), 2).is_err(), "no padding: 2x2 out");
+    assert!(conv2d_residual(&x, &randn(&[4, 1, 3, 3], 3), None, (1, 1), (1, 1), (1, 1), 2).is_err(), "4 channels out");
+    assert!(conv2d_residual(&x, &w, None, (1, 1), (1, 1), (1, 1), 3).is_err(), "groups do not divide");
+}

@@ -105,6 +105,9 @@ double rel_error(const std::vector<double>& a, const std::vector<double>& b) {
 }
 
 // The layout of a contiguous bias of c channels, as `strided` gives it on the Rust side.
+// Same-shape cases whose residual forms (x + conv2d(x), g + dx) were checked, counted once per case and width.
+static int residual_cases = 0;
+
 static Strided bias_layout(int c) {
     Strided lb{};
     lb.shape[0] = c;
@@ -162,9 +165,9 @@ bool check_v(const Case& k, const Ref& ref, const std::vector<T>& x, const std::
         const DwlTile tf = tile_of(k, V, pf, oh, fstrips);
         std::vector<T> y((size_t)k.n * oh * ow * k.c, T(NAN));
         launch(pf.gx * pf.gy, pf.bx * pf.by, 0, seed, [&] {
-            if (kern == K3S1) dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x.data(), w.data(), b.data(), lb, 1, y.data(), tf);
-            if (kern == K3S2) dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x.data(), w.data(), b.data(), lb, 1, y.data(), tf);
-            if (kern == ANY) dwl_fwd_any_impl<T, V, 4>(x.data(), w.data(), b.data(), lb, 1, y.data(), tf);
+            if (kern == K3S1) dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x.data(), w.data(), b.data(), lb, 1, 0, y.data(), tf);
+            if (kern == K3S2) dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x.data(), w.data(), b.data(), lb, 1, 0, y.data(), tf);
+            if (kern == ANY) dwl_fwd_any_impl<T, V, 4>(x.data(), w.data(), b.data(), lb, 1, 0, y.data(), tf);
         });
         // dx.
         const int dstrips = (k.w + tw - 1) / tw;
@@ -172,10 +175,32 @@ bool check_v(const Case& k, const Ref& ref, const std::vector<T>& x, const std::
         const DwlTile td = tile_of(k, V, pd, k.h, dstrips);
         std::vector<T> dx(x.size(), T(NAN));
         launch(pd.gx * pd.gy, pd.bx * pd.by, 0, seed, [&] {
-            if (kern == K3S1 && k.sh == 1) dwl_dx_rows_impl<T, V, 3, 3, 8>(g.data(), w.data(), dx.data(), td);
-            if (kern == K3S2) dwl_dx_gather_impl<T, V, 3, 3, 2, 4>(g.data(), w.data(), dx.data(), td);
-            if (kern == ANY) dwl_dx_gather_impl<T, V, 0, 0, 1, 4>(g.data(), w.data(), dx.data(), td);
+            if (kern == K3S1 && k.sh == 1) dwl_dx_rows_impl<T, V, 3, 3, 8>(g.data(), w.data(), dx.data(), 0, td);
+            if (kern == K3S2) dwl_dx_gather_impl<T, V, 3, 3, 2, 4>(g.data(), w.data(), dx.data(), 0, td);
+            if (kern == ANY) dwl_dx_gather_impl<T, V, 0, 0, 1, 4>(g.data(), w.data(), dx.data(), 0, td);
         });
+        // With the output in the input's shape, the residual forms (x + conv2d(x) and g + dx) must be the
+        // plain kernels' outputs plus x or g, bit for bit: the sums the composition forms.
+        if (oh == k.h && ow == k.w) {
+            std::vector<T> yr(y.size(), T(NAN)), dxr(dx.size(), T(NAN));
+            launch(pf.gx * pf.gy, pf.bx * pf.by, 0, seed, [&] {
+                if (kern == K3S1) dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x.data(), w.data(), b.data(), lb, 1, 1, yr.data(), tf);
+                if (kern == K3S2) dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x.data(), w.data(), b.data(), lb, 1, 1, yr.data(), tf);
+                if (kern == ANY) dwl_fwd_any_impl<T, V, 4>(x.data(), w.data(), b.data(), lb, 1, 1, yr.data(), tf);
+            });
+            launch(pd.gx * pd.gy, pd.bx * pd.by, 0, seed, [&] {
+                if (kern == K3S1 && k.sh == 1) dwl_dx_rows_impl<T, V, 3, 3, 8>(g.data(), w.data(), dxr.data(), 1, td);
+                if (kern == K3S2) dwl_dx_gather_impl<T, V, 3, 3, 2, 4>(g.data(), w.data(), dxr.data(), 1, td);
+                if (kern == ANY) dwl_dx_gather_impl<T, V, 0, 0, 1, 4>(g.data(), w.data(), dxr.data(), 1, td);
+            });
+            size_t bad = 0;
+            for (size_t i = 0; i < y.size(); ++i) bad += !(yr[i] == x[i] + y[i]) + !(dxr[i] == g[i] + dx[i]);
+            if (bad) {
+                std::printf("FAIL %s: %zu residual outputs differ from the plain ones plus x or g\n", label.c_str(), bad);
+                ok = false;
+            }
+            residual_cases += seed == 1;
+        }
         // Weight and bias partials, then dw_reduce.
         const Plan ps = plan(cv, (long long)k.n * oh * fstrips, true);
         const DwlTile ts = tile_of(k, V, ps, oh, fstrips);
@@ -618,6 +643,8 @@ int main(int argc, char** argv) {
         ok &= check<float>(k, 11, 1e-5);
         ok &= check<double>(k, 12, 1e-12);
     }
+    std::printf("residual forms checked in %d case-widths\n", residual_cases);
+    ok &= residual_cases > 0;
     ok &= s2_all(quick);
     ok &= igemm_all();
     std::printf(ok ? "all passed\n" : "FAILURES\n");
