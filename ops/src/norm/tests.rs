@@ -391,8 +391,10 @@ fn batch_norm_on_cuda_matches_the_cpu() {
 /// The shapes of the CUDA split-channel tests, each with its seed: few channels of many elements, cut into
 /// slices (two launches): the MNIST step's (128, 8, 16, 16), odd planes longer than a block whose slices start
 /// mid-plane, one channel, planes shorter than a block (7x7: a thread's step crosses several planes) and of one
-/// element; then many small channels, or as many channels as a wave (one slice a channel: the fused kernels).
-const BN_SPLIT_SHAPES: [([usize; 4], u64); 8] = [
+/// element; then many small channels, or as many channels as a wave (one slice a channel: the fused kernels);
+/// last, slices of several chunks of the statistics' loop (4096 elements a chunk), split and fused, the last
+/// chunk partial.
+const BN_SPLIT_SHAPES: [([usize; 4], u64); 9] = [
     ([128, 8, 16, 16], 600),
     ([64, 3, 37, 41], 610),
     ([5, 1, 3, 1000], 620),
@@ -400,7 +402,8 @@ const BN_SPLIT_SHAPES: [([usize; 4], u64); 8] = [
     ([4099, 2, 1, 1], 640),
     ([2, 64, 7, 7], 650),
     ([16, 64, 8, 8], 660),
-    ([1, 1200, 48, 48], 670),
+    ([2, 1200, 48, 48], 670),
+    ([64, 64, 40, 40], 680),
 ];
 
 #[test]
