@@ -856,6 +856,25 @@ template <typename T, int V> __device__ __forceinline__ void dwl_add_same_pixel(
     for (int l = 0; l < V; ++l) r[l] = v[l] + r[l];
 }
 
+// What the forward kernels do to an output as they store it (`epi`; conv/cuda.rs `DwlEpilogue`): nothing, add
+// the input (x + conv2d(x)), or an activation, each the elementwise kernels' formula (elementwise.cu), so
+// that the result has the bits of the separate pass.
+#define DWL_EPI_PLAIN 0
+#define DWL_EPI_RESIDUAL 1
+#define DWL_EPI_RELU 2
+#define DWL_EPI_SILU 3
+#define DWL_EPI_GELU 4
+
+template <typename T, int V> __device__ __forceinline__ void dwl_activate(T (&r)[V], int epi) {
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+        const T x = r[l];
+        if (epi == DWL_EPI_RELU) r[l] = (x > T(0) ? x : T(0));
+        if (epi == DWL_EPI_SILU) r[l] = x * m_sigmoid(x);
+        if (epi == DWL_EPI_GELU) r[l] = T(0.5) * x * (T(1) + m_erf(x * T(0.70710678118654752440)));
+    }
+}
+
 // Where a thread stands: its channel vector (cv < p.cv, or past the channels: no items then), its first item and
 // the step between its items.
 struct DwlThread {
@@ -888,7 +907,7 @@ __device__ __forceinline__ void dwl_taps(T (&k)[TAPS][V], const T* wt, int c0) {
 // Bytes: x read once from memory (each row by the KH output rows that need it, through the cache), y written
 // once: for (128, 64, 56, 56) f32, 2 x 102.8 MB.
 template <typename T, int V, int KH, int KW, int S, int TW>
-__device__ void dwl_fwd_rows_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, int residual, T* y, DwlTile p) {
+__device__ void dwl_fwd_rows_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, int epi, T* y, DwlTile p) {
     const DwlThread th = dwl_thread(p);
     if (th.cv >= p.cv) return;
     const int c0 = th.cv * V, IN = (TW - 1) * S + KW;
@@ -927,7 +946,8 @@ __device__ void dwl_fwd_rows_impl(const T* x, const T* wt, const T* bias, Stride
 #pragma unroll
         for (int u = 0; u < TW; ++u) {
             if (bs + u >= p.ow) continue;
-            if (residual) dwl_add_same_pixel<T, V>(acc[u], xn + ((long long)a * p.w + bs + u) * p.c);
+            if (epi == DWL_EPI_RESIDUAL) dwl_add_same_pixel<T, V>(acc[u], xn + ((long long)a * p.w + bs + u) * p.c);
+            if (epi >= DWL_EPI_RELU) dwl_activate<T, V>(acc[u], epi);
             DwlIo<T, V>::store(yp + (long long)u * p.c, acc[u]);
         }
     }
@@ -935,7 +955,7 @@ __device__ void dwl_fwd_rows_impl(const T* x, const T* wt, const T* bias, Stride
 
 // Forward for any kernel size, stride and dilation: each output of the strip gathers its taps (row-major).
 template <typename T, int V, int TW>
-__device__ void dwl_fwd_any_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, int residual, T* y, DwlTile p) {
+__device__ void dwl_fwd_any_impl(const T* x, const T* wt, const T* bias, Strided lb, int has_bias, int epi, T* y, DwlTile p) {
     const DwlThread th = dwl_thread(p);
     if (th.cv >= p.cv) return;
     const int c0 = th.cv * V, taps = p.kh * p.kw;
@@ -975,7 +995,8 @@ __device__ void dwl_fwd_any_impl(const T* x, const T* wt, const T* bias, Strided
 #pragma unroll
         for (int u = 0; u < TW; ++u) {
             if (bs + u >= p.ow) continue;
-            if (residual) dwl_add_same_pixel<T, V>(acc[u], xn + ((long long)a * p.w + bs + u) * p.c);
+            if (epi == DWL_EPI_RESIDUAL) dwl_add_same_pixel<T, V>(acc[u], xn + ((long long)a * p.w + bs + u) * p.c);
+            if (epi >= DWL_EPI_RELU) dwl_activate<T, V>(acc[u], epi);
             DwlIo<T, V>::store(yp + (long long)u * p.c, acc[u]);
         }
     }
@@ -1731,17 +1752,17 @@ __device__ void cc1d_bwd_w_impl(const T* x, const T* g, T* dwt, Conv1dParams p) 
 // The channels-last depthwise kernels of one dtype, each with V = VEC (16-byte accesses: _vec) and V = 1 (_one):
 // dwl_{fwd,dx,sums}_{3x3s1,3x3s2,any}_{vec,one}_<dtype>.
 #define DWL_V(T, SUFFIX, VNAME, V)                                                                            \
-    extern "C" __global__ void dwl_fwd_3x3s1_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,        \
-                                                                Strided lb, int has_bias, int residual, T* y, DwlTile p) {  \
-        dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x, w, bias, lb, has_bias, residual, y, p);                                   \
+    extern "C" __global__ void __launch_bounds__(256, 2) dwl_fwd_3x3s1_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,        \
+                                                                Strided lb, int has_bias, int epi, T* y, DwlTile p) {  \
+        dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x, w, bias, lb, has_bias, epi, y, p);                                   \
     }                                                                                                          \
-    extern "C" __global__ void dwl_fwd_3x3s2_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,        \
-                                                                Strided lb, int has_bias, int residual, T* y, DwlTile p) {  \
-        dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x, w, bias, lb, has_bias, residual, y, p);                                   \
+    extern "C" __global__ void __launch_bounds__(256, 2) dwl_fwd_3x3s2_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,        \
+                                                                Strided lb, int has_bias, int epi, T* y, DwlTile p) {  \
+        dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x, w, bias, lb, has_bias, epi, y, p);                                   \
     }                                                                                                          \
-    extern "C" __global__ void dwl_fwd_any_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,          \
-                                                              Strided lb, int has_bias, int residual, T* y, DwlTile p) {    \
-        dwl_fwd_any_impl<T, V, 4>(x, w, bias, lb, has_bias, residual, y, p);                                             \
+    extern "C" __global__ void __launch_bounds__(256, 2) dwl_fwd_any_##VNAME##_##SUFFIX(const T* x, const T* w, const T* bias,          \
+                                                              Strided lb, int has_bias, int epi, T* y, DwlTile p) {    \
+        dwl_fwd_any_impl<T, V, 4>(x, w, bias, lb, has_bias, epi, y, p);                                             \
     }                                                                                                          \
     extern "C" __global__ void dwl_dx_3x3s1_##VNAME##_##SUFFIX(const T* g, const T* w, T* dx, int residual, DwlTile p) {    \
         dwl_dx_rows_impl<T, V, 3, 3, 8>(g, w, dx, residual, p);                                                          \

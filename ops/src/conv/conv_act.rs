@@ -15,12 +15,13 @@
 //! channels-last input, whose image view is the block's tokens), and y keeps c's layout, as the composition's
 //! activation on the tokens view does; dc reaches the conv's backward in c's layout, as through that view. So
 //! every pass is the one the composition runs, and results and gradients are bitwise those of
-//! `act(conv2d(x))` (a test checks it). No new kernel: the forward, the derivative and the backward are the
-//! existing ones.
+//! `act(conv2d(x))` (a test checks it). On CUDA the channels-last depthwise kernels apply ReLU, SiLU and GELU
+//! as they store each output (the elementwise kernels' formulas, so the same bits; one pass over c fewer);
+//! elsewhere the activation is the elementwise kernel's pass.
 
 use engine::{no_grad, Error, Layout, Op, Result, Tensor};
 
-use super::{conv2d_geom, conv2d_untracked, ConvBackward};
+use super::{conv2d_geom, conv2d_untracked_with, ConvBackward, Epilogue};
 use crate::elementwise::{unary, unary_grad, Needs, Unary};
 use crate::view::permute;
 
@@ -80,9 +81,10 @@ pub fn conv2d_act(
         return Err(Error::invalid("conv2d_act", msg, x.shape()));
     }
     let geom = conv2d_geom(x, weight, bias, stride, padding, dilation, groups)?;
-    let (c, conv) = conv2d_untracked(x, weight, bias, geom)?;
-    let y = no_grad(|| unary(act, &flat(&c)))?.with_layout(c.layout().clone());
-    drop(c);
+    // On CUDA the channels-last depthwise kernels apply ReLU, SiLU and GELU as they store each output (the
+    // elementwise kernels' formulas, so the same bits); otherwise the activation is its own pass.
+    let (c, conv, activated) = conv2d_untracked_with(x, weight, bias, geom, Epilogue::Act(act))?;
+    let y = if activated { c } else { no_grad(|| unary(act, &flat(&c)))?.with_layout(c.layout().clone()) };
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
     Ok(Tensor::from_op_over(&y, &inputs, || ConvAct { conv, bias: bias.map(Tensor::detach), act }))

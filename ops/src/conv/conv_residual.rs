@@ -16,7 +16,7 @@
 
 use engine::{no_grad, Error, Op, Result, Tensor};
 
-use super::{conv2d_geom, conv2d_untracked_with, ConvBackward};
+use super::{conv2d_geom, conv2d_untracked_with, ConvBackward, Epilogue};
 
 struct ConvResidual {
     conv: ConvBackward,
@@ -28,7 +28,8 @@ impl Op for ConvResidual {
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let mut grads = self.conv.backward(g)?;
-        // The channels-last op added g to dx itself (it knows it is a residual); the NCHW one did not.
+        // The channels-last op added g to dx itself (it knows it is a residual, and formed x + conv2d(x) in the
+        // forward); the NCHW one did neither.
         if let (ConvBackward::Nchw(_), Some(Some(dx))) = (&self.conv, grads.first_mut()) {
             *dx = dx.accumulate(g)?;
         }
@@ -53,11 +54,8 @@ pub fn conv2d_residual(
     if geom.out_shape() != x.shape() {
         return Err(Error::ShapeMismatch { op: OP, lhs: x.shape().to_vec(), rhs: geom.out_shape().to_vec() });
     }
-    let (y, conv) = conv2d_untracked_with(x, weight, bias, geom, true)?;
-    let y = match conv {
-        ConvBackward::ChannelsLast(_) => y,
-        ConvBackward::Nchw(_) => no_grad(|| crate::elementwise::add(&x.detach(), &y))?,
-    };
+    let (y, conv, added) = conv2d_untracked_with(x, weight, bias, geom, Epilogue::Residual)?;
+    let y = if added { y } else { no_grad(|| crate::elementwise::add(&x.detach(), &y))? };
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
     Ok(Tensor::from_op_over(&y, &inputs, || ConvResidual { conv }))

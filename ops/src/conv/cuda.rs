@@ -60,8 +60,9 @@ use engine::cuda::{
 };
 use engine::{DType, Error, Float, Result, Storage};
 
-use super::{Conv1dGeom, Conv2dGeom};
+use super::{Conv1dGeom, Conv2dGeom, Epilogue};
 use crate::cuda::{elements, function, launch, launch_1d, optional, Module, View};
+use crate::elementwise::Unary;
 use crate::util::{Grads, Needs};
 
 pub(crate) const MODULE: Module = Module { name: "ops_conv", body: include_str!("conv.cu") };
@@ -936,13 +937,26 @@ fn dwl_lanes<T: Float>(g: &Conv2dGeom, aligned: &[bool]) -> usize {
 }
 
 /// Depthwise conv2d of a channels-last x (memory (N, H, W, C)): y (N, OH, OW, C) row-major, the memory of a
-/// channels-last (N, C, OH, OW) view. [`channels_last_supported`] must hold. With `residual` (the output in x's
-/// shape, checked by the caller) y = x + conv2d(x), the sum formed as the kernel stores each output.
-pub(super) fn conv2d_nhwc(x: View, w: View, bias: Option<View>, g: &Conv2dGeom, residual: bool) -> Result<CudaStorage> {
+/// channels-last (N, C, OH, OW) view. [`channels_last_supported`] must hold. `epi` is what the kernel does to
+/// each output as it stores it: nothing, x + conv2d(x) (the output in x's shape), or an activation
+/// ([`epilogue_code`] says which it can do).
+pub(super) fn conv2d_nhwc(x: View, w: View, bias: Option<View>, g: &Conv2dGeom, epi: Epilogue) -> Result<CudaStorage> {
     let mut all = vec![x.0, w.0];
     all.extend(bias.map(|b| b.0));
     crate::util::same_cuda_dtypes("conv2d", &all)?;
-    by_dtype!(x.0.dtype(), depthwise_nhwc_forward(x, w, bias, g, residual))
+    by_dtype!(x.0.dtype(), depthwise_nhwc_forward(x, w, bias, g, epi))
+}
+
+/// The forward kernels' `epi` (DWL_EPI_* in conv.cu) for an epilogue, None for an activation they lack.
+pub(super) fn epilogue_code(epi: Epilogue) -> Option<i32> {
+    match epi {
+        Epilogue::Plain => Some(0),
+        Epilogue::Residual => Some(1),
+        Epilogue::Act(Unary::Relu) => Some(2),
+        Epilogue::Act(Unary::Silu) => Some(3),
+        Epilogue::Act(Unary::Gelu) => Some(4),
+        Epilogue::Act(_) => None,
+    }
 }
 
 /// `residual` for a kernel, refused unless the output has the input's shape.
@@ -962,7 +976,7 @@ fn depthwise_nhwc_forward<T: Float>(
     w: View,
     bias: Option<View>,
     g: &Conv2dGeom,
-    residual: bool,
+    epi: Epilogue,
 ) -> Result<CudaStorage> {
     const OP: &str = "conv2d";
     let dev = x.0.device();
@@ -973,14 +987,16 @@ fn depthwise_nhwc_forward<T: Float>(
     let sms = dev.multiprocessor_count() as usize;
     let plan = dwl_plan(g, DwlPhase::Forward, lanes, sms)
         .ok_or_else(|| Error::invalid(OP, "internal: no channels-last plan", &[g.n, g.c, g.h, g.w]))?;
-    let residual = residual_flag(OP, g, residual)?;
+    residual_flag(OP, g, epi == Epilogue::Residual)?;
+    let no_code = || Error::invalid(OP, "internal: no such epilogue in the kernels", &[g.n, g.c, g.h, g.w]);
+    let code = epilogue_code(epi).ok_or_else(no_code)?;
     let y = dev.alloc::<T>(g.n * g.oh * g.ow * g.c)?;
     let f = function::<T>(dev, &MODULE, &plan.name)?;
     let mut args = dev.stream().launch_builder(&f);
-    args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(&residual).arg(y.as_slice()).arg(&plan.tile);
+    args.arg(&xv).arg(&wv).arg(&bv).arg(&lb).arg(&has_bias).arg(&code).arg(y.as_slice()).arg(&plan.tile);
     // SAFETY: dwl_fwd_<instance>_<width>_<T>(const T* x, const T* w, const T* bias, Strided lb, int has_bias,
-    // int residual, T* y, DwlTile p) reads x[0..N H W C) (the channels-last view's elements, `xv`; with residual
-    // x at y's own indices, inside since OH OW = H W), w[0..C kh kw) (contiguous, the op checked the shapes,
+    // int epi, T* y, DwlTile p) reads x[0..N H W C) (the channels-last view's elements, `xv`; with the residual
+    // epilogue x at y's own indices, inside since OH OW = H W), w[0..C kh kw) (contiguous, the op checked the shapes,
     // which p repeats) and bias through lb (checked by `strided`, read only when has_bias), and writes
     // y[0..N OH OW C), which `y` holds. Threads take channel vectors below p.cv and items below
     // N OH strips only; with V > 1 (the _vec kernels) C is a multiple of V and x starts 16-byte aligned

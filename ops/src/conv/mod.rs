@@ -294,7 +294,10 @@ impl ConvBackward {
     fn recompute(&self, bias: Option<&Tensor>) -> Result<Tensor> {
         match self {
             ConvBackward::Nchw(op) => conv2d_nchw_value(&op.x, &op.w, bias, &op.geom),
-            ConvBackward::ChannelsLast(op) => conv2d_channels_last_value(&op.x, &op.w, bias, &op.geom, op.residual),
+            ConvBackward::ChannelsLast(op) => {
+                let epi = if op.residual { Epilogue::Residual } else { Epilogue::Plain };
+                conv2d_channels_last_value(&op.x, &op.w, bias, &op.geom, epi)
+            }
         }
     }
 }
@@ -338,19 +341,31 @@ fn conv2d_untracked(
     bias: Option<&Tensor>,
     geom: Conv2dGeom,
 ) -> Result<(Tensor, ConvBackward)> {
-    conv2d_untracked_with(x, weight, bias, geom, false)
+    let (y, op, _) = conv2d_untracked_with(x, weight, bias, geom, Epilogue::Plain)?;
+    Ok((y, op))
 }
 
-/// [`conv2d_untracked`], with `residual` (the output in x's shape, checked by the caller) the channels-last
-/// path's x + conv2d(x) formed by its kernels (CUDA) or added in memory order (CPU); the NCHW path ignores it
-/// and gives the plain conv (its caller adds x).
+/// What a conv does to its output beyond the convolution, where its kernels can do it as they store each
+/// output (the channels-last depthwise CUDA kernels; [`cuda::epilogue_code`]): nothing, add the input
+/// (`x + conv2d(x)`, the output in x's shape), or an activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Epilogue {
+    Plain,
+    Residual,
+    Act(crate::elementwise::Unary),
+}
+
+/// [`conv2d_untracked`] with an epilogue, and whether the output has it. The channels-last path forms the
+/// residual (its CUDA kernels, or an add in memory order on the CPU) and, on CUDA, the activations the
+/// kernels have; otherwise the output is the plain conv and the caller applies the rest. A residual needs the
+/// output in x's shape (checked by the caller).
 fn conv2d_untracked_with(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     geom: Conv2dGeom,
-    residual: bool,
-) -> Result<(Tensor, ConvBackward)> {
+    epi: Epilogue,
+) -> Result<(Tensor, ConvBackward, bool)> {
     let needs = Needs::of(x, Some(weight), bias);
     let has_bias = bias.is_some();
     if is_channels_last(x.layout()) {
@@ -360,14 +375,20 @@ fn conv2d_untracked_with(
         };
         if here {
             let (xd, wc) = (x.detach(), saved_contiguous(weight)?);
-            let y = conv2d_channels_last_value(&xd, &wc, bias, &geom, residual)?;
+            let applied = match epi {
+                Epilogue::Plain | Epilogue::Residual => epi,
+                Epilogue::Act(_) if x.device() != Device::Cpu && cuda::epilogue_code(epi).is_some() => epi,
+                Epilogue::Act(_) => Epilogue::Plain,
+            };
+            let y = conv2d_channels_last_value(&xd, &wc, bias, &geom, applied)?;
+            let residual = epi == Epilogue::Residual;
             let op = ConvChannelsLast { x: xd, w: wc, has_bias, geom, needs, residual };
-            return Ok((y, ConvBackward::ChannelsLast(op)));
+            return Ok((y, ConvBackward::ChannelsLast(op), applied == epi));
         }
     }
     let (xc, wc) = (saved_contiguous(x)?, saved_contiguous(weight)?);
     let y = conv2d_nchw_value(&xc, &wc, bias, &geom)?;
-    Ok((y, ConvBackward::Nchw(Conv2d { x: xc, w: wc, has_bias, geom, needs })))
+    Ok((y, ConvBackward::Nchw(Conv2d { x: xc, w: wc, has_bias, geom, needs }), epi == Epilogue::Plain))
 }
 
 /// The NCHW kernels' output for contiguous x and weight.
@@ -388,14 +409,14 @@ fn conv2d_nchw_value(xc: &Tensor, wc: &Tensor, bias: Option<&Tensor>, geom: &Con
     Tensor::from_storage(storage, &geom.out_shape())
 }
 
-/// The channels-last kernels' output (a channels-last view) for a channels-last x and a contiguous weight;
-/// with `residual`, x + that output.
+/// The channels-last kernels' output (a channels-last view) for a channels-last x and a contiguous weight,
+/// with the epilogue `epi` (on the CPU only Plain and Residual, the latter an add in memory order).
 fn conv2d_channels_last_value(
     x: &Tensor,
     wc: &Tensor,
     bias: Option<&Tensor>,
     geom: &Conv2dGeom,
-    residual: bool,
+    epi: Epilogue,
 ) -> Result<Tensor> {
     let bias_storage = bias.map(|b| b.storage());
     let storage = match (&*x.storage(), &*wc.storage()) {
@@ -405,16 +426,19 @@ fn conv2d_channels_last_value(
         }
         (Storage::Cuda(xs), Storage::Cuda(ws)) => {
             let b = operand(bias, bias_storage.as_deref(), |s| s.as_cuda("conv2d"))?;
-            Storage::Cuda(cuda::conv2d_nhwc((xs, x.layout()), (ws, wc.layout()), b, geom, residual)?)
+            Storage::Cuda(cuda::conv2d_nhwc((xs, x.layout()), (ws, wc.layout()), b, geom, epi)?)
         }
         (s, _) => return Err(no_cuda("conv2d", s)),
     };
     let (n, o, oh, ow) = (geom.n, geom.o, geom.oh, geom.ow);
     let y = Tensor::from_storage(storage, &[n, oh, ow, o])?.with_layout(channels_last_layout(n, o, oh, ow));
-    if residual && x.device() == Device::Cpu {
-        return add_in_memory_order(&y, x);
+    match (epi, x.device()) {
+        (Epilogue::Plain, _) | (_, Device::Cuda(_)) => Ok(y),
+        (Epilogue::Residual, Device::Cpu) => add_in_memory_order(&y, x),
+        (Epilogue::Act(_), Device::Cpu) => {
+            Err(Error::invalid("conv2d", "internal: no activation epilogue on the CPU", x.shape()))
+        }
     }
-    Ok(y)
 }
 
 /// `a + b` (untracked; the sum the composition's `b + a` gives, addition commuting) for a fresh dense `a`

@@ -835,12 +835,21 @@ enum ActUse {
 
 /// Output and the gradients of (x, w, b) as bits, fused or composed, for a depthwise 3x3 conv (or a dense one
 /// with `groups` 1) under a fixed cotangent.
-fn conv2d_act_run(fused: bool, dtype: DType, act: crate::Unary, usage: ActUse, groups: usize) -> Vec<Vec<u64>> {
-    let (n, c, h, w) = (2, 6, 5, 4);
-    let tokens = randn_as(&[n, h * w, c], dtype, 71).requires_grad_(true).unwrap();
-    let nchw = randn_as(&[n, c, h, w], dtype, 71).requires_grad_(true).unwrap();
-    let weight = randn_as(&[c, c / groups, 3, 3], dtype, 72).requires_grad_(true).unwrap();
-    let bias = randn_as(&[c], dtype, 73).requires_grad_(true).unwrap();
+fn conv2d_act_run(
+    fused: bool,
+    dtype: DType,
+    device: Device,
+    act: crate::Unary,
+    usage: ActUse,
+    groups: usize,
+) -> Vec<Vec<u64>> {
+    // C = 8: whole 16-byte vectors of f32 and f64 (the CUDA channels-last kernels' vector path).
+    let (n, c, h, w) = (2, 8, 5, 4);
+    let on = |t: Tensor| t.to_device(device).unwrap().requires_grad_(true).unwrap();
+    let tokens = on(randn_as(&[n, h * w, c], dtype, 71));
+    let nchw = on(randn_as(&[n, c, h, w], dtype, 71));
+    let weight = on(randn_as(&[c, c / groups, 3, 3], dtype, 72));
+    let bias = on(randn_as(&[c], dtype, 73));
     let (leaf, x) = match usage {
         ActUse::Nchw => (&nchw, nchw.clone()),
         _ => (
@@ -863,30 +872,46 @@ fn conv2d_act_run(fused: bool, dtype: DType, act: crate::Unary, usage: ActUse, g
             crate::unary(act, &conv2d(&x, &weight, Some(&bias), (1, 1), (1, 1), (1, 1), groups).unwrap()).unwrap()
         }
     };
-    let cot = randn_as(y.shape(), dtype, 74);
+    let cot = randn_as(y.shape(), dtype, 74).to_device(device).unwrap();
     y.backward_with(&cot).unwrap();
-    let mut out = vec![bits(&y)];
+    let mut out = vec![bits(&y.to_device(Device::Cpu).unwrap())];
     for p in [leaf, &weight, &bias] {
-        out.push(bits(&p.grad().unwrap()));
+        out.push(bits(&p.grad().unwrap().to_device(Device::Cpu).unwrap()));
     }
     out
 }
 
-#[test]
-fn conv2d_act_is_bitwise_the_composition_and_gradchecks() {
+/// An activation the conv kernels do not apply (its own pass after the conv on every path).
+const SOFTPLUS: crate::Unary = crate::Unary::Softplus { beta: 1.0, threshold: 20.0 };
+
+fn assert_conv2d_act_is_the_composition(device: Device) {
     for dtype in [DType::F32, DType::F64] {
-        for act in [crate::Unary::Silu, crate::Unary::Gelu] {
+        for act in [crate::Unary::Silu, crate::Unary::Gelu, crate::Unary::Relu, SOFTPLUS] {
             for usage in [ActUse::Nchw, ActUse::Tokens, ActUse::ChannelsLastNchwGrad] {
-                for groups in [6, 1] {
+                for groups in [8, 1] {
                     assert_eq!(
-                        conv2d_act_run(true, dtype, act, usage, groups),
-                        conv2d_act_run(false, dtype, act, usage, groups),
-                        "{dtype:?}, {act:?}, {usage:?}, groups {groups}"
+                        conv2d_act_run(true, dtype, device, act, usage, groups),
+                        conv2d_act_run(false, dtype, device, act, usage, groups),
+                        "{device:?} {dtype:?}, {act:?}, {usage:?}, groups {groups}"
                     );
                 }
             }
         }
     }
+}
+
+#[test]
+fn conv2d_act_on_cuda_is_the_composition_bit_for_bit() {
+    // The channels-last depthwise kernels apply ReLU, SiLU and GELU as they store (softplus: a separate pass).
+    if engine::cuda::test_device_or_skip("conv2d_act_on_cuda_is_the_composition_bit_for_bit").is_none() {
+        return;
+    }
+    assert_conv2d_act_is_the_composition(Device::Cuda(0));
+}
+
+#[test]
+fn conv2d_act_is_bitwise_the_composition_and_gradchecks() {
+    assert_conv2d_act_is_the_composition(Device::Cpu);
     // Strided and padded, depthwise, on a channels-last view and on a permuted (copied) input.
     let x = permute(&randn(&[2, 5, 4, 3], 81), &[0, 3, 1, 2]).unwrap();
     let r = gradcheck("conv2d_act", &[x, randn(&[3, 1, 3, 3], 82), randn(&[3], 83)], |x| {

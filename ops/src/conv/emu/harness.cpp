@@ -201,6 +201,25 @@ bool check_v(const Case& k, const Ref& ref, const std::vector<T>& x, const std::
             }
             residual_cases += seed == 1;
         }
+        // The activation epilogues: the plain output through the elementwise formula, bit for bit.
+        for (int epi = DWL_EPI_RELU; epi <= DWL_EPI_GELU; ++epi) {
+            std::vector<T> ya(y.size(), T(NAN));
+            launch(pf.gx * pf.gy, pf.bx * pf.by, 0, seed, [&] {
+                if (kern == K3S1) dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x.data(), w.data(), b.data(), lb, 1, epi, ya.data(), tf);
+                if (kern == K3S2) dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x.data(), w.data(), b.data(), lb, 1, epi, ya.data(), tf);
+                if (kern == ANY) dwl_fwd_any_impl<T, V, 4>(x.data(), w.data(), b.data(), lb, 1, epi, ya.data(), tf);
+            });
+            size_t bad = 0;
+            for (size_t i = 0; i < y.size(); ++i) {
+                T one[1] = {y[i]};
+                dwl_activate<T, 1>(one, epi);
+                bad += !(ya[i] == one[0]);
+            }
+            if (bad) {
+                std::printf("FAIL %s: %zu outputs of epilogue %d differ from the plain ones activated\n", label.c_str(), bad, epi);
+                ok = false;
+            }
+        }
         // Weight and bias partials, then dw_reduce.
         const Plan ps = plan(cv, (long long)k.n * oh * fstrips, true);
         const DwlTile ts = tile_of(k, V, ps, oh, fstrips);
