@@ -21,7 +21,7 @@
 
 use engine::{no_grad, Error, Layout, Op, Result, Tensor};
 
-use super::{conv2d_geom, conv2d_untracked_with, ConvBackward, Epilogue};
+use super::{conv2d_geom, conv2d_untracked_with, recorded, ConvBackward, Epilogue};
 use crate::elementwise::{unary, unary_grad, Needs, Unary};
 use crate::view::permute;
 
@@ -85,7 +85,5 @@ pub fn conv2d_act(
     // elementwise kernels' formulas, so the same bits); otherwise the activation is its own pass.
     let (c, conv, activated) = conv2d_untracked_with(x, weight, bias, geom, Epilogue::Act(act))?;
     let y = if activated { c } else { no_grad(|| unary(act, &flat(&c)))?.with_layout(c.layout().clone()) };
-    let mut inputs = vec![x, weight];
-    inputs.extend(bias);
-    Ok(Tensor::from_op_over(&y, &inputs, || ConvAct { conv, bias: bias.map(Tensor::detach), act }))
+    Ok(recorded(&y, x, weight, bias, || ConvAct { conv, bias: bias.map(Tensor::detach), act }))
 }

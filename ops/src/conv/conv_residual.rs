@@ -16,7 +16,7 @@
 
 use engine::{no_grad, Error, Op, Result, Tensor};
 
-use super::{conv2d_geom, conv2d_untracked_with, ConvBackward, Epilogue};
+use super::{conv2d_geom, conv2d_untracked_with, recorded, ConvBackward, Epilogue};
 
 struct ConvResidual {
     conv: ConvBackward,
@@ -56,7 +56,5 @@ pub fn conv2d_residual(
     }
     let (y, conv, added) = conv2d_untracked_with(x, weight, bias, geom, Epilogue::Residual)?;
     let y = if added { y } else { no_grad(|| crate::elementwise::add(&x.detach(), &y))? };
-    let mut inputs = vec![x, weight];
-    inputs.extend(bias);
-    Ok(Tensor::from_op_over(&y, &inputs, || ConvResidual { conv }))
+    Ok(recorded(&y, x, weight, bias, || ConvResidual { conv }))
 }

@@ -327,9 +327,21 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     let geom = conv2d_geom(x, weight, bias, stride, padding, dilation, groups)?;
     let (y, op) = conv2d_untracked(x, weight, bias, geom)?;
+    Ok(recorded(&y, x, weight, bias, || op))
+}
+
+/// `y` recorded as the output of a conv-shaped op over x, the weight and the optional bias (in that order: the
+/// order of the op's gradients).
+fn recorded<O: Op + 'static>(
+    y: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    op: impl FnOnce() -> O,
+) -> Tensor {
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
-    Ok(Tensor::from_op_over(&y, &inputs, || op))
+    Tensor::from_op_over(y, &inputs, op)
 }
 
 /// conv2d's output, not recorded, and the op for its backward. A channels-last input takes the channels-last
