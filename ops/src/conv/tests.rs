@@ -821,6 +821,15 @@ fn conv_channels_last_kernels_run_on_the_emulator() {
     assert!(out.status.success(), "{log}{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// y and the gradients of `leaves` under a random cotangent (seed `seed`, on y's device), as bits on the host:
+/// what the bitwise-composition tests compare.
+fn output_and_grad_bits(y: &Tensor, seed: u64, leaves: &[&Tensor]) -> Vec<Vec<u64>> {
+    let cot = randn_as(y.shape(), y.dtype(), seed).to_device(y.device()).unwrap();
+    y.backward_with(&cot).unwrap();
+    let host = |t: &Tensor| bits(&t.to_device(Device::Cpu).unwrap());
+    std::iter::once(host(y)).chain(leaves.iter().map(|p| host(&p.grad().unwrap()))).collect()
+}
+
 /// How the fused conv + activation is used in a conv2d_act test: x's layout and what follows the activation.
 #[derive(Clone, Copy, Debug)]
 enum ActUse {
@@ -872,13 +881,7 @@ fn conv2d_act_run(
             crate::unary(act, &conv2d(&x, &weight, Some(&bias), (1, 1), (1, 1), (1, 1), groups).unwrap()).unwrap()
         }
     };
-    let cot = randn_as(y.shape(), dtype, 74).to_device(device).unwrap();
-    y.backward_with(&cot).unwrap();
-    let mut out = vec![bits(&y.to_device(Device::Cpu).unwrap())];
-    for p in [leaf, &weight, &bias] {
-        out.push(bits(&p.grad().unwrap().to_device(Device::Cpu).unwrap()));
-    }
-    out
+    output_and_grad_bits(&y, 74, &[leaf, &weight, &bias])
 }
 
 /// An activation the conv kernels do not apply (its own pass after the conv on every path).
@@ -963,13 +966,7 @@ fn conv2d_residual_run(fused: bool, dtype: DType, device: Device, tokens_view: b
     } else {
         y
     };
-    let cot = randn_as(y.shape(), dtype, 94).to_device(device).unwrap();
-    y.backward_with(&cot).unwrap();
-    let mut out = vec![bits(&y.to_device(Device::Cpu).unwrap())];
-    for p in [leaf, &weight, &bias] {
-        out.push(bits(&p.grad().unwrap().to_device(Device::Cpu).unwrap()));
-    }
-    out
+    output_and_grad_bits(&y, 94, &[leaf, &weight, &bias])
 }
 
 fn assert_conv2d_residual_is_the_composition(device: Device) {

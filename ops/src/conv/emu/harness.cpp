@@ -159,40 +159,36 @@ bool check_v(const Case& k, const Ref& ref, const std::vector<T>& x, const std::
     bool ok = true;
     std::vector<double> first[4];
     for (uint64_t seed : {1u, 2u}) {
-        // Forward.
+        // Forward and dx with an epilogue (fwd: plain 0, residual 1, activations; dx: residual 0 or 1).
         const int fstrips = (ow + tw - 1) / tw;
         const Plan pf = plan(cv, (long long)k.n * oh * fstrips, false);
         const DwlTile tf = tile_of(k, V, pf, oh, fstrips);
-        std::vector<T> y((size_t)k.n * oh * ow * k.c, T(NAN));
-        launch(pf.gx * pf.gy, pf.bx * pf.by, 0, seed, [&] {
-            if (kern == K3S1) dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x.data(), w.data(), b.data(), lb, 1, 0, y.data(), tf);
-            if (kern == K3S2) dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x.data(), w.data(), b.data(), lb, 1, 0, y.data(), tf);
-            if (kern == ANY) dwl_fwd_any_impl<T, V, 4>(x.data(), w.data(), b.data(), lb, 1, 0, y.data(), tf);
-        });
-        // dx.
+        auto forward = [&](int epi) {
+            std::vector<T> out((size_t)k.n * oh * ow * k.c, T(NAN));
+            launch(pf.gx * pf.gy, pf.bx * pf.by, 0, seed, [&] {
+                if (kern == K3S1) dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x.data(), w.data(), b.data(), lb, 1, epi, out.data(), tf);
+                if (kern == K3S2) dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x.data(), w.data(), b.data(), lb, 1, epi, out.data(), tf);
+                if (kern == ANY) dwl_fwd_any_impl<T, V, 4>(x.data(), w.data(), b.data(), lb, 1, epi, out.data(), tf);
+            });
+            return out;
+        };
         const int dstrips = (k.w + tw - 1) / tw;
         const Plan pd = plan(cv, (long long)k.n * k.h * dstrips, false);
         const DwlTile td = tile_of(k, V, pd, k.h, dstrips);
-        std::vector<T> dx(x.size(), T(NAN));
-        launch(pd.gx * pd.gy, pd.bx * pd.by, 0, seed, [&] {
-            if (kern == K3S1 && k.sh == 1) dwl_dx_rows_impl<T, V, 3, 3, 8>(g.data(), w.data(), dx.data(), 0, td);
-            if (kern == K3S2) dwl_dx_gather_impl<T, V, 3, 3, 2, 4>(g.data(), w.data(), dx.data(), 0, td);
-            if (kern == ANY) dwl_dx_gather_impl<T, V, 0, 0, 1, 4>(g.data(), w.data(), dx.data(), 0, td);
-        });
+        auto input_grad = [&](int residual) {
+            std::vector<T> out(x.size(), T(NAN));
+            launch(pd.gx * pd.gy, pd.bx * pd.by, 0, seed, [&] {
+                if (kern == K3S1 && k.sh == 1) dwl_dx_rows_impl<T, V, 3, 3, 8>(g.data(), w.data(), out.data(), residual, td);
+                if (kern == K3S2) dwl_dx_gather_impl<T, V, 3, 3, 2, 4>(g.data(), w.data(), out.data(), residual, td);
+                if (kern == ANY) dwl_dx_gather_impl<T, V, 0, 0, 1, 4>(g.data(), w.data(), out.data(), residual, td);
+            });
+            return out;
+        };
+        const std::vector<T> y = forward(DWL_EPI_PLAIN), dx = input_grad(0);
         // With the output in the input's shape, the residual forms (x + conv2d(x) and g + dx) must be the
         // plain kernels' outputs plus x or g, bit for bit: the sums the composition forms.
         if (oh == k.h && ow == k.w) {
-            std::vector<T> yr(y.size(), T(NAN)), dxr(dx.size(), T(NAN));
-            launch(pf.gx * pf.gy, pf.bx * pf.by, 0, seed, [&] {
-                if (kern == K3S1) dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x.data(), w.data(), b.data(), lb, 1, 1, yr.data(), tf);
-                if (kern == K3S2) dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x.data(), w.data(), b.data(), lb, 1, 1, yr.data(), tf);
-                if (kern == ANY) dwl_fwd_any_impl<T, V, 4>(x.data(), w.data(), b.data(), lb, 1, 1, yr.data(), tf);
-            });
-            launch(pd.gx * pd.gy, pd.bx * pd.by, 0, seed, [&] {
-                if (kern == K3S1 && k.sh == 1) dwl_dx_rows_impl<T, V, 3, 3, 8>(g.data(), w.data(), dxr.data(), 1, td);
-                if (kern == K3S2) dwl_dx_gather_impl<T, V, 3, 3, 2, 4>(g.data(), w.data(), dxr.data(), 1, td);
-                if (kern == ANY) dwl_dx_gather_impl<T, V, 0, 0, 1, 4>(g.data(), w.data(), dxr.data(), 1, td);
-            });
+            const std::vector<T> yr = forward(DWL_EPI_RESIDUAL), dxr = input_grad(1);
             size_t bad = 0;
             for (size_t i = 0; i < y.size(); ++i) bad += !(yr[i] == x[i] + y[i]) + !(dxr[i] == g[i] + dx[i]);
             if (bad) {
@@ -203,12 +199,7 @@ bool check_v(const Case& k, const Ref& ref, const std::vector<T>& x, const std::
         }
         // The activation epilogues: the plain output through the elementwise formula, bit for bit.
         for (int epi = DWL_EPI_RELU; epi <= DWL_EPI_GELU; ++epi) {
-            std::vector<T> ya(y.size(), T(NAN));
-            launch(pf.gx * pf.gy, pf.bx * pf.by, 0, seed, [&] {
-                if (kern == K3S1) dwl_fwd_rows_impl<T, V, 3, 3, 1, 8>(x.data(), w.data(), b.data(), lb, 1, epi, ya.data(), tf);
-                if (kern == K3S2) dwl_fwd_rows_impl<T, V, 3, 3, 2, 4>(x.data(), w.data(), b.data(), lb, 1, epi, ya.data(), tf);
-                if (kern == ANY) dwl_fwd_any_impl<T, V, 4>(x.data(), w.data(), b.data(), lb, 1, epi, ya.data(), tf);
-            });
+            const std::vector<T> ya = forward(epi);
             size_t bad = 0;
             for (size_t i = 0; i < y.size(); ++i) {
                 T one[1] = {y[i]};
