@@ -23,6 +23,35 @@ use crate::{DType, Device, Error, Result, Tensor};
 pub trait Op: Send + Sync {
     fn name(&self) -> &'static str;
     fn backward(&self, grad: &Tensor) -> Result<Vec<Option<Tensor>>>;
+
+    /// Whether [`Op::backward_onto`] should be handed the gradients already pending for the inputs (an op that
+    /// can add one as its kernel stores its own, saving the tape's separate accumulation pass).
+    fn takes_pending(&self) -> bool {
+        false
+    }
+
+    /// The backward with `pending[i]`, the gradient already accumulated for input i (for the first occurrence
+    /// of each input that has one), added in: entry i of the result is `pending[i] + own_i`, or the one that
+    /// exists. The sum must be the tape's own (`pending.accumulate(own)`, one rounded addition) so that results
+    /// do not depend on the op taking the path. Called only when [`Op::takes_pending`] says so.
+    fn backward_onto(&self, grad: &Tensor, pending: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+        sum_pending(self.backward(grad)?, pending)
+    }
+}
+
+/// `pending[i] + own[i]` by the tape's accumulation (or whichever exists), slot by slot: [`Op::backward_onto`]'s
+/// default, and the rest of an op's slots after it summed some in itself.
+pub fn sum_pending(own: Vec<Option<Tensor>>, pending: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+    if own.len() != pending.len() {
+        return Ok(own); // the tape reports the count mismatch
+    }
+    own.into_iter()
+        .zip(pending)
+        .map(|(g, p)| match (p, g) {
+            (Some(p), Some(g)) => p.accumulate(&g).map(Some),
+            (p, g) => Ok(p.or(g)),
+        })
+        .collect()
 }
 
 struct NodeState {
@@ -164,23 +193,40 @@ pub(crate) fn backward(root: &Tensor, seed: Tensor, retain_graph: bool) -> Resul
                 lock.take()
             }
         };
-        // With a retained graph the state stays in place and is borrowed under the lock.
-        let input_grads = match &state {
-            Some(s) => (s.op.backward(&g)?, s.inputs.clone()),
+        // With a retained graph the state stays in place and is borrowed under the lock. An op that takes the
+        // pending gradients gets them out of `grads` (first occurrences only) and returns them summed in.
+        let run = |s: &NodeState, grads: &mut HashMap<TensorId, Tensor>| -> Result<(Vec<Option<Tensor>>, Vec<bool>)> {
+            if !s.op.takes_pending() {
+                return Ok((s.op.backward(&g)?, vec![false; s.inputs.len()]));
+            }
+            let mut seen = HashSet::new();
+            let pending: Vec<Option<Tensor>> = s
+                .inputs
+                .iter()
+                .map(|i| if i.requires_grad() && seen.insert(i.id) { grads.remove(&i.id) } else { None })
+                .collect();
+            let given = pending.iter().map(Option::is_some).collect();
+            Ok((s.op.backward_onto(&g, pending)?, given))
+        };
+        let (gs, given, inputs) = match &state {
+            Some(s) => {
+                let (gs, given) = run(s, &mut grads)?;
+                (gs, given, s.inputs.clone())
+            }
             None => {
                 let lock = node.state.lock().unwrap_or_else(|e| e.into_inner());
                 let s = lock.as_ref().ok_or(Error::GraphFreed { op: node.name })?;
-                (s.op.backward(&g)?, s.inputs.clone())
+                let (gs, given) = run(s, &mut grads)?;
+                (gs, given, s.inputs.clone())
             }
         };
-        let (gs, inputs) = input_grads;
         if gs.len() != inputs.len() {
             return Err(Error::Msg {
                 context: "backward",
                 msg: format!("{} returned {} gradients for {} inputs", node.name, gs.len(), inputs.len()),
             });
         }
-        for (input, gi) in inputs.iter().zip(gs) {
+        for ((input, gi), given) in inputs.iter().zip(gs).zip(given) {
             let Some(gi) = gi else { continue };
             if !input.requires_grad() {
                 continue;
@@ -192,7 +238,12 @@ pub(crate) fn backward(root: &Tensor, seed: Tensor, retain_graph: bool) -> Resul
                     expected: input.shape.clone(),
                 });
             }
-            accumulate(&mut grads, input.id, gi)?;
+            if given {
+                // The pending gradient is summed into gi already (and was taken out of `grads`).
+                grads.insert(input.id, gi);
+            } else {
+                accumulate(&mut grads, input.id, gi)?;
+            }
         }
         drop(state);
     }
@@ -274,6 +325,65 @@ mod tests {
         assert!(y_data.upgrade().is_none(), "an unsaved intermediate outlived its last user");
         z.backward_with(&Tensor::from_vec(vec![1.0f64; z.numel()], z.shape())?)?;
         assert_eq!(x.grad().map(|g| g.to_vec::<f64>()).transpose()?, Some(vec![4.0; 3]));
+        Ok(())
+    }
+
+    /// a + 2 b; `onto` makes it take the pending gradients (summed as the default `backward_onto` does, and
+    /// counted).
+    struct Add2 {
+        onto: bool,
+        got: Arc<std::sync::atomic::AtomicUsize>,
+    }
+    impl Op for Add2 {
+        fn name(&self) -> &'static str {
+            "add2"
+        }
+        fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+            Ok(vec![Some(g.clone()), Some(double(g)?)])
+        }
+        fn takes_pending(&self) -> bool {
+            self.onto
+        }
+        fn backward_onto(&self, g: &Tensor, pending: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+            let n = pending.iter().filter(|p| p.is_some()).count();
+            self.got.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            super::sum_pending(self.backward(g)?, pending)
+        }
+    }
+
+    /// x's gradient through a = add2(double(x), x) and out = add2(a, x) (x again at the root, as a residual):
+    /// with and without the pending path in a's op, and how many pending gradients it was handed.
+    fn pending_run(onto: bool) -> Result<(Vec<f64>, usize)> {
+        let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let x = Tensor::from_vec(vec![0.25f64, -1.5, 3.0], &[3])?.requires_grad_(true)?;
+        let d = double(&x)?;
+        let a = {
+            let v: Vec<f64> = d.to_vec::<f64>()?.iter().zip(x.to_vec::<f64>()?).map(|(p, q)| p + 2.0 * q).collect();
+            let storage = crate::Storage::Cpu(crate::CpuStorage::F64(v));
+            let op = Add2 { onto, got: got.clone() };
+            Tensor::from_op(storage, x.shape(), &[&d, &x], || op)
+        };
+        // A residual of x at the root: its gradient reaches x first and is pending when add2's backward runs.
+        let out = {
+            let v: Vec<f64> = a.to_vec::<f64>()?.iter().zip(x.to_vec::<f64>()?).map(|(p, q)| p + 2.0 * q).collect();
+            let storage = crate::Storage::Cpu(crate::CpuStorage::F64(v));
+            let op = Add2 { onto: false, got: got.clone() };
+            Tensor::from_op(storage, x.shape(), &[&a, &x], || op)
+        };
+        out.backward_with(&Tensor::from_vec(vec![1.0f64, 0.5, -2.0], &[3])?)?;
+        let n = got.load(std::sync::atomic::Ordering::Relaxed);
+        Ok((x.grad().map(|g| g.to_vec::<f64>()).transpose()?.unwrap_or_default(), n))
+    }
+
+    #[test]
+    fn ops_that_take_pending_gradients_give_the_tapes_sums() -> Result<()> {
+        let (plain, n0) = pending_run(false)?;
+        let (onto, n1) = pending_run(true)?;
+        assert_eq!(plain, onto);
+        assert_eq!((n0, n1), (0, 1), "the residual's gradient for x was handed to add2 once");
+        // add2 passes g to its first input and 2 g to its second: d(out)/dx = 2 (out's x) + 2 (a's x) + 2 (a's
+        // first input, through double): 6 times the cotangent.
+        assert_eq!(plain, vec![6.0, 3.0, -12.0]);
         Ok(())
     }
 

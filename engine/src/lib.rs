@@ -15,7 +15,7 @@ pub mod rng;
 pub mod storage;
 pub mod tensor;
 
-pub use autograd::{is_grad_enabled, no_grad, NoGradGuard, Op};
+pub use autograd::{is_grad_enabled, no_grad, sum_pending, NoGradGuard, Op};
 pub use device::Device;
 pub use dtype::{DType, Float};
 pub use error::{Error, Result};

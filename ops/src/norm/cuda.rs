@@ -213,12 +213,15 @@ pub(super) fn layer_norm(x: View, w: Option<View>, b: Option<View>, eps: f64) ->
     by_dtype!(x.0.dtype(), run(x, w, b, eps))
 }
 
+/// The layer_norm gradients; with `pend` (a contiguous view of x's shape: a gradient already pending for x),
+/// dx = pend + the layer norm's own, added as the kernel stores it (see `ln_add_rn`).
 pub(super) fn layer_norm_backward(
     x: View,
     w: Option<View>,
     mean: View,
     rstd: View,
     g: View,
+    pend: Option<View>,
     needs: Needs,
 ) -> Result<Grads<Storage>> {
     fn run<T: Float>(
@@ -227,6 +230,7 @@ pub(super) fn layer_norm_backward(
         mean: View,
         rstd: View,
         g: View,
+        pend: Option<View>,
         needs: Needs,
     ) -> Result<Grads<Storage>> {
         const OP: &str = "layer_norm_backward";
@@ -250,7 +254,13 @@ pub(super) fn layer_norm_backward(
         let (mv, rv) = (elements::<T>(OP, mean)?, elements::<T>(OP, rstd)?);
         let (wv, lw, has_w) = optional(OP, w, &xv)?;
         let elem = T::DTYPE.size_in_bytes();
-        let reg = LnReg::new(d, elem, x.1.offset()).filter(|_| (g.1.offset() * elem).is_multiple_of(16));
+        let pv = pend.map(|p| elements::<T>(OP, p)).transpose()?;
+        let pend_aligned = pend.is_none_or(|p| (p.1.offset() * elem).is_multiple_of(16));
+        let reg =
+            LnReg::new(d, elem, x.1.offset()).filter(|_| (g.1.offset() * elem).is_multiple_of(16) && pend_aligned);
+        // Without a pending gradient g's buffer stands in for its pointer (never read then).
+        let has_pend = i32::from(pv.is_some() && needs.x);
+        let pend_arg = pv.as_ref().map_or(gv.slice(..), |p| p.slice(..));
         let sms = dev.multiprocessor_count() as usize;
         // The old kernel's two accumulators (g xhat, g) per column, in shared memory when they fit, else in
         // `partial` itself; the register kernel's 2 d doubles of shared memory for adding its warps in order.
@@ -276,11 +286,13 @@ pub(super) fn layer_norm_backward(
             let flags = [i32::from(needs.x), i32::from(need_sums)];
             let mut args = dev.stream().launch_builder(&f);
             args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(&dx_arg);
+            args.arg(&pend_arg).arg(&has_pend);
             args.arg(partial.as_slice()).arg(&rows64).arg(&d32).arg(&lanes).arg(&chunk64).arg(&flags[0]).arg(&flags[1]);
             // SAFETY: ln_bwd_reg<NV>_<T>(const T* x, const T* w, Strided lw, int has_w, const T* mean,
-            // const T* rstd, const T* g, T* dx, double* partial, long long rows, int d, int G, long long chunk,
-            // int need_dx, int need_sums) reads x and g at [0..rows d) with 16-byte loads (both views start at
-            // multiples of 16 bytes, checked above, in 256-byte aligned buffers), mean and rstd at [0..rows)
+            // const T* rstd, const T* g, T* dx, const T* pend, int has_pend, double* partial, long long rows,
+            // int d, int G, long long chunk, int need_dx, int need_sums) reads x and g (and pend when has_pend)
+            // at [0..rows d) with 16-byte loads (the views start at multiples of 16 bytes, checked above, in
+            // 256-byte aligned buffers; pend is a contiguous view of x's shape, its elements `pv`), mean and rstd at [0..rows)
             // (the views' lengths), w through lw below d (checked by `strided`, read only when has_w); it
             // writes dx[0..rows d) only when need_dx (a fresh buffer of rows d elements then) and
             // partial[0..blocks 2 d) only when need_sums (then `partial` holds that many); blocks * chunk >=
@@ -291,11 +303,13 @@ pub(super) fn layer_norm_backward(
             let f = function::<T>(dev, &MODULE, "ln_bwd")?;
             let flags = [i32::from(needs.x), i32::from(need_sums), i32::from(use_shared)];
             let mut args = dev.stream().launch_builder(&f);
-            args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(&dx_arg).arg(partial.as_slice());
+            args.arg(&xv).arg(&wv).arg(&lw).arg(&has_w).arg(&mv).arg(&rv).arg(&gv).arg(&dx_arg);
+            args.arg(&pend_arg).arg(&has_pend).arg(partial.as_slice());
             args.arg(&rows64).arg(&d64).arg(&chunk64).arg(&flags[0]).arg(&flags[1]).arg(&flags[2]);
             // SAFETY: ln_bwd_<T>(const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd,
-            // const T* g, T* dx, double* partial, long long rows, long long d, long long chunk, int need_dx,
-            // int need_sums, int use_shared) reads x and g at [0..rows d), mean and rstd at [0..rows) (the
+            // const T* g, T* dx, const T* pend, int has_pend, double* partial, long long rows, long long d,
+            // long long chunk, int need_dx, int need_sums, int use_shared) reads x and g (and pend when
+            // has_pend: a contiguous view of x's shape, its elements `pv`) at [0..rows d), mean and rstd at [0..rows) (the
             // views' lengths), w through lw below d (checked by `strided`, read only when has_w); it writes
             // dx[0..rows d) only when need_dx (then `dx` holds rows d elements) and partial[0..blocks 2 d) only
             // when need_sums (then `partial` holds that many); blocks * chunk >= rows, and block b touches rows
@@ -326,8 +340,11 @@ pub(super) fn layer_norm_backward(
             bias: needs.bias.then(|| cuda_storage(dev, db)).transpose()?,
         })
     }
-    same_dtypes("layer_norm_backward", &[Some(x.0), w.map(|v| v.0), Some(mean.0), Some(rstd.0), Some(g.0)])?;
-    by_dtype!(x.0.dtype(), run(x, w, mean, rstd, g, needs))
+    same_dtypes(
+        "layer_norm_backward",
+        &[Some(x.0), w.map(|v| v.0), Some(mean.0), Some(rstd.0), Some(g.0), pend.map(|v| v.0)],
+    )?;
+    by_dtype!(x.0.dtype(), run(x, w, mean, rstd, g, pend, needs))
 }
 
 // ---- batch_norm2d --------------------------------------------------------------------------------------

@@ -59,7 +59,38 @@ impl Op for LayerNorm {
         "layer_norm"
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        self.gradients(g, None)
+    }
+    /// On CUDA a gradient already pending for x (a residual's, where x is a residual stream) is added as the
+    /// kernel stores dx: one pass fewer than the tape's accumulation, the same sum.
+    fn takes_pending(&self) -> bool {
+        matches!(self.x.device(), Device::Cuda(_)) && self.needs.x
+    }
+    fn backward_onto(&self, g: &Tensor, mut pending: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+        let x = &self.x;
+        let fits = |p: &Tensor| {
+            p.is_contiguous() && p.shape() == x.shape() && p.dtype() == x.dtype() && p.device() == x.device()
+        };
+        let pend = match pending.first_mut() {
+            Some(slot) if slot.as_ref().is_some_and(fits) => slot.take(),
+            _ => None,
+        };
+        engine::sum_pending(self.gradients(g, pend.as_ref())?, pending)
+    }
+}
+
+impl LayerNorm {
+    /// The gradients of (x, weight, bias); with `pend` (CUDA), dx is pend + the norm's own.
+    fn gradients(&self, g: &Tensor, pend: Option<&Tensor>) -> Result<Vec<Option<Tensor>>> {
+        if pend.is_some() && self.x.device() == Device::Cpu {
+            return Err(Error::invalid(
+                "layer_norm_backward",
+                "internal: a pending gradient on the CPU",
+                self.x.shape(),
+            ));
+        }
         let g = g.contiguous()?;
+        let pend_storage = pend.map(|p| p.storage());
         let w_storage = self.w.as_ref().map(|w| w.storage());
         let grads = match (&*self.x.storage(), &*self.mean.storage(), &*self.rstd.storage(), &*g.storage()) {
             (Storage::Cpu(x), Storage::Cpu(mean), Storage::Cpu(rstd), Storage::Cpu(gs)) => {
@@ -75,12 +106,14 @@ impl Op for LayerNorm {
             }
             (Storage::Cuda(x), Storage::Cuda(mean), Storage::Cuda(rstd), Storage::Cuda(gs)) => {
                 let w = cuda_operand(self.w.as_ref(), w_storage.as_deref(), "layer_norm_backward")?;
+                let p = cuda_operand(pend, pend_storage.as_deref(), "layer_norm_backward")?;
                 cuda::layer_norm_backward(
                     (x, self.x.layout()),
                     w,
                     (mean, self.mean.layout()),
                     (rstd, self.rstd.layout()),
                     (gs, g.layout()),
+                    p,
                     self.needs,
                 )?
             }

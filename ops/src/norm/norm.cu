@@ -17,6 +17,11 @@ __device__ __forceinline__ double warp_sum(double v) {
     return v;
 }
 
+// p + v rounded once and never fused with the product that made v: the tape's accumulation of a pending
+// gradient p and an op's own v, as the layer_norm backward adds it when it stores dx.
+__device__ __forceinline__ float ln_add_rn(float p, float v) { return __fadd_rn(p, v); }
+__device__ __forceinline__ double ln_add_rn(double p, double v) { return __dadd_rn(p, v); }
+
 // The sum of v over the block (blockDim.x a multiple of 32, at most 1024), in every thread.
 __device__ __forceinline__ double block_sum(double v) {
     __shared__ double scratch[32];
@@ -76,8 +81,8 @@ __device__ void ln_fwd_impl(const T* x, const T* w, Strided lw, int has_w, const
 // leaves its sums in partial[b 2d .. (b + 1) 2d) for ln_bwd_reduce.
 template <typename T>
 __device__ void ln_bwd_impl(const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd, const T* g,
-                            T* dx, double* partial, long long rows, long long d, long long chunk, int need_dx,
-                            int need_sums, int use_shared) {
+                            T* dx, const T* pend, int has_pend, double* partial, long long rows, long long d,
+                            long long chunk, int need_dx, int need_sums, int use_shared) {
     extern __shared__ double ln_acc[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tile = blockDim.x >> 5;
     double* acc = use_shared ? ln_acc : partial + (long long)blockIdx.x * 2 * d;
@@ -101,7 +106,8 @@ __device__ void ln_bwd_impl(const T* x, const T* w, Strided lw, int has_w, const
             T* dr = dx + row * d;
             for (long long k = lane; k < d; k += 32) {
                 const T gy = has_w ? gr[k] * w[offset_of(lw, k)] : gr[k];
-                dr[k] = rs * (gy - a - (xr[k] - m) * rs * bb);
+                const T v = rs * (gy - a - (xr[k] - m) * rs * bb);
+                dr[k] = has_pend ? ln_add_rn(pend[row * d + k], v) : v;
             }
         }
         if (need_sums) {
@@ -275,8 +281,8 @@ __device__ void ln_fwd_reg_impl(const T* x, const T* w, Strided lw, int has_w, c
 // partial[b][0 .. 2 d), for ln_bwd_reduce.
 template <typename T, int NV, int RPT>
 __device__ void ln_bwd_reg_impl(const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd,
-                                const T* g, T* dx, double* partial, long long rows, int d, int G, long long chunk,
-                                int need_dx, int need_sums) {
+                                const T* g, T* dx, const T* pend, int has_pend, double* partial, long long rows,
+                                int d, int G, long long chunk, int need_dx, int need_sums) {
     extern __shared__ double ln_acc[];
     typedef typename LnVec<T>::type V;
     const int VN = LnVec<T>::n;
@@ -342,11 +348,14 @@ __device__ void ln_bwd_reg_impl(const T* x, const T* w, Strided lw, int has_w, c
                     for (int k = 0; k < NV; ++k) {
                         if (gl + G * k < nvec) {
                             T o[4];
+                            const long long at = (r0 + r) * d + (gl + G * k) * VN;
+                            const V pv = has_pend ? *(const V*)(pend + at) : gv[r][k];
 #pragma unroll
                             for (int e = 0; e < VN; ++e) {
                                 const T gy = LnVec<T>::get(gv[r][k], e) * wr[k][e];
                                 const T xh = (LnVec<T>::get(xv[r][k], e) - m[r]) * rs[r];
-                                o[e] = rs[r] * (gy - a - xh * bb);
+                                const T v = rs[r] * (gy - a - xh * bb);
+                                o[e] = has_pend ? ln_add_rn(LnVec<T>::get(pv, e), v) : v;
                             }
                             *(V*)(dx + (r0 + r) * d + (gl + G * k) * VN) = LnVec<T>::make(o);
                         }
@@ -794,9 +803,10 @@ __device__ void bn_blend_impl(T* running, Strided lr, const T* stat, long long c
     }                                                                                                          \
     extern "C" __global__ void ln_bwd_reg##NV##_##SUFFIX(                                                     \
         const T* x, const T* w, Strided lw, int has_w, const T* mean, const T* rstd, const T* g, T* dx,       \
-        double* partial, long long rows, int d, int G, long long chunk, int need_dx, int need_sums) {         \
-        ln_bwd_reg_impl<T, NV, RPT>(x, w, lw, has_w, mean, rstd, g, dx, partial, rows, d, G, chunk, need_dx,   \
-                                    need_sums);                                                                \
+        const T* pend, int has_pend, double* partial, long long rows, int d, int G, long long chunk,           \
+        int need_dx, int need_sums) {                                                                          \
+        ln_bwd_reg_impl<T, NV, RPT>(x, w, lw, has_w, mean, rstd, g, dx, pend, has_pend, partial, rows, d, G,   \
+                                    chunk, need_dx, need_sums);                                                \
     }
 
 #define NORM_KERNELS(T, SUFFIX)                                                                               \
@@ -806,11 +816,11 @@ __device__ void bn_blend_impl(T* running, Strided lr, const T* stat, long long c
         ln_fwd_impl<T>(x, w, lw, has_w, b, lb, has_b, y, mean, rstd, rows, d, eps);                            \
     }                                                                                                          \
     extern "C" __global__ void ln_bwd_##SUFFIX(const T* x, const T* w, Strided lw, int has_w, const T* mean,  \
-                                               const T* rstd, const T* g, T* dx, double* partial,             \
-                                               long long rows, long long d, long long chunk, int need_dx,     \
-                                               int need_sums, int use_shared) {                               \
-        ln_bwd_impl<T>(x, w, lw, has_w, mean, rstd, g, dx, partial, rows, d, chunk, need_dx, need_sums,        \
-                       use_shared);                                                                            \
+                                               const T* rstd, const T* g, T* dx, const T* pend, int has_pend, \
+                                               double* partial, long long rows, long long d, long long chunk, \
+                                               int need_dx, int need_sums, int use_shared) {                  \
+        ln_bwd_impl<T>(x, w, lw, has_w, mean, rstd, g, dx, pend, has_pend, partial, rows, d, chunk, need_dx,   \
+                       need_sums, use_shared);                                                                 \
     }                                                                                                          \
     LN_REG(T, SUFFIX, 1, 4)                                                                                   \
     LN_REG(T, SUFFIX, 2, 2)                                                                                   \

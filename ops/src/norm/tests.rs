@@ -531,3 +531,41 @@ fn batch_norm_keeps_a_channels_last_layout() {
         assert_close(&dx.to_vec_f64().unwrap(), &plain.grad().unwrap().to_vec_f64().unwrap(), 1e-12, "dx");
     }
 }
+
+/// x's gradient when x meets its layer norm again in a residual, `x + LN(x) c` (the residual's gradient is
+/// pending when the norm's backward runs: on CUDA the kernel adds it as it stores dx), and the same sum formed
+/// by hand from a graph without the residual: the cotangent plus the norm's own gradient, one addition.
+fn layer_norm_residual_grads(device: Device, dtype: DType, rows: usize, d: usize) -> (Vec<u64>, Vec<u64>) {
+    let on = |t: Tensor| t.to_device(device).unwrap();
+    let (xs, ws, bs) = (randn_as(&[rows, d], dtype, 701), randn_as(&[d], dtype, 702), randn_as(&[d], dtype, 703));
+    let (c, cot) = (on(randn_as(&[rows, d], dtype, 704)), on(randn_as(&[rows, d], dtype, 705)));
+    let (w, b) = (on(ws), on(bs));
+    let x = on(xs.clone()).detach().requires_grad_(true).unwrap();
+    let out = add(&x, &mul(&layer_norm(&x, Some(&w), Some(&b), 1e-5).unwrap(), &c).unwrap()).unwrap();
+    out.backward_with(&cot).unwrap();
+    let fused = bits(&x.grad().unwrap().to_device(Device::Cpu).unwrap());
+    let x2 = on(xs).detach().requires_grad_(true).unwrap(); // a leaf of its own (to_device to its device is x)
+    mul(&layer_norm(&x2, Some(&w), Some(&b), 1e-5).unwrap(), &c).unwrap().backward_with(&cot).unwrap();
+    let by_hand = cot.accumulate(&x2.grad().unwrap()).unwrap();
+    (fused, bits(&by_hand.to_device(Device::Cpu).unwrap()))
+}
+
+#[test]
+fn layer_norm_adds_a_pending_gradient_as_the_tape_would() {
+    let (fused, by_hand) = layer_norm_residual_grads(Device::Cpu, DType::F64, 5, 7);
+    assert_eq!(fused, by_hand);
+}
+
+#[test]
+fn layer_norm_on_cuda_adds_a_pending_gradient_bit_for_bit() {
+    if engine::cuda::test_device_or_skip("layer_norm_on_cuda_adds_a_pending_gradient_bit_for_bit").is_none() {
+        return;
+    }
+    // Rows held in registers (d a multiple of 4 up to 1024), and the general kernel (d = 1030, d = 7).
+    for dtype in [DType::F32, DType::F64] {
+        for (rows, d) in [(300, 64), (37, 256), (9, 1030), (50, 7)] {
+            let (fused, by_hand) = layer_norm_residual_grads(Device::Cuda(0), dtype, rows, d);
+            assert_eq!(fused, by_hand, "{dtype:?} ({rows}, {d})");
+        }
+    }
+}
