@@ -14,7 +14,7 @@ use engine::cuda::{kernel_name, CudaDevice, CudaFunction, CudaSlice, CudaStorage
 use engine::{DType, Error, Float, Layout, Result};
 
 use super::{Plan, ReduceKind};
-use crate::cuda::{function, launch, Module};
+use crate::cuda::{function, launch, launch_1d, Module};
 
 pub(crate) const MODULE: Module = Module { name: "ops_reduce", body: include_str!("reduce.cu") };
 
@@ -280,17 +280,10 @@ fn reduce_cols<T: Float>(
     let splits64 = splits as i64;
     let mut args = dev.stream().launch_builder(&f);
     args.arg(part.as_slice()).arg(out).arg(&k64).arg(&splits64);
-    let warps = COL_THREADS / 32;
-    let config = engine::cuda::LaunchConfig {
-        grid_dim: (k.div_ceil(warps) as u32, 1, 1),
-        block_dim: (COL_THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: reduce_cols_finish_<op>(const double* part, T* out, long long K, long long splits), one warp a
     // column over ceil(K / 8) blocks of COL_THREADS (8 warps): reads part[0..splits K), which the launch above
     // wrote, and writes out[0..K).
-    unsafe { args.launch(config) }.map_err(|e| Error::Cuda { op: "reduce", msg: format!("{e:?}") })?;
-    Ok(())
+    unsafe { launch_1d("reduce", args, k.div_ceil(COL_THREADS / 32), COL_THREADS, 0) }
 }
 
 /// Threads a block of the columns kernel (`COL_WARPS * 32` in reduce.cu).
