@@ -334,6 +334,31 @@ template <typename T> __device__ __forceinline__ void scan_prefetch_row(const T*
     scan_prefetch_l2(src + len - 1);
 }
 
+// Hints that the L2 fetch the forward's next tile (steps t .. t + len): the rows of u, delta and z of the
+// block's G channels from c0 and the batch's B and C rows, a row a thread (~20 instructions a tile and thread).
+// Pass 1, the B/C copy and the output pass then wait for L2 hits instead of DRAM.
+template <typename T>
+__device__ __forceinline__ void scan_prefetch_tile(const T* u, const T* delta, const T* z, const T* Bm,
+                                                   const T* Cm, long long b, long long c0, int G, long long C,
+                                                   long long S, long long L, long long t, int len, int tid,
+                                                   int threads) {
+    const long long rows = 3LL * G + 2 * S;
+    for (long long r = tid; r < rows; r += threads) {
+        const T* src;
+        if (r < 3LL * G) {
+            const int which = r < G ? 0 : r < 2 * G ? 1 : 2;
+            const long long cc = c0 + r - (long long)which * G;
+            const T* base = which == 0 ? u : which == 1 ? delta : z;
+            if (cc >= C || base == nullptr) continue;
+            src = base + (b * C + cc) * L + t;
+        } else {
+            const long long j = r - 3LL * G, which = j >= S, n = j - which * S;
+            src = (which ? Cm : Bm) + (b * S + n) * L + t;
+        }
+        scan_prefetch_row(src, len);
+    }
+}
+
 // Whether p suits a ScanV4 access (device allocations do; a host buffer in the emulator may not).
 template <typename T> __device__ __forceinline__ bool scan_aligned(const T* p) {
     return (reinterpret_cast<unsigned long long>(p) & (4 * sizeof(T) - 1)) == 0;
@@ -391,6 +416,31 @@ struct ScanVecWalk {
     }
 };
 
+// The walk two vectors at a time: both vectors' global loads (`load(ci, v)`, returning registers) are issued
+// before either is used (`use(ci, v, regs)`), so that a thread waits for memory once a pair instead of once a
+// vector. Used by the B/C copy (one pair a thread at S 16, tile 32). Pass 1 and the output pass keep their
+// one-vector loops: paired, their registers (two vectors' inputs) spilled in the forward's recurrence at its
+// 80-register bound, and the forward measured slower (2026-11-29, H200: 0.761 -> 0.781 ms, first size).
+template <typename Load, typename Use>
+__device__ __forceinline__ void scan_walk_pairs(int tid, int threads, int nv, int count, Load load, Use use) {
+    for (ScanVecWalk w(tid, threads, nv); w.ci < count;) {
+        const int ci0 = w.ci, v0 = w.v;
+        w.next();
+        const int ci1 = w.ci, v1 = w.v;
+        const bool has1 = ci1 < count;
+        w.next();
+        const auto r0 = load(ci0, v0);
+        const auto r1 = load(has1 ? ci1 : ci0, has1 ? v1 : v0);  // a repeat of the first (cache hits) when alone
+        use(ci0, v0, r0);
+        if (has1) use(ci1, v1, r1);
+    }
+}
+
+// Four elements of T in registers (a lambda's return value in scan_walk_pairs).
+template <typename T> struct ScanQuad {
+    T v[4];
+};
+
 // B and C of one batch over a tile into shared rows (forward and backward alike): B0 and C0 point at state 0's
 // first step of the tile (rows of L steps per state), len steps are valid; zero past S and past len. Row
 // which np + k lpc + grp holds state grp SPL + k (which 0: B, 1: C), one 4-step vector per thread and turn.
@@ -398,18 +448,22 @@ template <typename T, int SPL, int ROW>
 __device__ __forceinline__ void scan_stage_bc(const T* __restrict__ B0, const T* __restrict__ C0, int S,
                                               long long L, int len, int np, int lpc, bool vec, T* __restrict__ BC,
                                               int tid, int threads, int nv) {
-    for (ScanVecWalk w(tid, threads, nv); w.ci < 2 * np; w.next()) {
-        const int t4 = 4 * w.v, which = w.ci >= np ? 1 : 0, n = w.ci - which * np;
-        T v[4];
+    auto load = [&](int ci, int v) {
+        const int t4 = 4 * v, which = ci >= np ? 1 : 0, n = ci - which * np;
+        ScanQuad<T> q;
         if (n < S && t4 < len) {
-            scan_load_tail(v, (which ? C0 : B0) + n * L + t4, vec, len - t4);
+            scan_load_tail(q.v, (which ? C0 : B0) + n * L + t4, vec, len - t4);
         } else {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) v[i] = T(0);
+            for (int i = 0; i < 4; ++i) q.v[i] = T(0);
         }
-        const int grp = n / SPL, k = n - grp * SPL;
-        scan_store(BC + (which * np + k * lpc + grp) * ROW + t4, v);
-    }
+        return q;
+    };
+    auto use = [&](int ci, int v, const ScanQuad<T>& q) {
+        const int which = ci >= np ? 1 : 0, n = ci - which * np, grp = n / SPL, k = n - grp * SPL;
+        scan_store(BC + (which * np + k * lpc + grp) * ROW + 4 * v, q.v);
+    };
+    scan_walk_pairs(tid, threads, nv, 2 * np, load, use);
 }
 
 // LPC: lanes per channel fixed at compile time (the row offsets of the recurrence become immediates), or 0
@@ -493,6 +547,9 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
         scan_stage_bc<T, SPL, ROW>(Bm + th.b * S * L + t0, Cm + th.b * S * L + t0, (int)S, L, len, np, lpc, vec,
                                    BC, tid, threads, nv);
         __syncthreads();
+        if (kc + 1 < p.n_chunks)
+            scan_prefetch_tile(u, delta, p.has_z ? z : nullptr, Bm, Cm, th.b, th.c0, G, C, S, L, t0 + tile,
+                               (int)min((long long)tile, L - t0 - tile), tid, threads);
         // 2. The recurrence, 4 steps a turn; padded steps (dt = 0) leave h as it is.
 #pragma unroll(SPL * sizeof(T) <= 16 ? 2 : 1)
         for (int t = 0; t < tile; t += 4) {
