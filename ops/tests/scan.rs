@@ -214,3 +214,40 @@ fn scan_cuda_is_deterministic() {
         assert!(bits(forward_backward(&x, true, &cot)) == first, "a CUDA scan result changed between runs");
     }
 }
+
+#[test]
+fn scan_cuda_in_two_parts_matches_cpu() {
+    // A grid of just over a wave of the f32 backward's blocks (4 a multiprocessor, 32 channels a block) runs
+    // the sequence in two parts (cuda.rs `backward_parts`): the later chunks' blocks first, the earlier ones
+    // starting from their carries. Odd and even chunk counts, a ragged tail and a whole one; then the same bits
+    // on every run (the parts' order is fixed by tickets, not by which block finishes first).
+    let _serial = crate::cuda_serial();
+    let Some(dev) = test_device_or_skip("scan_cuda_in_two_parts_matches_cpu") else { return };
+    let _poison = poison_new_allocations();
+    let batch = (4 * dev.multiprocessor_count() as usize + 1).div_ceil(32);
+    for (i, &length) in [45usize, 96].iter().enumerate() {
+        let dims = (batch, 1024, length, 16);
+        let seed = 900 + i as u64;
+        let cpu = random_inputs(dims, DType::F32, seed, true);
+        let gpu: Vec<Tensor> = cpu.iter().map(|t| t.to_device(Device::Cuda(0)).unwrap()).collect();
+        let cot =
+            Tensor::randn(&[dims.0, dims.1, dims.2], 0.0, 1.0, DType::F32, Device::Cpu, &mut Generator::new(seed))
+                .unwrap();
+        let cot_gpu = cot.to_device(Device::Cuda(0)).unwrap();
+        let (y_cpu, g_cpu) = forward_backward(&cpu, true, &cot);
+        let (y_gpu, g_gpu) = forward_backward(&gpu, true, &cot_gpu);
+        let mut worst = rel_error(&y_gpu, &y_cpu);
+        assert!(worst <= 1e-5, "{dims:?}: output relative error {worst:.2e}");
+        for (name, (a, b)) in NAMES.iter().zip(g_gpu.iter().zip(&g_cpu)) {
+            let e = rel_error(a, b);
+            assert!(e <= 1e-4, "{dims:?}: grad.{name} relative error {e:.2e}");
+            worst = worst.max(e);
+        }
+        println!("{dims:?} in two parts: worst relative error {worst:.2e}");
+        let bits = |(y, grads): (Tensor, Vec<Tensor>)| -> Vec<Vec<f64>> {
+            std::iter::once(y).chain(grads).map(|t| t.to_vec_f64().unwrap()).collect()
+        };
+        let first = bits((y_gpu, g_gpu));
+        assert!(bits(forward_backward(&gpu, true, &cot_gpu)) == first, "{dims:?}: a result changed between runs");
+    }
+}
