@@ -103,15 +103,14 @@ pub(crate) fn forward_shared_bytes(plan: Plan, elem: usize) -> usize {
 /// The backward's dynamic shared memory in bytes. f32 with 4 lanes of 4 states (`scan_bwd_s4l4_f32`, scan.cu's
 /// `scan_bwd4_layout`): rows of 128 bytes + 4 elements for dt, dt u and dL/dy of each channel and for B and C
 /// of each of the 16 states, the state entering every 4 steps per thread, and per warp the 16-byte dB/dC
-/// exchange (8 channels x 32 values) and two turns of its sums, and 32 bytes for the block's ticket (two
-/// parts, [`backward_parts`]). Otherwise (`scan_bwd_layout`): the (dt, dt u,
+/// exchange (8 channels x 32 values) and two turns of its sums. Otherwise (`scan_bwd_layout`): the (dt, dt u,
 /// gy, u) tile, the softplus and gate derivatives, B and C, the sub-chunk entry states, the per-(c, t) sums,
 /// the per-warp dB and dC, the dD and ddelta_bias accumulators.
 pub(crate) fn backward_shared_bytes(plan: Plan, elem: usize) -> usize {
     let (t, g, np, w) = (plan.tile, plan.channels(), plan.padded_states(), plan.warps);
     if elem == 4 && plan.spl == 4 && plan.lpc == 4 {
         let row = 128 / elem + 4;
-        return (3 * g * row + 32 * row + t / 4 * 32 * w * 4 + w * 8 * 32 * 4 + 2 * w * 32 * 4 + 8) * elem;
+        return (3 * g * row + 32 * row + t / 4 * 32 * w * 4 + w * 8 * 32 * 4 + 2 * w * 32 * 4) * elem;
     }
     let th = sub_chunk(plan.spl, elem);
     let elems = round(4 * g * (t + 1), elem)
@@ -173,26 +172,6 @@ fn forward_plan(plan: Plan, dims: Dims, dtype: DType, multiprocessors: usize) ->
     }
 }
 
-/// scan_bwd_s4l4_f32's blocks a multiprocessor: 128 registers and 54 KiB of shared memory (tile 32).
-const BWD_S4L4_BLOCKS_PER_SM: usize = 4;
-
-/// The backward's sequence parts: 2 when scan_bwd4 (f32, 4 lanes of 4 states) would run its grid in more
-/// rounds than half-sequence units take (each round a whole block's time; the kernel is latency bound, so a
-/// round of few blocks costs as much as a full one): at (64, 384, 3136) 768 blocks in 528 slots are 2 rounds
-/// of a sequence, 1536 halves 3 rounds of half a sequence. Else 1 (at (8, 1536) 384 blocks fit one round).
-fn backward_parts(plan: Plan, dims: Dims, dtype: DType, multiprocessors: usize) -> usize {
-    let slots = BWD_S4L4_BLOCKS_PER_SM * multiprocessors;
-    let blocks = dims.batch * plan.groups(dims.channels);
-    let split_rounds = (2 * blocks).div_ceil(slots.max(1)); // of half a sequence
-    let whole_rounds = blocks.div_ceil(slots.max(1));
-    let bwd4 = dtype == DType::F32 && (plan.spl, plan.lpc) == (4, 4);
-    if bwd4 && dims.chunks(plan.tile) >= 2 && split_rounds < 2 * whole_rounds {
-        2
-    } else {
-        1
-    }
-}
-
 /// Mirrors `struct ScanParams` in scan.cu field for field (a static_assert there checks the size).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -210,7 +189,7 @@ struct ScanParams {
     has_z: i32,
     has_delta_bias: i32,
     delta_softplus: i32,
-    parts: i32,
+    pad0: i32,
     pad1: i32,
 }
 
@@ -236,14 +215,14 @@ fn params(dims: Dims, plan: Plan, x: &Operands, delta_softplus: bool) -> Result<
         has_z: x.z.is_some() as i32,
         has_delta_bias: x.delta_bias.is_some() as i32,
         delta_softplus: delta_softplus as i32,
-        parts: 1,
+        pad0: 0,
         pad1: 0,
     })
 }
 
-/// One block per (part, batch, group of channels), with `shared` bytes of dynamic shared memory.
-fn grid(dims: Dims, plan: Plan, shared: usize, parts: usize) -> Result<LaunchConfig> {
-    let blocks = parts * dims.batch * plan.groups(dims.channels);
+/// One block per (batch, group of channels), with `shared` bytes of dynamic shared memory.
+fn grid(dims: Dims, plan: Plan, shared: usize) -> Result<LaunchConfig> {
+    let blocks = dims.batch * plan.groups(dims.channels);
     let blocks = u32::try_from(blocks).ok().filter(|&b| b < i32::MAX as u32).ok_or_else(|| {
         Error::invalid(OP, format!("{blocks} blocks exceed the CUDA grid"), &[dims.batch, dims.channels, dims.length])
     })?;
@@ -364,7 +343,7 @@ pub(super) fn forward(x: &Operands, dims: Dims, delta_softplus: bool, chunk: usi
             // (b, c, t < L), A at (c, n < S), Bm, Cm at (b, n < S, t < L), D, delta_bias at c only when given.
             // Writes: out at (b, c, t) (B C L allocated) and saved at (b, c, k < chunks(tile), n < S) (allocated
             // above). The dynamic shared memory is `forward_shared_bytes`, the kernel's layout, which it checks.
-            unsafe { args.launch(grid(dims, plan, shared, 1)?) }.map_err(|e| launch_error(&name, e))?;
+            unsafe { args.launch(grid(dims, plan, shared)?) }.map_err(|e| launch_error(&name, e))?;
         }
         Ok(Forward {
             out: Storage::Cuda(CudaStorage::from_slice(&dev, out)?),
@@ -426,8 +405,7 @@ pub(super) fn backward(
             return Err(Error::invalid(OP, format!("internal: saved states at chunk {chunk}"), x.u.shape()));
         }
         let shared = backward_shared_bytes(plan, T::DTYPE.size_in_bytes());
-        let parts = backward_parts(plan, dims, T::DTYPE, dev.multiprocessor_count() as usize);
-        let p = ScanParams { parts: parts as i32, ..params(dims, plan, x, delta_softplus)? };
+        let p = params(dims, plan, x, delta_softplus)?;
         let groups = plan.groups(channels);
         // Every element of these is written by the kernels (see the SAFETY notes).
         let alloc = |n: usize| CudaStorage::alloc(&dev, n, T::DTYPE);
@@ -436,19 +414,11 @@ pub(super) fn backward(
         let (da, db, dc) = (alloc(channels * s)?, alloc(batch * s * length)?, alloc(batch * s * length)?);
         let dd = x.d.as_ref().map(|_| alloc(channels)).transpose()?;
         let dbias = x.delta_bias.as_ref().map(|_| alloc(channels)).transpose()?;
-        // Partials: dB and dC per (batch, channel group), dA, dD and ddelta_bias per (part, batch).
+        // Partials: dB and dC per (batch, channel group), dA per batch, dD and ddelta_bias per batch.
         let part_bc = dev.alloc::<T>(batch * groups * 2 * s * length)?;
-        let part_a = dev.alloc::<T>(parts * batch * channels * s)?;
-        let part_d = dev.alloc::<T>(if x.d.is_some() { parts * batch * channels } else { 0 })?;
-        let part_bias = dev.alloc::<T>(if x.delta_bias.is_some() { parts * batch * channels } else { 0 })?;
-        // Two parts: the blocks' ticket counter and one flag per (batch, group), zeroed on the stream before
-        // the launch (in a captured graph, before every replay), and the reverse recurrence's carries at the
-        // split (b, c, 16 states). One part never touches them (one element each, unwritten).
-        let mut sync = dev.alloc::<u32>(if parts == 2 { 1 + batch * groups } else { 1 })?;
-        if parts == 2 {
-            dev.stream().memset_zeros(&mut sync.view_mut()).map_err(|e| launch_error("memset (scan sync)", e))?;
-        }
-        let carries = dev.alloc::<T>(if parts == 2 { batch * channels * 16 } else { 1 })?;
+        let part_a = dev.alloc::<T>(batch * channels * s)?;
+        let part_d = dev.alloc::<T>(if x.d.is_some() { batch * channels } else { 0 })?;
+        let part_bias = dev.alloc::<T>(if x.delta_bias.is_some() { batch * channels } else { 0 })?;
         {
             let v = Views::new(x, &[states, g]);
             let view = |t: &Tensor| v.view::<T>(t);
@@ -465,19 +435,14 @@ pub(super) fn backward(
             args.arg(&p).arg(&u).arg(&delta).arg(&a).arg(&b).arg(&c).arg(&d).arg(&z).arg(&bias).arg(&saved).arg(&gout);
             args.arg(du.slice::<T>()?).arg(ddelta.slice::<T>()?).arg(dz_s);
             args.arg(part_bc.as_slice()).arg(part_a.as_slice()).arg(part_d_s).arg(part_bias_s);
-            args.arg(sync.as_slice()).arg(carries.as_slice());
             // SAFETY: scan_bwd_s<SPL>_<T>(ScanParams, u, delta, A, Bm, Cm, D, z, delta_bias, saved, gout, du,
-            // ddelta, dz, part_bc, part_a, part_d, part_bias, sync, carries) matches the arguments. Reads are the
-            // forward's plus saved (B, C, chunks, S), made by the forward with this tile, and gout (B, C, L),
-            // contiguous views of exactly their numel. Writes, each element exactly once: du, ddelta, dz at
-            // (b, c < C, t < L); part_bc at (b, group < groups, 2, S, t < L), part_a at (part < parts, b,
-            // c < C, n < S), part_d and part_bias at (part, b, c < C) only when D and delta_bias are given: the
-            // sizes allocated above. With two parts (p.parts, grid parts B groups; scan_bwd4 only) also sync
-            // (the counter at 0 and flag 1 + b groups + group, zeroed above: 1 + B groups u32) and carries at
-            // (b, c < C, n < 16) (B C 16 elements); the blocks take tickets in start order and wait only for
-            // blocks of lower tickets, which are resident or done. The dynamic shared memory is
-            // `backward_shared_bytes`, the kernel's layout, which it checks.
-            unsafe { args.launch(grid(dims, plan, shared, parts)?) }.map_err(|e| launch_error(&name, e))?;
+            // ddelta, dz, part_bc, part_a, part_d, part_bias) matches the arguments. Reads are the forward's plus
+            // saved (B, C, chunks, S), made by the forward with this tile, and gout (B, C, L), contiguous views
+            // of exactly their numel. Writes, each element exactly once: du, ddelta, dz at (b, c < C, t < L);
+            // part_bc at (b, group < groups, 2, S, t < L), part_a at (b, c < C, n < S), part_d and part_bias
+            // at (b, c < C) only when D and delta_bias are given: the sizes allocated above. The dynamic shared
+            // memory is `backward_shared_bytes`, the kernel's layout, which it checks.
+            unsafe { args.launch(grid(dims, plan, shared)?) }.map_err(|e| launch_error(&name, e))?;
 
             let sum = engine::cuda::kernel_name::<T>("scan_bwd_sum");
             let f = function::<T>(&dev, &MODULE, "scan_bwd_sum")?;
@@ -543,8 +508,8 @@ mod tests {
     fn shared_memory_mirrors_the_kernel_layouts() {
         // Bytes from scan.cu's scan_fwd_layout / scan_bwd_layout (printed by the emulator harness, emu/).
         for (p, elem, fwd, bwd) in [
-            (plan(4, 4, 4, 32), 4, 32256, 55328),
-            (plan(4, 4, 1, 8), 4, 11520, 14240),
+            (plan(4, 4, 4, 32), 4, 32256, 55296),
+            (plan(4, 4, 1, 8), 4, 11520, 14208),
             (plan(4, 4, 4, 16), 8, 35840, 77312),
             (plan(4, 1, 2, 32), 4, 28800, 84224),
             (plan(8, 32, 1, 8), 8, 87360, 74848),
@@ -618,29 +583,6 @@ mod tests {
         assert_eq!(instance("scan_fwd", plan(2, 8, 4, 32), DType::F32), "scan_fwd_s2l8");
         assert!(MODULE.body.contains("SCAN_BWD_KERNEL(float, f32, s4l4, 4, scan_bwd4)"));
         assert!(!MODULE.body.contains("f64, s4l4"));
-    }
-
-    #[test]
-    fn grids_over_a_wave_run_the_f32_backward_in_two_parts() {
-        let tile = cuda_chunk(DEFAULT_CHUNK, 16, DType::F32).unwrap();
-        let (_, bwd) = plans(16, DType::F32, tile, &[]).unwrap();
-        let dims = |batch, channels, length| Dims { batch, channels, length, states: 16 };
-        // 132 multiprocessors, 4 blocks each: (64, 384) is 768 blocks, 2 rounds whole, 3 of half a sequence.
-        assert_eq!(backward_parts(bwd, dims(64, 384, 3136), DType::F32, 132), 2);
-        // (8, 1536): 384 blocks, one round either way; 528 blocks fill the 528 slots exactly; 529 do not.
-        assert_eq!(backward_parts(bwd, dims(8, 1536, 4096), DType::F32, 132), 1);
-        assert_eq!(backward_parts(bwd, dims(44, 384, 64), DType::F32, 132), 1);
-        assert_eq!(backward_parts(bwd, dims(17, 1024, 45), DType::F32, 132), 2);
-        // One chunk has nothing to split; 3 or more rounds whole: 1584 blocks, 3 rounds, 6 of halves (no gain).
-        assert_eq!(backward_parts(bwd, dims(17, 1024, 32), DType::F32, 132), 1);
-        assert_eq!(backward_parts(bwd, dims(132, 384, 3136), DType::F32, 132), 1);
-        // Other kernels (f64, more states) keep one part.
-        let (_, bwd64) = plans(16, DType::F64, 16, &[]).unwrap();
-        assert_eq!(backward_parts(bwd64, dims(64, 384, 3136), DType::F64, 132), 1);
-        let (_, bwd40) = plans(40, DType::F32, tile, &[]).unwrap();
-        assert_eq!(backward_parts(bwd40, dims(64, 384, 3136), DType::F32, 132), 1);
-        // The ticket slot keeps 4 blocks of scan_bwd4 on a multiprocessor (227 KiB, 1 KiB a block kept).
-        assert!(4 * (backward_shared_bytes(bwd, 4) + 1024) <= 227 << 10);
     }
 
     #[test]

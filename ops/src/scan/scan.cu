@@ -62,7 +62,7 @@ struct ScanParams {
     int has_z;
     int has_delta_bias;
     int delta_softplus;
-    int parts;  // the backward's sequence parts: 1, or 2 (scan_bwd4 only; see "Two parts" there)
+    int pad0;
     int pad1;
 };
 
@@ -288,7 +288,7 @@ struct ScanThread {
     bool valid;
 };
 
-__device__ __forceinline__ ScanThread scan_thread(const ScanParams& p, int lpc, long long block) {
+__device__ __forceinline__ ScanThread scan_thread(const ScanParams& p, int lpc) {
     ScanThread th;
     const int threads = blockDim.x;
     th.g = threads / lpc;
@@ -297,8 +297,8 @@ __device__ __forceinline__ ScanThread scan_thread(const ScanParams& p, int lpc, 
     th.warp = threadIdx.x >> 5;
     th.ci = threadIdx.x / lpc;
     th.grp = threadIdx.x & (lpc - 1);
-    th.b = block / p.groups;
-    th.c0 = (block % p.groups) * th.g;
+    th.b = blockIdx.x / p.groups;
+    th.c0 = (blockIdx.x % p.groups) * th.g;
     th.c = th.c0 + th.ci;
     th.valid = th.c < p.channels;
     return th;
@@ -358,13 +358,6 @@ __device__ __forceinline__ void scan_prefetch_tile(const T* u, const T* delta, c
         scan_prefetch_row(src, len);
     }
 }
-
-// A load that skips the L1 (the value was stored by another block; the emulator reads it plainly).
-#ifdef __CUDACC_RTC__
-#define SCAN_LOAD_CG(ptr) __ldcg(ptr)
-#else
-#define SCAN_LOAD_CG(ptr) (*(ptr))
-#endif
 
 // Whether p suits a ScanV4 access (device allocations do; a host buffer in the emulator may not).
 template <typename T> __device__ __forceinline__ bool scan_aligned(const T* p) {
@@ -490,7 +483,7 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
                          T* __restrict__ out, T* __restrict__ saved) {
     constexpr int ROW = 128 / (int)sizeof(T) + 4;  // scan_row
     const int lpc = LPC ? LPC : p.lpc;
-    const ScanThread th = scan_thread(p, lpc, blockIdx.x);
+    const ScanThread th = scan_thread(p, lpc);
     const int tile = (int)p.chunk, np = LPC ? LPC * SPL : p.np, G = th.g;
     const ScanFwdLayout lay = scan_fwd_layout(G, lpc, np, (int)sizeof(T));
     if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES() || tile > ROW - 4 || (tile & 3))
@@ -663,14 +656,10 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
                          const T* __restrict__ D, const T* __restrict__ z, const T* __restrict__ delta_bias,
                          const T* __restrict__ saved, const T* __restrict__ gout, T* __restrict__ du,
                          T* __restrict__ ddelta, T* __restrict__ dz, T* __restrict__ part_bc,
-                         T* __restrict__ part_a, T* __restrict__ part_d, T* __restrict__ part_bias,
-                         unsigned* __restrict__ sync, T* __restrict__ carries) {
-    (void)sync;  // one part only (cuda.rs splits scan_bwd4's sequences alone)
-    (void)carries;
-    if (p.parts != 1) __trap();
+                         T* __restrict__ part_a, T* __restrict__ part_d, T* __restrict__ part_bias) {
     constexpr int TH = ScanShape<T, SPL>::TH;
     const int lpc = LPC ? LPC : p.lpc;
-    const ScanThread th = scan_thread(p, lpc, blockIdx.x);
+    const ScanThread th = scan_thread(p, lpc);
     const int tile = (int)p.chunk, np = LPC ? LPC * SPL : p.np, G = th.g;
     const ScanBwdLayout lay = scan_bwd_layout(tile, G, np, th.warps, SPL, TH, (int)sizeof(T));
     if ((unsigned long long)lay.total * sizeof(T) > SCAN_DYNAMIC_SMEM_BYTES()) __trap();
@@ -911,7 +900,7 @@ __device__ void scan_bwd(const ScanParams p, const T* __restrict__ u, const T* _
 // state entering every turn, per thread), RED (8 channels x 32 values x 4 steps per warp, the value index
 // swizzled so that stores and loads are conflict-free), W (per warp 32 values x 4 steps, two turns).
 struct ScanBwd4Layout {
-    long long rows, bc, hs, red, w, ticket, total;  // offsets in floats
+    long long rows, bc, hs, red, w, total;  // offsets in floats
 };
 
 __host__ __device__ inline ScanBwd4Layout scan_bwd4_layout(int tile, int warps) {
@@ -922,42 +911,8 @@ __host__ __device__ inline ScanBwd4Layout scan_bwd4_layout(int tile, int warps) 
     s.hs = s.bc + 32 * row;
     s.red = s.hs + (long long)(tile / 4) * 32 * warps * 4;
     s.w = s.red + warps * 8LL * 32 * 4;
-    s.ticket = s.w + 2LL * warps * 32 * 4;  // the block's unit with two parts (one int, 32 bytes kept)
-    s.total = s.ticket + 8;
+    s.total = s.w + 2LL * warps * 32 * 4;
     return s;
-}
-
-// Two parts (p.parts == 2, cuda.rs `backward_parts`): block tickets in start order, from an atomic counter,
-// so that a block only waits for blocks that started before it (resident or finished: no deadlock).
-__device__ __forceinline__ unsigned scan_take_ticket(unsigned* counter) {
-#ifdef __CUDACC_RTC__
-    return atomicAdd(counter, 1u);
-#else
-    return (*counter)++;  // the emulator runs blocks one at a time, in order
-#endif
-}
-
-// The later part's "done" flag (after its carries are stored and a __syncthreads) and the earlier part's wait.
-__device__ __forceinline__ void scan_flag_release(unsigned* flag) {
-#ifdef __CUDACC_RTC__
-    __threadfence();
-    asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(flag), "r"(1u) : "memory");
-#else
-    *flag = 1;
-#endif
-}
-
-__device__ __forceinline__ void scan_flag_wait(const unsigned* flag) {
-#ifdef __CUDACC_RTC__
-    for (;;) {
-        unsigned v;
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(flag) : "memory");
-        if (v) break;
-        __nanosleep(500);
-    }
-#else
-    if (!*flag) __trap();  // blocks run in ticket order: the later part is done
-#endif
 }
 
 // The 16-byte slot of value v (0 .. 31: which 16 + k 4 + grp) of channel cw (0 .. 7) in a warp's RED: odd
@@ -987,34 +942,13 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
                           const float* __restrict__ delta_bias, const float* __restrict__ saved,
                           const float* __restrict__ gout, float* __restrict__ du, float* __restrict__ ddelta,
                           float* __restrict__ dz, float* __restrict__ part_bc, float* __restrict__ part_a,
-                          float* __restrict__ part_d, float* __restrict__ part_bias, unsigned* __restrict__ sync,
-                          float* __restrict__ carries) {
+                          float* __restrict__ part_d, float* __restrict__ part_bias) {
     constexpr int SPL = 4, LPC = 4, NP = 16, ROW = 36;  // ROW = scan_row(4)
-    const int tile = (int)p.chunk, warps = blockDim.x >> 5;
+    const ScanThread th = scan_thread(p, LPC);
+    const int tile = (int)p.chunk, G = th.g, warps = th.warps;
     const ScanBwd4Layout lay = scan_bwd4_layout(tile, warps);
-    if ((unsigned long long)lay.total * 4 > SCAN_DYNAMIC_SMEM_BYTES() || tile > ROW - 4 || (tile & 3) ||
-        p.parts < 1 || p.parts > 2)
-        __trap();
+    if ((unsigned long long)lay.total * 4 > SCAN_DYNAMIC_SMEM_BYTES() || tile > ROW - 4 || (tile & 3)) __trap();
     float* smem = reinterpret_cast<float*>(SCAN_SHARED_BASE());
-    // Two parts: the sequence's chunks split at ks = n_chunks / 2, one block per (part, batch, group), the
-    // later part (chunks ks ..) on the first B NG tickets. The later part stores the reverse recurrence's
-    // carries at its first step (per (b, c, n), in `carries`) and sets its unit's flag in `sync`; the earlier
-    // part waits for the flag and starts from those carries instead of zeros. One grid then runs 2 B NG
-    // half-length units: at Mamba's first size (768 units of 4 warps, 528 slots at 4 blocks a multiprocessor)
-    // 3 rounds of half a sequence instead of 2 of a whole.
-    int* ticket = reinterpret_cast<int*>(smem + lay.ticket);
-    if (p.parts == 2) {
-        if (threadIdx.x == 0) *ticket = (int)scan_take_ticket(sync);
-        __syncthreads();
-    }
-    // The unit's (part, batch b, group): part 0 the later chunks. Recomputed where needed from the ticket slot
-    // (which nothing overwrites) rather than kept in registers across the tiles.
-    const long long nbg = p.batch * p.groups;
-    const int unit0 = p.parts == 2 ? *ticket : (int)blockIdx.x, part = (int)(unit0 / nbg);
-    const ScanThread th = scan_thread(p, LPC, unit0 - part * nbg);
-    const int G = th.g;
-    const long long ks = p.parts == 2 ? p.n_chunks / 2 : 0;
-    const long long k_begin = part == 0 ? ks : 0, k_end = part == 0 ? p.n_chunks : ks;
     float* ROWS = smem + lay.rows;
     float* BC = smem + lay.bc;
     float* HS = smem + lay.hs;
@@ -1035,15 +969,6 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
         a2[k] = (th.valid && n < S) ? A[th.c * S + n] * 1.4426950408889634f : 0.f;
         carry[k] = 0.f;  // exp(dt[t+1] A) gh[t+1], zero after the last step
         da[k] = 0.f;
-    }
-    // carries (B, C, NP) and flags 1 + b NG + group, when two parts.
-    if (part == 1) {
-        if (threadIdx.x == 0) scan_flag_wait(sync + 1 + (unit0 - nbg));
-        __syncthreads();
-        if (th.valid) {
-#pragma unroll
-            for (int k = 0; k < SPL; ++k) carry[k] = SCAN_LOAD_CG(carries + (th.b * C + th.c) * NP + th.grp * SPL + k);
-        }
     }
     const float* DTc = ROWS + 3 * th.ci * ROW;
     const float* DTUc = DTc + ROW;
@@ -1075,7 +1000,7 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
     const float* red_lane_even = RED + th.lane * 4;
     const float* red_lane_odd = RED + (th.lane ^ 4) * 4;
 
-    for (long long kc = k_end - 1; kc >= k_begin; --kc) {
+    for (long long kc = p.n_chunks - 1; kc >= 0; --kc) {
         const long long t0 = kc * tile;
         const int len = (int)min((long long)tile, L - t0);
         float h[SPL];
@@ -1127,7 +1052,7 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
         // The previous tile's per-(c, t) inputs of pass 1, into the L2 while this tile's turns run (~30k cycles
         // a tile at Mamba's sizes): pass 1 otherwise waits for DRAM once a tile, the block's warps at its
         // barrier.
-        if (kc > k_begin && pf_row) scan_prefetch_row(pf_row + t0 - tile, tile);
+        if (kc > 0 && pf_row) scan_prefetch_row(pf_row + t0 - tile, tile);
         // 2a. Forward over the tile, keeping the state entering every turn of 4 steps.
         for (int s = 0; s < nv; ++s) {
             scan_store(HS + ((long long)s * threads + tid) * SPL, h);
@@ -1232,7 +1157,7 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
 #pragma unroll
                         for (int i = 0; i < 4; ++i) acc[i] += x[i];
                     }
-                    float* dst = part_bc + ((((th.b * p.groups) + th.c0 / G) * 2 + which) * S + n) * L + t0 + tl;
+                    float* dst = part_bc + (((th.b * p.groups + blockIdx.x % p.groups) * 2 + which) * S + n) * L + t0 + tl;
                     scan_store_tail(dst, acc, vec_part, len - tl);  // vec_part: len is a multiple of 4
                 }
             }
@@ -1278,22 +1203,11 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
         }
         __syncthreads();  // pass 3's reads of the rows and of HS come before the next tile's passes 1 and 2a
     }
-    const long long unit = p.parts == 2 ? *ticket : blockIdx.x, part_end = unit / nbg;
-    if (part_end == 0 && p.parts == 2) {
-        if (th.valid) {
-#pragma unroll
-            for (int k = 0; k < SPL; ++k) carries[(th.b * C + th.c) * NP + th.grp * SPL + k] = carry[k];
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) scan_flag_release(sync + 1 + unit);
-    }
-    // Partials of dA, dD and ddelta_bias per (part, batch): part 0 the later chunks.
-    const long long pb = part_end * p.batch + th.b;
     if (th.valid) {
 #pragma unroll
         for (int k = 0; k < SPL; ++k) {
             const int n = th.grp * SPL + k;
-            if (n < S) part_a[(pb * C + th.c) * S + n] = da[k];
+            if (n < S) part_a[(th.b * C + th.c) * S + n] = da[k];
         }
     }
     // dD, ddelta_bias over the channel's 4 pass-3 lanes (l & 7 fixed; each summed its own vectors over the
@@ -1303,8 +1217,8 @@ __device__ void scan_bwd4(const ScanParams p, const float* __restrict__ u, const
     sum_bias += scan_shfl_xor(sum_bias, 8);
     sum_bias += scan_shfl_xor(sum_bias, 16);
     if (fvalid && fq == 0) {
-        if (p.has_d) part_d[pb * C + fc] = sum_d;
-        if (p.has_delta_bias) part_bias[pb * C + fc] = sum_bias;
+        if (p.has_d) part_d[th.b * C + fc] = sum_d;
+        if (p.has_delta_bias) part_bias[th.b * C + fc] = sum_bias;
     }
 }
 
@@ -1327,7 +1241,7 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
         } else if (i < 2 * nbc + C * S) {
             const long long j = i - 2 * nbc;
             T sum = T(0);
-            for (long long q = 0; q < B * p.parts; ++q) sum += part_a[q * C * S + j];  // (part, batch) in order
+            for (long long b = 0; b < B; ++b) sum += part_a[b * C * S + j];
             dA[j] = sum;
         } else {
             const long long j = i - 2 * nbc - C * S;
@@ -1336,7 +1250,7 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
             if (is_d ? p.has_d : p.has_delta_bias) {
                 const T* part = is_d ? part_d : part_bias;
                 T sum = T(0);
-                for (long long q = 0; q < B * p.parts; ++q) sum += part[q * C + c];
+                for (long long b = 0; b < B; ++b) sum += part[b * C + c];
                 (is_d ? dD : ddelta_bias)[c] = sum;
             }
         }
@@ -1369,9 +1283,9 @@ __device__ void scan_bwd_sum(const ScanParams p, const T* __restrict__ part_bc, 
         scan_bwd_##NAME##_##SUFFIX(const ScanParams p, const T* u, const T* delta, const T* A, const T* Bm, \
                                    const T* Cm, const T* D, const T* z, const T* delta_bias,              \
                                    const T* saved, const T* gout, T* du, T* ddelta, T* dz, T* part_bc,    \
-                                   T* part_a, T* part_d, T* part_bias, unsigned* sync, T* carries) {      \
+                                   T* part_a, T* part_d, T* part_bias) {                                  \
         BODY(p, u, delta, A, Bm, Cm, D, z, delta_bias, saved, gout, du, ddelta, dz, part_bc, part_a,      \
-             part_d, part_bias, sync, carries);                                                           \
+             part_d, part_bias);                                                                          \
     }
 
 #define SCAN_KERNELS(T, SUFFIX, NAME, SPL, LPC, FWD_MIN, BWD_MIN) \

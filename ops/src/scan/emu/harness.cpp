@@ -21,7 +21,6 @@ struct Case {
 struct Plan {
     int spl, lpc, warps, tile;
     int fspl = 0, flpc = 0;
-    int parts = 1;  // the backward's sequence parts (2: scan_bwd4 only)
 };
 
 std::vector<double> uniform(std::mt19937_64& g, size_t n, double lo, double hi) {
@@ -149,13 +148,10 @@ template <typename T> Result run(const Case& k, const Inputs& in, const Plan& pl
         p.has_z = k.z;
         p.has_delta_bias = k.bias;
         p.delta_softplus = k.softplus;
-        p.parts = 1;
         return p;
     };
     const bool s2l8 = plan.fspl == 2 && plan.flpc == 8;
-    const ScanParams fp = s2l8 ? params(2, 8) : params(plan.spl, plan.lpc);
-    ScanParams p = params(plan.spl, plan.lpc);
-    p.parts = plan.parts;
+    const ScanParams fp = s2l8 ? params(2, 8) : params(plan.spl, plan.lpc), p = params(plan.spl, plan.lpc);
     const int G = threads / plan.lpc, np = plan.lpc * plan.spl;
     const long long ng = p.groups;
     auto u = cast<T>(in.u), delta = cast<T>(in.delta), a = cast<T>(in.a), bm = cast<T>(in.bm), cm = cast<T>(in.cm);
@@ -169,7 +165,7 @@ template <typename T> Result run(const Case& k, const Inputs& in, const Plan& pl
     const bool bwd4 = sizeof(T) == 4 && plan.spl == 4 && plan.lpc == 4;
     const unsigned bsmem = bwd4 ? scan_bwd4_layout(plan.tile, plan.warps).total * e
                                 : scan_bwd_layout(plan.tile, G, np, plan.warps, plan.spl, th, e).total * e;
-    const unsigned grid = plan.parts * B * ng;
+    const unsigned grid = B * ng;
     const T* D = k.d ? d.data() : u.data();
     const T* Z = k.z ? z.data() : u.data();
     const T* BI = k.bias ? bias.data() : u.data();
@@ -188,11 +184,8 @@ template <typename T> Result run(const Case& k, const Inputs& in, const Plan& pl
                               saved.data());
     });
     std::vector<T> du(B * C * L, nan), ddelta(B * C * L, nan), dz(B * C * L, nan);
-    std::vector<T> part_bc(B * ng * 2 * S * L, nan), part_a(plan.parts * B * C * S, nan),
-        part_d(plan.parts * B * C, nan), part_bias(plan.parts * B * C, nan);
-    // The two-part backward's ticket counter and flags (zeroed, as cuda.rs does), and its carries.
-    std::vector<unsigned> sync(1 + B * ng, 0);
-    std::vector<T> carries(B * C * 16, nan);
+    std::vector<T> part_bc(B * ng * 2 * S * L, nan), part_a(B * C * S, nan), part_d(B * C, nan),
+        part_bias(B * C, nan);
     launch(grid, threads, bsmem, seed, [&] {
         T* DZ = k.z ? dz.data() : du.data();
         T* PD = k.d ? part_d.data() : du.data();
@@ -200,20 +193,19 @@ template <typename T> Result run(const Case& k, const Inputs& in, const Plan& pl
         if constexpr (sizeof(T) == 4) {
             if (bwd4) {
                 scan_bwd4(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
-                          gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB,
-                          sync.data(), carries.data());
+                          gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB);
                 return;
             }
         }
         if (plan.spl == 4 && plan.lpc == 4)  // f64 (f32 took scan_bwd4)
             scan_bwd<T, 4, 4>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
-                              gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB, sync.data(), carries.data());
+                              gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB);
         else if (plan.spl == 4)
             scan_bwd<T, 4, 0>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
-                           gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB, sync.data(), carries.data());
+                           gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB);
         else
             scan_bwd<T, 8, 0>(p, u.data(), delta.data(), a.data(), bm.data(), cm.data(), D, Z, BI, saved.data(),
-                           gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB, sync.data(), carries.data());
+                           gout.data(), du.data(), ddelta.data(), DZ, part_bc.data(), part_a.data(), PD, PB);
     });
     std::vector<T> db(B * S * L, nan), dc(B * S * L, nan), da(C * S, nan), dd(C, nan), dbias(C, nan);
     launch(3, 64, 0, seed, [&] {
@@ -288,10 +280,9 @@ template <typename T> bool check(const Case& k, const Plan& plan, uint64_t seed,
         msg += " (results depend on the thread order: a race)";
     }
     const std::string fwd = plan.fspl ? " (fwd spl " + std::to_string(plan.fspl) + " lpc " + std::to_string(plan.flpc) + ")" : "";
-    std::printf("%s %s B%lld C%lld L%lld S%lld d%d z%d bias%d sp%d | spl %d lpc %d warps %d tile %d parts %d%s | out %.1e grad %.1e%s\n",
+    std::printf("%s %s B%lld C%lld L%lld S%lld d%d z%d bias%d sp%d | spl %d lpc %d warps %d tile %d%s | out %.1e grad %.1e%s\n",
                 ok ? "ok  " : "FAIL", sizeof(T) == 4 ? "f32" : "f64", k.b, k.c, k.l, k.s, k.d, k.z, k.bias,
-                k.softplus, plan.spl, plan.lpc, plan.warps, plan.tile, plan.parts, fwd.c_str(), worst_out, worst_grad,
-                msg.c_str());
+                k.softplus, plan.spl, plan.lpc, plan.warps, plan.tile, fwd.c_str(), worst_out, worst_grad, msg.c_str());
     double* all = sizeof(T) == 4 ? g_worst_f32 : g_worst_f64;
     all[0] = std::max(all[0], worst_out);
     all[1] = std::max(all[1], worst_grad);
@@ -360,18 +351,6 @@ int main(int argc, char** argv) {
             plan.fspl = 2;
             plan.flpc = 8;
             ok &= check<float>(k, plan, 40 + tile, 1e-5, 1e-4);
-            if (quick) break;
-        }
-    }
-    // scan_bwd4 in two parts (cuda.rs `backward_parts`: grids over a wave of its blocks): the later chunks'
-    // blocks first, their carries and flags read by the earlier chunks' blocks; sequences of 2 .. 5 chunks
-    // (odd counts give the later part the extra chunk), ragged L, channels past a block's.
-    for (const Case& k : cases4) {
-        if (k.l < 16) continue;  // one chunk at tile 8 or more: cuda.rs keeps one part
-        for (int tile : {8, 24}) {
-            Plan plan = plan_for(k.s, 4, tile);
-            plan.parts = 2;
-            ok &= check<float>(k, plan, 60 + tile, 1e-5, 1e-4);
             if (quick) break;
         }
     }
