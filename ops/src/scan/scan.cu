@@ -609,7 +609,9 @@ __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* _
                 scan_store_tail(out + r, o, vec, len - t4);
             }
         }
-        __syncthreads();  // the tile's buffers are read before the next tile overwrites them
+        // No barrier here: the output pass reads only Y, which the next tile writes after the barrier that ends
+        // its pass 1 and B/C copy; those write DT, DTU and BC, which this tile's recurrence finished reading
+        // before the barrier above. A warp done with its output vectors goes on to the next tile's loads.
     }
 }
 
