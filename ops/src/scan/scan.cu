@@ -470,12 +470,13 @@ __device__ __forceinline__ void scan_stage_bc(const T* __restrict__ B0, const T*
 // for p.lpc at run time.
 //
 // Per tile: (1) dt = softplus(delta + bias) and dt u of the block's (channel, step)s, each once, 4 steps a
-// thread with 16-byte loads, into DT and DTU; B and C into BC (rows along time, 16-byte copies); (2) the
-// recurrence, 4 steps a turn: one 16-byte load each of dt, dt u and of the B and C of each state (4 steps),
+// thread with 16-byte loads, into DT and DTU; B and C into BC (rows along time, 16-byte copies); then, past
+// the barrier, the next tile's rows are hinted into the L2 (scan_prefetch_tile); (2) the recurrence, 4 steps a
+// turn: one 16-byte load each of dt, dt u and of the B and C of each state (4 steps),
 // then per step and state 1 FMUL + 1 MUFU.EX2 (the decay), 1 FMUL + 1 FFMA (h), 1 FFMA (y); the lane's
 // partial y of the 4 steps is one 16-byte store into its Y row (no shuffles); (3) out = (sum of the channel's
-// Y rows, in lane order, + D u) z sigmoid(z), 4 steps a thread, u and z read again (cache hits) so that
-// neither takes shared memory or registers across the recurrence.
+// Y rows, in lane order, + D u) z sigmoid(z), 4 steps a thread, u and z read again (L2 hits) so that
+// neither takes shared memory or registers across the recurrence. Barriers: after (1) and after (2) only.
 template <typename T, int SPL, int LPC>
 __device__ void scan_fwd(const ScanParams p, const T* __restrict__ u, const T* __restrict__ delta,
                          const T* __restrict__ A, const T* __restrict__ Bm, const T* __restrict__ Cm,
